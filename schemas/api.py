@@ -1,0 +1,72 @@
+"""Bodies of the scorer's HTTP API."""
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+PolicyName = Literal["fixed", "variable", "randomized-variable", "split", "quantile", "random"]
+UtilityName = Literal["least_confidence", "margin", "entropy"]
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class Readiness(BaseModel):
+    ready: bool
+    model_loaded: bool
+    partitions_assigned: int
+
+
+class PolicyState(BaseModel):
+    """The query policy as it stands: settings, live threshold and budget use."""
+
+    name: PolicyName
+    utility: UtilityName
+    budget: float = Field(gt=0, le=1, description="fraction of frames that may be labeled")
+    window: int = Field(gt=0, description="frames in the sliding budget window")
+    labels_per_hour: float | None = Field(default=None, description="cap; null for none")
+    threshold: float | None = Field(default=None, description="current threshold on utility")
+    budget_used: float = Field(ge=0, description="selected fraction over the current window")
+    labels_last_hour: int = Field(ge=0)
+    seen: int = Field(ge=0)
+    selected: int = Field(ge=0)
+    params: dict[str, float] = Field(default_factory=dict, description="policy-specific knobs")
+
+
+class PolicyUpdate(BaseModel):
+    """A live change to the policy; fields left out keep their values."""
+
+    name: PolicyName | None = None
+    utility: UtilityName | None = None
+    budget: float | None = Field(default=None, gt=0, le=1)
+    window: int | None = Field(default=None, gt=0)
+    labels_per_hour: float | None = Field(default=None, ge=0, description="0 removes the cap")
+    threshold: float | None = Field(default=None, ge=0, le=1)
+    params: dict[str, float] | None = None
+
+
+class ModelInfo(BaseModel):
+    version: str
+    arch: str
+    classes: list[str]
+    input_size: tuple[int, int]
+    provider: str
+
+
+class FrameCounts(BaseModel):
+    selected: int = 0
+    not_selected: int = 0
+    invalid: int = 0
+
+
+class ScorerStatus(BaseModel):
+    """What ``GET /v1/status`` answers."""
+
+    ready: bool
+    started_at: datetime
+    model: ModelInfo | None
+    policy: PolicyState
+    frames: FrameCounts
+    partitions: list[str]

@@ -1,0 +1,54 @@
+"""The model contract: what an ONNX file must say about itself.
+
+The trainer writes a ``ModelSpec`` as JSON into the ONNX metadata under
+``winnow.spec``; the scorer reads it to know the input size, channels,
+normalization and class names. The graph has one input, ``image``
+(float32, N x C x H x W, values normalized as ``(x / 255 - mean) / std``), and
+two outputs, ``probabilities`` (N x classes) and ``embedding`` (N x D).
+"""
+
+import json
+from typing import Literal
+
+from pydantic import BaseModel, Field, model_validator
+
+SPEC_KEY = "winnow.spec"
+INPUT_NAME = "image"
+OUTPUT_PROBABILITIES = "probabilities"
+OUTPUT_EMBEDDING = "embedding"
+
+
+class ModelSpec(BaseModel):
+    """Input spec, classes and provenance of one model version."""
+
+    name: str = "winnow"
+    version: str
+    parent_version: str | None = None
+    arch: str
+    classes: list[str] = Field(min_length=2)
+    input_size: tuple[int, int] = Field(description="height, width in pixels")
+    channels: Literal[1, 3]
+    mean: list[float]
+    std: list[float]
+    embedding_dim: int = Field(gt=0)
+    labels_trained: int = Field(default=0, ge=0, description="labels this version learned from")
+    metrics: dict[str, float] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _per_channel(self) -> "ModelSpec":
+        if len(self.mean) != self.channels or len(self.std) != self.channels:
+            raise ValueError("mean and std need one value per channel")
+        if any(s <= 0 for s in self.std):
+            raise ValueError("std values must be positive")
+        if len(set(self.classes)) != len(self.classes):
+            raise ValueError("class names must be unique")
+        return self
+
+    def to_onnx_metadata(self) -> dict[str, str]:
+        return {SPEC_KEY: self.model_dump_json()}
+
+    @classmethod
+    def from_onnx_metadata(cls, metadata: dict[str, str]) -> "ModelSpec":
+        if SPEC_KEY not in metadata:
+            raise ValueError(f"the ONNX model has no '{SPEC_KEY}' metadata; write it with `winnow model init`")
+        return cls.model_validate(json.loads(metadata[SPEC_KEY]))

@@ -1,0 +1,41 @@
+"""Model releases on ``winnow.models`` (key: model name).
+
+A release is one manifest record followed by its artifact in chunks of at most
+1 MiB (no record over 1 MiB). The manifest carries the sha256 of the whole
+artifact and, when a signing key is configured, an HMAC-SHA256 signature.
+"""
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import Base64Bytes, BaseModel, Field
+
+from schemas.model_spec import ModelSpec
+
+MAX_CHUNK_BYTES = 768 * 1024  # base64 grows it by 4/3: still under 1 MiB on the wire
+
+
+class ModelManifest(BaseModel):
+    """Announces a release; its chunks follow on the same topic and key."""
+
+    kind: Literal["manifest"] = "manifest"
+    model_name: str
+    version: str
+    parent_version: str | None = None
+    created_at: datetime
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    size_bytes: int = Field(gt=0)
+    chunk_count: int = Field(gt=0)
+    signature: str | None = Field(default=None, description="hex HMAC-SHA256 of the artifact")
+    spec: ModelSpec
+
+
+class ModelChunk(BaseModel):
+    """One piece of a release's ONNX artifact."""
+
+    kind: Literal["chunk"] = "chunk"
+    model_name: str
+    version: str
+    index: int = Field(ge=0)
+    count: int = Field(gt=0)
+    data: Base64Bytes

@@ -1,0 +1,23 @@
+"""Pieces shared by prediction and label-request records."""
+
+from pydantic import BaseModel, Field
+
+
+class Scores(BaseModel):
+    """Utility scores of one frame, each normalized to [0, 1] (1 = most informative)."""
+
+    least_confidence: float = Field(ge=0, le=1)
+    margin: float = Field(ge=0, le=1)
+    entropy: float = Field(ge=0, le=1)
+
+
+class Decision(BaseModel):
+    """What the query policy decided for one frame, and why."""
+
+    selected: bool
+    reason: str | None = Field(
+        default=None, description="why it was selected: uncertainty, random, ...; null if not"
+    )
+    policy: str
+    utility: float = Field(ge=0, le=1, description="the score the policy compared")
+    threshold: float | None = Field(default=None, description="the threshold at decision time")

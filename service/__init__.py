@@ -1,0 +1,1 @@
+"""Winnow's online role: the scorer, its HTTP API and metrics."""

@@ -1,0 +1,1 @@
+"""Winnow's learning role: model creation, fine-tuning, export and releases."""

@@ -1,0 +1,1 @@
+"""The front of Winnow: the ``winnow`` CLI, the demo and the benchmarks."""
