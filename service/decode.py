@@ -1,0 +1,302 @@
+"""Decode and validate frame bytes, and turn them into model input (the scorer's hot path).
+
+Only JPEG and PNG are accepted. Every way a record can be bad maps to a
+``PoisonRecord`` reason (see ``schemas.dead_letter``):
+
+- ``empty``: no value, or zero bytes;
+- ``too_large``: more bytes than ``DecodeLimits.max_bytes``;
+- ``unsupported_type``: a ``content-type`` header other than JPEG/PNG, or
+  bytes of another known image format (GIF, BMP, WebP, TIFF, ...);
+- ``undecodable``: bytes that are not an image;
+- ``truncated``: a JPEG or PNG that is cut short (Pillow is never told to
+  accept truncated files; a PNG must reach its ``IEND`` chunk, which Pillow
+  itself does not check);
+- ``too_many_pixels``: width x height over ``DecodeLimits.max_pixels``, read
+  from the header before any pixel is decoded (decompression bombs).
+
+A JPEG is decoded at a reduced DCT scale (``Image.draft``) when the model
+input is much smaller than the frame, which makes big camera frames several
+times cheaper to decode.
+"""
+
+import io
+import struct
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from schemas.model_spec import ModelSpec
+from service.errors import PoisonRecord
+
+JPEG_MAGIC = b"\xff\xd8\xff"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+_ACCEPTED_TYPES = {"image/jpeg": "JPEG", "image/jpg": "JPEG", "image/png": "PNG"}
+# Signatures of image formats that are recognized but not accepted.
+_OTHER_FORMATS: tuple[tuple[int, bytes, str], ...] = (
+    (0, b"GIF87a", "GIF"),
+    (0, b"GIF89a", "GIF"),
+    (0, b"BM", "BMP"),
+    (8, b"WEBP", "WebP"),
+    (0, b"II*\x00", "TIFF"),
+    (0, b"MM\x00*", "TIFF"),
+    (0, b"\x00\x00\x01\x00", "ICO"),
+    (4, b"ftypheic", "HEIC"),
+    (4, b"ftypheix", "HEIC"),
+    (4, b"ftypmif1", "HEIF"),
+    (4, b"ftypavif", "AVIF"),
+    (0, b"\x00\x00\x00\x0cjP  ", "JPEG 2000"),
+    (0, b"\xff\x0a", "JPEG XL"),
+    (0, b"qoif", "QOI"),
+    (0, b"8BPS", "PSD"),
+)
+# JPEG start-of-frame markers: C0-CF except DHT (C4), JPG (C8) and DAC (CC).
+_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+_SIXTEEN_BIT = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """Limits that protect the scorer from hostile or broken frames.
+
+    Attributes:
+        max_bytes: the largest encoded frame accepted.
+        max_pixels: the largest width x height accepted.
+    """
+
+    max_bytes: int
+    max_pixels: int
+
+    def __post_init__(self) -> None:
+        if self.max_bytes <= 0 or self.max_pixels <= 0:
+            raise ValueError("decode limits must be positive")
+
+
+def decode_image(
+    value: bytes | None, content_type: str | None, limits: DecodeLimits
+) -> Image.Image:
+    """Validates and fully decodes a JPEG or PNG frame.
+
+    Raises:
+        PoisonRecord: the frame can never be decoded (see the module docstring).
+    """
+    image = _open(value, content_type, limits)
+    _load(image)
+    return image
+
+
+def preprocess(image: Image.Image, spec: ModelSpec) -> np.ndarray:
+    """Turns a frame into model input: float32 C x H x W, ``(x / 255 - mean) / std``.
+
+    An image straight from ``_open`` (not yet loaded) is decoded here, at a
+    reduced scale when it is a JPEG much larger than the model input.
+
+    Raises:
+        PoisonRecord: a not-yet-loaded image turns out to be truncated or broken.
+    """
+    height, width = spec.input_size
+    mode = "L" if spec.channels == 1 else "RGB"
+    if image.format == "JPEG":
+        image.draft(mode, (width, height))  # a no-op once loaded
+    _load(image)
+    image = _to_mode(image, mode)
+    if image.size != (width, height):
+        image = image.resize((width, height), Image.Resampling.BILINEAR)
+    pixels = np.asarray(image)
+    if pixels.ndim == 2:
+        pixels = pixels[:, :, None]
+    mean = np.asarray(spec.mean, dtype=np.float32)
+    std = np.asarray(spec.std, dtype=np.float32)
+    out = np.empty((spec.channels, height, width), dtype=np.float32)
+    np.multiply(pixels.transpose(2, 0, 1), (1.0 / (255.0 * std))[:, None, None], out=out)
+    out -= (mean / std)[:, None, None]
+    return out
+
+
+def decode_and_preprocess(
+    value: bytes | None, content_type: str | None, spec: ModelSpec, limits: DecodeLimits
+) -> np.ndarray:
+    """``decode_image`` then ``preprocess``, decoding a JPEG only once and at reduced scale."""
+    return preprocess(_open(value, content_type, limits), spec)
+
+
+def prepare_batch(
+    items: Sequence[tuple[bytes | None, str | None]], spec: ModelSpec, limits: DecodeLimits
+) -> tuple[np.ndarray, list[int], list[tuple[int, PoisonRecord]]]:
+    """Decodes and preprocesses many frames; poison ones are set aside, not raised.
+
+    Args:
+        items: ``(value, content_type)`` per frame.
+
+    Returns:
+        The stacked inputs of the good frames (N x C x H x W, N may be 0), the
+        indices of the good frames in ``items``, and ``(index, error)`` for
+        each poison frame.
+    """
+    height, width = spec.input_size
+    inputs: list[np.ndarray] = []
+    good: list[int] = []
+    poison: list[tuple[int, PoisonRecord]] = []
+    for index, (value, content_type) in enumerate(items):
+        try:
+            inputs.append(decode_and_preprocess(value, content_type, spec, limits))
+        except PoisonRecord as exc:
+            poison.append((index, exc))
+        else:
+            good.append(index)
+    if not inputs:
+        return np.empty((0, spec.channels, height, width), dtype=np.float32), good, poison
+    return np.stack(inputs), good, poison
+
+
+def _open(value: bytes | None, content_type: str | None, limits: DecodeLimits) -> Image.Image:
+    """Checks everything that can be checked without decoding pixels, then opens lazily."""
+    if not value:
+        raise PoisonRecord("empty", "The record has no value, so there is no image to decode.")
+    if len(value) > limits.max_bytes:
+        raise PoisonRecord(
+            "too_large",
+            f"The image is {len(value)} bytes, more than the limit of {limits.max_bytes} bytes.",
+        )
+    _check_content_type(content_type)
+    fmt = _sniff(value)
+    size = _jpeg_size(value) if fmt == "JPEG" else _png_size(value)
+    if size is not None:
+        _check_pixels(size, limits)
+    if fmt == "PNG" and value.rfind(_PNG_IEND) < 0:
+        raise PoisonRecord("truncated", "The PNG image is cut short: it has no end (IEND) chunk.")
+    image = _pil_open(value, fmt, size)
+    _check_pixels(image.size, limits)
+    return image
+
+
+def _check_content_type(content_type: str | None) -> None:
+    if not content_type:
+        return
+    media = content_type.split(";", 1)[0].strip().lower()
+    if media not in _ACCEPTED_TYPES:
+        raise PoisonRecord(
+            "unsupported_type",
+            f"The content type '{content_type}' is not supported; send image/jpeg or image/png.",
+        )
+
+
+def _sniff(value: bytes) -> str:
+    if value.startswith(JPEG_MAGIC):
+        return "JPEG"
+    if value.startswith(PNG_MAGIC):
+        return "PNG"
+    for offset, magic, name in _OTHER_FORMATS:
+        if value[offset : offset + len(magic)] == magic:
+            raise PoisonRecord(
+                "unsupported_type",
+                f"The bytes are a {name} image; only JPEG and PNG are supported.",
+            )
+    raise PoisonRecord(
+        "undecodable", f"The {len(value)} bytes are not a JPEG or PNG image (unknown signature)."
+    )
+
+
+def _png_size(value: bytes) -> tuple[int, int] | None:
+    """Width and height from the IHDR chunk, which the PNG standard puts first."""
+    if len(value) < 24:
+        raise PoisonRecord("truncated", "The PNG image is cut short inside its header.")
+    if value[12:16] != b"IHDR":
+        raise PoisonRecord("undecodable", "The PNG image does not start with an IHDR chunk.")
+    width, height = struct.unpack(">II", value[16:24])
+    return width, height
+
+
+def _jpeg_size(value: bytes) -> tuple[int, int] | None:
+    """Width and height from the first start-of-frame segment, walking the segments."""
+    pos, end = 2, len(value)
+    while pos + 4 <= end:
+        if value[pos] != 0xFF:
+            return None  # not a segment boundary: let Pillow judge the file
+        marker = value[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in (0x01, *range(0xD0, 0xD8)):  # segments without a length
+            pos += 2
+            continue
+        if marker in (0xD9, 0xDA):  # end of image, or scan data before any frame header
+            return None
+        length = (value[pos + 2] << 8) | value[pos + 3]
+        if marker in _SOF_MARKERS:
+            if pos + 9 > end:
+                break
+            height, width = struct.unpack(">HH", value[pos + 5 : pos + 9])
+            return width, height
+        pos += 2 + length
+    raise PoisonRecord("truncated", "The JPEG image is cut short before its frame header.")
+
+
+def _check_pixels(size: tuple[int, int], limits: DecodeLimits) -> None:
+    width, height = size
+    if width * height > limits.max_pixels:
+        raise PoisonRecord(
+            "too_many_pixels",
+            f"The image is {width}x{height} = {width * height} pixels, "
+            f"more than the limit of {limits.max_pixels} pixels.",
+        )
+    if width == 0 or height == 0:
+        raise PoisonRecord("undecodable", f"The image header claims a size of {width}x{height}.")
+
+
+def _pil_open(value: bytes, fmt: str, size: tuple[int, int] | None) -> Image.Image:
+    try:
+        pil_limit = Image.MAX_IMAGE_PIXELS
+        if size is not None and pil_limit is not None and size[0] * size[1] > pil_limit:
+            # Our own limit allowed it; keep Pillow's bomb warning from
+            # becoming an error where warnings are errors. Rare, so the
+            # process-wide warnings state is touched only here.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                return Image.open(io.BytesIO(value), formats=[fmt])
+        return Image.open(io.BytesIO(value), formats=[fmt])
+    except Image.DecompressionBombError as exc:
+        raise PoisonRecord(
+            "too_many_pixels", f"The image has more pixels than the decoder allows: {exc}."
+        ) from exc
+    except Exception as exc:  # Pillow raises many kinds on malformed headers
+        if "truncated" in str(exc).lower() or isinstance(exc, EOFError):
+            raise PoisonRecord(
+                "truncated", f"The {fmt} image is cut short inside its header: {exc}."
+            ) from exc
+        raise PoisonRecord(
+            "undecodable", f"The {fmt} header cannot be read: {exc or type(exc).__name__}."
+        ) from exc
+
+
+def _load(image: Image.Image) -> None:
+    try:
+        image.load()
+    except (OSError, EOFError) as exc:
+        if "truncated" in str(exc).lower() or isinstance(exc, EOFError):
+            raise PoisonRecord(
+                "truncated", f"The {image.format} image is cut short: {exc}."
+            ) from exc
+        raise PoisonRecord(
+            "undecodable", f"The {image.format} image data is broken: {exc}."
+        ) from exc
+    except Exception as exc:  # Pillow raises many kinds on malformed data
+        raise PoisonRecord(
+            "undecodable",
+            f"The {image.format} image data is broken: {exc or type(exc).__name__}.",
+        ) from exc
+
+
+def _to_mode(image: Image.Image, mode: str) -> Image.Image:
+    if image.mode == mode:
+        return image
+    if image.mode in _SIXTEEN_BIT:
+        # 16-bit PNGs (common for X-rays) keep their contrast: scale to 8 bits.
+        wide = np.asarray(image, dtype=np.uint16)
+        image = Image.fromarray((wide >> 8).astype(np.uint8), mode="L")
+    elif image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")  # Pillow warns when converting these straight to RGB
+    return image.convert(mode)

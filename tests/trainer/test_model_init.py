@@ -1,0 +1,147 @@
+"""``winnow model init``: a fresh model becomes one ONNX file that follows the contract."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from schemas.model_spec import (
+    INPUT_NAME,
+    OUTPUT_EMBEDDING,
+    OUTPUT_PROBABILITIES,
+    SPEC_KEY,
+    ModelSpec,
+)
+from trainer import export
+from trainer.architectures import build_model
+from trainer.errors import ModelBuildError, ModelExportError, TrainerError
+from trainer.export import check_parity, export_onnx
+from trainer.model_init import init_model
+
+CASES = [
+    # arch, channels, input size, classes
+    ("small-cnn", 1, 8, [str(d) for d in range(10)]),
+    ("resnet18", 3, 64, ["normal", "pneumonia", "other"]),
+    ("mobilenet_v3_small", 3, 64, ["cat", "dog"]),
+]
+
+
+@pytest.fixture(scope="module", params=CASES, ids=[c[0] for c in CASES])
+def initialized(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    arch, channels, size, classes = request.param
+    path = tmp_path_factory.mktemp(arch) / "model.onnx"
+    spec = init_model(classes, size, arch, path, channels=channels, seed=0)
+    return spec, path
+
+
+def _session(path: Path) -> ort.InferenceSession:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def test_init_writes_one_loadable_file_with_the_spec(initialized, tmp_path: Path) -> None:
+    spec, path = initialized
+    assert [p.name for p in path.parent.iterdir()] == ["model.onnx"]  # no external data
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto)
+    metadata = {p.key: p.value for p in proto.metadata_props}
+    stored = ModelSpec.model_validate(json.loads(metadata[SPEC_KEY]))
+    assert stored == spec
+    assert stored.version.startswith("0-init-") and len(stored.version) == len("0-init-") + 8
+    assert stored.labels_trained == 0
+    assert [i.name for i in proto.graph.input] == [INPUT_NAME]
+    assert [o.name for o in proto.graph.output] == [OUTPUT_PROBABILITIES, OUTPUT_EMBEDDING]
+
+
+@pytest.mark.parametrize("batch", [1, 5])
+def test_dynamic_batch_and_probabilities(initialized, batch: int) -> None:
+    spec, path = initialized
+    x = np.random.default_rng(0).normal(size=(batch, spec.channels, *spec.input_size))
+    probabilities, embedding = _session(path).run(None, {INPUT_NAME: x.astype(np.float32)})
+    assert probabilities.shape == (batch, len(spec.classes))
+    assert embedding.shape == (batch, spec.embedding_dim)
+    assert probabilities.dtype == np.float32 and embedding.dtype == np.float32
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+    assert (probabilities >= 0).all()
+
+
+def test_onnx_matches_torch(initialized) -> None:
+    spec, path = initialized
+    torch.manual_seed(0)  # init_model seeds with 0: the same weights again
+    model = build_model(spec.arch, len(spec.classes), spec.channels)
+    assert check_parity(model, path, spec, atol=1e-4, batch=3) <= 1e-4
+
+
+def test_same_seed_same_version_other_seed_other_version(tmp_path: Path) -> None:
+    args = (["a", "b"], 8, "small-cnn")
+    first = init_model(*args, tmp_path / "a.onnx", channels=1, seed=0)
+    again = init_model(*args, tmp_path / "b.onnx", channels=1, seed=0)
+    other = init_model(*args, tmp_path / "c.onnx", channels=1, seed=1)
+    assert first.version == again.version != other.version
+    assert first.mean == [0.5] and first.std == [0.5]
+
+
+def test_parity_failure_is_a_clear_error(tmp_path: Path) -> None:
+    spec = init_model(["a", "b"], 8, "small-cnn", tmp_path / "m.onnx", channels=1, seed=0)
+    torch.manual_seed(99)
+    different = build_model("small-cnn", 2, 1)
+    with pytest.raises(ModelExportError, match="differs between torch and onnxruntime"):
+        check_parity(different, tmp_path / "m.onnx", spec)
+    assert issubclass(ModelExportError, TrainerError) and not ModelExportError.retriable
+
+
+def test_export_keeps_training_mode_and_round_trips(tmp_path: Path) -> None:
+    model = build_model("small-cnn", 3, 3).train()
+    spec = ModelSpec(
+        version="v1",
+        arch="small-cnn",
+        classes=["a", "b", "c"],
+        input_size=(12, 20),
+        channels=3,
+        mean=[0.1, 0.2, 0.3],
+        std=[0.5, 0.5, 0.5],
+        embedding_dim=model.embedding_dim,
+    )
+    export_onnx(model, spec, tmp_path / "m.onnx")
+    assert model.training
+    x = np.zeros((2, 3, 12, 20), dtype=np.float32)
+    probabilities, _ = _session(tmp_path / "m.onnx").run(None, {INPUT_NAME: x})
+    assert probabilities.shape == (2, 3)
+
+
+def test_dynamo_exporter_is_the_fallback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def gone(*args: object) -> None:
+        raise TypeError("dynamo=False is no longer supported")
+
+    monkeypatch.setattr(export, "_export_torchscript", gone)
+    spec = init_model(["a", "b"], 8, "small-cnn", tmp_path / "m.onnx", channels=1, seed=0)
+    x = np.zeros((3, 1, 8, 8), dtype=np.float32)
+    probabilities, embedding = _session(tmp_path / "m.onnx").run(None, {INPUT_NAME: x})
+    assert probabilities.shape == (3, 2) and embedding.shape == (3, spec.embedding_dim)
+    assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
+
+
+def test_local_torchvision_checkpoint_loads_for_gray_input(tmp_path: Path) -> None:
+    from torchvision.models import resnet18
+
+    torch.manual_seed(5)
+    reference = resnet18(weights=None)  # stands in for an ImageNet checkpoint: 1000 classes
+    torch.save(reference.state_dict(), tmp_path / "resnet18.pth")
+    model = build_model("resnet18", 2, 1, weights=tmp_path / "resnet18.pth")
+    torch.testing.assert_close(
+        model.backbone.layer4[1].conv2.weight, reference.layer4[1].conv2.weight
+    )
+    torch.testing.assert_close(
+        model.backbone.conv1.weight, reference.conv1.weight.sum(dim=1, keepdim=True)
+    )
+    assert model.head.out_features == 2
+
+
+def test_bad_arguments_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ModelBuildError, match="unknown architecture"):
+        init_model(["a", "b"], 8, "vgg99", tmp_path / "m.onnx")
+    with pytest.raises(ModelBuildError, match="at least 8x8"):
+        init_model(["a", "b"], 4, "small-cnn", tmp_path / "m.onnx")

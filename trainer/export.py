@@ -1,0 +1,158 @@
+"""Exports a torch model to one self-contained ONNX file that follows the contract.
+
+The graph has the input ``image`` (N x C x H x W, N dynamic) and the outputs
+``probabilities`` and ``embedding``; the ``ModelSpec`` goes into the metadata
+under ``winnow.spec``. ``check_parity`` proves that onnxruntime computes what
+torch computes.
+"""
+
+import io
+import logging
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from schemas.model_spec import INPUT_NAME, OUTPUT_EMBEDDING, OUTPUT_PROBABILITIES, ModelSpec
+from trainer.errors import ModelExportError
+
+log = logging.getLogger(__name__)
+
+OPSET = 17
+_BATCH = "batch"
+
+
+def export_onnx(model: nn.Module, spec: ModelSpec, path: Path) -> None:
+    """Writes ``model`` in eval mode to ``path`` as one ONNX file with ``spec`` in its metadata.
+
+    Raises:
+        ModelExportError: the exporter failed or the result does not pass
+            ``onnx.checker``.
+    """
+    height, width = spec.input_size
+    example = torch.zeros(2, spec.channels, height, width)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            try:
+                proto = _export_torchscript(model, example)
+            except Exception as legacy:  # the exporter raises many kinds
+                log.warning("TorchScript ONNX export failed, trying dynamo: %s", legacy)
+                try:
+                    proto = _export_dynamo(model, example)
+                except Exception as exc:
+                    raise ModelExportError(
+                        f"torch.onnx.export failed for {spec.arch}: {legacy}; "
+                        f"the dynamo exporter failed too: {exc}"
+                    ) from exc
+    finally:
+        model.train(was_training)
+    for key, value in spec.to_onnx_metadata().items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    proto.producer_name = "winnow"
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise ModelExportError(f"the exported {spec.arch} graph is not valid ONNX: {exc}") from exc
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(proto.SerializeToString())
+    tmp.replace(path)  # readers never see half a file
+
+
+_DYNAMIC_AXES = {
+    INPUT_NAME: {0: _BATCH},
+    OUTPUT_PROBABILITIES: {0: _BATCH},
+    OUTPUT_EMBEDDING: {0: _BATCH},
+}
+
+
+def _export_torchscript(model: nn.Module, example: torch.Tensor) -> onnx.ModelProto:
+    """The TorchScript exporter: deprecated, but fast and a plain single-file graph."""
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.")
+        torch.onnx.export(
+            model,
+            (example,),
+            buffer,  # type: ignore[arg-type]  # the TorchScript path takes a file object
+            dynamo=False,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_PROBABILITIES, OUTPUT_EMBEDDING],
+            dynamic_axes=_DYNAMIC_AXES,
+            opset_version=OPSET,
+        )
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def _export_dynamo(model: nn.Module, example: torch.Tensor) -> onnx.ModelProto:
+    """The torch.export-based exporter, for torch versions without the TorchScript one."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.")
+        program = torch.onnx.export(
+            model,
+            (example,),
+            dynamo=True,
+            verbose=False,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_PROBABILITIES, OUTPUT_EMBEDDING],
+            dynamic_shapes=({0: torch.export.Dim(_BATCH)},),
+            external_data=False,
+            opset_version=max(OPSET, 18),
+        )
+    if program is None:
+        raise ModelExportError("the dynamo exporter returned no program")
+    return program.model_proto
+
+
+def check_parity(
+    model: nn.Module, path: Path, spec: ModelSpec, atol: float = 1e-4, batch: int = 4
+) -> float:
+    """Runs torch and onnxruntime (CPU) on one random batch and compares both outputs.
+
+    Returns:
+        The largest absolute difference over probabilities and embedding.
+
+    Raises:
+        ModelExportError: the difference exceeds ``atol`` or shapes differ.
+    """
+    height, width = spec.input_size
+    generator = torch.Generator().manual_seed(1234)
+    x = torch.randn(batch, spec.channels, height, width, generator=generator)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            expected = [t.numpy() for t in model(x)]
+    finally:
+        model.train(was_training)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(
+        str(path), sess_options=options, providers=["CPUExecutionProvider"]
+    )
+    got = session.run([OUTPUT_PROBABILITIES, OUTPUT_EMBEDDING], {INPUT_NAME: x.numpy()})
+    worst = 0.0
+    for name, want, have in zip(
+        (OUTPUT_PROBABILITIES, OUTPUT_EMBEDDING), expected, got, strict=True
+    ):
+        if want.shape != have.shape:
+            raise ModelExportError(
+                f"'{name}' has shape {have.shape} in ONNX but {want.shape} in torch ({path})"
+            )
+        diff = float(np.max(np.abs(want - have))) if want.size else 0.0
+        if not diff <= atol:  # also catches NaN
+            raise ModelExportError(
+                f"'{name}' differs between torch and onnxruntime by {diff:.3g} "
+                f"(tolerance {atol:.3g}) for {spec.arch} at {path}"
+            )
+        worst = max(worst, diff)
+    return worst
