@@ -1,0 +1,156 @@
+"""The scorer's HTTP API: health, readiness, metrics, status and live policy.
+
+The consume loop runs inside the app's lifespan, so ``uvicorn`` (or a test's
+``TestClient``) starts and stops the scorer with the app.
+"""
+
+import asyncio
+import hmac
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated
+
+from fastapi import Depends, FastAPI, HTTPException, Request, Response, status
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from schemas.api import (
+    FrameCounts,
+    Health,
+    ModelInfo,
+    PolicyState,
+    PolicyUpdate,
+    Readiness,
+    ScorerStatus,
+)
+from service.config import Settings
+from service.errors import ConfigError
+from service.inference import OnnxModel
+from service.kafka.admin import ensure_winnow_topics
+from service.scorer import Scorer
+
+log = logging.getLogger(__name__)
+_bearer = HTTPBearer(auto_error=False)
+
+
+def create_app(settings: Settings, model: OnnxModel | None = None) -> FastAPI:
+    """Builds the app; its lifespan loads the model, creates topics and runs the scorer.
+
+    Args:
+        settings: everything ``winnow serve`` reads from the environment.
+        model: an already loaded model (else ``settings.scorer.model_path`` is loaded).
+    """
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loaded = model or _load_model(settings)
+        await ensure_winnow_topics(settings.kafka)
+        async with Scorer(settings, loaded) as scorer:
+            app.state.scorer = scorer
+            watcher = asyncio.create_task(_watch(app, scorer))
+            try:
+                yield
+            finally:
+                watcher.cancel()
+                await asyncio.gather(watcher, return_exceptions=True)
+
+    app = FastAPI(
+        title="Winnow scorer",
+        version="0.1.0",
+        description="Streaming active learning: scores frames and routes the informative ones.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.failure = None
+    _routes(app)
+    return app
+
+
+def _load_model(settings: Settings) -> OnnxModel:
+    if settings.scorer.model_path is None:
+        raise ConfigError("no model: pass --model PATH.onnx or set WINNOW_SCORER_MODEL_PATH")
+    return OnnxModel.load(settings.scorer.model_path, device=settings.device)
+
+
+async def _watch(app: FastAPI, scorer: Scorer) -> None:
+    try:
+        await scorer.wait()
+    except Exception as error:
+        app.state.failure = error
+        log.exception("the scorer stopped with an error; /readyz now answers 503")
+        on_failure = getattr(app.state, "on_failure", None)
+        if on_failure is not None:
+            on_failure()
+        raise
+
+
+def _scorer(request: Request) -> Scorer:
+    scorer: Scorer | None = getattr(request.app.state, "scorer", None)
+    if scorer is None:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "the scorer is not running")
+    return scorer
+
+
+def _require_admin(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> None:
+    token = request.app.state.settings.admin_token
+    if token is None:
+        raise HTTPException(status.HTTP_403_FORBIDDEN,
+                            "writes are disabled: set WINNOW_ADMIN_TOKEN to enable them")
+    given = credentials.credentials if credentials else ""
+    if not hmac.compare_digest(given.encode(), token.get_secret_value().encode()):
+        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "a valid admin bearer token is needed",
+                            headers={"WWW-Authenticate": "Bearer"})
+
+
+ScorerDep = Annotated[Scorer, Depends(_scorer)]
+
+
+def _routes(app: FastAPI) -> None:
+    @app.get("/healthz", response_model=Health, tags=["ops"])
+    async def healthz() -> Health:
+        return Health()
+
+    @app.get("/readyz", response_model=Readiness, tags=["ops"])
+    async def readyz(request: Request, response: Response) -> Readiness:
+        scorer: Scorer | None = getattr(request.app.state, "scorer", None)
+        failed = request.app.state.failure is not None
+        assigned = len(scorer.assigned) if scorer else 0
+        ready = scorer is not None and not failed and assigned > 0
+        if not ready:
+            response.status_code = status.HTTP_503_SERVICE_UNAVAILABLE
+        return Readiness(ready=ready, model_loaded=scorer is not None, partitions_assigned=assigned)
+
+    @app.get("/metrics", tags=["ops"])
+    async def metrics(scorer: ScorerDep) -> Response:
+        return Response(generate_latest(scorer.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/status", response_model=ScorerStatus, tags=["scorer"])
+    async def get_status(request: Request, scorer: ScorerDep) -> ScorerStatus:
+        spec = scorer.model.spec
+        return ScorerStatus(
+            ready=request.app.state.failure is None and bool(scorer.assigned),
+            started_at=scorer.started_at,
+            model=ModelInfo(version=scorer.model.version, arch=spec.arch, classes=spec.classes,
+                            input_size=spec.input_size, provider=scorer.model.provider),
+            policy=scorer.policy.state(),
+            frames=FrameCounts(**scorer.counts),
+            partitions=[f"{tp.topic}:{tp.partition}" for tp in scorer.assigned],
+        )
+
+    @app.get("/v1/policy", response_model=PolicyState, tags=["policy"])
+    async def get_policy(scorer: ScorerDep) -> PolicyState:
+        return scorer.policy.state()
+
+    @app.put("/v1/policy", response_model=PolicyState, tags=["policy"],
+             dependencies=[Depends(_require_admin)])
+    async def put_policy(change: PolicyUpdate, scorer: ScorerDep) -> PolicyState:
+        try:
+            state = scorer.policy.update(change)
+        except ValueError as error:
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(error)) from error
+        log.info("policy changed: %s", change.model_dump(exclude_none=True))
+        return state

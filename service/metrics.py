@@ -1,0 +1,60 @@
+"""Prometheus metrics of the scorer, in a registry per instance (tests build their own)."""
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+class ScorerMetrics:
+    """The scorer's metrics; names are part of the operators' contract."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.frames = Counter(
+            "winnow_frames", "Frames handled, by outcome", ["outcome"], registry=r
+        )
+        self.label_requests = Counter(
+            "winnow_label_requests", "Label requests sent, by reason", ["reason"], registry=r
+        )
+        self.dead_letters = Counter(
+            "winnow_dead_letters", "Records sent to the dead-letter topic", ["reason"], registry=r
+        )
+        self.inference_seconds = Histogram(
+            "winnow_inference_seconds", "ONNX Runtime time per batch", buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.decode_seconds = Histogram(
+            "winnow_decode_seconds", "Decode and preprocess time per batch",
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.batch_size = Histogram(
+            "winnow_batch_size", "Frames per scored batch", buckets=_BATCH_BUCKETS, registry=r
+        )
+        self.decision_latency = Histogram(
+            "winnow_decision_latency_seconds",
+            "From capture time (or broker timestamp) to the decision being acknowledged",
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.query_threshold = Gauge(
+            "winnow_query_threshold", "Current threshold of the query policy", registry=r
+        )
+        self.budget_used = Gauge(
+            "winnow_budget_used_ratio", "Selected fraction over the budget window", registry=r
+        )
+        self.model_info = Gauge(
+            "winnow_model_info", "The model version being served (value 1)", ["version"],
+            registry=r,
+        )
+        self.consumer_lag = Gauge(
+            "winnow_consumer_lag", "Records behind the end of each partition",
+            ["topic", "partition"], registry=r,
+        )
+        self.commits = Counter(
+            "winnow_offset_commits", "Offset commits, by result", ["result"], registry=r
+        )
+
+    def set_model(self, version: str) -> None:
+        self.model_info.clear()
+        self.model_info.labels(version=version).set(1)

@@ -1,0 +1,321 @@
+"""The scorer: consume, decode, batch, infer, score, decide, route, commit.
+
+Four stages run as tasks joined by small queues, so decoding batch n+1 overlaps
+inference of batch n and delivery of batch n-1. CPU work (decode, ONNX
+Runtime) runs in thread pools; the event loop only moves bytes and decides.
+Offsets are committed only after every record produced for a batch is
+acknowledged (at-least-once from frame to decision).
+"""
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import CommitFailedError, KafkaError
+
+from schemas.predictions import Prediction
+from service.batching import Batch, collect_batch
+from service.config import Settings
+from service.decode import DecodeLimits, prepare_batch
+from service.inference import OnnxModel
+from service.kafka.consumer import create_consumer
+from service.kafka.producer import create_producer
+from service.metrics import ScorerMetrics
+from service.policy import QueryPolicy
+from service.records import batch_records
+from service.utility import score_batch
+
+log = logging.getLogger(__name__)
+
+_QUEUE_DEPTH = 1
+_DRAIN_TIMEOUT_S = 30.0
+_SEND_RETRY_BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 5.0)
+
+PredictionHook = Callable[[list[Prediction]], None]
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, scorer: "Scorer") -> None:
+        self._scorer = scorer
+
+    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        await self._scorer._on_revoked(revoked)
+
+    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        log.info("partitions assigned: %s", sorted(f"{tp.topic}:{tp.partition}" for tp in assigned))
+
+
+class Scorer:
+    """Scores every frame on the frames topic and routes the chosen ones for labeling.
+
+    Use as ``async with Scorer(settings, model) as scorer:``; ``stop()`` drains
+    the batches in flight, commits what was delivered and nothing more.
+    """
+
+    def __init__(
+        self, settings: Settings, model: OnnxModel, *, metrics: ScorerMetrics | None = None,
+        policy: QueryPolicy | None = None, on_predictions: PredictionHook | None = None,
+    ) -> None:
+        self.settings = settings
+        self.model = model
+        self.metrics = metrics or ScorerMetrics()
+        self.policy = policy or QueryPolicy.from_settings(settings.policy)
+        self.started_at = datetime.now(UTC)
+        self.counts = {"selected": 0, "not_selected": 0, "invalid": 0}
+        self._on_predictions = on_predictions
+        self._limits = DecodeLimits(
+            max_bytes=settings.scorer.max_frame_bytes, max_pixels=settings.scorer.max_pixels
+        )
+        self._topics = settings.kafka.topics
+        self._consumer: AIOKafkaConsumer | None = None
+        self._producer: AIOKafkaProducer | None = None
+        self._decode_pool = ThreadPoolExecutor(settings.scorer.decode_workers, "winnow-decode")
+        self._infer_pool = ThreadPoolExecutor(1, "winnow-infer")
+        self._tasks: list[asyncio.Task[None]] = []
+        self._delivered: dict[TopicPartition, int] = {}
+        self._committed: dict[TopicPartition, int] = {}
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._stopping = asyncio.Event()
+        self._stopped = False
+        self.metrics.set_model(model.version)
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def __aenter__(self) -> "Scorer":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        """Connects, joins the consumer group and starts the stages."""
+        kafka = self.settings.kafka
+        self._producer = create_producer(kafka)
+        await self._producer.start()
+        self._consumer = create_consumer(kafka, group_id=self.settings.scorer.group_id)
+        self._consumer.subscribe([self._topics.frames], listener=_Rebalance(self))
+        await self._consumer.start()
+        decode_q: asyncio.Queue[Batch | None] = asyncio.Queue(_QUEUE_DEPTH)
+        infer_q: asyncio.Queue[Batch | None] = asyncio.Queue(_QUEUE_DEPTH)
+        deliver_q: asyncio.Queue[Batch | None] = asyncio.Queue(_QUEUE_DEPTH)
+        self._tasks = [
+            asyncio.create_task(self._fetch_stage(decode_q), name="scorer-fetch"),
+            asyncio.create_task(self._stage(decode_q, infer_q, self._decode), name="scorer-decode"),
+            asyncio.create_task(self._stage(infer_q, deliver_q, self._infer), name="scorer-infer"),
+            asyncio.create_task(self._deliver_stage(deliver_q), name="scorer-deliver"),
+        ]
+        log.info("scorer started: topic=%s group=%s model=%s provider=%s",
+                 self._topics.frames, self.settings.scorer.group_id, self.model.version,
+                 self.model.provider)
+
+    async def wait(self) -> None:
+        """Returns when the stages end; raises the first stage failure."""
+        if not self._tasks:
+            return
+        done, _ = await asyncio.wait(self._tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for task in done:
+            if not task.cancelled() and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
+
+    async def stop(self) -> None:
+        """Drains what is in flight, commits it, and disconnects. Idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self._stopping.set()
+        if self._tasks:
+            _, pending = await asyncio.wait(self._tasks, timeout=_DRAIN_TIMEOUT_S)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        try:
+            if self._consumer is not None:
+                await self._commit()
+        finally:
+            if self._consumer is not None:
+                await self._consumer.stop()
+            if self._producer is not None:
+                await self._producer.stop()
+            self._decode_pool.shutdown(wait=False, cancel_futures=True)
+            self._infer_pool.shutdown(wait=False, cancel_futures=True)
+        log.info("scorer stopped: counts=%s", self.counts)
+
+    @property
+    def assigned(self) -> list[TopicPartition]:
+        return sorted(self._consumer.assignment()) if self._consumer else []
+
+    # -- stages ----------------------------------------------------------------------------
+
+    async def _fetch_stage(self, out: "asyncio.Queue[Batch | None]") -> None:
+        assert self._consumer is not None
+        scorer = self.settings.scorer
+        try:
+            while not self._stopping.is_set():
+                frames = await collect_batch(self._consumer, scorer.max_batch_size, scorer.max_wait_ms)
+                if frames:
+                    self._in_flight += 1
+                    self._idle.clear()
+                    await out.put(Batch(frames=frames))
+        finally:
+            await out.put(None)
+
+    async def _stage(
+        self, inbox: "asyncio.Queue[Batch | None]", out: "asyncio.Queue[Batch | None]",
+        work: Callable[[Batch], Awaitable[None]],
+    ) -> None:
+        while (batch := await inbox.get()) is not None:
+            await work(batch)
+            await out.put(batch)
+        await out.put(None)
+
+    async def _decode(self, batch: Batch) -> None:
+        batch.model = self.model  # swaps happen between batches: decode and infer agree
+        spec = batch.model.spec
+        items = [(f.value, f.headers.content_type) for f in batch.frames]
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        parts = _split(items, self.settings.scorer.decode_workers)
+        results = await asyncio.gather(*(
+            loop.run_in_executor(self._decode_pool, prepare_batch, part, spec, self._limits)
+            for _, part in parts
+        ))
+        inputs, good, poison = [], [], []
+        for (start, _), (part_inputs, part_good, part_poison) in zip(parts, results, strict=True):
+            inputs.append(part_inputs)
+            good.extend(start + i for i in part_good)
+            poison.extend((start + i, e) for i, e in part_poison)
+        batch.inputs = np.concatenate(inputs) if len(inputs) > 1 else inputs[0]
+        batch.good, batch.poison = good, poison
+        self.metrics.decode_seconds.observe(time.perf_counter() - started)
+        for index, error in poison:
+            origin = batch.frames[index].origin
+            log.warning("dead-lettering frame topic=%s partition=%d offset=%d reason=%s: %s",
+                        origin.topic, origin.partition, origin.offset, error.reason, error.detail)
+
+    async def _infer(self, batch: Batch) -> None:
+        assert batch.model is not None and batch.inputs is not None
+        if batch.good:
+            loop = asyncio.get_running_loop()
+            started = time.perf_counter()
+            probabilities, embeddings = await loop.run_in_executor(
+                self._infer_pool, batch.model.run, batch.inputs
+            )
+            self.metrics.inference_seconds.observe(time.perf_counter() - started)
+            self.metrics.batch_size.observe(len(batch.good))
+            batch.probabilities, batch.embeddings = probabilities, embeddings
+            batch.scores = score_batch(probabilities)
+            batch.decisions = self.policy.decide(batch.scores)
+        batch.inputs = None  # the pixels are no longer needed; free them early
+
+    async def _deliver_stage(self, inbox: "asyncio.Queue[Batch | None]") -> None:
+        while (batch := await inbox.get()) is not None:
+            try:
+                await self._deliver(batch)
+            finally:
+                self._in_flight -= 1
+                if self._in_flight == 0:
+                    self._idle.set()
+
+    async def _deliver(self, batch: Batch) -> None:
+        topics, scorer = self._topics, self.settings.scorer
+        records, predictions = batch_records(
+            batch,
+            predictions_topic=topics.predictions if scorer.publish_predictions else None,
+            requests_topic=topics.label_requests,
+            dead_letter_topic=topics.dead_letter,
+            max_dead_letter_bytes=scorer.dead_letter_max_value_bytes,
+        )
+        await self._send_all(records)
+        self._account(batch, predictions)
+        for (topic, partition), offset in batch.next_offsets().items():
+            self._delivered[TopicPartition(topic, partition)] = offset
+        await self._commit()
+
+    async def _send_all(self, records: list[Any]) -> None:
+        """Sends and awaits every ack; retries the whole set on broker errors (duplicates ok)."""
+        assert self._producer is not None
+        for attempt, backoff in enumerate((*_SEND_RETRY_BACKOFF_S, None)):
+            try:
+                futures = [await self._producer.send(r.topic, r.value, key=r.key) for r in records]
+                await asyncio.gather(*futures)
+                return
+            except KafkaError as error:
+                if backoff is None:
+                    raise
+                log.warning("produce failed (attempt %d), retrying in %.1fs: %s",
+                            attempt + 1, backoff, error)
+                await asyncio.sleep(backoff)
+
+    def _account(self, batch: Batch, predictions: list[Prediction]) -> None:
+        metrics, now = self.metrics, time.time()
+        for index, error in batch.poison:
+            metrics.frames.labels(outcome="invalid").inc()
+            metrics.dead_letters.labels(reason=error.reason).inc()
+        self.counts["invalid"] += len(batch.poison)
+        for prediction, index in zip(predictions, batch.good, strict=True):
+            decision = prediction.decision
+            outcome = "selected" if decision.selected else "not_selected"
+            self.counts[outcome] += 1
+            metrics.frames.labels(outcome=outcome).inc()
+            if decision.selected:
+                metrics.label_requests.labels(reason=decision.reason or "unknown").inc()
+            captured = batch.frames[index].captured_epoch()
+            if captured is not None:
+                metrics.decision_latency.observe(max(0.0, now - captured))
+        state = self.policy.state()
+        metrics.query_threshold.set(state.threshold if state.threshold is not None else float("nan"))
+        metrics.budget_used.set(state.budget_used)
+        if predictions and self._on_predictions is not None:
+            self._on_predictions(predictions)
+
+    # -- offsets ---------------------------------------------------------------------------
+
+    async def _commit(self) -> None:
+        assert self._consumer is not None
+        assigned = self._consumer.assignment()
+        offsets = {
+            tp: offset for tp, offset in self._delivered.items()
+            if tp in assigned and self._committed.get(tp) != offset
+        }
+        if offsets:
+            try:
+                await self._consumer.commit(offsets)
+            except (CommitFailedError, KafkaError) as error:
+                self.metrics.commits.labels(result="failed").inc()
+                log.warning("offset commit failed, records will be redelivered: %s", error)
+                return
+            self.metrics.commits.labels(result="ok").inc()
+            self._committed.update(offsets)
+        for tp in assigned:
+            highwater = self._consumer.highwater(tp)
+            if highwater is not None and tp in self._delivered:
+                lag = max(0, highwater - self._delivered[tp])
+                self.metrics.consumer_lag.labels(topic=tp.topic, partition=str(tp.partition)).set(lag)
+
+    async def _on_revoked(self, revoked: list[TopicPartition]) -> None:
+        """Lets the batches in flight finish, then commits them before giving partitions up."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), _DRAIN_TIMEOUT_S)
+        except TimeoutError:
+            log.warning("rebalance: batches still in flight after %.0fs; they will be redelivered",
+                        _DRAIN_TIMEOUT_S)
+        await self._commit()
+        for tp in revoked:
+            self._delivered.pop(tp, None)
+            self._committed.pop(tp, None)
+        log.info("partitions revoked: %s", sorted(f"{tp.topic}:{tp.partition}" for tp in revoked))
+
+
+def _split(items: list[Any], parts: int) -> list[tuple[int, list[Any]]]:
+    """Splits a batch into contiguous parts for the decode pool: (start index, items)."""
+    size = max(1, -(-len(items) // parts))
+    return [(start, items[start:start + size]) for start in range(0, len(items), size)]
