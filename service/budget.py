@@ -40,8 +40,10 @@ class SlidingBudget:
 
     A selection is allowed only if, counting it, the last ``window`` decisions
     hold at most ``floor(budget * window)`` selections, so the selected fraction
-    over any ``window`` consecutive frames never exceeds ``budget``. O(1) per
-    frame.
+    over any ``window`` consecutive frames never exceeds ``budget``. Until the
+    window has filled, the limit grows with the frames seen
+    (``max(1, floor(budget * seen))``), so a fresh stream does not spend a whole
+    window's budget on its first frames. O(1) per frame.
     """
 
     def __init__(self, budget: float, window: int) -> None:
@@ -69,8 +71,10 @@ class SlidingBudget:
 
     def allows(self) -> bool:
         """Whether selecting the next frame keeps the window within the budget."""
-        leaving = self._filled == self.window and self._ring[self._next]
-        return self._count - leaving + 1 <= self._limit
+        if self._filled < self.window:
+            early = max(1, math.floor(self.budget * (self._filled + 1) + _EPS))
+            return self._count + 1 <= min(early, self._limit)
+        return self._count - self._ring[self._next] + 1 <= self._limit
 
     def record(self, selected: bool) -> None:
         """Records the decision on one frame (selected or not)."""

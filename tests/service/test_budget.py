@@ -49,12 +49,21 @@ def test_resize_keeps_history_and_blocks_until_it_slides_out() -> None:
     assert not budget.allows()
     selected = _greedy(budget, np.ones(30, dtype=bool))
     history = np.concatenate([before, selected])
-    # the 5 old selections are frames 0-4: a new one fits once four of them have slid out
-    assert before.tolist() == [True] * 5 + [False] * 5
-    assert int(np.argmax(selected)) == 3
-    assert _max_in_any_window(history[4:], 10) <= 2
+    # greedy and exact: a frame is passed over only when taking it would break the new limit
+    for i, taken in enumerate(selected.tolist(), start=len(before)):
+        window_before = int(history[max(0, i - 9) : i].sum())
+        assert taken == (window_before + 1 <= 2), i
+    assert _max_in_any_window(history[10:], 10) <= 2
     budget.resize(0.5, 4)  # a shorter window keeps only its most recent decisions
     assert budget.window == 4 and budget.selected_in_window == int(history[-4:].sum())
+
+
+def test_a_fresh_stream_spends_its_budget_gradually() -> None:
+    budget = SlidingBudget(0.05, 1000)
+    selected = _greedy(budget, np.ones(400, dtype=bool))
+    for seen in range(1, 401):
+        assert selected[:seen].sum() <= max(1, int(0.05 * seen)), seen
+    assert selected.sum() == 20
 
 
 def test_hourly_cap_is_never_exceeded_with_a_fake_clock() -> None:
