@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image
 
 from schemas.model_spec import ModelSpec
+from schemas.pixels import image_to_input
 from service.errors import PoisonRecord
 
 JPEG_MAGIC = b"\xff\xd8\xff"
@@ -55,7 +56,6 @@ _OTHER_FORMATS: tuple[tuple[int, bytes, str], ...] = (
 )
 # JPEG start-of-frame markers: C0-CF except DHT (C4), JPG (C8) and DAC (CC).
 _SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
-_SIXTEEN_BIT = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 
 
 @dataclass(frozen=True)
@@ -92,28 +92,17 @@ def preprocess(image: Image.Image, spec: ModelSpec) -> np.ndarray:
     """Turns a frame into model input: float32 C x H x W, ``(x / 255 - mean) / std``.
 
     An image straight from ``_open`` (not yet loaded) is decoded here, at a
-    reduced scale when it is a JPEG much larger than the model input.
+    reduced scale when it is a JPEG much larger than the model input. The rest
+    is the model contract's ``image_to_input``, which the trainer uses too.
 
     Raises:
         PoisonRecord: a not-yet-loaded image turns out to be truncated or broken.
     """
     height, width = spec.input_size
-    mode = "L" if spec.channels == 1 else "RGB"
     if image.format == "JPEG":
-        image.draft(mode, (width, height))  # a no-op once loaded
+        image.draft("L" if spec.channels == 1 else "RGB", (width, height))  # no-op once loaded
     _load(image)
-    image = _to_mode(image, mode)
-    if image.size != (width, height):
-        image = image.resize((width, height), Image.Resampling.BILINEAR)
-    pixels = np.asarray(image)
-    if pixels.ndim == 2:
-        pixels = pixels[:, :, None]
-    mean = np.asarray(spec.mean, dtype=np.float32)
-    std = np.asarray(spec.std, dtype=np.float32)
-    out = np.empty((spec.channels, height, width), dtype=np.float32)
-    np.multiply(pixels.transpose(2, 0, 1), (1.0 / (255.0 * std))[:, None, None], out=out)
-    out -= (mean / std)[:, None, None]
-    return out
+    return image_to_input(image, spec)
 
 
 def decode_and_preprocess(
@@ -288,15 +277,3 @@ def _load(image: Image.Image) -> None:
             "undecodable",
             f"The {image.format} image data is broken: {exc or type(exc).__name__}.",
         ) from exc
-
-
-def _to_mode(image: Image.Image, mode: str) -> Image.Image:
-    if image.mode == mode:
-        return image
-    if image.mode in _SIXTEEN_BIT:
-        # 16-bit PNGs (common for X-rays) keep their contrast: scale to 8 bits.
-        wide = np.asarray(image, dtype=np.uint16)
-        image = Image.fromarray((wide >> 8).astype(np.uint8), mode="L")
-    elif image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")  # Pillow warns when converting these straight to RGB
-    return image.convert(mode)

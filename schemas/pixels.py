@@ -1,0 +1,47 @@
+"""How pixels become model input: the executable half of the model contract.
+
+The scorer and the trainer both call ``image_to_input`` so that a frame is
+seen the same way at serving and at training time: converted to L or RGB per
+``spec.channels``, resized to ``spec.input_size`` with bilinear filtering, and
+normalized as ``(x / 255 - mean) / std`` into float32 C x H x W.
+"""
+
+import numpy as np
+from PIL import Image
+
+from schemas.model_spec import ModelSpec
+
+_SIXTEEN_BIT = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
+
+
+def image_to_input(image: Image.Image, spec: ModelSpec) -> np.ndarray:
+    """A decoded image as model input (float32, C x H x W)."""
+    height, width = spec.input_size
+    image = to_mode(image, "L" if spec.channels == 1 else "RGB")
+    if image.size != (width, height):
+        image = image.resize((width, height), Image.Resampling.BILINEAR)
+    return normalize(np.asarray(image), spec)
+
+
+def normalize(pixels: np.ndarray, spec: ModelSpec) -> np.ndarray:
+    """uint8 H x W (x C) pixels at the input size → normalized float32 C x H x W."""
+    if pixels.ndim == 2:
+        pixels = pixels[:, :, None]
+    mean = np.asarray(spec.mean, dtype=np.float32)
+    std = np.asarray(spec.std, dtype=np.float32)
+    out = np.empty((spec.channels, *pixels.shape[:2]), dtype=np.float32)
+    np.multiply(pixels.transpose(2, 0, 1), (1.0 / (255.0 * std))[:, None, None], out=out)
+    out -= (mean / std)[:, None, None]
+    return out
+
+
+def to_mode(image: Image.Image, mode: str) -> Image.Image:
+    """Converts to L or RGB; 16-bit images (common for X-rays) keep their contrast."""
+    if image.mode == mode:
+        return image
+    if image.mode in _SIXTEEN_BIT:
+        wide = np.asarray(image, dtype=np.uint16)
+        image = Image.fromarray((wide >> 8).astype(np.uint8), mode="L")
+    elif image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")  # Pillow warns when converting these straight to RGB
+    return image.convert(mode)
