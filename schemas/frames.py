@@ -44,7 +44,9 @@ class FrameHeaders(BaseModel):
     content_type: str | None = None
 
     @classmethod
-    def from_kafka(cls, headers: "list[tuple[str, bytes]] | tuple[tuple[str, bytes], ...]") -> "FrameHeaders":
+    def from_kafka(
+        cls, headers: "list[tuple[str, bytes]] | tuple[tuple[str, bytes], ...]"
+    ) -> "FrameHeaders":
         """Parses Kafka headers; unknown headers are ignored, bad times become None."""
         values: dict[str, str] = {}
         for name, raw in headers or ():

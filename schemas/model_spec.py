@@ -50,5 +50,7 @@ class ModelSpec(BaseModel):
     @classmethod
     def from_onnx_metadata(cls, metadata: dict[str, str]) -> "ModelSpec":
         if SPEC_KEY not in metadata:
-            raise ValueError(f"the ONNX model has no '{SPEC_KEY}' metadata; write it with `winnow model init`")
+            raise ValueError(
+                f"the ONNX model has no '{SPEC_KEY}' metadata; write it with `winnow model init`"
+            )
         return cls.model_validate(json.loads(metadata[SPEC_KEY]))

@@ -98,12 +98,16 @@ def _require_admin(
 ) -> None:
     token = request.app.state.settings.admin_token
     if token is None:
-        raise HTTPException(status.HTTP_403_FORBIDDEN,
-                            "writes are disabled: set WINNOW_ADMIN_TOKEN to enable them")
+        raise HTTPException(
+            status.HTTP_403_FORBIDDEN, "writes are disabled: set WINNOW_ADMIN_TOKEN to enable them"
+        )
     given = credentials.credentials if credentials else ""
     if not hmac.compare_digest(given.encode(), token.get_secret_value().encode()):
-        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "a valid admin bearer token is needed",
-                            headers={"WWW-Authenticate": "Bearer"})
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED,
+            "a valid admin bearer token is needed",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
 
 
 ScorerDep = Annotated[Scorer, Depends(_scorer)]
@@ -134,8 +138,13 @@ def _routes(app: FastAPI) -> None:
         return ScorerStatus(
             ready=request.app.state.failure is None and bool(scorer.assigned),
             started_at=scorer.started_at,
-            model=ModelInfo(version=scorer.model.version, arch=spec.arch, classes=spec.classes,
-                            input_size=spec.input_size, provider=scorer.model.provider),
+            model=ModelInfo(
+                version=scorer.model.version,
+                arch=spec.arch,
+                classes=spec.classes,
+                input_size=spec.input_size,
+                provider=scorer.model.provider,
+            ),
             policy=scorer.policy.state(),
             frames=FrameCounts(**scorer.counts),
             partitions=[f"{tp.topic}:{tp.partition}" for tp in scorer.assigned],
@@ -145,8 +154,12 @@ def _routes(app: FastAPI) -> None:
     async def get_policy(scorer: ScorerDep) -> PolicyState:
         return scorer.policy.state()
 
-    @app.put("/v1/policy", response_model=PolicyState, tags=["policy"],
-             dependencies=[Depends(_require_admin)])
+    @app.put(
+        "/v1/policy",
+        response_model=PolicyState,
+        tags=["policy"],
+        dependencies=[Depends(_require_admin)],
+    )
     async def put_policy(change: PolicyUpdate, scorer: ScorerDep) -> PolicyState:
         try:
             state = scorer.policy.update(change)

@@ -31,7 +31,9 @@ class InboundFrame:
     def from_record(cls, record: "ConsumerRecord[Any, Any]") -> "InboundFrame":
         raw_headers = tuple(record.headers or ())
         return cls(
-            origin=FrameOrigin(topic=record.topic, partition=record.partition, offset=record.offset),
+            origin=FrameOrigin(
+                topic=record.topic, partition=record.partition, offset=record.offset
+            ),
             key=record.key,
             value=record.value,
             headers=FrameHeaders.from_kafka(raw_headers),

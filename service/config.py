@@ -34,8 +34,9 @@ class KafkaSettings(BaseSettings):
     replication_factor: int = Field(default=1, ge=1)
     client_id: str = "winnow"
     session_timeout_ms: int = Field(
-        default=10_000, ge=1000, description="consumer-group session; a dead member's partitions "
-        "move after this long"
+        default=10_000,
+        ge=1000,
+        description="consumer-group session; a dead member's partitions move after this long",
     )
     heartbeat_interval_ms: int = Field(default=3_000, ge=100)
     embedded_port: int = Field(default=9092, ge=1, le=65535)

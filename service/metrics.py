@@ -22,12 +22,16 @@ class ScorerMetrics:
             "winnow_dead_letters", "Records sent to the dead-letter topic", ["reason"], registry=r
         )
         self.inference_seconds = Histogram(
-            "winnow_inference_seconds", "ONNX Runtime time per batch", buckets=_LATENCY_BUCKETS,
+            "winnow_inference_seconds",
+            "ONNX Runtime time per batch",
+            buckets=_LATENCY_BUCKETS,
             registry=r,
         )
         self.decode_seconds = Histogram(
-            "winnow_decode_seconds", "Decode and preprocess time per batch",
-            buckets=_LATENCY_BUCKETS, registry=r,
+            "winnow_decode_seconds",
+            "Decode and preprocess time per batch",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.batch_size = Histogram(
             "winnow_batch_size", "Frames per scored batch", buckets=_BATCH_BUCKETS, registry=r
@@ -35,7 +39,8 @@ class ScorerMetrics:
         self.decision_latency = Histogram(
             "winnow_decision_latency_seconds",
             "From capture time (or broker timestamp) to the decision being acknowledged",
-            buckets=_LATENCY_BUCKETS, registry=r,
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.query_threshold = Gauge(
             "winnow_query_threshold", "Current threshold of the query policy", registry=r
@@ -44,12 +49,16 @@ class ScorerMetrics:
             "winnow_budget_used_ratio", "Selected fraction over the budget window", registry=r
         )
         self.model_info = Gauge(
-            "winnow_model_info", "The model version being served (value 1)", ["version"],
+            "winnow_model_info",
+            "The model version being served (value 1)",
+            ["version"],
             registry=r,
         )
         self.consumer_lag = Gauge(
-            "winnow_consumer_lag", "Records behind the end of each partition",
-            ["topic", "partition"], registry=r,
+            "winnow_consumer_lag",
+            "Records behind the end of each partition",
+            ["topic", "partition"],
+            registry=r,
         )
         self.commits = Counter(
             "winnow_offset_commits", "Offset commits, by result", ["result"], registry=r

@@ -29,8 +29,13 @@ def _scores_of(batch: Batch, row: int) -> Scores:
 
 
 def prediction_of(
-    frame: InboundFrame, probabilities: np.ndarray, scores: Scores, decision: Decision,
-    classes: list[str], model_version: str, now: datetime,
+    frame: InboundFrame,
+    probabilities: np.ndarray,
+    scores: Scores,
+    decision: Decision,
+    classes: list[str],
+    model_version: str,
+    now: datetime,
 ) -> Prediction:
     top = int(np.argmax(probabilities))
     return Prediction(
@@ -48,14 +53,18 @@ def prediction_of(
     )
 
 
-def label_request_of(frame: InboundFrame, prediction: Prediction, classes: list[str]) -> LabelRequest:
-    return LabelRequest.model_validate({
-        **prediction.model_dump(exclude={"decided_at"}),
-        "requested_at": prediction.decided_at,
-        "classes": classes,
-        "content_type": frame.headers.content_type or sniff_content_type(frame.value or b""),
-        "image": base64.b64encode(frame.value or b""),
-    })
+def label_request_of(
+    frame: InboundFrame, prediction: Prediction, classes: list[str]
+) -> LabelRequest:
+    return LabelRequest.model_validate(
+        {
+            **prediction.model_dump(exclude={"decided_at"}),
+            "requested_at": prediction.decided_at,
+            "classes": classes,
+            "content_type": frame.headers.content_type or sniff_content_type(frame.value or b""),
+            "image": base64.b64encode(frame.value or b""),
+        }
+    )
 
 
 def sniff_content_type(value: bytes) -> str:
@@ -66,24 +75,32 @@ def sniff_content_type(value: bytes) -> str:
     return "application/octet-stream"
 
 
-def dead_letter_of(frame: InboundFrame, error: PoisonRecord, max_value_bytes: int, now: datetime) -> DeadLetter:
+def dead_letter_of(
+    frame: InboundFrame, error: PoisonRecord, max_value_bytes: int, now: datetime
+) -> DeadLetter:
     value = frame.value or b""
     kept = value[:max_value_bytes]
-    return DeadLetter.model_validate({
-        "origin": frame.origin,
-        "reason": error.reason,
-        "detail": error.detail,
-        "role": "scorer",
-        "failed_at": now,
-        "headers": {k: v.decode("utf-8", errors="replace") for k, v in frame.raw_headers},
-        "value": base64.b64encode(kept) if kept else None,
-        "value_size": len(value),
-        "value_truncated": len(kept) < len(value),
-    })
+    return DeadLetter.model_validate(
+        {
+            "origin": frame.origin,
+            "reason": error.reason,
+            "detail": error.detail,
+            "role": "scorer",
+            "failed_at": now,
+            "headers": {k: v.decode("utf-8", errors="replace") for k, v in frame.raw_headers},
+            "value": base64.b64encode(kept) if kept else None,
+            "value_size": len(value),
+            "value_truncated": len(kept) < len(value),
+        }
+    )
 
 
 def batch_records(
-    batch: Batch, *, predictions_topic: str | None, requests_topic: str, dead_letter_topic: str,
+    batch: Batch,
+    *,
+    predictions_topic: str | None,
+    requests_topic: str,
+    dead_letter_topic: str,
     max_dead_letter_bytes: int,
 ) -> tuple[list[OutRecord], list[Prediction]]:
     """Everything one batch produces, and its predictions (for counting and logs).
@@ -104,14 +121,24 @@ def batch_records(
     for row, index in enumerate(batch.good):
         frame = batch.frames[index]
         prediction = prediction_of(
-            frame, batch.probabilities[row], _scores_of(batch, row), batch.decisions[row],
-            classes, version, now,
+            frame,
+            batch.probabilities[row],
+            _scores_of(batch, row),
+            batch.decisions[row],
+            classes,
+            version,
+            now,
         )
         predictions.append(prediction)
         if prediction.decision.selected:
             request = label_request_of(frame, prediction, classes)
-            out.append(OutRecord(requests_topic, frame.frame_id.encode(),
-                                 request.model_dump_json().encode()))
+            out.append(
+                OutRecord(
+                    requests_topic, frame.frame_id.encode(), request.model_dump_json().encode()
+                )
+            )
         if predictions_topic is not None:
-            out.append(OutRecord(predictions_topic, frame.key, prediction.model_dump_json().encode()))
+            out.append(
+                OutRecord(predictions_topic, frame.key, prediction.model_dump_json().encode())
+            )
     return out, predictions

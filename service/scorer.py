@@ -59,8 +59,13 @@ class Scorer:
     """
 
     def __init__(
-        self, settings: Settings, model: OnnxModel, *, metrics: ScorerMetrics | None = None,
-        policy: QueryPolicy | None = None, on_predictions: PredictionHook | None = None,
+        self,
+        settings: Settings,
+        model: OnnxModel,
+        *,
+        metrics: ScorerMetrics | None = None,
+        policy: QueryPolicy | None = None,
+        on_predictions: PredictionHook | None = None,
     ) -> None:
         self.settings = settings
         self.model = model
@@ -113,9 +118,13 @@ class Scorer:
             asyncio.create_task(self._stage(infer_q, deliver_q, self._infer), name="scorer-infer"),
             asyncio.create_task(self._deliver_stage(deliver_q), name="scorer-deliver"),
         ]
-        log.info("scorer started: topic=%s group=%s model=%s provider=%s",
-                 self._topics.frames, self.settings.scorer.group_id, self.model.version,
-                 self.model.provider)
+        log.info(
+            "scorer started: topic=%s group=%s model=%s provider=%s",
+            self._topics.frames,
+            self.settings.scorer.group_id,
+            self.model.version,
+            self.model.provider,
+        )
 
     async def wait(self) -> None:
         """Returns when the stages end; raises the first stage failure."""
@@ -160,7 +169,9 @@ class Scorer:
         scorer = self.settings.scorer
         try:
             while not self._stopping.is_set():
-                frames = await collect_batch(self._consumer, scorer.max_batch_size, scorer.max_wait_ms)
+                frames = await collect_batch(
+                    self._consumer, scorer.max_batch_size, scorer.max_wait_ms
+                )
                 if frames:
                     self._in_flight += 1
                     self._idle.clear()
@@ -169,7 +180,9 @@ class Scorer:
             await out.put(None)
 
     async def _stage(
-        self, inbox: "asyncio.Queue[Batch | None]", out: "asyncio.Queue[Batch | None]",
+        self,
+        inbox: "asyncio.Queue[Batch | None]",
+        out: "asyncio.Queue[Batch | None]",
         work: Callable[[Batch], Awaitable[None]],
     ) -> None:
         while (batch := await inbox.get()) is not None:
@@ -184,10 +197,12 @@ class Scorer:
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         parts = _split(items, self.settings.scorer.decode_workers)
-        results = await asyncio.gather(*(
-            loop.run_in_executor(self._decode_pool, prepare_batch, part, spec, self._limits)
-            for _, part in parts
-        ))
+        results = await asyncio.gather(
+            *(
+                loop.run_in_executor(self._decode_pool, prepare_batch, part, spec, self._limits)
+                for _, part in parts
+            )
+        )
         inputs, good, poison = [], [], []
         for (start, _), (part_inputs, part_good, part_poison) in zip(parts, results, strict=True):
             inputs.append(part_inputs)
@@ -198,8 +213,14 @@ class Scorer:
         self.metrics.decode_seconds.observe(time.perf_counter() - started)
         for index, error in poison:
             origin = batch.frames[index].origin
-            log.warning("dead-lettering frame topic=%s partition=%d offset=%d reason=%s: %s",
-                        origin.topic, origin.partition, origin.offset, error.reason, error.detail)
+            log.warning(
+                "dead-lettering frame topic=%s partition=%d offset=%d reason=%s: %s",
+                origin.topic,
+                origin.partition,
+                origin.offset,
+                error.reason,
+                error.detail,
+            )
 
     async def _infer(self, batch: Batch) -> None:
         assert batch.model is not None and batch.inputs is not None
@@ -251,13 +272,17 @@ class Scorer:
             except KafkaError as error:
                 if backoff is None:
                     raise
-                log.warning("produce failed (attempt %d), retrying in %.1fs: %s",
-                            attempt + 1, backoff, error)
+                log.warning(
+                    "produce failed (attempt %d), retrying in %.1fs: %s",
+                    attempt + 1,
+                    backoff,
+                    error,
+                )
                 await asyncio.sleep(backoff)
 
     def _account(self, batch: Batch, predictions: list[Prediction]) -> None:
         metrics, now = self.metrics, time.time()
-        for index, error in batch.poison:
+        for _, error in batch.poison:
             metrics.frames.labels(outcome="invalid").inc()
             metrics.dead_letters.labels(reason=error.reason).inc()
         self.counts["invalid"] += len(batch.poison)
@@ -272,7 +297,9 @@ class Scorer:
             if captured is not None:
                 metrics.decision_latency.observe(max(0.0, now - captured))
         state = self.policy.state()
-        metrics.query_threshold.set(state.threshold if state.threshold is not None else float("nan"))
+        metrics.query_threshold.set(
+            state.threshold if state.threshold is not None else float("nan")
+        )
         metrics.budget_used.set(state.budget_used)
         if predictions and self._on_predictions is not None:
             self._on_predictions(predictions)
@@ -283,7 +310,8 @@ class Scorer:
         assert self._consumer is not None
         assigned = self._consumer.assignment()
         offsets = {
-            tp: offset for tp, offset in self._delivered.items()
+            tp: offset
+            for tp, offset in self._delivered.items()
             if tp in assigned and self._committed.get(tp) != offset
         }
         if offsets:
@@ -299,15 +327,19 @@ class Scorer:
             highwater = self._consumer.highwater(tp)
             if highwater is not None and tp in self._delivered:
                 lag = max(0, highwater - self._delivered[tp])
-                self.metrics.consumer_lag.labels(topic=tp.topic, partition=str(tp.partition)).set(lag)
+                self.metrics.consumer_lag.labels(topic=tp.topic, partition=str(tp.partition)).set(
+                    lag
+                )
 
     async def _on_revoked(self, revoked: list[TopicPartition]) -> None:
         """Lets the batches in flight finish, then commits them before giving partitions up."""
         try:
             await asyncio.wait_for(self._idle.wait(), _DRAIN_TIMEOUT_S)
         except TimeoutError:
-            log.warning("rebalance: batches still in flight after %.0fs; they will be redelivered",
-                        _DRAIN_TIMEOUT_S)
+            log.warning(
+                "rebalance: batches still in flight after %.0fs; they will be redelivered",
+                _DRAIN_TIMEOUT_S,
+            )
         await self._commit()
         for tp in revoked:
             self._delivered.pop(tp, None)
@@ -318,4 +350,4 @@ class Scorer:
 def _split(items: list[Any], parts: int) -> list[tuple[int, list[Any]]]:
     """Splits a batch into contiguous parts for the decode pool: (start index, items)."""
     size = max(1, -(-len(items) // parts))
-    return [(start, items[start:start + size]) for start in range(0, len(items), size)]
+    return [(start, items[start : start + size]) for start in range(0, len(items), size)]

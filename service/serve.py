@@ -26,10 +26,15 @@ def serve(settings: Settings) -> int:
         log.info("no WINNOW_KAFKA_BOOTSTRAP: started the embedded broker on %s", broker.bootstrap)
     try:
         app = create_app(settings)
-        server = uvicorn.Server(uvicorn.Config(
-            app, host=settings.http.host, port=settings.http.port, log_level="info",
-            lifespan="on",
-        ))
+        server = uvicorn.Server(
+            uvicorn.Config(
+                app,
+                host=settings.http.host,
+                port=settings.http.port,
+                log_level="info",
+                lifespan="on",
+            )
+        )
         app.state.on_failure = lambda: setattr(server, "should_exit", True)
         # uvicorn drains on SIGTERM, then re-raises it; a drained stop is a clean exit.
         signal.signal(signal.SIGTERM, _exit_cleanly)

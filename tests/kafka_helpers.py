@@ -5,9 +5,9 @@ import json
 from collections.abc import Callable, Iterable
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from service.kafka.connection import client_kwargs
 
 from service.config import KafkaSettings
+from service.kafka.connection import client_kwargs
 
 Record = tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]
 
@@ -24,15 +24,16 @@ async def produce(settings: KafkaSettings, topic: str, records: Iterable[Record]
 
 
 async def read_json(
-    settings: KafkaSettings, topic: str, until: Callable[[list[dict]], bool], timeout: float = 60
+    settings: KafkaSettings, topic: str, until: Callable[[list[dict]], bool], within: float = 60
 ) -> list[dict]:
     """Reads a topic from the start until ``until(records)`` holds; records carry _key."""
-    consumer = AIOKafkaConsumer(topic, group_id=None, auto_offset_reset="earliest",
-                                **client_kwargs(settings))
+    consumer = AIOKafkaConsumer(
+        topic, group_id=None, auto_offset_reset="earliest", **client_kwargs(settings)
+    )
     await consumer.start()
     out: list[dict] = []
     try:
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(within):
             while not until(out):
                 batches = await consumer.getmany(timeout_ms=200)
                 for records in batches.values():

@@ -31,8 +31,10 @@ def _serve(args: argparse.Namespace) -> int:
     if args.port is not None:
         settings.http.port = args.port
     if settings.scorer.model_path is None:
-        print("winnow serve: no model; pass --model PATH.onnx (make one with `winnow model init`)",
-              file=sys.stderr)
+        print(
+            "winnow serve: no model; pass --model PATH.onnx (make one with `winnow model init`)",
+            file=sys.stderr,
+        )
         return 2
     return serve(settings)
 
@@ -42,13 +44,23 @@ def _model_init(args: argparse.Namespace) -> int:
 
     classes = [c.strip() for c in args.classes.split(",") if c.strip()]
     if len(classes) < 2:
-        print("winnow model init: --classes needs at least two names, e.g. cat,dog",
-              file=sys.stderr)
+        print(
+            "winnow model init: --classes needs at least two names, e.g. cat,dog", file=sys.stderr
+        )
         return 2
-    spec = init_model(classes=classes, input_size=args.input_size, arch=args.arch, out=args.out,
-                      channels=args.channels, weights=args.weights, seed=args.seed)
-    print(f"wrote {args.out}: {spec.arch}, {len(spec.classes)} classes, input "
-          f"{spec.channels}x{spec.input_size[0]}x{spec.input_size[1]}, version {spec.version}")
+    spec = init_model(
+        classes=classes,
+        input_size=args.input_size,
+        arch=args.arch,
+        out=args.out,
+        channels=args.channels,
+        weights=args.weights,
+        seed=args.seed,
+    )
+    print(
+        f"wrote {args.out}: {spec.arch}, {len(spec.classes)} classes, input "
+        f"{spec.channels}x{spec.input_size[0]}x{spec.input_size[1]}, version {spec.version}"
+    )
     return 0
 
 
@@ -69,7 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("broker", help="run the embedded Kafka-compatible broker (Tansu, memory only)")
+    p = sub.add_parser(
+        "broker", help="run the embedded Kafka-compatible broker (Tansu, memory only)"
+    )
     p.add_argument("--port", type=int, default=9092)
     p.set_defaults(func=_broker)
 
@@ -80,13 +94,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="HTTP port (default 8000)")
     p.set_defaults(func=_serve)
 
-    model = sub.add_parser("model", help="model files").add_subparsers(dest="model_cmd",
-                                                                        required=True)
+    model = sub.add_parser("model", help="model files").add_subparsers(
+        dest="model_cmd", required=True
+    )
     p = model.add_parser("init", help="write an initial ONNX model with winnow metadata")
     p.add_argument("--classes", required=True, help="comma-separated class names")
     p.add_argument("--input-size", type=int, default=224, help="input height and width")
-    p.add_argument("--arch", default="resnet18",
-                   choices=["small-cnn", "resnet18", "mobilenet_v3_small", "mobilenet_v3_large"])
+    p.add_argument(
+        "--arch",
+        default="resnet18",
+        choices=["small-cnn", "resnet18", "mobilenet_v3_small", "mobilenet_v3_large"],
+    )
     p.add_argument("--channels", type=int, choices=[1, 3], default=3)
     p.add_argument("--weights", type=Path, help="a local torchvision checkpoint (pretrained)")
     p.add_argument("--seed", type=int, default=0)
@@ -99,13 +117,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=float, default=0.05, help="fraction of frames to label")
     p.add_argument("--policy", default="variable")
     p.add_argument("--http-port", type=int, default=8000, help="HTTP API port (0: any free)")
-    p.add_argument("--corrupt-every", type=int, default=300,
-                   help="truncate every Nth frame to show the dead-letter path (0: never)")
+    p.add_argument(
+        "--corrupt-every",
+        type=int,
+        default=300,
+        help="truncate every Nth frame to show the dead-letter path (0: never)",
+    )
     p.add_argument("--json", type=Path, help="write a JSON summary here")
     p.set_defaults(func=_demo)
 
     bench = sub.add_parser("bench", help="benchmarks (JSON out)").add_subparsers(
-        dest="bench_cmd", required=True)
+        dest="bench_cmd", required=True
+    )
     p = bench.add_parser("throughput", help="scorer vs bare ONNX Runtime vs a naive loop")
     p.add_argument("--json", type=Path, default=Path("throughput.json"))
     p.add_argument("--frames", type=int, default=None, help="frames per case")

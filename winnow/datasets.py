@@ -39,8 +39,14 @@ def load_digits_dataset(test_fraction: float = 0.25, seed: int = 0) -> ImageData
     order = np.random.default_rng(seed).permutation(len(images))
     cut = int(len(images) * (1 - test_fraction))
     train, test = order[:cut], order[cut:]
-    return ImageDataset("digits", images[train], labels[train], images[test], labels[test],
-                        [str(d) for d in range(10)])
+    return ImageDataset(
+        "digits",
+        images[train],
+        labels[train],
+        images[test],
+        labels[test],
+        [str(d) for d in range(10)],
+    )
 
 
 def load_npz_dataset(path: Path) -> ImageDataset:

@@ -20,15 +20,15 @@ from pathlib import Path
 
 import uvicorn
 from aiokafka import AIOKafkaConsumer
-from service.kafka.broker import EmbeddedBroker
-from service.kafka.connection import client_kwargs
-from service.kafka.producer import create_producer
 
 from schemas.frames import FrameHeaders
 from schemas.label_requests import LabelRequest
 from schemas.predictions import Prediction
 from service.api import create_app
 from service.config import KafkaSettings, PolicySettings, Settings
+from service.kafka.broker import EmbeddedBroker
+from service.kafka.connection import client_kwargs
+from service.kafka.producer import create_producer
 from winnow.datasets import encode_png, load_digits_dataset
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,18 @@ class DemoProgress:
     scored: set[str] = field(default_factory=set)
     requested: set[str] = field(default_factory=set)
     dead_letters: int = 0
+    producing_done: bool = False
+    complete: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def check(self) -> None:
+        """Sets ``complete`` once every frame sent has a prediction or a dead letter."""
+        expected = self.sent - self.corrupted
+        if (
+            self.producing_done
+            and len(self.scored) >= expected
+            and (self.dead_letters >= self.corrupted)
+        ):
+            self.complete.set()
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -57,16 +69,20 @@ async def _demo(args: argparse.Namespace) -> int:
         settings.scorer.model_path = model_path
         settings.http.port = args.http_port
         app = create_app(settings)
-        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=args.http_port,
-                                               log_level="warning"))
+        server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=args.http_port, log_level="warning")
+        )
         serving = asyncio.create_task(server.serve())
         while not server.started:
             if serving.done():
                 return 1
             await asyncio.sleep(0.05)
         port = server.servers[0].sockets[0].getsockname()[1]
-        print(f"winnow demo: broker {broker}, scorer API http://127.0.0.1:{port}/v1/status, "
-              f"policy {args.policy} at budget {args.budget:.0%}", flush=True)
+        print(
+            f"winnow demo: broker {broker}, scorer API http://127.0.0.1:{port}/v1/status, "
+            f"policy {args.policy} at budget {args.budget:.0%}",
+            flush=True,
+        )
         progress = DemoProgress()
         summary = await _stream(settings, args, progress)
         server.should_exit = True
@@ -75,7 +91,9 @@ async def _demo(args: argparse.Namespace) -> int:
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2) + "\n")
         print(f"summary written to {args.json}")
-    return 0 if summary["frames_scored"] == summary["frames_sent"] - summary["frames_corrupted"] else 1
+    return (
+        0 if summary["frames_scored"] == summary["frames_sent"] - summary["frames_corrupted"] else 1
+    )
 
 
 class _broker:
@@ -90,9 +108,11 @@ class _broker:
             self._embedded = EmbeddedBroker(0)
             self._embedded.start()
             # Tansu completes a group join after about half the session timeout.
-            self._settings.kafka = KafkaSettings(bootstrap=self._embedded.bootstrap,
-                                                 session_timeout_ms=2000,
-                                                 heartbeat_interval_ms=500)
+            self._settings.kafka = KafkaSettings(
+                bootstrap=self._embedded.bootstrap,
+                session_timeout_ms=2000,
+                heartbeat_interval_ms=500,
+            )
         return str(self._settings.kafka.bootstrap)
 
     def __exit__(self, *exc: object) -> None:
@@ -103,8 +123,14 @@ class _broker:
 def _init_model(path: Path) -> None:
     from trainer.model_init import init_model
 
-    init_model(classes=[str(d) for d in range(10)], input_size=16, arch="small-cnn", out=path,
-               channels=1, seed=0)
+    init_model(
+        classes=[str(d) for d in range(10)],
+        input_size=16,
+        arch="small-cnn",
+        out=path,
+        channels=1,
+        seed=0,
+    )
 
 
 async def _stream(settings: Settings, args: argparse.Namespace, progress: DemoProgress) -> dict:
@@ -113,12 +139,12 @@ async def _stream(settings: Settings, args: argparse.Namespace, progress: DemoPr
     viewer = asyncio.create_task(_view(settings, progress))
     reporter = asyncio.create_task(_report(progress, started))
     await producing
-    expected = progress.sent - progress.corrupted
-    deadline = time.monotonic() + 60
-    while (len(progress.scored) < expected or progress.dead_letters < progress.corrupted) and (
-        time.monotonic() < deadline
-    ):
-        await asyncio.sleep(0.1)
+    progress.producing_done = True
+    progress.check()
+    try:
+        await asyncio.wait_for(progress.complete.wait(), timeout=60)
+    except TimeoutError:
+        print("winnow demo: not every frame was scored within 60 s", file=sys.stderr)
     for task in (viewer, reporter):
         task.cancel()
     await asyncio.gather(viewer, reporter, return_exceptions=True)
@@ -151,11 +177,15 @@ async def _produce(settings: Settings, args: argparse.Namespace, progress: DemoP
             if args.corrupt_every and index % args.corrupt_every == args.corrupt_every - 1:
                 value = value[: len(value) // 2]  # a truncated PNG: must be dead-lettered
                 progress.corrupted += 1
-            headers = FrameHeaders(frame_id=f"digits-{index}", captured_at=datetime.now(UTC),
-                                   content_type="image/png")
-            await producer.send(settings.kafka.topics.frames, value,
-                                key=f"digits-cam-{index % 2}".encode(),
-                                headers=headers.to_kafka())
+            headers = FrameHeaders(
+                frame_id=f"digits-{index}", captured_at=datetime.now(UTC), content_type="image/png"
+            )
+            await producer.send(
+                settings.kafka.topics.frames,
+                value,
+                key=f"digits-cam-{index % 2}".encode(),
+                headers=headers.to_kafka(),
+            )
             progress.sent += 1
             if period:
                 next_at += period
@@ -168,8 +198,12 @@ async def _produce(settings: Settings, args: argparse.Namespace, progress: DemoP
 async def _view(settings: Settings, progress: DemoProgress) -> None:
     topics = settings.kafka.topics
     consumer = AIOKafkaConsumer(
-        topics.predictions, topics.label_requests, topics.dead_letter,
-        group_id=None, auto_offset_reset="earliest", **client_kwargs(settings.kafka),
+        topics.predictions,
+        topics.label_requests,
+        topics.dead_letter,
+        group_id=None,
+        auto_offset_reset="earliest",
+        **client_kwargs(settings.kafka),
     )
     await consumer.start()
     try:
@@ -180,14 +214,21 @@ async def _view(settings: Settings, progress: DemoProgress) -> None:
                 request = LabelRequest.model_validate_json(record.value)
                 if request.frame_id not in progress.requested:
                     progress.requested.add(request.frame_id)
-                    print(f"  label request {request.frame_id:<12} predicted {request.label} "
-                          f"({request.confidence:.2f})  {request.decision.reason}, "
-                          f"entropy {request.scores.entropy:.2f}", flush=True)
+                    print(
+                        f"  label request {request.frame_id:<12} predicted {request.label} "
+                        f"({request.confidence:.2f})  {request.decision.reason}, "
+                        f"entropy {request.scores.entropy:.2f}",
+                        flush=True,
+                    )
             else:
                 progress.dead_letters += 1
                 letter = json.loads(record.value)
-                print(f"  dead letter  offset {letter['origin']['offset']}: {letter['reason']} "
-                      f"({letter['detail']})", flush=True)
+                print(
+                    f"  dead letter  offset {letter['origin']['offset']}: {letter['reason']} "
+                    f"({letter['detail']})",
+                    flush=True,
+                )
+            progress.check()
     finally:
         await consumer.stop()
 
@@ -197,10 +238,14 @@ async def _report(progress: DemoProgress, started: float) -> None:
         await asyncio.sleep(2.0)
         elapsed = time.monotonic() - started
         scored = len(progress.scored)
-        print(f"[{elapsed:5.1f}s] sent {progress.sent}  scored {scored}  "
-              f"label requests {len(progress.requested)} "
-              f"({len(progress.requested) / max(1, scored):.1%})  dead letters "
-              f"{progress.dead_letters}", file=sys.stderr, flush=True)
+        print(
+            f"[{elapsed:5.1f}s] sent {progress.sent}  scored {scored}  "
+            f"label requests {len(progress.requested)} "
+            f"({len(progress.requested) / max(1, scored):.1%})  dead letters "
+            f"{progress.dead_letters}",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def _print_summary(summary: dict) -> None:

@@ -45,8 +45,9 @@ def test_frame_headers_parse_iso_and_epoch_millis() -> None:
 
 
 def test_frame_headers_round_trip() -> None:
-    headers = FrameHeaders(frame_id="cam1-42", content_type="image/png",
-                           captured_at=datetime(2026, 1, 1, tzinfo=UTC))
+    headers = FrameHeaders(
+        frame_id="cam1-42", content_type="image/png", captured_at=datetime(2026, 1, 1, tzinfo=UTC)
+    )
     assert FrameHeaders.from_kafka(headers.to_kafka()) == headers
 
 
@@ -57,17 +58,33 @@ def test_frame_id_derived_from_origin() -> None:
 
 
 def test_model_spec_round_trips_through_onnx_metadata() -> None:
-    spec = ModelSpec(version="v1", arch="small-cnn", classes=["a", "b"], input_size=(8, 8),
-                     channels=1, mean=[0.5], std=[0.5], embedding_dim=16)
+    spec = ModelSpec(
+        version="v1",
+        arch="small-cnn",
+        classes=["a", "b"],
+        input_size=(8, 8),
+        channels=1,
+        mean=[0.5],
+        std=[0.5],
+        embedding_dim=16,
+    )
     assert ModelSpec.from_onnx_metadata(spec.to_onnx_metadata()) == spec
-    with pytest.raises(ValueError, match="winnow.spec"):
+    with pytest.raises(ValueError, match=r"winnow\.spec"):
         ModelSpec.from_onnx_metadata({})
 
 
 def test_model_spec_rejects_mismatched_normalization() -> None:
     with pytest.raises(ValidationError, match="one value per channel"):
-        ModelSpec(version="v1", arch="x", classes=["a", "b"], input_size=(8, 8), channels=3,
-                  mean=[0.5], std=[0.5], embedding_dim=4)
+        ModelSpec(
+            version="v1",
+            arch="x",
+            classes=["a", "b"],
+            input_size=(8, 8),
+            channels=3,
+            mean=[0.5],
+            std=[0.5],
+            embedding_dim=4,
+        )
 
 
 def test_schema_files_are_valid_json_with_titles() -> None:

@@ -16,8 +16,14 @@ def digits_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from trainer.model_init import init_model
 
     path = tmp_path_factory.mktemp("models") / "digits.onnx"
-    init_model(classes=[str(d) for d in range(10)], input_size=16, arch="small-cnn", out=path,
-               channels=1, seed=0)
+    init_model(
+        classes=[str(d) for d in range(10)],
+        input_size=16,
+        arch="small-cnn",
+        out=path,
+        channels=1,
+        seed=0,
+    )
     return path
 
 

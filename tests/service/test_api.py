@@ -33,9 +33,16 @@ def test_health_readiness_status_and_metrics(scorer_settings, digits_model_path)
         assert status["policy"]["name"] == "variable"
         assert len(status["partitions"]) == 3
         metrics = client.get("/metrics").text
-        for name in ("winnow_frames_total", "winnow_inference_seconds", "winnow_batch_size",
-                     "winnow_decision_latency_seconds", "winnow_query_threshold",
-                     "winnow_budget_used_ratio", "winnow_model_info", "winnow_label_requests_total"):
+        for name in (
+            "winnow_frames_total",
+            "winnow_inference_seconds",
+            "winnow_batch_size",
+            "winnow_decision_latency_seconds",
+            "winnow_query_threshold",
+            "winnow_budget_used_ratio",
+            "winnow_model_info",
+            "winnow_label_requests_total",
+        ):
             assert name in metrics, name
         assert client.get("/openapi.json").json()["info"]["title"] == "Winnow scorer"
     assert client.get("/healthz").status_code == 200  # app still answers after shutdown
@@ -70,8 +77,9 @@ def test_policy_writes_are_refused_without_a_configured_token(
 ) -> None:
     app = create_app(scorer_settings(), OnnxModel.load(digits_model_path, device="cpu"))
     with TestClient(app) as client:
-        response = client.put("/v1/policy", json={"budget": 0.2},
-                              headers={"Authorization": "Bearer anything"})
+        response = client.put(
+            "/v1/policy", json={"budget": 0.2}, headers={"Authorization": "Bearer anything"}
+        )
         assert response.status_code == 403
         assert "WINNOW_ADMIN_TOKEN" in response.json()["detail"]
 
@@ -89,12 +97,15 @@ def test_live_policy_change_takes_effect_on_the_stream(
     topics = settings.kafka.topics
     with TestClient(app) as client:
         _wait_ready(client)
-        response = client.put("/v1/policy", json={"budget": 1.0},
-                              headers={"Authorization": "Bearer t"})
+        response = client.put(
+            "/v1/policy", json={"budget": 1.0}, headers={"Authorization": "Bearer t"}
+        )
         assert response.status_code == 200
-        frames = [(b"cam", png, [("frame-id", f"f{i}".encode())])
-                  for i, png in enumerate(digit_pngs[:20])]
+        frames = [
+            (b"cam", png, [("frame-id", f"f{i}".encode())]) for i, png in enumerate(digit_pngs[:20])
+        ]
         asyncio.run(produce(settings.kafka, topics.frames, frames))
-        requests = asyncio.run(read_json(settings.kafka, topics.label_requests,
-                                         lambda out: len(out) >= 20))
+        requests = asyncio.run(
+            read_json(settings.kafka, topics.label_requests, lambda out: len(out) >= 20)
+        )
     assert {r["frame_id"] for r in requests} == {f"f{i}" for i in range(20)}

@@ -28,7 +28,9 @@ def _start_scorer(settings, model: Path, log: Path) -> subprocess.Popen:
     with log.open("ab") as out:  # the child keeps its own copy of the descriptor
         return subprocess.Popen(
             [sys.executable, "-m", "winnow.cli", "serve", "--model", str(model), "--port", "0"],
-            env=env, stdout=out, stderr=subprocess.STDOUT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
         )
 
 
@@ -37,14 +39,17 @@ async def test_sigkill_and_restart_loses_no_frame(
 ) -> None:
     settings = scorer_settings()
     total = 400
-    frames = [(b"cam-%d" % (i % 4), digit_pngs[i % len(digit_pngs)],
-               [("frame-id", f"f{i}".encode())]) for i in range(total)]
+    frames = [
+        (b"cam-%d" % (i % 4), digit_pngs[i % len(digit_pngs)], [("frame-id", f"f{i}".encode())])
+        for i in range(total)
+    ]
     log = tmp_path / "scorer.log"
     first = _start_scorer(settings, digits_model_path, log)
     try:
         await produce(settings.kafka, winnow_topics.frames, frames[:150])
-        partial = await read_json(settings.kafka, winnow_topics.predictions,
-                                  lambda out: len(out) >= 50, timeout=90)
+        partial = await read_json(
+            settings.kafka, winnow_topics.predictions, lambda out: len(out) >= 50, within=90
+        )
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=30)
@@ -53,8 +58,10 @@ async def test_sigkill_and_restart_loses_no_frame(
     second = _start_scorer(settings, digits_model_path, log)
     try:
         predictions = await read_json(
-            settings.kafka, winnow_topics.predictions,
-            lambda out: len({p["frame_id"] for p in out}) >= total, timeout=120,
+            settings.kafka,
+            winnow_topics.predictions,
+            lambda out: len({p["frame_id"] for p in out}) >= total,
+            within=120,
         )
     finally:
         second.send_signal(signal.SIGTERM)

@@ -32,16 +32,34 @@ async def test_kcat_frame_in_label_request_out(
     bootstrap = settings.kafka.bootstrap
     frame = tmp_path / "frame.png"
     frame.write_bytes(digit_pngs[7])
-    subprocess.run(
-        [KCAT, "-P", "-b", bootstrap, "-t", winnow_topics.frames, "-k", "kcat-cam",
-         "-H", "frame-id=kcat-1", "-H", "content-type=image/png", str(frame)],
-        check=True, timeout=30, env=kcat_env,
+    await asyncio.to_thread(
+        subprocess.run,
+        [
+            KCAT,
+            "-P",
+            "-b",
+            bootstrap,
+            "-t",
+            winnow_topics.frames,
+            "-k",
+            "kcat-cam",
+            "-H",
+            "frame-id=kcat-1",
+            "-H",
+            "content-type=image/png",
+            str(frame),
+        ],
+        check=True,
+        timeout=30,
+        env=kcat_env,
     )
     async with Scorer(settings, OnnxModel.load(digits_model_path, device="cpu")):
-        request = await asyncio.to_thread(_kcat_read_one, bootstrap, winnow_topics.label_requests,
-                                          kcat_env)
-        prediction = await asyncio.to_thread(_kcat_read_one, bootstrap, winnow_topics.predictions,
-                                             kcat_env)
+        request = await asyncio.to_thread(
+            _kcat_read_one, bootstrap, winnow_topics.label_requests, kcat_env
+        )
+        prediction = await asyncio.to_thread(
+            _kcat_read_one, bootstrap, winnow_topics.predictions, kcat_env
+        )
     key, value = request
     body = json.loads(value)
     assert key == "kcat-1" and body["frame_id"] == "kcat-1"
@@ -51,9 +69,12 @@ async def test_kcat_frame_in_label_request_out(
 
 def _kcat_read_one(bootstrap: str, topic: str, env: dict[str, str]) -> tuple[str, str]:
     out = subprocess.run(
-        [KCAT, "-C", "-b", bootstrap, "-t", topic, "-o", "beginning", "-c", "1",
-         "-f", "%k\t%s\n"],
-        check=True, capture_output=True, text=True, timeout=60, env=env,
+        [KCAT, "-C", "-b", bootstrap, "-t", topic, "-o", "beginning", "-c", "1", "-f", "%k\t%s\n"],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
     ).stdout
     key, _, value = out.rstrip("\n").partition("\t")
     return key, value

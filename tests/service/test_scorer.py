@@ -7,31 +7,38 @@ from collections import Counter
 
 import numpy as np
 from PIL import Image
-from service.inference import OnnxModel
 
 from schemas.dead_letter import DeadLetter
 from schemas.label_requests import LabelRequest
 from schemas.predictions import Prediction
+from service.inference import OnnxModel
 from service.scorer import Scorer
 from tests.kafka_helpers import committed_offsets, end_offsets, produce, read_json
 
 
 def _headers(frame_id: str) -> list[tuple[str, bytes]]:
-    return [("frame-id", frame_id.encode()), ("content-type", b"image/png"),
-            ("captured-at", b"2026-11-22T10:00:00Z")]
+    return [
+        ("frame-id", frame_id.encode()),
+        ("content-type", b"image/png"),
+        ("captured-at", b"2026-11-22T10:00:00Z"),
+    ]
 
 
 async def test_every_frame_gets_a_prediction_and_a_budgeted_share_is_requested(
     scorer_settings, digits_model_path, digit_pngs, winnow_topics
 ) -> None:
     settings = scorer_settings(name="random", budget=0.2, window=300)
-    frames = [(f"cam-{i % 3}".encode(), png, _headers(f"f{i}")) for i, png in
-              enumerate(digit_pngs[:300])]
+    frames = [
+        (f"cam-{i % 3}".encode(), png, _headers(f"f{i}")) for i, png in enumerate(digit_pngs[:300])
+    ]
     await produce(settings.kafka, winnow_topics.frames, frames)
     model = OnnxModel.load(digits_model_path, device="cpu")
     async with Scorer(settings, model) as scorer:
-        predictions = await read_json(settings.kafka, winnow_topics.predictions,
-                                      lambda out: len({p["frame_id"] for p in out}) >= 300)
+        predictions = await read_json(
+            settings.kafka,
+            winnow_topics.predictions,
+            lambda out: len({p["frame_id"] for p in out}) >= 300,
+        )
     by_id = {p["frame_id"]: Prediction.model_validate(p) for p in predictions}
     assert set(by_id) == {f"f{i}" for i in range(300)}
     assert {p["_key"] for p in predictions} == {b"cam-0", b"cam-1", b"cam-2"}
@@ -40,27 +47,36 @@ async def test_every_frame_gets_a_prediction_and_a_budgeted_share_is_requested(
     assert abs(sum(first.probabilities.values()) - 1) < 1e-4
     selected = {fid for fid, p in by_id.items() if p.decision.selected}
     assert 0 < len(selected) <= 0.2 * 300
-    requests = await read_json(settings.kafka, winnow_topics.label_requests,
-                               lambda out: len(out) >= len(selected), timeout=20)
+    requests = await read_json(
+        settings.kafka,
+        winnow_topics.label_requests,
+        lambda out: len(out) >= len(selected),
+        within=20,
+    )
     assert {r["frame_id"] for r in requests} == selected
     request = LabelRequest.model_validate(requests[0])
     assert requests[0]["_key"] == request.frame_id.encode()
     assert request.image == digit_pngs[int(request.frame_id[1:])]
     assert request.classes == [str(d) for d in range(10)]
     assert scorer.counts["selected"] == len(selected)
-    committed = await committed_offsets(settings.kafka, winnow_topics.frames,
-                                        settings.scorer.group_id)
+    committed = await committed_offsets(
+        settings.kafka, winnow_topics.frames, settings.scorer.group_id
+    )
     assert sum(committed.values()) == 300
 
 
 def _png_claiming(width: int, height: int) -> bytes:
     """A PNG whose header claims a huge image: a decompression bomb's calling card."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         body = kind + data
         return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
     idat = zlib.compress(b"\x00" * 64)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+    )
 
 
 def _jpeg() -> bytes:
@@ -74,7 +90,9 @@ async def test_bad_input_goes_to_dead_letter_and_later_frames_are_scored(
 ) -> None:
     settings = scorer_settings()
     settings.scorer.max_frame_bytes = 200_000
-    gif = b"GIF89a\x01\x00\x01\x00\x80\x00\x00\x00\x00\x00\xff\xff\xff!\xf9\x04\x00\x00\x00\x00\x00,\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02D\x01\x00;"
+    gif = bytes.fromhex(
+        "47494638396101000100800000000000ffffff21f90400000000002c00000000010001000002024401003b"
+    )
     bad = {
         "empty": b"",
         "too_large": b"\x89PNG" + b"\x00" * 300_000,
@@ -91,10 +109,12 @@ async def test_bad_input_goes_to_dead_letter_and_later_frames_are_scored(
     await produce(settings.kafka, winnow_topics.frames, records)
     model = OnnxModel.load(digits_model_path, device="cpu")
     async with Scorer(settings, model) as scorer:
-        letters = await read_json(settings.kafka, winnow_topics.dead_letter,
-                                  lambda out: len(out) >= len(bad) + 2)
-        predictions = await read_json(settings.kafka, winnow_topics.predictions,
-                                      lambda out: len(out) >= 25)
+        letters = await read_json(
+            settings.kafka, winnow_topics.dead_letter, lambda out: len(out) >= len(bad) + 2
+        )
+        predictions = await read_json(
+            settings.kafka, winnow_topics.predictions, lambda out: len(out) >= 25
+        )
     parsed = [DeadLetter.model_validate(d) for d in letters]
     by_id = {d.headers["frame-id"]: d for d in parsed}
     for reason in bad:
@@ -108,8 +128,9 @@ async def test_bad_input_goes_to_dead_letter_and_later_frames_are_scored(
     scored = {p["frame_id"] for p in predictions}
     assert scored == {f"good-{i}" for i in range(5)} | {f"after-{i}" for i in range(20)}
     assert scorer.counts["invalid"] == len(bad) + 2
-    committed = await committed_offsets(settings.kafka, winnow_topics.frames,
-                                        settings.scorer.group_id)
+    committed = await committed_offsets(
+        settings.kafka, winnow_topics.frames, settings.scorer.group_id
+    )
     assert sum(committed.values()) == len(records)
 
 
@@ -120,8 +141,9 @@ async def test_frame_id_is_derived_from_origin_when_header_absent(
     settings.scorer.publish_predictions = True
     await produce(settings.kafka, winnow_topics.frames, [(None, digit_pngs[0], [])])
     async with Scorer(settings, OnnxModel.load(digits_model_path, device="cpu")):
-        (prediction,) = await read_json(settings.kafka, winnow_topics.predictions,
-                                        lambda out: len(out) >= 1)
+        (prediction,) = await read_json(
+            settings.kafka, winnow_topics.predictions, lambda out: len(out) >= 1
+        )
     origin = prediction["origin"]
     assert prediction["frame_id"] == f"{origin['topic']}:{origin['partition']}:{origin['offset']}"
     assert prediction["source_id"] is None
@@ -139,8 +161,7 @@ async def test_restart_resumes_from_committed_offsets_without_rescoring(
     second = [(b"cam", png, _headers(f"b{i}")) for i, png in enumerate(digit_pngs[40:60])]
     await produce(settings.kafka, winnow_topics.frames, second)
     async with Scorer(settings, model) as scorer:
-        out = await read_json(settings.kafka, winnow_topics.predictions,
-                              lambda out: len(out) >= 60)
+        out = await read_json(settings.kafka, winnow_topics.predictions, lambda out: len(out) >= 60)
     counts = Counter(p["frame_id"] for p in out)
     assert set(counts) == {f"a{i}" for i in range(40)} | {f"b{i}" for i in range(20)}
     assert max(counts.values()) == 1, "a clean stop commits: nothing is scored twice"
@@ -152,8 +173,11 @@ async def test_predictions_can_be_turned_off(
 ) -> None:
     settings = scorer_settings(name="random", budget=1.0)
     settings.scorer.publish_predictions = False
-    await produce(settings.kafka, winnow_topics.frames,
-                  [(b"cam", png, _headers(f"f{i}")) for i, png in enumerate(digit_pngs[:10])])
+    await produce(
+        settings.kafka,
+        winnow_topics.frames,
+        [(b"cam", png, _headers(f"f{i}")) for i, png in enumerate(digit_pngs[:10])],
+    )
     async with Scorer(settings, OnnxModel.load(digits_model_path, device="cpu")) as scorer:
         await read_json(settings.kafka, winnow_topics.label_requests, lambda out: len(out) >= 10)
     assert scorer.counts["selected"] == 10
