@@ -7,10 +7,10 @@ import pytest
 
 from schemas.api import PolicyName, PolicyUpdate
 from service.config import PolicySettings
-from service.policy import (
+from service.policy import QueryPolicy
+from service.strategies import (
     STRATEGIES,
     THETA_MIN,
-    QueryPolicy,
     RandomizedVariableUncertainty,
     SplitUncertainty,
     VariableUncertainty,
