@@ -33,6 +33,11 @@ class PolicyState(BaseModel):
     seen: int = Field(ge=0)
     selected: int = Field(ge=0)
     params: dict[str, float] = Field(default_factory=dict, description="policy-specific knobs")
+    cold_start: bool = Field(
+        default=False,
+        description="true while the model has learned from no label: frames are then sampled "
+        "at random within the budget",
+    )
 
 
 class PolicyUpdate(BaseModel):

@@ -74,6 +74,10 @@ class PolicySettings(BaseSettings):
     labels_per_hour: float | None = Field(default=None, ge=0)
     seed: int | None = None
     params: dict[str, float] = Field(default_factory=dict)
+    cold_start_random: bool = Field(
+        default=True,
+        description="sample at random within the budget until the model has learned from labels",
+    )
 
 
 class HttpSettings(BaseSettings):

@@ -17,12 +17,14 @@ from service.budget import HourlyCap, SlidingBudget, selection_limit
 from service.config import PolicySettings
 from service.strategies import (
     STRATEGIES,
+    RandomSampling,
     ThresholdStrategy,
     VariableUncertainty,
     _Strategy,
 )
 
 _DECISIONS = TypeAdapter(list[Decision])
+COLD_START = "cold_start"
 
 
 def _variable_family(strategy: ThresholdStrategy) -> bool:
@@ -66,6 +68,10 @@ class QueryPolicy:
         self._name: PolicyName = name
         self._utility: UtilityName = utility
         self._rng = np.random.default_rng(seed)
+        self._cold = RandomSampling(budget)
+        self.cold_start = False
+        """While True (a model that has learned from no label), frames are sampled at random
+        within the budget: an untrained model's uncertainty is worse than random (AIFT)."""
         self.seen = 0
         self.selected = 0
 
@@ -107,6 +113,8 @@ class QueryPolicy:
         # NaN would never compare as uncertain and would break the quantile window
         values = np.clip(np.nan_to_num(np.asarray(scores, dtype=np.float64), nan=0.0), 0.0, 1.0)
         strategy, rng, name = self._strategy, self._rng, self._name
+        if self.cold_start:
+            strategy, name = self._cold, "random"
         budget_allows, record = self._budget.allows, self._budget.record
         cap = self._cap
         capped = cap.labels_per_hour is not None
@@ -125,7 +133,7 @@ class QueryPolicy:
             rows.append(
                 {
                     "selected": selected,
-                    "reason": reason if selected else None,
+                    "reason": (COLD_START if self.cold_start else reason) if selected else None,
                     "policy": name,
                     "utility": utility,
                     "threshold": strategy.last_threshold,
@@ -150,6 +158,7 @@ class QueryPolicy:
             seen=self.seen,
             selected=self.selected,
             params=self._strategy.params(),
+            cold_start=self.cold_start,
         )
 
     def update(self, change: PolicyUpdate) -> PolicyState:
@@ -192,6 +201,7 @@ class QueryPolicy:
         else:
             self._strategy.set_budget(budget)
             self._strategy.set_params(given)
+        self._cold.set_budget(budget)
         self._params = params
         self._utility = utility
         if change.threshold is not None:

@@ -90,7 +90,20 @@ class Scorer:
         self._idle.set()
         self._stopping = asyncio.Event()
         self._stopped = False
+        self._apply_model(model)
+
+    def swap_model(self, model: OnnxModel) -> None:
+        """Serves ``model`` from the next batch on; the batch in flight keeps its model."""
+        previous = self.model.version
+        self._apply_model(model)
+        log.info("model swapped: %s -> %s", previous, model.version)
+
+    def _apply_model(self, model: OnnxModel) -> None:
+        self.model = model
         self.metrics.set_model(model.version)
+        self.policy.cold_start = (
+            self.settings.policy.cold_start_random and model.spec.labels_trained == 0
+        )
 
     # -- lifecycle -------------------------------------------------------------------------
 

@@ -274,3 +274,21 @@ def test_unknown_params_in_settings_are_refused() -> None:
 
 def test_every_policy_name_has_a_strategy() -> None:
     assert sorted(STRATEGIES) == sorted(ALL)
+
+
+def test_cold_start_samples_at_random_within_the_budget() -> None:
+    policy = _policy("fixed", budget=0.1, window=100)
+    policy.cold_start = True
+    utilities = np.concatenate([np.zeros(2000), np.ones(2000)])  # a fixed policy takes only 1s
+    decisions = []
+    for start in range(0, len(utilities), 64):
+        decisions += policy.decide({"entropy": utilities[start : start + 64]})
+    selected = np.array([d.selected for d in decisions])
+    assert selected[:2000].sum() > 50, "uninformative frames are sampled too"
+    assert _max_in_any_window(selected, 100) <= 10
+    chosen = [d for d in decisions if d.selected]
+    assert {d.reason for d in chosen} == {"cold_start"} and {d.policy for d in chosen} == {"random"}
+    assert policy.state().cold_start
+    policy.cold_start = False
+    after = policy.decide({"entropy": np.zeros(64)})
+    assert not any(d.selected for d in after)  # back to the fixed threshold

@@ -46,6 +46,8 @@ async def test_every_frame_gets_a_prediction_and_a_budgeted_share_is_requested(
     assert first.source_id == "cam-0" and first.model_version == model.version
     assert abs(sum(first.probabilities.values()) - 1) < 1e-4
     selected = {fid for fid, p in by_id.items() if p.decision.selected}
+    # an untrained model (labels_trained == 0) samples at random: AIFT's cold start
+    assert {by_id[fid].decision.reason for fid in selected} == {"cold_start"}
     assert 0 < len(selected) <= 0.2 * 300
     requests = await read_json(
         settings.kafka,
