@@ -66,6 +66,22 @@ class FrameCounts(BaseModel):
     invalid: int = 0
 
 
+class LabelingStatus(BaseModel):
+    """The stopping rules of active learning, in figures and in words."""
+
+    answered: int = Field(ge=0, description="labels received for this scorer's requests")
+    recent_accuracy: float | None = Field(
+        default=None, description="share of recent requests the model had predicted right"
+    )
+    recent_unlabelable: float | None = Field(
+        default=None, description="share of recent answers that were 'unlabelable'"
+    )
+    budget_left_in_window: int = Field(ge=0, description="selections left in the budget window")
+    labels_left_this_hour: int | None = Field(default=None, description="null without a cap")
+    verdict: str
+    stop: bool = Field(description="true when a stopping rule says labeling can stop")
+
+
 class ScorerStatus(BaseModel):
     """What ``GET /v1/status`` answers."""
 
@@ -75,3 +91,4 @@ class ScorerStatus(BaseModel):
     policy: PolicyState
     frames: FrameCounts
     partitions: list[str]
+    labeling: LabelingStatus

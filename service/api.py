@@ -134,7 +134,7 @@ def _routes(app: FastAPI) -> None:
 
     @app.get("/v1/status", response_model=ScorerStatus, tags=["scorer"])
     async def get_status(request: Request, scorer: ScorerDep) -> ScorerStatus:
-        spec = scorer.model.spec
+        spec, policy = scorer.model.spec, scorer.policy.state()
         return ScorerStatus(
             ready=request.app.state.failure is None and bool(scorer.assigned),
             started_at=scorer.started_at,
@@ -145,9 +145,10 @@ def _routes(app: FastAPI) -> None:
                 input_size=spec.input_size,
                 provider=scorer.model.provider,
             ),
-            policy=scorer.policy.state(),
+            policy=policy,
             frames=FrameCounts(**scorer.counts),
             partitions=[f"{tp.topic}:{tp.partition}" for tp in scorer.assigned],
+            labeling=scorer.feedback.status(policy, scorer.policy.window_limit),
         )
 
     @app.get("/v1/policy", response_model=PolicyState, tags=["policy"])

@@ -64,6 +64,23 @@ class ScorerMetrics:
             "winnow_offset_commits", "Offset commits, by result", ["result"], registry=r
         )
 
+        self.labels_received = Counter(
+            "winnow_labels_received",
+            "Labels received for this scorer's requests, by status",
+            ["status"],
+            registry=r,
+        )
+        self.request_accuracy = Gauge(
+            "winnow_request_accuracy",
+            "Share of recent label requests whose prediction the label confirmed (prequential)",
+            registry=r,
+        )
+        self.unlabelable_ratio = Gauge(
+            "winnow_unlabelable_ratio",
+            "Share of recent answers that were 'unlabelable'",
+            registry=r,
+        )
+
     def set_model(self, version: str) -> None:
         self.model_info.clear()
         self.model_info.labels(version=version).set(1)

@@ -92,6 +92,11 @@ class QueryPolicy:
         )
 
     @property
+    def window_limit(self) -> int:
+        """Selections allowed per budget window."""
+        return self._budget.limit
+
+    @property
     def strategy(self) -> ThresholdStrategy:
         return self._strategy
 

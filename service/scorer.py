@@ -23,6 +23,7 @@ from schemas.predictions import Prediction
 from service.batching import Batch, collect_batch
 from service.config import Settings
 from service.decode import DecodeLimits, prepare_batch
+from service.feedback import LabelFeedback
 from service.inference import OnnxModel
 from service.kafka.consumer import create_consumer
 from service.kafka.producer import create_producer
@@ -74,6 +75,7 @@ class Scorer:
         self.started_at = datetime.now(UTC)
         self.counts = {"selected": 0, "not_selected": 0, "invalid": 0}
         self._on_predictions = on_predictions
+        self.feedback = LabelFeedback(settings.kafka, self.metrics)
         self._limits = DecodeLimits(
             max_bytes=settings.scorer.max_frame_bytes, max_pixels=settings.scorer.max_pixels
         )
@@ -122,6 +124,7 @@ class Scorer:
         self._consumer = create_consumer(kafka, group_id=self.settings.scorer.group_id)
         self._consumer.subscribe([self._topics.frames], listener=_Rebalance(self))
         await self._consumer.start()
+        await self.feedback.start()
         decode_q: asyncio.Queue[Batch | None] = asyncio.Queue(_QUEUE_DEPTH)
         infer_q: asyncio.Queue[Batch | None] = asyncio.Queue(_QUEUE_DEPTH)
         deliver_q: asyncio.Queue[Batch | None] = asyncio.Queue(_QUEUE_DEPTH)
@@ -160,6 +163,7 @@ class Scorer:
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
         try:
+            await self.feedback.stop()
             if self._consumer is not None:
                 await self._commit()
         finally:
@@ -305,6 +309,7 @@ class Scorer:
             self.counts[outcome] += 1
             metrics.frames.labels(outcome=outcome).inc()
             if decision.selected:
+                self.feedback.requested(prediction.frame_id, prediction.label)
                 metrics.label_requests.labels(reason=decision.reason or "unknown").inc()
             captured = batch.frames[index].captured_epoch()
             if captured is not None:

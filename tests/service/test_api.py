@@ -109,3 +109,40 @@ def test_live_policy_change_takes_effect_on_the_stream(
             read_json(settings.kafka, topics.label_requests, lambda out: len(out) >= 20)
         )
     assert {r["frame_id"] for r in requests} == {f"f{i}" for i in range(20)}
+
+
+def test_status_scores_labels_against_the_scorers_own_requests(
+    scorer_settings, digits_model_path, digit_pngs
+) -> None:
+    import asyncio
+    import json
+
+    from tests.kafka_helpers import produce
+
+    settings = scorer_settings(name="random", budget=1.0)
+    topics = settings.kafka.topics
+    app = create_app(settings, OnnxModel.load(digits_model_path, device="cpu"))
+    with TestClient(app) as client:
+        _wait_ready(client)
+        frames = [
+            (b"cam", png, [("frame-id", f"f{i}".encode())]) for i, png in enumerate(digit_pngs[:25])
+        ]
+        asyncio.run(produce(settings.kafka, topics.frames, frames))
+        requests = asyncio.run(
+            read_json(settings.kafka, topics.label_requests, lambda out: len(out) >= 25)
+        )
+        labels = [
+            (
+                r["frame_id"].encode(),
+                json.dumps({"frame_id": r["frame_id"], "label": r["label"]}).encode(),
+                [],
+            )
+            for r in requests
+        ]
+        asyncio.run(produce(settings.kafka, topics.labels, labels))
+        deadline = time.monotonic() + 20
+        while (labeling := client.get("/v1/status").json()["labeling"])["answered"] < 25:
+            assert time.monotonic() < deadline, labeling
+            time.sleep(0.1)
+    assert labeling["recent_accuracy"] == 1.0  # every label agreed with the prediction
+    assert labeling["stop"] is True and "can stop" in labeling["verdict"]
