@@ -6,6 +6,7 @@ them. Nothing is built at import time: ``Settings()`` is called in ``main()``
 or by a test.
 """
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -55,7 +56,11 @@ class ScorerSettings(BaseSettings):
     group_id: str = "winnow-scorer"
     max_batch_size: int = Field(default=32, ge=1, le=4096)
     max_wait_ms: int = Field(default=20, ge=0, description="longest wait to fill a batch")
-    decode_workers: int = Field(default=2, ge=1)
+    decode_workers: int = Field(
+        default_factory=lambda: max(1, min(4, (os.cpu_count() or 2) // 2)),
+        ge=1,
+        description="decode threads; half the cores (at most 4) leaves the rest to inference",
+    )
     max_frame_bytes: int = Field(default=20 * 1024 * 1024, gt=0)
     max_pixels: int = Field(default=50_000_000, gt=0, description="checked before full decode")
     publish_predictions: bool = True

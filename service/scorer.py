@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -29,16 +30,28 @@ from service.kafka.consumer import create_consumer
 from service.kafka.producer import create_producer
 from service.metrics import ScorerMetrics
 from service.policy import QueryPolicy
-from service.records import batch_records
+from service.records import OutRecord, batch_records
 from service.utility import score_batch
 
 log = logging.getLogger(__name__)
 
 _QUEUE_DEPTH = 1
+_ACK_DEPTH = 4  # batches sent and waiting for acks: overlaps broker round trips with work
+_COMMIT_INTERVAL_S = 0.05
 _DRAIN_TIMEOUT_S = 30.0
 _SEND_RETRY_BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 5.0)
 
 PredictionHook = Callable[[list[Prediction]], None]
+
+
+@dataclass(slots=True)
+class _Sent:
+    """A batch whose records are sent and whose acks are awaited."""
+
+    batch: Batch
+    records: list[OutRecord]
+    futures: list["asyncio.Future[Any]"]
+    predictions: list[Prediction]
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -119,20 +132,27 @@ class Scorer:
     async def start(self) -> None:
         """Connects, joins the consumer group and starts the stages."""
         kafka = self.settings.kafka
-        self._producer = create_producer(kafka)
+        # Each batch's records are sent in one event-loop tick: they share requests anyway.
+        self._producer = create_producer(kafka, linger_ms=0)
         await self._producer.start()
-        self._consumer = create_consumer(kafka, group_id=self.settings.scorer.group_id)
+        self._consumer = create_consumer(
+            kafka,
+            group_id=self.settings.scorer.group_id,
+            fetch_max_wait_ms=min(100, max(5, self.settings.scorer.max_wait_ms)),
+        )
         self._consumer.subscribe([self._topics.frames], listener=_Rebalance(self))
         await self._consumer.start()
         await self.feedback.start()
         decode_q: asyncio.Queue[Batch | None] = asyncio.Queue(_QUEUE_DEPTH)
         infer_q: asyncio.Queue[Batch | None] = asyncio.Queue(_QUEUE_DEPTH)
         deliver_q: asyncio.Queue[Batch | None] = asyncio.Queue(_QUEUE_DEPTH)
+        ack_q: asyncio.Queue[_Sent | None] = asyncio.Queue(_ACK_DEPTH)
         self._tasks = [
             asyncio.create_task(self._fetch_stage(decode_q), name="scorer-fetch"),
             asyncio.create_task(self._stage(decode_q, infer_q, self._decode), name="scorer-decode"),
             asyncio.create_task(self._stage(infer_q, deliver_q, self._infer), name="scorer-infer"),
-            asyncio.create_task(self._deliver_stage(deliver_q), name="scorer-deliver"),
+            asyncio.create_task(self._deliver_stage(deliver_q, ack_q), name="scorer-deliver"),
+            asyncio.create_task(self._ack_stage(ack_q), name="scorer-ack"),
         ]
         log.info(
             "scorer started: topic=%s group=%s model=%s provider=%s",
@@ -254,36 +274,51 @@ class Scorer:
             batch.decisions = self.policy.decide(batch.scores)
         batch.inputs = None  # the pixels are no longer needed; free them early
 
-    async def _deliver_stage(self, inbox: "asyncio.Queue[Batch | None]") -> None:
-        while (batch := await inbox.get()) is not None:
+    async def _deliver_stage(
+        self, inbox: "asyncio.Queue[Batch | None]", acks: "asyncio.Queue[_Sent | None]"
+    ) -> None:
+        """Sends each batch's records without waiting for their acks (the ack stage does)."""
+        topics, scorer = self._topics, self.settings.scorer
+        try:
+            while (batch := await inbox.get()) is not None:
+                records, predictions = batch_records(
+                    batch,
+                    predictions_topic=topics.predictions if scorer.publish_predictions else None,
+                    requests_topic=topics.label_requests,
+                    dead_letter_topic=topics.dead_letter,
+                    max_dead_letter_bytes=scorer.dead_letter_max_value_bytes,
+                )
+                await acks.put(_Sent(batch, records, await self._send(records), predictions))
+        finally:
+            await acks.put(None)
+
+    async def _ack_stage(self, inbox: "asyncio.Queue[_Sent | None]") -> None:
+        """Awaits acks in stream order, then marks the offsets done and commits them."""
+        last_commit = 0.0
+        while (sent := await inbox.get()) is not None:
             try:
-                await self._deliver(batch)
+                await self._await_acks(sent)
+                self._account(sent.batch, sent.predictions)
+                for (topic, partition), offset in sent.batch.next_offsets().items():
+                    self._delivered[TopicPartition(topic, partition)] = offset
+                now = time.monotonic()
+                if inbox.empty() or now - last_commit >= _COMMIT_INTERVAL_S:
+                    await self._commit()
+                    last_commit = now
             finally:
                 self._in_flight -= 1
                 if self._in_flight == 0:
                     self._idle.set()
 
-    async def _deliver(self, batch: Batch) -> None:
-        topics, scorer = self._topics, self.settings.scorer
-        records, predictions = batch_records(
-            batch,
-            predictions_topic=topics.predictions if scorer.publish_predictions else None,
-            requests_topic=topics.label_requests,
-            dead_letter_topic=topics.dead_letter,
-            max_dead_letter_bytes=scorer.dead_letter_max_value_bytes,
-        )
-        await self._send_all(records)
-        self._account(batch, predictions)
-        for (topic, partition), offset in batch.next_offsets().items():
-            self._delivered[TopicPartition(topic, partition)] = offset
-        await self._commit()
-
-    async def _send_all(self, records: list[Any]) -> None:
-        """Sends and awaits every ack; retries the whole set on broker errors (duplicates ok)."""
+    async def _send(self, records: list[OutRecord]) -> list["asyncio.Future[Any]"]:
         assert self._producer is not None
+        return [await self._producer.send(r.topic, r.value, key=r.key) for r in records]
+
+    async def _await_acks(self, sent: "_Sent") -> None:
+        """Awaits every ack; on broker errors sends the whole set again (duplicates are ok)."""
+        futures = sent.futures
         for attempt, backoff in enumerate((*_SEND_RETRY_BACKOFF_S, None)):
             try:
-                futures = [await self._producer.send(r.topic, r.value, key=r.key) for r in records]
                 await asyncio.gather(*futures)
                 return
             except KafkaError as error:
@@ -296,6 +331,7 @@ class Scorer:
                     error,
                 )
                 await asyncio.sleep(backoff)
+                futures = await self._send(sent.records)
 
     def _account(self, batch: Batch, predictions: list[Prediction]) -> None:
         metrics, now = self.metrics, time.time()
