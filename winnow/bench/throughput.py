@@ -1,0 +1,747 @@
+"""``winnow bench throughput``: the scorer against bare ONNX Runtime and a naive loop.
+
+For each case, on one model, batch size and set of encoded frames, in one run:
+
+- ``bare_fps``: ``OnnxModel.run`` on already-preprocessed batches, after warm-up:
+  the ceiling for this model on this machine;
+- ``scorer_fps``: the whole scorer through the broker (fetch, decode, batch,
+  infer, score, decide, produce and await acks, commit), from a preloaded
+  frames topic, until every decision has been read back from the predictions
+  topic by a separate consumer;
+- ``naive_fps``: one record at a time: consume, decode, infer a batch of one,
+  produce the prediction, await its ack, commit;
+- ``p50_ms`` / ``p99_ms``: capture-to-decision latency in a second, paced run
+  at about half of ``scorer_fps``.
+
+The goals (camera ``efficiency`` >= 0.75, digits ``speedup_vs_naive`` >= 5)
+are printed next to the figures, never enforced.
+"""
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import platform
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from schemas.predictions import Prediction
+from service.batching import InboundFrame
+from service.config import KafkaSettings, PolicySettings, ScorerSettings, Settings
+from service.decode import DecodeLimits, decode_and_preprocess, prepare_batch
+from service.inference import OnnxModel
+from service.kafka.admin import ensure_topics
+from service.kafka.broker import EmbeddedBroker
+from service.kafka.consumer import create_consumer
+from service.kafka.producer import create_producer
+from service.policy import QueryPolicy
+from service.records import prediction_of
+from service.scorer import Scorer
+from service.utility import score_batch
+
+log = logging.getLogger(__name__)
+
+CASES = ("camera", "digits")
+DEFAULT_FRAMES = {"camera": 320, "digits": 3000}
+GOALS = {"camera": ("efficiency", 0.75), "digits": ("speedup_vs_naive", 5.0)}
+CASE_KEYS = (
+    "model",
+    "device",
+    "batch_size",
+    "frames",
+    "bare_fps",
+    "scorer_fps",
+    "naive_fps",
+    "efficiency",
+    "speedup_vs_naive",
+    "p50_ms",
+    "p99_ms",
+    "notes",
+)
+BARE_MIN_SECONDS = 2.0
+LATENCY_SECONDS = 5.0
+WAIT_TIMEOUT_S = 600.0
+_JOIN_TIMEOUT_S = 60.0
+
+
+@dataclass(frozen=True)
+class CaseSpec:
+    """A benchmark case: a model to build and frames to feed it."""
+
+    name: str
+    arch: str
+    input_size: int
+    channels: int
+    classes: list[str]
+    make_frames: Callable[[int], list[bytes]]
+    content_type: str
+
+
+@dataclass
+class BenchConfig:
+    cases: Sequence[str] = CASES
+    frames: int | None = None
+    batch_size: int = 16
+    device: str = "auto"
+    partitions: int = 3
+    latency_seconds: float = LATENCY_SECONDS
+    bare_min_seconds: float = BARE_MIN_SECONDS
+    kafka: KafkaSettings | None = None
+    """Where the broker is; None: ``WINNOW_KAFKA_*``, else an embedded broker."""
+    progress: Callable[[str], None] = field(default=lambda message: None)
+
+
+# -- frames -----------------------------------------------------------------------------------
+
+
+def camera_frames(count: int, seed: int = 0) -> list[bytes]:
+    """Distinct JPEG frames (quality 90) cut from scikit-learn's two 640x427 photos.
+
+    Each frame is a random crop (60-100 % of each side), maybe mirrored, with
+    its brightness scaled by 0.7-1.3.
+    """
+    from sklearn.datasets import load_sample_images
+
+    from winnow.datasets import encode_jpeg
+
+    photos = load_sample_images().images
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(count):
+        photo = photos[i % len(photos)]
+        height, width = photo.shape[:2]
+        h = int(height * rng.uniform(0.6, 1.0))
+        w = int(width * rng.uniform(0.6, 1.0))
+        top = int(rng.integers(0, height - h + 1))
+        left = int(rng.integers(0, width - w + 1))
+        crop = photo[top : top + h, left : left + w].astype(np.float32)
+        if rng.random() < 0.5:
+            crop = crop[:, ::-1]
+        crop = np.clip(crop * rng.uniform(0.7, 1.3), 0, 255).astype(np.uint8)
+        out.append(encode_jpeg(np.ascontiguousarray(crop), quality=90))
+    return out
+
+
+def digits_frames(count: int) -> list[bytes]:
+    """scikit-learn's 8x8 digits as PNG, cycling through all 1,797 images."""
+    from winnow.datasets import encode_png, load_digits_dataset
+
+    data = load_digits_dataset()
+    images = np.concatenate([data.train_images, data.test_images])
+    return [encode_png(images[i % len(images)]) for i in range(count)]
+
+
+def case_spec(name: str) -> CaseSpec:
+    if name == "camera":
+        return CaseSpec("camera", "resnet18", 224, 3, ["a", "b", "c"], camera_frames, "image/jpeg")
+    if name == "digits":
+        return CaseSpec(
+            "digits", "small-cnn", 16, 1, [str(d) for d in range(10)], digits_frames, "image/png"
+        )
+    raise ValueError(f"unknown case '{name}'; choose from {', '.join(CASES)}")
+
+
+# -- Kafka helpers ----------------------------------------------------------------------------
+
+
+def _now_header() -> bytes:
+    return datetime.now(UTC).isoformat().encode()
+
+
+def _frame_headers(frame_id: str, content_type: str) -> list[tuple[str, bytes]]:
+    return [
+        ("frame-id", frame_id.encode()),
+        ("captured-at", _now_header()),
+        ("content-type", content_type.encode()),
+    ]
+
+
+async def _fresh_topics(base: KafkaSettings, partitions: int, tag: str) -> KafkaSettings:
+    """A settings copy with a topic prefix nobody used, and its topics created."""
+    kafka = base.model_copy(
+        update={
+            "topic_prefix": f"bench-{tag}-{uuid.uuid4().hex[:10]}.",
+            "partitions": partitions,
+        }
+    )
+    await ensure_topics(kafka, kafka.topics.all())
+    return kafka
+
+
+async def _preload(kafka: KafkaSettings, frames: list[bytes], content_type: str, tag: str) -> None:
+    """Produces every frame to the frames topic and waits for all acks."""
+    producer = create_producer(kafka, linger_ms=20)
+    await producer.start()
+    try:
+        futures = []
+        for i, value in enumerate(frames):
+            futures.append(
+                await producer.send(
+                    kafka.topics.frames,
+                    value,
+                    key=f"cam{i % 4}".encode(),
+                    headers=_frame_headers(f"{tag}-{i}", content_type),
+                )
+            )
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+
+
+class PredictionReader:
+    """Reads a predictions topic from the start, noting when each record arrives.
+
+    Values are kept raw while timing and parsed afterwards, so the reader adds
+    as little CPU as possible to the run it measures.
+    """
+
+    def __init__(self, kafka: KafkaSettings, topic: str) -> None:
+        self._consumer = create_consumer(kafka, group_id=None, fetch_max_wait_ms=10)
+        self._topic = topic
+        self._task: asyncio.Task[None] | None = None
+        self.arrivals: list[tuple[float, float, bytes]] = []  # (perf_counter, epoch, value)
+        self._target = 0
+        self._reached = asyncio.Event()
+
+    async def start(self) -> None:
+        from aiokafka import TopicPartition
+
+        await self._consumer.start()
+        partitions = self._consumer.partitions_for_topic(self._topic)
+        if not partitions:
+            await self._consumer._client.force_metadata_update()
+            partitions = self._consumer.partitions_for_topic(self._topic) or set()
+        assignment = [TopicPartition(self._topic, p) for p in sorted(partitions)]
+        self._consumer.assign(assignment)
+        await self._consumer.seek_to_beginning(*assignment)
+        self._task = asyncio.create_task(self._read(), name="bench-prediction-reader")
+
+    async def _read(self) -> None:
+        while True:
+            polled = await self._consumer.getmany(timeout_ms=100)
+            now, wall = time.perf_counter(), time.time()
+            for records in polled.values():
+                self.arrivals.extend((now, wall, r.value) for r in records)
+            if self._target and len(self.arrivals) >= self._target:
+                self._reached.set()
+
+    async def wait_for(self, count: int, watch: "asyncio.Task[Any] | None") -> None:
+        """Waits until ``count`` records arrived; raises if ``watch`` (the scorer) fails first."""
+        self._target = count
+        if len(self.arrivals) >= count:
+            return
+        reached = asyncio.create_task(self._reached.wait())
+        waiting = {reached, self._task} | ({watch} if watch else set())
+        try:
+            done, _ = await asyncio.wait(
+                waiting, timeout=WAIT_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            reached.cancel()
+        if reached in done:
+            return
+        for task in done:
+            if task is not reached and not task.cancelled() and task.exception() is not None:
+                raise RuntimeError(f"{task.get_name()} failed") from task.exception()
+        raise RuntimeError(
+            f"only {len(self.arrivals)} of {count} predictions arrived in {WAIT_TIMEOUT_S:g} s"
+        )
+
+    def predictions(self) -> list[dict[str, Any]]:
+        return [json.loads(value) for _, _, value in self.arrivals]
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        await self._consumer.stop()
+
+
+async def _wait_assigned(assigned: Callable[[], Any], watch: "asyncio.Task[Any] | None") -> None:
+    deadline = time.monotonic() + _JOIN_TIMEOUT_S
+    while not assigned():
+        if watch is not None and watch.done():
+            await watch  # raises the stage failure
+            raise RuntimeError("the scorer stopped before joining its group")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no partitions assigned within {_JOIN_TIMEOUT_S:g} s")
+        await asyncio.sleep(0.002)
+
+
+def _scorer_settings(kafka: KafkaSettings, batch_size: int, device: str) -> Settings:
+    return Settings(
+        device=device,
+        kafka=kafka,
+        scorer=ScorerSettings(max_batch_size=batch_size, group_id=f"bench-{uuid.uuid4().hex[:10]}"),
+        policy=PolicySettings(),
+    )
+
+
+# -- the three measurements -------------------------------------------------------------------
+
+
+def measure_bare(
+    model: OnnxModel, inputs: np.ndarray, batch_size: int, min_seconds: float
+) -> float:
+    """Frames per second of ``model.run`` on preprocessed batches (passes repeat to min_seconds)."""
+    batches = [inputs[i : i + batch_size] for i in range(0, len(inputs), batch_size)]
+    for batch in batches[:2]:  # warm-up: allocations, kernel selection
+        model.run(batch)
+    done, started = 0, time.perf_counter()
+    while True:
+        for batch in batches:
+            model.run(batch)
+            done += len(batch)
+        elapsed = time.perf_counter() - started
+        if elapsed >= min_seconds:
+            return done / elapsed
+
+
+@dataclass
+class ScorerRun:
+    fps: float
+    fps_with_join: float
+    join_s: float
+    hook_count: int
+    topic_count: int
+    distinct: int
+
+
+async def measure_scorer(
+    base: KafkaSettings,
+    model: OnnxModel,
+    frames: list[bytes],
+    spec: CaseSpec,
+    batch_size: int,
+    partitions: int,
+    device: str,
+) -> ScorerRun:
+    """The whole scorer on a preloaded frames topic, until every decision is read back."""
+    kafka = await _fresh_topics(base, partitions, f"{spec.name}-scorer")
+    await _preload(kafka, frames, spec.content_type, "s")
+    hooked: list[int] = []
+    reader = PredictionReader(kafka, kafka.topics.predictions)
+    await reader.start()
+    scorer = Scorer(
+        _scorer_settings(kafka, batch_size, device),
+        model,
+        on_predictions=lambda p: hooked.append(len(p)),
+    )
+    try:
+        started = time.perf_counter()
+        await scorer.start()
+        watch = asyncio.create_task(scorer.wait(), name="scorer")
+        try:
+            await _wait_assigned(lambda: scorer.assigned, watch)
+            assigned = time.perf_counter()
+            await reader.wait_for(len(frames), watch)
+        finally:
+            watch.cancel()
+            await asyncio.gather(watch, return_exceptions=True)
+        finished = reader.arrivals[len(frames) - 1][0]
+    finally:
+        await scorer.stop()
+        await reader.stop()
+    ids = {p["frame_id"] for p in reader.predictions()}
+    return ScorerRun(
+        fps=len(frames) / (finished - assigned),
+        fps_with_join=len(frames) / (finished - started),
+        join_s=assigned - started,
+        hook_count=sum(hooked),
+        topic_count=len(reader.arrivals),
+        distinct=len(ids),
+    )
+
+
+async def measure_naive(
+    base: KafkaSettings,
+    model: OnnxModel,
+    frames: list[bytes],
+    spec: CaseSpec,
+    partitions: int,
+) -> tuple[float, float]:
+    """One record at a time: consume, decode, infer, produce, await the ack, commit.
+
+    Returns ``(fps, join_s)``; timing starts once the consumer owns its partitions.
+    """
+    from aiokafka import TopicPartition
+
+    kafka = await _fresh_topics(base, partitions, f"{spec.name}-naive")
+    await _preload(kafka, frames, spec.content_type, "n")
+    limits = DecodeLimits(max_bytes=20 * 1024 * 1024, max_pixels=50_000_000)
+    policy = QueryPolicy.from_settings(PolicySettings())
+    consumer = create_consumer(
+        kafka, kafka.topics.frames, group_id=f"bench-naive-{uuid.uuid4().hex[:10]}"
+    )
+    producer = create_producer(kafka, linger_ms=0)  # linger would only slow the naive loop
+    await producer.start()
+    try:
+        started = time.perf_counter()
+        await consumer.start()
+        await _wait_assigned(consumer.assignment, None)
+        assigned = time.perf_counter()
+        for _ in range(len(frames)):
+            record = await asyncio.wait_for(consumer.getone(), WAIT_TIMEOUT_S)
+            frame = InboundFrame.from_record(record)
+            pixels = decode_and_preprocess(
+                frame.value, frame.headers.content_type, model.spec, limits
+            )
+            probabilities, _ = model.run(pixels[None])
+            scores = score_batch(probabilities)
+            decision = policy.decide(scores)[0]
+            prediction = prediction_of(
+                frame,
+                probabilities[0],
+                _scores_row(scores),
+                decision,
+                model.spec.classes,
+                model.version,
+                datetime.now(UTC),
+            )
+            await producer.send_and_wait(
+                kafka.topics.predictions, prediction.model_dump_json().encode(), key=frame.key
+            )
+            await consumer.commit(
+                {TopicPartition(record.topic, record.partition): record.offset + 1}
+            )
+        finished = time.perf_counter()
+    finally:
+        await consumer.stop()
+        await producer.stop()
+    return len(frames) / (finished - assigned), assigned - started
+
+
+def _scores_row(scores: dict[str, np.ndarray]) -> Any:
+    from schemas.scores import Scores
+
+    return Scores(**{name: float(values[0]) for name, values in scores.items()})
+
+
+@dataclass
+class LatencyRun:
+    rate: float
+    sent: int
+    p50_ms: float
+    p99_ms: float
+    p50_decided_ms: float
+    p99_decided_ms: float
+
+
+async def measure_latency(
+    base: KafkaSettings,
+    model: OnnxModel,
+    frames: list[bytes],
+    spec: CaseSpec,
+    batch_size: int,
+    partitions: int,
+    device: str,
+    rate: float,
+    seconds: float,
+) -> LatencyRun:
+    """Frames produced at ``rate`` while the scorer runs; capture-to-decision per frame.
+
+    ``captured-at`` is stamped when each frame is handed to the producer
+    (linger 0); a frame's decision time is when its prediction was read back
+    from the predictions topic (``p50_decided_ms``: the prediction's own
+    ``decided_at``).
+    """
+    kafka = await _fresh_topics(base, partitions, f"{spec.name}-latency")
+    count = max(10, int(rate * seconds))
+    reader = PredictionReader(kafka, kafka.topics.predictions)
+    await reader.start()
+    producer = create_producer(kafka, linger_ms=0)
+    await producer.start()
+    scorer = Scorer(_scorer_settings(kafka, batch_size, device), model)
+    try:
+        await scorer.start()
+        watch = asyncio.create_task(scorer.wait(), name="scorer")
+        try:
+            await _wait_assigned(lambda: scorer.assigned, watch)
+            await asyncio.sleep(0.2)  # let the first fetch settle
+            futures, begin = [], time.perf_counter()
+            for i in range(count):
+                delay = begin + i / rate - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                futures.append(
+                    await producer.send(
+                        kafka.topics.frames,
+                        frames[i % len(frames)],
+                        key=f"cam{i % 4}".encode(),
+                        headers=_frame_headers(f"l-{i}", spec.content_type),
+                    )
+                )
+            await asyncio.gather(*futures)
+            await reader.wait_for(count, watch)
+        finally:
+            watch.cancel()
+            await asyncio.gather(watch, return_exceptions=True)
+    finally:
+        await scorer.stop()
+        await producer.stop()
+        await reader.stop()
+    read_back, decided = [], []
+    for (_, wall, _), prediction in zip(reader.arrivals, reader.predictions(), strict=True):
+        p = Prediction.model_validate(prediction)
+        if p.captured_at is None:
+            continue
+        captured = p.captured_at.timestamp()
+        read_back.append((wall - captured) * 1000)
+        decided.append((p.decided_at.timestamp() - captured) * 1000)
+    return LatencyRun(
+        rate=rate,
+        sent=count,
+        p50_ms=float(np.percentile(read_back, 50)),
+        p99_ms=float(np.percentile(read_back, 99)),
+        p50_decided_ms=float(np.percentile(decided, 50)),
+        p99_decided_ms=float(np.percentile(decided, 99)),
+    )
+
+
+# -- a case -----------------------------------------------------------------------------------
+
+
+def build_model(spec: CaseSpec, directory: Path, device: str) -> OnnxModel:
+    from trainer.model_init import init_model
+
+    path = directory / f"{spec.name}-{spec.arch}.onnx"
+    init_model(spec.classes, spec.input_size, spec.arch, path, channels=spec.channels, seed=0)
+    return OnnxModel.load(path, device)  # type: ignore[arg-type]
+
+
+async def run_case(name: str, config: BenchConfig, kafka: KafkaSettings) -> dict[str, Any]:
+    spec = case_spec(name)
+    say = config.progress
+    count = config.frames or DEFAULT_FRAMES[name]
+    batch = config.batch_size
+    say(
+        f"[{name}] building {spec.arch} ({spec.channels}x{spec.input_size}x{spec.input_size}, "
+        f"{len(spec.classes)} classes) and {count} frames"
+    )
+    with tempfile.TemporaryDirectory(prefix="winnow-bench-") as directory:
+        model = await asyncio.to_thread(build_model, spec, Path(directory), config.device)
+    frames = await asyncio.to_thread(spec.make_frames, count)
+    limits = DecodeLimits(max_bytes=20 * 1024 * 1024, max_pixels=50_000_000)
+    items = [(f, spec.content_type) for f in frames]
+    decode_started = time.perf_counter()
+    inputs, _, poison = await asyncio.to_thread(prepare_batch, items, model.spec, limits)
+    decode_fps = count / (time.perf_counter() - decode_started)
+    if poison:
+        raise RuntimeError(f"[{name}] {len(poison)} generated frames do not decode: {poison[0]}")
+    model.warm_up(batch)
+
+    say(f"[{name}] bare ONNX Runtime, batches of {batch}")
+    bare = await asyncio.to_thread(measure_bare, model, inputs, batch, config.bare_min_seconds)
+    say(f"[{name}] bare {bare:.1f} fps; scorer through the broker ({count} frames)")
+    scorer = await measure_scorer(
+        kafka, model, frames, spec, batch, config.partitions, config.device
+    )
+    say(f"[{name}] scorer {scorer.fps:.1f} fps; naive loop ({count} frames)")
+    naive, naive_join = await measure_naive(kafka, model, frames, spec, config.partitions)
+    rate = scorer.fps / 2
+    say(
+        f"[{name}] naive {naive:.1f} fps; paced latency run at {rate:.1f} fps "
+        f"for {config.latency_seconds:g} s"
+    )
+    latency = await measure_latency(
+        kafka,
+        model,
+        frames,
+        spec,
+        batch,
+        config.partitions,
+        config.device,
+        rate,
+        config.latency_seconds,
+    )
+    say(f"[{name}] p50 {latency.p50_ms:.1f} ms, p99 {latency.p99_ms:.1f} ms; bare again")
+    bare_after = await asyncio.to_thread(
+        measure_bare, model, inputs, batch, config.bare_min_seconds
+    )
+    bare_before, bare = bare, max(bare, bare_after)
+    if scorer.hook_count < count or scorer.distinct != count:
+        raise RuntimeError(
+            f"[{name}] decisions missing: {count} frames, {scorer.hook_count} through the hook, "
+            f"{scorer.distinct} distinct on the topic"
+        )
+    notes = [
+        f"bare_fps: OnnxModel.run on {count} frames decoded and preprocessed beforehand, in "
+        f"batches of {batch}, after warm-up, repeated for at least {config.bare_min_seconds:g} s; "
+        f"measured before the scorer runs ({bare_before:.1f} fps) and after them "
+        f"({bare_after:.1f} fps), the better one is reported (the ceiling; a gap between the "
+        f"two means something else was using the CPU).",
+        f"scorer_fps: {count} frames preloaded into a fresh frames topic ({config.partitions} "
+        f"partitions), then Scorer(max_batch_size={batch}) started; the clock stops when a "
+        f"separate consumer has read the last of the {count} decisions back from the "
+        f"predictions topic (the on_predictions hook counted {scorer.hook_count} and is only a "
+        f"cross-check: it fires before downstream can see the record). The consumer-group "
+        f"join ({scorer.join_s:.2f} s, from start() until partitions were assigned) is "
+        f"excluded: the clock starts at assignment, so fetching committed offsets and the "
+        f"first fetch are included. With the join: {scorer.fps_with_join:.1f} fps.",
+        f"naive_fps: getone, decode, run a batch of one, score and decide, produce the "
+        f"prediction with linger 0 and await its ack, commit that offset; own topic and "
+        f"group; clock starts at partition assignment (join {naive_join:.2f} s excluded).",
+        f"p50_ms/p99_ms: a second scorer run, paced at {rate:.1f} fps (half of scorer_fps) "
+        f"for {config.latency_seconds:g} s ({latency.sent} frames), so latency is not the "
+        f"queueing of a preloaded backlog; from the captured-at header (stamped at produce "
+        f"time) to the decision being read back from the predictions topic. To the "
+        f"prediction's decided_at instead: p50 {latency.p50_decided_ms:.1f} ms, "
+        f"p99 {latency.p99_decided_ms:.1f} ms.",
+    ]
+    return {
+        "case": name,
+        "model": f"{spec.arch} {spec.channels}x{spec.input_size}x{spec.input_size} "
+        f"{len(spec.classes)} classes ({model.version})",
+        "device": "cuda" if model.provider == "CUDAExecutionProvider" else "cpu",
+        "provider": model.provider,
+        "batch_size": batch,
+        "frames": count,
+        "partitions": config.partitions,
+        "bare_fps": round(bare, 2),
+        "bare_fps_before_after": [round(bare_before, 2), round(bare_after, 2)],
+        "decode_fps_one_thread": round(decode_fps, 2),
+        "scorer_fps": round(scorer.fps, 2),
+        "scorer_fps_with_join": round(scorer.fps_with_join, 2),
+        "scorer_join_s": round(scorer.join_s, 3),
+        "naive_fps": round(naive, 2),
+        "efficiency": round(scorer.fps, 2) / round(bare, 2),
+        "speedup_vs_naive": round(scorer.fps, 2) / round(naive, 2),
+        "p50_ms": round(latency.p50_ms, 2),
+        "p99_ms": round(latency.p99_ms, 2),
+        "p50_decided_ms": round(latency.p50_decided_ms, 2),
+        "p99_decided_ms": round(latency.p99_decided_ms, 2),
+        "latency_rate_fps": round(latency.rate, 2),
+        "notes": " ".join(notes),
+    }
+
+
+def machine_info(providers: Sequence[str] = ()) -> dict[str, Any]:
+    import onnxruntime as ort
+
+    return {
+        "cpu_count": os.cpu_count(),
+        "load_average_1m_after": round(os.getloadavg()[0], 2),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "onnxruntime": ort.__version__,
+        "provider": ",".join(dict.fromkeys(providers)) or None,
+        "available_providers": ort.get_available_providers(),
+    }
+
+
+async def run_bench(config: BenchConfig) -> dict[str, Any]:
+    """Runs every case of ``config``; returns the JSON-ready result."""
+    for name in config.cases:
+        case_spec(name)  # fail before any work on an unknown case
+    load_before = round(os.getloadavg()[0], 2)
+    if load_before > 0.5:
+        config.progress(
+            f"warning: load average {load_before} before the run: other processes "
+            f"share the CPU and the figures will be noisy"
+        )
+    base = config.kafka or KafkaSettings()
+    broker: EmbeddedBroker | None = None
+    if base.bootstrap is None:
+        config.progress("starting an embedded broker")
+        broker = EmbeddedBroker(0)
+        await asyncio.to_thread(broker.start)
+        base = base.model_copy(update={"bootstrap": broker.bootstrap})
+    try:
+        cases = [await run_case(name, config, base) for name in config.cases]
+    finally:
+        if broker is not None:
+            await asyncio.to_thread(broker.stop)
+    goals = []
+    for case in cases:
+        if case["case"] in GOALS:
+            metric, target = GOALS[case["case"]]
+            case["goal"] = {"metric": metric, "target": target, "met": case[metric] >= target}
+            goals.append({"case": case["case"], **case["goal"], "value": case[metric]})
+    return {
+        "machine": {
+            **machine_info([c["provider"] for c in cases]),
+            "load_average_1m_before": load_before,
+        },
+        "kafka": "embedded Tansu (memory only)" if broker is not None else base.bootstrap,
+        "created_at": datetime.now(UTC).isoformat(),
+        "cases": cases,
+        "goals": goals,
+    }
+
+
+def format_table(result: dict[str, Any]) -> str:
+    columns = [
+        ("case", "case", "{}"),
+        ("device", "device", "{}"),
+        ("batch", "batch_size", "{}"),
+        ("frames", "frames", "{}"),
+        ("bare fps", "bare_fps", "{:.1f}"),
+        ("scorer fps", "scorer_fps", "{:.1f}"),
+        ("naive fps", "naive_fps", "{:.1f}"),
+        ("efficiency", "efficiency", "{:.2f}"),
+        ("vs naive", "speedup_vs_naive", "{:.1f}x"),
+        ("p50 ms", "p50_ms", "{:.1f}"),
+        ("p99 ms", "p99_ms", "{:.1f}"),
+    ]
+    rows = [[title for title, _, _ in columns]]
+    for case in result["cases"]:
+        rows.append([fmt.format(case[key]) for _, key, fmt in columns])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(columns))]
+    lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    machine = result["machine"]
+    lines.append("")
+    lines.append(
+        f"{machine['cpu_count']} CPUs, onnxruntime {machine['onnxruntime']}, "
+        f"{machine['provider']}, kafka: {result['kafka']}, load average "
+        f"{machine['load_average_1m_before']} before / {machine['load_average_1m_after']} after"
+    )
+    for goal in result["goals"]:
+        verdict = "met" if goal["met"] else "MISSED"
+        lines.append(
+            f"goal {goal['case']}: {goal['metric']} {goal['value']:.2f} "
+            f">= {goal['target']:g}: {verdict}"
+        )
+    return "\n".join(lines)
+
+
+def run_throughput_bench(args: argparse.Namespace) -> int:
+    """The ``winnow bench throughput`` command."""
+
+    def progress(message: str) -> None:
+        print(f"bench: {message}", file=sys.stderr, flush=True)
+
+    config = BenchConfig(
+        cases=[c.strip() for c in args.cases.split(",") if c.strip()],
+        frames=args.frames,
+        batch_size=args.batch_size,
+        device=args.device,
+        progress=progress,
+    )
+    quiet = (
+        {}
+        if getattr(args, "verbose", False)
+        else {name: logging.getLogger(name).level for name in ("service", "trainer", "aiokafka")}
+    )
+    for name in quiet:  # the scorer's per-run INFO lines would bury the progress lines
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        result = asyncio.run(run_bench(config))
+    finally:
+        for name, level in quiet.items():
+            logging.getLogger(name).setLevel(level)
+    print(format_table(result))
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=2) + "\n")
+    progress(f"wrote {args.json}")
+    return 0
