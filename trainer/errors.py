@@ -15,3 +15,20 @@ class ModelBuildError(TrainerError):
 
 class ModelExportError(TrainerError):
     """An ONNX export that failed or does not match the torch model."""
+
+
+class SampleError(TrainerError):
+    """A labeled frame that cannot become a training sample (poison input).
+
+    The image bytes do not decode, or the label is not one of the model's
+    classes; retrying will not help, so the record goes to the dead-letter
+    topic.
+    """
+
+
+class CheckpointError(TrainerError):
+    """A checkpoint that cannot be written or read back."""
+
+
+class DeviceError(TrainerError):
+    """A requested device that this machine does not have."""

@@ -1,0 +1,277 @@
+"""Continuous fine-tuning on real handwritten digits (scikit-learn's, offline).
+
+Also covers ``trainer/samples.py``: labeled frames become training samples
+through the scorer's own preprocessing.
+"""
+
+import dataclasses
+import io
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from sklearn.datasets import load_digits
+
+from schemas.model_spec import ModelSpec
+from schemas.pixels import image_to_input
+from trainer.architectures import WinnowNet, build_model
+from trainer.errors import DeviceError, SampleError, TrainerError
+from trainer.evaluate import accuracy
+from trainer.finetune import (
+    FinetuneConfig,
+    finetune_round,
+    predict_proba,
+    select_device,
+    select_replay,
+)
+from trainer.samples import Sample, decode_sample, stack
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def spec() -> ModelSpec:
+    return ModelSpec(
+        version="test",
+        arch="small-cnn",
+        classes=[str(d) for d in range(10)],
+        input_size=(16, 16),
+        channels=1,
+        mean=[0.5],
+        std=[0.5],
+        embedding_dim=128,
+    )
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def digits(spec: ModelSpec) -> tuple[list[Sample], list[Sample]]:
+    """1,200 training and 597 test samples, decoded from PNG bytes as frames would be."""
+    data = load_digits()
+    images = (data.images * 255 / 16).astype(np.uint8)
+    samples = [
+        decode_sample(f"digit-{i}", _png(image), int(label), spec)
+        for i, (image, label) in enumerate(zip(images, data.target, strict=True))
+    ]
+    order = np.random.default_rng(0).permutation(len(samples))
+    return [samples[i] for i in order[:1200]], [samples[i] for i in order[1200:]]
+
+
+def _model(seed: int = 0) -> WinnowNet:
+    torch.manual_seed(seed)
+    return build_model("small-cnn", 10, 1)
+
+
+def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --- samples ---------------------------------------------------------------------------
+
+
+def test_decode_sample_preprocesses_as_the_scorer_does(spec: ModelSpec) -> None:
+    pixels = np.arange(64, dtype=np.uint8).reshape(8, 8) * 4
+    sample = decode_sample("f1", _png(pixels), 3, spec)
+    assert sample.frame_id == "f1" and sample.label == 3
+    assert sample.inputs.shape == (1, 16, 16) and sample.inputs.dtype == np.float32
+    np.testing.assert_array_equal(sample.inputs, image_to_input(Image.fromarray(pixels), spec))
+
+
+def test_undecodable_bytes_are_a_sample_error(spec: ModelSpec) -> None:
+    with pytest.raises(SampleError, match="f2") as caught:
+        decode_sample("f2", b"not an image at all", 0, spec)
+    assert isinstance(caught.value, TrainerError) and not caught.value.retriable
+    with pytest.raises(SampleError):
+        decode_sample("f3", _png(np.zeros((8, 8), np.uint8))[:40], 0, spec)  # truncated
+
+
+def test_label_outside_the_classes_is_a_sample_error(spec: ModelSpec) -> None:
+    with pytest.raises(SampleError, match="label index 10"):
+        decode_sample("f4", _png(np.zeros((8, 8), np.uint8)), 10, spec)
+
+
+def test_stack(digits: tuple[list[Sample], list[Sample]]) -> None:
+    train, _ = digits
+    inputs, labels = stack(train[:5])
+    assert inputs.shape == (5, 1, 16, 16) and inputs.dtype == np.float32
+    assert labels.dtype == np.int64 and labels.tolist() == [s.label for s in train[:5]]
+    with pytest.raises(ValueError):
+        stack([])
+
+
+# --- fine-tuning -----------------------------------------------------------------------
+
+
+def test_rounds_of_labels_raise_accuracy(digits: tuple[list[Sample], list[Sample]]) -> None:
+    train, test = digits
+    model = _model()
+    before = accuracy(model, test, CPU)
+    config = FinetuneConfig.for_arch("small-cnn")
+    pool: list[Sample] = []
+    history = []
+    for total in (50, 100, 200):
+        new = train[len(pool) : total]
+        stats = finetune_round(model, new, pool, config, CPU)
+        assert stats.new == len(new) and stats.replayed == min(len(pool), 4 * len(new))
+        pool += new
+        history.append(accuracy(model, test, CPU))
+    # Measured with seed 0: 0.10 at init, 0.85 / 0.93 / 0.95 after 50 / 100 / 200 labels.
+    assert before < 0.25
+    assert history[-1] > 0.75, history
+    assert history[-1] > before + 0.5
+
+
+def test_a_round_continues_from_the_previous_weights(
+    digits: tuple[list[Sample], list[Sample]],
+) -> None:
+    train, _ = digits
+    model = _model()
+    initial = _state(model)
+    config = FinetuneConfig.for_arch("small-cnn", min_steps=10)
+    finetune_round(model, train[:40], [], config, CPU)
+    after_one = _state(model)
+    assert not _same(after_one, initial)
+
+    # The first forward of round 2 (scoring the replay pool) sees round 1's weights.
+    seen: list[dict[str, torch.Tensor]] = []
+    hook = model.backbone.register_forward_pre_hook(
+        lambda module, args: seen.append(_state(model)) if not seen else None
+    )
+    finetune_round(model, train[40:80], train[:40], config, CPU)
+    hook.remove()
+    assert seen and _same(seen[0], after_one)
+    after_two = _state(model)
+    assert not _same(after_two, after_one) and not _same(after_two, initial)
+
+
+def test_a_round_is_reproducible_for_a_seed(digits: tuple[list[Sample], list[Sample]]) -> None:
+    train, _ = digits
+    config = FinetuneConfig.for_arch("small-cnn", min_steps=5)
+    runs = []
+    for seed in (3, 3, 4):
+        model = _model()
+        finetune_round(
+            model,
+            train[60:90],
+            train[:60],
+            dataclasses.replace(config, seed=seed),
+            CPU,
+        )
+        runs.append(_state(model))
+    assert _same(runs[0], runs[1])
+    assert not _same(runs[0], runs[2])
+
+
+def _half_wrong_pool(model: WinnowNet, samples: list[Sample]) -> tuple[list[Sample], set[str]]:
+    """Relabels samples so that the model gets exactly the first half wrong."""
+    inputs, _ = stack(samples)
+    predicted = predict_proba(model, inputs, CPU).argmax(axis=1)
+    half = len(samples) // 2
+    pool = [
+        Sample(s.frame_id, s.inputs, int((p + 1) % 10 if i < half else p))
+        for i, (s, p) in enumerate(zip(samples, predicted, strict=True))
+    ]
+    return pool, {s.frame_id for s in pool[:half]}
+
+
+@pytest.mark.parametrize(("weight", "low", "high"), [(4.0, 2.0, 6.0), (1.0, 0.8, 1.25)])
+def test_replay_favours_misclassified_samples(
+    digits: tuple[list[Sample], list[Sample]], weight: float, low: float, high: float
+) -> None:
+    train, _ = digits
+    model = _model()
+    pool, wrong_ids = _half_wrong_pool(model, train[:200])
+    config = FinetuneConfig(hard_replay_weight=weight)
+    rng = np.random.default_rng(0)
+    wrong = right = 0
+    for _ in range(100):
+        chosen, hard = select_replay(model, pool, 40, config, CPU, rng)
+        assert len({s.frame_id for s in chosen}) == 40  # without replacement
+        picked_wrong = sum(s.frame_id in wrong_ids for s in chosen)
+        assert hard == picked_wrong
+        wrong += picked_wrong
+        right += 40 - picked_wrong
+    assert low < wrong / right < high, (wrong, right)
+
+
+def test_a_round_reports_its_hard_replays(digits: tuple[list[Sample], list[Sample]]) -> None:
+    train, _ = digits
+    model = _model()
+    pool, _ = _half_wrong_pool(model, train[:200])
+    stats = finetune_round(model, train[200:210], pool, FinetuneConfig(min_steps=1, epochs=1), CPU)
+    assert stats.replayed == 40  # 4 x 10 new
+    assert stats.replayed_hard > 0.6 * stats.replayed
+
+
+def test_one_new_sample_and_no_replay_trains(digits: tuple[list[Sample], list[Sample]]) -> None:
+    train, _ = digits
+    model = _model()
+    running = model.backbone[1].running_mean.clone()
+    stats = finetune_round(model, train[:1], [], FinetuneConfig(min_steps=3), CPU)
+    assert stats.steps == 3 and math.isfinite(stats.loss)
+    # BatchNorm cannot learn statistics from one sample: they stay as they were.
+    assert torch.equal(model.backbone[1].running_mean, running)
+    assert not model.training
+
+
+def test_a_last_batch_of_one_is_dropped(digits: tuple[list[Sample], list[Sample]]) -> None:
+    train, _ = digits
+    epochs: list[dict[str, float]] = []
+    stats = finetune_round(
+        _model(),
+        train[:33],
+        [],
+        FinetuneConfig(batch_size=32, epochs=2, min_steps=0),
+        CPU,
+        progress=epochs.append,
+    )
+    assert stats.steps == 2  # one full batch per epoch; the lone 33rd sample is left out
+    assert [e["epoch"] for e in epochs] == [1, 2]
+    assert all(set(e) == {"epoch", "loss", "seconds"} for e in epochs)
+
+
+def test_max_steps_caps_a_round(digits: tuple[list[Sample], list[Sample]]) -> None:
+    train, _ = digits
+    stats = finetune_round(_model(), train[:200], [], FinetuneConfig(max_steps=4), CPU)
+    assert stats.steps == 4
+
+
+def test_predict_proba(digits: tuple[list[Sample], list[Sample]]) -> None:
+    train, _ = digits
+    model = _model()
+    model.train()
+    inputs, _ = stack(train[:10])
+    probs = predict_proba(model, inputs, CPU, batch_size=3)
+    assert probs.shape == (10, 10)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+    assert model.training  # the caller's mode is restored
+
+
+def test_config_for_arch() -> None:
+    assert FinetuneConfig.for_arch("small-cnn").lr == 1e-3
+    assert FinetuneConfig.for_arch("resnet18").lr == 1e-4
+    assert FinetuneConfig.for_arch("resnet18", epochs=7).epochs == 7
+    assert FinetuneConfig().replay_count(new=10, pool=1000) == 40
+    assert FinetuneConfig().replay_count(new=1, pool=1000) == 32  # replay_min
+    assert FinetuneConfig().replay_count(new=10, pool=5) == 5
+    with pytest.raises(ValueError):
+        FinetuneConfig(hard_replay_weight=0.0)
+
+
+def test_select_device() -> None:
+    assert select_device("cpu") == CPU
+    assert select_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(DeviceError):
+            select_device("cuda")

@@ -1,0 +1,373 @@
+"""Continuous fine-tuning: each round starts from the current weights.
+
+AIFT (Zhou et al., CVPR 2017) fine-tunes the current model on the labels
+gathered so far instead of restarting from the pretrained one each time; the
+first author notes that this keeps what was learned and costs far less, but
+needs a smaller learning rate. Its journal version (Zhou et al., MedIA 2021,
+"Active, continual fine tuning of convolutional neural networks") answers
+forgetting by training each round on the new labels plus a replay of earlier
+ones, favouring those the current model gets wrong. ``finetune_round`` does
+that: all new samples, plus up to ``replay_ratio`` times as many earlier ones,
+drawn without replacement with weight ``hard_replay_weight`` for samples the
+model currently misclassifies and 1 for the others.
+"""
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from trainer.errors import DeviceError
+from trainer.samples import Sample, stack
+
+log = logging.getLogger(__name__)
+
+_SMALL_ARCHS = frozenset({"small-cnn"})
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """How one fine-tuning round trains.
+
+    Attributes:
+        optimizer: ``adamw`` (default), ``adam`` or ``sgd`` (momentum 0.9); a
+            fresh optimizer per round, so checkpoints carry no optimizer state.
+        lr: learning rate; ``for_arch`` picks 1e-3 for the small CNN trained
+            from scratch and 1e-4 for torchvision backbones, whose (possibly
+            pretrained) features a large step would destroy.
+        weight_decay: decoupled for AdamW, L2 for the others.
+        batch_size: samples per step.
+        epochs: passes over (new + replay) per round.
+        min_steps: at least this many steps per round, so that a small round
+            (say 50 labels, two batches) still moves the weights.
+        max_steps: at most this many steps per round, whatever the epochs say.
+        replay_ratio: replay up to this many earlier samples per new one.
+        replay_min: replay at least this many earlier samples (when the pool
+            has them), so a round of one label still trains on real batches.
+        replay_max: never replay more than this many per round.
+        replay_candidates: the model scores at most this many pool samples
+            (a random subset) to find the misclassified ones.
+        hard_replay_weight: sampling weight of a pool sample the current model
+            misclassifies, against 1 for one it gets right.
+        augment: random translation, scale, brightness and contrast.
+        translate: largest shift, as a fraction of the image side.
+        scale: largest zoom in or out, as a fraction (0.1 = 0.9x to 1.1x).
+        brightness: largest additive shift, in normalized units.
+        contrast: largest multiplicative change around each image's mean.
+        flip: also flip horizontally (off: digits and X-rays are not
+            mirror-symmetric).
+        label_smoothing: of the cross-entropy loss.
+        max_grad_norm: clip the gradient norm; ``None`` to not clip.
+        freeze_batchnorm: keep BatchNorm statistics fixed (eval mode) while
+            training, e.g. for a pretrained backbone and small rounds. Batches
+            of one sample always run BatchNorm in eval mode.
+        seed: with the round's sizes, seeds replay choice, shuffling,
+            augmentation and dropout; a fixed seed gives the same weights on
+            CPU.
+    """
+
+    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 1e-2
+    batch_size: int = 32
+    epochs: int = 3
+    min_steps: int = 100
+    max_steps: int = 500
+    replay_ratio: float = 4.0
+    replay_min: int = 32
+    replay_max: int = 2048
+    replay_candidates: int = 8192
+    hard_replay_weight: float = 4.0
+    augment: bool = True
+    translate: float = 0.0625
+    scale: float = 0.05
+    brightness: float = 0.1
+    contrast: float = 0.1
+    flip: bool = False
+    label_smoothing: float = 0.05
+    max_grad_norm: float | None = 5.0
+    freeze_batchnorm: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0 or self.batch_size < 1 or self.epochs < 1:
+            raise ValueError("lr must be positive, batch_size and epochs at least 1")
+        if self.min_steps < 0 or self.max_steps < 1:
+            raise ValueError("min_steps must be 0 or more and max_steps at least 1")
+        if self.hard_replay_weight <= 0 or self.replay_ratio < 0:
+            raise ValueError("hard_replay_weight must be positive and replay_ratio not negative")
+
+    @classmethod
+    def for_arch(cls, arch: str, **overrides: object) -> "FinetuneConfig":
+        """Defaults for an architecture: a smaller step for torchvision backbones."""
+        lr = 1e-3 if arch in _SMALL_ARCHS else 1e-4
+        fields: dict[str, object] = {"lr": lr, **overrides}
+        return cls(**fields)  # type: ignore[arg-type]
+
+    def replay_count(self, new: int, pool: int) -> int:
+        """How many earlier samples a round with ``new`` samples replays."""
+        wanted = max(math.ceil(self.replay_ratio * new), self.replay_min)
+        return max(0, min(wanted, self.replay_max, pool))
+
+
+@dataclass(frozen=True)
+class RoundStats:
+    """What one round did.
+
+    Attributes:
+        new: new samples trained on.
+        replayed: earlier samples replayed.
+        replayed_hard: of those, how many the model misclassified before the round.
+        steps: optimizer steps.
+        loss: mean training loss of the last epoch.
+        seconds: wall time of the round.
+    """
+
+    new: int
+    replayed: int
+    replayed_hard: int
+    steps: int
+    loss: float
+    seconds: float
+
+
+def select_device(pref: Literal["auto", "cpu", "cuda"] = "auto") -> torch.device:
+    """``auto`` is CUDA when present, else CPU.
+
+    Raises:
+        DeviceError: ``cuda`` was asked for and there is none.
+    """
+    if pref == "cpu":
+        return torch.device("cpu")
+    if pref == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError("device 'cuda' was requested but no CUDA GPU is available")
+        return torch.device("cuda")
+    if pref == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    raise DeviceError(f"unknown device '{pref}'; choose auto, cpu or cuda")
+
+
+def predict_proba(
+    model: nn.Module, inputs: np.ndarray, device: torch.device, batch_size: int = 256
+) -> np.ndarray:
+    """Class probabilities (N x classes) in eval mode; restores the model's mode."""
+    was_training = model.training
+    model.eval()
+    model.to(device)
+    out: list[np.ndarray] = []
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(inputs), batch_size):
+                batch = torch.from_numpy(np.ascontiguousarray(inputs[start : start + batch_size]))
+                probs, _ = model(batch.to(device))
+                out.append(probs.float().cpu().numpy())
+    finally:
+        model.train(was_training)
+    if not out:
+        return np.zeros((0, 0), dtype=np.float32)
+    return np.concatenate(out)
+
+
+def select_replay(
+    model: nn.Module,
+    pool: Sequence[Sample],
+    count: int,
+    config: FinetuneConfig,
+    device: torch.device,
+    rng: np.random.Generator,
+) -> tuple[list[Sample], int]:
+    """Draws ``count`` pool samples, favouring those the model gets wrong.
+
+    Returns:
+        The chosen samples and how many of them the model misclassified.
+    """
+    if count <= 0 or not pool:
+        return [], 0
+    candidates = np.arange(len(pool))
+    if len(pool) > config.replay_candidates:
+        candidates = rng.choice(len(pool), size=config.replay_candidates, replace=False)
+    inputs, labels = stack([pool[int(i)] for i in candidates])
+    wrong = predict_proba(model, inputs, device).argmax(axis=1) != labels
+    weights = np.where(wrong, config.hard_replay_weight, 1.0)
+    count = min(count, len(candidates))
+    picked = rng.choice(len(candidates), size=count, replace=False, p=weights / weights.sum())
+    return [pool[int(candidates[i])] for i in picked], int(wrong[picked].sum())
+
+
+def augment_batch(x: Tensor, config: FinetuneConfig, gen: torch.Generator) -> Tensor:
+    """Random translation, scale, brightness/contrast (and flip) on normalized inputs.
+
+    One affine resampling does shift and zoom per sample; the border pixels
+    extend outwards, so a shifted digit sees its own background, not gray.
+    """
+    n = x.shape[0]
+
+    def uniform(low: float, high: float) -> Tensor:
+        return torch.rand(n, generator=gen) * (high - low) + low
+
+    zoom = uniform(1.0 - config.scale, 1.0 + config.scale)
+    # affine_grid works in [-1, 1]: a shift of a fraction f of the side is 2f.
+    shift_x = uniform(-2 * config.translate, 2 * config.translate)
+    shift_y = uniform(-2 * config.translate, 2 * config.translate)
+    sign = torch.ones(n)
+    if config.flip:
+        sign = torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0)
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0] = zoom * sign
+    theta[:, 1, 1] = zoom
+    theta[:, 0, 2] = shift_x
+    theta[:, 1, 2] = shift_y
+    theta = theta.to(x.device, x.dtype)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    gain = uniform(1.0 - config.contrast, 1.0 + config.contrast).to(x.device)
+    offset = uniform(-config.brightness, config.brightness).to(x.device)
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    return (x - mean) * gain.view(-1, 1, 1, 1) + mean + offset.view(-1, 1, 1, 1)
+
+
+def finetune_round(
+    model: nn.Module,
+    new: Sequence[Sample],
+    replay_pool: Sequence[Sample],
+    config: FinetuneConfig,
+    device: torch.device,
+    progress: Callable[[dict[str, float]], None] | None = None,
+) -> RoundStats:
+    """Fine-tunes ``model`` in place on ``new`` plus a replay of ``replay_pool``.
+
+    Continues from the model's current weights (never re-initializes). The
+    model must have ``logits(x) -> (logits, embedding)`` (a ``WinnowNet``).
+    The model is left in eval mode on ``device``.
+
+    Args:
+        model: the model to train.
+        new: the labels that arrived since the last round.
+        replay_pool: earlier labeled samples (not including ``new``).
+        config: training settings.
+        device: where to train.
+        progress: called after each epoch with ``{epoch, loss, seconds}``.
+    """
+    started = time.perf_counter()
+    seeds = np.random.SeedSequence([config.seed, len(replay_pool), len(new)])
+    rng = np.random.default_rng(seeds)
+    torch_seed = int(seeds.generate_state(1, dtype=np.uint64)[0] & 0x7FFF_FFFF_FFFF_FFFF)
+    model.to(device)
+    count = config.replay_count(len(new), len(replay_pool))
+    replay, hard = select_replay(model, replay_pool, count, config, device, rng)
+    samples = [*new, *replay]
+    if not samples:
+        model.eval()
+        return RoundStats(0, 0, 0, 0, math.nan, time.perf_counter() - started)
+    inputs, labels = stack(samples)
+    x_all = torch.from_numpy(inputs)
+    y_all = torch.from_numpy(labels)
+    gen = torch.Generator().manual_seed(torch_seed)
+    optimizer = _make_optimizer(model, config)
+    batches = _batches_per_epoch(len(samples), config.batch_size)
+    epochs = max(config.epochs, math.ceil(config.min_steps / batches))
+    steps, loss = 0, math.nan
+    devices = [device] if device.type == "cuda" else []
+    # Dropout draws from torch's global generator: fork it so a round is
+    # reproducible without changing the caller's random state.
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(torch_seed)
+        for epoch in range(epochs):
+            epoch_started = time.perf_counter()
+            losses: list[float] = []
+            for index in _epoch_order(len(samples), config.batch_size, gen):
+                if steps >= config.max_steps:
+                    break
+                x, y = x_all[index], y_all[index]
+                if config.augment:
+                    x = augment_batch(x, config, gen)
+                losses.append(_step(model, optimizer, x.to(device), y.to(device), config))
+                steps += 1
+            if not losses:
+                break
+            loss = float(np.mean(losses))
+            if progress is not None:
+                progress(
+                    {
+                        "epoch": epoch + 1,
+                        "loss": loss,
+                        "seconds": time.perf_counter() - epoch_started,
+                    }
+                )
+    model.eval()
+    stats = RoundStats(
+        new=len(new),
+        replayed=len(replay),
+        replayed_hard=hard,
+        steps=steps,
+        loss=loss,
+        seconds=time.perf_counter() - started,
+    )
+    log.info(
+        "finetune round new=%d replayed=%d replayed_hard=%d steps=%d loss=%.4f seconds=%.2f",
+        stats.new,
+        stats.replayed,
+        stats.replayed_hard,
+        stats.steps,
+        stats.loss,
+        stats.seconds,
+    )
+    return stats
+
+
+def _make_optimizer(model: nn.Module, config: FinetuneConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    if config.optimizer == "adam":
+        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(params, lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
+
+
+def _batches_per_epoch(n: int, batch_size: int) -> int:
+    full, rest = divmod(n, batch_size)
+    # A last batch of one sample is dropped (BatchNorm cannot train on it)
+    # unless it is the only batch there is.
+    return max(1, full + (1 if rest >= 2 else 0))
+
+
+def _epoch_order(n: int, batch_size: int, gen: torch.Generator) -> list[Tensor]:
+    order = torch.randperm(n, generator=gen)
+    chunks = list(order.split(batch_size))
+    if len(chunks) > 1 and len(chunks[-1]) < 2:
+        chunks.pop()
+    return chunks
+
+
+def _step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: Tensor,
+    y: Tensor,
+    config: FinetuneConfig,
+) -> float:
+    model.train()
+    if config.freeze_batchnorm or len(x) < 2:
+        _batchnorm_eval(model)
+    optimizer.zero_grad(set_to_none=True)
+    logits, _ = model.logits(x)  # type: ignore[operator]
+    loss = F.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
+    loss.backward()
+    if config.max_grad_norm is not None:
+        nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+    optimizer.step()
+    return float(loss.detach())
+
+
+def _batchnorm_eval(model: nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
