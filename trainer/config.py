@@ -67,6 +67,19 @@ class TrainerSettings(BaseSettings):
         description="HMAC key that signs model releases (shared with the scorer)",
     )
     kafka: TrainerKafkaSettings = Field(default_factory=TrainerKafkaSettings)
+    # The first model, when the data directory has no checkpoint yet (cold start).
+    classes: list[str] = Field(default_factory=list, description="class names, in order")
+    arch: str = "small-cnn"
+    input_size: int = Field(default=32, ge=8)
+    channels: Literal[1, 3] = 3
+    init_weights: Path | None = Field(
+        default=None, description="a local torchvision checkpoint (pretrained) for the backbone"
+    )
+    init_checkpoint: Path | None = Field(
+        default=None, description="a trainer checkpoint (.pt) to start from instead"
+    )
+    model_name: str = "winnow"
+    seed: int = 0
 
     @property
     def store_path(self) -> Path:

@@ -64,6 +64,19 @@ def _model_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from trainer.config import TrainerSettings
+    from trainer.main import run_trainer
+
+    settings = TrainerSettings()
+    if args.classes:
+        settings.classes = [c.strip() for c in args.classes.split(",") if c.strip()]
+    for name in ("arch", "input_size", "channels", "data_dir", "device", "metrics_port"):
+        if getattr(args, name) is not None:
+            setattr(settings, name, getattr(args, name))
+    return run_trainer(settings)
+
+
 def _demo(args: argparse.Namespace) -> int:
     from winnow.demo import run_demo
 
@@ -74,6 +87,9 @@ def _bench_throughput(args: argparse.Namespace) -> int:
     from winnow.bench.throughput import run_throughput_bench
 
     return run_throughput_bench(args)
+
+
+_ARCHS = ("small-cnn", "resnet18", "mobilenet_v3_small", "mobilenet_v3_large")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,13 +119,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--arch",
         default="resnet18",
-        choices=["small-cnn", "resnet18", "mobilenet_v3_small", "mobilenet_v3_large"],
+        choices=list(_ARCHS),
     )
     p.add_argument("--channels", type=int, choices=[1, 3], default=3)
     p.add_argument("--weights", type=Path, help="a local torchvision checkpoint (pretrained)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(func=_model_init)
+
+    p = sub.add_parser("train", help="fine-tune on labels and publish model releases")
+    p.add_argument("--classes", help="comma-separated class names (first start only)")
+    p.add_argument("--arch", choices=list(_ARCHS), help="architecture of the first model")
+    p.add_argument("--input-size", type=int, help="input height and width of the first model")
+    p.add_argument("--channels", type=int, choices=[1, 3])
+    p.add_argument("--data-dir", type=Path, help="sample store and checkpoints")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--metrics-port", type=int)
+    p.set_defaults(func=_train)
 
     p = sub.add_parser("demo", help="broker + scorer + a digits camera, with a live printout")
     p.add_argument("--max-frames", type=int, default=None, help="stop after this many frames")

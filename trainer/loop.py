@@ -1,0 +1,334 @@
+"""``winnow train``: labels in, fine-tuned and verified model releases out.
+
+The loop of AIFT (Zhou et al., CVPR 2017) on live streams: the intake joins
+label requests with labels in a crash-safe store; after ``round_min_labels``
+new labels or ``round_max_seconds`` (whichever comes first) a round starts from
+the current model (continuous fine-tuning, never from scratch), trains on the
+new labels plus a replay of earlier ones weighted towards those the model gets
+wrong, measures the candidate on a holdout drawn from the labels, and, if the
+release gate lets it through, exports it to ONNX, checks parity and publishes
+it on ``winnow.models``. Labels are marked trained only after the release is
+out and the checkpoint is saved, so a trainer killed mid-round redoes the round.
+"""
+
+import asyncio
+import copy
+import logging
+import secrets
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from aiokafka import AIOKafkaProducer
+
+from schemas.model_spec import ModelSpec
+from trainer.architectures import WinnowNet, build_model
+from trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from trainer.config import TrainerSettings
+from trainer.errors import ModelBuildError, SampleError
+from trainer.evaluate import Prequential, accuracy, is_holdout, release_gate
+from trainer.export import check_parity, export_onnx
+from trainer.finetune import FinetuneConfig, finetune_round, predict_proba, select_device
+from trainer.intake import Intake
+from trainer.kafka import create_producer
+from trainer.metrics import TrainerMetrics
+from trainer.model_init import default_normalization, seed_everything
+from trainer.release import publish_release
+from trainer.samples import Sample, decode_sample, stack
+from trainer.store import SampleStore, TrainItem
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RoundReport:
+    """What one round did, for logs, metrics and the demo."""
+
+    version: str
+    released: bool
+    new_labels: int
+    labels_trained: int
+    holdout: int
+    candidate_accuracy: float | None
+    incumbent_accuracy: float | None
+    prequential_accuracy: float
+    seconds: float
+    reason: str
+
+
+@dataclass
+class _Samples:
+    """Decoded samples, cached by (frame id, label) so rounds do not decode twice."""
+
+    cache: dict[tuple[str, str], Sample] = field(default_factory=dict)
+
+    def get(self, item: TrainItem, spec: ModelSpec) -> Sample | None:
+        key = (item.frame_id, item.label)
+        if key not in self.cache:
+            try:
+                index = spec.classes.index(item.label)
+                self.cache[key] = decode_sample(item.frame_id, item.image, index, spec)
+            except (SampleError, ValueError) as error:
+                log.warning("skipping frame %s: %s", item.frame_id, error)
+                return None
+        return self.cache[key]
+
+
+class Trainer:
+    """Owns the model lineage: intake, rounds, evaluation, export and releases."""
+
+    def __init__(self, settings: TrainerSettings, metrics: TrainerMetrics | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics or TrainerMetrics()
+        self.store = SampleStore(settings.store_path, label_merge=settings.label_merge)
+        self.intake = Intake(settings, self.store)
+        self.device = select_device(settings.device)
+        self.prequential = Prequential()
+        self.reports: list[RoundReport] = []
+        self.model: WinnowNet | None = None
+        self.spec: ModelSpec | None = None
+        self.incumbent_accuracy: float | None = None
+        self._samples = _Samples()
+        self._producer: AIOKafkaProducer | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._round_lock = asyncio.Lock()
+
+    async def __aenter__(self) -> "Trainer":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        """Loads or creates the model (publishing a cold-start release), then starts intake."""
+        (self.settings.data_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        self._producer = create_producer(self.settings.kafka)
+        await self._producer.start()
+        self.model, self.spec, fresh = await asyncio.to_thread(self._initial_model)
+        if fresh:
+            await self._release(self.model, self.spec)
+        self.metrics.labels_trained.set(self.spec.labels_trained)
+        await self.intake.start()
+        self._task = asyncio.create_task(self._run(), name="trainer-rounds")
+        log.info(
+            "trainer started: model %s (%s, %d classes) on %s",
+            self.spec.version,
+            self.spec.arch,
+            len(self.spec.classes),
+            self.device,
+        )
+
+    async def stop(self) -> None:
+        """Stops the rounds and the intake; a round in progress is redone on the next start."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        await self.intake.stop()
+        if self._producer is not None:
+            await self._producer.stop()
+            self._producer = None
+        self.store.close()
+
+    async def wait(self) -> None:
+        """Returns when the round loop ends; raises its failure."""
+        if self._task is not None:
+            await self._task
+
+    # -- the loop --------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        settings = self.settings
+        last_round = time.monotonic()
+        while True:
+            untrained = await asyncio.to_thread(self.store.untrained_count)
+            waited = time.monotonic() - last_round
+            if untrained >= settings.round_min_labels or (
+                untrained and waited >= settings.round_max_seconds
+            ):
+                await self.run_round()
+                last_round = time.monotonic()
+                continue
+            self.intake.new_labels.clear()
+            timeout = settings.round_max_seconds - waited if untrained else None
+            try:
+                await asyncio.wait_for(self.intake.new_labels.wait(), timeout)
+            except TimeoutError:
+                pass
+
+    async def run_round(self) -> RoundReport | None:
+        """One round on every untrained label; None when there was nothing to learn."""
+        async with self._round_lock:
+            items = await asyncio.to_thread(self.store.trainable)
+            new_items = await asyncio.to_thread(self.store.trainable, True)
+            if not new_items:
+                return None
+            report = await asyncio.to_thread(self._train, items, new_items)
+            if report.released:
+                assert self.model is not None and self.spec is not None
+                await self._release(self.model, self.spec)
+            await asyncio.to_thread(self.store.mark_trained, new_items, report.version)
+            self._account(report)
+            return report
+
+    def _train(self, items: list[TrainItem], new_items: list[TrainItem]) -> RoundReport:
+        """The CPU/GPU part of a round, in a worker thread."""
+        assert self.model is not None and self.spec is not None
+        started, spec, fraction = time.perf_counter(), self.spec, self.settings.holdout_fraction
+        new_ids = {item.frame_id for item in new_items}
+        samples = [(item, self._samples.get(item, spec)) for item in items]
+        samples = [(item, s) for item, s in samples if s is not None]
+        holdout = [s for item, s in samples if is_holdout(item.frame_id, fraction)]
+        train = [s for item, s in samples if not is_holdout(item.frame_id, fraction)]
+        new = [s for s in train if s.frame_id in new_ids]
+        replay = [s for s in train if s.frame_id not in new_ids]
+        self._prequential([s for _, s in samples if s.frame_id in new_ids])
+        candidate = copy.deepcopy(self.model)
+        stats = finetune_round(
+            candidate,
+            new,
+            replay,
+            FinetuneConfig.for_arch(spec.arch, seed=self.settings.seed),
+            self.device,
+            progress=lambda p: log.info(
+                "round: epoch %d loss %.4f (%.1fs)", int(p["epoch"]), p["loss"], p["seconds"]
+            ),
+        )
+        candidate_acc = accuracy(candidate, holdout, self.device) if holdout else None
+        incumbent_acc = accuracy(self.model, holdout, self.device) if holdout else None
+        gate = release_gate(candidate_acc, incumbent_acc, self.settings.release_margin)
+        labels_trained = spec.labels_trained + len(new)
+        version = self._next_version(labels_trained)
+        if gate.accepted:
+            self.model, self.incumbent_accuracy = candidate, candidate_acc
+            self.spec = spec.model_copy(
+                update={
+                    "version": version,
+                    "parent_version": spec.version,
+                    "labels_trained": labels_trained,
+                    "metrics": _metrics(candidate_acc, self.prequential, len(holdout), stats.loss),
+                }
+            )
+        log.info(
+            "round: %d new, %d replayed, %d holdout, loss %.4f in %.1fs; %s: %s",
+            stats.new,
+            stats.replayed,
+            len(holdout),
+            stats.loss,
+            stats.seconds,
+            "release " + version if gate.accepted else "rejected",
+            gate.reason,
+        )
+        return RoundReport(
+            version=version if gate.accepted else spec.version,
+            released=gate.accepted,
+            new_labels=len(new_ids),
+            labels_trained=self.spec.labels_trained,
+            holdout=len(holdout),
+            candidate_accuracy=candidate_acc,
+            incumbent_accuracy=incumbent_acc,
+            prequential_accuracy=self.prequential.accuracy,
+            seconds=time.perf_counter() - started,
+            reason=gate.reason,
+        )
+
+    def _prequential(self, new: list[Sample]) -> None:
+        """Scores the current model on labels it has not seen yet (test, then train)."""
+        if not new:
+            return
+        assert self.model is not None
+        inputs, labels = stack(new)
+        predicted = predict_proba(self.model, inputs, self.device).argmax(axis=1)
+        for correct in (predicted == labels).tolist():
+            self.prequential.update(bool(correct))
+
+    def _next_version(self, labels_trained: int) -> str:
+        generation = int((self.spec.metrics if self.spec else {}).get("generation", 0)) + 1
+        return f"{generation:04d}-{labels_trained}l-{secrets.token_hex(3)}"
+
+    # -- releases --------------------------------------------------------------------------
+
+    async def _release(self, model: WinnowNet, spec: ModelSpec) -> None:
+        """Exports, checks parity, publishes, then saves the checkpoint."""
+        assert self._producer is not None
+        artifact = await asyncio.to_thread(self._export, model, spec)
+        key = self.settings.model_signing_key
+        await publish_release(
+            self._producer,
+            self.settings.kafka.topics.models,
+            artifact,
+            spec,
+            key.get_secret_value().encode() if key else None,
+            model_name=self.settings.model_name,
+        )
+        await asyncio.to_thread(
+            save_checkpoint, self.settings.data_dir / "checkpoints", model, spec
+        )
+        self.metrics.releases.labels(result="published").inc()
+        self.metrics.labels_trained.set(spec.labels_trained)
+        log.info("published model %s (%d labels)", spec.version, spec.labels_trained)
+
+    def _export(self, model: WinnowNet, spec: ModelSpec) -> bytes:
+        with tempfile.TemporaryDirectory(prefix="winnow-export-") as tmp:
+            path = Path(tmp) / "model.onnx"
+            export_onnx(model, spec, path)
+            check_parity(model, path, spec)
+            return path.read_bytes()
+
+    def _initial_model(self) -> tuple[WinnowNet, ModelSpec, bool]:
+        """The latest checkpoint, a given one, or a fresh model (cold start)."""
+        settings = self.settings
+        found = latest_checkpoint(settings.data_dir / "checkpoints") or settings.init_checkpoint
+        if found is not None:
+            model, spec = load_checkpoint(found)
+            return model, spec, found == settings.init_checkpoint
+        if len(settings.classes) < 2:
+            raise ModelBuildError(
+                "no checkpoint in the data directory: set WINNOW_TRAINER_CLASSES (or --classes) "
+                "to at least two class names to create the first model"
+            )
+        seed_everything(settings.seed)
+        model = build_model(
+            settings.arch, len(settings.classes), settings.channels, weights=settings.init_weights
+        )
+        mean, std = default_normalization(settings.channels)
+        spec = ModelSpec(
+            name=settings.model_name,
+            version=f"0000-init-{secrets.token_hex(3)}",
+            arch=settings.arch,
+            classes=list(settings.classes),
+            input_size=(settings.input_size, settings.input_size),
+            channels=settings.channels,
+            mean=list(mean),
+            std=list(std),
+            embedding_dim=model.embedding_dim,
+            metrics={"generation": 0.0},
+        )
+        return model, spec, True
+
+    def _account(self, report: RoundReport) -> None:
+        self.reports.append(report)
+        self.metrics.rounds.labels(result="released" if report.released else "rejected").inc()
+        if not report.released:
+            self.metrics.releases.labels(result="rejected").inc()
+        self.metrics.round_seconds.observe(report.seconds)
+        self.metrics.labels_received.inc(report.new_labels)
+        self.metrics.prequential_accuracy.set(report.prequential_accuracy)
+        if self.incumbent_accuracy is not None:
+            self.metrics.holdout_accuracy.set(self.incumbent_accuracy)
+
+
+def _metrics(
+    holdout_acc: float | None, prequential: Prequential, holdout: int, loss: float
+) -> dict[str, float]:
+    out = {
+        "prequential_accuracy": prequential.accuracy,
+        "holdout_size": float(holdout),
+        "train_loss": loss,
+    }
+    if holdout_acc is not None:
+        out["holdout_accuracy"] = holdout_acc
+    return {k: float(v) for k, v in out.items() if not np.isnan(v)}
