@@ -12,7 +12,8 @@ from pydantic import Base64Bytes, BaseModel, Field
 
 from schemas.model_spec import ModelSpec
 
-MAX_CHUNK_BYTES = 768 * 1024  # base64 grows it by 4/3: still under 1 MiB on the wire
+MAX_CHUNK_BYTES = 752 * 1024
+"""Artifact bytes per chunk: base64 (4/3) plus the JSON around it stay under 1 MiB."""
 
 
 class ModelManifest(BaseModel):
@@ -26,7 +27,11 @@ class ModelManifest(BaseModel):
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     size_bytes: int = Field(gt=0)
     chunk_count: int = Field(gt=0)
-    signature: str | None = Field(default=None, description="hex HMAC-SHA256 of the artifact")
+    signature: str | None = Field(
+        default=None,
+        description="hex HMAC-SHA256 over 'winnow-release-v1' NUL model_name NUL version NUL "
+        "sha256 (see schemas/release_codec.py)",
+    )
     spec: ModelSpec
 
 

@@ -63,6 +63,12 @@ class ScorerMetrics:
         self.commits = Counter(
             "winnow_offset_commits", "Offset commits, by result", ["result"], registry=r
         )
+        self.model_swaps = Counter(
+            "winnow_model_swaps",
+            "Model releases handled, by result (ok, pinned, rejected_<reason>, load_failed)",
+            ["result"],
+            registry=r,
+        )
 
         self.labels_received = Counter(
             "winnow_labels_received",

@@ -1,0 +1,144 @@
+"""Publishes a model release on ``winnow.models``: one manifest, then the artifact in chunks.
+
+Every record is keyed by the model name, so a release lands on one partition
+and its chunks follow its manifest in order. The manifest carries the
+artifact's sha256 and, with a signing key, its signature (the format is in
+:mod:`schemas.release_codec`).
+"""
+
+import asyncio
+import base64
+import logging
+from datetime import UTC, datetime
+
+from aiokafka import AIOKafkaProducer
+
+from schemas.model_spec import ModelSpec
+from schemas.models import ModelChunk, ModelManifest
+from schemas.release_codec import MAX_RECORD_BYTES, sha256_hex, sign, split_chunks
+from trainer.errors import TrainerError
+
+log = logging.getLogger(__name__)
+
+
+class ReleasePublishError(TrainerError):
+    """A release that cannot be built or that the broker did not acknowledge."""
+
+
+def build_release(
+    artifact: bytes,
+    spec: ModelSpec,
+    signing_key: bytes | None,
+    model_name: str | None = None,
+) -> tuple[ModelManifest, list[ModelChunk]]:
+    """Builds the manifest and chunks of one release.
+
+    Args:
+        artifact: the ONNX file's bytes; its metadata must carry ``spec``.
+        spec: the model's spec; its version is the release's version.
+        signing_key: the HMAC key's bytes, or None to publish unsigned.
+        model_name: the record key and the manifest's name; ``spec.name`` if None.
+
+    Returns:
+        ``(manifest, chunks)``; the chunks in index order.
+
+    Raises:
+        ReleasePublishError: an empty artifact or an unsignable name or version.
+    """
+    name = model_name or spec.name
+    try:
+        pieces = split_chunks(artifact)
+        signature = (
+            sign(artifact, signing_key, model_name=name, version=spec.version)
+            if signing_key is not None
+            else None
+        )
+    except ValueError as exc:
+        raise ReleasePublishError(f"cannot build release {name} {spec.version}: {exc}") from exc
+    manifest = ModelManifest(
+        model_name=name,
+        version=spec.version,
+        parent_version=spec.parent_version,
+        created_at=datetime.now(UTC),
+        sha256=sha256_hex(artifact),
+        size_bytes=len(artifact),
+        chunk_count=len(pieces),
+        signature=signature,
+        spec=spec,
+    )
+    # ``data`` is Base64Bytes: it validates (decodes) base64, so it is given encoded.
+    chunks = [
+        ModelChunk(
+            model_name=name,
+            version=spec.version,
+            index=i,
+            count=len(pieces),
+            data=base64.b64encode(piece),
+        )
+        for i, piece in enumerate(pieces)
+    ]
+    return manifest, chunks
+
+
+def encode_records(manifest: ModelManifest, chunks: list[ModelChunk]) -> list[bytes]:
+    """The record values, manifest first; each checked against the 1 MiB limit.
+
+    Raises:
+        ReleasePublishError: a record would exceed ``MAX_RECORD_BYTES``.
+    """
+    values = [manifest.model_dump_json().encode()]
+    values += [chunk.model_dump_json().encode() for chunk in chunks]
+    for value in values:
+        if len(value) > MAX_RECORD_BYTES:
+            raise ReleasePublishError(
+                f"a record of release {manifest.version} would be {len(value)} bytes, "
+                f"over the {MAX_RECORD_BYTES}-byte limit"
+            )
+    return values
+
+
+async def publish_release(
+    producer: AIOKafkaProducer,
+    topic: str,
+    artifact: bytes,
+    spec: ModelSpec,
+    signing_key: bytes | None,
+    model_name: str | None = None,
+) -> ModelManifest:
+    """Publishes a release and waits until the broker has acknowledged every record.
+
+    Args:
+        producer: a started producer (``acks="all"`` recommended).
+        topic: the models topic, e.g. ``winnow.models``.
+        artifact: the ONNX file's bytes.
+        spec: the model's spec.
+        signing_key: the HMAC key's bytes, or None to publish unsigned.
+        model_name: the record key; ``spec.name`` if None.
+
+    Returns:
+        The published manifest.
+
+    Raises:
+        ReleasePublishError: the release cannot be built.
+        aiokafka.errors.KafkaError: the broker refused or did not acknowledge a record.
+    """
+    manifest, chunks = build_release(artifact, spec, signing_key, model_name)
+    key = manifest.model_name.encode()
+    # send() returns once a record is queued; queueing in order on one key keeps it in order.
+    values = encode_records(manifest, chunks)
+    futures = [await producer.send(topic, value, key=key) for value in values]
+    metadata = await asyncio.gather(*futures)
+    log.info(
+        "release published: topic=%s partition=%d offsets=%d-%d model=%s version=%s "
+        "bytes=%d chunks=%d signed=%s",
+        topic,
+        metadata[0].partition,
+        metadata[0].offset,
+        metadata[-1].offset,
+        manifest.model_name,
+        manifest.version,
+        manifest.size_bytes,
+        manifest.chunk_count,
+        manifest.signature is not None,
+    )
+    return manifest
