@@ -57,7 +57,37 @@ class ModelInfo(BaseModel):
     arch: str
     classes: list[str]
     input_size: tuple[int, int]
-    provider: str
+    provider: str = Field(description="the ONNX Runtime execution provider in use")
+    labels_trained: int = 0
+    parent_version: str | None = None
+
+
+class ReleaseEntry(BaseModel):
+    """One model release as the scorer saw it."""
+
+    model_name: str
+    version: str
+    parent_version: str | None = None
+    created_at: datetime
+    sha256: str
+    labels_trained: int = 0
+    metrics: dict[str, float] = Field(default_factory=dict)
+    status: Literal["active", "available", "rejected"]
+    reason: str | None = None
+    pinnable: bool = False
+
+
+class ModelStatus(BaseModel):
+    """What ``GET /v1/model`` answers: the model serving and the releases seen."""
+
+    current: ModelInfo
+    pinned: str | None = Field(default=None, description="the pinned version, if any")
+    following_releases: bool
+    history: list[ReleaseEntry]
+
+
+class ModelPin(BaseModel):
+    version: str = Field(min_length=1)
 
 
 class FrameCounts(BaseModel):

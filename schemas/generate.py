@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from schemas.api import PolicyState, PolicyUpdate, ScorerStatus
+from schemas.api import ModelPin, ModelStatus, PolicyState, PolicyUpdate, ScorerStatus
 from schemas.dead_letter import DeadLetter
 from schemas.drift import DriftEvent
 from schemas.frames import FrameHeaders
@@ -35,6 +35,8 @@ SCHEMAS: dict[str, type[BaseModel]] = {
     "api-policy-state": PolicyState,
     "api-policy-update": PolicyUpdate,
     "api-status": ScorerStatus,
+    "api-model-status": ModelStatus,
+    "api-model-pin": ModelPin,
 }
 
 

@@ -8,7 +8,7 @@ import asyncio
 import hmac
 import logging
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Annotated
 
 from fastapi import Depends, FastAPI, HTTPException, Request, Response, status
@@ -19,6 +19,8 @@ from schemas.api import (
     FrameCounts,
     Health,
     ModelInfo,
+    ModelPin,
+    ModelStatus,
     PolicyState,
     PolicyUpdate,
     Readiness,
@@ -28,6 +30,8 @@ from service.config import Settings
 from service.errors import ConfigError
 from service.inference import OnnxModel
 from service.kafka.admin import ensure_winnow_topics
+from service.metrics import ScorerMetrics
+from service.releases import ModelReleases, ReleaseError
 from service.scorer import Scorer
 
 log = logging.getLogger(__name__)
@@ -44,10 +48,30 @@ def create_app(settings: Settings, model: OnnxModel | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        loaded = model or _load_model(settings)
         await ensure_winnow_topics(settings.kafka)
-        async with Scorer(settings, loaded) as scorer:
-            app.state.scorer = scorer
+        metrics = ScorerMetrics()
+        loaded = model or _load_model(settings)
+        async with AsyncExitStack() as stack:
+            releases = None
+            if settings.scorer.follow_releases:
+                releases = ModelReleases(
+                    settings,
+                    metrics=metrics,
+                    current_version=loaded and loaded.version,
+                    keep_artifacts=settings.scorer.keep_releases,
+                )
+                await stack.enter_async_context(releases)
+                loaded = loaded or await _first_release(releases, settings)
+            if loaded is None:
+                raise ConfigError(
+                    "no model: pass --model PATH.onnx, or let the scorer follow releases"
+                )
+            scorer = await stack.enter_async_context(Scorer(settings, loaded, metrics=metrics))
+            if releases is not None:
+                releases.on_model = lambda new, _manifest: scorer.swap_model(new)
+                if releases.model is not None and releases.model is not scorer.model:
+                    scorer.swap_model(releases.model)  # a release landed while starting
+            app.state.scorer, app.state.releases = scorer, releases
             watcher = asyncio.create_task(_watch(app, scorer))
             try:
                 yield
@@ -67,10 +91,18 @@ def create_app(settings: Settings, model: OnnxModel | None = None) -> FastAPI:
     return app
 
 
-def _load_model(settings: Settings) -> OnnxModel:
+def _load_model(settings: Settings) -> OnnxModel | None:
     if settings.scorer.model_path is None:
-        raise ConfigError("no model: pass --model PATH.onnx or set WINNOW_SCORER_MODEL_PATH")
+        return None
     return OnnxModel.load(settings.scorer.model_path, device=settings.device)
+
+
+async def _first_release(releases: ModelReleases, settings: Settings) -> OnnxModel:
+    log.info(
+        "no model file given: waiting for the first release on %s (start `winnow train`)",
+        settings.kafka.topics.models,
+    )
+    return await releases.wait_for_first()
 
 
 async def _watch(app: FastAPI, scorer: Scorer) -> None:
@@ -134,17 +166,11 @@ def _routes(app: FastAPI) -> None:
 
     @app.get("/v1/status", response_model=ScorerStatus, tags=["scorer"])
     async def get_status(request: Request, scorer: ScorerDep) -> ScorerStatus:
-        spec, policy = scorer.model.spec, scorer.policy.state()
+        policy = scorer.policy.state()
         return ScorerStatus(
             ready=request.app.state.failure is None and bool(scorer.assigned),
             started_at=scorer.started_at,
-            model=ModelInfo(
-                version=scorer.model.version,
-                arch=spec.arch,
-                classes=spec.classes,
-                input_size=spec.input_size,
-                provider=scorer.model.provider,
-            ),
+            model=_model_info(scorer),
             policy=policy,
             frames=FrameCounts(**scorer.counts),
             partitions=[f"{tp.topic}:{tp.partition}" for tp in scorer.assigned],
@@ -168,3 +194,62 @@ def _routes(app: FastAPI) -> None:
             raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(error)) from error
         log.info("policy changed: %s", change.model_dump(exclude_none=True))
         return state
+
+    @app.get("/v1/model", response_model=ModelStatus, tags=["model"])
+    async def get_model(request: Request, scorer: ScorerDep) -> ModelStatus:
+        releases: ModelReleases | None = request.app.state.releases
+        return ModelStatus(
+            current=_model_info(scorer),
+            pinned=releases.pinned if releases else None,
+            following_releases=releases is not None,
+            history=list(releases.history()) if releases else [],
+        )
+
+    @app.post(
+        "/v1/model/pin",
+        response_model=ModelStatus,
+        tags=["model"],
+        dependencies=[Depends(_require_admin)],
+    )
+    async def pin_model(pin: ModelPin, request: Request, scorer: ScorerDep) -> ModelStatus:
+        releases = _releases(request)
+        try:
+            await releases.pin(pin.version)
+        except ReleaseError as error:
+            code = {"unknown": 404, "evicted": 409}.get(error.reason, 422)
+            raise HTTPException(code, str(error)) from error
+        log.info("model pinned to %s", pin.version)
+        return await get_model(request, scorer)
+
+    @app.post(
+        "/v1/model/unpin",
+        response_model=ModelStatus,
+        tags=["model"],
+        dependencies=[Depends(_require_admin)],
+    )
+    async def unpin_model(request: Request, scorer: ScorerDep) -> ModelStatus:
+        await _releases(request).unpin()
+        return await get_model(request, scorer)
+
+
+def _releases(request: Request) -> ModelReleases:
+    releases: ModelReleases | None = request.app.state.releases
+    if releases is None:
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            "this scorer does not follow releases (WINNOW_SCORER_FOLLOW_RELEASES)",
+        )
+    return releases
+
+
+def _model_info(scorer: Scorer) -> ModelInfo:
+    spec = scorer.model.spec
+    return ModelInfo(
+        version=scorer.model.version,
+        arch=spec.arch,
+        classes=spec.classes,
+        input_size=spec.input_size,
+        provider=scorer.model.provider,
+        labels_trained=spec.labels_trained,
+        parent_version=spec.parent_version,
+    )

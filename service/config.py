@@ -64,6 +64,10 @@ class ScorerSettings(BaseSettings):
     max_frame_bytes: int = Field(default=20 * 1024 * 1024, gt=0)
     max_pixels: int = Field(default=50_000_000, gt=0, description="checked before full decode")
     publish_predictions: bool = True
+    follow_releases: bool = Field(
+        default=True, description="swap in verified releases from the models topic"
+    )
+    keep_releases: int = Field(default=5, ge=1, description="verified artifacts kept for pinning")
     dead_letter_max_value_bytes: int = Field(default=900 * 1024, ge=0)
 
 

@@ -18,13 +18,13 @@ import logging
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Annotated, Any, ClassVar, Literal
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
-from pydantic import BaseModel, Field, TypeAdapter, ValidationError
+from pydantic import Field, TypeAdapter, ValidationError
 
+from schemas.api import ReleaseEntry
 from schemas.models import ModelChunk, ModelManifest
 from schemas.release_codec import sha256_hex, verify_signature
 from service.config import Settings
@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 ReleaseReason = Literal[
     "checksum", "signature", "unsigned", "incomplete", "load", "spec", "unknown", "evicted"
 ]
-ReleaseStatus = Literal["active", "available", "rejected"]
+ReleaseStatus = Literal["active", "available", "rejected"]  # as in schemas.api.ReleaseEntry
 OnModel = Callable[[OnnxModel, ModelManifest], Any]
 
 _RECORD: TypeAdapter[ModelManifest | ModelChunk] = TypeAdapter(
@@ -67,19 +67,8 @@ class ReleaseError(WinnowError):
         self.detail = detail
 
 
-class ReleaseInfo(BaseModel):
-    """One release as the scorer saw it."""
-
-    model_name: str
-    version: str
-    parent_version: str | None = None
-    created_at: datetime
-    sha256: str
-    labels_trained: int = 0
-    metrics: dict[str, float] = Field(default_factory=dict)
-    status: ReleaseStatus
-    reason: str | None = None
-    pinnable: bool = False
+class ReleaseInfo(ReleaseEntry):
+    """One release as the scorer saw it (the wire shape of ``GET /v1/model``'s history)."""
 
     @classmethod
     def of(

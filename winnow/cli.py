@@ -137,18 +137,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=int)
     p.set_defaults(func=_train)
 
-    p = sub.add_parser("demo", help="broker + scorer + a digits camera, with a live printout")
-    p.add_argument("--max-frames", type=int, default=None, help="stop after this many frames")
-    p.add_argument("--rate", type=float, default=200.0, help="frames per second (0: flat out)")
-    p.add_argument("--budget", type=float, default=0.05, help="fraction of frames to label")
-    p.add_argument("--policy", default="variable")
-    p.add_argument("--http-port", type=int, default=8000, help="HTTP API port (0: any free)")
+    p = sub.add_parser("demo", help="the whole loop on one machine, with a summary and plot")
     p.add_argument(
-        "--corrupt-every",
-        type=int,
-        default=300,
-        help="truncate every Nth frame to show the dead-letter path (0: never)",
+        "--dataset",
+        default="digits",
+        help="digits, or a MedMNIST-layout .npz such as ../shared/data/pneumoniamnist.npz",
     )
+    p.add_argument("--max-frames", type=int, default=None, help="stream at most this many frames")
+    p.add_argument("--rate", type=float, default=100.0, help="frames per second (0: flat out)")
+    p.add_argument("--budget", type=float, default=0.1, help="fraction of frames to label")
+    p.add_argument("--policy", default="variable")
+    p.add_argument("--label-delay", type=float, default=0.05, help="seconds per answer")
+    p.add_argument("--label-rate", type=float, default=20.0, help="answers per second, at most")
+    p.add_argument("--round-labels", type=int, default=20, help="new labels that start a round")
+    p.add_argument("--round-seconds", type=float, default=10.0, help="or seconds since the last")
+    p.add_argument("--input-size", type=int, default=None, help="model input (16 digits, 28 npz)")
+    p.add_argument("--http-port", type=int, default=8000, help="HTTP API port (0: any free)")
+    p.add_argument("--plot", type=Path, default=Path("winnow-demo.png"))
     p.add_argument("--json", type=Path, help="write a JSON summary here")
     p.set_defaults(func=_demo)
 
