@@ -30,9 +30,10 @@ def _serve(args: argparse.Namespace) -> int:
         settings.http.host = args.host
     if args.port is not None:
         settings.http.port = args.port
-    if settings.scorer.model_path is None:
+    if settings.scorer.model_path is None and not settings.scorer.follow_releases:
         print(
-            "winnow serve: no model; pass --model PATH.onnx (make one with `winnow model init`)",
+            "winnow serve: no model; pass --model PATH.onnx (make one with `winnow model init`) "
+            "or follow the releases of `winnow train` (WINNOW_SCORER_FOLLOW_RELEASES=true)",
             file=sys.stderr,
         )
         return 2

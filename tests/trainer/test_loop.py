@@ -115,7 +115,7 @@ async def test_labels_survive_a_restart_and_train_in_the_next_round(
         await _feed(kafka_settings, winnow_topics, pngs, targets, range(0, 40))
         async with asyncio.timeout(60):
             while trainer.store.untrained_count() < 40:
-                await asyncio.sleep(0.1)
+                await asyncio.sleep(0.1)  # noqa: ASYNC110 - polls the store
         cold_version = trainer.spec.version
     # a new trainer on the same data directory: same model lineage, labels still there
     async with Trainer(settings) as again:
