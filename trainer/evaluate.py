@@ -100,15 +100,25 @@ class GateDecision:
 
 
 def release_gate(
-    candidate_acc: float | None, incumbent_acc: float | None, margin: float
+    candidate_acc: float | None,
+    incumbent_acc: float | None,
+    margin: float,
+    holdout_size: int | None = None,
 ) -> GateDecision:
     """Accepts a candidate unless it is worse than the incumbent by more than ``margin``.
 
     With no holdout figure for either model yet (no held-out labels, or no
     model serving), there is nothing to compare and the candidate is accepted.
+    With ``holdout_size``, the margin is at least two standard errors of the
+    difference of two accuracies measured on that many frames
+    (``2 * sqrt(2 p (1 - p) / n)``), so that a small holdout's noise alone does
+    not block a model; as the holdout grows the configured margin takes over.
     """
     candidate = math.nan if candidate_acc is None else float(candidate_acc)
     incumbent = math.nan if incumbent_acc is None else float(incumbent_acc)
+    if holdout_size and not math.isnan(incumbent):
+        p = min(max(incumbent, 0.0), 1.0)
+        margin = max(margin, 2 * math.sqrt(2 * p * (1 - p) / holdout_size))
     if math.isnan(candidate):
         return GateDecision(True, candidate, incumbent, margin, "no holdout accuracy yet")
     if math.isnan(incumbent):

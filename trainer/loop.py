@@ -193,13 +193,15 @@ class Trainer:
             replay,
             FinetuneConfig.for_arch(spec.arch, seed=self.settings.seed),
             self.device,
-            progress=lambda p: log.info(
+            progress=lambda p: log.debug(
                 "round: epoch %d loss %.4f (%.1fs)", int(p["epoch"]), p["loss"], p["seconds"]
             ),
         )
         candidate_acc = accuracy(candidate, holdout, self.device) if holdout else None
         incumbent_acc = accuracy(self.model, holdout, self.device) if holdout else None
-        gate = release_gate(candidate_acc, incumbent_acc, self.settings.release_margin)
+        gate = release_gate(
+            candidate_acc, incumbent_acc, self.settings.release_margin, holdout_size=len(holdout)
+        )
         labels_trained = spec.labels_trained + len(new)
         version = self._next_version(labels_trained)
         if gate.accepted:
@@ -209,7 +211,10 @@ class Trainer:
                     "version": version,
                     "parent_version": spec.version,
                     "labels_trained": labels_trained,
-                    "metrics": _metrics(candidate_acc, self.prequential, len(holdout), stats.loss),
+                    "metrics": {
+                        **_metrics(candidate_acc, self.prequential, len(holdout), stats.loss),
+                        "generation": float(self._generation() + 1),
+                    },
                 }
             )
         log.info(
@@ -245,9 +250,11 @@ class Trainer:
         for correct in (predicted == labels).tolist():
             self.prequential.update(bool(correct))
 
+    def _generation(self) -> int:
+        return int((self.spec.metrics if self.spec else {}).get("generation", 0))
+
     def _next_version(self, labels_trained: int) -> str:
-        generation = int((self.spec.metrics if self.spec else {}).get("generation", 0)) + 1
-        return f"{generation:04d}-{labels_trained}l-{secrets.token_hex(3)}"
+        return f"{self._generation() + 1:04d}-{labels_trained}l-{secrets.token_hex(3)}"
 
     # -- releases --------------------------------------------------------------------------
 

@@ -81,3 +81,12 @@ def test_gate_accepts_within_the_margin_and_rejects_beyond_it() -> None:
     assert not rejected.accepted
     assert (rejected.candidate, rejected.incumbent, rejected.margin) == (0.85, 0.90, 0.02)
     assert "below" in rejected.reason
+
+
+def test_the_gate_margin_widens_for_a_small_holdout() -> None:
+    from trainer.evaluate import release_gate
+
+    # one frame worse out of 20 is noise: accepted; the same drop on 2000 frames is not
+    assert release_gate(0.90, 0.95, 0.02, holdout_size=20).accepted
+    assert not release_gate(0.90, 0.95, 0.02, holdout_size=2000).accepted
+    assert release_gate(0.90, 0.95, 0.02, holdout_size=2000).margin == 0.02

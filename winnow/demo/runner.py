@@ -1,0 +1,312 @@
+"""The demo's orchestration: start everything, stream, watch, summarize."""
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import uvicorn
+
+from schemas.frames import FrameHeaders
+from service.api import create_app
+from service.config import KafkaSettings, PolicySettings, Settings
+from service.kafka.admin import ensure_winnow_topics
+from service.kafka.broker import EmbeddedBroker
+from service.kafka.producer import create_producer
+from service.scorer import Scorer
+from trainer.config import TrainerKafkaSettings, TrainerSettings
+from trainer.loop import Trainer
+from winnow.datasets import ImageDataset, encode_png, load_dataset
+from winnow.demo.evaluation import Point, full_label_accuracy, onnx_accuracy, plot, test_inputs
+from winnow.demo.labeler import SimulatedLabelers
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Progress:
+    sent: int = 0
+    versions: list[str] = field(default_factory=list)
+    points: list[Point] = field(default_factory=list)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    return asyncio.run(_demo(args))
+
+
+async def _demo(args: argparse.Namespace) -> int:
+    if not args.verbose:  # the demo prints its own story; logs only for trouble
+        logging.getLogger().setLevel(logging.WARNING)
+    data = load_dataset(args.dataset)
+    settings = Settings(policy=PolicySettings(name=args.policy, budget=args.budget, seed=0))
+    settings.scorer.max_wait_ms = 10
+    with tempfile.TemporaryDirectory(prefix="winnow-demo-") as tmp, _Broker(settings) as where:
+        await ensure_winnow_topics(settings.kafka)
+        async with Trainer(_trainer_settings(settings.kafka, data, args, Path(tmp))) as trainer:
+            app = create_app(settings)
+            server = uvicorn.Server(
+                uvicorn.Config(app, host="127.0.0.1", port=args.http_port, log_level="warning")
+            )
+            serving = asyncio.create_task(server.serve())
+            while not server.started:
+                if serving.done():
+                    return 1
+                await asyncio.sleep(0.05)
+            port = server.servers[0].sockets[0].getsockname()[1]
+            print(
+                f"winnow demo: {data.name} ({len(data.train_images)} frames to stream), broker "
+                f"{where}, scorer API http://127.0.0.1:{port}/v1/status, policy {args.policy} "
+                f"at budget {args.budget:.0%}",
+                flush=True,
+            )
+            try:
+                summary = await _run(app.state.scorer, trainer, settings, data, args)
+            finally:
+                server.should_exit = True
+                await serving
+    _finish(summary, args)
+    return 0
+
+
+async def _run(
+    scorer: Scorer,
+    trainer: Trainer,
+    settings: Settings,
+    data: ImageDataset,
+    args: argparse.Namespace,
+) -> dict:
+    order = np.random.default_rng(0).permutation(len(data.train_images))
+    if args.max_frames:
+        order = order[: args.max_frames]
+    labelers = SimulatedLabelers(
+        settings.kafka,
+        lambda frame_id: _truth(data, frame_id),
+        delay_s=args.label_delay,
+        rate=args.label_rate,
+    )
+    progress = Progress()
+    inputs = await asyncio.to_thread(test_inputs, data, scorer.model.spec)
+    started = time.monotonic()
+    await labelers.start()
+    watch = asyncio.create_task(_watch(scorer, inputs, data.test_labels, progress))
+    report = asyncio.create_task(_report(scorer, trainer, labelers, progress, started))
+    try:
+        await _produce(settings.kafka, data, order, args.rate, progress)
+        await _settle(scorer, labelers, progress)
+        final = await trainer.run_round()  # learn from the last labels too
+        if final is not None and final.released:
+            await _until(lambda: scorer.model.version == final.version, 60)
+        await asyncio.sleep(0.5)  # let the watcher score the last swap
+    finally:
+        for task in (watch, report):
+            task.cancel()
+        await asyncio.gather(watch, report, return_exceptions=True)
+        await labelers.stop()
+    full = await asyncio.to_thread(full_label_accuracy, data, scorer.model.spec)
+    seconds = time.monotonic() - started
+    return _summary(data, args, progress, labelers, scorer, trainer, full, seconds)
+
+
+def _trainer_settings(
+    kafka: KafkaSettings, data: ImageDataset, args: argparse.Namespace, tmp: Path
+) -> TrainerSettings:
+    return TrainerSettings(
+        data_dir=tmp / "trainer",
+        classes=data.classes,
+        arch="small-cnn",
+        input_size=args.input_size or (16 if data.name == "digits" else 28),
+        channels=data.channels,
+        device="auto",
+        round_min_labels=args.round_labels,
+        round_max_seconds=args.round_seconds,
+        holdout_fraction=0.15,
+        metrics_port=0,
+        kafka=TrainerKafkaSettings(
+            bootstrap=kafka.bootstrap,
+            topic_prefix=kafka.topic_prefix,
+            session_timeout_ms=kafka.session_timeout_ms,
+            heartbeat_interval_ms=kafka.heartbeat_interval_ms,
+        ),
+    )
+
+
+def _truth(data: ImageDataset, frame_id: str) -> str | None:
+    prefix, _, index = frame_id.partition("-")
+    if prefix != "train" or not index.isdigit():
+        return None
+    return data.classes[int(data.train_labels[int(index)])]
+
+
+async def _produce(
+    kafka: KafkaSettings, data: ImageDataset, order: np.ndarray, rate: float, progress: Progress
+) -> None:
+    producer = create_producer(kafka)
+    await producer.start()
+    try:
+        period, next_at = (1 / rate if rate > 0 else 0.0), time.monotonic()
+        for index in order.tolist():
+            headers = FrameHeaders(
+                frame_id=f"train-{index}", captured_at=datetime.now(UTC), content_type="image/png"
+            )
+            await producer.send(
+                kafka.topics.frames,
+                encode_png(data.train_images[index]),
+                key=f"camera-{index % 2}".encode(),
+                headers=headers.to_kafka(),
+            )
+            progress.sent += 1
+            if period:
+                next_at += period
+                await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+        await producer.flush()
+    finally:
+        await producer.stop()
+
+
+async def _settle(scorer: Scorer, labelers: SimulatedLabelers, progress: Progress) -> None:
+    """Waits until every frame is scored and every request answered."""
+    await _until(lambda: sum(scorer.counts.values()) >= progress.sent, 120)
+    await asyncio.sleep(1.0)  # the last requests reach the labelers
+    await _until(lambda: labelers.pending == 0, 120)
+    await asyncio.sleep(1.0)  # the last labels reach the trainer's store
+
+
+async def _until(condition: Callable[[], bool], within: float) -> None:
+    deadline = time.monotonic() + within
+    while not condition() and time.monotonic() < deadline:  # noqa: ASYNC110 - polls state
+        await asyncio.sleep(0.1)
+
+
+async def _watch(
+    scorer: Scorer, inputs: np.ndarray, labels: np.ndarray, progress: Progress
+) -> None:
+    """Scores every model the scorer swaps in on the test split."""
+    while True:
+        model = scorer.model
+        if model.version not in progress.versions:
+            progress.versions.append(model.version)
+            acc = await asyncio.to_thread(onnx_accuracy, model, inputs, labels)
+            point = Point(model.version, model.spec.labels_trained, acc)
+            progress.points.append(point)
+            print(
+                f"  model {point.version} serving, learned from {point.labels} labels: "
+                f"test accuracy {point.accuracy:.3f}",
+                flush=True,
+            )
+        await asyncio.sleep(0.2)
+
+
+async def _report(
+    scorer: Scorer,
+    trainer: Trainer,
+    labelers: SimulatedLabelers,
+    progress: Progress,
+    started: float,
+) -> None:
+    while True:
+        await asyncio.sleep(2.0)
+        counts = scorer.counts
+        scored = counts["selected"] + counts["not_selected"]
+        accuracy = progress.points[-1].accuracy if progress.points else float("nan")
+        print(
+            f"[{time.monotonic() - started:5.1f}s] frames {progress.sent} sent, {scored} "
+            f"scored | requests {counts['selected']} | labels {len(labelers.answered)} | "
+            f"model {scorer.model.version} | test accuracy {accuracy:.3f}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def _summary(
+    data: ImageDataset,
+    args: argparse.Namespace,
+    progress: Progress,
+    labelers: SimulatedLabelers,
+    scorer: Scorer,
+    trainer: Trainer,
+    full: float,
+    seconds: float,
+) -> dict:
+    points = progress.points
+    return {
+        "dataset": data.name,
+        "frames": progress.sent,
+        "label_requests": scorer.counts["selected"],
+        "labels_used": len(labelers.answered),
+        "labeled_fraction": round(len(labelers.answered) / max(1, progress.sent), 4),
+        "model_versions": len(progress.versions),
+        "initial_accuracy": points[0].accuracy if points else None,
+        "final_accuracy": points[-1].accuracy if points else None,
+        "full_accuracy": full,
+        "budget": args.budget,
+        "policy": args.policy,
+        "seconds": round(seconds, 1),
+        "history": [asdict(p) for p in points],
+        "rounds_rejected": [
+            {"labels": r.labels_trained, "reason": r.reason}
+            for r in trainer.reports
+            if not r.released
+        ],
+    }
+
+
+def _finish(summary: dict, args: argparse.Namespace) -> None:
+    points = [Point(**p) for p in summary["history"]]
+    plot(
+        points,
+        summary["full_accuracy"],
+        args.plot,
+        f"Winnow on {summary['dataset']}: {summary['labels_used']} labels of "
+        f"{summary['frames']} frames",
+    )
+    print("\nwinnow demo summary")
+    print(f"  {'model':<24} {'labels':>7} {'test accuracy':>14}")
+    for point in points:
+        print(f"  {point.version:<24} {point.labels:>7} {point.accuracy:>14.3f}")
+    print(
+        f"  {'all training labels':<24} {len(points) and summary['frames']:>7} "
+        f"{summary['full_accuracy']:>14.3f}"
+    )
+    print(
+        f"  labels used {summary['labels_used']} of {summary['frames']} frames "
+        f"({summary['labeled_fraction']:.1%}); final accuracy {summary['final_accuracy']:.3f} "
+        f"vs {summary['full_accuracy']:.3f} with every label"
+    )
+    for rejected in summary["rounds_rejected"]:
+        print(f"  a round was not released (the release gate): {rejected['reason']}")
+    print(f"  plot: {args.plot}")
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=2) + "\n")
+        print(f"  summary: {args.json}")
+
+
+class _Broker:
+    """The configured cluster, or an embedded broker on a free loopback port."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._embedded: EmbeddedBroker | None = None
+
+    def __enter__(self) -> str:
+        if self._settings.kafka.bootstrap is None:
+            self._embedded = EmbeddedBroker(0)
+            self._embedded.start()
+            # Tansu completes a group join after about half the session timeout.
+            self._settings.kafka = KafkaSettings(
+                bootstrap=self._embedded.bootstrap,
+                session_timeout_ms=2000,
+                heartbeat_interval_ms=500,
+            )
+        return str(self._settings.kafka.bootstrap)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._embedded is not None:
+            self._embedded.stop()
