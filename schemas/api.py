@@ -25,6 +25,10 @@ class PolicyState(BaseModel):
     name: PolicyName
     utility: UtilityName
     budget: float = Field(gt=0, le=1, description="fraction of frames that may be labeled")
+    effective_budget: float | None = Field(
+        default=None, description="the budget in force: raised for a while after a drift alarm"
+    )
+    boost_seconds_left: float = Field(default=0.0, ge=0, description="of a drift budget boost")
     window: int = Field(gt=0, description="frames in the sliding budget window")
     labels_per_hour: float | None = Field(default=None, description="cap; null for none")
     threshold: float | None = Field(default=None, description="current threshold on utility")

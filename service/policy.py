@@ -25,6 +25,7 @@ from service.strategies import (
 
 _DECISIONS = TypeAdapter(list[Decision])
 COLD_START = "cold_start"
+DRIFT = "drift"
 
 
 def _variable_family(strategy: ThresholdStrategy) -> bool:
@@ -69,6 +70,9 @@ class QueryPolicy:
         self._utility: UtilityName = utility
         self._rng = np.random.default_rng(seed)
         self._cold = RandomSampling(budget)
+        self._clock = clock
+        self._base_budget = float(budget)
+        self._boost: tuple[float, float] | None = None  # (factor, until) after a drift alarm
         self.cold_start = False
         """While True (a model that has learned from no label), frames are sampled at random
         within the budget: an untrained model's uncertainty is worse than random (AIFT)."""
@@ -117,6 +121,10 @@ class QueryPolicy:
             ) from None
         # NaN would never compare as uncertain and would break the quantile window
         values = np.clip(np.nan_to_num(np.asarray(scores, dtype=np.float64), nan=0.0), 0.0, 1.0)
+        if self._boost is not None and self._clock() >= self._boost[1]:
+            self._boost = None
+            self._apply_budget(self._budget.window)
+        tag = DRIFT if self._boost is not None else COLD_START if self.cold_start else None
         strategy, rng, name = self._strategy, self._rng, self._name
         if self.cold_start:
             strategy, name = self._cold, "random"
@@ -138,7 +146,7 @@ class QueryPolicy:
             rows.append(
                 {
                     "selected": selected,
-                    "reason": (COLD_START if self.cold_start else reason) if selected else None,
+                    "reason": (tag or reason) if selected else None,
                     "policy": name,
                     "utility": utility,
                     "threshold": strategy.last_threshold,
@@ -154,7 +162,9 @@ class QueryPolicy:
         return PolicyState(
             name=self._name,
             utility=self._utility,
-            budget=self._budget.budget,
+            budget=self._base_budget,
+            effective_budget=self._budget.budget,
+            boost_seconds_left=max(0.0, self._boost[1] - self._clock()) if self._boost else 0.0,
             window=self._budget.window,
             labels_per_hour=self._cap.labels_per_hour,
             threshold=self._strategy.threshold,
@@ -181,7 +191,7 @@ class QueryPolicy:
         """
         name = change.name or self._name
         utility = change.utility or self._utility
-        budget = self._budget.budget if change.budget is None else change.budget
+        budget = self._base_budget if change.budget is None else change.budget
         window = self._budget.window if change.window is None else change.window
         self._check_utility(utility)
         selection_limit(budget, window)
@@ -193,6 +203,8 @@ class QueryPolicy:
             raise ValueError(f"policy {name!r} has no threshold that can be set")
         params = {**self._params, **given}
 
+        self._base_budget = budget
+        budget = self._effective_budget()
         if (budget, window) != (self._budget.budget, self._budget.window):
             self._budget.resize(budget, window)
         if change.labels_per_hour is not None:
@@ -224,3 +236,32 @@ class QueryPolicy:
     def _check_utility(utility: str) -> None:
         if utility not in ("least_confidence", "margin", "entropy"):
             raise ValueError(f"unknown utility {utility!r}")
+
+    # -- the drift response ------------------------------------------------------------------
+
+    def boost(self, factor: float, seconds: float) -> None:
+        """Multiplies the budget by ``factor`` for ``seconds`` (capped at 1); selections made
+        meanwhile carry the reason ``drift``. The labels-per-hour cap still holds.
+
+        Raises:
+            ValueError: a factor below 1 or a non-positive duration.
+        """
+        if factor < 1 or seconds <= 0:
+            raise ValueError("a budget boost needs factor >= 1 and seconds > 0")
+        self._boost = (float(factor), self._clock() + seconds)
+        self._apply_budget(self._budget.window)
+
+    @property
+    def boosted(self) -> bool:
+        return self._boost is not None
+
+    def _effective_budget(self) -> float:
+        factor = self._boost[0] if self._boost is not None else 1.0
+        return min(1.0, self._base_budget * factor)
+
+    def _apply_budget(self, window: int) -> None:
+        budget = self._effective_budget()
+        if budget != self._budget.budget:
+            self._budget.resize(budget, window)
+            self._strategy.set_budget(budget)
+            self._cold.set_budget(budget)

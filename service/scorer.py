@@ -42,6 +42,10 @@ _DRAIN_TIMEOUT_S = 30.0
 _SEND_RETRY_BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 5.0)
 
 PredictionHook = Callable[[list[Prediction]], None]
+BatchObserver = Callable[[Batch], None]
+"""Sees each scored batch (probabilities, embeddings, scores, decisions) on the event loop;
+must return at once (hand heavy work to a task or thread), e.g. the drift monitor."""
+SwapListener = Callable[[OnnxModel], None]
 
 
 @dataclass(slots=True)
@@ -89,6 +93,8 @@ class Scorer:
         self.counts = {"selected": 0, "not_selected": 0, "invalid": 0}
         self._on_predictions = on_predictions
         self.feedback = LabelFeedback(settings.kafka, self.metrics)
+        self.observers: list[BatchObserver] = []
+        self.swap_listeners: list[SwapListener] = []
         self._limits = DecodeLimits(
             max_bytes=settings.scorer.max_frame_bytes, max_pixels=settings.scorer.max_pixels
         )
@@ -111,6 +117,8 @@ class Scorer:
         """Serves ``model`` from the next batch on; the batch in flight keeps its model."""
         previous = self.model.version
         self._apply_model(model)
+        for listener in self.swap_listeners:
+            listener(model)
         log.info("model swapped: %s -> %s", previous, model.version)
 
     def _apply_model(self, model: OnnxModel) -> None:
@@ -272,6 +280,8 @@ class Scorer:
             batch.probabilities, batch.embeddings = probabilities, embeddings
             batch.scores = score_batch(probabilities)
             batch.decisions = self.policy.decide(batch.scores)
+            for observer in self.observers:
+                observer(batch)
         batch.inputs = None  # the pixels are no longer needed; free them early
 
     async def _deliver_stage(

@@ -292,3 +292,27 @@ def test_cold_start_samples_at_random_within_the_budget() -> None:
     policy.cold_start = False
     after = policy.decide({"entropy": np.zeros(64)})
     assert not any(d.selected for d in after)  # back to the fixed threshold
+
+
+def test_a_drift_boost_raises_the_budget_for_a_while_and_tags_requests() -> None:
+    now = [0.0]
+    policy = QueryPolicy.from_settings(
+        PolicySettings(name="fixed", utility="entropy", budget=0.05, window=100, seed=0),
+        clock=lambda: now[0],
+    )
+    ones = np.ones(64)
+    before = sum(d.selected for d in policy.decide({"entropy": ones}))
+    policy.boost(4.0, seconds=10)
+    state = policy.state()
+    assert state.budget == 0.05 and state.effective_budget == pytest.approx(0.2)
+    assert state.boost_seconds_left == pytest.approx(10)
+    during = [d for _ in range(4) for d in policy.decide({"entropy": ones})]
+    chosen = [d for d in during if d.selected]
+    assert len(chosen) > 4 * before and {d.reason for d in chosen} == {"drift"}
+    assert _max_in_any_window(np.array([d.selected for d in during]), 100) <= 20
+    now[0] = 11.0  # the boost ends on its own
+    after = [d for _ in range(4) for d in policy.decide({"entropy": ones})]
+    assert policy.state().effective_budget == pytest.approx(0.05)
+    assert {d.reason for d in after if d.selected} <= {"uncertainty"}
+    with pytest.raises(ValueError):
+        policy.boost(0.5, 10)
