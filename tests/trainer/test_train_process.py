@@ -1,0 +1,95 @@
+"""`winnow train` as a process: SIGKILLed with labels in its store, restarted, nothing lost."""
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.kafka_helpers import read_json
+from tests.trainer.test_loop import CLASSES, _feed, _manifests, digits  # noqa: F401 (fixture)
+from trainer.store import SampleStore
+
+pytestmark = pytest.mark.slow
+
+
+def _start(kafka_settings, group_id: str, data_dir: Path, min_labels: int, log: Path):
+    env = {
+        **os.environ,
+        "WINNOW_KAFKA_BOOTSTRAP": kafka_settings.bootstrap,
+        "WINNOW_KAFKA_TOPIC_PREFIX": kafka_settings.topic_prefix,
+        "WINNOW_KAFKA_SESSION_TIMEOUT_MS": "2000",
+        "WINNOW_KAFKA_HEARTBEAT_INTERVAL_MS": "500",
+        "WINNOW_TRAINER_GROUP_ID": group_id,
+        "WINNOW_TRAINER_ROUND_MIN_LABELS": str(min_labels),
+        "WINNOW_TRAINER_HOLDOUT_FRACTION": "0",
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "winnow.cli",
+        "train",
+        "--classes",
+        ",".join(CLASSES),
+        "--arch",
+        "small-cnn",
+        "--input-size",
+        "16",
+        "--channels",
+        "1",
+        "--device",
+        "cpu",
+        "--data-dir",
+        str(data_dir),
+        "--metrics-port",
+        "0",
+    ]
+    with log.open("ab") as out:
+        return subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
+async def test_sigkill_loses_no_label(
+    kafka_settings,
+    group_id,
+    winnow_topics,
+    digits,
+    tmp_path: Path,  # noqa: F811
+) -> None:
+    pngs, targets = digits
+    log, data_dir = tmp_path / "trainer.log", tmp_path / "data"
+    first = _start(kafka_settings, group_id, data_dir, 10_000, log)
+    try:
+        await read_json(
+            kafka_settings, winnow_topics.models, lambda out: len(_manifests(out)) >= 1, within=60
+        )  # the cold start
+        await _feed(kafka_settings, winnow_topics, pngs, targets, range(0, 30))
+        async with asyncio.timeout(60):
+            while True:  # the labels are in the store: the intake committed them
+                store = SampleStore(data_dir / "samples.sqlite3")
+                count = store.untrained_count()
+                store.close()
+                if count == 30:
+                    break
+                await asyncio.sleep(0.2)
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=30)
+    second = _start(kafka_settings, group_id, data_dir, 30, log)
+    try:
+        models = _manifests(
+            await read_json(
+                kafka_settings,
+                winnow_topics.models,
+                lambda out: any(m["spec"]["labels_trained"] for m in _manifests(out)),
+                within=120,
+            )
+        )
+    finally:
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(timeout=60) == 0, log.read_text()[-3000:]
+    trained = [m["spec"] for m in models if m["spec"]["labels_trained"]]
+    assert trained[0]["labels_trained"] == 30
+    assert len({m["version"] for m in models if not m["spec"]["labels_trained"]}) == 1
