@@ -1,14 +1,11 @@
 """The records the scorer produces: predictions, label requests and dead letters."""
 
 import base64
+import json
 from datetime import UTC, datetime
 
-import numpy as np
-
 from schemas.dead_letter import DeadLetter
-from schemas.label_requests import LabelRequest
-from schemas.predictions import Prediction
-from schemas.scores import Decision, Scores
+from schemas.scores import Decision
 from service.batching import Batch, InboundFrame
 from service.errors import PoisonRecord
 
@@ -24,47 +21,68 @@ class OutRecord:
         self.value = value
 
 
-def _scores_of(batch: Batch, row: int) -> Scores:
-    return Scores(**{name: float(values[row]) for name, values in batch.scores.items()})
+def _iso(moment: datetime | None) -> str | None:
+    return moment.isoformat() if moment is not None else None
 
 
-def prediction_of(
-    frame: InboundFrame,
-    probabilities: np.ndarray,
-    scores: Scores,
-    decision: Decision,
-    classes: list[str],
-    model_version: str,
-    now: datetime,
-) -> Prediction:
-    top = int(np.argmax(probabilities))
-    return Prediction(
-        frame_id=frame.frame_id,
-        source_id=frame.source_id,
-        origin=frame.origin,
-        captured_at=frame.headers.captured_at,
-        decided_at=now,
-        model_version=model_version,
-        label=classes[top],
-        confidence=float(probabilities[top]),
-        probabilities={c: float(p) for c, p in zip(classes, probabilities, strict=True)},
-        scores=scores,
-        decision=decision,
-    )
+def _decision(decision: Decision) -> dict[str, object]:
+    return {
+        "selected": decision.selected,
+        "reason": decision.reason,
+        "policy": decision.policy,
+        "utility": decision.utility,
+        "threshold": decision.threshold,
+    }
 
 
-def label_request_of(
-    frame: InboundFrame, prediction: Prediction, classes: list[str]
-) -> LabelRequest:
-    return LabelRequest.model_validate(
-        {
-            **prediction.model_dump(exclude={"decided_at"}),
-            "requested_at": prediction.decided_at,
-            "classes": classes,
-            "content_type": frame.headers.content_type or sniff_content_type(frame.value or b""),
-            "image": base64.b64encode(frame.value or b""),
-        }
-    )
+def prediction_dicts(batch: Batch, now: datetime) -> list[dict[str, object]]:
+    """One ``schemas.Prediction`` per scored frame, as plain dicts (the hot path).
+
+    Built from whole-batch numpy conversions instead of one pydantic model per
+    frame; ``tests/service/test_records.py`` checks they validate as ``Prediction``.
+    """
+    assert batch.model is not None and batch.probabilities is not None
+    classes, version = batch.model.spec.classes, batch.model.version
+    probabilities = batch.probabilities.tolist()
+    tops = batch.probabilities.argmax(axis=1).tolist()
+    scores = {name: values.tolist() for name, values in batch.scores.items()}
+    decided_at = now.isoformat()
+    out = []
+    for row, index in enumerate(batch.good):
+        frame, p, top = batch.frames[index], probabilities[row], tops[row]
+        origin = frame.origin
+        out.append(
+            {
+                "frame_id": frame.frame_id,
+                "source_id": frame.source_id,
+                "origin": {
+                    "topic": origin.topic,
+                    "partition": origin.partition,
+                    "offset": origin.offset,
+                },
+                "captured_at": _iso(frame.headers.captured_at),
+                "decided_at": decided_at,
+                "model_version": version,
+                "label": classes[top],
+                "confidence": p[top],
+                "probabilities": dict(zip(classes, p, strict=True)),
+                "scores": {name: values[row] for name, values in scores.items()},
+                "decision": _decision(batch.decisions[row]),
+            }
+        )
+    return out
+
+
+def label_request_dict(
+    frame: InboundFrame, prediction: dict[str, object], classes: list[str]
+) -> dict[str, object]:
+    """The ``schemas.LabelRequest`` of a selected frame: its prediction plus the image."""
+    request = {k: v for k, v in prediction.items() if k != "decided_at"}
+    request["requested_at"] = prediction["decided_at"]
+    request["classes"] = classes
+    request["content_type"] = frame.headers.content_type or sniff_content_type(frame.value or b"")
+    request["image"] = base64.b64encode(frame.value or b"").decode("ascii")
+    return request
 
 
 def sniff_content_type(value: bytes) -> str:
@@ -102,8 +120,8 @@ def batch_records(
     requests_topic: str,
     dead_letter_topic: str,
     max_dead_letter_bytes: int,
-) -> tuple[list[OutRecord], list[Prediction]]:
-    """Everything one batch produces, and its predictions (for counting and logs).
+) -> tuple[list[OutRecord], list[dict[str, object]]]:
+    """Everything one batch produces, and its predictions as dicts (for counting and hooks).
 
     Args:
         predictions_topic: None when predictions are turned off.
@@ -114,31 +132,16 @@ def batch_records(
         frame = batch.frames[index]
         letter = dead_letter_of(frame, error, max_dead_letter_bytes, now)
         out.append(OutRecord(dead_letter_topic, frame.key, letter.model_dump_json().encode()))
-    predictions: list[Prediction] = []
     if batch.model is None or batch.probabilities is None:
-        return out, predictions
-    classes, version = batch.model.spec.classes, batch.model.version
-    for row, index in enumerate(batch.good):
+        return out, []
+    classes = batch.model.spec.classes
+    predictions = prediction_dicts(batch, now)
+    dumps = json.dumps
+    for index, prediction in zip(batch.good, predictions, strict=True):
         frame = batch.frames[index]
-        prediction = prediction_of(
-            frame,
-            batch.probabilities[row],
-            _scores_of(batch, row),
-            batch.decisions[row],
-            classes,
-            version,
-            now,
-        )
-        predictions.append(prediction)
-        if prediction.decision.selected:
-            request = label_request_of(frame, prediction, classes)
-            out.append(
-                OutRecord(
-                    requests_topic, frame.frame_id.encode(), request.model_dump_json().encode()
-                )
-            )
+        if prediction["decision"]["selected"]:  # type: ignore[index]
+            request = label_request_dict(frame, prediction, classes)
+            out.append(OutRecord(requests_topic, frame.frame_id.encode(), dumps(request).encode()))
         if predictions_topic is not None:
-            out.append(
-                OutRecord(predictions_topic, frame.key, prediction.model_dump_json().encode())
-            )
+            out.append(OutRecord(predictions_topic, frame.key, dumps(prediction).encode()))
     return out, predictions

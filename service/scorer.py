@@ -55,7 +55,7 @@ class _Sent:
     batch: Batch
     records: list[OutRecord]
     futures: list["asyncio.Future[Any]"]
-    predictions: list[Prediction]
+    predictions: list[dict[str, Any]]
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -343,20 +343,23 @@ class Scorer:
                 await asyncio.sleep(backoff)
                 futures = await self._send(sent.records)
 
-    def _account(self, batch: Batch, predictions: list[Prediction]) -> None:
+    def _account(self, batch: Batch, predictions: list[dict[str, Any]]) -> None:
         metrics, now = self.metrics, time.time()
         for _, error in batch.poison:
             metrics.frames.labels(outcome="invalid").inc()
             metrics.dead_letters.labels(reason=error.reason).inc()
         self.counts["invalid"] += len(batch.poison)
-        for prediction, index in zip(predictions, batch.good, strict=True):
-            decision = prediction.decision
-            outcome = "selected" if decision.selected else "not_selected"
-            self.counts[outcome] += 1
-            metrics.frames.labels(outcome=outcome).inc()
-            if decision.selected:
-                self.feedback.requested(prediction.frame_id, prediction.label)
-                metrics.label_requests.labels(reason=decision.reason or "unknown").inc()
+        selected = [p for p in predictions if p["decision"]["selected"]]
+        self.counts["selected"] += len(selected)
+        self.counts["not_selected"] += len(predictions) - len(selected)
+        metrics.frames.labels(outcome="selected").inc(len(selected))
+        metrics.frames.labels(outcome="not_selected").inc(len(predictions) - len(selected))
+        for prediction in selected:
+            self.feedback.requested(prediction["frame_id"], prediction["label"])
+            metrics.label_requests.labels(
+                reason=prediction["decision"]["reason"] or "unknown"
+            ).inc()
+        for index in batch.good:
             captured = batch.frames[index].captured_epoch()
             if captured is not None:
                 metrics.decision_latency.observe(max(0.0, now - captured))
@@ -366,7 +369,7 @@ class Scorer:
         )
         metrics.budget_used.set(state.budget_used)
         if predictions and self._on_predictions is not None:
-            self._on_predictions(predictions)
+            self._on_predictions([Prediction.model_validate(p) for p in predictions])
 
     # -- offsets ---------------------------------------------------------------------------
 
