@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from schemas.predictions import Prediction
-from service.batching import InboundFrame
+from service.batching import Batch, InboundFrame
 from service.config import KafkaSettings, PolicySettings, ScorerSettings, Settings
 from service.decode import DecodeLimits, decode_and_preprocess, prepare_batch
 from service.inference import OnnxModel
@@ -45,7 +45,7 @@ from service.kafka.broker import EmbeddedBroker
 from service.kafka.consumer import create_consumer
 from service.kafka.producer import create_producer
 from service.policy import QueryPolicy
-from service.records import prediction_of
+from service.records import batch_records
 from service.scorer import Scorer
 from service.utility import score_batch
 
@@ -398,19 +398,23 @@ async def measure_naive(
             )
             probabilities, _ = model.run(pixels[None])
             scores = score_batch(probabilities)
-            decision = policy.decide(scores)[0]
-            prediction = prediction_of(
-                frame,
-                probabilities[0],
-                _scores_row(scores),
-                decision,
-                model.spec.classes,
-                model.version,
-                datetime.now(UTC),
+            batch = Batch(
+                frames=[frame],
+                model=model,
+                good=[0],
+                probabilities=probabilities,
+                scores=scores,
+                decisions=policy.decide(scores),
             )
-            await producer.send_and_wait(
-                kafka.topics.predictions, prediction.model_dump_json().encode(), key=frame.key
+            records, _ = batch_records(  # the same records the scorer builds
+                batch,
+                predictions_topic=kafka.topics.predictions,
+                requests_topic=kafka.topics.label_requests,
+                dead_letter_topic=kafka.topics.dead_letter,
+                max_dead_letter_bytes=1024,
             )
+            for out in records:
+                await producer.send_and_wait(out.topic, out.value, key=out.key)
             await consumer.commit(
                 {TopicPartition(record.topic, record.partition): record.offset + 1}
             )
@@ -419,12 +423,6 @@ async def measure_naive(
         await consumer.stop()
         await producer.stop()
     return len(frames) / (finished - assigned), assigned - started
-
-
-def _scores_row(scores: dict[str, np.ndarray]) -> Any:
-    from schemas.scores import Scores
-
-    return Scores(**{name: float(values[0]) for name, values in scores.items()})
 
 
 @dataclass
