@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from prometheus_client import generate_latest
 
 from schemas.frames import FrameOrigin
 from schemas.label_requests import LabelRequest
@@ -124,6 +125,10 @@ async def test_labels_survive_a_restart_and_train_in_the_next_round(
         report = await again.run_round()
         assert report is not None and report.released and report.new_labels == 40
         assert again.store.untrained_count() == 0
+        metrics = generate_latest(again.metrics.registry).decode()
+        assert 'winnow_trainer_rounds_total{result="released"} 1.0' in metrics
+        assert 'winnow_trainer_releases_total{result="published"} 1.0' in metrics
+        assert "winnow_trainer_prequential_accuracy" in metrics
     models = _manifests(await read_json(kafka_settings, winnow_topics.models,
                                         lambda out: len(_manifests(out)) >= 2))
     assert [m["spec"]["labels_trained"] for m in models] == [0, report.labels_trained]
