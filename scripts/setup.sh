@@ -13,3 +13,9 @@ if ! command -v kcat >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ 
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq kcat) >/dev/null \
     || echo "setup: could not install kcat; its interop test will be skipped" >&2
 fi
+# chromium (Debian's, headless) is what the label app's browser test drives through Playwright;
+# Playwright's own browser download is never used.
+if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null \
+    || echo "setup: could not install chromium; the label app's browser test will be skipped" >&2
+fi

@@ -1,0 +1,225 @@
+"""``winnow label-app``: the labeling team's web app.
+
+Server-rendered HTML (Jinja2, autoescaped) plus one small vanilla JS file.
+JSON API (all POSTs need a session and the CSRF header):
+
+* ``POST /api/next`` → ``{"lease": {...} | null, "stats": {...}}``
+* ``POST /api/answer`` ``{"lease_id", "label"}`` or ``{"lease_id", "status": "unlabelable"}``
+* ``POST /api/skip`` ``{"lease_id"}`` → the frame goes back to the pool
+* ``POST /api/undo`` → a correction lease on the labeler's last answer
+* ``GET /api/stats``
+"""
+
+import base64
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import parse_qs
+
+from aiokafka.errors import KafkaError
+from fastapi import Depends, FastAPI, HTTPException, Request, Response, status
+from fastapi.responses import HTMLResponse, RedirectResponse
+from fastapi.staticfiles import StaticFiles
+from fastapi.templating import Jinja2Templates
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, Field
+
+from schemas.frames import CONTENT_TYPES
+from service.config import KafkaSettings, LabelAppSettings
+from service.kafka.admin import ensure_topics
+from service.labeling.auth import Sessions, labeler, same_origin
+from service.labeling.leases import Lease, LeaseError
+from service.labeling.queue import LabelQueue
+
+log = logging.getLogger(__name__)
+HERE = Path(__file__).parent
+SECURITY_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+    "Cache-Control": "no-store",
+}
+
+Labeler = Annotated[str, Depends(labeler)]
+
+
+class Answer(BaseModel):
+    lease_id: str
+    label: str | None = None
+    status: Literal["labeled", "unlabelable"] = "labeled"
+
+
+class LeaseRef(BaseModel):
+    lease_id: str = Field(max_length=64)
+
+
+def create_label_app(kafka: KafkaSettings, settings: LabelAppSettings) -> FastAPI:
+    """Builds the app; its lifespan creates the topics and runs the :class:`LabelQueue`.
+
+    Raises:
+        ConfigError: no team or user token is configured.
+    """
+    sessions = Sessions(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await ensure_topics(kafka, [kafka.topics.label_requests, kafka.topics.labels])
+        async with LabelQueue(kafka, settings) as queue:
+            app.state.queue = queue
+            yield
+
+    app = FastAPI(title="Winnow labeling", version="0.1.0", lifespan=lifespan)
+    app.state.sessions = sessions
+    app.state.templates = Jinja2Templates(directory=HERE / "templates")
+    app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
+
+    @app.middleware("http")
+    async def security_headers(request: Request, call_next: Any) -> Response:
+        response: Response = await call_next(request)
+        for name, value in SECURITY_HEADERS.items():
+            response.headers.setdefault(name, value)
+        return response
+
+    _pages(app)
+    _api(app)
+    return app
+
+
+def lease_json(lease: Lease) -> dict[str, Any]:
+    """What the page needs to show a frame; the image as a data URL of a known type."""
+    r = lease.frame.request
+    content_type = r.content_type if r.content_type in CONTENT_TYPES else "image/png"
+    return {
+        "lease_id": lease.id,
+        "correction": lease.correction,
+        "previous": lease.frame.answers.get(lease.annotator) if lease.correction else None,
+        "frame": {
+            "frame_id": r.frame_id,
+            "source_id": r.source_id,
+            "captured_at": r.captured_at.isoformat() if r.captured_at else None,
+            "model_version": r.model_version,
+            "classes": r.classes,
+            "prediction": r.label,
+            "confidence": r.confidence,
+            "reason": r.decision.reason,
+            "policy": r.decision.policy,
+            "utility": r.decision.utility,
+            "scores": r.scores.model_dump(),
+            "image": f"data:{content_type};base64,{base64.b64encode(r.image).decode()}",
+        },
+    }
+
+
+def _queue(request: Request) -> LabelQueue:
+    queue: LabelQueue | None = getattr(request.app.state, "queue", None)
+    if queue is None:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "the label queue is not running")
+    return queue
+
+
+Queue = Annotated[LabelQueue, Depends(_queue)]
+
+
+def _pages(app: FastAPI) -> None:
+    templates: Jinja2Templates = app.state.templates
+
+    @app.get("/healthz", tags=["ops"])
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/metrics", tags=["ops"])
+    async def metrics(queue: Queue) -> Response:
+        return Response(generate_latest(queue.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/login", response_class=HTMLResponse, include_in_schema=False)
+    async def login_page(request: Request, error: str | None = None) -> Response:
+        return templates.TemplateResponse(request, "login.html", {"error": error})
+
+    @app.post("/login", include_in_schema=False)
+    async def login(request: Request) -> Response:
+        if not same_origin(request):
+            raise HTTPException(status.HTTP_403_FORBIDDEN, "cross-site sign-in refused")
+        form = parse_qs((await request.body()).decode("utf-8", "replace"))
+        name = request.app.state.sessions.sign_in(
+            form.get("name", [""])[0], form.get("token", [""])[0]
+        )
+        if name is None:
+            page = templates.TemplateResponse(
+                request, "login.html", {"error": "Wrong name or token."}, status_code=401
+            )
+            return page
+        response = RedirectResponse("/", status_code=status.HTTP_303_SEE_OTHER)
+        request.app.state.sessions.set_cookie(response, name)
+        log.info("labeler %s signed in", name)
+        return response
+
+    @app.post("/logout", include_in_schema=False)
+    async def logout(request: Request) -> Response:
+        if not same_origin(request):
+            raise HTTPException(status.HTTP_403_FORBIDDEN, "cross-site sign-out refused")
+        response = RedirectResponse("/login", status_code=status.HTTP_303_SEE_OTHER)
+        request.app.state.sessions.clear_cookie(response)
+        return response
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def label_page(request: Request) -> Response:
+        name = request.app.state.sessions.user(request)
+        if name is None:
+            return RedirectResponse("/login", status_code=status.HTTP_303_SEE_OTHER)
+        queue = _queue(request)
+        lease = queue.next(name)
+        context = {
+            "name": name,
+            "lease": lease_json(lease) if lease else None,
+            "stats": queue.stats(name),
+            "lease_s": queue.settings.lease_s,
+        }
+        return templates.TemplateResponse(request, "label.html", context)
+
+
+def _api(app: FastAPI) -> None:
+    @app.post("/api/next", tags=["labels"])
+    async def next_frame(name: Labeler, queue: Queue) -> dict[str, Any]:
+        lease = queue.next(name)
+        return {"lease": lease_json(lease) if lease else None, "stats": queue.stats(name)}
+
+    @app.post("/api/answer", tags=["labels"])
+    async def answer(body: Answer, name: Labeler, queue: Queue) -> dict[str, Any]:
+        try:
+            label = await queue.answer(body.lease_id, name, body.label, body.status)
+        except LeaseError as error:
+            raise HTTPException(
+                status.HTTP_409_CONFLICT, "this lease is gone; take the next frame"
+            ) from error
+        except ValueError as error:
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(error)) from error
+        except KafkaError as error:
+            log.warning("label for lease %s not acknowledged: %r", body.lease_id, error)
+            raise HTTPException(
+                status.HTTP_503_SERVICE_UNAVAILABLE, "Kafka did not take the label; try again"
+            ) from error
+        return {"label": label.model_dump(mode="json"), "stats": queue.stats(name)}
+
+    @app.post("/api/skip", tags=["labels"])
+    async def skip(body: LeaseRef, name: Labeler, queue: Queue) -> dict[str, Any]:
+        try:
+            queue.skip(body.lease_id, name)
+        except LeaseError as error:
+            raise HTTPException(status.HTTP_409_CONFLICT, "this lease is gone") from error
+        return {"skipped": body.lease_id, "stats": queue.stats(name)}
+
+    @app.post("/api/undo", tags=["labels"])
+    async def undo(name: Labeler, queue: Queue) -> dict[str, Any]:
+        lease = queue.undo(name)
+        if lease is None:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, "nothing to undo")
+        return {"lease": lease_json(lease), "stats": queue.stats(name)}
+
+    @app.get("/api/stats", tags=["labels"])
+    async def stats(name: Labeler, queue: Queue) -> dict[str, Any]:
+        return {"name": name, **queue.stats(name)}

@@ -1,0 +1,252 @@
+"""The labeling queue: label requests in from Kafka, labels out, offsets committed safely.
+
+The app consumes ``winnow.label-requests`` in a consumer group and holds the
+frames in a :class:`~service.labeling.leases.LeasePool`. An answer is produced
+to ``winnow.labels`` and, once Kafka acknowledges it, the frame is done; the
+offset committed per partition is the contiguous done prefix
+(:class:`~service.labeling.offsets.DonePrefix`). Stopping the app with frames
+leased but unanswered loses none of them: the next instance in the group reads
+them again from the committed offset.
+"""
+
+import asyncio
+import logging
+import time
+from collections import deque
+from datetime import UTC, datetime
+from typing import Literal, Self
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import KafkaError
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from pydantic import ValidationError
+
+from schemas.label_requests import LabelRequest
+from schemas.labels import Label
+from service.config import KafkaSettings, LabelAppSettings
+from service.kafka import consumer_lag, create_consumer, create_producer
+from service.labeling.leases import Completion, Lease, LeaseError, LeasePool
+from service.labeling.offsets import DonePrefix
+
+log = logging.getLogger(__name__)
+
+RATE_WINDOW_S = 600.0
+"""A labeler's rate is measured over the last ten minutes."""
+
+
+class LabelQueue:
+    """Serves leases to labelers and publishes their answers.
+
+    Use as ``async with LabelQueue(kafka, settings) as queue``.
+    """
+
+    def __init__(
+        self,
+        kafka: KafkaSettings,
+        settings: LabelAppSettings,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        self.kafka = kafka
+        self.settings = settings
+        self.topics = kafka.topics
+        self.pool = LeasePool(settings.lease_s, settings.second_opinion)
+        self.offsets = DonePrefix()
+        self.registry = registry or CollectorRegistry()
+        self._labels_total = Counter(
+            "winnow_label_app_labels", "labels acknowledged", ["status"], registry=self.registry
+        )
+        self._disagreements = Counter(
+            "winnow_label_app_disagreements",
+            "second-opinion frames whose two labels differ",
+            registry=self.registry,
+        )
+        self._depth = Gauge(
+            "winnow_label_app_queue_depth", "frames waiting for a labeler", registry=self.registry
+        )
+        self._consumer: AIOKafkaConsumer | None = None
+        self._producer: AIOKafkaProducer | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._lag = 0
+        self._answers: dict[str, deque[float]] = {}
+        self._counts: dict[str, int] = {}
+
+    async def start(self) -> None:
+        """Starts the producer, then the consumer and its loop."""
+        self._producer = create_producer(self.kafka)
+        await self._producer.start()
+        self._consumer = create_consumer(self.kafka, group_id=self.settings.group_id)
+        self._consumer.subscribe([self.topics.label_requests], listener=_Rebalance(self))
+        await self._consumer.start()
+        self._task = asyncio.create_task(self._run(), name="label-queue")
+
+    async def stop(self) -> None:
+        """Stops the loop, commits the done prefix, closes the clients. Idempotent."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        consumer, self._consumer = self._consumer, None
+        if consumer is not None:
+            try:
+                await self._commit(consumer)
+            finally:
+                await consumer.stop()
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            await producer.stop()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    # -- what the app calls --------------------------------------------------------
+    def next(self, annotator: str) -> Lease | None:
+        return self.pool.next(annotator)
+
+    def undo(self, annotator: str) -> Lease | None:
+        return self.pool.undo(annotator)
+
+    def skip(self, lease_id: str, annotator: str) -> None:
+        self.pool.release(lease_id, annotator)
+
+    async def answer(
+        self,
+        lease_id: str,
+        annotator: str,
+        label: str | None,
+        status: Literal["labeled", "unlabelable"] = "labeled",
+    ) -> Label:
+        """Publishes an answer and waits for Kafka's acknowledgement.
+
+        Raises:
+            LeaseError: the lease is unknown.
+            ValueError: the label is not one of the frame's classes.
+            KafkaError: the label was not acknowledged; the lease stays.
+        """
+        lease = self.pool.get(lease_id, annotator)
+        request = lease.frame.request
+        if status == "labeled" and label not in request.classes:
+            raise ValueError(f"{label!r} is not one of {request.classes}")
+        record = Label(
+            frame_id=request.frame_id,
+            label=label if status == "labeled" else None,
+            status=status,
+            annotator=annotator,
+            labeled_at=datetime.now(UTC),
+        )
+        assert self._producer is not None, "the queue is not started"
+        await self._producer.send_and_wait(
+            self.topics.labels,
+            record.model_dump_json(exclude_none=True).encode(),
+            key=request.frame_id.encode(),
+        )
+        self._done_answer(lease, record)
+        return record
+
+    def stats(self, annotator: str) -> dict[str, float | int]:
+        """Queue depth, and the labeler's count and rate (labels per hour)."""
+        now = time.monotonic()
+        times = self._answers.get(annotator, deque())
+        while times and times[0] < now - RATE_WINDOW_S:
+            times.popleft()
+        span = max(60.0, now - times[0]) if times else RATE_WINDOW_S
+        depth = self.pool.waiting + self._lag
+        self._depth.set(depth)
+        return {
+            "queue_depth": depth,
+            "leased": self.pool.leased,
+            "my_count": self._counts.get(annotator, 0),
+            "my_rate_per_hour": round(len(times) * 3600 / span, 1),
+        }
+
+    # -- internals -------------------------------------------------------------------
+    def _done_answer(self, lease: Lease, record: Label) -> None:
+        answer = record.label if record.status == "labeled" else "unlabelable"
+        completion: Completion = self.pool.complete(lease, answer or "unlabelable")
+        self._labels_total.labels(record.status).inc()
+        self._counts[lease.annotator] = self._counts.get(lease.annotator, 0) + 1
+        self._answers.setdefault(lease.annotator, deque()).append(time.monotonic())
+        for tp, offset in completion.positions:
+            self.offsets.done(tp, offset)
+        if completion.disagreement:
+            self._disagreements.inc()
+            log.warning(
+                "second opinion disagrees on frame %s: %s",
+                record.frame_id,
+                ", ".join(f"{who}={what}" for who, what in completion.disagreement.items()),
+            )
+
+    async def _run(self) -> None:
+        consumer = self._consumer
+        assert consumer is not None
+        last_commit = time.monotonic()
+        while True:
+            self._flow_control(consumer)
+            batches = await consumer.getmany(timeout_ms=200, max_records=100)
+            for tp, records in batches.items():
+                for record in records:
+                    self._add(tp, record.offset, record.value)
+            self.pool.expire()
+            if time.monotonic() - last_commit >= self.settings.commit_interval_s:
+                await self._commit(consumer)
+                self._lag = sum((await consumer_lag(consumer)).values())
+                last_commit = time.monotonic()
+
+    def _add(self, tp: TopicPartition, offset: int, value: bytes | None) -> None:
+        self.offsets.consumed(tp, offset)
+        try:
+            request = LabelRequest.model_validate_json(value or b"")
+        except ValidationError as error:
+            # Never labelable: done at once, so it cannot hold back the partition.
+            log.error(
+                "unreadable label request topic=%s partition=%s offset=%s: %s",
+                tp.topic, tp.partition, offset, error.errors()[:1],
+            )  # fmt: skip
+            self.offsets.done(tp, offset)
+            return
+        self.pool.add(request, (tp, offset))
+
+    def _flow_control(self, consumer: AIOKafkaConsumer) -> None:
+        assigned = consumer.assignment()
+        if len(self.pool) >= self.settings.max_buffered:
+            consumer.pause(*assigned)
+        elif consumer.paused():
+            consumer.resume(*consumer.paused())
+
+    async def _commit(self, consumer: AIOKafkaConsumer) -> None:
+        assigned = consumer.assignment()
+        offsets = {tp: o for tp, o in self.offsets.committable().items() if tp in assigned}
+        if not offsets:
+            return
+        try:
+            await consumer.commit(offsets)
+        except KafkaError as error:
+            log.warning("commit of %s failed (%r); retrying with the next commit", offsets, error)
+            return
+        self.offsets.committed(offsets)
+        log.debug("committed %s", {f"{tp.topic}:{tp.partition}": o for tp, o in offsets.items()})
+
+
+class _Rebalance(ConsumerRebalanceListener):
+    """Commits what is done before partitions move; forgets frames it no longer owns."""
+
+    def __init__(self, queue: LabelQueue) -> None:
+        self.queue = queue
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        consumer = self.queue._consumer
+        if consumer is not None and revoked:
+            await self.queue._commit(consumer)
+        self.queue.pool.forget(set(revoked))
+        self.queue.offsets.forget(set(revoked))
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        log.info(
+            "label requests assigned: %s", sorted(f"{tp.topic}:{tp.partition}" for tp in assigned)
+        )
+
+
+__all__ = ["LabelQueue", "LeaseError"]

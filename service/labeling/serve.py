@@ -1,0 +1,44 @@
+"""Runs the labeling app or the Label Studio bridge under uvicorn."""
+
+import logging
+import signal
+from collections.abc import Callable
+from types import FrameType
+
+import uvicorn
+from fastapi import FastAPI
+
+from service.config import KafkaSettings
+from service.kafka.broker import EmbeddedBroker
+
+log = logging.getLogger(__name__)
+
+
+def serve_app(
+    kafka: KafkaSettings, build: Callable[[KafkaSettings], FastAPI], host: str, port: int
+) -> int:
+    """Runs ``build(kafka)`` (a FastAPI app factory) until SIGINT/SIGTERM.
+
+    With no ``WINNOW_KAFKA_BOOTSTRAP`` the embedded broker is started on loopback.
+    """
+    broker: EmbeddedBroker | None = None
+    if kafka.bootstrap is None:
+        broker = EmbeddedBroker(kafka.embedded_port)
+        broker.start()
+        kafka.bootstrap = broker.bootstrap
+        log.info("no WINNOW_KAFKA_BOOTSTRAP: started the embedded broker on %s", broker.bootstrap)
+    try:
+        app = build(kafka)
+        server = uvicorn.Server(
+            uvicorn.Config(app, host=host, port=port, log_level="info", lifespan="on")
+        )
+        signal.signal(signal.SIGTERM, _exit_cleanly)
+        server.run()
+        return 0 if server.started else 1
+    finally:
+        if broker is not None:
+            broker.stop()
+
+
+def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(0)
