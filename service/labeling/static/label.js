@@ -53,7 +53,7 @@
     $("prediction").textContent = f.prediction;
     $("confidence").textContent = Math.round(f.confidence * 100) + "%";
     $("reason").textContent = f.reason || "";
-    $("scores").textContent = Object.entries(f.scores).map(([k, v]) => k + " " + v.toFixed(2)).join(" · ");
+    $("scores").textContent = Object.entries(f.scores).filter(([, v]) => v !== null && v !== undefined).map(([k, v]) => k + " " + v.toFixed(2)).join(" · ");
     $("source").textContent = f.source_id || "—";
     $("captured").textContent = f.captured_at || "—";
     $("frame-id").textContent = f.frame_id;
