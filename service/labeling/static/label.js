@@ -29,7 +29,19 @@
     $("my-rate").textContent = String(stats.my_rate_per_hour);
   }
 
-  function keyFor(index) { return index < 9 ? String(index + 1) : index === 9 ? "0" : ""; }
+  // Classes named 0-9 (digits) get their own digit as key; others take 1-9 then 0 in order.
+  function digitNamed(classes) {
+    return classes.length <= 10 && classes.every((c) => /^[0-9]$/.test(c));
+  }
+  function keyFor(index) {
+    if (lease && digitNamed(lease.frame.classes)) return lease.frame.classes[index];
+    return index < 9 ? String(index + 1) : index === 9 ? "0" : "";
+  }
+  function classForKey(key) {
+    const classes = lease.frame.classes;
+    if (digitNamed(classes)) return classes.includes(key) ? key : undefined;
+    return classes[key === "0" ? 9 : Number(key) - 1];
+  }
 
   function show(next) {
     lease = next;
@@ -134,8 +146,7 @@
   document.addEventListener("keydown", (e) => {
     if (e.ctrlKey || e.metaKey || e.altKey || e.target.tagName === "INPUT") return;
     if (/^[0-9]$/.test(e.key) && lease) {
-      const index = e.key === "0" ? 9 : Number(e.key) - 1;
-      const name = lease.frame.classes[index];
+      const name = classForKey(e.key);
       if (name !== undefined) { e.preventDefault(); answer({ label: name }); }
     } else if (e.key === "u") { answer({ status: "unlabelable" }); }
     else if (e.key === "s") { skip(); }

@@ -106,7 +106,7 @@ async def test_a_labeler_labels_three_frames_in_chromium(
                 await page.screenshot(path=str(shot))
                 await page.click("button.cls[data-label='7']")  # the mouse
                 await expect(page.locator("#frame-id")).to_have_text("cam-1:0:12")
-                await page.keyboard.press("3")  # key 3: the third class, "2"
+                await page.keyboard.press("2")  # digit classes: key 2 is class "2"
                 await expect(page.locator("#frame-id")).to_have_text("cam-1:0:13")
                 await page.keyboard.press("u")  # can't tell
                 await expect(page.locator("#empty")).to_be_visible()
