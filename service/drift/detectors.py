@@ -1,0 +1,365 @@
+"""The online drift detectors: embedding MMD, class mix, entropy CUSUM.
+
+Each detector turns a stream of frames (reduced embedding, predicted class,
+normalized entropy) into a statistic per frame and alarms when it exceeds a
+threshold calibrated to an expected run time between false alarms (ERT, see
+``service.drift.calibrate``). After an alarm a detector resets: its window
+refills before it can alarm again, so one change gives one alarm, not a storm.
+
+The same code gives the serving path (``update``, stateful, a batch at a
+time) and calibration and benchmarks (``trajectories``, stateless, many
+bootstrap streams at once, vectorized).
+"""
+
+import copy
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from schemas.drift import DriftReference, fourier_features
+
+_CHUNK_CELLS = 4_000_000  # floats per vectorized block in trajectories()
+
+
+@dataclass(frozen=True)
+class Rows:
+    """Frames as the detectors see them."""
+
+    reduced: np.ndarray  # n x k, float32, in the reference's whitened PCA space
+    classes: np.ndarray  # n, int, predicted class
+    entropy: np.ndarray  # n, float, normalized entropy in [0, 1]
+
+    def __len__(self) -> int:
+        return len(self.classes)
+
+    def take(self, index: np.ndarray | slice) -> "Rows":
+        return Rows(self.reduced[index], self.classes[index], self.entropy[index])
+
+    @classmethod
+    def from_outputs(
+        cls, reference: DriftReference, embeddings: np.ndarray, probabilities: np.ndarray
+    ) -> "Rows":
+        from schemas.drift import normalized_entropy
+
+        return cls(
+            reference.reduce(embeddings),
+            np.asarray(probabilities).argmax(axis=1),
+            normalized_entropy(probabilities),
+        )
+
+    @classmethod
+    def reference_pool(cls, reference: DriftReference) -> "Rows":
+        """The reference's stored sample: what calibration bootstraps streams from."""
+        return cls(
+            np.asarray(reference.sample, dtype=np.float32),
+            np.asarray(reference.sample_classes, dtype=np.int64),
+            np.asarray(reference.sample_entropy, dtype=np.float64),
+        )
+
+
+class Detector(ABC):
+    """One online detector; ``threshold`` is infinite until calibrated."""
+
+    name: str
+    window: int  # frames in the window; 0 for a detector without one
+
+    def __init__(self) -> None:
+        self.threshold = math.inf
+        self.statistic = math.nan
+        self.frames = 0  # since the last reset
+
+    @abstractmethod
+    def trajectories(
+        self, pool: Rows, index: np.ndarray, reference_frames: int | None = None
+    ) -> np.ndarray:
+        """Statistics of R streams (``pool`` rows picked by the R x L ``index``); -inf where
+        the detector cannot alarm yet (its window is filling).
+
+        With ``reference_frames`` (calibration), the pool's per-frame features are
+        shifted so that their mean is the reference's (a sample of a few hundred frames
+        is off by its own sampling error, which would bias the threshold), then each
+        stream gets its own offset, drawn as the error of a reference estimated from
+        ``reference_frames`` frames: the live stream is off the reference by that much.
+        """
+
+    @abstractmethod
+    def _statistics(self, rows: Rows) -> np.ndarray:
+        """Statistics after each of ``rows``, continuing from the state; advances the state."""
+
+    @abstractmethod
+    def reset(self) -> None:
+        """Forgets the stream (after an alarm, or a new reference)."""
+
+    @property
+    def fill(self) -> int:
+        """Frames needed after a reset before the statistic exists."""
+        return max(1, self.window)
+
+    def fresh(self) -> "Detector":
+        """A copy with the same reference and threshold and an empty state."""
+        other = copy.deepcopy(self)
+        other.reset()
+        return other
+
+    def update(self, rows: Rows) -> list[tuple[int, float]]:
+        """Feeds a batch; returns the alarms as (row index, statistic)."""
+        alarms: list[tuple[int, float]] = []
+        start = 0
+        while start < len(rows):
+            part = rows.take(slice(start, None))
+            stats = self._statistics(part)
+            over = np.flatnonzero(stats > self.threshold)
+            if len(over) == 0:
+                self.statistic = float(stats[-1])
+                break
+            at = int(over[0])
+            alarms.append((start + at, float(stats[at])))
+            self.statistic = float(stats[at])
+            self.reset()
+            start += at + 1
+        return alarms
+
+
+class _Windowed(Detector):
+    """A statistic of the sum of per-frame features over a sliding window of frames."""
+
+    def __init__(self, window: int) -> None:
+        super().__init__()
+        if window < 2:
+            raise ValueError("a window needs at least 2 frames")
+        self.window = window
+        self._tail: np.ndarray | None = None  # the last window-1 feature rows
+
+    @abstractmethod
+    def features(self, rows: Rows) -> np.ndarray: ...
+
+    @abstractmethod
+    def from_sums(self, sums: np.ndarray) -> np.ndarray:
+        """Statistic from window sums (... x F)."""
+
+    def reset(self) -> None:
+        self._tail = None
+        self.frames = 0
+        self.statistic = math.nan
+
+    def _statistics(self, rows: Rows) -> np.ndarray:
+        new = self.features(rows)
+        buf = new if self._tail is None else np.concatenate([self._tail, new])
+        cs = np.concatenate([np.zeros((1, buf.shape[1]), buf.dtype), np.cumsum(buf, axis=0)])
+        w, held = self.window, len(buf) - len(new)  # the tail holds min(frames, w - 1) rows
+        ends = np.arange(held, len(buf)) + 1  # prefix lengths after each new frame
+        starts = np.maximum(ends - w, 0)
+        stats = self.from_sums(cs[ends] - cs[starts])
+        stats[(self.frames + np.arange(1, len(new) + 1)) < w] = -np.inf
+        self.frames += len(new)
+        self._tail = buf[-(w - 1) :].copy()
+        return stats
+
+    @abstractmethod
+    def expected(self) -> np.ndarray:
+        """The reference's mean per-frame feature."""
+
+    def trajectories(
+        self, pool: Rows, index: np.ndarray, reference_frames: int | None = None
+    ) -> np.ndarray:
+        feats = self.features(pool).astype(np.float64)
+        offsets = np.zeros((len(index), feats.shape[1]))
+        if reference_frames is not None:
+            feats = feats - feats.mean(axis=0)
+            offsets = _reference_error(feats, len(index), reference_frames, index)
+            feats += self.expected()
+        runs, length = index.shape
+        return self._window_stats(lambda rows: feats[index[rows]], runs, length, offsets)
+
+    def _window_stats(
+        self, block: Callable[[slice], np.ndarray], runs: int, length: int, offsets: np.ndarray
+    ) -> np.ndarray:
+        """Window statistics of ``block(rows)`` (r x L x F features of those runs)."""
+        out = np.empty((runs, length), dtype=np.float64)
+        step = max(1, _CHUNK_CELLS // (length * max(1, offsets.shape[1])))
+        w = self.window
+        for first in range(0, runs, step):
+            f = block(slice(first, first + step))
+            cs = np.cumsum(f, axis=1, dtype=np.float64)
+            sums = cs.copy()
+            sums[:, w:] -= cs[:, :-w]
+            sums += w * offsets[first : first + step, None, :]
+            out[first : first + step] = self.from_sums(sums)
+        out[:, : w - 1] = -np.inf
+        return out
+
+
+class EmbeddingMMD(_Windowed):
+    """Online MMD between the reference and a sliding window of reduced embeddings.
+
+    In the manner of Alibi Detect's ``MMDDriftOnline`` (Cobb et al., "Sequential
+    multivariate change detection with calibrated and memoryless false
+    detection rates", AISTATS 2022): a reference set against a sliding test
+    window of ``window`` frames, updated incrementally, with a threshold from
+    bootstrap streams of reference data. The Gaussian kernel (bandwidth by the
+    median heuristic) is approximated by random Fourier features (Rahimi and
+    Recht, NIPS 2007), so MMD² = |mean φ(window) - mean φ(reference)|² and
+    the window sum is a running sum: O(F) per frame.
+    """
+
+    name = "embedding"
+
+    def __init__(self, reference: DriftReference, window: int) -> None:
+        super().__init__(window)
+        features = len(reference.feature_mean)
+        self._freqs, self._phases = fourier_features(
+            reference.k, features, reference.bandwidth, reference.feature_seed
+        )
+        self._scale = np.float32(np.sqrt(2.0 / features))
+        self._mean = np.asarray(reference.feature_mean, dtype=np.float64)
+
+    def features(self, rows: Rows) -> np.ndarray:
+        z = np.asarray(rows.reduced, dtype=np.float32)
+        return np.cos(z @ self._freqs + self._phases) * self._scale
+
+    def expected(self) -> np.ndarray:
+        return self._mean
+
+    def from_sums(self, sums: np.ndarray) -> np.ndarray:
+        diff = sums / self.window - self._mean
+        return np.asarray((diff * diff).sum(axis=-1))
+
+
+class ClassMixDrift(_Windowed):
+    """Prediction drift: Pearson's chi-square of the predicted-class counts in a sliding
+    window against the reference class mix (Laplace-smoothed)."""
+
+    name = "prediction"
+
+    def __init__(self, reference: DriftReference, window: int) -> None:
+        super().__init__(window)
+        mix = np.asarray(reference.class_mix, dtype=np.float64)
+        n = reference.frames
+        self._p = (mix * n + 1) / (n + len(mix))
+        self._classes = len(mix)
+
+    def features(self, rows: Rows) -> np.ndarray:
+        classes = np.clip(np.asarray(rows.classes, dtype=np.int64), 0, self._classes - 1)
+        return np.eye(self._classes, dtype=np.float32)[classes]
+
+    def expected(self) -> np.ndarray:
+        return self._p
+
+    def trajectories(
+        self, pool: Rows, index: np.ndarray, reference_frames: int | None = None
+    ) -> np.ndarray:
+        """With ``reference_frames`` (calibration), classes are drawn from the smoothed
+        reference mix, perturbed per run by the error of a mix estimated from that many
+        frames, instead of from the pool: a class the pool lacks still has its (small)
+        reference probability, so a one-class reference does not give a zero threshold."""
+        if reference_frames is None:
+            return super().trajectories(pool, index, None)
+        runs, length = index.shape
+        rng = np.random.default_rng(int(index[0, 0]) + 13 * runs)
+        counts = rng.multinomial(reference_frames, self._p, size=runs)
+        mixes = (counts + 1) / (reference_frames + self._classes)
+        cdf = np.cumsum(mixes, axis=1)
+        cdf[:, -1] = 1.0
+        eye = np.eye(self._classes, dtype=np.float32)
+
+        def block(rows: slice) -> np.ndarray:
+            u = rng.random((len(cdf[rows]), length))
+            classes = np.stack([np.searchsorted(c, x) for c, x in zip(cdf[rows], u, strict=True)])
+            return eye[np.minimum(classes, self._classes - 1)]
+
+        return self._window_stats(block, runs, length, np.zeros((runs, self._classes)))
+
+    def from_sums(self, sums: np.ndarray) -> np.ndarray:
+        expected = self.window * self._p
+        return np.asarray((((sums - expected) ** 2) / expected).sum(axis=-1))
+
+
+class EntropyCusum(Detector):
+    """Uncertainty drift: two-sided CUSUM (Page, Biometrika 1954) on the standardized
+    normalized entropy, ``S+ = max(0, S+ + x - k)``, ``S- = max(0, S- - x - k)``; the
+    statistic is ``max(S+, S-)``."""
+
+    name = "uncertainty"
+    window = 0
+
+    def __init__(self, reference: DriftReference, k: float = 0.5) -> None:
+        super().__init__()
+        self._mu, self._sd, self._k = reference.entropy_mean, reference.entropy_std, k
+        self._up = self._down = 0.0
+
+    def reset(self) -> None:
+        self._up = self._down = 0.0
+        self.frames = 0
+        self.statistic = math.nan
+
+    def _x(self, entropy: np.ndarray) -> np.ndarray:
+        return (np.asarray(entropy, dtype=np.float64) - self._mu) / self._sd
+
+    def _statistics(self, rows: Rows) -> np.ndarray:
+        x = self._x(rows.entropy)
+        out = np.empty(len(x))
+        up, down, k = self._up, self._down, self._k
+        for i, v in enumerate(x.tolist()):
+            up = max(0.0, up + v - k)
+            down = max(0.0, down - v - k)
+            out[i] = max(up, down)
+        self._up, self._down = up, down
+        self.frames += len(x)
+        return out
+
+    def trajectories(
+        self, pool: Rows, index: np.ndarray, reference_frames: int | None = None
+    ) -> np.ndarray:
+        x = self._x(pool.entropy)
+        offsets = np.zeros(len(index))
+        if reference_frames is not None:
+            x = x - x.mean()
+            offsets = _reference_error(x[:, None], len(index), reference_frames, index)[:, 0]
+        x = x[index] + offsets[:, None]  # R x L
+        out = np.empty_like(x)
+        up = np.zeros(len(x))
+        down = np.zeros(len(x))
+        k = self._k
+        for t in range(x.shape[1]):
+            col = x[:, t]
+            np.maximum(up + col - k, 0.0, out=up)
+            np.maximum(down - col - k, 0.0, out=down)
+            np.maximum(up, down, out=out[:, t])
+        return out
+
+
+def _reference_error(
+    centred: np.ndarray, runs: int, reference_frames: int, index: np.ndarray
+) -> np.ndarray:
+    """Per-run offsets distributed as the error of a mean over ``reference_frames`` frames."""
+    rng = np.random.default_rng(int(index[0, 0]) + 7 * len(index))
+    counts = rng.multinomial(reference_frames, np.full(len(centred), 1 / len(centred)), runs)
+    return np.asarray(counts @ centred / reference_frames)
+
+
+DETECTORS = ("embedding", "prediction", "uncertainty")
+
+
+def build_detectors(
+    reference: DriftReference,
+    names: Sequence[str] = DETECTORS,
+    *,
+    embedding_window: int = 64,
+    class_window: int = 200,
+    cusum_k: float = 0.5,
+) -> list[Detector]:
+    """The named detectors on one reference, uncalibrated."""
+    made: dict[str, Detector] = {}
+    for name in names:
+        if name == "embedding":
+            made[name] = EmbeddingMMD(reference, embedding_window)
+        elif name == "prediction":
+            made[name] = ClassMixDrift(reference, class_window)
+        elif name == "uncertainty":
+            made[name] = EntropyCusum(reference, cusum_k)
+        else:
+            raise ValueError(f"unknown drift detector {name!r} (known: {', '.join(DETECTORS)})")
+    return list(made.values())

@@ -1,0 +1,371 @@
+"""The drift monitor: the scorer's detectors, off the hot path.
+
+The scorer calls :meth:`DriftMonitor.observe` with each scored batch on the
+event loop; it only enqueues. One task takes the batches in order and runs the
+detectors in a worker thread; on an alarm it counts it, publishes a
+``DriftEvent`` on ``winnow.drift`` and boosts the labeling budget. Every
+``statistic_every`` frames a detector's statistic is published too.
+
+On a model swap the detectors reset: with the release's reference when it
+carries one, else with a reference built from the first ``warmup_frames``
+frames the new model scores. Thresholds are calibrated in a thread each time.
+Detectors run on all frames together and, per source id (the frame key),
+for up to ``max_sources`` sources.
+"""
+
+import asyncio
+import logging
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import numpy as np
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+
+from schemas.api import DetectorState, DriftStatus
+from schemas.drift import DriftEvent, DriftReference
+from service.batching import Batch
+from service.config import DriftSettings, KafkaSettings
+from service.drift.calibrate import calibrate
+from service.drift.detectors import Detector, Rows, build_detectors
+from service.kafka.producer import create_producer
+from service.metrics import ScorerMetrics
+from service.policy import QueryPolicy
+
+log = logging.getLogger(__name__)
+
+ALL = None  # the source key of the overall track
+
+
+@dataclass
+class _Observed:
+    version: str
+    sources: list[str | None]
+    embeddings: np.ndarray
+    probabilities: np.ndarray
+
+
+@dataclass
+class _Swap:
+    version: str
+    reference: DriftReference | None
+
+
+@dataclass
+class _Track:
+    """The detectors of one source (or of all sources together)."""
+
+    detectors: list[Detector]
+    alarms: dict[str, int] = field(default_factory=dict)
+    last_alarm: dict[str, datetime] = field(default_factory=dict)
+    since_statistic: dict[str, int] = field(default_factory=dict)
+
+
+class DriftMonitor:
+    """Online drift detection for one scorer.
+
+    Args:
+        settings: ``WINNOW_DRIFT_*``.
+        kafka: where ``winnow.drift`` is; None publishes nothing.
+        metrics: the scorer's metrics (drift gauges and counter).
+        policy: boosted after each alarm; None for no response.
+        clock: wall-clock time of events (tests fake it).
+    """
+
+    def __init__(
+        self,
+        settings: DriftSettings,
+        kafka: KafkaSettings | None,
+        metrics: ScorerMetrics,
+        policy: QueryPolicy | None = None,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.policy = policy
+        self.events: list[DriftEvent] = []  # alarms only, the most recent ones
+        self._kafka = kafka
+        self._clock = clock
+        self._queue: asyncio.Queue[_Observed | _Swap] = asyncio.Queue(settings.queue_batches)
+        self._producer: AIOKafkaProducer | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._version: str | None = None
+        self._reference: DriftReference | None = None
+        self._prototypes: list[Detector] = []
+        self._tracks: OrderedDict[str | None, _Track] = OrderedDict()
+        self._warmup: list[_Observed] = []
+        self._warmup_count = 0
+        self._calibrating = False
+        self._dropped = 0
+        self.alarms = 0
+        self.processed = 0  # frames the detectors have seen
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def __aenter__(self) -> "DriftMonitor":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        if self._kafka is not None:
+            self._producer = create_producer(self._kafka)
+            await self._producer.start()
+        self._task = asyncio.create_task(self._run(), name="drift-monitor")
+
+    async def stop(self) -> None:
+        """Stops the worker (batches still queued are dropped); idempotent."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        if self._producer is not None:
+            await self._producer.stop()
+            self._producer = None
+
+    async def idle(self) -> None:
+        """Waits until every queued batch has been processed (tests, benchmarks)."""
+        await self._queue.join()
+
+    # -- the scorer's hooks (event loop, must return at once) ------------------------------
+
+    def observe(self, batch: Batch) -> None:
+        """Enqueues a scored batch's outputs; drops it if the queue is full."""
+        if batch.model is None or batch.probabilities is None or batch.embeddings is None:
+            return
+        sources = [batch.frames[i].source_id for i in batch.good]
+        item = _Observed(batch.model.version, sources, batch.embeddings, batch.probabilities)
+        self._put(item)
+
+    def on_swap(self, model: object) -> None:
+        """A new model: reset the detectors with its reference (or warm up)."""
+        spec = model.spec  # type: ignore[attr-defined]
+        use = self.settings.use_release_reference
+        self._put(_Swap(spec.version, spec.reference if use else None), force=True)
+
+    def _put(self, item: "_Observed | _Swap", force: bool = False) -> None:
+        try:
+            self._queue.put_nowait(item)
+        except asyncio.QueueFull:
+            if not force:
+                self._dropped += 1
+                return
+            # a swap must not be lost: make room by dropping the oldest batch
+            self._queue.get_nowait()
+            self._queue.task_done()
+            self._dropped += 1
+            self._queue.put_nowait(item)
+
+    # -- the worker ------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while True:
+            item = await self._queue.get()
+            try:
+                if isinstance(item, _Swap):
+                    await self._swap(item)
+                else:
+                    await self._observe(item)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("drift monitor: a batch failed; detectors keep running")
+            finally:
+                self._queue.task_done()
+
+    async def _swap(self, swap: _Swap) -> None:
+        self._version, self._warmup, self._warmup_count = swap.version, [], 0
+        self._tracks, self._reference, self._prototypes = OrderedDict(), None, []
+        if swap.reference is not None:
+            await self._arm(swap.reference)
+        log.info(
+            "drift: model %s, reference %s",
+            swap.version,
+            "from the release" if swap.reference else f"from {self.settings.warmup_frames} frames",
+        )
+
+    async def _arm(self, reference: DriftReference) -> None:
+        s = self.settings
+        self._calibrating = True
+        try:
+            prototypes = await asyncio.to_thread(self._calibrated, reference)
+        finally:
+            self._calibrating = False
+        self._reference, self._prototypes = reference, prototypes
+        self._tracks = OrderedDict()
+        for detector in prototypes:
+            self.metrics.drift_threshold.labels(detector=detector.name).set(detector.threshold)
+        log.info(
+            "drift: detectors armed for ERT %d frames: %s",
+            s.ert,
+            ", ".join(f"{d.name}>{d.threshold:.4g}" for d in prototypes),
+        )
+
+    def _calibrated(self, reference: DriftReference) -> list[Detector]:
+        s = self.settings
+        detectors = build_detectors(
+            reference,
+            s.detectors,
+            embedding_window=s.embedding_window,
+            class_window=s.class_window,
+            cusum_k=s.cusum_k,
+        )
+        pool = Rows.reference_pool(reference)
+        for i, detector in enumerate(detectors):
+            calibrate(detector, pool, s.ert, s.seed + i, s.calibration_frames, reference.frames)
+        return detectors
+
+    async def _observe(self, item: _Observed) -> None:
+        if item.version != self._version:
+            return  # scored by a model the monitor no longer watches
+        if self._reference is None:
+            await self._warm(item)
+            return
+        events = await asyncio.to_thread(self._process, item)
+        for event in events:
+            await self._emit(event)
+
+    async def _warm(self, item: _Observed) -> None:
+        self._warmup.append(item)
+        self._warmup_count += len(item.sources)
+        if self._warmup_count < self.settings.warmup_frames:
+            return
+        embeddings = np.concatenate([w.embeddings for w in self._warmup])
+        probabilities = np.concatenate([w.probabilities for w in self._warmup])
+        self._warmup = []
+        reference = await asyncio.to_thread(
+            DriftReference.build,
+            embeddings,
+            probabilities,
+            seed=self.settings.seed,
+            origin="warmup",
+        )
+        await self._arm(reference)
+
+    def _process(self, item: _Observed) -> list[DriftEvent]:
+        """Runs the detectors on one batch (worker thread); returns the events to publish."""
+        assert self._reference is not None
+        rows = Rows.from_outputs(self._reference, item.embeddings, item.probabilities)
+        events = self._run_track(ALL, rows)
+        if self.settings.per_source and self.settings.max_sources > 0:
+            sources = np.asarray([s or "" for s in item.sources])
+            for source in dict.fromkeys(item.sources):
+                if source is not None:
+                    events += self._run_track(source, rows.take(sources == source))
+        self.processed += len(rows)
+        return events
+
+    def _track(self, source: str | None) -> _Track:
+        track = self._tracks.get(source)
+        if track is None:
+            sources = [k for k in self._tracks if k is not None]
+            if source is not None and len(sources) >= self.settings.max_sources:
+                del self._tracks[sources[0]]  # the least recently seen source
+            track = _Track([d.fresh() for d in self._prototypes])
+            self._tracks[source] = track
+        elif source is not None:
+            self._tracks.move_to_end(source)
+        return track
+
+    def _run_track(self, source: str | None, rows: Rows) -> list[DriftEvent]:
+        track, events = self._track(source), []
+        for detector in track.detectors:
+            alarms = detector.update(rows)
+            name = detector.name
+            for _, statistic in alarms:
+                events.append(self._event("alarm", detector, source, statistic))
+                track.alarms[name] = track.alarms.get(name, 0) + 1
+                track.last_alarm[name] = self._clock()
+            seen = track.since_statistic.get(name, 0) + len(rows)
+            if seen >= self.settings.statistic_every and np.isfinite(detector.statistic):
+                events.append(self._event("statistic", detector, source, detector.statistic))
+                seen = 0
+            track.since_statistic[name] = seen
+        return events
+
+    def _event(
+        self, kind: str, detector: Detector, source: str | None, statistic: float
+    ) -> DriftEvent:
+        return DriftEvent(
+            kind=kind,  # type: ignore[arg-type]
+            detector=detector.name,
+            source_id=source,
+            statistic=float(statistic),
+            threshold=float(detector.threshold),
+            window=detector.window,
+            model_version=self._version or "",
+            time=self._clock(),
+            frames=detector.frames,
+        )
+
+    async def _emit(self, event: DriftEvent) -> None:
+        if event.source_id is None:
+            self.metrics.drift_score.labels(detector=event.detector).set(event.statistic)
+        if event.kind == "alarm":
+            self.alarms += 1
+            self.metrics.drift_alarms.labels(detector=event.detector).inc()
+            self.events = [*self.events[-99:], event]
+            log.warning(
+                "drift alarm: detector=%s source=%s statistic=%.4g threshold=%.4g model=%s",
+                event.detector,
+                event.source_id,
+                event.statistic,
+                event.threshold,
+                event.model_version,
+            )
+            s = self.settings
+            if self.policy is not None and s.boost_factor > 1:
+                self.policy.boost(s.boost_factor, s.boost_seconds)
+        if self._producer is not None and self._kafka is not None:
+            try:
+                await self._producer.send(
+                    self._kafka.topics.drift,
+                    event.model_dump_json().encode(),
+                    key=event.detector.encode(),
+                )
+            except KafkaError as error:
+                log.warning("drift event not published (%s): %s", event.kind, error)
+
+    def update_gauges(self) -> None:
+        """Sets ``winnow_drift_score`` from the overall track (between events)."""
+        track = self._tracks.get(ALL)
+        for detector in track.detectors if track else []:
+            if np.isfinite(detector.statistic):
+                self.metrics.drift_score.labels(detector=detector.name).set(detector.statistic)
+
+    # -- status ----------------------------------------------------------------------------
+
+    def status(self) -> DriftStatus:
+        s = self.settings
+        states = []
+        for source, track in list(self._tracks.items()):
+            for d in track.detectors:
+                states.append(
+                    DetectorState(
+                        detector=d.name,
+                        source_id=source,
+                        statistic=float(d.statistic) if np.isfinite(d.statistic) else None,
+                        threshold=float(d.threshold) if np.isfinite(d.threshold) else None,
+                        window=d.window,
+                        frames=d.frames,
+                        alarms=track.alarms.get(d.name, 0),
+                        last_alarm=track.last_alarm.get(d.name),
+                    )
+                )
+        reference = self._reference
+        return DriftStatus(
+            enabled=s.enabled,
+            model_version=self._version,
+            reference=reference.origin if reference else None,
+            reference_frames=reference.frames if reference else 0,
+            warmup_frames_left=0 if reference else max(0, s.warmup_frames - self._warmup_count),
+            calibrating=self._calibrating,
+            ert=s.ert,
+            alarms=self.alarms,
+            dropped_batches=self._dropped,
+            detectors=states,
+        )

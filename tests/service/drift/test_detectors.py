@@ -1,0 +1,103 @@
+"""The detectors: calibrated false-alarm rate, and alarms on each kind of shift."""
+
+import numpy as np
+import pytest
+
+from schemas.drift import DriftReference
+from service.drift import Rows, build_detectors, calibrate, threshold_for_ert
+from tests.service.drift.conftest import outputs
+
+ERT = 300
+
+
+def _calibrated(reference: DriftReference, name: str):
+    (detector,) = build_detectors(reference, [name], embedding_window=32, class_window=100)
+    calibrate(
+        detector,
+        Rows.reference_pool(reference),
+        ERT,
+        seed=1,
+        cells=300_000,
+        reference_frames=reference.frames,
+    )
+    return detector
+
+
+@pytest.mark.parametrize("name", ["embedding", "prediction", "uncertainty"])
+def test_on_reference_data_false_alarms_come_about_every_ert_frames(reference, name) -> None:
+    detector = _calibrated(reference, name)
+    rng = np.random.default_rng(5)
+    rows = Rows.from_outputs(reference, *outputs(20_000, rng))  # fresh frames, not the pool
+    runs = detector.trajectories(rows, rng.integers(len(rows), size=(200, 6 * ERT)))
+    first = (np.maximum.accumulate(runs, axis=1) <= detector.threshold).sum(axis=1)
+    # 200 runs: the mean of a roughly exponential run length is within ~15 % of its
+    # expectation; the generous band also covers the reference's own sampling error
+    assert 0.5 * ERT < first.mean() < 2.0 * ERT
+
+
+SHIFTS = {
+    "embedding": {"shift": 1.0},
+    "prediction": {"mix": np.array([0.6, 0.1, 0.1, 0.1, 0.1])},
+    "uncertainty": {"sharpness": 1.0},
+}
+
+
+@pytest.mark.parametrize("name", ["embedding", "prediction", "uncertainty"])
+def test_each_shift_is_detected_within_a_fraction_of_the_ert(reference, name) -> None:
+    detector = _calibrated(reference, name)
+    detected = 0
+    for seed in range(20):
+        rng = np.random.default_rng(100 + seed)
+        stream = Rows.from_outputs(reference, *outputs(ERT, rng, **SHIFTS[name]))
+        fresh = detector.fresh()
+        alarms = [
+            a
+            for start in range(0, ERT, 32)
+            for a in fresh.update(stream.take(slice(start, start + 32)))
+        ]
+        detected += bool(alarms)
+    assert detected >= 18
+
+
+def test_no_shift_no_alarm_in_a_short_stream(reference) -> None:
+    detector = _calibrated(reference, "embedding")
+    rng = np.random.default_rng(7)
+    quiet = sum(
+        not detector.fresh().update(Rows.from_outputs(reference, *outputs(60, rng)))
+        for _ in range(50)
+    )
+    assert quiet >= 45
+
+
+def test_streaming_updates_match_the_vectorized_trajectories(reference) -> None:
+    rng = np.random.default_rng(3)
+    rows = Rows.from_outputs(reference, *outputs(900, rng))
+    for detector in build_detectors(reference, embedding_window=16, class_window=40):
+        expected = detector.trajectories(rows, np.arange(len(rows))[None])[0]
+        live = detector.fresh()
+        got = np.concatenate(
+            [live._statistics(rows.take(slice(s, s + 23))) for s in range(0, len(rows), 23)]
+        )
+        np.testing.assert_allclose(
+            np.where(np.isfinite(got), got, 0),
+            np.where(np.isfinite(expected), expected, 0),
+            rtol=1e-4,
+            atol=1e-6,
+        )
+
+
+def test_an_alarm_resets_the_detector_so_its_window_refills(reference) -> None:
+    detector = _calibrated(reference, "embedding")
+    rows = Rows.from_outputs(reference, *outputs(200, np.random.default_rng(1), shift=3.0))
+    alarms = detector.fresh().update(rows)
+    gaps = np.diff([0, *[i + 1 for i, _ in alarms]])
+    assert len(alarms) >= 2 and (gaps >= detector.window).all()
+
+
+def test_threshold_for_ert_orders_thresholds_by_ert() -> None:
+    rng = np.random.default_rng(0)
+    trajectories = rng.normal(size=(400, 3000))
+    low, high = threshold_for_ert(trajectories, 50), threshold_for_ert(trajectories, 500)
+    assert low < high
+    first = (np.maximum.accumulate(trajectories, axis=1) <= high).sum(axis=1)
+    assert 400 < first.mean() < 600

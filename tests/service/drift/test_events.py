@@ -1,0 +1,57 @@
+"""End to end: a scorer with the drift monitor attached publishes schema-valid events."""
+
+import pytest
+
+from schemas.drift import DriftEvent
+from service.config import DriftSettings
+from service.drift.monitor import DriftMonitor
+from service.inference import OnnxModel
+from service.scorer import Scorer
+from tests.kafka_helpers import produce, read_json
+
+pytestmark = pytest.mark.slow
+
+
+async def test_scorer_publishes_drift_statistics_on_the_drift_topic(
+    scorer_settings, digits_model_path, digit_pngs, winnow_topics
+) -> None:
+    settings = scorer_settings()
+    settings.drift = DriftSettings(
+        ert=500,
+        warmup_frames=100,
+        statistic_every=50,
+        calibration_frames=100_000,
+        embedding_window=16,
+        class_window=40,
+    )
+    model = OnnxModel.load(digits_model_path, device="cpu")
+    frames = [
+        (f"cam-{i % 2}".encode(), png, [("content-type", b"image/png")])
+        for i, png in enumerate(digit_pngs[:300])
+    ]
+    async with Scorer(settings, model) as scorer:
+        async with DriftMonitor(settings.drift, settings.kafka, scorer.metrics, scorer.policy) as m:
+            m.on_swap(scorer.model)
+            scorer.observers.append(m.observe)
+            scorer.swap_listeners.append(m.on_swap)
+            await produce(settings.kafka, winnow_topics.frames, frames)
+            records = await read_json(
+                settings.kafka,
+                winnow_topics.drift,
+                lambda out: (
+                    {r["source_id"] for r in out if r["kind"] == "statistic"}
+                    >= {None, "cam-0", "cam-1"}
+                ),
+            )
+            status = m.status()
+    events = [
+        DriftEvent.model_validate({k: v for k, v in r.items() if k != "_key"}) for r in records
+    ]
+    assert {r["_key"] for r in records} <= {b"embedding", b"prediction", b"uncertainty"}
+    assert all(e.model_version == model.version for e in events)
+    assert {e.detector for e in events if e.kind == "statistic"} == {
+        "embedding",
+        "prediction",
+        "uncertainty",
+    }
+    assert status.reference == "warmup" and status.reference_frames >= 100

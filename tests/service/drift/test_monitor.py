@@ -1,0 +1,146 @@
+"""The drift monitor: alarms boost the budget for a while, swaps reset, warm-up references."""
+
+import asyncio
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import numpy as np
+
+from schemas.drift import DriftReference
+from schemas.frames import FrameHeaders, FrameOrigin
+from service.batching import Batch, InboundFrame
+from service.config import DriftSettings
+from service.drift.monitor import DriftMonitor
+from service.metrics import ScorerMetrics
+from service.policy import QueryPolicy
+from tests.service.drift.conftest import outputs
+
+
+@dataclass
+class _Spec:
+    version: str
+    reference: DriftReference | None
+
+
+@dataclass
+class _Model:
+    spec: _Spec
+
+    @property
+    def version(self) -> str:
+        return self.spec.version
+
+
+def _batch(model: _Model, embeddings: np.ndarray, probabilities: np.ndarray) -> Batch:
+    frames = [
+        InboundFrame(
+            origin=FrameOrigin(topic="f", partition=0, offset=i),
+            key=f"cam-{i % 2}".encode(),
+            value=b"",
+            headers=FrameHeaders(),
+            raw_headers=(),
+            timestamp_ms=None,
+        )
+        for i in range(len(embeddings))
+    ]
+    batch = Batch(frames=frames, model=model)  # type: ignore[arg-type]
+    batch.good = list(range(len(frames)))
+    batch.embeddings, batch.probabilities = embeddings, probabilities
+    return batch
+
+
+def _settings(**overrides: object) -> DriftSettings:
+    base = {
+        "ert": 2000,
+        "embedding_window": 32,
+        "class_window": 100,
+        "calibration_frames": 200_000,
+        "statistic_every": 200,
+    }
+    return DriftSettings(**{**base, **overrides})
+
+
+async def _feed(monitor: DriftMonitor, model: _Model, rng, frames: int, **shift) -> None:
+    for _ in range(frames // 50):
+        monitor.observe(_batch(model, *outputs(50, rng, **shift)))
+    await monitor.idle()
+
+
+async def test_an_alarm_boosts_the_budget_until_the_configured_time_has_passed(
+    reference,
+) -> None:
+    now = [0.0]
+    policy = QueryPolicy(budget=0.05, clock=lambda: now[0])
+    metrics = ScorerMetrics()
+    async with DriftMonitor(
+        _settings(detectors=["embedding"], ert=5000, boost_factor=4.0, boost_seconds=60.0),
+        None,
+        metrics,
+        policy,
+    ) as monitor:
+        model = _Model(_Spec("v1", reference))
+        monitor.on_swap(model)
+        rng = np.random.default_rng(0)
+        await _feed(monitor, model, rng, 300)
+        assert monitor.alarms == 0 and not policy.boosted
+        await _feed(monitor, model, rng, 300, shift=2.0)
+        assert monitor.alarms >= 1
+        assert policy.state().effective_budget == 0.2
+        assert {e.detector for e in monitor.events} == {"embedding"}
+        assert metrics.drift_alarms.labels(detector="embedding")._value.get() >= 1
+        now[0] = 59.0
+        policy.decide({"entropy": np.zeros(1)})
+        assert policy.boosted
+        now[0] = 61.0
+        policy.decide({"entropy": np.zeros(1)})
+        assert not policy.boosted and policy.state().effective_budget == 0.05
+        status = monitor.status()
+        assert status.reference == "training" and status.alarms == monitor.alarms
+        sources = {d.source_id for d in status.detectors}
+        assert sources == {None, "cam-0", "cam-1"}
+
+
+async def test_a_swap_resets_the_detectors_with_the_new_reference(reference) -> None:
+    settings = _settings(detectors=["embedding"], ert=5000)
+    async with DriftMonitor(settings, None, ScorerMetrics()) as monitor:
+        old = _Model(_Spec("v1", reference))
+        monitor.on_swap(old)
+        rng = np.random.default_rng(1)
+        await _feed(monitor, old, rng, 500)
+        assert max(d.frames for d in monitor.status().detectors) > 0
+        shifted = DriftReference.build(*outputs(3000, rng, shift=2.0), seed=1)
+        new = _Model(_Spec("v2", shifted))
+        monitor.on_swap(new)
+        monitor.observe(_batch(old, *outputs(50, rng)))  # scored by the old model: ignored
+        await monitor.idle()
+        status = monitor.status()
+        assert status.model_version == "v2" and status.detectors == []
+        # frames like the new reference raise no alarm, though they drifted from the old one
+        await _feed(monitor, new, rng, 500, shift=2.0)
+        assert monitor.alarms == 0
+        assert all(d.frames > 0 for d in monitor.status().detectors)
+
+
+async def test_without_a_release_reference_the_first_frames_become_the_reference() -> None:
+    async with DriftMonitor(_settings(warmup_frames=400), None, ScorerMetrics()) as monitor:
+        model = _Model(_Spec("v1", None))
+        monitor.on_swap(model)
+        rng = np.random.default_rng(2)
+        await _feed(monitor, model, rng, 200)
+        assert monitor.status().reference is None
+        assert monitor.status().warmup_frames_left == 200
+        await _feed(monitor, model, rng, 300)
+        status = monitor.status()
+        assert status.reference == "warmup" and status.reference_frames == 400
+        assert all(d.threshold is not None for d in status.detectors)
+
+
+async def test_observe_returns_at_once_and_drops_when_the_queue_is_full(reference) -> None:
+    monitor = DriftMonitor(_settings(queue_batches=2), None, ScorerMetrics())
+    model = _Model(_Spec("v1", reference))
+    rng = np.random.default_rng(3)
+    for _ in range(5):  # the worker is not started: nothing is taken off the queue
+        monitor.observe(_batch(model, *outputs(10, rng)))
+    assert monitor.status().dropped_batches == 3
+    await asyncio.sleep(0)
+    assert datetime.now(UTC)  # the loop is alive

@@ -1,0 +1,59 @@
+"""Drift reference statistics of a model's training data, shipped in each release.
+
+The scorer's drift detectors compare the live stream with what the model saw
+when it was trained (``schemas.drift.DriftReference``). The statistics are
+the model's own outputs on its samples: embeddings (PCA-reduced, whitened),
+predicted class mix and entropy. Samples the model trained on look more
+certain to it than new frames do, so the holdout is used when it is large
+enough; labels chosen by active learning are also more uncertain than the
+stream on average, which is why the scorer can warm up on live frames instead
+(``WINNOW_DRIFT_USE_RELEASE_REFERENCE=false``).
+"""
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from schemas.drift import DriftReference
+from trainer.samples import Sample, stack
+
+MIN_HOLDOUT = 200
+
+
+def model_outputs(
+    model: nn.Module, inputs: np.ndarray, device: torch.device, batch_size: int = 256
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(probabilities N x C, embeddings N x D)`` in eval mode; restores the model's mode."""
+    was_training = model.training
+    model.eval()
+    model.to(device)
+    probs, embeds = [], []
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(inputs), batch_size):
+                batch = torch.from_numpy(np.ascontiguousarray(inputs[start : start + batch_size]))
+                p, e = model(batch.to(device))
+                probs.append(p.float().cpu().numpy())
+                embeds.append(e.float().cpu().numpy())
+    finally:
+        model.train(was_training)
+    return np.concatenate(probs), np.concatenate(embeds)
+
+
+def reference_for(
+    model: nn.Module,
+    train: Sequence[Sample],
+    holdout: Sequence[Sample],
+    device: torch.device,
+    seed: int = 0,
+) -> DriftReference | None:
+    """The reference of ``model``: on the holdout if it has ``MIN_HOLDOUT`` samples, else on
+    every sample; None with fewer than 2 samples."""
+    samples = list(holdout) if len(holdout) >= MIN_HOLDOUT else [*train, *holdout]
+    if len(samples) < 2:
+        return None
+    inputs, _ = stack(samples)
+    probabilities, embeddings = model_outputs(model, inputs, device)
+    return DriftReference.build(embeddings, probabilities, seed=seed)
