@@ -1,0 +1,219 @@
+"""Stream filters: diversity and balance between the utility and the query decision.
+
+A threshold strategy looks at one frame at a time; at video rates it would
+send five near-identical frames of one scene, all from the busiest class.
+These filters reshape the utility ``u`` of each frame before the strategy
+compares it, using the frame's embedding, predicted class and source:
+
+- ``dedup`` — near-duplicate suppression per source: ``u = 0`` when the
+  cosine similarity of the embedding to one of the frames selected from the
+  same source within the last ``dedup_window`` frames of that source is at
+  least ``dedup_similarity``.
+- ``density`` — density weighting (Settles and Craven 2008, information
+  density): ``u · min(1, d / d̄)^β`` with ``d = mean_r exp(-||e - r||² / h)``
+  over a reservoir of recent embeddings (``h`` the median squared distance)
+  and ``d̄`` its batch mean, so informative frames in dense regions win over
+  outliers.
+- ``balance`` — class balance: ``u · min(1, (1/C) / s_c)^γ`` where ``s_c`` is
+  the share of the predicted class among the last ``balance_window``
+  selections.
+- ``audit`` — a fraction ``audit_fraction`` of the confident frames
+  (``u <= audit_utility``) the strategy passed over is selected anyway, with
+  the reason ``audit``, to measure the errors the model is sure about.
+
+Duplicate similarities are computed on embeddings centred by the reservoir mean once it
+holds 32 frames (raw post-ReLU embeddings are all alike). Every filter is optional and needs only
+the context it names; a batch without context passes unchanged.
+"""
+
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+FILTERS = ("dedup", "density", "balance", "audit")
+AUDIT = "audit"
+_MIN_RESERVOIR = 32
+
+
+@dataclass(frozen=True)
+class DecisionContext:
+    """What the scorer knows of each frame beside its utility; every field is optional.
+
+    Attributes:
+        embeddings: (N, D) model embeddings.
+        probabilities: (N, C) class probabilities (predicted class and C).
+        sources: N source ids (the Kafka key), None for unknown.
+    """
+
+    embeddings: np.ndarray | None = None
+    probabilities: np.ndarray | None = None
+    sources: Sequence[str | None] | None = None
+
+
+class StreamFilters:
+    """The configured filters, with the state they keep across batches."""
+
+    DEFAULTS: ClassVar[dict[str, float]] = {
+        "dedup_similarity": 0.9,
+        "dedup_window": 64.0,
+        "density_beta": 1.0,
+        "density_reservoir": 256.0,
+        "balance_window": 100.0,
+        "balance_power": 1.0,
+        "audit_fraction": 0.01,
+        "audit_utility": 0.1,
+    }
+
+    def __init__(self, names: Sequence[str] = (), params: Mapping[str, float] | None = None):
+        self.names: tuple[str, ...] = ()
+        self.params = dict(self.DEFAULTS)
+        self.configure(names, params or {})
+        self._reservoir: deque[np.ndarray] = deque(maxlen=int(self.params["density_reservoir"]))
+        self._recent: dict[str | None, deque[tuple[int, np.ndarray]]] = {}
+        self._frames: dict[str | None, int] = {}
+        self._classes: deque[int] = deque(maxlen=int(self.params["balance_window"]))
+        self._batch: _BatchView | None = None
+
+    @classmethod
+    def check(cls, names: Sequence[str], params: Mapping[str, float]) -> None:
+        unknown = sorted(set(names) - set(FILTERS))
+        if unknown:
+            raise ValueError(f"unknown filters {unknown} (known: {', '.join(FILTERS)})")
+        bad = sorted(set(params) - set(cls.DEFAULTS))
+        if bad:
+            raise ValueError(f"unknown filter params {bad} (known: {', '.join(cls.DEFAULTS)})")
+        for key, value in params.items():
+            if value < 0 or (key == "audit_fraction" and value > 1):
+                raise ValueError(f"filter param {key!r} out of range: {value}")
+
+    def configure(self, names: Sequence[str], params: Mapping[str, float]) -> None:
+        self.check(names, params)
+        self.names = tuple(dict.fromkeys(names))
+        self.params.update({k: float(v) for k, v in params.items()})
+        if hasattr(self, "_classes"):
+            self._classes = deque(self._classes, maxlen=int(self.params["balance_window"]))
+            self._reservoir = deque(self._reservoir, maxlen=int(self.params["density_reservoir"]))
+
+    @property
+    def active(self) -> bool:
+        return bool(self.names)
+
+    # -- per batch ----------------------------------------------------------------------------
+
+    def begin(self, utilities: np.ndarray, context: DecisionContext | None) -> np.ndarray:
+        """Prepares a batch; returns the utilities after the batch-wide (density) weighting."""
+        context = context or DecisionContext()
+        self._batch = _BatchView(context, self._center(context.embeddings), len(utilities))
+        out = utilities.copy()
+        if "density" in self.names and self._batch.raw is not None and self._reservoir:
+            reservoir = np.stack(self._reservoir)
+            raw = self._batch.raw
+            squared = (
+                (raw**2).sum(1)[:, None] + (reservoir**2).sum(1)[None, :] - 2 * raw @ reservoir.T
+            )
+            squared = np.maximum(squared, 0.0)
+            bandwidth = max(float(np.median(squared)), 1e-12)  # the median heuristic
+            density = np.exp(-squared / bandwidth).mean(axis=1)
+            reference = density.mean()
+            if reference > 0:
+                weight = np.minimum(1.0, density / reference) ** self.params["density_beta"]
+                out *= weight
+        return out
+
+    def adjust(self, index: int, utility: float) -> float:
+        """The frame's utility after duplicate suppression and class balance."""
+        batch = self._batch
+        if batch is None:
+            return utility
+        if "dedup" in self.names and batch.unit is not None and self._is_duplicate(index):
+            batch.suppressed.add(index)
+            return 0.0
+        if "balance" in self.names and batch.predicted is not None and self._classes:
+            share = self._classes.count(int(batch.predicted[index])) / len(self._classes)
+            fair = 1.0 / batch.n_classes
+            if share > fair:
+                utility *= (fair / share) ** self.params["balance_power"]
+        return utility
+
+    def audit(self, index: int, raw_utility: float, rng: np.random.Generator) -> bool:
+        """Whether to select a frame the strategy passed over, as an audit of a confident one."""
+        if "audit" not in self.names or raw_utility > self.params["audit_utility"]:
+            return False
+        if self._batch is not None and index in self._batch.suppressed:
+            return False
+        return bool(rng.random() < self.params["audit_fraction"])
+
+    def suppressed(self, index: int) -> bool:
+        return self._batch is not None and index in self._batch.suppressed
+
+    def record(self, index: int, selected: bool) -> None:
+        """Called for every frame in stream order after its decision."""
+        batch = self._batch
+        if batch is None:
+            return
+        source = batch.source(index)
+        self._frames[source] = frame = self._frames.get(source, 0) + 1
+        if not selected:
+            return
+        if batch.raw is not None:
+            recent = self._recent.setdefault(source, deque(maxlen=256))
+            recent.append((frame, batch.raw[index]))
+        if batch.predicted is not None:
+            self._classes.append(int(batch.predicted[index]))
+
+    def end(self) -> None:
+        """Adds the batch's embeddings to the density reservoir."""
+        batch, self._batch = self._batch, None
+        if batch is not None and batch.raw is not None:
+            self._reservoir.extend(batch.raw)
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def _center(self, embeddings: np.ndarray | None) -> np.ndarray | None:
+        if embeddings is None:
+            return None
+        if len(self._reservoir) < _MIN_RESERVOIR:  # too few frames to know the mean
+            return None
+        return np.mean(self._reservoir, axis=0)
+
+    @staticmethod
+    def _unit(x: np.ndarray) -> np.ndarray:
+        norm = np.linalg.norm(x, axis=-1, keepdims=True)
+        return x / np.where(norm > 0, norm, 1.0)
+
+    def _is_duplicate(self, index: int) -> bool:
+        batch = self._batch
+        assert batch is not None and batch.unit is not None
+        source = batch.source(index)
+        recent = self._recent.get(source)
+        if not recent:
+            return False
+        frame = self._frames.get(source, 0) + 1
+        window = self.params["dedup_window"]
+        while recent and frame - recent[0][0] > window:
+            recent.popleft()
+        if not recent:
+            return False
+        kept = self._unit(np.stack([e for _, e in recent]) - batch.mean)
+        return bool((kept @ batch.unit[index]).max() >= self.params["dedup_similarity"])
+
+
+class _BatchView:
+    """One batch's context, prepared once."""
+
+    def __init__(self, context: DecisionContext, mean: np.ndarray | None, n: int) -> None:
+        self.raw = None if context.embeddings is None else np.asarray(context.embeddings, float)
+        self.mean = mean if mean is not None else 0.0
+        self.unit = None if self.raw is None else StreamFilters._unit(self.raw - self.mean)
+        p = context.probabilities
+        self.predicted = None if p is None else np.asarray(p).argmax(axis=1)
+        self.n_classes = 1 if p is None else max(1, np.asarray(p).shape[1])
+        self.sources = context.sources
+        self.suppressed: set[int] = set()
+        self.n = n
+
+    def source(self, index: int) -> str | None:
+        return None if self.sources is None else self.sources[index]
