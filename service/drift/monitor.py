@@ -45,12 +45,15 @@ class _Observed:
     sources: list[str | None]
     embeddings: np.ndarray
     probabilities: np.ndarray
+    inputs: np.ndarray | None = None  # only while the anchor frames are being collected
 
 
 @dataclass
 class _Swap:
     version: str
     reference: DriftReference | None
+    paused: bool = False
+    model: object = None
 
 
 @dataclass
@@ -92,6 +95,16 @@ class DriftMonitor:
         self._producer: AIOKafkaProducer | None = None
         self._task: asyncio.Task[None] | None = None
         self._version: str | None = None
+        self._paused = False
+        # The anchor: the input tensors of the frames that made the last warm-up reference.
+        # Each new model re-scores them, so the reference stays in the regime it was taken
+        # from across swaps (frequent releases would otherwise keep re-learning a drifted
+        # stream as "normal"). After an alarm the next model warms up on the stream anew.
+        self._anchor: np.ndarray | None = None
+        self._anchor_parts: list[np.ndarray] = []
+        self._anchor_count = 0
+        self._collecting_anchor = True
+        self._model: object = None
         self._reference: DriftReference | None = None
         self._prototypes: list[Detector] = []
         self._tracks: OrderedDict[str | None, _Track] = OrderedDict()
@@ -138,14 +151,25 @@ class DriftMonitor:
         if batch.model is None or batch.probabilities is None or batch.embeddings is None:
             return
         sources = [batch.frames[i].source_id for i in batch.good]
-        item = _Observed(batch.model.version, sources, batch.embeddings, batch.probabilities)
+        inputs = None
+        if self._collecting_anchor and batch.inputs is not None:
+            # Frames sent for labeling are left out: the model will be trained on them, and
+            # a reference it has learned by heart would make the stream look drifted.
+            kept = [row for row, d in enumerate(batch.decisions) if not d.selected]
+            inputs = batch.inputs[kept]  # fancy indexing copies
+        item = _Observed(
+            batch.model.version, sources, batch.embeddings, batch.probabilities, inputs
+        )
         self._put(item)
 
     def on_swap(self, model: object) -> None:
         """A new model: reset the detectors with its reference (or warm up)."""
         spec = model.spec  # type: ignore[attr-defined]
         use = self.settings.use_release_reference
-        self._put(_Swap(spec.version, spec.reference if use else None), force=True)
+        # An untrained model's outputs are noise and its budget is spent at random anyway:
+        # nothing to watch until it has learned from labels (cold start).
+        paused = spec.labels_trained == 0
+        self._put(_Swap(spec.version, spec.reference if use else None, paused, model), force=True)
 
     def _put(self, item: "_Observed | _Swap", force: bool = False) -> None:
         try:
@@ -179,13 +203,51 @@ class DriftMonitor:
 
     async def _swap(self, swap: _Swap) -> None:
         self._version, self._warmup, self._warmup_count = swap.version, [], 0
+        self._paused, self._model = swap.paused, swap.model
         self._tracks, self._reference, self._prototypes = OrderedDict(), None, []
+        if swap.paused:
+            return
         if swap.reference is not None:
             await self._arm(swap.reference)
-        log.info(
-            "drift: model %s, reference %s",
-            swap.version,
-            "from the release" if swap.reference else f"from {self.settings.warmup_frames} frames",
+            origin = "from the release"
+        elif self._anchor is not None and await self._arm_from_anchor():
+            origin = f"from {len(self._anchor)} anchor frames, re-scored"
+        else:
+            origin = f"from the next {self.settings.warmup_frames} frames"
+        log.info("drift: model %s, reference %s", swap.version, origin)
+
+    async def _arm_from_anchor(self) -> bool:
+        """Scores the anchor frames with the current model and arms on them."""
+        assert self._anchor is not None
+        try:
+            probabilities, embeddings = await asyncio.to_thread(
+                self._model.run,  # type: ignore[union-attr]
+                self._anchor,
+            )
+        except Exception as error:  # e.g. a new model with another input size
+            log.warning(
+                "drift: the anchor frames do not fit model %s (%s); collecting anew",
+                self._version,
+                error,
+            )
+            self._reset_anchor()
+            return False
+        await self._arm(await self._build(embeddings, probabilities, "warmup"))
+        return True
+
+    def _reset_anchor(self) -> None:
+        self._anchor, self._anchor_parts, self._collecting_anchor = None, [], True
+        self._anchor_count = 0
+
+    async def _build(
+        self, embeddings: np.ndarray, probabilities: np.ndarray, origin: str
+    ) -> DriftReference:
+        return await asyncio.to_thread(
+            DriftReference.build,
+            embeddings,
+            probabilities,
+            seed=self.settings.seed,
+            origin=origin,
         )
 
     async def _arm(self, reference: DriftReference) -> None:
@@ -220,14 +282,28 @@ class DriftMonitor:
         return detectors
 
     async def _observe(self, item: _Observed) -> None:
-        if item.version != self._version:
-            return  # scored by a model the monitor no longer watches
+        if item.inputs is not None and self._collecting_anchor:
+            await self._collect_anchor(item.inputs)
+            return
+        if item.version != self._version or self._paused:
+            return  # scored by a model the monitor no longer watches, or an untrained one
         if self._reference is None:
             await self._warm(item)
             return
         events = await asyncio.to_thread(self._process, item)
         for event in events:
             await self._emit(event)
+
+    async def _collect_anchor(self, inputs: np.ndarray) -> None:
+        """Keeps the first frames' inputs (whatever model scored them) as the anchor."""
+        self._anchor_parts.append(inputs)
+        self._anchor_count += len(inputs)
+        if self._anchor_count < self.settings.warmup_frames:
+            return
+        self._anchor = _bounded(np.concatenate(self._anchor_parts))
+        self._anchor_parts, self._collecting_anchor = [], False
+        if self._model is not None and not self._paused and self._reference is None:
+            await self._arm_from_anchor()
 
     async def _warm(self, item: _Observed) -> None:
         self._warmup.append(item)
@@ -237,14 +313,7 @@ class DriftMonitor:
         embeddings = np.concatenate([w.embeddings for w in self._warmup])
         probabilities = np.concatenate([w.probabilities for w in self._warmup])
         self._warmup = []
-        reference = await asyncio.to_thread(
-            DriftReference.build,
-            embeddings,
-            probabilities,
-            seed=self.settings.seed,
-            origin="warmup",
-        )
-        await self._arm(reference)
+        await self._arm(await self._build(embeddings, probabilities, "warmup"))
 
     def _process(self, item: _Observed) -> list[DriftEvent]:
         """Runs the detectors on one batch (worker thread); returns the events to publish."""
@@ -307,6 +376,7 @@ class DriftMonitor:
             self.metrics.drift_score.labels(detector=event.detector).set(event.statistic)
         if event.kind == "alarm":
             self.alarms += 1
+            self._reset_anchor()  # the reference moves to the new regime once it is collected
             self.metrics.drift_alarms.labels(detector=event.detector).inc()
             self.events = [*self.events[-99:], event]
             log.warning(
@@ -359,13 +429,28 @@ class DriftMonitor:
         reference = self._reference
         return DriftStatus(
             enabled=s.enabled,
+            paused=self._paused,
             model_version=self._version,
             reference=reference.origin if reference else None,
             reference_frames=reference.frames if reference else 0,
-            warmup_frames_left=0 if reference else max(0, s.warmup_frames - self._warmup_count),
+            warmup_frames_left=0
+            if reference
+            else max(0, s.warmup_frames - max(self._warmup_count, self._anchor_count)),
             calibrating=self._calibrating,
             ert=s.ert,
             alarms=self.alarms,
             dropped_batches=self._dropped,
             detectors=states,
         )
+
+
+ANCHOR_MAX_BYTES = 64 * 1024 * 1024
+
+
+def _bounded(inputs: np.ndarray, max_bytes: int = ANCHOR_MAX_BYTES) -> np.ndarray:
+    """Evenly spaced anchor frames within a memory bound (camera-sized inputs are large)."""
+    per_frame = max(1, inputs[0].nbytes) if len(inputs) else 1
+    keep = max(1, max_bytes // per_frame)
+    if len(inputs) <= keep:
+        return inputs
+    return inputs[np.linspace(0, len(inputs) - 1, keep).astype(int)]

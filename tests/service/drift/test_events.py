@@ -25,6 +25,8 @@ async def test_scorer_publishes_drift_statistics_on_the_drift_topic(
         class_window=40,
     )
     model = OnnxModel.load(digits_model_path, device="cpu")
+    # a trained model: the monitor sits out the cold start of an untrained one
+    model._spec = model.spec.model_copy(update={"labels_trained": 50})
     frames = [
         (f"cam-{i % 2}".encode(), png, [("content-type", b"image/png")])
         for i, png in enumerate(digit_pngs[:300])

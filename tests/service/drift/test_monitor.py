@@ -8,6 +8,7 @@ import numpy as np
 
 from schemas.drift import DriftReference
 from schemas.frames import FrameHeaders, FrameOrigin
+from schemas.scores import Decision
 from service.batching import Batch, InboundFrame
 from service.config import DriftSettings
 from service.drift.monitor import DriftMonitor
@@ -20,6 +21,7 @@ from tests.service.drift.conftest import outputs
 class _Spec:
     version: str
     reference: DriftReference | None
+    labels_trained: int = 100
 
 
 @dataclass
@@ -56,6 +58,7 @@ def _settings(**overrides: object) -> DriftSettings:
         "class_window": 100,
         "calibration_frames": 200_000,
         "statistic_every": 200,
+        "use_release_reference": True,  # these tests hand the monitor its reference directly
     }
     return DriftSettings(**{**base, **overrides})
 
@@ -144,3 +147,53 @@ async def test_observe_returns_at_once_and_drops_when_the_queue_is_full(referenc
     assert monitor.status().dropped_batches == 3
     await asyncio.sleep(0)
     assert datetime.now(UTC)  # the loop is alive
+
+
+async def test_an_untrained_model_is_not_watched() -> None:
+    async with DriftMonitor(_settings(warmup_frames=100), None, ScorerMetrics()) as monitor:
+        model = _Model(_Spec("cold", None, labels_trained=0))
+        monitor.on_swap(model)
+        await _feed(monitor, model, np.random.default_rng(0), 400)
+        status = monitor.status()
+    assert status.paused and status.warmup_frames_left == 100 and status.alarms == 0
+
+
+@dataclass
+class _Echo(_Model):
+    """A model whose input rows are its embeddings (and probabilities): re-scoring is exact."""
+
+    classes: int = 5  # as the synthetic outputs of conftest
+
+    def run(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return inputs[:, -self.classes :], inputs[:, : -self.classes]
+
+
+async def test_a_new_model_rescores_the_anchor_frames_instead_of_warming_up_on_the_stream() -> None:
+    rng = np.random.default_rng(3)
+    settings = _settings(warmup_frames=200, use_release_reference=False)
+    async with DriftMonitor(settings, None, ScorerMetrics()) as monitor:
+        first = _Echo(_Spec("v1", None))
+        monitor.on_swap(first)
+        for _ in range(5):  # 5 of each 50 frames are sent for labeling: 45 kept
+            embeddings, probabilities = outputs(50, rng)
+            batch = _batch(first, embeddings, probabilities)
+            batch.inputs = np.concatenate([embeddings, probabilities], axis=1)
+            batch.decisions = [
+                Decision(selected=i % 10 == 0, policy="random", utility=0.5) for i in range(50)
+            ]
+            monitor.observe(batch)
+        await monitor.idle()
+        assert monitor.status().reference == "warmup"
+        second = _Echo(_Spec("v2", None))
+        monitor.on_swap(second)  # no warm-up needed: the anchor frames are re-scored
+        await monitor.idle()
+        status = monitor.status()
+        assert status.model_version == "v2" and status.warmup_frames_left == 0
+        assert status.reference_frames == 5 * 45  # the frames sent for labeling are left out
+        # a shifted stream now alarms against the anchored reference
+        await _feed(monitor, second, rng, 800, shift=3.0)
+        assert monitor.alarms >= 1
+        third = _Echo(_Spec("v3", None))
+        monitor.on_swap(third)  # after an alarm the next model warms up on the new regime
+        await monitor.idle()
+        assert monitor.status().warmup_frames_left == 200
