@@ -6,7 +6,19 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 PolicyName = Literal["fixed", "variable", "randomized-variable", "split", "quantile", "random"]
-UtilityName = Literal["least_confidence", "margin", "entropy"]
+UtilityName = Literal[
+    "least_confidence",
+    "margin",
+    "entropy",
+    "aift",
+    "aift_entropy",
+    "aift_diversity",
+    "bald",
+    "vote_entropy",
+    "average_kl",
+]
+FilterName = Literal["dedup", "density", "balance", "audit"]
+SelectorName = Literal["none", "coreset", "badge"]
 
 
 class Health(BaseModel):
@@ -42,6 +54,13 @@ class PolicyState(BaseModel):
         description="true while the model has learned from no label: frames are then sampled "
         "at random within the budget",
     )
+    filters: list[FilterName] = Field(
+        default_factory=list, description="stream filters applied to the utility, in order"
+    )
+    filter_params: dict[str, float] = Field(default_factory=dict, description="filter knobs")
+    selector: SelectorName = Field(
+        default="none", description="windowed choice of which frames of a batch to label"
+    )
 
 
 class PolicyUpdate(BaseModel):
@@ -54,6 +73,9 @@ class PolicyUpdate(BaseModel):
     labels_per_hour: float | None = Field(default=None, ge=0, description="0 removes the cap")
     threshold: float | None = Field(default=None, ge=0, le=1)
     params: dict[str, float] | None = None
+    filters: list[FilterName] | None = Field(default=None, description="[] removes every filter")
+    filter_params: dict[str, float] | None = None
+    selector: SelectorName | None = None
 
 
 class ModelInfo(BaseModel):
@@ -116,6 +138,39 @@ class LabelingStatus(BaseModel):
     stop: bool = Field(description="true when a stopping rule says labeling can stop")
 
 
+class DetectorState(BaseModel):
+    """One drift detector on one source (null: all sources together)."""
+
+    detector: str
+    source_id: str | None = None
+    statistic: float | None = Field(default=None, description="null while its window fills")
+    threshold: float | None = Field(default=None, description="null until calibrated")
+    window: int
+    frames: int = Field(ge=0, description="frames since its last reset")
+    alarms: int = Field(ge=0)
+    last_alarm: datetime | None = None
+
+
+class DriftStatus(BaseModel):
+    """The drift monitor: its reference, its detectors and their alarms."""
+
+    enabled: bool
+    paused: bool = Field(
+        default=False, description="true while the model has learned from no label (cold start)"
+    )
+    model_version: str | None = None
+    reference: Literal["training", "warmup"] | None = Field(
+        default=None, description="where the reference came from; null while warming up"
+    )
+    reference_frames: int = 0
+    warmup_frames_left: int = 0
+    calibrating: bool = False
+    ert: int = Field(description="expected frames between false alarms, per detector")
+    alarms: int = Field(default=0, ge=0)
+    dropped_batches: int = Field(default=0, ge=0, description="batches skipped: queue full")
+    detectors: list[DetectorState] = Field(default_factory=list)
+
+
 class ScorerStatus(BaseModel):
     """What ``GET /v1/status`` answers."""
 
@@ -126,3 +181,4 @@ class ScorerStatus(BaseModel):
     frames: FrameCounts
     partitions: list[str]
     labeling: LabelingStatus
+    drift: DriftStatus | None = None

@@ -12,6 +12,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, model_validator
 
+from schemas.drift import DriftReference
+
 SPEC_KEY = "winnow.spec"
 INPUT_NAME = "image"
 OUTPUT_PROBABILITIES = "probabilities"
@@ -33,6 +35,9 @@ class ModelSpec(BaseModel):
     embedding_dim: int = Field(gt=0)
     labels_trained: int = Field(default=0, ge=0, description="labels this version learned from")
     metrics: dict[str, float] = Field(default_factory=dict)
+    reference: DriftReference | None = Field(
+        default=None, description="statistics of the training data, for drift detection"
+    )
 
     @model_validator(mode="after")
     def _per_channel(self) -> "ModelSpec":

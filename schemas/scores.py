@@ -9,6 +9,14 @@ class Scores(BaseModel):
     least_confidence: float = Field(ge=0, le=1)
     margin: float = Field(ge=0, le=1)
     entropy: float = Field(ge=0, le=1)
+    aift: float | None = Field(default=None, ge=0, le=1, description="AIFT entropy + diversity")
+    aift_entropy: float | None = Field(default=None, ge=0, le=1, description="AIFT entropy term")
+    aift_diversity: float | None = Field(
+        default=None, ge=0, le=1, description="AIFT diversity term (symmetric KL between views)"
+    )
+    bald: float | None = Field(default=None, ge=0, le=1, description="MC-dropout mutual info")
+    vote_entropy: float | None = Field(default=None, ge=0, le=1, description="committee votes")
+    average_kl: float | None = Field(default=None, ge=0, le=1, description="committee mean KL")
 
 
 class Decision(BaseModel):

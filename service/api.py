@@ -27,8 +27,10 @@ from schemas.api import (
     ScorerStatus,
 )
 from service.config import Settings
+from service.drift.monitor import DriftMonitor
 from service.errors import ConfigError
 from service.inference import OnnxModel
+from service.ingest import create_ingest_router
 from service.kafka.admin import ensure_winnow_topics
 from service.metrics import ScorerMetrics
 from service.releases import ModelReleases, ReleaseError
@@ -67,6 +69,14 @@ def create_app(settings: Settings, model: OnnxModel | None = None) -> FastAPI:
                     "no model: pass --model PATH.onnx, or let the scorer follow releases"
                 )
             scorer = await stack.enter_async_context(Scorer(settings, loaded, metrics=metrics))
+            drift = None
+            if settings.drift.enabled:
+                drift = DriftMonitor(settings.drift, settings.kafka, metrics, scorer.policy)
+                await stack.enter_async_context(drift)
+                drift.on_swap(scorer.model)
+                scorer.observers.append(drift.observe)
+                scorer.swap_listeners.append(drift.on_swap)
+            app.state.drift = drift
             if releases is not None:
                 releases.on_model = lambda new, _manifest: scorer.swap_model(new)
                 if releases.model is not None and releases.model is not scorer.model:
@@ -88,6 +98,7 @@ def create_app(settings: Settings, model: OnnxModel | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.failure = None
     _routes(app)
+    app.include_router(create_ingest_router(settings))  # POST /v1/frames
     return app
 
 
@@ -161,7 +172,10 @@ def _routes(app: FastAPI) -> None:
         return Readiness(ready=ready, model_loaded=scorer is not None, partitions_assigned=assigned)
 
     @app.get("/metrics", tags=["ops"])
-    async def metrics(scorer: ScorerDep) -> Response:
+    async def metrics(request: Request, scorer: ScorerDep) -> Response:
+        drift: DriftMonitor | None = getattr(request.app.state, "drift", None)
+        if drift is not None:
+            drift.update_gauges()
         return Response(generate_latest(scorer.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/status", response_model=ScorerStatus, tags=["scorer"])
@@ -175,6 +189,7 @@ def _routes(app: FastAPI) -> None:
             frames=FrameCounts(**scorer.counts),
             partitions=[f"{tp.topic}:{tp.partition}" for tp in scorer.assigned],
             labeling=scorer.feedback.status(policy, scorer.policy.window_limit),
+            drift=drift.status() if (drift := getattr(request.app.state, "drift", None)) else None,
         )
 
     @app.get("/v1/policy", response_model=PolicyState, tags=["policy"])

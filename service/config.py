@@ -13,7 +13,7 @@ from typing import Literal
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from schemas.api import PolicyName, UtilityName
+from schemas.api import FilterName, PolicyName, SelectorName, UtilityName
 from schemas.topics import TopicNames
 
 
@@ -87,6 +87,69 @@ class PolicySettings(BaseSettings):
         default=True,
         description="sample at random within the budget until the model has learned from labels",
     )
+    filters: list[FilterName] = Field(
+        default_factory=list, description="stream filters: dedup, density, balance, audit"
+    )
+    filter_params: dict[str, float] = Field(
+        default_factory=dict, description="knobs of the filters (service.filters.StreamFilters)"
+    )
+    selector: SelectorName = Field(
+        default="none", description="which frames of a batch to label: coreset or badge"
+    )
+    aift_views: int = Field(default=8, ge=2, le=64, description="augmented views per frame")
+    aift_alpha: float = Field(default=0.25, gt=0, le=1, description="views kept by majority")
+    aift_majority: bool = Field(default=True, description="AIFT majority selection")
+    aift_flips: bool = Field(default=False, description="AIFT views may be mirrored")
+    mc_passes: int = Field(default=16, ge=2, le=256, description="MC-dropout passes for bald")
+    mc_dropout: float = Field(default=0.3, gt=0, lt=1, description="the head's dropout rate")
+    committee: Literal["mc_dropout", "releases"] = Field(
+        default="mc_dropout",
+        description="members of vote_entropy / average_kl: MC-dropout passes or the last releases",
+    )
+    committee_size: int = Field(default=3, ge=2, le=16, description="releases in the committee")
+
+
+DriftDetectorName = Literal["embedding", "prediction", "uncertainty"]
+
+
+def _all_drift_detectors() -> list[DriftDetectorName]:
+    return ["embedding", "prediction", "uncertainty"]
+
+
+class DriftSettings(BaseSettings):
+    """Online drift detection in the scorer, and the response to an alarm."""
+
+    model_config = SettingsConfigDict(env_prefix="WINNOW_DRIFT_", extra="ignore")
+
+    enabled: bool = True
+    detectors: list[DriftDetectorName] = Field(default_factory=_all_drift_detectors)
+    ert: int = Field(
+        default=10_000, ge=100, description="expected frames between false alarms, per detector"
+    )
+    embedding_window: int = Field(default=64, ge=2, description="frames in the MMD test window")
+    class_window: int = Field(default=200, ge=2, description="frames in the class-mix window")
+    cusum_k: float = Field(default=0.5, ge=0, description="CUSUM slack, in entropy std units")
+    warmup_frames: int = Field(
+        default=1000,
+        ge=50,
+        description="frames after a swap that make the reference when the release carries none",
+    )
+    use_release_reference: bool = Field(
+        default=False,
+        description="use the reference a release carries instead of warming up on the stream; "
+        "off by default: a release's reference comes from actively selected (uncertain) frames, "
+        "so the undrifted stream looks drifted against it",
+    )
+    per_source: bool = Field(default=True, description="also track each source id (frame key)")
+    max_sources: int = Field(default=32, ge=0, description="sources tracked at once")
+    statistic_every: int = Field(
+        default=1000, ge=1, description="publish each detector's statistic every N frames"
+    )
+    boost_factor: float = Field(default=3.0, ge=1, description="budget multiplier after an alarm")
+    boost_seconds: float = Field(default=300.0, gt=0)
+    calibration_frames: int = Field(default=1_200_000, ge=10_000)
+    queue_batches: int = Field(default=256, ge=1, description="batches waiting; more are dropped")
+    seed: int = 0
 
 
 class HttpSettings(BaseSettings):
@@ -94,6 +157,29 @@ class HttpSettings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
+
+
+class IngestSettings(BaseSettings):
+    """HTTP ingest (``POST /v1/frames``): who may write, how much, how fast."""
+
+    model_config = SettingsConfigDict(env_prefix="WINNOW_INGEST_", extra="ignore")
+
+    tokens: SecretStr | None = Field(
+        default=None,
+        description="comma-separated bearer tokens that may post frames (the admin token may too)",
+    )
+    max_body_bytes: int = Field(
+        default=32 * 1024 * 1024, gt=0, description="largest request body, checked while reading"
+    )
+    max_frames_per_request: int = Field(default=64, ge=1)
+    rate: float = Field(default=100.0, ge=0, description="frames per second per token; 0: no limit")
+    burst: float = Field(default=200.0, ge=1, description="frames a token may send at once")
+    ack_timeout_s: float = Field(default=30.0, gt=0, description="longest wait for Kafka's acks")
+
+    def token_list(self) -> list[str]:
+        """The configured ingest tokens, without blanks."""
+        raw = self.tokens.get_secret_value() if self.tokens else ""
+        return [token.strip() for token in raw.split(",") if token.strip()]
 
 
 class Settings(BaseSettings):
@@ -108,3 +194,49 @@ class Settings(BaseSettings):
     scorer: ScorerSettings = Field(default_factory=ScorerSettings)
     policy: PolicySettings = Field(default_factory=PolicySettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
+    drift: DriftSettings = Field(default_factory=DriftSettings)
+    ingest: IngestSettings = Field(default_factory=IngestSettings)
+
+
+class LabelAppSettings(BaseSettings):
+    """The labeling web app (``winnow label-app``): access, leases, offsets."""
+
+    model_config = SettingsConfigDict(env_prefix="WINNOW_LABEL_APP_", extra="ignore")
+
+    team_token: SecretStr | None = Field(
+        default=None, description="one token the whole team signs in with (name typed freely)"
+    )
+    user_tokens: SecretStr | None = Field(
+        default=None, description="per-user tokens, 'name:token,name:token'; the name is fixed"
+    )
+    session_secret: SecretStr | None = Field(
+        default=None, description="signs session cookies; random per start when unset"
+    )
+    session_max_age_s: int = Field(default=12 * 3600, ge=60)
+    cookie_secure: bool = Field(default=False, description="set the cookie's Secure flag (HTTPS)")
+    group_id: str = "winnow-label-app"
+    lease_s: float = Field(default=120.0, gt=0, description="how long a labeler holds a frame")
+    max_buffered: int = Field(default=500, ge=1, description="frames held in memory, at most")
+    second_opinion: float = Field(
+        default=0.0, ge=0, le=1, description="fraction of frames shown to two labelers"
+    )
+    commit_interval_s: float = Field(default=1.0, gt=0)
+    host: str = "127.0.0.1"
+    port: int = Field(default=8100, ge=0, le=65535)
+
+    def token_users(self) -> dict[str, str]:
+        """Per-user tokens as ``{token: name}``.
+
+        Raises:
+            ValueError: an entry is not ``name:token`` or a token is used twice.
+        """
+        raw = self.user_tokens.get_secret_value() if self.user_tokens else ""
+        users: dict[str, str] = {}
+        for entry in filter(None, (e.strip() for e in raw.split(","))):
+            name, sep, token = entry.partition(":")
+            if not (sep and name.strip() and token.strip()):
+                raise ValueError("WINNOW_LABEL_APP_USER_TOKENS wants 'name:token' pairs")
+            if token.strip() in users:
+                raise ValueError("WINNOW_LABEL_APP_USER_TOKENS uses a token twice")
+            users[token.strip()] = name.strip()
+        return users

@@ -87,6 +87,34 @@ class ScorerMetrics:
             registry=r,
         )
 
+        self.drift_score = Gauge(
+            "winnow_drift_score",
+            "Latest drift statistic of each detector, all sources together",
+            ["detector"],
+            registry=r,
+        )
+        self.drift_threshold = Gauge(
+            "winnow_drift_threshold",
+            "Alarm threshold of each detector, calibrated to the expected run time",
+            ["detector"],
+            registry=r,
+        )
+        self.drift_alarms = Counter(
+            "winnow_drift_alarms",
+            "Drift alarms, by detector (any source)",
+            ["detector"],
+            registry=r,
+        )
+
+    def drift_alarms_total(self) -> dict[str, int]:
+        """Alarms so far, by detector."""
+        return {
+            sample.labels["detector"]: int(sample.value)
+            for metric in self.drift_alarms.collect()
+            for sample in metric.samples
+            if sample.name.endswith("_total")
+        }
+
     def set_model(self, version: str) -> None:
         self.model_info.clear()
         self.model_info.labels(version=version).set(1)

@@ -5,16 +5,19 @@ frame by frame, with the exact sliding budget and the hourly cap of
 ``service.budget``, and lets settings change live.
 """
 
+import copy
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from typing import get_args
 
 import numpy as np
 from pydantic import TypeAdapter
 
-from schemas.api import PolicyName, PolicyState, PolicyUpdate, UtilityName
+from schemas.api import FilterName, PolicyName, PolicyState, PolicyUpdate, SelectorName, UtilityName
 from schemas.scores import Decision
 from service.budget import HourlyCap, SlidingBudget, selection_limit
 from service.config import PolicySettings
+from service.filters import AUDIT, DecisionContext, StreamFilters
 from service.strategies import (
     STRATEGIES,
     RandomSampling,
@@ -22,6 +25,7 @@ from service.strategies import (
     VariableUncertainty,
     _Strategy,
 )
+from service.windowed import WindowSelector
 
 _DECISIONS = TypeAdapter(list[Decision])
 COLD_START = "cold_start"
@@ -48,6 +52,10 @@ class QueryPolicy:
         params: strategy knobs (see each strategy's docstring).
         seed: seeds the policy's random generator.
         clock: monotonic seconds for the hourly cap.
+        filters: stream filters applied to the utility (``service.filters``).
+        filter_params: their knobs.
+        selector: ``coreset`` or ``badge`` to choose which frames of each batch are
+            labeled (``service.windowed``); the strategy and budget still say how many.
     """
 
     def __init__(
@@ -60,8 +68,13 @@ class QueryPolicy:
         params: Mapping[str, float] | None = None,
         seed: int | None = None,
         clock: Callable[[], float] = time.monotonic,
+        filters: Sequence[FilterName] = (),
+        filter_params: Mapping[str, float] | None = None,
+        selector: SelectorName = "none",
     ) -> None:
         self._check_utility(utility)
+        self._filters = StreamFilters(filters, filter_params)
+        self._selector = None if selector == "none" else WindowSelector(selector)
         self._params = self._strategy_class(name).check_params(params or {})
         self._budget = SlidingBudget(budget, window)
         self._cap = HourlyCap(labels_per_hour, clock)
@@ -93,6 +106,9 @@ class QueryPolicy:
             params=settings.params,
             seed=settings.seed,
             clock=clock,
+            filters=settings.filters,
+            filter_params=settings.filter_params,
+            selector=settings.selector,
         )
 
     @property
@@ -104,11 +120,21 @@ class QueryPolicy:
     def strategy(self) -> ThresholdStrategy:
         return self._strategy
 
-    def decide(self, utilities: Mapping[str, np.ndarray]) -> list[Decision]:
+    @property
+    def utility(self) -> UtilityName:
+        """The score this policy compares (the scorer computes view or committee scores only
+        when it names them)."""
+        return self._utility
+
+    def decide(
+        self, utilities: Mapping[str, np.ndarray], context: DecisionContext | None = None
+    ) -> list[Decision]:
         """Decides every frame of one batch, in stream order.
 
         Args:
             utilities: score name to an (N,) array, as ``service.utility.score_batch`` gives.
+            context: embeddings, probabilities and sources of the frames, for the stream
+                filters and the windowed selector; without it they pass the batch unchanged.
 
         Returns:
             One Decision per frame; ``threshold`` is the one compared at decision time.
@@ -128,6 +154,20 @@ class QueryPolicy:
         strategy, rng, name = self._strategy, self._rng, self._name
         if self.cold_start:
             strategy, name = self._cold, "random"
+        filters = self._filters if self._filters.active and not self.cold_start else None
+        adjusted = values if filters is None else filters.begin(values, context)
+        if (
+            self._selector is not None
+            and not self.cold_start
+            and context is not None
+            and context.embeddings is not None
+        ):
+            rows = self._decide_window(values, adjusted, context, strategy, name, tag)
+            self.seen += len(rows)
+            self.selected += sum(bool(row["selected"]) for row in rows)
+            if filters is not None:
+                filters.end()
+            return _DECISIONS.validate_python(rows)
         budget_allows, record = self._budget.allows, self._budget.record
         cap = self._cap
         capped = cap.labels_per_hour is not None
@@ -135,10 +175,19 @@ class QueryPolicy:
         decide_one = strategy.decide
         rows = []
         selected_here = 0
-        for utility in values.tolist():
+        for index, utility in enumerate(values.tolist()):
             allowed = budget_allows() and (not capped or cap.allows(now))
+            raw = utility
+            if filters is not None:
+                utility = filters.adjust(index, float(adjusted[index]))
             selected, reason = decide_one(utility, allowed, rng)
             selected = selected and allowed  # belt and braces: no strategy overspends
+            if filters is not None:
+                if filters.suppressed(index):
+                    selected, reason = False, None
+                elif not selected and allowed and filters.audit(index, raw, rng):
+                    selected, reason = True, AUDIT
+                filters.record(index, selected)
             record(selected)
             if selected:
                 selected_here += 1
@@ -152,10 +201,68 @@ class QueryPolicy:
                     "threshold": strategy.last_threshold,
                 }
             )
+        if filters is not None:
+            filters.end()
         self.seen += len(rows)
         self.selected += selected_here
         # one validation call for the whole batch is cheaper than 64 constructors
         return _DECISIONS.validate_python(rows)
+
+    def _decide_window(
+        self,
+        values: np.ndarray,
+        adjusted: np.ndarray,
+        context: DecisionContext,
+        strategy: ThresholdStrategy,
+        name: str,
+        tag: str | None,
+    ) -> list[dict[str, object]]:
+        """Windowed mode: the strategy, run against a copy of the budget, says how many frames
+        of the batch to label (k); the selector says which; the real budget and cap then check
+        each chosen frame in stream order, so they hold exactly as in the frame-by-frame mode."""
+        assert self._selector is not None and context.embeddings is not None
+        filters = self._filters if self._filters.active else None
+        shadow = copy.deepcopy(self._budget)
+        cap, rng = self._cap, self._rng
+        capped = cap.labels_per_hour is not None
+        now = cap.now() if capped else 0.0
+        utilities, thresholds, k = [], [], 0
+        for index, utility in enumerate(adjusted.tolist()):
+            if filters is not None:
+                utility = filters.adjust(index, utility)
+            allowed = shadow.allows() and (not capped or cap.allows(now))
+            selected, _ = strategy.decide(utility, allowed, rng)
+            selected = selected and allowed and not (filters and filters.suppressed(index))
+            shadow.record(selected)
+            k += selected
+            utilities.append(utility)
+            thresholds.append(strategy.last_threshold)
+        eligible = [i for i in range(len(values)) if not (filters and filters.suppressed(i))]
+        chosen = set(
+            self._selector.pick(k, eligible, context.embeddings, context.probabilities, rng)
+        )
+        rows = []
+        for index, utility in enumerate(utilities):
+            allowed = self._budget.allows() and (not capped or cap.allows(now))
+            selected, reason = index in chosen and allowed, self._selector.name
+            if not selected and allowed and filters is not None:
+                if filters.audit(index, float(values[index]), rng):
+                    selected, reason = True, AUDIT
+            self._budget.record(selected)
+            if filters is not None:
+                filters.record(index, selected)
+            if selected:
+                cap.record(now)
+            rows.append(
+                {
+                    "selected": selected,
+                    "reason": (tag or reason) if selected else None,
+                    "policy": name,
+                    "utility": utility,
+                    "threshold": thresholds[index],
+                }
+            )
+        return rows
 
     def state(self) -> PolicyState:
         """The policy as it stands: settings, live threshold and budget use."""
@@ -174,6 +281,9 @@ class QueryPolicy:
             selected=self.selected,
             params=self._strategy.params(),
             cold_start=self.cold_start,
+            filters=list(self._filters.names),  # type: ignore[arg-type]
+            filter_params=dict(self._filters.params),
+            selector=self._selector.name if self._selector is not None else "none",  # type: ignore[arg-type]
         )
 
     def update(self, change: PolicyUpdate) -> PolicyState:
@@ -201,6 +311,10 @@ class QueryPolicy:
         given = target.check_params(change.params or {})
         if change.threshold is not None and not target.threshold_settable:
             raise ValueError(f"policy {name!r} has no threshold that can be set")
+        StreamFilters.check(
+            self._filters.names if change.filters is None else change.filters,
+            change.filter_params or {},
+        )
         params = {**self._params, **given}
 
         self._base_budget = budget
@@ -223,6 +337,15 @@ class QueryPolicy:
         self._utility = utility
         if change.threshold is not None:
             self._strategy.set_threshold(change.threshold)
+        if change.filters is not None or change.filter_params:
+            names = self._filters.names if change.filters is None else change.filters
+            self._filters.configure(names, change.filter_params or {})
+        if change.selector is not None:
+            current = self._selector.name if self._selector is not None else "none"
+            if change.selector != current:
+                self._selector = (
+                    None if change.selector == "none" else WindowSelector(change.selector)
+                )
         return self.state()
 
     @staticmethod
@@ -234,7 +357,7 @@ class QueryPolicy:
 
     @staticmethod
     def _check_utility(utility: str) -> None:
-        if utility not in ("least_confidence", "margin", "entropy"):
+        if utility not in get_args(UtilityName):
             raise ValueError(f"unknown utility {utility!r}")
 
     # -- the drift response ------------------------------------------------------------------

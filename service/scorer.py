@@ -21,10 +21,19 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.errors import CommitFailedError, KafkaError
 
 from schemas.predictions import Prediction
+from service.aift import AIFT_UTILITIES, ViewMaker, ViewSpec, aift_utilities
 from service.batching import Batch, collect_batch
+from service.committee import (
+    COMMITTEE_UTILITIES,
+    ReleaseCommittee,
+    committee_utilities,
+    head_of,
+    mc_dropout_probabilities,
+)
 from service.config import Settings
 from service.decode import DecodeLimits, prepare_batch
 from service.feedback import LabelFeedback
+from service.filters import DecisionContext
 from service.inference import OnnxModel
 from service.kafka.consumer import create_consumer
 from service.kafka.producer import create_producer
@@ -111,6 +120,14 @@ class Scorer:
         self._idle.set()
         self._stopping = asyncio.Event()
         self._stopped = False
+        policy_settings = settings.policy
+        self._views = ViewMaker(
+            ViewSpec(count=policy_settings.aift_views, flips=policy_settings.aift_flips)
+        )
+        self.committee = ReleaseCommittee(policy_settings.committee_size)
+        self.swap_listeners.append(self.committee.add)
+        self._mc_rng = np.random.default_rng(policy_settings.seed)
+        self.committee.add(model)
         self._apply_model(model)
 
     def swap_model(self, model: OnnxModel) -> None:
@@ -267,19 +284,68 @@ class Scorer:
                 error.detail,
             )
 
+    def _run_and_score(
+        self, model: OnnxModel, inputs: np.ndarray, utility: str
+    ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+        """Inference and scores, in the infer thread. AIFT's views go through the same
+        ``run`` call as the frames (N·(1+m) rows); committee scores only when named."""
+        n = len(inputs)
+        if utility in AIFT_UTILITIES:
+            rows = np.concatenate([inputs, self._views(inputs)])
+            all_probabilities, all_embeddings = model.run(rows)
+            probabilities, embeddings = all_probabilities[:n], all_embeddings[:n]
+            views = all_probabilities[n:].reshape(n, self._views.count, -1)
+            scores = score_batch(probabilities)
+            policy = self.settings.policy
+            scores.update(aift_utilities(views, policy.aift_alpha, policy.aift_majority))
+            return probabilities, embeddings, scores
+        probabilities, embeddings = model.run(inputs)
+        scores = score_batch(probabilities)
+        if utility in COMMITTEE_UTILITIES:
+            scores.update(
+                committee_utilities(
+                    self._committee_samples(model, inputs, probabilities, embeddings)
+                )
+            )
+        return probabilities, embeddings, scores
+
+    def _committee_samples(
+        self,
+        model: OnnxModel,
+        inputs: np.ndarray,
+        probabilities: np.ndarray,
+        embeddings: np.ndarray,
+    ) -> np.ndarray:
+        """(T, N, C): MC-dropout passes over the head, or the last releases' outputs."""
+        policy = self.settings.policy
+        head = (
+            head_of(model) if policy.committee == "mc_dropout" or policy.utility == "bald" else None
+        )
+        if head is not None:
+            weight, bias, rate = head
+            return mc_dropout_probabilities(
+                embeddings.astype(np.float64), weight, bias, rate, policy.mc_passes, self._mc_rng
+            )
+        return self.committee.samples(inputs, probabilities)
+
     async def _infer(self, batch: Batch) -> None:
         assert batch.model is not None and batch.inputs is not None
         if batch.good:
             loop = asyncio.get_running_loop()
             started = time.perf_counter()
-            probabilities, embeddings = await loop.run_in_executor(
-                self._infer_pool, batch.model.run, batch.inputs
+            utility = "entropy" if self.policy.cold_start else self.policy.utility
+            probabilities, embeddings, scores = await loop.run_in_executor(
+                self._infer_pool, self._run_and_score, batch.model, batch.inputs, utility
             )
             self.metrics.inference_seconds.observe(time.perf_counter() - started)
             self.metrics.batch_size.observe(len(batch.good))
             batch.probabilities, batch.embeddings = probabilities, embeddings
-            batch.scores = score_batch(probabilities)
-            batch.decisions = self.policy.decide(batch.scores)
+            scores.setdefault(self.policy.utility, np.zeros(len(batch.good)))  # cold start
+            batch.scores = scores
+            context = DecisionContext(
+                embeddings, probabilities, [batch.frames[i].source_id for i in batch.good]
+            )
+            batch.decisions = self.policy.decide(batch.scores, context)
             for observer in self.observers:
                 observer(batch)
         batch.inputs = None  # the pixels are no longer needed; free them early

@@ -23,6 +23,8 @@ from trainer.errors import ModelExportError
 log = logging.getLogger(__name__)
 
 OPSET = 17
+HEAD_KEY = "winnow.head"
+"""The linear head and dropout rate, for MC-dropout BALD in the scorer (service.committee)."""
 _BATCH = "batch"
 
 
@@ -55,6 +57,10 @@ def export_onnx(model: nn.Module, spec: ModelSpec, path: Path) -> None:
     for key, value in spec.to_onnx_metadata().items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
+    head = head_metadata(model)
+    if head is not None:
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = HEAD_KEY, head
     proto.producer_name = "winnow"
     try:
         onnx.checker.check_model(proto, full_check=True)
@@ -64,6 +70,27 @@ def export_onnx(model: nn.Module, spec: ModelSpec, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(proto.SerializeToString())
     tmp.replace(path)  # readers never see half a file
+
+
+def head_metadata(model: nn.Module) -> str | None:
+    """JSON of the head's weight, bias and the dropout before it, or None for another model.
+
+    WinnowNet's only dropout sits between the embedding and the linear head, so
+    the scorer gets exact MC-dropout samples from the embedding output and
+    these weights, without a second, stochastic ONNX graph.
+    """
+    import json
+
+    head, dropout = getattr(model, "head", None), getattr(model, "dropout", None)
+    if not isinstance(head, nn.Linear) or not isinstance(dropout, nn.Dropout):
+        return None
+    return json.dumps(
+        {
+            "weight": head.weight.detach().cpu().double().numpy().round(7).tolist(),
+            "bias": head.bias.detach().cpu().double().numpy().round(7).tolist(),
+            "dropout": float(dropout.p),
+        }
+    )
 
 
 _DYNAMIC_AXES = {

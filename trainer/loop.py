@@ -35,6 +35,7 @@ from trainer.intake import Intake
 from trainer.kafka import create_producer
 from trainer.metrics import TrainerMetrics
 from trainer.model_init import default_normalization, seed_everything
+from trainer.reference import reference_for
 from trainer.release import publish_release
 from trainer.samples import Sample, decode_sample, stack
 from trainer.store import SampleStore, TrainItem
@@ -215,6 +216,9 @@ class Trainer:
                         **_metrics(candidate_acc, self.prequential, len(holdout), stats.loss),
                         "generation": float(self._generation() + 1),
                     },
+                    "reference": reference_for(
+                        candidate, train, holdout, self.device, self.settings.seed
+                    ),
                 }
             )
         log.info(

@@ -40,6 +40,44 @@ def _serve(args: argparse.Namespace) -> int:
     return serve(settings)
 
 
+def _label_app(args: argparse.Namespace) -> int:
+    from service.config import KafkaSettings, LabelAppSettings
+    from service.errors import ConfigError
+    from service.labeling.app import create_label_app
+    from service.labeling.serve import serve_app
+
+    settings = LabelAppSettings()
+    if args.host is not None:
+        settings.host = args.host
+    if args.port is not None:
+        settings.port = args.port
+    kafka = KafkaSettings()
+    try:
+        create_label_app(kafka, settings)  # fails early on missing tokens
+    except ConfigError as error:
+        print(f"winnow label-app: {error}", file=sys.stderr)
+        return 2
+    return serve_app(kafka, lambda k: create_label_app(k, settings), settings.host, settings.port)
+
+
+def _label_studio_bridge(args: argparse.Namespace) -> int:
+    from service.config import KafkaSettings
+    from service.labeling.label_studio import LabelStudioSettings, create_bridge_app
+    from service.labeling.serve import serve_app
+
+    settings = LabelStudioSettings()
+    for name in ("url", "project_id", "host", "port"):
+        if getattr(args, name) is not None:
+            setattr(settings, name, getattr(args, name))
+    kafka = KafkaSettings()
+    try:
+        create_bridge_app(kafka, settings)
+    except ValueError as error:
+        print(f"winnow label-studio-bridge: {error}", file=sys.stderr)
+        return 2
+    return serve_app(kafka, lambda k: create_bridge_app(k, settings), settings.host, settings.port)
+
+
 def _model_init(args: argparse.Namespace) -> int:
     from trainer.model_init import init_model
 
@@ -84,10 +122,38 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(args)
 
 
+def _produce(args: argparse.Namespace) -> int:
+    from winnow.produce import run_produce
+
+    return run_produce(args)
+
+
 def _bench_throughput(args: argparse.Namespace) -> int:
     from winnow.bench.throughput import run_throughput_bench
 
     return run_throughput_bench(args)
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        width, height = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WxH, e.g. 640x480, not {text!r}") from None
+    if width <= 0 or height <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive WxH, not {text!r}")
+    return width, height
+
+
+def _bench_label_efficiency(args: argparse.Namespace) -> int:
+    from winnow.bench.label_efficiency import run_label_efficiency_bench
+
+    return run_label_efficiency_bench(args)
+
+
+def _bench_drift(args: argparse.Namespace) -> int:
+    from winnow.bench.drift import run_drift_bench_command
+
+    return run_drift_bench_command(args)
 
 
 _ARCHS = ("small-cnn", "resnet18", "mobilenet_v3_small", "mobilenet_v3_large")
@@ -110,6 +176,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", help="HTTP host (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="HTTP port (default 8000)")
     p.set_defaults(func=_serve)
+
+    p = sub.add_parser("label-app", help="the labeling team's web app")
+    p.add_argument("--host", help="HTTP host (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="HTTP port (default 8100)")
+    p.set_defaults(func=_label_app)
+
+    p = sub.add_parser(
+        "label-studio-bridge", help="label requests into Label Studio, its annotations back"
+    )
+    p.add_argument("--url", help="Label Studio's base URL")
+    p.add_argument("--project-id", type=int, help="the Label Studio project")
+    p.add_argument("--host", help="webhook HTTP host (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="webhook HTTP port (default 8200)")
+    p.set_defaults(func=_label_studio_bridge)
 
     model = sub.add_parser("model", help="model files").add_subparsers(
         dest="model_cmd", required=True
@@ -156,7 +236,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--http-port", type=int, default=8000, help="HTTP API port (0: any free)")
     p.add_argument("--plot", type=Path, default=Path("winnow-demo.png"))
     p.add_argument("--json", type=Path, help="write a JSON summary here")
+    p.add_argument(
+        "--inject-shift",
+        choices=["brightness", "contrast", "blur", "noise", "rotation"],
+        help="shift the second half of the stream, so that drift shows",
+    )
     p.set_defaults(func=_demo)
+
+    p = sub.add_parser(
+        "produce", help="stream a directory, video file or camera into the frames topic"
+    )
+    p.add_argument("source", help="a directory of images, a video file, /dev/videoN or a URL")
+    p.add_argument("--source-id", help="the record key (default: the source's name)")
+    p.add_argument("--bootstrap", help="Kafka host:port (default $WINNOW_KAFKA_BOOTSTRAP)")
+    p.add_argument("--topic", help="default <WINNOW_KAFKA_TOPIC_PREFIX>frames")
+    p.add_argument("--fps", type=float, help="video: sample rate; dir: pace; camera: at most")
+    p.add_argument("--fast", action="store_true", help="no pacing: as fast as possible")
+    p.add_argument("--loop", action="store_true", help="start over at the end (dir, video)")
+    p.add_argument("--quality", type=int, default=90, help="JPEG quality (default 90)")
+    p.add_argument("--size", type=_size, help="resize frames to WxH, e.g. 640x480")
+    p.add_argument("--format", choices=["jpeg", "png"], default="jpeg", dest="image_format")
+    p.add_argument("--max-frames", type=int, help="stop after this many frames")
+    p.add_argument("--quiet", action="store_true", help="no progress line")
+    p.add_argument("--connect-timeout", type=float, default=10.0, help="seconds (default 10)")
+    p.set_defaults(func=_produce)
 
     bench = sub.add_parser("bench", help="benchmarks (JSON out)").add_subparsers(
         dest="bench_cmd", required=True
@@ -168,6 +271,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cases", default="camera,digits", help="comma-separated: camera,digits")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.set_defaults(func=_bench_throughput)
+
+    p = bench.add_parser("drift", help="drift detectors vs River baselines at one ERT")
+    p.add_argument("--dataset", default="digits", help="digits, or a MedMNIST-layout .npz")
+    p.add_argument("--json", type=Path, default=Path("drift.json"))
+    p.add_argument("--ert", type=int, default=1000, help="expected frames between false alarms")
+    p.add_argument("--runs", type=int, default=100, help="runs per case")
+    p.add_argument("--embedding-window", type=int, default=64)
+    p.add_argument("--class-window", type=int, default=200)
+    p.add_argument(
+        "--shifts",
+        default="brightness,contrast,blur,noise,rotation,class_mix,new_camera",
+        help="comma-separated",
+    )
+    p.add_argument("--no-baselines", action="store_true", help="skip River's detectors")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_bench_drift)
+    p = bench.add_parser(
+        "label-efficiency", help="labels to reach 95% of full accuracy, per query strategy"
+    )
+    from winnow.bench.label_efficiency import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(func=_bench_label_efficiency)
     return parser
 
 

@@ -2,14 +2,11 @@
 
 import asyncio
 import base64
-import io
 import json
 from datetime import UTC, datetime
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 from prometheus_client import generate_latest
 
 from schemas.frames import FrameOrigin
@@ -26,51 +23,68 @@ pytestmark = pytest.mark.slow
 CLASSES = [str(d) for d in range(10)]
 
 
-@pytest.fixture(scope="module")
-def digits() -> tuple[list[bytes], np.ndarray]:
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    images = np.round(data.images * (255 / 16)).astype(np.uint8)
-    pngs = []
-    for image in images:
-        buffer = io.BytesIO()
-        Image.fromarray(image).save(buffer, format="PNG")
-        pngs.append(buffer.getvalue())
-    return pngs, data.target
-
-
 def _settings(kafka_settings, group_id: str, data_dir: Path, **kw: object) -> TrainerSettings:
     kafka = TrainerKafkaSettings(
-        bootstrap=kafka_settings.bootstrap, topic_prefix=kafka_settings.topic_prefix,
-        session_timeout_ms=2000, heartbeat_interval_ms=500,
+        bootstrap=kafka_settings.bootstrap,
+        topic_prefix=kafka_settings.topic_prefix,
+        session_timeout_ms=2000,
+        heartbeat_interval_ms=500,
     )
-    base = dict(data_dir=data_dir, group_id=group_id, classes=CLASSES, arch="small-cnn",
-                input_size=16, channels=1, device="cpu", round_min_labels=60,
-                round_max_seconds=600, holdout_fraction=0.15, kafka=kafka)
+    base = dict(
+        data_dir=data_dir,
+        group_id=group_id,
+        classes=CLASSES,
+        arch="small-cnn",
+        input_size=16,
+        channels=1,
+        device="cpu",
+        round_min_labels=60,
+        round_max_seconds=600,
+        holdout_fraction=0.15,
+        kafka=kafka,
+    )
     return TrainerSettings(**{**base, **kw})
 
 
 def _request(frame_id: str, png: bytes) -> bytes:
-    request = LabelRequest.model_validate({
-        "frame_id": frame_id, "source_id": "cam",
-        "origin": FrameOrigin(topic="frames", partition=0, offset=int(frame_id[1:])),
-        "requested_at": datetime.now(UTC), "model_version": "0000-init", "classes": CLASSES,
-        "content_type": "image/png", "image": base64.b64encode(png), "label": "0",
-        "confidence": 0.1, "probabilities": {c: 0.1 for c in CLASSES},
-        "scores": Scores(least_confidence=1, margin=1, entropy=1),
-        "decision": Decision(selected=True, reason="cold_start", policy="random", utility=1),
-    })
+    request = LabelRequest.model_validate(
+        {
+            "frame_id": frame_id,
+            "source_id": "cam",
+            "origin": FrameOrigin(topic="frames", partition=0, offset=int(frame_id[1:])),
+            "requested_at": datetime.now(UTC),
+            "model_version": "0000-init",
+            "classes": CLASSES,
+            "content_type": "image/png",
+            "image": base64.b64encode(png),
+            "label": "0",
+            "confidence": 0.1,
+            "probabilities": {c: 0.1 for c in CLASSES},
+            "scores": Scores(least_confidence=1, margin=1, entropy=1),
+            "decision": Decision(selected=True, reason="cold_start", policy="random", utility=1),
+        }
+    )
     return request.model_dump_json().encode()
 
 
 async def _feed(kafka_settings, topics, pngs, targets, ids: range) -> None:
-    await produce(kafka_settings, topics.label_requests,
-                  [(f"f{i}".encode(), _request(f"f{i}", pngs[i]), []) for i in ids])
-    await produce(kafka_settings, topics.labels, [
-        (f"f{i}".encode(), json.dumps({"frame_id": f"f{i}", "label": str(targets[i])}).encode(), [])
-        for i in ids
-    ])
+    await produce(
+        kafka_settings,
+        topics.label_requests,
+        [(f"f{i}".encode(), _request(f"f{i}", pngs[i]), []) for i in ids],
+    )
+    await produce(
+        kafka_settings,
+        topics.labels,
+        [
+            (
+                f"f{i}".encode(),
+                json.dumps({"frame_id": f"f{i}", "label": str(targets[i])}).encode(),
+                [],
+            )
+            for i in ids
+        ],
+    )
 
 
 def _manifests(records: list[dict]) -> list[dict]:
@@ -84,19 +98,25 @@ async def test_cold_start_release_then_rounds_that_learn(
     settings = _settings(kafka_settings, group_id, tmp_path)
     test_ids = range(1500, 1797)
     async with Trainer(settings) as trainer:
-        first = _manifests(await read_json(kafka_settings, winnow_topics.models,
-                                           lambda out: len(_manifests(out)) >= 1))
+        first = _manifests(
+            await read_json(
+                kafka_settings, winnow_topics.models, lambda out: len(_manifests(out)) >= 1
+            )
+        )
         assert first[0]["spec"]["labels_trained"] == 0
         initial = trainer.model
         spec = trainer.spec
         test = [decode_sample(f"t{i}", pngs[i], int(targets[i]), spec) for i in test_ids]
         initial_acc = accuracy(initial, test, trainer.device)
         await _feed(kafka_settings, winnow_topics, pngs, targets, range(0, 300))
-        manifests = _manifests(await read_json(
-            kafka_settings, winnow_topics.models,
-            lambda out: any(m["spec"]["labels_trained"] >= 200 for m in _manifests(out)),
-            within=240,
-        ))
+        manifests = _manifests(
+            await read_json(
+                kafka_settings,
+                winnow_topics.models,
+                lambda out: any(m["spec"]["labels_trained"] >= 200 for m in _manifests(out)),
+                within=240,
+            )
+        )
         final_acc = accuracy(trainer.model, test, trainer.device)
         report = trainer.reports[-1]
     versions = [m["version"] for m in manifests]
@@ -115,8 +135,8 @@ async def test_labels_survive_a_restart_and_train_in_the_next_round(
     async with Trainer(settings) as trainer:
         await _feed(kafka_settings, winnow_topics, pngs, targets, range(0, 40))
         async with asyncio.timeout(60):
-            while trainer.store.untrained_count() < 40:
-                await asyncio.sleep(0.1)  # noqa: ASYNC110 - polls the store
+            while trainer.store.untrained_count() < 40:  # noqa: ASYNC110 - polls the store
+                await asyncio.sleep(0.1)
         cold_version = trainer.spec.version
     # a new trainer on the same data directory: same model lineage, labels still there
     async with Trainer(settings) as again:
@@ -129,8 +149,9 @@ async def test_labels_survive_a_restart_and_train_in_the_next_round(
         assert 'winnow_trainer_rounds_total{result="released"} 1.0' in metrics
         assert 'winnow_trainer_releases_total{result="published"} 1.0' in metrics
         assert "winnow_trainer_prequential_accuracy" in metrics
-    models = _manifests(await read_json(kafka_settings, winnow_topics.models,
-                                        lambda out: len(_manifests(out)) >= 2))
+    models = _manifests(
+        await read_json(kafka_settings, winnow_topics.models, lambda out: len(_manifests(out)) >= 2)
+    )
     assert [m["spec"]["labels_trained"] for m in models] == [0, report.labels_trained]
 
 

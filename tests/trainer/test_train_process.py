@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.kafka_helpers import read_json
-from tests.trainer.test_loop import CLASSES, _feed, _manifests, digits  # noqa: F401 (fixture)
+from tests.trainer.test_loop import CLASSES, _feed, _manifests
 from trainer.store import SampleStore
 
 pytestmark = pytest.mark.slow
@@ -56,7 +56,7 @@ async def test_sigkill_loses_no_label(
     group_id,
     winnow_topics,
     digits,
-    tmp_path: Path,  # noqa: F811
+    tmp_path: Path,
 ) -> None:
     pngs, targets = digits
     log, data_dir = tmp_path / "trainer.log", tmp_path / "data"

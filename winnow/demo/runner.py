@@ -18,6 +18,7 @@ import uvicorn
 from schemas.frames import FrameHeaders
 from service.api import create_app
 from service.config import KafkaSettings, PolicySettings, Settings
+from service.drift.monitor import DriftMonitor
 from service.kafka.admin import ensure_winnow_topics
 from service.kafka.broker import EmbeddedBroker
 from service.kafka.producer import create_producer
@@ -48,6 +49,8 @@ async def _demo(args: argparse.Namespace) -> int:
     data = load_dataset(args.dataset)
     settings = Settings(policy=PolicySettings(name=args.policy, budget=args.budget, seed=0))
     settings.scorer.max_wait_ms = 10
+    settings.drift.warmup_frames = 400  # a short stream
+    settings.drift.statistic_every = 200
     with tempfile.TemporaryDirectory(prefix="winnow-demo-") as tmp, _Broker(settings) as where:
         await ensure_winnow_topics(settings.kafka)
         async with Trainer(_trainer_settings(settings.kafka, data, args, Path(tmp))) as trainer:
@@ -68,7 +71,9 @@ async def _demo(args: argparse.Namespace) -> int:
                 flush=True,
             )
             try:
-                summary = await _run(app.state.scorer, trainer, settings, data, args)
+                summary = await _run(
+                    app.state.scorer, trainer, settings, data, args, app.state.drift
+                )
             finally:
                 server.should_exit = True
                 await serving
@@ -82,6 +87,7 @@ async def _run(
     settings: Settings,
     data: ImageDataset,
     args: argparse.Namespace,
+    drift: DriftMonitor | None = None,
 ) -> dict:
     order = np.random.default_rng(0).permutation(len(data.train_images))
     if args.max_frames:
@@ -98,17 +104,20 @@ async def _run(
     await labelers.start()
     watch = asyncio.create_task(_watch(scorer, inputs, data.test_labels, progress))
     report = asyncio.create_task(_report(scorer, trainer, labelers, progress, started))
+    alarms = asyncio.create_task(_alarms(drift, started))
     try:
-        await _produce(settings.kafka, data, order, args.rate, progress)
+        await _produce(
+            settings.kafka, data, order, args.rate, progress, getattr(args, "inject_shift", None)
+        )
         await _settle(scorer, labelers, progress)
         final = await trainer.run_round()  # learn from the last labels too
         if final is not None and final.released:
             await _until(lambda: scorer.model.version == final.version, 60)
         await asyncio.sleep(0.5)  # let the watcher score the last swap
     finally:
-        for task in (watch, report):
+        for task in (watch, report, alarms):
             task.cancel()
-        await asyncio.gather(watch, report, return_exceptions=True)
+        await asyncio.gather(watch, report, alarms, return_exceptions=True)
         await labelers.stop()
     full = await asyncio.to_thread(full_label_accuracy, data, scorer.model.spec)
     seconds = time.monotonic() - started
@@ -146,19 +155,34 @@ def _truth(data: ImageDataset, frame_id: str) -> str | None:
 
 
 async def _produce(
-    kafka: KafkaSettings, data: ImageDataset, order: np.ndarray, rate: float, progress: Progress
+    kafka: KafkaSettings,
+    data: ImageDataset,
+    order: np.ndarray,
+    rate: float,
+    progress: Progress,
+    shift: str | None = None,
 ) -> None:
+    """Streams the frames; with ``shift``, the second half of the stream is shifted."""
     producer = create_producer(kafka)
     await producer.start()
+    shifted = {}
+    if shift is not None:
+        from winnow.bench.drift import shift_images
+
+        later = order[len(order) // 2 :]
+        images = shift_images(shift, data.train_images[later], np.random.default_rng(0))
+        shifted = dict(zip(later.tolist(), images, strict=True))
     try:
         period, next_at = (1 / rate if rate > 0 else 0.0), time.monotonic()
-        for index in order.tolist():
+        for position, index in enumerate(order.tolist()):
+            if shift is not None and position == len(order) // 2:
+                print(f"  injecting a {shift} shift from frame {position} on", flush=True)
             headers = FrameHeaders(
                 frame_id=f"train-{index}", captured_at=datetime.now(UTC), content_type="image/png"
             )
             await producer.send(
                 kafka.topics.frames,
-                encode_png(data.train_images[index]),
+                encode_png(shifted.get(index, data.train_images[index])),
                 key=f"camera-{index % 2}".encode(),
                 headers=headers.to_kafka(),
             )
@@ -202,6 +226,26 @@ async def _watch(
                 flush=True,
             )
         await asyncio.sleep(0.2)
+
+
+async def _alarms(drift: DriftMonitor | None, started: float) -> None:
+    """Prints the drift alarms as they happen, one line per detector and half second."""
+    seen = 0
+    while drift is not None:
+        await asyncio.sleep(0.5)
+        if drift.alarms > seen:
+            fresh = drift.events[-min(len(drift.events), drift.alarms - seen) :]
+            for detector in dict.fromkeys(e.detector for e in fresh):
+                events = [e for e in fresh if e.detector == detector]
+                last = events[-1]
+                sources = sorted({e.source_id or "all" for e in events})
+                print(
+                    f"  [{time.monotonic() - started:5.1f}s] DRIFT ALARM {detector} x{len(events)} "
+                    f"({', '.join(sources)}): statistic {last.statistic:.4g} > "
+                    f"{last.threshold:.4g}, model {last.model_version}; label budget boosted",
+                    flush=True,
+                )
+            seen = drift.alarms
 
 
 async def _report(
@@ -249,6 +293,8 @@ def _summary(
         "budget": args.budget,
         "policy": args.policy,
         "seconds": round(seconds, 1),
+        "inject_shift": getattr(args, "inject_shift", None),
+        "drift_alarms": scorer.metrics.drift_alarms_total(),
         "history": [asdict(p) for p in points],
         "rounds_rejected": [
             {"labels": r.labels_trained, "reason": r.reason}
