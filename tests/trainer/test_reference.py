@@ -9,7 +9,7 @@ import torch
 from schemas.model_spec import ModelSpec
 from service.inference import OnnxModel
 from tests.kafka_helpers import read_json
-from tests.trainer.test_loop import _feed, _manifests, _settings, digits  # noqa: F401
+from tests.trainer.test_loop import _feed, _manifests, _settings
 from trainer.architectures import build_model
 from trainer.export import export_onnx
 from trainer.loop import Trainer
@@ -69,7 +69,7 @@ async def test_a_trainer_release_carries_a_reference(
     kafka_settings,
     group_id,
     winnow_topics,
-    digits,  # noqa: F811
+    digits,
     tmp_path: Path,
 ) -> None:
     pngs, targets = digits
