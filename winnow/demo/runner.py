@@ -51,6 +51,9 @@ async def _demo(args: argparse.Namespace) -> int:
     settings.scorer.max_wait_ms = 10
     settings.drift.warmup_frames = 400  # a short stream
     settings.drift.statistic_every = 200
+    # The drift monitor runs when a shift is injected: on a stream of a few thousand frames
+    # its per-source tracks and small reference make false alarms (and budget boosts) likely.
+    settings.drift.enabled = getattr(args, "inject_shift", None) is not None
     with tempfile.TemporaryDirectory(prefix="winnow-demo-") as tmp, _Broker(settings) as where:
         await ensure_winnow_topics(settings.kafka)
         async with Trainer(_trainer_settings(settings.kafka, data, args, Path(tmp))) as trainer:
