@@ -163,6 +163,19 @@ async def test_labels_survive_a_restart_and_train_in_the_next_round(
 
 
 async def test_topics_are_created_when_missing(kafka_settings, tmp_path: Path) -> None:
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    from trainer.kafka import client_kwargs
+
     settings = _settings(kafka_settings, "g", tmp_path)
     await ensure_trainer_topics(settings)
     await ensure_trainer_topics(settings)  # idempotent
+    admin = AIOKafkaAdminClient(**client_kwargs(settings.kafka))
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+    finally:
+        await admin.close()
+    topics = settings.kafka.topics
+    wanted = {topics.label_requests, topics.labels, topics.models, topics.dead_letter}
+    assert wanted <= existing
