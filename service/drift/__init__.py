@@ -1,6 +1,6 @@
 """Online drift detection in the scorer: detectors, their calibration, and the monitor."""
 
-from service.drift.calibrate import calibrate, threshold_for_ert
+from service.drift.calibrate import Simulation, calibrate, calibrate_together, threshold_for_ert
 from service.drift.detectors import (
     ClassMixDrift,
     Detector,
@@ -16,7 +16,9 @@ __all__ = [
     "EmbeddingMMD",
     "EntropyCusum",
     "Rows",
+    "Simulation",
     "build_detectors",
     "calibrate",
+    "calibrate_together",
     "threshold_for_ert",
 ]

@@ -1,17 +1,18 @@
 """Thresholds for an expected run time between false alarms (ERT), by simulation.
 
 As Alibi Detect's online detectors do (Cobb et al., AISTATS 2022), streams are
-bootstrapped from reference data, the detector runs on each, and the
-threshold is chosen from the simulated statistics. Here the threshold is the
-one whose simulated first-alarm times average the ERT: for each candidate
-threshold the first alarm of every stream is read off the statistic
-trajectories (a threshold never changes a trajectory up to its first alarm),
-streams without an alarm are censored, and the mean run length is the
-exponential maximum-likelihood estimate (frames at risk over alarms) plus the
-window fill. Bisection on the threshold, all vectorized.
+bootstrapped from reference data, the detectors run on each, and the
+thresholds are chosen from the simulated statistics: those whose simulated
+first-alarm times average the ERT. A threshold never changes a trajectory up
+to its first alarm, so every candidate threshold is read off the same
+trajectories; bisection finds the one that fits, all vectorized. Each
+simulated stream is offset from the reference by the error of a reference
+estimated from as many frames as the real one (see ``Detector.trajectories``):
+the ERT is an expectation over streams and references alike.
 """
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -20,48 +21,140 @@ from service.drift.detectors import Detector, Rows
 DEFAULT_CELLS = 1_200_000
 
 
-def simulate(
-    detector: Detector,
-    pool: Rows,
-    ert: int,
-    rng: np.random.Generator,
-    cells: int = DEFAULT_CELLS,
-    reference_frames: int | None = None,
-) -> np.ndarray:
-    """Statistic trajectories of bootstrap streams from ``pool`` (R x L, L = 3 ERT)."""
-    length = int(max(3 * ert, 4 * detector.fill, 256))
-    runs = int(max(48, cells // length))
-    index = rng.integers(len(pool), size=(runs, length))
-    return detector.trajectories(pool, index, reference_frames or len(pool))
+class FirstAlarms:
+    """First-alarm times of simulated streams as a function of the threshold.
+
+    A threshold never changes a trajectory up to its first alarm, so the first
+    alarm at threshold h is the first frame whose running maximum exceeds h:
+    the first of the running maximum's records (the frames where it rises)
+    above h. Keeping only the records makes each threshold cheap to try.
+    """
+
+    def __init__(self, trajectories: np.ndarray, fill: int = 1) -> None:
+        self.runs, self.length = trajectories.shape
+        peak = np.maximum.accumulate(trajectories, axis=1)
+        rises = np.ones_like(peak, dtype=bool)
+        rises[:, 1:] = peak[:, 1:] > peak[:, :-1]
+        run, self._time = np.nonzero(rises)  # grouped by run, in time order
+        self._value = peak[run, self._time]
+        self._starts = np.searchsorted(run, np.arange(self.runs))  # each run has t = 0
+        self._ends = np.append(self._starts[1:], len(run))
+        finite = self._value[np.isfinite(self._value)]
+        self.lowest = float(finite.min()) if finite.size else math.inf
+        self.highest = float(finite.max()) if finite.size else math.inf
+        self.fill = fill
+
+    def at(self, threshold: float) -> np.ndarray:
+        """Frames before the first alarm in each run (the run's length where none)."""
+        # a run's records rise, so those at or below the threshold come first
+        below = np.add.reduceat((self._value <= threshold).astype(np.int64), self._starts)
+        at = self._starts + below
+        first = np.full(self.runs, self.length)
+        alarmed = at < self._ends
+        first[alarmed] = self._time[at[alarmed]]
+        return first
+
+    def mean_run(self, first: np.ndarray, fill: int | None = None) -> float:
+        """Mean run length from first-alarm times (runs without an alarm are censored).
+
+        The frames seen by the end of the streams, plus, for the runs still without an
+        alarm, the expected frames to come at the rate of alarms over the streams'
+        second half. Streams differ in how far their reference is off (a per-run
+        offset), and those still quiet at the end are the slow ones: the late rate
+        is theirs. With one rate for all, this is the exponential maximum-likelihood
+        estimate (frames at risk over alarms)."""
+        length = self.length
+        alarms = int((first < length).sum())
+        if alarms == 0:
+            return math.inf
+        at_risk_start = max(0, (self.fill if fill is None else fill) - 1)
+        seen = np.minimum(first + 1, length)
+        censored = len(first) - alarms
+        half = max(at_risk_start, length // 2)
+        late_alarms = int(((first >= half) & (first < length)).sum())
+        if censored == 0 or late_alarms == 0:
+            exposure = float(seen.sum()) - len(first) * at_risk_start
+            return at_risk_start + exposure / alarms
+        late_exposure = float((np.clip(seen, half, length) - half).sum())
+        return float(seen.mean()) + censored / len(first) * late_exposure / late_alarms
+
+    def threshold(self, ert: float) -> float:
+        """The threshold whose mean run length over the streams is ``ert`` frames."""
+        lo, hi = self.lowest, self.highest
+        if not math.isfinite(lo) or self.mean_run(self.at(lo)) >= ert:
+            return lo
+        for _ in range(40):
+            mid = 0.5 * (lo + hi)
+            if self.mean_run(self.at(mid)) < ert:
+                lo = mid
+            else:
+                hi = mid
+        return hi
 
 
 def threshold_for_ert(trajectories: np.ndarray, ert: float, fill: int = 1) -> float:
     """The threshold whose mean first-alarm time over the trajectories is ``ert`` frames."""
-    runs, length = trajectories.shape
-    peak = np.maximum.accumulate(trajectories, axis=1)
-    finite = trajectories[np.isfinite(trajectories)]
-    if finite.size == 0:
-        return math.inf
-    lo, hi = float(finite.min()), float(finite.max())
-    at_risk_start = max(0, fill - 1)
+    return FirstAlarms(trajectories, fill).threshold(ert)
 
-    def mean_run(h: float) -> float:
-        below = (peak <= h).sum(axis=1)  # frames before the first alarm, L if none
-        alarms = int((below < length).sum())
-        if alarms == 0:
-            return math.inf
-        exposure = float(np.minimum(below + 1, length).sum()) - runs * at_risk_start
-        return at_risk_start + exposure / alarms
 
-    if mean_run(lo) >= ert:
-        return lo
-    for _ in range(48):
-        mid = 0.5 * (lo + hi)
-        if mean_run(mid) < ert:
-            lo = mid
-        else:
-            hi = mid
-    return hi
+class Simulation:
+    """Detectors run on the same bootstrap streams of a reference pool.
+
+    ``thresholds(ert)`` gives each detector its own ERT; ``together(ert)``
+    gives them one ERT as a group: the first alarm from any of them comes every
+    ``ert`` frames. Each detector then gets the threshold of a common
+    per-detector ERT, found by bisection; correlated detectors (a shift in the
+    embedding moves the entropy too) get lower thresholds than the
+    ``len(detectors) x ert`` that independent ones would need.
+    """
+
+    def __init__(
+        self,
+        detectors: Sequence[Detector],
+        pool: Rows,
+        ert: int,
+        seed: int = 0,
+        cells: int = DEFAULT_CELLS,
+        reference_frames: int | None = None,
+    ) -> None:
+        self.detectors = list(detectors)
+        length = int(max(3 * ert, 4 * max(d.fill for d in self.detectors), 256))
+        rng = np.random.default_rng(seed)
+        index = rng.integers(len(pool), size=(int(max(48, cells // length)), length))
+        frames = reference_frames or len(pool)
+        self._first = [
+            FirstAlarms(d.trajectories(pool, index, frames), d.fill) for d in self.detectors
+        ]
+
+    def thresholds(self, ert: float) -> list[float]:
+        """Each detector's threshold for ``ert`` frames between its own false alarms."""
+        return [first.threshold(ert) for first in self._first]
+
+    def together(self, ert: float) -> list[float]:
+        """Thresholds for ``ert`` frames between false alarms of the detectors as a group."""
+        if len(self._first) == 1:
+            return self.thresholds(ert)
+        fill = min(d.fill for d in self.detectors)
+
+        def group_run(thresholds: list[float]) -> float:
+            pairs = zip(self._first, thresholds, strict=True)
+            first = np.min([alarms.at(h) for alarms, h in pairs], axis=0)
+            return self._first[0].mean_run(first, fill)
+
+        lo, hi = math.log(ert), math.log(ert * len(self._first) * 4)
+        best = self.thresholds(math.exp(hi))
+        for _ in range(16):
+            mid = 0.5 * (lo + hi)
+            candidate = self.thresholds(math.exp(mid))
+            if group_run(candidate) < ert:
+                lo = mid
+            else:
+                hi, best = mid, candidate
+        return best
+
+    def apply(self, thresholds: list[float]) -> None:
+        for detector, threshold in zip(self.detectors, thresholds, strict=True):
+            detector.threshold = threshold
 
 
 def calibrate(
@@ -82,7 +175,22 @@ def calibrate(
         cells: frames simulated in all (runs x length).
         reference_frames: frames the reference statistics were estimated from.
     """
-    rng = np.random.default_rng(seed)
-    trajectories = simulate(detector, pool, ert, rng, cells, reference_frames)
-    detector.threshold = threshold_for_ert(trajectories, ert, detector.fill)
+    simulation = Simulation([detector], pool, ert, seed, cells, reference_frames)
+    simulation.apply(simulation.thresholds(ert))
     return detector.threshold
+
+
+def calibrate_together(
+    detectors: Sequence[Detector],
+    pool: Rows,
+    ert: int,
+    seed: int = 0,
+    cells: int = DEFAULT_CELLS,
+    reference_frames: int | None = None,
+) -> list[float]:
+    """Sets the detectors' thresholds so that the first alarm from any of them comes
+    every ``ert`` frames on average (see ``Simulation.together``); returns them."""
+    simulation = Simulation(detectors, pool, ert, seed, cells, reference_frames)
+    thresholds = simulation.together(ert)
+    simulation.apply(thresholds)
+    return thresholds

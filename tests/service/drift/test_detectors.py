@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from schemas.drift import DriftReference
-from service.drift import Rows, build_detectors, calibrate, threshold_for_ert
+from service.drift import Rows, build_detectors, calibrate, calibrate_together, threshold_for_ert
+from service.drift.calibrate import FirstAlarms
 from tests.service.drift.conftest import outputs
 
 ERT = 300
@@ -101,3 +102,48 @@ def test_threshold_for_ert_orders_thresholds_by_ert() -> None:
     assert low < high
     first = (np.maximum.accumulate(trajectories, axis=1) <= high).sum(axis=1)
     assert 400 < first.mean() < 600
+
+
+def test_first_alarms_match_a_direct_scan_of_the_trajectories() -> None:
+    rng = np.random.default_rng(2)
+    trajectories = rng.normal(size=(50, 400)).cumsum(axis=1) / 10
+    trajectories[:, :5] = -np.inf  # a window still filling
+    first = FirstAlarms(trajectories, fill=6)
+    for h in (-1.0, 0.0, 0.5, 2.0, 50.0):
+        direct = (np.maximum.accumulate(trajectories, axis=1) <= h).sum(axis=1)
+        np.testing.assert_array_equal(first.at(h), direct)
+
+
+def test_mean_run_follows_the_slow_streams_that_outlast_the_simulation() -> None:
+    # half the streams alarm every 200 frames, half every 5000: the mean run is 2600,
+    # but one rate for all would say about 780 from streams cut at 3000 frames
+    rng = np.random.default_rng(4)
+    rates = np.repeat([1 / 200, 1 / 5000], 2000)
+    runs = rng.geometric(rates) - 1
+    length = 3000
+    estimate = FirstAlarms(np.zeros((1, length))).mean_run(np.minimum(runs, length), fill=1)
+    assert 0.85 * 2600 < estimate < 1.15 * 2600
+
+
+def test_detectors_calibrated_together_share_one_false_alarm_rate(reference) -> None:
+    detectors = build_detectors(reference, embedding_window=32, class_window=100)
+    pool = Rows.reference_pool(reference)
+    alone = [d.fresh() for d in detectors]
+    for d in alone:
+        calibrate(d, pool, ERT, seed=1, cells=300_000, reference_frames=reference.frames)
+    calibrate_together(
+        detectors, pool, ERT, seed=1, cells=300_000, reference_frames=reference.frames
+    )
+    # each alone would alarm every ERT frames; together each must alarm less often
+    assert all(t.threshold > a.threshold for t, a in zip(detectors, alone, strict=True))
+    rng = np.random.default_rng(6)
+    rows = Rows.from_outputs(reference, *outputs(20_000, rng))
+    index = rng.integers(len(rows), size=(200, 6 * ERT))
+    first = np.min(
+        [
+            (np.maximum.accumulate(d.trajectories(rows, index), axis=1) <= d.threshold).sum(1)
+            for d in detectors
+        ],
+        axis=0,
+    )
+    assert 0.5 * ERT < first.mean() < 2.0 * ERT
