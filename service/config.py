@@ -126,6 +126,11 @@ class DriftSettings(BaseSettings):
     ert: int = Field(
         default=10_000, ge=100, description="expected frames between false alarms, per detector"
     )
+    ert_scope: Literal["detector", "monitor"] = Field(
+        default="detector",
+        description="detector: each detector alarms falsely every ERT frames; monitor: the "
+        "detectors together do (each gets a higher threshold)",
+    )
     embedding_window: int = Field(default=64, ge=2, description="frames in the MMD test window")
     class_window: int = Field(default=200, ge=2, description="frames in the class-mix window")
     cusum_k: float = Field(default=0.5, ge=0, description="CUSUM slack, in entropy std units")

@@ -28,7 +28,7 @@ from schemas.api import DetectorState, DriftStatus
 from schemas.drift import DriftEvent, DriftReference
 from service.batching import Batch
 from service.config import DriftSettings, KafkaSettings
-from service.drift.calibrate import calibrate
+from service.drift.calibrate import Simulation
 from service.drift.detectors import Detector, Rows, build_detectors
 from service.kafka.producer import create_producer
 from service.metrics import ScorerMetrics
@@ -276,9 +276,16 @@ class DriftMonitor:
             class_window=s.class_window,
             cusum_k=s.cusum_k,
         )
-        pool = Rows.reference_pool(reference)
-        for i, detector in enumerate(detectors):
-            calibrate(detector, pool, s.ert, s.seed + i, s.calibration_frames, reference.frames)
+        simulation = Simulation(
+            detectors,
+            Rows.reference_pool(reference),
+            s.ert,
+            s.seed,
+            s.calibration_frames,
+            reference.frames,
+        )
+        together = s.ert_scope == "monitor"
+        simulation.apply(simulation.together(s.ert) if together else simulation.thresholds(s.ert))
         return detectors
 
     async def _observe(self, item: _Observed) -> None:

@@ -197,3 +197,12 @@ async def test_a_new_model_rescores_the_anchor_frames_instead_of_warming_up_on_t
         monitor.on_swap(third)  # after an alarm the next model warms up on the new regime
         await monitor.idle()
         assert monitor.status().warmup_frames_left == 200
+
+
+def test_a_monitor_wide_ert_raises_every_threshold(reference) -> None:
+    def thresholds(scope: str) -> list[float]:
+        monitor = DriftMonitor(_settings(ert_scope=scope), None, ScorerMetrics())
+        return [d.threshold for d in monitor._calibrated(reference)]
+
+    each, together = thresholds("detector"), thresholds("monitor")
+    assert len(each) == 3 and all(t > e for t, e in zip(together, each, strict=True))
