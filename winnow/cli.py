@@ -285,6 +285,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated",
     )
     p.add_argument("--no-baselines", action="store_true", help="skip River's detectors")
+    p.add_argument(
+        "--references", type=int, default=20, help="random reference draws the runs spread over"
+    )
+    p.add_argument(
+        "--reference-frames",
+        type=int,
+        default=1000,
+        help="frames per reference (at most half the held-out frames)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_bench_drift)
     p = bench.add_parser(

@@ -1,24 +1,33 @@
 """``winnow bench drift``: the drift detectors against River baselines, Alibi Detect's protocol.
 
-A small CNN is fine-tuned on 70 % of the dataset's training split; its
-outputs on the other 30 % make the drift reference (as a release's holdout
-would), and its outputs on the test split make the streams. Features are
-computed once per shift; each run is a stream resampled from them, so
-hundreds of runs are cheap. As in Alibi Detect's online examples:
+A small CNN is fine-tuned on 70 % of the dataset's training split; its outputs
+on the frames it did not see (the other 30 % and the test split) are computed
+once, undrifted and under each shift. Each of ``references`` draws splits
+those frames at random into a reference of ``reference_frames`` (at most half;
+the scorer's default anchor is 1,000 frames) and a pool that the streams are
+resampled from, builds the drift reference and calibrates the detectors on
+it, as the scorer does. Spreading the runs over reference draws measures what
+an ERT promises: the expected run length over streams and references alike.
+A single reference of a few hundred frames is off the true distribution by
+its own sampling error, so one deployment's run length is spread around the
+ERT; ``run_length_by_reference`` gives that spread (10th, 50th, 90th
+percentile of the per-draw means).
 
-- ``mean_run_length``: mean frames to the first alarm over ``runs`` streams of
-  undrifted frames (compare with ``ert``; runs are cut at ``6 ert`` and then
-  count as that long);
-- per shift, ``runs`` streams of ``change_at`` undrifted frames followed by
-  drifted ones; a detector resets after an alarm and the first alarm at or
-  after the change gives the delay (frames of drifted data seen);
-  ``detected_fraction`` is the share of runs with an alarm within ``ert``
-  frames of the change, ``mean_delay`` and ``median_delay`` are over those.
+- ``mean_run_length``: mean frames to the first alarm over undrifted runs
+  (compare with ``ert``; runs are cut at ``20 ert`` and then count as that long);
+- per shift, runs of ``change_at`` undrifted frames followed by drifted ones; a
+  detector resets after an alarm and the first alarm at or after the change
+  gives the delay (frames of drifted data seen); ``detected_fraction`` is the
+  share of runs with an alarm within ``ert`` frames of the change,
+  ``mean_delay`` and ``median_delay`` are over those;
+- ``combined``: the scorer's detectors together, each calibrated to
+  (detectors x ERT) so that the first alarm from any of them comes every ERT
+  frames: the row to compare with a single baseline at the same false-alarm rate.
 
 Baselines on the max-probability stream, calibrated by simulation on the
-reference to the same ERT: River's ADWIN (its ``delta``) and Page-Hinkley
-(its ``threshold``). Alibi Detect itself does not install next to numpy 2
-(0.13 pins numpy<2, Pillow<11, numba<0.60), so it is not run.
+held-out frames to the same ERT: River's ADWIN (its ``delta``) and
+Page-Hinkley (its ``threshold``). Alibi Detect itself does not install next to
+numpy 2 (0.13 pins numpy<2, Pillow<11, numba<0.60), so it is not run.
 """
 
 import argparse
@@ -27,7 +36,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +44,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from schemas.drift import DriftReference
-from service.drift import Rows, build_detectors, calibrate
+from service.drift import Rows, Simulation, build_detectors
 from service.drift.detectors import Detector
 from winnow.datasets import ImageDataset, load_dataset
 
@@ -190,9 +199,12 @@ class _RiverBaseline:
 
     def calibrate(self, pool: np.ndarray, ert: int, rng: np.random.Generator, runs: int) -> None:
         streams = pool[rng.integers(len(pool), size=(runs, 3 * ert))]
-        # more alarms with a larger ADWIN delta, fewer with a larger PH threshold
+        # More alarms with a larger ADWIN delta, fewer with a larger PH threshold. ADWIN's
+        # bound is so cautious that even delta near 1 gives runs of about 5 ERT on a
+        # max-probability stream; River takes a delta above 1 (a looser bound), and up to
+        # about 10 its false alarms grow with it, so that is the range searched.
         lo, hi = (
-            (np.log(1e-12), np.log(0.9)) if self.name == "adwin" else (np.log(0.01), np.log(50))
+            (np.log(1e-6), np.log(10.0)) if self.name == "adwin" else (np.log(0.01), np.log(50))
         )
         for _ in range(12):
             mid = 0.5 * (lo + hi)
@@ -211,6 +223,28 @@ class _RiverBaseline:
 # -- the protocol -----------------------------------------------------------------------------
 
 
+@dataclass
+class _HeldOut:
+    """The model's outputs on the frames it was not trained on, undrifted and shifted."""
+
+    embeddings: dict[str, np.ndarray]  # "none" (undrifted) or a shift name -> N x D
+    probabilities: dict[str, np.ndarray]
+    labels: np.ndarray  # of the undrifted frames
+
+    def rows(self, reference: DriftReference, name: str, index: np.ndarray) -> Features:
+        probabilities = self.probabilities[name][index]
+        rows = Rows.from_outputs(reference, self.embeddings[name][index], probabilities)
+        return Features(rows, probabilities.max(axis=1))
+
+
+@dataclass
+class _Tally:
+    """First alarms of one detector (or baseline) over all reference draws."""
+
+    first: list[np.ndarray] = field(default_factory=list)  # undrifted runs, per draw
+    shifts: dict[str, list[np.ndarray]] = field(default_factory=dict)
+
+
 def _our_first_alarms(detector: Detector, pool: Rows, index: np.ndarray, start: int) -> np.ndarray:
     """Streaming runs with resets: the first alarm at or after ``start`` per run."""
     out = np.full(len(index), index.shape[1])
@@ -224,6 +258,12 @@ def _our_first_alarms(detector: Detector, pool: Rows, index: np.ndarray, start: 
                 out[r] = hits[0]
                 break
     return out
+
+
+def _undrifted_first_alarms(detector: Detector, pool: Rows, index: np.ndarray) -> np.ndarray:
+    """The first alarm of each undrifted run (index.shape[1] when none)."""
+    trajectories = detector.trajectories(pool, index)
+    return (np.maximum.accumulate(trajectories, axis=1) <= detector.threshold).sum(axis=1)
 
 
 def _summary(first: np.ndarray, start: int, horizon: int) -> dict[str, float | None]:
@@ -245,6 +285,8 @@ def run_drift_bench(
     class_window: int = 200,
     shifts: tuple[str, ...] = SHIFTS,
     baselines: bool = True,
+    references: int = 20,
+    reference_frames: int = 1000,
     progress: Callable[[str], None] = lambda m: None,
 ) -> dict[str, Any]:
     """Runs the benchmark; returns the JSON-ready result."""
@@ -252,151 +294,200 @@ def run_drift_bench(
     rng = np.random.default_rng(seed)
     data = load_dataset(dataset)
     progress(f"fine-tuning small-cnn on {data.name}")
-    model, spec, ref_images, _ = _train_model(data, seed)
-    reference = DriftReference.build(*_outputs(model, spec, ref_images), seed=seed)
-    test = data.test_images[:3000]
-    features: dict[str, Features] = {}
-
-    def featurize(name: str, images: np.ndarray) -> None:
-        embeddings, probabilities = _outputs(model, spec, images)
-        rows = Rows.from_outputs(reference, embeddings, probabilities)
-        features[name] = Features(rows, probabilities.max(axis=1))
-
-    progress("computing features of each shift")
-    featurize("none", test)
-    for name in shifts:
-        if name == "class_mix":
-            continue
-        images = (
-            _other_camera(data, len(test), rng)
-            if name == "new_camera"
-            else shift_images(name, test, rng)
-        )
-        featurize(name, images)
-    detectors = build_detectors(
-        reference, embedding_window=embedding_window, class_window=class_window
-    )
-    pool = Rows.reference_pool(reference)
-    for i, detector in enumerate(detectors):
-        t = time.perf_counter()
-        calibrate(detector, pool, ert, seed + i, reference_frames=reference.frames)
-        progress(
-            f"calibrated {detector.name}: threshold {detector.threshold:.4g} "
-            f"in {time.perf_counter() - t:.1f}s"
-        )
-    rivals: list[_RiverBaseline] = []
-    if baselines:
-        ref_conf = np.asarray(_ref_confidence(model, spec, ref_images))
-        for name in ("adwin", "page_hinkley"):
-            baseline = _RiverBaseline(name)
-            t = time.perf_counter()
-            baseline.calibrate(ref_conf, ert, rng, runs=max(30, runs // 3))
-            progress(
-                f"calibrated {name}: parameter {baseline.param:.4g} "
-                f"in {time.perf_counter() - t:.1f}s"
-            )
-            rivals.append(baseline)
+    model, spec, rest_images, rest_labels = _train_model(data, seed)
+    images = np.concatenate([rest_images, data.test_images[:3000]])
+    labels = np.concatenate([rest_labels, data.test_labels[:3000]])
+    progress(f"computing features of {len(images)} held-out frames under each shift")
+    held = _held_out(model, spec, data, images, labels, shifts, rng)
+    n = len(labels)
+    n_ref = min(reference_frames, n // 2)
+    # Undrifted streams are resampled from the frames left after the reference: that
+    # finite pool is off the true distribution by its own sampling error, as the reference
+    # is, so calibration is told the error of both together (1/n = 1/reference + 1/pool).
+    n_cal = max(2, round(1 / (1 / n_ref + 1 / (n - n_ref))))
+    per_draw = max(1, -(-runs // references))
     change_at = max(embedding_window, class_window)
-    cap, horizon = 6 * ert, ert
-    clean = features["none"]
-    results: dict[str, Any] = {}
-    for detector in detectors:
-        index = rng.integers(len(clean.rows), size=(runs, cap))
-        runs_h0 = detector.trajectories(clean.rows, index)
-        first = (np.maximum.accumulate(runs_h0, axis=1) <= detector.threshold).sum(axis=1) + 1
-        results[detector.name] = {
-            "kind": "winnow",
-            "ert": ert,
-            "window": detector.window,
-            "threshold": detector.threshold,
-            "mean_run_length": float(np.minimum(first, cap).mean()),
-            "censored_runs": int((first > cap).sum()),
-            "shifts": {},
-        }
-    for baseline in rivals:
-        streams = clean.confidence[rng.integers(len(clean.confidence), size=(runs, cap))]
-        first = baseline.first_alarms(streams) + 1
-        results[baseline.name] = {
-            "kind": "baseline (river, max probability)",
-            "ert": ert,
-            "parameter": baseline.param,
-            "mean_run_length": float(np.minimum(first, cap).mean()),
-            "censored_runs": int((first > cap).sum()),
-            "shifts": {},
-        }
-        progress(f"{baseline.name}: no-drift runs done")
-    for shift in shifts:
-        index = _shift_index(shift, features, data, rng, runs, change_at, horizon)
-        rows, conf = _concat(features, shift)
-        for detector in detectors:
-            first = _our_first_alarms(detector, rows, index, change_at)
-            results[detector.name]["shifts"][shift] = _summary(first, change_at, horizon)
+    cap, horizon = 20 * ert, ert
+    rivals = _calibrated_baselines(held, ert, rng, runs, progress) if baselines else []
+    tallies: dict[str, _Tally] = {}
+    windows: dict[str, int] = {}
+    for draw in range(references):
+        order = rng.permutation(n)
+        ref_rows, pool_rows = order[:n_ref], order[n_ref:]
+        reference = DriftReference.build(
+            held.embeddings["none"][ref_rows],
+            held.probabilities["none"][ref_rows],
+            seed=seed + draw,
+        )
+        single = build_detectors(
+            reference, embedding_window=embedding_window, class_window=class_window
+        )
+        sample = Rows.reference_pool(reference)
+        simulation = Simulation(single, sample, ert, seed + draw, reference_frames=n_cal)
+        simulation.apply(simulation.thresholds(ert))
+        joint = [d.fresh() for d in single]
+        for detector, threshold in zip(joint, simulation.together(ert), strict=True):
+            detector.threshold = threshold
+        windows.update((d.name, d.window) for d in single)
+        clean = held.rows(reference, "none", pool_rows)
+        index = rng.integers(len(pool_rows), size=(per_draw, cap))
+        first = {d.name: _undrifted_first_alarms(d, clean.rows, index) for d in single}
+        first["combined"] = np.min(
+            [_undrifted_first_alarms(d, clean.rows, index) for d in joint], 0
+        )
         for baseline in rivals:
-            first = baseline.first_alarms(conf[index], change_at)
-            results[baseline.name]["shifts"][shift] = _summary(first, change_at, horizon)
-        progress(f"shift {shift} done")
+            first[baseline.name] = baseline.first_alarms(clean.confidence[index])
+        for name, value in first.items():
+            tallies.setdefault(name, _Tally()).first.append(value + 1)
+        for shift in shifts:
+            stream, index = _shift_stream(
+                shift, held, reference, clean, pool_rows, rng, per_draw, change_at, horizon
+            )
+            first = {d.name: _our_first_alarms(d, stream.rows, index, change_at) for d in single}
+            first["combined"] = np.min(
+                [_our_first_alarms(d, stream.rows, index, change_at) for d in joint], 0
+            )
+            for baseline in rivals:
+                first[baseline.name] = baseline.first_alarms(stream.confidence[index], change_at)
+            for name, value in first.items():
+                tallies[name].shifts.setdefault(shift, []).append(value)
+        progress(
+            f"reference draw {draw + 1}/{references}: thresholds "
+            + ", ".join(f"{d.name} {d.threshold:.4g}" for d in single)
+        )
+    results: dict[str, Any] = {}
+    for name, tally in tallies.items():
+        per_reference = [float(np.minimum(f, cap).mean()) for f in tally.first]
+        everything = np.concatenate(tally.first)
+        baseline = next((b for b in rivals if b.name == name), None)
+        results[name] = {
+            "kind": _kind(name, baseline),
+            "ert": ert,
+            "window": windows.get(name),
+            "parameter": baseline.param if baseline else None,
+            "mean_run_length": float(np.minimum(everything, cap).mean()),
+            "censored_runs": int((everything > cap).sum()),
+            "run_length_by_reference": {
+                "p10": float(np.quantile(per_reference, 0.1)),
+                "median": float(np.median(per_reference)),
+                "p90": float(np.quantile(per_reference, 0.9)),
+            },
+            "shifts": {
+                shift: _summary(np.concatenate(firsts), change_at, horizon)
+                for shift, firsts in tally.shifts.items()
+            },
+        }
     return {
         "dataset": data.name,
         "ert": ert,
-        "runs": runs,
+        "runs": per_draw * references,
+        "references": references,
         "change_at": change_at,
         "horizon": horizon,
         "embedding_window": embedding_window,
         "class_window": class_window,
-        "reference_frames": reference.frames,
+        "reference_frames": n_ref,
+        "stream_pool_frames": n - n_ref,
+        "calibration_reference_frames": n_cal,
         "alibi_detect": "not run: alibi-detect 0.13 requires numpy<2 (this project has numpy 2)",
         "seconds": round(time.perf_counter() - started, 1),
         "detectors": results,
     }
 
 
-def _ref_confidence(model: Any, spec: Any, images: np.ndarray) -> np.ndarray:
-    _, probabilities = _outputs(model, spec, images)
-    return probabilities.max(axis=1)
+def _kind(name: str, baseline: "_RiverBaseline | None") -> str:
+    if baseline is not None:
+        return "baseline (river, max probability)"
+    if name == "combined":
+        return "winnow: an alarm from any detector, each calibrated to (detectors x ERT)"
+    return "winnow"
 
 
-def _concat(features: dict[str, Features], shift: str) -> tuple[Rows, np.ndarray]:
-    """The clean features followed by the shifted ones (class_mix reuses the clean ones)."""
-    clean = features["none"]
-    other = features.get(shift, clean)
-    rows = Rows(
-        np.concatenate([clean.rows.reduced, other.rows.reduced]),
-        np.concatenate([clean.rows.classes, other.rows.classes]),
-        np.concatenate([clean.rows.entropy, other.rows.entropy]),
-    )
-    return rows, np.concatenate([clean.confidence, other.confidence])
-
-
-def _shift_index(
-    shift: str,
-    features: dict[str, Features],
+def _held_out(
+    model: Any,
+    spec: Any,
     data: ImageDataset,
+    images: np.ndarray,
+    labels: np.ndarray,
+    shifts: tuple[str, ...],
+    rng: np.random.Generator,
+) -> _HeldOut:
+    embeddings, probabilities = {}, {}
+    for name in ("none", *shifts):
+        if name == "class_mix":
+            continue
+        if name == "none":
+            shifted = images
+        elif name == "new_camera":
+            shifted = _other_camera(data, len(images), rng)
+        else:
+            shifted = shift_images(name, images, rng)
+        embeddings[name], probabilities[name] = _outputs(model, spec, shifted)
+    return _HeldOut(embeddings, probabilities, labels)
+
+
+def _calibrated_baselines(
+    held: _HeldOut,
+    ert: int,
+    rng: np.random.Generator,
+    runs: int,
+    progress: Callable[[str], None],
+) -> list["_RiverBaseline"]:
+    """River's detectors calibrated on the held-out frames' confidence to ``ert``."""
+    confidence = held.probabilities["none"].max(axis=1)
+    rivals = []
+    for name in ("adwin", "page_hinkley"):
+        baseline = _RiverBaseline(name)
+        t = time.perf_counter()
+        baseline.calibrate(confidence, ert, rng, runs=max(30, runs // 3))
+        progress(
+            f"calibrated {name}: parameter {baseline.param:.4g} in {time.perf_counter() - t:.1f}s"
+        )
+        rivals.append(baseline)
+    return rivals
+
+
+def _shift_stream(
+    shift: str,
+    held: _HeldOut,
+    reference: DriftReference,
+    clean: Features,
+    pool_rows: np.ndarray,
     rng: np.random.Generator,
     runs: int,
     change_at: int,
     horizon: int,
-) -> np.ndarray:
-    """Rows of ``_concat``: ``change_at`` clean frames, then ``horizon`` drifted ones."""
-    n = len(features["none"].rows)
-    before = rng.integers(n, size=(runs, change_at))
-    if shift == "class_mix":
-        # half the classes disappear from the stream
-        labels = data.test_labels[:n]
-        kept = np.flatnonzero(labels < max(1, len(data.classes) // 2))
-        after = n + kept[rng.integers(len(kept), size=(runs, horizon))]
-    else:
-        after = n + rng.integers(len(features[shift].rows), size=(runs, horizon))
-    return np.concatenate([before, after], axis=1)
+) -> tuple[Features, np.ndarray]:
+    """Undrifted pool frames followed by drifted ones, and run indexes into them:
+    ``change_at`` undrifted frames, then ``horizon`` drifted ones."""
+    if shift == "class_mix":  # half the classes disappear from the stream
+        classes = int(held.labels.max()) + 1
+        kept = pool_rows[held.labels[pool_rows] < max(1, classes // 2)]
+        drifted = held.rows(reference, "none", kept)
+    elif shift == "new_camera":
+        drifted = held.rows(reference, shift, np.arange(len(held.embeddings[shift])))
+    else:  # the same frames as the undrifted pool, shifted
+        drifted = held.rows(reference, shift, pool_rows)
+    rows = Rows(
+        np.concatenate([clean.rows.reduced, drifted.rows.reduced]),
+        np.concatenate([clean.rows.classes, drifted.rows.classes]),
+        np.concatenate([clean.rows.entropy, drifted.rows.entropy]),
+    )
+    stream = Features(rows, np.concatenate([clean.confidence, drifted.confidence]))
+    before = rng.integers(len(clean.rows), size=(runs, change_at))
+    after = len(clean.rows) + rng.integers(len(drifted.rows), size=(runs, horizon))
+    return stream, np.concatenate([before, after], axis=1)
 
 
 def format_table(result: dict[str, Any]) -> str:
     shifts = list(next(iter(result["detectors"].values()))["shifts"])
-    head = f"{'detector':<14} {'ERT':>6} {'run len':>8} " + " ".join(
+    head = f"{'detector':<14} {'ERT':>6} {'run len':>8} {'p10-p90':>11} " + " ".join(
         f"{s[:11]:>17}" for s in shifts
     )
     lines = [
-        f"drift bench on {result['dataset']}: {result['runs']} runs per case, change after "
-        f"{result['change_at']} frames; per shift: mean/median delay (detected %)",
+        f"drift bench on {result['dataset']}: {result['runs']} runs per case over "
+        f"{result['references']} reference draws of {result['reference_frames']} frames, change "
+        f"after {result['change_at']} frames; per shift: mean/median delay (detected %)",
         head,
         "-" * len(head),
     ]
@@ -409,9 +500,10 @@ def format_table(result: dict[str, Any]) -> str:
             else:
                 share = 100 * x["detected_fraction"]
                 cells.append(f"{x['mean_delay']:>5.0f}/{x['median_delay']:<4.0f}({share:>3.0f}%)")
+        spread = r["run_length_by_reference"]
         lines.append(
             f"{name:<14} {r['ert']:>6} {r['mean_run_length']:>8.0f} "
-            + " ".join(f"{c:>17}" for c in cells)
+            f"{spread['p10']:>5.0f}-{spread['p90']:<5.0f} " + " ".join(f"{c:>17}" for c in cells)
         )
     return "\n".join(lines)
 
@@ -431,6 +523,8 @@ def run_drift_bench_command(args: argparse.Namespace) -> int:
         class_window=args.class_window,
         shifts=tuple(s.strip() for s in args.shifts.split(",") if s.strip()),
         baselines=not args.no_baselines and _has_river(),
+        references=args.references,
+        reference_frames=args.reference_frames,
         progress=progress,
     )
     print(format_table(result))
