@@ -37,136 +37,17 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageFilter
 
 from schemas.drift import DriftReference
 from service.drift import Rows, Simulation, build_detectors
 from service.drift.detectors import Detector
-from winnow.datasets import ImageDataset, load_dataset
+from winnow.bench.drift_data import SHIFTS, HeldOut, held_out, shift_stream
+from winnow.datasets import load_dataset
 
 log = logging.getLogger(__name__)
-
-SHIFTS = ("brightness", "contrast", "blur", "noise", "rotation", "class_mix", "new_camera")
-OTHER_DATASET = (
-    Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "pneumoniamnist.npz"
-)
-
-
-@dataclass
-class Features:
-    rows: Rows
-    confidence: np.ndarray  # max probability per frame
-
-
-# -- the model and its outputs ----------------------------------------------------------------
-
-
-def _train_model(data: ImageDataset, seed: int) -> tuple[Any, Any, np.ndarray, np.ndarray]:
-    """A small CNN fine-tuned on 70 % of the train split; returns it, its spec, and the
-    remaining 30 % (images, labels) for the reference."""
-    import torch
-
-    from schemas.model_spec import ModelSpec
-    from trainer.architectures import build_model
-    from trainer.finetune import FinetuneConfig, finetune_round
-    from trainer.model_init import default_normalization, seed_everything
-    from trainer.samples import Sample
-
-    seed_everything(seed)
-    size = 16 if data.name == "digits" else 28
-    model = build_model("small-cnn", len(data.classes), data.channels)
-    mean, std = default_normalization(data.channels)
-    spec = ModelSpec(
-        version="bench",
-        arch="small-cnn",
-        classes=data.classes,
-        input_size=(size, size),
-        channels=data.channels,  # type: ignore[arg-type]
-        mean=list(mean),
-        std=list(std),
-        embedding_dim=model.embedding_dim,
-    )
-    order = np.random.default_rng(seed).permutation(len(data.train_images))
-    cut = int(0.7 * len(order))
-    fit = order[:cut][:4000]
-    inputs = _inputs(data.train_images[fit], spec)
-    samples = [
-        Sample(str(i), x, int(y))
-        for i, x, y in zip(fit, inputs, data.train_labels[fit], strict=True)
-    ]
-    config = FinetuneConfig.for_arch("small-cnn", epochs=8, max_steps=400, seed=seed)
-    finetune_round(model, samples, [], config, torch.device("cpu"))
-    rest = order[cut:][:3000]
-    return model, spec, data.train_images[rest], data.train_labels[rest]
-
-
-def _inputs(images: np.ndarray, spec: Any) -> np.ndarray:
-    from schemas.pixels import image_to_input
-
-    return np.stack([image_to_input(Image.fromarray(im), spec) for im in images])
-
-
-def _outputs(model: Any, spec: Any, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    import torch
-
-    from trainer.reference import model_outputs
-
-    probabilities, embeddings = model_outputs(model, _inputs(images, spec), torch.device("cpu"))
-    return embeddings, probabilities
-
-
-# -- shifts -----------------------------------------------------------------------------------
-
-
-def shift_images(name: str, images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """The test images under one covariate shift (uint8 in, uint8 out)."""
-    x = images.astype(np.float32)
-    if name == "brightness":
-        return np.clip(x + 70, 0, 255).astype(np.uint8)
-    if name == "contrast":
-        mean = x.mean(axis=tuple(range(1, x.ndim)), keepdims=True)
-        return np.clip((x - mean) * 0.5 + mean, 0, 255).astype(np.uint8)
-    if name == "noise":
-        return np.clip(x + rng.normal(0, 40, x.shape), 0, 255).astype(np.uint8)
-    if name == "blur":
-        radius = 0.8 if images.shape[1] <= 16 else 1.5
-        return np.stack(
-            [
-                np.asarray(Image.fromarray(im).filter(ImageFilter.GaussianBlur(radius)))
-                for im in images
-            ]
-        )
-    if name == "rotation":
-        return np.stack([np.asarray(Image.fromarray(im).rotate(30)) for im in images])
-    raise ValueError(f"unknown image shift {name!r}")
-
-
-def _other_camera(data: ImageDataset, count: int, rng: np.random.Generator) -> np.ndarray:
-    """Frames of another dataset, as a new camera would send: pneumonia X-rays for
-    digits (if present), else crops of scikit-learn's sample photos."""
-    shape = data.test_images.shape[1:]
-    if data.name == "digits" and OTHER_DATASET.exists():
-        with np.load(OTHER_DATASET) as other:
-            images = other["test_images"][:count]
-    else:
-        from sklearn.datasets import load_sample_images
-
-        photos = load_sample_images().images
-        images = []
-        for _ in range(count):
-            photo = photos[int(rng.integers(len(photos)))]
-            y, x = rng.integers(0, photo.shape[0] - 100), rng.integers(0, photo.shape[1] - 100)
-            images.append(photo[y : y + 100, x : x + 100])
-        images = np.stack(images)
-    mode = "L" if len(shape) == 2 else "RGB"
-    return np.stack(
-        [np.asarray(Image.fromarray(im).convert(mode).resize(shape[:2][::-1])) for im in images]
-    )
-
 
 # -- baselines --------------------------------------------------------------------------------
 
@@ -224,23 +105,10 @@ class _RiverBaseline:
 
 
 @dataclass
-class _HeldOut:
-    """The model's outputs on the frames it was not trained on, undrifted and shifted."""
-
-    embeddings: dict[str, np.ndarray]  # "none" (undrifted) or a shift name -> N x D
-    probabilities: dict[str, np.ndarray]
-    labels: np.ndarray  # of the undrifted frames
-
-    def rows(self, reference: DriftReference, name: str, index: np.ndarray) -> Features:
-        probabilities = self.probabilities[name][index]
-        rows = Rows.from_outputs(reference, self.embeddings[name][index], probabilities)
-        return Features(rows, probabilities.max(axis=1))
-
-
-@dataclass
 class _Tally:
     """First alarms of one detector (or baseline) over all reference draws."""
 
+    window: int | None = None
     first: list[np.ndarray] = field(default_factory=list)  # undrifted runs, per draw
     shifts: dict[str, list[np.ndarray]] = field(default_factory=dict)
 
@@ -293,97 +161,34 @@ def run_drift_bench(
     started = time.perf_counter()
     rng = np.random.default_rng(seed)
     data = load_dataset(dataset)
-    progress(f"fine-tuning small-cnn on {data.name}")
-    model, spec, rest_images, rest_labels = _train_model(data, seed)
-    images = np.concatenate([rest_images, data.test_images[:3000]])
-    labels = np.concatenate([rest_labels, data.test_labels[:3000]])
-    progress(f"computing features of {len(images)} held-out frames under each shift")
-    held = _held_out(model, spec, data, images, labels, shifts, rng)
-    n = len(labels)
+    held = held_out(data, shifts, seed, progress)
+    n = len(held.labels)
     n_ref = min(reference_frames, n // 2)
     # Undrifted streams are resampled from the frames left after the reference: that
     # finite pool is off the true distribution by its own sampling error, as the reference
     # is, so calibration is told the error of both together (1/n = 1/reference + 1/pool).
     n_cal = max(2, round(1 / (1 / n_ref + 1 / (n - n_ref))))
-    per_draw = max(1, -(-runs // references))
-    change_at = max(embedding_window, class_window)
-    cap, horizon = 20 * ert, ert
+    plan = _Plan(
+        ert=ert,
+        runs=max(1, -(-runs // references)),
+        change_at=max(embedding_window, class_window),
+        windows=(embedding_window, class_window),
+        reference_frames=n_ref,
+        calibration_frames=n_cal,
+        shifts=shifts,
+    )
     rivals = _calibrated_baselines(held, ert, rng, runs, progress) if baselines else []
     tallies: dict[str, _Tally] = {}
-    windows: dict[str, int] = {}
     for draw in range(references):
-        order = rng.permutation(n)
-        ref_rows, pool_rows = order[:n_ref], order[n_ref:]
-        reference = DriftReference.build(
-            held.embeddings["none"][ref_rows],
-            held.probabilities["none"][ref_rows],
-            seed=seed + draw,
-        )
-        single = build_detectors(
-            reference, embedding_window=embedding_window, class_window=class_window
-        )
-        sample = Rows.reference_pool(reference)
-        simulation = Simulation(single, sample, ert, seed + draw, reference_frames=n_cal)
-        simulation.apply(simulation.thresholds(ert))
-        joint = [d.fresh() for d in single]
-        for detector, threshold in zip(joint, simulation.together(ert), strict=True):
-            detector.threshold = threshold
-        windows.update((d.name, d.window) for d in single)
-        clean = held.rows(reference, "none", pool_rows)
-        index = rng.integers(len(pool_rows), size=(per_draw, cap))
-        first = {d.name: _undrifted_first_alarms(d, clean.rows, index) for d in single}
-        first["combined"] = np.min(
-            [_undrifted_first_alarms(d, clean.rows, index) for d in joint], 0
-        )
-        for baseline in rivals:
-            first[baseline.name] = baseline.first_alarms(clean.confidence[index])
-        for name, value in first.items():
-            tallies.setdefault(name, _Tally()).first.append(value + 1)
-        for shift in shifts:
-            stream, index = _shift_stream(
-                shift, held, reference, clean, pool_rows, rng, per_draw, change_at, horizon
-            )
-            first = {d.name: _our_first_alarms(d, stream.rows, index, change_at) for d in single}
-            first["combined"] = np.min(
-                [_our_first_alarms(d, stream.rows, index, change_at) for d in joint], 0
-            )
-            for baseline in rivals:
-                first[baseline.name] = baseline.first_alarms(stream.confidence[index], change_at)
-            for name, value in first.items():
-                tallies[name].shifts.setdefault(shift, []).append(value)
-        progress(
-            f"reference draw {draw + 1}/{references}: thresholds "
-            + ", ".join(f"{d.name} {d.threshold:.4g}" for d in single)
-        )
-    results: dict[str, Any] = {}
-    for name, tally in tallies.items():
-        per_reference = [float(np.minimum(f, cap).mean()) for f in tally.first]
-        everything = np.concatenate(tally.first)
-        baseline = next((b for b in rivals if b.name == name), None)
-        results[name] = {
-            "kind": _kind(name, baseline),
-            "ert": ert,
-            "window": windows.get(name),
-            "parameter": baseline.param if baseline else None,
-            "mean_run_length": float(np.minimum(everything, cap).mean()),
-            "censored_runs": int((everything > cap).sum()),
-            "run_length_by_reference": {
-                "p10": float(np.quantile(per_reference, 0.1)),
-                "median": float(np.median(per_reference)),
-                "p90": float(np.quantile(per_reference, 0.9)),
-            },
-            "shifts": {
-                shift: _summary(np.concatenate(firsts), change_at, horizon)
-                for shift, firsts in tally.shifts.items()
-            },
-        }
+        thresholds = _draw(plan, held, rivals, tallies, seed + draw, rng)
+        progress(f"reference draw {draw + 1}/{references}: thresholds {thresholds}")
     return {
         "dataset": data.name,
         "ert": ert,
-        "runs": per_draw * references,
+        "runs": plan.runs * references,
         "references": references,
-        "change_at": change_at,
-        "horizon": horizon,
+        "change_at": plan.change_at,
+        "horizon": plan.horizon,
         "embedding_window": embedding_window,
         "class_window": class_window,
         "reference_frames": n_ref,
@@ -391,7 +196,113 @@ def run_drift_bench(
         "calibration_reference_frames": n_cal,
         "alibi_detect": "not run: alibi-detect 0.13 requires numpy<2 (this project has numpy 2)",
         "seconds": round(time.perf_counter() - started, 1),
-        "detectors": results,
+        "detectors": {name: _result(name, tally, plan, rivals) for name, tally in tallies.items()},
+    }
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What every reference draw does."""
+
+    ert: int
+    runs: int  # per draw and case
+    change_at: int
+    windows: tuple[int, int]  # embedding, class mix
+    reference_frames: int
+    calibration_frames: int
+    shifts: tuple[str, ...]
+
+    @property
+    def cap(self) -> int:
+        """Undrifted runs end here, counted as this long."""
+        return 20 * self.ert
+
+    @property
+    def horizon(self) -> int:
+        """Drifted frames after the change; an alarm later than this is a miss."""
+        return self.ert
+
+
+def _draw(
+    plan: _Plan,
+    held: HeldOut,
+    rivals: list["_RiverBaseline"],
+    tallies: dict[str, "_Tally"],
+    seed: int,
+    rng: np.random.Generator,
+) -> str:
+    """One reference draw: calibrates on it, runs every case, adds the first alarms to
+    ``tallies``; returns the thresholds, for the progress line."""
+    order = rng.permutation(len(held.labels))
+    ref_rows, pool_rows = order[: plan.reference_frames], order[plan.reference_frames :]
+    none = held.embeddings["none"], held.probabilities["none"]
+    reference = DriftReference.build(none[0][ref_rows], none[1][ref_rows], seed=seed)
+    single = build_detectors(
+        reference, embedding_window=plan.windows[0], class_window=plan.windows[1]
+    )
+    simulation = Simulation(
+        single,
+        Rows.reference_pool(reference),
+        plan.ert,
+        seed,
+        reference_frames=plan.calibration_frames,
+    )
+    simulation.apply(simulation.thresholds(plan.ert))
+    joint = [d.fresh() for d in single]
+    for detector, threshold in zip(joint, simulation.together(plan.ert), strict=True):
+        detector.threshold = threshold
+    clean = held.rows(reference, "none", pool_rows)
+    index = rng.integers(len(pool_rows), size=(plan.runs, plan.cap))
+    first = {d.name: _undrifted_first_alarms(d, clean.rows, index) for d in single}
+    first["combined"] = np.min([_undrifted_first_alarms(d, clean.rows, index) for d in joint], 0)
+    for baseline in rivals:
+        first[baseline.name] = baseline.first_alarms(clean.confidence[index])
+    for name, value in first.items():
+        tallies.setdefault(name, _Tally(window=_window(name, single))).first.append(value + 1)
+    for shift in plan.shifts:
+        stream, index = shift_stream(
+            shift, held, reference, clean, pool_rows, rng, plan.runs, plan.change_at, plan.horizon
+        )
+        start = plan.change_at
+        first = {d.name: _our_first_alarms(d, stream.rows, index, start) for d in single}
+        first["combined"] = np.min(
+            [_our_first_alarms(d, stream.rows, index, start) for d in joint], 0
+        )
+        for baseline in rivals:
+            first[baseline.name] = baseline.first_alarms(stream.confidence[index], start)
+        for name, value in first.items():
+            tallies[name].shifts.setdefault(shift, []).append(value)
+    return ", ".join(f"{d.name} {d.threshold:.4g}" for d in single)
+
+
+def _window(name: str, detectors: list[Detector]) -> int | None:
+    return next((d.window for d in detectors if d.name == name), None)
+
+
+def _result(
+    name: str, tally: "_Tally", plan: _Plan, rivals: list["_RiverBaseline"]
+) -> dict[str, Any]:
+    """One detector's (or baseline's) figures over all reference draws."""
+    cap = plan.cap
+    per_reference = [float(np.minimum(f, cap).mean()) for f in tally.first]
+    everything = np.concatenate(tally.first)
+    baseline = next((b for b in rivals if b.name == name), None)
+    return {
+        "kind": _kind(name, baseline),
+        "ert": plan.ert,
+        "window": tally.window,
+        "parameter": baseline.param if baseline else None,
+        "mean_run_length": float(np.minimum(everything, cap).mean()),
+        "censored_runs": int((everything > cap).sum()),
+        "run_length_by_reference": {
+            "p10": float(np.quantile(per_reference, 0.1)),
+            "median": float(np.median(per_reference)),
+            "p90": float(np.quantile(per_reference, 0.9)),
+        },
+        "shifts": {
+            shift: _summary(np.concatenate(firsts), plan.change_at, plan.horizon)
+            for shift, firsts in tally.shifts.items()
+        },
     }
 
 
@@ -399,35 +310,12 @@ def _kind(name: str, baseline: "_RiverBaseline | None") -> str:
     if baseline is not None:
         return "baseline (river, max probability)"
     if name == "combined":
-        return "winnow: an alarm from any detector, each calibrated to (detectors x ERT)"
+        return "winnow: an alarm from any detector, the detectors calibrated together to the ERT"
     return "winnow"
 
 
-def _held_out(
-    model: Any,
-    spec: Any,
-    data: ImageDataset,
-    images: np.ndarray,
-    labels: np.ndarray,
-    shifts: tuple[str, ...],
-    rng: np.random.Generator,
-) -> _HeldOut:
-    embeddings, probabilities = {}, {}
-    for name in ("none", *shifts):
-        if name == "class_mix":
-            continue
-        if name == "none":
-            shifted = images
-        elif name == "new_camera":
-            shifted = _other_camera(data, len(images), rng)
-        else:
-            shifted = shift_images(name, images, rng)
-        embeddings[name], probabilities[name] = _outputs(model, spec, shifted)
-    return _HeldOut(embeddings, probabilities, labels)
-
-
 def _calibrated_baselines(
-    held: _HeldOut,
+    held: HeldOut,
     ert: int,
     rng: np.random.Generator,
     runs: int,
@@ -445,38 +333,6 @@ def _calibrated_baselines(
         )
         rivals.append(baseline)
     return rivals
-
-
-def _shift_stream(
-    shift: str,
-    held: _HeldOut,
-    reference: DriftReference,
-    clean: Features,
-    pool_rows: np.ndarray,
-    rng: np.random.Generator,
-    runs: int,
-    change_at: int,
-    horizon: int,
-) -> tuple[Features, np.ndarray]:
-    """Undrifted pool frames followed by drifted ones, and run indexes into them:
-    ``change_at`` undrifted frames, then ``horizon`` drifted ones."""
-    if shift == "class_mix":  # half the classes disappear from the stream
-        classes = int(held.labels.max()) + 1
-        kept = pool_rows[held.labels[pool_rows] < max(1, classes // 2)]
-        drifted = held.rows(reference, "none", kept)
-    elif shift == "new_camera":
-        drifted = held.rows(reference, shift, np.arange(len(held.embeddings[shift])))
-    else:  # the same frames as the undrifted pool, shifted
-        drifted = held.rows(reference, shift, pool_rows)
-    rows = Rows(
-        np.concatenate([clean.rows.reduced, drifted.rows.reduced]),
-        np.concatenate([clean.rows.classes, drifted.rows.classes]),
-        np.concatenate([clean.rows.entropy, drifted.rows.entropy]),
-    )
-    stream = Features(rows, np.concatenate([clean.confidence, drifted.confidence]))
-    before = rng.integers(len(clean.rows), size=(runs, change_at))
-    after = len(clean.rows) + rng.integers(len(drifted.rows), size=(runs, horizon))
-    return stream, np.concatenate([before, after], axis=1)
 
 
 def format_table(result: dict[str, Any]) -> str:

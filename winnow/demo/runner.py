@@ -170,7 +170,7 @@ async def _produce(
     await producer.start()
     shifted = {}
     if shift is not None:
-        from winnow.bench.drift import shift_images
+        from winnow.bench.drift_data import shift_images
 
         later = order[len(order) // 2 :]
         images = shift_images(shift, data.train_images[later], np.random.default_rng(0))
