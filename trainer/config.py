@@ -58,6 +58,14 @@ class TrainerSettings(BaseSettings):
     holdout_fraction: float = Field(default=0.1, ge=0, lt=1)
     round_min_labels: int = Field(default=20, ge=1)
     round_max_seconds: float = Field(default=120.0, gt=0)
+    drift_rounds: bool = Field(
+        default=True, description="start a round early when the scorer publishes a drift alarm"
+    )
+    drift_round_min_labels: int = Field(
+        default=1,
+        ge=1,
+        description="the fewest untrained labels a round started by a drift alarm needs",
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     metrics_port: int = Field(default=9100, ge=0, le=65535)
     release_margin: float = Field(default=0.02, ge=0)

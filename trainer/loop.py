@@ -2,7 +2,8 @@
 
 The loop of AIFT (Zhou et al., CVPR 2017) on live streams: the intake joins
 label requests with labels in a crash-safe store; after ``round_min_labels``
-new labels or ``round_max_seconds`` (whichever comes first) a round starts from
+new labels or ``round_max_seconds`` (whichever comes first), or as soon as a
+drift alarm from the scorer finds ``drift_round_min_labels``, a round starts from
 the current model (continuous fine-tuning, never from scratch), trains on the
 new labels plus a replay of earlier ones weighted towards those the model gets
 wrong, measures the candidate on a holdout drawn from the labels, and, if the
@@ -19,14 +20,17 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from aiokafka import AIOKafkaProducer
 
+from schemas.drift import DriftEvent
 from schemas.model_spec import ModelSpec
 from trainer.architectures import WinnowNet, build_model
 from trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from trainer.config import TrainerSettings
+from trainer.drift_watch import DriftWatch
 from trainer.errors import ModelBuildError, SampleError
 from trainer.evaluate import Prequential, accuracy, is_holdout, release_gate
 from trainer.export import check_parity, export_onnx
@@ -41,6 +45,9 @@ from trainer.samples import Sample, decode_sample, stack
 from trainer.store import SampleStore, TrainItem
 
 log = logging.getLogger(__name__)
+
+RoundTrigger = Literal["labels", "timer", "drift", "manual"]
+"""What started a round: enough labels, the timer, a drift alarm, or a direct call."""
 
 
 @dataclass(frozen=True)
@@ -57,6 +64,7 @@ class RoundReport:
     prequential_accuracy: float
     seconds: float
     reason: str
+    trigger: RoundTrigger
 
 
 @dataclass
@@ -85,6 +93,9 @@ class Trainer:
         self.metrics = metrics or TrainerMetrics()
         self.store = SampleStore(settings.store_path, label_merge=settings.label_merge)
         self.intake = Intake(settings, self.store)
+        self.drift_watch = (
+            DriftWatch(settings.kafka, self.metrics) if settings.drift_rounds else None
+        )
         self.device = select_device(settings.device)
         self.prequential = Prequential()
         self.reports: list[RoundReport] = []
@@ -95,6 +106,7 @@ class Trainer:
         self._producer: AIOKafkaProducer | None = None
         self._task: asyncio.Task[None] | None = None
         self._round_lock = asyncio.Lock()
+        self._drift_pending: DriftEvent | None = None
 
     async def __aenter__(self) -> "Trainer":
         await self.start()
@@ -113,6 +125,8 @@ class Trainer:
             await self._release(self.model, self.spec)
         self.metrics.labels_trained.set(self.spec.labels_trained)
         await self.intake.start()
+        if self.drift_watch is not None:
+            await self.drift_watch.start()
         self._task = asyncio.create_task(self._run(), name="trainer-rounds")
         log.info(
             "trainer started: model %s (%s, %d classes) on %s",
@@ -128,6 +142,8 @@ class Trainer:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
+        if self.drift_watch is not None:
+            await self.drift_watch.stop()
         await self.intake.stop()
         if self._producer is not None:
             await self._producer.stop()
@@ -145,29 +161,80 @@ class Trainer:
         settings = self.settings
         last_round = time.monotonic()
         while True:
+            # cleared before counting, so labels or an alarm that come after the count wake the wait
+            self.intake.new_labels.clear()
+            alarm = self._take_drift_alarm()
             untrained = await asyncio.to_thread(self.store.untrained_count)
             waited = time.monotonic() - last_round
-            if untrained >= settings.round_min_labels or (
-                untrained and waited >= settings.round_max_seconds
-            ):
-                await self.run_round()
+            trigger = self._trigger(untrained, waited)
+            if trigger is not None:
+                self._drift_pending = None  # whatever starts it, the round answers the alarm
+                await self.run_round(trigger)
                 last_round = time.monotonic()
                 continue
-            self.intake.new_labels.clear()
+            if alarm is not None:
+                log.info(
+                    "drift alarm waits for labels: detector=%s untrained=%d needed=%d",
+                    alarm.detector,
+                    untrained,
+                    settings.drift_round_min_labels,
+                )
             timeout = settings.round_max_seconds - waited if untrained else None
-            try:
-                await asyncio.wait_for(self.intake.new_labels.wait(), timeout)
-            except TimeoutError:
-                pass
+            await self._wait_for_labels_or_drift(timeout)
 
-    async def run_round(self) -> RoundReport | None:
-        """One round on every untrained label; None when there was nothing to learn."""
+    def _trigger(self, untrained: int, waited: float) -> RoundTrigger | None:
+        """Why a round starts now, if one does: labels, then the timer, then a drift alarm."""
+        settings, alarm = self.settings, self._drift_pending
+        if untrained >= settings.round_min_labels:
+            return "labels"
+        if untrained and waited >= settings.round_max_seconds:
+            return "timer"
+        if alarm is None or untrained < settings.drift_round_min_labels:
+            return None
+        log.info(
+            "round triggered by a drift alarm: detector=%s source=%s model=%s untrained=%d",
+            alarm.detector,
+            alarm.source_id,
+            alarm.model_version,
+            untrained,
+        )
+        return "drift"
+
+    def _take_drift_alarm(self) -> DriftEvent | None:
+        """A drift alarm that came since the last look; it stays pending until a round runs."""
+        watch = self.drift_watch
+        if watch is None or not watch.alarm.is_set():
+            return None
+        watch.alarm.clear()
+        self._drift_pending = watch.last_alarm
+        return watch.last_alarm
+
+    async def _wait_for_labels_or_drift(self, seconds: float | None) -> None:
+        """Returns when labels grow, a drift alarm comes, or ``seconds`` pass (None: no limit)."""
+        events = [self.intake.new_labels]
+        if self.drift_watch is not None:
+            events.append(self.drift_watch.alarm)
+        waiters = [asyncio.create_task(event.wait()) for event in events]
+        try:
+            await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+            await asyncio.gather(*waiters, return_exceptions=True)
+
+    async def run_round(self, trigger: RoundTrigger = "manual") -> RoundReport | None:
+        """One round on every untrained label; None when there was nothing to learn.
+
+        Args:
+            trigger: what started the round, for the log and
+                ``winnow_trainer_rounds_triggered_total``.
+        """
         async with self._round_lock:
             items = await asyncio.to_thread(self.store.trainable)
             new_items = await asyncio.to_thread(self.store.trainable, True)
             if not new_items:
                 return None
-            report = await asyncio.to_thread(self._train, items, new_items)
+            report = await asyncio.to_thread(self._train, items, new_items, trigger)
             if report.released:
                 assert self.model is not None and self.spec is not None
                 await self._release(self.model, self.spec)
@@ -175,7 +242,9 @@ class Trainer:
             self._account(report)
             return report
 
-    def _train(self, items: list[TrainItem], new_items: list[TrainItem]) -> RoundReport:
+    def _train(
+        self, items: list[TrainItem], new_items: list[TrainItem], trigger: RoundTrigger
+    ) -> RoundReport:
         """The CPU/GPU part of a round, in a worker thread."""
         assert self.model is not None and self.spec is not None
         started, spec, fraction = time.perf_counter(), self.spec, self.settings.holdout_fraction
@@ -222,7 +291,8 @@ class Trainer:
                 }
             )
         log.info(
-            "round: %d new, %d replayed, %d holdout, loss %.4f in %.1fs; %s: %s",
+            "round (trigger=%s): %d new, %d replayed, %d holdout, loss %.4f in %.1fs; %s: %s",
+            trigger,
             stats.new,
             stats.replayed,
             len(holdout),
@@ -242,6 +312,7 @@ class Trainer:
             prequential_accuracy=self.prequential.accuracy,
             seconds=time.perf_counter() - started,
             reason=gate.reason,
+            trigger=trigger,
         )
 
     def _prequential(self, new: list[Sample]) -> None:
@@ -323,6 +394,7 @@ class Trainer:
     def _account(self, report: RoundReport) -> None:
         self.reports.append(report)
         self.metrics.rounds.labels(result="released" if report.released else "rejected").inc()
+        self.metrics.rounds_triggered.labels(trigger=report.trigger).inc()
         if not report.released:
             self.metrics.releases.labels(result="rejected").inc()
         self.metrics.round_seconds.observe(report.seconds)

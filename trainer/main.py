@@ -54,6 +54,8 @@ async def ensure_trainer_topics(settings: TrainerSettings, partitions: int = 3) 
     """Creates the topics the trainer reads and writes when they are missing."""
     topics = settings.kafka.topics
     names = [topics.label_requests, topics.labels, topics.models, topics.dead_letter]
+    if settings.drift_rounds:
+        names.append(topics.drift)
     admin = AIOKafkaAdminClient(**client_kwargs(settings.kafka))
     await admin.start()
     try:

@@ -15,6 +15,18 @@ class TrainerMetrics:
         self.rounds = Counter(
             "winnow_trainer_rounds", "Fine-tuning rounds, by result", ["result"], registry=r
         )
+        self.rounds_triggered = Counter(
+            "winnow_trainer_rounds_triggered",
+            "Fine-tuning rounds, by what started them (labels, timer, drift, manual)",
+            ["trigger"],
+            registry=r,
+        )
+        self.drift_alarms = Counter(
+            "winnow_trainer_drift_alarms",
+            "Drift alarms read from the drift topic, by detector",
+            ["detector"],
+            registry=r,
+        )
         self.round_seconds = Histogram(
             "winnow_trainer_round_seconds",
             "Duration of a fine-tuning round",
