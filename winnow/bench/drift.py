@@ -293,6 +293,10 @@ def _result(
         "window": tally.window,
         "parameter": baseline.param if baseline else None,
         "mean_run_length": float(np.minimum(everything, cap).mean()),
+        # runs of one draw share a reference, so the error of the mean is taken over draws
+        "mean_run_length_se": float(np.std(per_reference, ddof=1) / np.sqrt(len(per_reference)))
+        if len(per_reference) > 1
+        else None,
         "censored_runs": int((everything > cap).sum()),
         "run_length_by_reference": {
             "p10": float(np.quantile(per_reference, 0.1)),
@@ -337,7 +341,7 @@ def _calibrated_baselines(
 
 def format_table(result: dict[str, Any]) -> str:
     shifts = list(next(iter(result["detectors"].values()))["shifts"])
-    head = f"{'detector':<14} {'ERT':>6} {'run len':>8} {'p10-p90':>11} " + " ".join(
+    head = f"{'detector':<14} {'ERT':>6} {'run len':>12} {'p10-p90':>11} " + " ".join(
         f"{s[:11]:>17}" for s in shifts
     )
     lines = [
@@ -356,9 +360,10 @@ def format_table(result: dict[str, Any]) -> str:
             else:
                 share = 100 * x["detected_fraction"]
                 cells.append(f"{x['mean_delay']:>5.0f}/{x['median_delay']:<4.0f}({share:>3.0f}%)")
-        spread = r["run_length_by_reference"]
+        spread, se = r["run_length_by_reference"], r["mean_run_length_se"]
+        run = f"{r['mean_run_length']:.0f}" + (f"±{se:.0f}" if se is not None else "")
         lines.append(
-            f"{name:<14} {r['ert']:>6} {r['mean_run_length']:>8.0f} "
+            f"{name:<14} {r['ert']:>6} {run:>12} "
             f"{spread['p10']:>5.0f}-{spread['p90']:<5.0f} " + " ".join(f"{c:>17}" for c in cells)
         )
     return "\n".join(lines)
