@@ -147,3 +147,27 @@ def test_detectors_calibrated_together_share_one_false_alarm_rate(reference) -> 
         axis=0,
     )
     assert 0.5 * ERT < first.mean() < 2.0 * ERT
+
+
+def test_the_cusum_sees_skewed_undrifted_entropy_as_standard_normal_scores(reference) -> None:
+    # entropy as a confident model gives it: most frames near 0, a long tail towards 1
+    rng = np.random.default_rng(8)
+    sample = rng.beta(0.3, 3.0, size=400)
+    skewed = reference.model_copy(
+        update={
+            "sample_entropy": sample.tolist(),
+            "entropy_mean": float(sample.mean()),
+            "entropy_std": float(sample.std()),
+        }
+    )
+    (cusum,) = build_detectors(skewed, ["uncertainty"])
+    stream = rng.beta(0.3, 3.0, size=20_000)
+    standardized = (stream - stream.mean()) / stream.std()
+    assert float(np.mean(standardized**3)) > 1.5  # the skew the scores take away
+    x = cusum._x(stream)
+    assert abs(x.mean()) < 0.15 and abs(x.std() - 1) < 0.15
+    assert abs(float(np.mean(x**3))) < 0.3
+    # beyond the reference's largest entropy, a frame scores by its distance in std units
+    top, sd = sample.max(), sample.std()
+    far, edge = cusum._x(np.array([top + 3 * sd, top]))
+    assert far == pytest.approx(edge + 3) and edge > 2
