@@ -261,8 +261,9 @@ class ClassMixDrift(_Windowed):
             return super().trajectories(pool, index, None)
         runs, length = index.shape
         rng = np.random.default_rng(int(index[0, 0]) + 13 * runs)
-        counts = rng.multinomial(reference_frames, self._p, size=runs)
-        mixes = (counts + 1) / (reference_frames + self._classes)
+        # each run's mix is off the (smoothed) reference mix by the error of a mix counted
+        # over reference_frames frames; smoothing the counts again would shrink that error
+        mixes = rng.multinomial(reference_frames, self._p, size=runs) / reference_frames
         cdf = np.cumsum(mixes, axis=1)
         cdf[:, -1] = 1.0
         eye = np.eye(self._classes, dtype=np.float32)
