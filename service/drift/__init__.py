@@ -1,6 +1,6 @@
 """Online drift detection in the scorer: detectors, their calibration, and the monitor."""
 
-from service.drift.calibrate import Simulation, calibrate, calibrate_together, threshold_for_ert
+from service.drift.calibrate import Simulation, calibrate, threshold_for_ert
 from service.drift.detectors import (
     ClassMixDrift,
     Detector,
@@ -19,6 +19,5 @@ __all__ = [
     "Simulation",
     "build_detectors",
     "calibrate",
-    "calibrate_together",
     "threshold_for_ert",
 ]

@@ -178,19 +178,3 @@ def calibrate(
     simulation = Simulation([detector], pool, ert, seed, cells, reference_frames)
     simulation.apply(simulation.thresholds(ert))
     return detector.threshold
-
-
-def calibrate_together(
-    detectors: Sequence[Detector],
-    pool: Rows,
-    ert: int,
-    seed: int = 0,
-    cells: int = DEFAULT_CELLS,
-    reference_frames: int | None = None,
-) -> list[float]:
-    """Sets the detectors' thresholds so that the first alarm from any of them comes
-    every ``ert`` frames on average (see ``Simulation.together``); returns them."""
-    simulation = Simulation(detectors, pool, ert, seed, cells, reference_frames)
-    thresholds = simulation.together(ert)
-    simulation.apply(thresholds)
-    return thresholds

@@ -10,8 +10,16 @@ from service.metrics import ScorerMetrics
 
 
 def _policy(**kw: object) -> PolicyState:
-    base = dict(name="variable", utility="entropy", budget=0.1, window=100, budget_used=0.05,
-                labels_last_hour=0, seen=100, selected=5)
+    base = dict(
+        name="variable",
+        utility="entropy",
+        budget=0.1,
+        window=100,
+        budget_used=0.05,
+        labels_last_hour=0,
+        seen=100,
+        selected=5,
+    )
     return PolicyState(**{**base, **kw})
 
 
@@ -44,8 +52,9 @@ def test_stop_and_look_when_people_cannot_label() -> None:
     for i in range(30):
         feedback.requested(f"f{i}", "cat")
         status = "unlabelable" if i % 3 else "labeled"
-        feedback.observe(Label(frame_id=f"f{i}", label="dog" if status == "labeled" else None,
-                               status=status))
+        feedback.observe(
+            Label(frame_id=f"f{i}", label="dog" if status == "labeled" else None, status=status)
+        )
     state = feedback.status(_policy(), window_limit=10)
     assert state.stop and state.recent_unlabelable == 20 / 30
     assert "could not label" in state.verdict

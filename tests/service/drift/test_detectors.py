@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from schemas.drift import DriftReference
-from service.drift import Rows, build_detectors, calibrate, calibrate_together, threshold_for_ert
+from service.drift import Rows, Simulation, build_detectors, calibrate, threshold_for_ert
 from service.drift.calibrate import FirstAlarms
 from tests.service.drift.conftest import outputs
 
@@ -131,9 +131,10 @@ def test_detectors_calibrated_together_share_one_false_alarm_rate(reference) -> 
     alone = [d.fresh() for d in detectors]
     for d in alone:
         calibrate(d, pool, ERT, seed=1, cells=300_000, reference_frames=reference.frames)
-    calibrate_together(
+    together = Simulation(
         detectors, pool, ERT, seed=1, cells=300_000, reference_frames=reference.frames
     )
+    together.apply(together.together(ERT))
     # each alone would alarm every ERT frames; together each must alarm less often
     assert all(t.threshold > a.threshold for t, a in zip(detectors, alone, strict=True))
     rng = np.random.default_rng(6)
