@@ -32,7 +32,6 @@ numpy 2 (0.13 pins numpy<2, Pillow<11, numba<0.60), so it is not run.
 
 import argparse
 import json
-import logging
 import sys
 import time
 from collections.abc import Callable
@@ -46,8 +45,6 @@ from service.drift import Rows, Simulation, build_detectors
 from service.drift.detectors import Detector
 from winnow.bench.drift_data import SHIFTS, HeldOut, held_out, shift_stream
 from winnow.datasets import load_dataset
-
-log = logging.getLogger(__name__)
 
 # -- baselines --------------------------------------------------------------------------------
 
