@@ -49,8 +49,6 @@ from service.records import batch_records
 from service.scorer import Scorer
 from service.utility import score_batch
 
-log = logging.getLogger(__name__)
-
 CASES = ("camera", "digits")
 DEFAULT_FRAMES = {"camera": 320, "digits": 3000}
 GOALS = {"camera": ("efficiency", 0.75), "digits": ("speedup_vs_naive", 5.0)}

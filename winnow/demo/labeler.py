@@ -1,7 +1,6 @@
 """A simulated labeling team: answers label requests from the dataset's own labels."""
 
 import asyncio
-import logging
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -13,8 +12,6 @@ from schemas.labels import Label
 from service.config import KafkaSettings
 from service.kafka.consumer import create_consumer
 from service.kafka.producer import create_producer
-
-log = logging.getLogger(__name__)
 
 
 class SimulatedLabelers:

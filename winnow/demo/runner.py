@@ -29,8 +29,6 @@ from winnow.datasets import ImageDataset, encode_png, load_dataset
 from winnow.demo.evaluation import Point, full_label_accuracy, onnx_accuracy, plot, test_inputs
 from winnow.demo.labeler import SimulatedLabelers
 
-log = logging.getLogger(__name__)
-
 
 @dataclass
 class Progress:
