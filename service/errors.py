@@ -1,33 +1,17 @@
 """Errors of the online role.
 
-Poison input (a record that can never be processed) and transient failures
-(broker, GPU) are different kinds: the first goes to the dead-letter topic, the
-second is retried with backoff. ``retriable`` says which.
+The base, ``ConfigError`` and ``BrokerError`` come from ``infra.errors``, shared
+with the trainer; here are the kinds only the online role raises.
 """
 
-from typing import ClassVar
-
+from infra.errors import BrokerError, ConfigError, WinnowError
 from schemas.dead_letter import DeadLetterReason
 
-
-class WinnowError(Exception):
-    """Base of the service's errors."""
-
-    retriable: ClassVar[bool] = False
-
-
-class ConfigError(WinnowError):
-    """Settings that cannot work (a missing model, a bad address)."""
+__all__ = ["BrokerError", "ConfigError", "ModelError", "PoisonRecord", "WinnowError"]
 
 
 class ModelError(WinnowError):
     """A model that cannot be loaded or does not follow the model contract."""
-
-
-class BrokerError(WinnowError):
-    """The broker could not be reached or refused a request; worth retrying."""
-
-    retriable: ClassVar[bool] = True
 
 
 class PoisonRecord(WinnowError):

@@ -9,10 +9,10 @@ from collections.abc import Iterator
 
 import pytest
 
+from infra.kafka.admin import ensure_winnow_topics
+from infra.kafka.broker import EmbeddedBroker
+from infra.kafka.settings import KafkaSettings
 from schemas.topics import TopicNames
-from service.config import KafkaSettings
-from service.kafka.admin import ensure_winnow_topics
-from service.kafka.broker import EmbeddedBroker
 
 
 @pytest.fixture(scope="session")

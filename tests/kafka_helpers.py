@@ -6,8 +6,8 @@ from collections.abc import Callable, Iterable
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from service.config import KafkaSettings
-from service.kafka.connection import client_kwargs
+from infra.kafka.connection import client_kwargs
+from infra.kafka.settings import KafkaSettings
 
 Record = tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]
 

@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 OPSET = 17
 HEAD_KEY = "winnow.head"
-"""The linear head and dropout rate, for MC-dropout BALD in the scorer (service.committee)."""
+"""The linear head and dropout rate, for MC-dropout BALD in the scorer (service.scoring)."""
 _BATCH = "batch"
 
 

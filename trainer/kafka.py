@@ -1,6 +1,6 @@
 """The trainer's aiokafka clients: connection keywords, consumer and producer.
 
-A deliberately small counterpart of ``service.kafka`` (the two roles never
+A deliberately small counterpart of ``infra.kafka`` (the two roles never
 import each other): the same keywords, but fewer startup checks; aiokafka
 reports what is left.
 """

@@ -12,14 +12,14 @@ from pathlib import Path
 
 
 def _broker(args: argparse.Namespace) -> int:
-    from service.kafka.broker import run_broker_forever
+    from infra.kafka.broker import run_broker_forever
 
     return run_broker_forever(args.port)
 
 
 def _serve(args: argparse.Namespace) -> int:
     from service.config import Settings
-    from service.serve import serve
+    from service.http.serve import serve
 
     settings = Settings()
     if args.model is not None:
@@ -41,7 +41,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _label_app(args: argparse.Namespace) -> int:
-    from service.config import KafkaSettings, LabelAppSettings
+    from infra.kafka.settings import KafkaSettings
+    from service.config import LabelAppSettings
     from service.errors import ConfigError
     from service.labeling.app import create_label_app
     from service.labeling.serve import serve_app
@@ -61,7 +62,7 @@ def _label_app(args: argparse.Namespace) -> int:
 
 
 def _label_studio_bridge(args: argparse.Namespace) -> int:
-    from service.config import KafkaSettings
+    from infra.kafka.settings import KafkaSettings
     from service.labeling.label_studio import LabelStudioSettings, create_bridge_app
     from service.labeling.serve import serve_app
 

@@ -40,9 +40,9 @@ import numpy as np
 from aiokafka import AIOKafkaProducer
 from aiokafka.structs import RecordMetadata
 
+from infra.kafka.producer import create_producer
+from infra.kafka.settings import KafkaSettings
 from schemas.frames import FrameHeaders
-from service.config import KafkaSettings
-from service.kafka.producer import create_producer
 
 ImageFormat = Literal["jpeg", "png"]
 ChannelOrder = Literal["rgb", "bgr"]

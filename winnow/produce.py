@@ -34,9 +34,9 @@ from typing import Any, Literal, TextIO
 
 from aiokafka.errors import KafkaError
 
-from service.config import KafkaSettings
+from infra.kafka.admin import ensure_topics, wait_for_broker
+from infra.kafka.settings import KafkaSettings
 from service.errors import BrokerError, ConfigError
-from service.kafka.admin import ensure_topics, wait_for_broker
 from winnow.client import (
     EncodedFrame,
     FrameEncodingError,

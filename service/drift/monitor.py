@@ -24,15 +24,16 @@ import numpy as np
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
+from infra.kafka.producer import create_producer
+from infra.kafka.settings import KafkaSettings
 from schemas.api import DetectorState, DriftStatus
 from schemas.drift import DriftEvent, DriftReference
-from service.batching import Batch
-from service.config import DriftSettings, KafkaSettings
+from service.config import DriftSettings
 from service.drift.calibrate import Simulation
 from service.drift.detectors import Detector, Rows, build_detectors
-from service.kafka.producer import create_producer
 from service.metrics import ScorerMetrics
-from service.policy import QueryPolicy
+from service.pipeline.batching import Batch
+from service.selection.policy import QueryPolicy
 
 log = logging.getLogger(__name__)
 

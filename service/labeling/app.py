@@ -26,9 +26,10 @@ from fastapi.templating import Jinja2Templates
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 
+from infra.kafka.admin import ensure_topics
+from infra.kafka.settings import KafkaSettings
 from schemas.frames import CONTENT_TYPES
-from service.config import KafkaSettings, LabelAppSettings
-from service.kafka.admin import ensure_topics
+from service.config import LabelAppSettings
 from service.labeling.auth import Sessions, labeler, same_origin
 from service.labeling.leases import Lease, LeaseError
 from service.labeling.queue import LabelQueue

@@ -44,12 +44,12 @@ from fastapi import FastAPI, HTTPException, Request, status
 from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from infra.kafka import create_consumer, create_producer
+from infra.kafka.admin import ensure_topics
+from infra.kafka.settings import KafkaSettings
 from schemas.frames import CONTENT_TYPES
 from schemas.label_requests import LabelRequest
 from schemas.labels import Label
-from service.config import KafkaSettings
-from service.kafka import create_consumer, create_producer
-from service.kafka.admin import ensure_topics
 
 log = logging.getLogger(__name__)
 

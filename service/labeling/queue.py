@@ -4,7 +4,7 @@ The app consumes ``winnow.label-requests`` in a consumer group and holds the
 frames in a :class:`~service.labeling.leases.LeasePool`. An answer is produced
 to ``winnow.labels`` and, once Kafka acknowledges it, the frame is done; the
 offset committed per partition is the contiguous done prefix
-(:class:`~service.labeling.offsets.DonePrefix`). Stopping the app with frames
+(:class:`~infra.kafka.offsets.DonePrefix`). Stopping the app with frames
 leased but unanswered loses none of them: the next instance in the group reads
 them again from the committed offset.
 """
@@ -21,12 +21,13 @@ from aiokafka.errors import KafkaError
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from pydantic import ValidationError
 
+from infra.kafka import consumer_lag, create_consumer, create_producer
+from infra.kafka.offsets import DonePrefix
+from infra.kafka.settings import KafkaSettings
 from schemas.label_requests import LabelRequest
 from schemas.labels import Label
-from service.config import KafkaSettings, LabelAppSettings
-from service.kafka import consumer_lag, create_consumer, create_producer
+from service.config import LabelAppSettings
 from service.labeling.leases import Completion, Lease, LeaseError, LeasePool
-from service.labeling.offsets import DonePrefix
 
 log = logging.getLogger(__name__)
 

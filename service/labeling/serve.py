@@ -8,8 +8,8 @@ from types import FrameType
 import uvicorn
 from fastapi import FastAPI
 
-from service.config import KafkaSettings
-from service.kafka.broker import EmbeddedBroker
+from infra.kafka.broker import EmbeddedBroker
+from infra.kafka.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.config import KafkaSettings, PolicySettings, ScorerSettings, Settings
+from infra.kafka.settings import KafkaSettings
+from service.config import PolicySettings, ScorerSettings, Settings
 
 
 @pytest.fixture(scope="session")

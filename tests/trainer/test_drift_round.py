@@ -11,9 +11,9 @@ import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 from prometheus_client import generate_latest
 
+from infra.kafka.settings import KafkaSettings
 from schemas.drift import DriftEvent
 from schemas.topics import TopicNames
-from service.config import KafkaSettings
 from tests.kafka_helpers import produce
 from tests.trainer.test_intake import eventually
 from tests.trainer.test_loop import _feed, _settings

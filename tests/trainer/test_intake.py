@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from infra.kafka.settings import KafkaSettings
 from schemas.dead_letter import DeadLetter
 from schemas.topics import TopicNames
-from service.config import KafkaSettings
 from tests.kafka_helpers import produce, read_json
 from tests.trainer.test_store import make_request
 from trainer.config import TrainerKafkaSettings, TrainerSettings

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from schemas.model_spec import ModelSpec
-from service.inference import OnnxModel
+from service.model.inference import OnnxModel
 from tests.kafka_helpers import read_json
 from tests.trainer.test_loop import _feed, _manifests, _settings
 from trainer.architectures import build_model

@@ -6,10 +6,10 @@ import os
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
+from infra.kafka.connection import client_kwargs
 from schemas.model_spec import ModelSpec
 from schemas.models import ModelChunk, ModelManifest
 from schemas.release_codec import CHUNK_BYTES, MAX_RECORD_BYTES, sha256_hex, verify_signature
-from service.kafka.connection import client_kwargs
 from trainer.release import build_release, encode_records, publish_release
 
 ARTIFACT = os.urandom(3 * 1024 * 1024 + 12345)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from service.kafka.broker import EmbeddedBroker
+from infra.kafka.broker import EmbeddedBroker
 from winnow.bench.throughput import CASE_KEYS, format_table
 from winnow.cli import main
 

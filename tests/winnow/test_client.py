@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from infra.kafka.settings import KafkaSettings
 from schemas.frames import FrameHeaders
 from schemas.topics import TopicNames
-from service.config import KafkaSettings
 from tests.winnow.test_produce import read_records
 from winnow.client import (
     FrameEncodingError,

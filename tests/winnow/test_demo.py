@@ -12,14 +12,34 @@ pytestmark = pytest.mark.slow
 
 def test_demo_learns_from_a_few_labels_and_writes_its_summary(tmp_path: Path) -> None:
     summary_path, plot_path = tmp_path / "summary.json", tmp_path / "plot.png"
-    code = main([
-        "demo", "--max-frames", "500", "--rate", "0", "--budget", "0.2", "--http-port", "0",
-        "--round-labels", "20", "--json", str(summary_path), "--plot", str(plot_path),
-    ])
+    code = main(
+        [
+            "demo",
+            "--max-frames",
+            "500",
+            "--rate",
+            "0",
+            "--budget",
+            "0.2",
+            "--http-port",
+            "0",
+            "--round-labels",
+            "20",
+            "--json",
+            str(summary_path),
+            "--plot",
+            str(plot_path),
+        ]
+    )
     assert code == 0
     summary = json.loads(summary_path.read_text())
-    for key in ("labels_used", "model_versions", "initial_accuracy", "final_accuracy",
-                "full_accuracy"):
+    for key in (
+        "labels_used",
+        "model_versions",
+        "initial_accuracy",
+        "final_accuracy",
+        "full_accuracy",
+    ):
         assert key in summary, key
     assert summary["frames"] == 500
     assert 0 < summary["labels_used"] <= 0.2 * 500

@@ -17,10 +17,10 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import ConsumerRecord
 from PIL import Image
 
+from infra.kafka.connection import client_kwargs
+from infra.kafka.settings import KafkaSettings
 from schemas.frames import FrameHeaders
 from schemas.topics import TopicNames
-from service.config import KafkaSettings
-from service.kafka.connection import client_kwargs
 from winnow.produce import ProduceOptions, SourceError, produce_frames
 
 VIDEO_FPS = 20

@@ -10,7 +10,7 @@ a replay of the earlier ones, exactly as the trainer does; the test accuracy is
 then recorded. Until the first round the model has learned nothing and every
 strategy samples at random (the policy's cold start).
 
-Winnow's strategies go through ``service.policy.QueryPolicy`` (utilities,
+Winnow's strategies go through ``service.selection.policy.QueryPolicy`` (utilities,
 filters, windowed selection, the exact budget); scikit-activeml's stream
 strategies (``skal-*``) are fed the same CNN's probabilities (and, for
 ``StreamProbabilisticAL``, its embeddings) at the same budget, as peers.
@@ -253,11 +253,15 @@ def run_one(args: tuple[str, int, BenchConfig]) -> tuple[str, int, list[int], li
     """Streams once for one strategy and seed; returns the label counts and test accuracies."""
     import torch
 
-    from service.aift import AIFT_UTILITIES, ViewMaker, ViewSpec, aift_utilities
-    from service.committee import COMMITTEE_UTILITIES, committee_utilities, mc_dropout_probabilities
-    from service.filters import DecisionContext
-    from service.policy import QueryPolicy
-    from service.utility import score_batch
+    from service.scoring.aift import AIFT_UTILITIES, ViewMaker, ViewSpec, aift_utilities
+    from service.scoring.committee import (
+        COMMITTEE_UTILITIES,
+        committee_utilities,
+        mc_dropout_probabilities,
+    )
+    from service.scoring.uncertainty import score_batch
+    from service.selection.filters import DecisionContext
+    from service.selection.policy import QueryPolicy
     from trainer.architectures import build_model
     from trainer.finetune import FinetuneConfig, finetune_round
     from trainer.model_init import seed_everything

@@ -35,19 +35,20 @@ from typing import Any
 
 import numpy as np
 
+from infra.kafka.admin import ensure_topics
+from infra.kafka.broker import EmbeddedBroker
+from infra.kafka.consumer import create_consumer
+from infra.kafka.producer import create_producer
+from infra.kafka.settings import KafkaSettings
 from schemas.predictions import Prediction
-from service.batching import Batch, InboundFrame
-from service.config import KafkaSettings, PolicySettings, ScorerSettings, Settings
-from service.decode import DecodeLimits, decode_and_preprocess, prepare_batch
-from service.inference import OnnxModel
-from service.kafka.admin import ensure_topics
-from service.kafka.broker import EmbeddedBroker
-from service.kafka.consumer import create_consumer
-from service.kafka.producer import create_producer
-from service.policy import QueryPolicy
-from service.records import batch_records
-from service.scorer import Scorer
-from service.utility import score_batch
+from service.config import PolicySettings, ScorerSettings, Settings
+from service.model.inference import OnnxModel
+from service.pipeline.batching import Batch, InboundFrame
+from service.pipeline.decode import DecodeLimits, decode_and_preprocess, prepare_batch
+from service.pipeline.records import batch_records
+from service.pipeline.scorer import Scorer
+from service.scoring.uncertainty import score_batch
+from service.selection.policy import QueryPolicy
 
 CASES = ("camera", "digits")
 DEFAULT_FRAMES = {"camera": 320, "digits": 3000}

@@ -7,11 +7,11 @@ from datetime import UTC, datetime
 
 from aiokafka import AIOKafkaProducer
 
+from infra.kafka.consumer import create_consumer
+from infra.kafka.producer import create_producer
+from infra.kafka.settings import KafkaSettings
 from schemas.label_requests import LabelRequest
 from schemas.labels import Label
-from service.config import KafkaSettings
-from service.kafka.consumer import create_consumer
-from service.kafka.producer import create_producer
 
 
 class SimulatedLabelers:

@@ -15,14 +15,15 @@ from pathlib import Path
 import numpy as np
 import uvicorn
 
+from infra.kafka.admin import ensure_winnow_topics
+from infra.kafka.broker import EmbeddedBroker
+from infra.kafka.producer import create_producer
+from infra.kafka.settings import KafkaSettings
 from schemas.frames import FrameHeaders
-from service.api import create_app
-from service.config import KafkaSettings, PolicySettings, Settings
+from service.config import PolicySettings, Settings
 from service.drift.monitor import DriftMonitor
-from service.kafka.admin import ensure_winnow_topics
-from service.kafka.broker import EmbeddedBroker
-from service.kafka.producer import create_producer
-from service.scorer import Scorer
+from service.http.api import create_app
+from service.pipeline.scorer import Scorer
 from trainer.config import TrainerKafkaSettings, TrainerSettings
 from trainer.loop import Trainer
 from winnow.datasets import ImageDataset, encode_png, load_dataset

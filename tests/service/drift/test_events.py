@@ -5,8 +5,8 @@ import pytest
 from schemas.drift import DriftEvent
 from service.config import DriftSettings
 from service.drift.monitor import DriftMonitor
-from service.inference import OnnxModel
-from service.scorer import Scorer
+from service.model.inference import OnnxModel
+from service.pipeline.scorer import Scorer
 from tests.kafka_helpers import produce, read_json
 
 pytestmark = pytest.mark.slow

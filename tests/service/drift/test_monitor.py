@@ -9,11 +9,11 @@ import numpy as np
 from schemas.drift import DriftReference
 from schemas.frames import FrameHeaders, FrameOrigin
 from schemas.scores import Decision
-from service.batching import Batch, InboundFrame
 from service.config import DriftSettings
 from service.drift.monitor import DriftMonitor
 from service.metrics import ScorerMetrics
-from service.policy import QueryPolicy
+from service.pipeline.batching import Batch, InboundFrame
+from service.selection.policy import QueryPolicy
 from tests.service.drift.conftest import outputs
 
 

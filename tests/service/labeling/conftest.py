@@ -13,11 +13,12 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from pydantic import SecretStr
 
+from infra.kafka.connection import client_kwargs
+from infra.kafka.settings import KafkaSettings
 from schemas.frames import FrameOrigin
 from schemas.label_requests import LabelRequest
 from schemas.scores import Decision, Scores
-from service.config import KafkaSettings, LabelAppSettings
-from service.kafka.connection import client_kwargs
+from service.config import LabelAppSettings
 from service.labeling.auth import COOKIE
 
 DIGITS = [str(d) for d in range(10)]

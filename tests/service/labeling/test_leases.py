@@ -2,8 +2,8 @@
 
 from aiokafka import TopicPartition
 
+from infra.kafka.offsets import DonePrefix
 from service.labeling.leases import LeasePool, needs_second_opinion
-from service.labeling.offsets import DonePrefix
 from tests.service.labeling.conftest import label_request
 
 TP = TopicPartition("winnow.label-requests", 0)

@@ -1,0 +1,421 @@
+"""HTTP ingest: ``POST /v1/frames`` writes frames into ``winnow.frames``.
+
+For cameras and apps that speak HTTP rather than Kafka. A request carries one
+image as its raw body (``Content-Type: image/jpeg`` or ``image/png``), or one
+or many images as ``multipart/form-data`` file parts; ``source_id`` (the record
+key) and optional ``captured_at`` (ISO 8601 or epoch ms) come as query
+parameters or form fields. Every image passes the scorer's own checks
+(``service.pipeline.decode``) before it is produced, so a bad one is refused here with
+its reason instead of landing on the dead-letter topic later.
+
+The answer is 201 with the frame ids only once Kafka has acknowledged every
+frame (``acks=all``). Errors are JSON ``{"detail": {"error": ..., "message": ...}}``:
+401/403 (token), 413 (body or image too large, checked while the body
+streams in), 415 (not JPEG/PNG), 422 (a broken image, with the decoder's
+reason), 429 (rate limit, with ``Retry-After``), 503 (Kafka did not
+acknowledge).
+
+Writes need a bearer token: one of ``WINNOW_INGEST_TOKENS`` (comma-separated)
+or ``WINNOW_ADMIN_TOKEN``; with neither configured, ingest is refused (403).
+Each token has a token bucket of ``WINNOW_INGEST_RATE`` frames per second and
+``WINNOW_INGEST_BURST`` frames.
+
+The router carries its own lifespan (the producer), which FastAPI merges into
+the app's, so ``create_app`` only has to include it.
+"""
+
+import asyncio
+import hmac
+import logging
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Annotated, Any, NoReturn
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, status
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException
+from starlette.types import Message
+
+from infra.kafka.producer import MAX_REQUEST_BYTES, create_producer
+from schemas.frames import FrameHeaders, parse_timestamp
+from service.config import Settings
+from service.errors import PoisonRecord
+from service.pipeline.decode import DecodeLimits, decode_image
+
+log = logging.getLogger(__name__)
+_bearer = HTTPBearer(auto_error=False)
+
+IMAGE_TYPES = {"image/jpeg": "image/jpeg", "image/jpg": "image/jpeg", "image/png": "image/png"}
+_GENERIC_PART_TYPES = ("", "application/octet-stream")
+_RECORD_OVERHEAD = 64 * 1024
+"""Room left in a produce request for key, headers and batch framing."""
+
+
+class IngestedFrame(BaseModel):
+    """One frame written to Kafka."""
+
+    frame_id: str
+    partition: int
+    offset: int
+    content_type: str
+    bytes: int
+    filename: str | None = None
+
+
+class IngestReceipt(BaseModel):
+    """The answer to ``POST /v1/frames``: every frame is in Kafka."""
+
+    topic: str
+    source_id: str
+    frame_ids: list[str]
+    frames: list[IngestedFrame]
+
+
+@dataclass
+class _Frame:
+    data: bytes
+    content_type: str
+    filename: str | None = None
+
+
+def _error(code: int, error: str, message: str, **extra: Any) -> HTTPException:
+    headers = extra.pop("headers", None)
+    return HTTPException(code, {"error": error, "message": message, **extra}, headers=headers)
+
+
+class TokenBuckets:
+    """A token bucket per bearer token: ``rate`` frames per second, up to ``burst`` at once.
+
+    A request is admitted while its bucket holds at least one frame's worth;
+    its frames are then charged in full, which may leave the bucket in debt,
+    so a large multipart request is never refused for its size alone but
+    delays the next ones.
+    """
+
+    def __init__(
+        self, rate: float, burst: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.clock = clock
+        self._buckets: dict[str, tuple[float, float]] = {}  # token -> (level, at)
+
+    def admit(self, key: str) -> float:
+        """Takes one frame's worth; returns 0, or the seconds to wait before retrying."""
+        if self.rate <= 0:
+            return 0.0
+        level = self._level(key)
+        if level < 1:
+            return (1 - level) / self.rate
+        self._buckets[key] = (level - 1, self.clock())
+        return 0.0
+
+    def charge(self, key: str, frames: int) -> None:
+        """Takes ``frames`` more (after :meth:`admit` took the first)."""
+        if self.rate > 0 and frames > 0:
+            self._buckets[key] = (self._level(key) - frames, self.clock())
+
+    def _level(self, key: str) -> float:
+        now = self.clock()
+        level, at = self._buckets.get(key, (self.burst, now))
+        return min(self.burst, level + (now - at) * self.rate)
+
+
+def create_ingest_router(settings: Settings) -> APIRouter:
+    """The ``POST /v1/frames`` router, with a lifespan that runs its Kafka producer.
+
+    Args:
+        settings: ``ingest`` (tokens, limits), ``admin_token``, ``kafka`` (the
+            cluster and topic prefix) and ``scorer`` (the image limits).
+    """
+    ingest = settings.ingest
+    topic = settings.kafka.topics.frames
+    limits = DecodeLimits(
+        max_bytes=min(settings.scorer.max_frame_bytes, MAX_REQUEST_BYTES - _RECORD_OVERHEAD),
+        max_pixels=settings.scorer.max_pixels,
+    )
+    buckets = TokenBuckets(ingest.rate, ingest.burst)
+    producer: AIOKafkaProducer | None = None
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        nonlocal producer
+        # No linger: a request waits for its own acks; concurrent requests batch anyway.
+        started = create_producer(settings.kafka, linger_ms=0)
+        await started.start()
+        producer = started
+        try:
+            yield
+        finally:
+            producer = None
+            await started.stop()  # sends what is buffered first
+
+    def require_token(
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    ) -> str:
+        allowed = ingest.token_list()
+        if settings.admin_token is not None:
+            allowed.append(settings.admin_token.get_secret_value())
+        if not allowed:
+            raise _error(
+                status.HTTP_403_FORBIDDEN,
+                "ingest_disabled",
+                "HTTP ingest is disabled: set WINNOW_INGEST_TOKENS (or WINNOW_ADMIN_TOKEN)",
+            )
+        given = (credentials.credentials if credentials else "").encode()
+        # Compare with every token, so the time taken does not tell which one nearly matched.
+        matched = [t for t in allowed if hmac.compare_digest(given, t.encode())]
+        if not matched:
+            raise _error(
+                status.HTTP_401_UNAUTHORIZED,
+                "unauthorized",
+                "a valid ingest bearer token is needed (Authorization: Bearer <token>)",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        return matched[0]
+
+    router = APIRouter(tags=["ingest"], lifespan=lifespan)
+
+    @router.post(
+        "/v1/frames",
+        status_code=status.HTTP_201_CREATED,
+        response_model=IngestReceipt,
+        openapi_extra={"requestBody": _REQUEST_BODY_DOC},
+    )
+    async def post_frames(
+        request: Request,
+        token: Annotated[str, Depends(require_token)],
+        source_id: Annotated[str | None, Query(max_length=256)] = None,
+        captured_at: Annotated[str | None, Query()] = None,
+    ) -> IngestReceipt:
+        """Writes one image (raw body) or many (multipart) to the frames topic."""
+        media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        if media not in IMAGE_TYPES and media != "multipart/form-data":
+            raise _error(
+                status.HTTP_415_UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_type",
+                f"Content-Type {media or '(none)'!r} is not accepted: send image/jpeg, "
+                "image/png, or multipart/form-data with image parts",
+            )
+        wait = buckets.admit(token)
+        if wait > 0:
+            raise _error(
+                status.HTTP_429_TOO_MANY_REQUESTS,
+                "rate_limited",
+                f"this token may send {ingest.rate:g} frames/s (burst {ingest.burst:g}); "
+                f"retry in {wait:.2f} s",
+                headers={"Retry-After": str(max(1, math.ceil(wait)))},
+            )
+        body = await _read_body(request, ingest.max_body_bytes)
+        if media == "multipart/form-data":
+            frames, fields = await _multipart(request, body, ingest.max_frames_per_request)
+            source_id = fields.get("source_id") or source_id
+            captured_at = fields.get("captured_at") or captured_at
+        else:
+            frames = [_Frame(data=body, content_type=IMAGE_TYPES[media])]
+        buckets.charge(token, len(frames) - 1)
+        if not source_id:
+            raise _error(
+                status.HTTP_422_UNPROCESSABLE_CONTENT,
+                "missing_source_id",
+                "source_id is required (query parameter or form field): the camera or app id",
+            )
+        headers = FrameHeaders(captured_at=_captured_at(captured_at))
+        await asyncio.gather(*(asyncio.to_thread(_validate, frame, limits) for frame in frames))
+        written = await _produce(producer, topic, source_id, headers, frames, ingest.ack_timeout_s)
+        return IngestReceipt(
+            topic=topic,
+            source_id=source_id,
+            frame_ids=[frame.frame_id for frame in written],
+            frames=written,
+        )
+
+    return router
+
+
+_REQUEST_BODY_DOC = {
+    "required": True,
+    "content": {
+        "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
+        "image/png": {"schema": {"type": "string", "format": "binary"}},
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "properties": {
+                    "files": {"type": "array", "items": {"type": "string", "format": "binary"}},
+                    "source_id": {"type": "string"},
+                    "captured_at": {"type": "string"},
+                },
+            }
+        },
+    },
+}
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it is known to pass ``limit`` bytes."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        _too_large(f"the body is {int(declared)} bytes, more than the limit of {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            _too_large(f"the body is more than the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large(message: str) -> NoReturn:
+    raise _error(status.HTTP_413_CONTENT_TOO_LARGE, "too_large", message)
+
+
+async def _multipart(
+    request: Request, body: bytes, max_files: int
+) -> tuple[list[_Frame], dict[str, str]]:
+    """File parts as frames, and the text fields; the body was read (and size-checked) already."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    try:
+        form = await Request(request.scope, replay).form(max_files=max_files, max_fields=100)
+    except MultiPartException as error:
+        raise _error(status.HTTP_400_BAD_REQUEST, "bad_multipart", str(error)) from error
+    frames: list[_Frame] = []
+    fields: dict[str, str] = {}
+    try:
+        for name, value in form.multi_items():
+            if isinstance(value, str):
+                fields.setdefault(name, value)
+                continue
+            frames.append(await _part_frame(value))
+    finally:
+        await form.close()
+    if not frames:
+        raise _error(
+            status.HTTP_422_UNPROCESSABLE_CONTENT,
+            "no_image",
+            "the multipart body has no file part: attach one or more images",
+        )
+    return frames, fields
+
+
+async def _part_frame(part: UploadFile) -> _Frame:
+    media = (part.content_type or "").split(";", 1)[0].strip().lower()
+    if media not in IMAGE_TYPES and media not in _GENERIC_PART_TYPES:
+        raise _error(
+            status.HTTP_415_UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_type",
+            f"part {part.filename!r} is {media!r}: only image/jpeg and image/png are accepted",
+            filename=part.filename,
+        )
+    return _Frame(
+        data=await part.read(), content_type=IMAGE_TYPES.get(media, ""), filename=part.filename
+    )
+
+
+_STATUS_OF_REASON = {
+    "unsupported_type": status.HTTP_415_UNSUPPORTED_MEDIA_TYPE,
+    "too_large": status.HTTP_413_CONTENT_TOO_LARGE,
+}
+
+
+def _validate(frame: _Frame, limits: DecodeLimits) -> None:
+    """The scorer's checks; sets the content type from the bytes when the part had none."""
+    try:
+        image = decode_image(frame.data, frame.content_type or None, limits)
+    except PoisonRecord as error:
+        code = _STATUS_OF_REASON.get(error.reason, status.HTTP_422_UNPROCESSABLE_CONTENT)
+        # A body that is no image at all (a text file sent as image/jpeg) is the wrong media.
+        if error.reason == "undecodable" and "unknown signature" in error.detail:
+            code = status.HTTP_415_UNSUPPORTED_MEDIA_TYPE
+        raise _error(code, error.reason, error.detail, filename=frame.filename) from error
+    detected = "image/png" if image.format == "PNG" else "image/jpeg"
+    if frame.content_type and frame.content_type != detected:
+        raise _error(
+            status.HTTP_415_UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_type",
+            f"the body is declared {frame.content_type} but is {detected}",
+            filename=frame.filename,
+        )
+    frame.content_type = detected
+
+
+def _captured_at(text: str | None) -> Any:
+    if not text:
+        return None
+    parsed = parse_timestamp(text.strip())
+    if parsed is None:
+        raise _error(
+            status.HTTP_422_UNPROCESSABLE_CONTENT,
+            "bad_captured_at",
+            f"captured_at {text!r} is neither ISO 8601 nor milliseconds since the epoch",
+        )
+    return parsed
+
+
+async def _produce(
+    producer: AIOKafkaProducer | None,
+    topic: str,
+    source_id: str,
+    headers: FrameHeaders,
+    frames: list[_Frame],
+    timeout_s: float,
+) -> list[IngestedFrame]:
+    """Sends every frame and waits for all acknowledgements (all or an error)."""
+    if producer is None:
+        raise _error(status.HTTP_503_SERVICE_UNAVAILABLE, "not_ready", "ingest is not running")
+    ids = [uuid.uuid4().hex for _ in frames]
+    try:
+        async with asyncio.timeout(timeout_s):
+            acks = [
+                await producer.send(
+                    topic,
+                    frame.data,
+                    key=source_id.encode(),
+                    headers=headers.model_copy(
+                        update={"frame_id": frame_id, "content_type": frame.content_type}
+                    ).to_kafka(),
+                )
+                for frame_id, frame in zip(ids, frames, strict=True)
+            ]
+            metadata = await asyncio.gather(*acks)
+    except (KafkaError, TimeoutError) as error:
+        log.warning(
+            "ingest: Kafka did not acknowledge %d frames on %s: %r", len(frames), topic, error
+        )
+        raise _error(
+            status.HTTP_503_SERVICE_UNAVAILABLE,
+            "kafka_unavailable",
+            f"Kafka did not acknowledge the frames: {error!r}; nothing is promised, retry",
+            headers={"Retry-After": "1"},
+        ) from error
+    return [
+        IngestedFrame(
+            frame_id=frame_id,
+            partition=meta.partition,
+            offset=meta.offset,
+            content_type=frame.content_type,
+            bytes=len(frame.data),
+            filename=frame.filename,
+        )
+        for frame_id, frame, meta in zip(ids, frames, metadata, strict=True)
+    ]
+
+
+__all__ = ["IngestReceipt", "IngestedFrame", "TokenBuckets", "create_ingest_router"]

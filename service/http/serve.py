@@ -1,0 +1,49 @@
+"""``winnow serve``: the scorer and its HTTP API in one process."""
+
+import logging
+import signal
+from types import FrameType
+
+import uvicorn
+
+from infra.kafka.broker import EmbeddedBroker
+from service.config import Settings
+from service.http.api import create_app
+
+log = logging.getLogger(__name__)
+
+
+def serve(settings: Settings) -> int:
+    """Runs until SIGINT/SIGTERM (drains and commits) or a scorer failure (exit 1).
+
+    With no ``WINNOW_KAFKA_BOOTSTRAP`` an embedded broker is started on loopback.
+    """
+    broker: EmbeddedBroker | None = None
+    if settings.kafka.bootstrap is None:
+        broker = EmbeddedBroker(settings.kafka.embedded_port)
+        broker.start()
+        settings.kafka.bootstrap = broker.bootstrap
+        log.info("no WINNOW_KAFKA_BOOTSTRAP: started the embedded broker on %s", broker.bootstrap)
+    try:
+        app = create_app(settings)
+        server = uvicorn.Server(
+            uvicorn.Config(
+                app,
+                host=settings.http.host,
+                port=settings.http.port,
+                log_level="info",
+                lifespan="on",
+            )
+        )
+        app.state.on_failure = lambda: setattr(server, "should_exit", True)
+        # uvicorn drains on SIGTERM, then re-raises it; a drained stop is a clean exit.
+        signal.signal(signal.SIGTERM, _exit_cleanly)
+        server.run()
+        return 0 if server.started and app.state.failure is None else 1
+    finally:
+        if broker is not None:
+            broker.stop()
+
+
+def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(0)

@@ -1,0 +1,147 @@
+"""The records the scorer produces: predictions, label requests and dead letters."""
+
+import base64
+import json
+from datetime import UTC, datetime
+
+from schemas.dead_letter import DeadLetter
+from schemas.scores import Decision
+from service.errors import PoisonRecord
+from service.pipeline.batching import Batch, InboundFrame
+
+
+class OutRecord:
+    """One record to produce: topic, key, value."""
+
+    __slots__ = ("key", "topic", "value")
+
+    def __init__(self, topic: str, key: bytes | None, value: bytes) -> None:
+        self.topic = topic
+        self.key = key
+        self.value = value
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return moment.isoformat() if moment is not None else None
+
+
+def _decision(decision: Decision) -> dict[str, object]:
+    return {
+        "selected": decision.selected,
+        "reason": decision.reason,
+        "policy": decision.policy,
+        "utility": decision.utility,
+        "threshold": decision.threshold,
+    }
+
+
+def prediction_dicts(batch: Batch, now: datetime) -> list[dict[str, object]]:
+    """One ``schemas.Prediction`` per scored frame, as plain dicts (the hot path).
+
+    Built from whole-batch numpy conversions instead of one pydantic model per
+    frame; ``tests/service/test_records.py`` checks they validate as ``Prediction``.
+    """
+    assert batch.model is not None and batch.probabilities is not None
+    classes, version = batch.model.spec.classes, batch.model.version
+    probabilities = batch.probabilities.tolist()
+    tops = batch.probabilities.argmax(axis=1).tolist()
+    scores = {name: values.tolist() for name, values in batch.scores.items()}
+    decided_at = now.isoformat()
+    out = []
+    for row, index in enumerate(batch.good):
+        frame, p, top = batch.frames[index], probabilities[row], tops[row]
+        origin = frame.origin
+        out.append(
+            {
+                "frame_id": frame.frame_id,
+                "source_id": frame.source_id,
+                "origin": {
+                    "topic": origin.topic,
+                    "partition": origin.partition,
+                    "offset": origin.offset,
+                },
+                "captured_at": _iso(frame.headers.captured_at),
+                "decided_at": decided_at,
+                "model_version": version,
+                "label": classes[top],
+                "confidence": p[top],
+                "probabilities": dict(zip(classes, p, strict=True)),
+                "scores": {name: values[row] for name, values in scores.items()},
+                "decision": _decision(batch.decisions[row]),
+            }
+        )
+    return out
+
+
+def label_request_dict(
+    frame: InboundFrame, prediction: dict[str, object], classes: list[str]
+) -> dict[str, object]:
+    """The ``schemas.LabelRequest`` of a selected frame: its prediction plus the image."""
+    request = {k: v for k, v in prediction.items() if k != "decided_at"}
+    request["requested_at"] = prediction["decided_at"]
+    request["classes"] = classes
+    request["content_type"] = frame.headers.content_type or sniff_content_type(frame.value or b"")
+    request["image"] = base64.b64encode(frame.value or b"").decode("ascii")
+    return request
+
+
+def sniff_content_type(value: bytes) -> str:
+    if value.startswith(b"\x89PNG"):
+        return "image/png"
+    if value.startswith(b"\xff\xd8"):
+        return "image/jpeg"
+    return "application/octet-stream"
+
+
+def dead_letter_of(
+    frame: InboundFrame, error: PoisonRecord, max_value_bytes: int, now: datetime
+) -> DeadLetter:
+    value = frame.value or b""
+    kept = value[:max_value_bytes]
+    return DeadLetter.model_validate(
+        {
+            "origin": frame.origin,
+            "reason": error.reason,
+            "detail": error.detail,
+            "role": "scorer",
+            "failed_at": now,
+            "headers": {k: v.decode("utf-8", errors="replace") for k, v in frame.raw_headers},
+            "value": base64.b64encode(kept) if kept else None,
+            "value_size": len(value),
+            "value_truncated": len(kept) < len(value),
+        }
+    )
+
+
+def batch_records(
+    batch: Batch,
+    *,
+    predictions_topic: str | None,
+    requests_topic: str,
+    dead_letter_topic: str,
+    max_dead_letter_bytes: int,
+) -> tuple[list[OutRecord], list[dict[str, object]]]:
+    """Everything one batch produces, and its predictions as dicts (for counting and hooks).
+
+    Args:
+        predictions_topic: None when predictions are turned off.
+    """
+    now = datetime.now(UTC)
+    out: list[OutRecord] = []
+    for index, error in batch.poison:
+        frame = batch.frames[index]
+        letter = dead_letter_of(frame, error, max_dead_letter_bytes, now)
+        out.append(OutRecord(dead_letter_topic, frame.key, letter.model_dump_json().encode()))
+    if batch.model is None or batch.probabilities is None:
+        return out, []
+    classes = batch.model.spec.classes
+    predictions = prediction_dicts(batch, now)
+    dumps = json.dumps
+    for index, prediction in zip(batch.good, predictions, strict=True):
+        frame = batch.frames[index]
+        if prediction["decision"]["selected"]:  # type: ignore[index]
+            request = label_request_dict(frame, prediction, classes)
+            out.append(OutRecord(requests_topic, frame.frame_id.encode(), dumps(request).encode()))
+        if predictions_topic is not None:
+            out.append(OutRecord(predictions_topic, frame.key, dumps(prediction).encode()))
+    return out, predictions

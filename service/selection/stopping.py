@@ -1,0 +1,175 @@
+"""What the labels say back to the scorer: the stopping rules of active learning.
+
+The scorer remembers what it predicted for each frame it asked about; as labels
+arrive on ``winnow.labels`` it scores those predictions (prequential accuracy on
+its own requests) and counts ``unlabelable`` answers. Together with the budget
+this answers the classic questions: is the budget spent, does the model already
+get right what it asks about, can people label what is asked?
+"""
+
+import asyncio
+import logging
+from collections import OrderedDict, deque
+
+from aiokafka import AIOKafkaConsumer
+from pydantic import ValidationError
+
+from infra.kafka.consumer import create_consumer
+from infra.kafka.settings import KafkaSettings
+from schemas.api import LabelingStatus, PolicyState
+from schemas.labels import Label
+from service.metrics import ScorerMetrics
+
+log = logging.getLogger(__name__)
+
+ACCURATE_ENOUGH = 0.95
+UNLABELABLE_TOO_OFTEN = 0.5
+MIN_ANSWERS = 20
+
+
+class LabelFeedback:
+    """Joins labels with the scorer's own requests; reads ``winnow.labels`` from its end."""
+
+    def __init__(
+        self,
+        kafka: KafkaSettings,
+        metrics: ScorerMetrics,
+        *,
+        window: int = 200,
+        remember: int = 20_000,
+    ) -> None:
+        self._kafka = kafka
+        self._metrics = metrics
+        self._requests: OrderedDict[str, str] = OrderedDict()
+        self._remember = remember
+        self._correct: deque[bool] = deque(maxlen=window)
+        self._unlabelable: deque[bool] = deque(maxlen=window)
+        self.answered = 0
+        self._consumer: AIOKafkaConsumer | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._consumer = create_consumer(
+            self._kafka, self._kafka.topics.labels, group_id=None, auto_offset_reset="latest"
+        )
+        await self._consumer.start()
+        self._task = asyncio.create_task(self._run(), name="scorer-feedback")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        if self._consumer is not None:
+            await self._consumer.stop()
+            self._consumer = None
+
+    def requested(self, frame_id: str, predicted: str) -> None:
+        """Remembers the prediction behind a label request (bounded, oldest forgotten)."""
+        self._requests[frame_id] = predicted
+        self._requests.move_to_end(frame_id)
+        while len(self._requests) > self._remember:
+            self._requests.popitem(last=False)
+
+    def observe(self, label: Label) -> None:
+        """Scores one answer against the prediction the scorer made when it asked."""
+        predicted = self._requests.get(label.frame_id)
+        if predicted is None:
+            return  # not asked by this scorer (or forgotten): says nothing about its questions
+        self.answered += 1
+        unlabelable = label.status == "unlabelable"
+        self._unlabelable.append(unlabelable)
+        self._metrics.labels_received.labels(status=label.status).inc()
+        if not unlabelable:
+            self._correct.append(label.label == predicted)
+        self._metrics.request_accuracy.set(_ratio(self._correct))
+        self._metrics.unlabelable_ratio.set(_ratio(self._unlabelable))
+
+    async def _run(self) -> None:
+        assert self._consumer is not None
+        async for record in self._consumer:
+            try:
+                self.observe(Label.model_validate_json(record.value or b""))
+            except ValidationError:
+                log.debug(
+                    "ignoring an invalid label topic=%s partition=%d offset=%d",
+                    record.topic,
+                    record.partition,
+                    record.offset,
+                )
+
+    def status(self, policy: PolicyState, window_limit: int) -> LabelingStatus:
+        """The stopping rules, in figures and in words."""
+        accuracy = _ratio(self._correct) if self._correct else None
+        unlabelable = _ratio(self._unlabelable) if self._unlabelable else None
+        left_in_window = max(0, window_limit - round(policy.budget_used * policy.window))
+        left_this_hour = (
+            None
+            if not policy.labels_per_hour
+            else max(0, int(policy.labels_per_hour) - policy.labels_last_hour)
+        )
+        verdict, stop = _verdict(
+            len(self._correct),
+            accuracy,
+            len(self._unlabelable),
+            unlabelable,
+            left_in_window,
+            left_this_hour,
+        )
+        return LabelingStatus(
+            answered=self.answered,
+            recent_accuracy=accuracy,
+            recent_unlabelable=unlabelable,
+            budget_left_in_window=left_in_window,
+            labels_left_this_hour=left_this_hour,
+            verdict=verdict,
+            stop=stop,
+        )
+
+
+def _ratio(values: deque[bool]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def _verdict(
+    n_correct: int,
+    accuracy: float | None,
+    n_answers: int,
+    unlabelable: float | None,
+    left_in_window: int,
+    left_this_hour: int | None,
+) -> tuple[str, bool]:
+    if (
+        n_answers >= MIN_ANSWERS
+        and unlabelable is not None
+        and (unlabelable >= UNLABELABLE_TOO_OFTEN)
+    ):
+        return (
+            f"Stop and look: the labelers could not label {unlabelable:.0%} of the recent "
+            "requests. Check the frames and the class list.",
+            True,
+        )
+    if n_correct >= MIN_ANSWERS and accuracy is not None and accuracy >= ACCURATE_ENOUGH:
+        return (
+            f"You can stop labeling: the model already got {accuracy:.0%} of the last "
+            f"{n_correct} frames it asked about right.",
+            True,
+        )
+    if left_this_hour == 0:
+        return (
+            "Waiting: this hour's labeling capacity is used up; requests resume as it frees.",
+            False,
+        )
+    if left_in_window == 0:
+        return "Waiting: the budget for the current window is spent.", False
+    if n_correct < MIN_ANSWERS:
+        return (
+            f"Keep labeling: {n_correct} answers so far, at least {MIN_ANSWERS} are needed "
+            "to judge the model.",
+            False,
+        )
+    return (
+        f"Keep labeling: the model gets {accuracy:.0%} of what it asks about right; the "
+        "labels still teach it.",
+        False,
+    )

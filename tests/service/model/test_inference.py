@@ -1,0 +1,108 @@
+"""Loading ONNX models against the contract, and running them."""
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from schemas.model_spec import SPEC_KEY, ModelSpec
+from service.errors import ModelError
+from service.model.inference import OnnxModel, cuda_usable, select_providers
+
+
+def _with_metadata(path: Path, spec_json: str | None) -> bytes:
+    proto = onnx.load(str(path))
+    del proto.metadata_props[:]
+    if spec_json is not None:
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = SPEC_KEY, spec_json
+    return proto.SerializeToString()
+
+
+def _spec_of(path: Path) -> ModelSpec:
+    proto = onnx.load(str(path))
+    return ModelSpec.from_onnx_metadata({p.key: p.value for p in proto.metadata_props})
+
+
+def test_load_and_run(digits_model_path: Path) -> None:
+    model = OnnxModel.load(digits_model_path, device="cpu", intra_op_threads=1)
+    assert model.provider == "CPUExecutionProvider"
+    assert model.spec == _spec_of(digits_model_path)
+    assert model.version == model.spec.version and model.version.startswith("0-init-")
+    model.warm_up(2)
+    batch = np.random.default_rng(0).normal(size=(5, 1, 16, 16)).astype(np.float32)
+    probabilities, embedding = model.run(batch)
+    assert probabilities.shape == (5, 10) and probabilities.dtype == np.float32
+    assert embedding.shape == (5, model.spec.embedding_dim) and embedding.dtype == np.float32
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+    single, _ = model.run(batch[:1])
+    np.testing.assert_allclose(single[0], probabilities[0], atol=1e-5)
+
+
+def test_empty_batch(digits_model_path: Path) -> None:
+    model = OnnxModel.load(digits_model_path.read_bytes(), device="cpu")
+    probabilities, embedding = model.run(np.empty((0, 1, 16, 16), dtype=np.float32))
+    assert probabilities.shape == (0, 10) and embedding.shape == (0, model.spec.embedding_dim)
+
+
+def test_wrong_batch_shape_is_refused(digits_model_path: Path) -> None:
+    model = OnnxModel.load(digits_model_path, device="cpu")
+    with pytest.raises(ValueError, match="expected a batch of shape"):
+        model.run(np.zeros((2, 3, 16, 16), dtype=np.float32))
+
+
+def test_missing_spec(digits_model_path: Path) -> None:
+    with pytest.raises(ModelError, match="no valid spec"):
+        OnnxModel.load(_with_metadata(digits_model_path, None), device="cpu")
+    with pytest.raises(ModelError, match="no valid spec"):
+        OnnxModel.load(_with_metadata(digits_model_path, "{not json"), device="cpu")
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"input_size": (28, 28)}, "axis 2"),
+        ({"channels": 3, "mean": [0.5] * 3, "std": [0.5] * 3}, "axis 1"),
+        ({"classes": ["a", "b", "c"]}, "'probabilities'"),
+        ({"embedding_dim": 7}, "'embedding'"),
+    ],
+)
+def test_spec_that_does_not_match_the_graph(
+    digits_model_path: Path, change: dict, message: str
+) -> None:
+    wrong = _spec_of(digits_model_path).model_copy(update=change)
+    with pytest.raises(ModelError, match=message):
+        OnnxModel.load(_with_metadata(digits_model_path, wrong.model_dump_json()), device="cpu")
+
+
+def test_not_a_model(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match="cannot load"):
+        OnnxModel.load(b"not an onnx file", device="cpu")
+    with pytest.raises(ModelError, match="cannot read"):
+        OnnxModel.load(tmp_path / "missing.onnx", device="cpu")
+
+
+def test_providers() -> None:
+    assert select_providers("cpu") == ["CPUExecutionProvider"]
+    auto = select_providers("auto")
+    assert auto[-1] == "CPUExecutionProvider"
+    assert ("CUDAExecutionProvider" in auto) == cuda_usable()[0]
+
+
+@pytest.mark.skipif(cuda_usable()[0], reason="this machine has a usable CUDA device")
+def test_cuda_requested_without_gpu() -> None:
+    with pytest.raises(ModelError, match="CUDA cannot be used here"):
+        select_providers("cuda")
+    assert select_providers("auto") == ["CPUExecutionProvider"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not cuda_usable()[0], reason="no usable CUDA device")
+def test_runs_on_cuda_like_on_cpu(digits_model_path: Path) -> None:
+    gpu = OnnxModel.load(digits_model_path, device="cuda")
+    cpu = OnnxModel.load(digits_model_path, device="cpu")
+    assert gpu.provider == "CUDAExecutionProvider"
+    batch = np.random.default_rng(0).normal(size=(8, 1, 16, 16)).astype(np.float32)
+    for on_gpu, on_cpu in zip(gpu.run(batch), cpu.run(batch), strict=True):
+        np.testing.assert_allclose(on_gpu, on_cpu, atol=1e-3)

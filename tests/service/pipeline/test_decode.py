@@ -1,0 +1,221 @@
+"""Decoding frames: every kind of poison gets its reason; good frames become model input."""
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from schemas.model_spec import ModelSpec
+from service.errors import PoisonRecord
+from service.pipeline.decode import (
+    DecodeLimits,
+    decode_and_preprocess,
+    decode_image,
+    prepare_batch,
+    preprocess,
+)
+
+LIMITS = DecodeLimits(max_bytes=5_000_000, max_pixels=20_000_000)
+
+
+def _encode(pixels: np.ndarray, fmt: str, **options: object) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+def _spec(channels: int, size: tuple[int, int]) -> ModelSpec:
+    mean, std = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]) if channels == 3 else ([0.5], [0.5])
+    return ModelSpec(
+        version="t",
+        arch="small-cnn",
+        classes=["a", "b"],
+        input_size=size,
+        channels=channels,
+        mean=mean,
+        std=std,
+        embedding_dim=8,
+    )
+
+
+@pytest.fixture(scope="module")
+def photo() -> np.ndarray:
+    from sklearn.datasets import load_sample_images
+
+    return load_sample_images().images[0]  # 427 x 640 x 3, uint8
+
+
+@pytest.fixture(scope="module")
+def digit() -> np.ndarray:
+    from sklearn.datasets import load_digits
+
+    return np.round(load_digits().images[0] * (255 / 16)).astype(np.uint8)  # 8 x 8
+
+
+@pytest.fixture(scope="module")
+def photo_jpeg(photo: np.ndarray) -> bytes:
+    return _encode(photo, "JPEG", quality=90)
+
+
+@pytest.fixture(scope="module")
+def photo_png(photo: np.ndarray) -> bytes:
+    return _encode(photo, "PNG")
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A valid PNG signature and IHDR claiming a size, one empty IDAT and IEND: no pixels."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    idat = zlib.compress(b"")
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def _reason(value: bytes | None, content_type: str | None = None, limits=LIMITS) -> str:
+    with pytest.raises(PoisonRecord) as caught:
+        decode_image(value, content_type, limits)
+    detail = caught.value.detail
+    assert detail[0].isupper() and detail.endswith("."), detail  # a sentence for operators
+    return caught.value.reason
+
+
+def test_empty(photo_jpeg: bytes) -> None:
+    assert _reason(None) == "empty"
+    assert _reason(b"") == "empty"
+
+
+def test_too_large(photo_jpeg: bytes) -> None:
+    limits = DecodeLimits(max_bytes=len(photo_jpeg) - 1, max_pixels=LIMITS.max_pixels)
+    assert _reason(photo_jpeg, limits=limits) == "too_large"
+    decode_image(photo_jpeg, None, DecodeLimits(len(photo_jpeg), LIMITS.max_pixels))
+
+
+@pytest.mark.parametrize("content_type", ["image/gif", "application/json", "text/plain"])
+def test_unsupported_content_type(photo_jpeg: bytes, content_type: str) -> None:
+    assert _reason(photo_jpeg, content_type) == "unsupported_type"
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "BMP", "WEBP", "TIFF"])
+def test_other_image_formats_are_unsupported(digit: np.ndarray, fmt: str) -> None:
+    assert _reason(_encode(digit, fmt)) == "unsupported_type"
+
+
+def test_random_bytes_are_undecodable() -> None:
+    rng = np.random.default_rng(0)
+    assert _reason(b"\x00" + rng.bytes(4000)) == "undecodable"
+    assert _reason(b'{"not": "an image"}', "image/png") == "undecodable"
+
+
+@pytest.mark.parametrize("cut", [0.5, 0.9])
+def test_truncated_jpeg(photo_jpeg: bytes, cut: float) -> None:
+    value = photo_jpeg[: int(len(photo_jpeg) * cut)]
+    assert _reason(value) == "truncated"
+    with pytest.raises(PoisonRecord, match="truncated"):  # also on the reduced-scale path
+        decode_and_preprocess(value, None, _spec(3, (32, 32)), LIMITS)
+
+
+def test_truncated_png(photo_png: bytes) -> None:
+    assert _reason(photo_png[: len(photo_png) // 2]) == "truncated"
+    assert (
+        _reason(photo_png[:-12]) == "truncated"
+    )  # only the end chunk missing: Pillow alone accepts it
+
+
+def test_decompression_bomb_is_refused_from_the_header() -> None:
+    bomb = _png_header_only(100_000, 100_000)
+    assert len(bomb) < 100
+    assert _reason(bomb) == "too_many_pixels"
+    # Under Pillow's own limit but over ours: still refused, before decoding.
+    assert _reason(_png_header_only(5000, 5000)) == "too_many_pixels"
+
+
+def test_jpeg_pixel_limit(photo_jpeg: bytes) -> None:
+    assert (
+        _reason(photo_jpeg, limits=DecodeLimits(LIMITS.max_bytes, 640 * 427 - 1))
+        == "too_many_pixels"
+    )
+
+
+def test_rgb_jpeg_to_model_input(photo_jpeg: bytes, photo: np.ndarray) -> None:
+    spec = _spec(3, (224, 224))
+    x = decode_and_preprocess(photo_jpeg, "image/jpeg", spec, LIMITS)
+    assert x.shape == (3, 224, 224) and x.dtype == np.float32 and x.flags.c_contiguous
+    # the same picture resized by hand, normalized by the contract's formula
+    resized = np.asarray(Image.fromarray(photo).resize((224, 224), Image.Resampling.BILINEAR))
+    expected = (resized.transpose(2, 0, 1) / 255 - np.array(spec.mean)[:, None, None]) / np.array(
+        spec.std
+    )[:, None, None]
+    # JPEG is lossy: compare on average, not pixel by pixel
+    assert np.abs(x - expected).mean() < 0.1
+
+
+def test_png_pixel_normalized_exactly(photo_png: bytes, photo: np.ndarray) -> None:
+    spec = _spec(3, (427, 640))  # no resize: one pixel can be checked by hand
+    x = decode_and_preprocess(photo_png, "image/png", spec, LIMITS)
+    r, g, b = photo[10, 20]
+    assert x[0, 10, 20] == pytest.approx((r / 255 - 0.485) / 0.229, abs=1e-5)
+    assert x[1, 10, 20] == pytest.approx((g / 255 - 0.456) / 0.224, abs=1e-5)
+    assert x[2, 10, 20] == pytest.approx((b / 255 - 0.406) / 0.225, abs=1e-5)
+
+
+def test_gray_png_digit(digit: np.ndarray) -> None:
+    spec = _spec(1, (8, 8))
+    x = decode_and_preprocess(_encode(digit, "PNG"), None, spec, LIMITS)
+    assert x.shape == (1, 8, 8) and x.dtype == np.float32
+    np.testing.assert_allclose(x[0], (digit / 255 - 0.5) / 0.5, atol=1e-6)
+    assert x.min() >= -1.0 and x.max() <= 1.0
+
+
+def test_gray_jpeg_and_color_to_gray(digit: np.ndarray, photo_jpeg: bytes) -> None:
+    big_digit = np.kron(digit, np.ones((8, 8), dtype=np.uint8))  # 64 x 64
+    x = decode_and_preprocess(
+        _encode(big_digit, "JPEG", quality=95), None, _spec(1, (16, 16)), LIMITS
+    )
+    assert x.shape == (1, 16, 16)
+    assert np.abs(x[0] - ((digit.repeat(2, 0).repeat(2, 1) / 255 - 0.5) / 0.5)).mean() < 0.1
+    gray = decode_and_preprocess(photo_jpeg, None, _spec(1, (28, 28)), LIMITS)
+    assert gray.shape == (1, 28, 28)
+
+
+def test_large_jpeg_decodes_at_reduced_scale(photo: np.ndarray) -> None:
+    frame = np.asarray(Image.fromarray(photo).resize((1920, 1280)))
+    image = decode_image(_encode(frame, "JPEG", quality=90), None, LIMITS)
+    assert image.size == (1920, 1280)  # full decode when asked for the image
+    lazy = Image.open(io.BytesIO(_encode(frame, "JPEG", quality=90)))
+    x = preprocess(lazy, _spec(3, (224, 224)))
+    assert lazy.size == (480, 320)  # draft: decoded at 1/4 scale (still >= 224), not 1920 x 1280
+    assert x.shape == (3, 224, 224)
+
+
+def test_rgba_palette_and_16_bit_png() -> None:
+    spec = _spec(3, (8, 8))
+    rgba = np.zeros((8, 8, 4), dtype=np.uint8)
+    rgba[..., 0] = 255
+    x = decode_and_preprocess(_encode(rgba, "PNG"), None, spec, LIMITS)
+    assert x[0, 0, 0] == pytest.approx((1 - 0.485) / 0.229, abs=1e-5)
+    palette = Image.fromarray(rgba[..., :3]).convert("P")
+    palette.info["transparency"] = 0
+    buffer = io.BytesIO()
+    palette.save(buffer, format="PNG", transparency=0)
+    assert decode_and_preprocess(buffer.getvalue(), None, spec, LIMITS).shape == (3, 8, 8)
+    wide = np.full((8, 8), 65535, dtype=np.uint16)
+    x16 = decode_and_preprocess(_encode(wide, "PNG"), None, _spec(1, (8, 8)), LIMITS)
+    np.testing.assert_allclose(x16, 1.0, atol=1e-6)  # white stays white, not clipped garbage
+
+
+def test_prepare_batch_sets_poison_aside(photo_jpeg: bytes, digit: np.ndarray) -> None:
+    spec = _spec(3, (32, 32))
+    items = [(photo_jpeg, "image/jpeg"), (None, None), (_encode(digit, "PNG"), None), (b"xx", None)]
+    inputs, good, poison = prepare_batch(items, spec, LIMITS)
+    assert inputs.shape == (2, 3, 32, 32) and inputs.dtype == np.float32
+    assert good == [0, 2]
+    assert [(i, e.reason) for i, e in poison] == [(1, "empty"), (3, "undecodable")]
+    empty, good, poison = prepare_batch([(None, None)], spec, LIMITS)
+    assert empty.shape == (0, 3, 32, 32) and good == [] and len(poison) == 1

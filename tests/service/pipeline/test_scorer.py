@@ -1,0 +1,186 @@
+"""The scorer end to end on the real broker: predictions, requests, dead letters, commits."""
+
+import io
+import struct
+import zlib
+from collections import Counter
+
+import numpy as np
+from PIL import Image
+
+from schemas.dead_letter import DeadLetter
+from schemas.label_requests import LabelRequest
+from schemas.predictions import Prediction
+from service.model.inference import OnnxModel
+from service.pipeline.scorer import Scorer
+from tests.kafka_helpers import committed_offsets, end_offsets, produce, read_json
+
+
+def _headers(frame_id: str) -> list[tuple[str, bytes]]:
+    return [
+        ("frame-id", frame_id.encode()),
+        ("content-type", b"image/png"),
+        ("captured-at", b"2026-11-22T10:00:00Z"),
+    ]
+
+
+async def test_every_frame_gets_a_prediction_and_a_budgeted_share_is_requested(
+    scorer_settings, digits_model_path, digit_pngs, winnow_topics
+) -> None:
+    settings = scorer_settings(name="random", budget=0.2, window=300)
+    frames = [
+        (f"cam-{i % 3}".encode(), png, _headers(f"f{i}")) for i, png in enumerate(digit_pngs[:300])
+    ]
+    await produce(settings.kafka, winnow_topics.frames, frames)
+    model = OnnxModel.load(digits_model_path, device="cpu")
+    async with Scorer(settings, model) as scorer:
+        predictions = await read_json(
+            settings.kafka,
+            winnow_topics.predictions,
+            lambda out: len({p["frame_id"] for p in out}) >= 300,
+        )
+    by_id = {p["frame_id"]: Prediction.model_validate(p) for p in predictions}
+    assert set(by_id) == {f"f{i}" for i in range(300)}
+    assert {p["_key"] for p in predictions} == {b"cam-0", b"cam-1", b"cam-2"}
+    first = by_id["f0"]
+    assert first.source_id == "cam-0" and first.model_version == model.version
+    assert abs(sum(first.probabilities.values()) - 1) < 1e-4
+    selected = {fid for fid, p in by_id.items() if p.decision.selected}
+    # an untrained model (labels_trained == 0) samples at random: AIFT's cold start
+    assert {by_id[fid].decision.reason for fid in selected} == {"cold_start"}
+    assert 0 < len(selected) <= 0.2 * 300
+    requests = await read_json(
+        settings.kafka,
+        winnow_topics.label_requests,
+        lambda out: len(out) >= len(selected),
+        within=20,
+    )
+    assert {r["frame_id"] for r in requests} == selected
+    request = LabelRequest.model_validate(requests[0])
+    assert requests[0]["_key"] == request.frame_id.encode()
+    assert request.image == digit_pngs[int(request.frame_id[1:])]
+    assert request.classes == [str(d) for d in range(10)]
+    assert scorer.counts["selected"] == len(selected)
+    committed = await committed_offsets(
+        settings.kafka, winnow_topics.frames, settings.scorer.group_id
+    )
+    assert sum(committed.values()) == 300
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A PNG whose header claims a huge image: a decompression bomb's calling card."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    idat = zlib.compress(b"\x00" * 64)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+    )
+
+
+def _jpeg() -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+async def test_bad_input_goes_to_dead_letter_and_later_frames_are_scored(
+    scorer_settings, digits_model_path, digit_pngs, winnow_topics
+) -> None:
+    settings = scorer_settings()
+    settings.scorer.max_frame_bytes = 200_000
+    gif = bytes.fromhex(
+        "47494638396101000100800000000000ffffff21f90400000000002c00000000010001000002024401003b"
+    )
+    bad = {
+        "empty": b"",
+        "too_large": b"\x89PNG" + b"\x00" * 300_000,
+        "unsupported_type": gif,
+        "undecodable": b"this is not an image at all",
+        "truncated": digit_pngs[0][: len(digit_pngs[0]) // 2],
+        "too_many_pixels": _png_claiming(100_000, 100_000),
+    }
+    records = [(b"cam", png, _headers(f"good-{i}")) for i, png in enumerate(digit_pngs[:5])]
+    records += [(b"cam", value, [("frame-id", reason.encode())]) for reason, value in bad.items()]
+    records.append((b"cam", _jpeg()[:200], [("frame-id", b"truncated-jpeg")]))
+    records.append((b"cam", None, [("frame-id", b"null-value")]))
+    records += [(b"cam", png, _headers(f"after-{i}")) for i, png in enumerate(digit_pngs[5:25])]
+    await produce(settings.kafka, winnow_topics.frames, records)
+    model = OnnxModel.load(digits_model_path, device="cpu")
+    async with Scorer(settings, model) as scorer:
+        letters = await read_json(
+            settings.kafka, winnow_topics.dead_letter, lambda out: len(out) >= len(bad) + 2
+        )
+        predictions = await read_json(
+            settings.kafka, winnow_topics.predictions, lambda out: len(out) >= 25
+        )
+    parsed = [DeadLetter.model_validate(d) for d in letters]
+    by_id = {d.headers["frame-id"]: d for d in parsed}
+    for reason in bad:
+        assert by_id[reason].reason == reason, (reason, by_id[reason].detail)
+    assert by_id["truncated-jpeg"].reason == "truncated"
+    assert by_id["null-value"].reason == "empty"
+    assert by_id["too_large"].value_size == len(bad["too_large"])
+    assert all(d.origin.topic == winnow_topics.frames and d.role == "scorer" for d in parsed)
+    assert sorted(d.origin.offset for d in parsed) == list(range(5, 5 + len(bad) + 2))
+    assert all(d["_key"] == b"cam" for d in letters)
+    scored = {p["frame_id"] for p in predictions}
+    assert scored == {f"good-{i}" for i in range(5)} | {f"after-{i}" for i in range(20)}
+    assert scorer.counts["invalid"] == len(bad) + 2
+    committed = await committed_offsets(
+        settings.kafka, winnow_topics.frames, settings.scorer.group_id
+    )
+    assert sum(committed.values()) == len(records)
+
+
+async def test_frame_id_is_derived_from_origin_when_header_absent(
+    scorer_settings, digits_model_path, digit_pngs, winnow_topics
+) -> None:
+    settings = scorer_settings()
+    settings.scorer.publish_predictions = True
+    await produce(settings.kafka, winnow_topics.frames, [(None, digit_pngs[0], [])])
+    async with Scorer(settings, OnnxModel.load(digits_model_path, device="cpu")):
+        (prediction,) = await read_json(
+            settings.kafka, winnow_topics.predictions, lambda out: len(out) >= 1
+        )
+    origin = prediction["origin"]
+    assert prediction["frame_id"] == f"{origin['topic']}:{origin['partition']}:{origin['offset']}"
+    assert prediction["source_id"] is None
+
+
+async def test_restart_resumes_from_committed_offsets_without_rescoring(
+    scorer_settings, digits_model_path, digit_pngs, winnow_topics
+) -> None:
+    settings = scorer_settings()
+    model = OnnxModel.load(digits_model_path, device="cpu")
+    first = [(b"cam", png, _headers(f"a{i}")) for i, png in enumerate(digit_pngs[:40])]
+    await produce(settings.kafka, winnow_topics.frames, first)
+    async with Scorer(settings, model):
+        await read_json(settings.kafka, winnow_topics.predictions, lambda out: len(out) >= 40)
+    second = [(b"cam", png, _headers(f"b{i}")) for i, png in enumerate(digit_pngs[40:60])]
+    await produce(settings.kafka, winnow_topics.frames, second)
+    async with Scorer(settings, model) as scorer:
+        out = await read_json(settings.kafka, winnow_topics.predictions, lambda out: len(out) >= 60)
+    counts = Counter(p["frame_id"] for p in out)
+    assert set(counts) == {f"a{i}" for i in range(40)} | {f"b{i}" for i in range(20)}
+    assert max(counts.values()) == 1, "a clean stop commits: nothing is scored twice"
+    assert scorer.counts["selected"] + scorer.counts["not_selected"] == 20
+
+
+async def test_predictions_can_be_turned_off(
+    scorer_settings, digits_model_path, digit_pngs, winnow_topics
+) -> None:
+    settings = scorer_settings(name="random", budget=1.0)
+    settings.scorer.publish_predictions = False
+    await produce(
+        settings.kafka,
+        winnow_topics.frames,
+        [(b"cam", png, _headers(f"f{i}")) for i, png in enumerate(digit_pngs[:10])],
+    )
+    async with Scorer(settings, OnnxModel.load(digits_model_path, device="cpu")) as scorer:
+        await read_json(settings.kafka, winnow_topics.label_requests, lambda out: len(out) >= 10)
+    assert scorer.counts["selected"] == 10
+    assert await end_offsets(settings.kafka, winnow_topics.predictions) == {0: 0, 1: 0, 2: 0}

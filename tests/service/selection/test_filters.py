@@ -1,0 +1,118 @@
+"""Stream filters: duplicates suppressed, balance shifts selections, audits, density."""
+
+import numpy as np
+import pytest
+
+from schemas.api import PolicyUpdate
+from service.selection.filters import DecisionContext, StreamFilters
+from service.selection.policy import QueryPolicy
+
+
+def _onehot(classes: np.ndarray, n: int) -> np.ndarray:
+    p = np.full((len(classes), n), 0.05 / (n - 1))
+    p[np.arange(len(classes)), classes] = 0.95
+    return p
+
+
+def test_near_duplicates_of_a_selected_frame_are_suppressed_per_source() -> None:
+    rng = np.random.default_rng(0)
+    policy = QueryPolicy("fixed", budget=1.0, window=10, filters=["dedup"], seed=0)
+    scene = rng.normal(size=16)
+    other = rng.normal(size=16)
+    embeddings = np.stack(
+        [scene + rng.normal(0, 0.01, 16) for _ in range(4)]  # a burst from camera a
+        + [scene + rng.normal(0, 0.01, 16)]  # the same scene seen by camera b
+        + [other]  # another scene on camera a
+    )
+    sources = ["a", "a", "a", "a", "b", "a"]
+    context = DecisionContext(embeddings, _onehot(np.zeros(6, int), 3), sources)
+    decisions = policy.decide({"entropy": np.full(6, 0.9)}, context)
+    assert [d.selected for d in decisions] == [True, False, False, False, True, True]
+    assert decisions[1].utility == 0.0
+
+
+def test_duplicates_come_back_after_the_window() -> None:
+    filters = StreamFilters(["dedup"], {"dedup_window": 3})
+    policy = QueryPolicy("fixed", budget=0.5, window=10, seed=0)  # selects u >= 0.5
+    policy._filters = filters
+    e = np.ones((1, 4))
+    first = policy.decide({"entropy": np.array([0.9])}, DecisionContext(e, None, ["a"]))
+    rng = np.random.default_rng(1)
+    fillers = rng.normal(size=(3, 4)) * 10
+    policy.decide({"entropy": np.zeros(3)}, DecisionContext(fillers, None, ["b"] * 3))
+    again = policy.decide(
+        {"entropy": np.array([0.9, 0.9])}, DecisionContext(np.ones((2, 4)), None, ["a", "a"])
+    )
+    assert first[0].selected
+    # "a" saw only one frame since its selection: still a duplicate, so is the next one
+    assert [d.selected for d in again] == [False, False]
+    policy.decide({"entropy": np.zeros(3)}, DecisionContext(np.ones((3, 4)), None, ["a"] * 3))
+    later = policy.decide(
+        {"entropy": np.array([0.9])}, DecisionContext(np.ones((1, 4)), None, ["a"])
+    )
+    assert later[0].selected
+
+
+def _class_shares(filters: list[str]) -> float:
+    rng = np.random.default_rng(3)
+    policy = QueryPolicy("quantile", budget=0.1, window=500, filters=filters, seed=0)  # type: ignore[arg-type]
+    picked = []
+    for _ in range(150):
+        classes = np.where(rng.random(64) < 0.8, 0, rng.integers(1, 5, 64))
+        p = _onehot(classes, 5)
+        context = DecisionContext(rng.normal(size=(64, 8)), p, ["s"] * 64)
+        decisions = policy.decide({"entropy": rng.random(64)}, context)
+        picked.extend(classes[[d.selected for d in decisions]])
+    return float(np.mean(np.array(picked) == 0))
+
+
+def test_class_balance_shifts_selections_away_from_the_busy_class() -> None:
+    plain, balanced = _class_shares([]), _class_shares(["balance"])
+    assert plain == pytest.approx(0.8, abs=0.05)
+    assert balanced < plain - 0.2
+
+
+def test_audit_picks_confident_frames_at_about_the_set_fraction() -> None:
+    rng = np.random.default_rng(0)
+    policy = QueryPolicy(
+        "fixed",
+        budget=0.5,
+        window=1000,
+        filters=["audit"],
+        filter_params={"audit_fraction": 0.05},
+        seed=0,
+    )
+    decisions = []
+    for _ in range(100):
+        decisions += policy.decide({"entropy": rng.uniform(0, 0.05, 100)})
+    audited = [d for d in decisions if d.selected]
+    assert all(d.reason == "audit" for d in audited)
+    assert len(audited) / len(decisions) == pytest.approx(0.05, abs=0.01)
+
+
+def test_density_down_weights_outliers() -> None:
+    rng = np.random.default_rng(0)
+    filters = StreamFilters(["density"])
+    dense = rng.normal(size=(64, 8)) * 0.1 + 3.0
+    filters.begin(np.ones(64), DecisionContext(dense, None, None))
+    filters.end()
+    batch = np.vstack([rng.normal(size=(7, 8)) * 0.1 + 3.0, -np.full((1, 8), 3.0)])
+    weighted = filters.begin(np.ones(8), DecisionContext(batch, None, None))
+    assert weighted[-1] < 0.5 * weighted[:-1].min()
+
+
+def test_filters_change_live_and_bad_ones_are_refused() -> None:
+    policy = QueryPolicy("variable", budget=0.1)
+    state = policy.update(
+        PolicyUpdate(filters=["dedup", "audit"], filter_params={"audit_fraction": 0.02})
+    )
+    assert state.filters == ["dedup", "audit"] and state.filter_params["audit_fraction"] == 0.02
+    with pytest.raises(ValueError, match="unknown filter params"):
+        policy.update(PolicyUpdate(filter_params={"nope": 1.0}))
+    assert policy.update(PolicyUpdate(filters=[])).filters == []
+
+
+def test_old_call_without_context_still_works_with_filters_on() -> None:
+    policy = QueryPolicy("variable", budget=0.1, filters=["dedup", "density", "balance"])
+    decisions = policy.decide({"entropy": np.linspace(0, 1, 50)})
+    assert len(decisions) == 50

@@ -1,0 +1,78 @@
+"""The stopping rules: labels scored against the scorer's own requests."""
+
+import math
+
+from infra.kafka.settings import KafkaSettings
+from schemas.api import PolicyState
+from schemas.labels import Label
+from service.metrics import ScorerMetrics
+from service.selection.stopping import LabelFeedback
+
+
+def _policy(**kw: object) -> PolicyState:
+    base = dict(
+        name="variable",
+        utility="entropy",
+        budget=0.1,
+        window=100,
+        budget_used=0.05,
+        labels_last_hour=0,
+        seen=100,
+        selected=5,
+    )
+    return PolicyState(**{**base, **kw})
+
+
+def _feedback() -> tuple[LabelFeedback, ScorerMetrics]:
+    metrics = ScorerMetrics()
+    return LabelFeedback(KafkaSettings(bootstrap="127.0.0.1:1"), metrics, window=50), metrics
+
+
+def test_keep_labeling_until_enough_answers() -> None:
+    feedback, _ = _feedback()
+    status = feedback.status(_policy(), window_limit=10)
+    assert not status.stop and status.recent_accuracy is None
+    assert status.budget_left_in_window == 5 and "Keep labeling" in status.verdict
+
+
+def test_stop_when_the_model_already_gets_its_questions_right() -> None:
+    feedback, metrics = _feedback()
+    for i in range(40):
+        feedback.requested(f"f{i}", "cat")
+        feedback.observe(Label(frame_id=f"f{i}", label="cat" if i else "dog"))
+    feedback.observe(Label(frame_id="never-asked", label="dog"))  # ignored
+    status = feedback.status(_policy(), window_limit=10)
+    assert status.answered == 40 and status.recent_accuracy == 39 / 40
+    assert status.stop and "can stop" in status.verdict
+    assert metrics.request_accuracy._value.get() == 39 / 40
+
+
+def test_stop_and_look_when_people_cannot_label() -> None:
+    feedback, metrics = _feedback()
+    for i in range(30):
+        feedback.requested(f"f{i}", "cat")
+        status = "unlabelable" if i % 3 else "labeled"
+        feedback.observe(
+            Label(frame_id=f"f{i}", label="dog" if status == "labeled" else None, status=status)
+        )
+    state = feedback.status(_policy(), window_limit=10)
+    assert state.stop and state.recent_unlabelable == 20 / 30
+    assert "could not label" in state.verdict
+    assert math.isclose(metrics.unlabelable_ratio._value.get(), 20 / 30)
+
+
+def test_budget_spent_and_hourly_cap_are_reported() -> None:
+    feedback, _ = _feedback()
+    spent = feedback.status(_policy(budget_used=0.1), window_limit=10)
+    assert spent.budget_left_in_window == 0 and "window is spent" in spent.verdict
+    capped = feedback.status(_policy(labels_per_hour=30, labels_last_hour=30), window_limit=10)
+    assert capped.labels_left_this_hour == 0 and "capacity" in capped.verdict
+
+
+def test_requests_are_remembered_within_a_bound() -> None:
+    feedback = LabelFeedback(KafkaSettings(bootstrap="127.0.0.1:1"), ScorerMetrics(), remember=3)
+    for i in range(5):
+        feedback.requested(f"f{i}", "cat")
+    feedback.observe(Label(frame_id="f0", label="cat"))  # forgotten
+    feedback.observe(Label(frame_id="f4", label="cat"))
+    assert feedback.answered == 1
