@@ -1,18 +1,31 @@
 """Which consumed offsets may be committed: the contiguous done prefix per partition.
 
-A label request is *done* once a label for it is acknowledged by Kafka (or it
-is unreadable and can never be labeled). Labelers answer out of order, so the
-committed offset of a partition only moves up to the first record that is not
-done yet; everything past it is read again after a restart (at-least-once).
+A record is *done* once everything produced for it is acknowledged (a decision
+record, a dead letter, a label), or once it can never be processed. Work can
+finish out of order (labelers answer in any order), so a partition's committed
+offset only moves up to the first record that is not done yet; everything past
+it is read again after a restart or a rebalance (at-least-once). The scorer,
+the trainer's intake and the label app all commit through this one class.
 """
 
-from aiokafka import TopicPartition
+import logging
+from collections.abc import Iterable
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaError
+
+log = logging.getLogger(__name__)
 
 
-class DonePrefix:
-    """Tracks consumed and done offsets of each partition (records arrive in order)."""
+class OffsetTracker:
+    """Tracks consumed and done offsets of each partition (records arrive in order).
 
-    def __init__(self) -> None:
+    Args:
+        name: what the tracker commits for, in log lines (``scorer``, ``intake``).
+    """
+
+    def __init__(self, name: str = "consumer") -> None:
+        self.name = name
         self._open: dict[TopicPartition, set[int]] = {}
         self._next: dict[TopicPartition, int] = {}
         self._committed: dict[TopicPartition, int] = {}
@@ -20,19 +33,42 @@ class DonePrefix:
     def consumed(self, tp: TopicPartition, offset: int) -> None:
         """Registers a record that is not done yet."""
         self._open.setdefault(tp, set()).add(offset)
-        self._next[tp] = max(self._next.get(tp, 0), offset + 1)
+        if offset + 1 > self._next.get(tp, 0):
+            self._next[tp] = offset + 1
+
+    def consumed_many(self, records: Iterable[tuple[TopicPartition, int]]) -> None:
+        """Registers several records, as :meth:`consumed`."""
+        for tp, offset in records:
+            self.consumed(tp, offset)
 
     def done(self, tp: TopicPartition, offset: int) -> None:
         """Marks a record done; unknown records (a revoked partition) are ignored."""
-        self._open.get(tp, set()).discard(offset)
+        open_offsets = self._open.get(tp)
+        if open_offsets is not None:
+            open_offsets.discard(offset)
+
+    def done_many(self, records: Iterable[tuple[TopicPartition, int]]) -> None:
+        """Marks several records done, as :meth:`done`."""
+        for tp, offset in records:
+            self.done(tp, offset)
+
+    def pending(self) -> int:
+        """Records consumed and not yet done, over all partitions."""
+        return sum(len(offsets) for offsets in self._open.values())
+
+    def position(self, tp: TopicPartition) -> int | None:
+        """The offset a commit would store for ``tp`` now; None if nothing was consumed."""
+        if tp not in self._next:
+            return None
+        open_offsets = self._open.get(tp)
+        return min(open_offsets) if open_offsets else self._next[tp]
 
     def committable(self) -> dict[TopicPartition, int]:
         """Offsets to commit now: only partitions whose done prefix grew since last time."""
         out = {}
-        for tp, next_offset in self._next.items():
-            open_offsets = self._open.get(tp)
-            position = min(open_offsets) if open_offsets else next_offset
-            if position > self._committed.get(tp, -1):
+        for tp in self._next:
+            position = self.position(tp)
+            if position is not None and position > self._committed.get(tp, -1):
                 out[tp] = position
         return out
 
@@ -40,9 +76,34 @@ class DonePrefix:
         """Records that ``offsets`` were committed."""
         self._committed.update(offsets)
 
-    def forget(self, partitions: set[TopicPartition]) -> None:
+    def forget(self, partitions: Iterable[TopicPartition]) -> None:
         """Drops revoked partitions; their new owner starts from the committed offset."""
         for tp in partitions:
             self._open.pop(tp, None)
             self._next.pop(tp, None)
             self._committed.pop(tp, None)
+
+    async def commit(self, consumer: AIOKafkaConsumer) -> dict[TopicPartition, int] | None:
+        """Commits the done prefix of every partition ``consumer`` still owns.
+
+        A failed commit is logged and left for the next call: the records after
+        the last committed offset are redelivered, never lost.
+
+        Returns:
+            The offsets committed (possibly none), or None when the commit failed.
+        """
+        assigned = consumer.assignment()
+        offsets = {tp: o for tp, o in self.committable().items() if tp in assigned}
+        if not offsets:
+            return {}
+        try:
+            await consumer.commit(offsets)
+        except KafkaError as error:  # CommitFailedError is a KafkaError too
+            log.warning(
+                "%s: offset commit failed, records after the last commit will be redelivered: %r",
+                self.name,
+                error,
+            )
+            return None
+        self.committed(offsets)
+        return offsets
