@@ -15,6 +15,10 @@ from pydantic import BaseModel, Field, model_validator
 from schemas.drift import DriftReference
 
 SPEC_KEY = "winnow.spec"
+"""ONNX metadata key of the model's :class:`ModelSpec` (JSON)."""
+HEAD_KEY = "winnow.head"
+"""ONNX metadata key of the linear head and its dropout rate (JSON), written by the trainer's
+export and read by the scorer for MC-dropout committees."""
 INPUT_NAME = "image"
 OUTPUT_PROBABILITIES = "probabilities"
 OUTPUT_EMBEDDING = "embedding"
