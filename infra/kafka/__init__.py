@@ -1,10 +1,15 @@
-"""Kafka plumbing of the online role: connection settings, clients, topics, embedded broker.
+"""Kafka plumbing of every role: connection settings, clients, topics, embedded broker.
 
 Every client is built from :class:`~infra.kafka.settings.KafkaSettings` through
 :func:`client_kwargs`, so TLS and SASL are configured in one place.
 """
 
-from infra.kafka.admin import ensure_topics, ensure_winnow_topics, wait_for_broker
+from infra.kafka.admin import (
+    ensure_topics,
+    ensure_winnow_topics,
+    topic_partitions,
+    wait_for_broker,
+)
 from infra.kafka.broker import EmbeddedBroker, run_broker_forever
 from infra.kafka.connection import client_kwargs
 from infra.kafka.consumer import consumer_lag, create_consumer
@@ -19,5 +24,6 @@ __all__ = [
     "ensure_topics",
     "ensure_winnow_topics",
     "run_broker_forever",
+    "topic_partitions",
     "wait_for_broker",
 ]

@@ -12,10 +12,16 @@ import logging
 import time
 from collections.abc import Iterable
 
-from aiokafka import AIOKafkaClient
+from aiokafka import AIOKafkaClient, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.cluster import ClusterMetadata
-from aiokafka.errors import KafkaError, TopicAlreadyExistsError, for_code
+from aiokafka.errors import (
+    InvalidPartitionsError,
+    InvalidReplicationFactorError,
+    KafkaError,
+    TopicAlreadyExistsError,
+    for_code,
+)
 
 from infra.errors import BrokerError, ConfigError
 from infra.kafka.connection import client_kwargs
@@ -32,6 +38,9 @@ async def ensure_topics(
 ) -> None:
     """Creates the topics that do not exist yet; existing ones are left as they are.
 
+    Every new topic gets ``settings.replication_factor`` replicas; the broker
+    refuses more replicas than it has brokers, and the error names the setting.
+
     Args:
         settings: the cluster, with ``partitions`` and ``replication_factor``.
         topics: topic names.
@@ -39,8 +48,9 @@ async def ensure_topics(
 
     Raises:
         ConfigError: the connection settings are inconsistent, or ``partitions`` < 1.
-        BrokerError: the broker is unreachable, refused to create a topic, or a
-            topic is still missing from metadata after ``VERIFY_TIMEOUT_S``.
+        BrokerError: the broker is unreachable, refused to create a topic (e.g.
+            a replication factor above its broker count), or a topic is still
+            missing from metadata after ``VERIFY_TIMEOUT_S``.
     """
     names = list(dict.fromkeys(topics))
     if not names:
@@ -57,7 +67,7 @@ async def ensure_topics(
         raise BrokerError(f"cannot create topics on {settings.bootstrap}: {exc!r}") from exc
     finally:
         await admin.close()
-    _check_created(response.topic_errors, settings.bootstrap)
+    _check_created(response.topic_errors, settings, count)
     cluster = await _wait_for_topics(settings, names)
     for name in names:
         found = len(cluster.partitions_for_topic(name) or ())
@@ -73,6 +83,34 @@ async def ensure_winnow_topics(settings: KafkaSettings) -> None:
         BrokerError: as :func:`ensure_topics`.
     """
     await ensure_topics(settings, settings.topics.all())
+
+
+async def topic_partitions(settings: KafkaSettings, topic: str) -> list[TopicPartition]:
+    """The partitions of ``topic``, in partition order; empty if the topic does not exist.
+
+    Reads the metadata of *all* topics, so asking never makes an auto-creating
+    broker (Tansu) create ``topic`` with its own partition count.
+
+    Args:
+        settings: the cluster.
+        topic: the topic name.
+
+    Returns:
+        One ``TopicPartition`` per partition, sorted by partition number.
+
+    Raises:
+        ConfigError: the connection settings are inconsistent.
+        BrokerError: the broker is unreachable or does not answer with metadata.
+    """
+    client = AIOKafkaClient(**client_kwargs(settings))
+    try:
+        await client.bootstrap()
+        cluster = await client.fetch_all_metadata()
+    except KafkaError as exc:
+        raise BrokerError(f"cannot read metadata from {settings.bootstrap}: {exc!r}") from exc
+    finally:
+        await client.close()
+    return [TopicPartition(topic, p) for p in sorted(cluster.partitions_for_topic(topic) or ())]
 
 
 async def wait_for_broker(settings: KafkaSettings, timeout_s: float = 30) -> None:
@@ -110,17 +148,28 @@ async def wait_for_broker(settings: KafkaSettings, timeout_s: float = 30) -> Non
             await client.close()
 
 
-def _check_created(topic_errors: list[tuple], bootstrap: str | None) -> None:
+def _check_created(topic_errors: list[tuple], settings: KafkaSettings, partitions: int) -> None:
     # Entries are (topic, error_code) or, from v1 on, (topic, error_code, message).
-    failed = []
+    setting_of_error = {  # creation errors that a setting causes, and that setting
+        InvalidReplicationFactorError.errno: (
+            f"WINNOW_KAFKA_REPLICATION_FACTOR={settings.replication_factor}"
+        ),
+        InvalidPartitionsError.errno: f"WINNOW_KAFKA_PARTITIONS={partitions}",
+    }
+    failed, causes = [], set()
     for entry in topic_errors:
         topic, code = entry[0], entry[1]
         if code in (0, TopicAlreadyExistsError.errno):
             continue
         message = entry[2] if len(entry) > 2 and entry[2] else for_code(code).__name__
         failed.append(f"{topic}: {message} (error {code})")
+        if code in setting_of_error:
+            causes.add(setting_of_error[code])
     if failed:
-        raise BrokerError(f"{bootstrap} refused to create topics: {'; '.join(failed)}")
+        hint = f"; check {', '.join(sorted(causes))}" if causes else ""
+        raise BrokerError(
+            f"{settings.bootstrap} refused to create topics: {'; '.join(failed)}{hint}"
+        )
 
 
 async def _wait_for_topics(settings: KafkaSettings, names: list[str]) -> ClusterMetadata:
