@@ -13,10 +13,11 @@ import asyncio
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaTimeoutError
+from aiokafka.structs import RecordMetadata
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,12 @@ class Delivery:
         self._what = what
 
     async def send(self, records: Sequence[OutRecord]) -> InFlight:
-        """Hands ``records`` to the producer without waiting for their acks."""
+        """Hands ``records`` to the producer, in order, without waiting for their acks.
+
+        Raises:
+            KafkaError: the producer refused a record at once (e.g. one above
+                ``max_request_size``); not retried here.
+        """
         send = self._producer.send
         futures = [
             await send(r.topic, r.value, key=r.key, headers=list(r.headers) or None)
@@ -85,29 +91,53 @@ class Delivery:
         ]
         return InFlight(records, futures)
 
-    async def acked(self, sent: InFlight) -> None:
-        """Returns once every record of ``sent`` is acknowledged.
+    async def acked(self, sent: InFlight) -> list[RecordMetadata]:
+        """Waits for every ack of ``sent``; on a transient error, sends them all again.
+
+        Returns:
+            The metadata (partition, offset) of each record, in the order sent,
+            from the attempt that succeeded.
 
         Raises:
-            KafkaError: an error that is not transient, or a transient one after
-                the last attempt.
+            KafkaError: an error that is not transient, at once, or a transient
+                one after the last attempt.
         """
-        futures: list[asyncio.Future[Any]] | None = sent.futures
+        return await self._deliver(sent.records, sent.futures)
+
+    async def send_all(self, records: Sequence[OutRecord]) -> list[RecordMetadata]:
+        """Sends ``records`` and awaits every ack (:meth:`send`, then :meth:`acked`).
+
+        A transient error while handing the records over is retried like one
+        in an acknowledgement.
+
+        Returns:
+            The metadata of each record, in order; empty for no records.
+
+        Raises:
+            KafkaError: as :meth:`acked`.
+        """
+        if not records:
+            return []
+        return await self._deliver(records, None)
+
+    async def _deliver(
+        self, records: Sequence[OutRecord], futures: "list[asyncio.Future[Any]] | None"
+    ) -> list[RecordMetadata]:
         for attempt, backoff in enumerate((*self._backoff_s, None), start=1):
             try:
                 if futures is None:
-                    futures = (await self.send(sent.records)).futures
+                    futures = (await self.send(records)).futures
                 results = await asyncio.gather(*futures, return_exceptions=True)
                 error = next((r for r in results if isinstance(r, BaseException)), None)
                 if error is None:
-                    return
+                    return cast(list[RecordMetadata], results)
                 raise error
             except Exception as error:
                 if backoff is None or not is_retriable(error):
                     raise
                 log.warning(
                     "producing %d %s failed (attempt %d), sending them again in %.1fs: %r",
-                    len(sent.records),
+                    len(records),
                     self._what,
                     attempt,
                     backoff,
@@ -115,8 +145,4 @@ class Delivery:
                 )
                 await asyncio.sleep(backoff)
                 futures = None
-
-    async def send_all(self, records: Sequence[OutRecord]) -> None:
-        """Sends ``records`` and awaits every ack (:meth:`send`, then :meth:`acked`)."""
-        if records:
-            await self.acked(await self.send(records))
+        raise AssertionError("unreachable: the last attempt returns or raises")
