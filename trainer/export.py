@@ -17,14 +17,18 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from schemas.model_spec import INPUT_NAME, OUTPUT_EMBEDDING, OUTPUT_PROBABILITIES, ModelSpec
+from schemas.model_spec import (
+    HEAD_KEY,
+    INPUT_NAME,
+    OUTPUT_EMBEDDING,
+    OUTPUT_PROBABILITIES,
+    ModelSpec,
+)
 from trainer.errors import ModelExportError
 
 log = logging.getLogger(__name__)
 
 OPSET = 17
-HEAD_KEY = "winnow.head"
-"""The linear head and dropout rate, for MC-dropout BALD in the scorer (service.scoring)."""
 _BATCH = "batch"
 
 
