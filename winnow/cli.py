@@ -1,14 +1,49 @@
 """The ``winnow`` command: one CLI in front of every role.
 
-Each subcommand imports its role lazily, so ``winnow broker`` does not load
-torch and ``winnow serve`` does not load the trainer.
+Each subcommand imports its role lazily, inside the command, so ``winnow serve``
+and ``winnow label-app`` never load torch, scikit-learn, OpenCV or matplotlib,
+and run in a venv that has only their role's extra installed
+(``pip install 'winnow-stream[scorer]'``). A command whose extra is missing says
+which one to install instead of failing on an import.
 """
 
 import argparse
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from importlib.util import find_spec
 from pathlib import Path
+from typing import Any
+
+# The modules that show a role's extra is installed: checked before its command imports them.
+EXTRA_MODULES: dict[str, tuple[str, ...]] = {
+    "scorer": ("onnxruntime", "onnx", "fastapi", "uvicorn", "PIL"),
+    "label-app": ("fastapi", "uvicorn", "jinja2", "httpx"),
+    "trainer": ("torch", "torchvision", "onnx", "onnxscript", "onnxruntime", "PIL"),
+    "produce": ("cv2",),
+    "bench": ("torch", "torchvision", "onnxruntime", "sklearn", "matplotlib"),
+}
+_OWN_PACKAGES = frozenset({"infra", "schemas", "service", "trainer", "winnow"})
+
+
+def missing_modules(extra: str | None) -> list[str]:
+    """The modules of ``extra`` that cannot be imported here (none for the base install)."""
+    if extra is None:
+        return []
+    return [name for name in EXTRA_MODULES[extra] if find_spec(name) is None]
+
+
+def needs_extra(command: str, extra: str, missing: Sequence[str]) -> str:
+    """What to tell someone who runs ``command`` without its role's extra."""
+    return (
+        f"{command} needs the {extra} extra: pip install 'winnow-stream[{extra}]' "
+        f"(missing: {', '.join(missing)})"
+    )
+
+
+def _given(args: argparse.Namespace, *names: str) -> dict[str, Any]:
+    """The options among ``names`` that were given on the command line."""
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 
 def _broker(args: argparse.Namespace) -> int:
@@ -22,14 +57,12 @@ def _serve(args: argparse.Namespace) -> int:
     from service.http.serve import serve
 
     settings = Settings()
+    update: dict[str, Any] = _given(args, "device")
     if args.model is not None:
-        settings.scorer.model_path = args.model
-    if args.device is not None:
-        settings.device = args.device
-    if args.host is not None:
-        settings.http.host = args.host
-    if args.port is not None:
-        settings.http.port = args.port
+        update["scorer"] = settings.scorer.model_copy(update={"model_path": args.model})
+    if http := _given(args, "host", "port"):
+        update["http"] = settings.http.model_copy(update=http)
+    settings = settings.model_copy(update=update)
     if settings.scorer.model_path is None and not settings.scorer.follow_releases:
         print(
             "winnow serve: no model; pass --model PATH.onnx (make one with `winnow model init`) "
@@ -47,11 +80,7 @@ def _label_app(args: argparse.Namespace) -> int:
     from service.labeling.app import create_label_app
     from service.labeling.serve import serve_app
 
-    settings = LabelAppSettings()
-    if args.host is not None:
-        settings.host = args.host
-    if args.port is not None:
-        settings.port = args.port
+    settings = LabelAppSettings(**_given(args, "host", "port"))
     kafka = KafkaSettings()
     try:
         create_label_app(kafka, settings)  # fails early on missing tokens
@@ -66,10 +95,7 @@ def _label_studio_bridge(args: argparse.Namespace) -> int:
     from service.labeling.label_studio import LabelStudioSettings, create_bridge_app
     from service.labeling.serve import serve_app
 
-    settings = LabelStudioSettings()
-    for name in ("url", "project_id", "host", "port"):
-        if getattr(args, name) is not None:
-            setattr(settings, name, getattr(args, name))
+    settings = LabelStudioSettings(**_given(args, "url", "project_id", "host", "port"))
     kafka = KafkaSettings()
     try:
         create_bridge_app(kafka, settings)
@@ -108,13 +134,10 @@ def _train(args: argparse.Namespace) -> int:
     from trainer.config import TrainerSettings
     from trainer.main import run_trainer
 
-    settings = TrainerSettings()
+    overrides = _given(args, "arch", "input_size", "channels", "data_dir", "device", "metrics_port")
     if args.classes:
-        settings.classes = [c.strip() for c in args.classes.split(",") if c.strip()]
-    for name in ("arch", "input_size", "channels", "data_dir", "device", "metrics_port"):
-        if getattr(args, name) is not None:
-            setattr(settings, name, getattr(args, name))
-    return run_trainer(settings)
+        overrides["classes"] = [c.strip() for c in args.classes.split(",") if c.strip()]
+    return run_trainer(TrainerSettings(**overrides))
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -160,6 +183,13 @@ def _bench_drift(args: argparse.Namespace) -> int:
 _ARCHS = ("small-cnn", "resnet18", "mobilenet_v3_small", "mobilenet_v3_large")
 
 
+def _command(
+    p: argparse.ArgumentParser, func: Callable[[argparse.Namespace], int], extra: str | None
+) -> None:
+    """Makes ``p`` run ``func``, which needs the ``extra`` of its role (None: the base install)."""
+    p.set_defaults(func=func, extra=extra, command_name=p.prog)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="winnow", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -169,19 +199,19 @@ def build_parser() -> argparse.ArgumentParser:
         "broker", help="run the embedded Kafka-compatible broker (Tansu, memory only)"
     )
     p.add_argument("--port", type=int, default=9092)
-    p.set_defaults(func=_broker)
+    _command(p, _broker, None)
 
     p = sub.add_parser("serve", help="run the scorer and its HTTP API")
     p.add_argument("--model", type=Path, help="ONNX model with winnow metadata")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
     p.add_argument("--host", help="HTTP host (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="HTTP port (default 8000)")
-    p.set_defaults(func=_serve)
+    _command(p, _serve, "scorer")
 
     p = sub.add_parser("label-app", help="the labeling team's web app")
     p.add_argument("--host", help="HTTP host (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="HTTP port (default 8100)")
-    p.set_defaults(func=_label_app)
+    _command(p, _label_app, "label-app")
 
     p = sub.add_parser(
         "label-studio-bridge", help="label requests into Label Studio, its annotations back"
@@ -190,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--project-id", type=int, help="the Label Studio project")
     p.add_argument("--host", help="webhook HTTP host (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="webhook HTTP port (default 8200)")
-    p.set_defaults(func=_label_studio_bridge)
+    _command(p, _label_studio_bridge, "label-app")
 
     model = sub.add_parser("model", help="model files").add_subparsers(
         dest="model_cmd", required=True
@@ -207,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", type=Path, help="a local torchvision checkpoint (pretrained)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True)
-    p.set_defaults(func=_model_init)
+    _command(p, _model_init, "trainer")
 
     p = sub.add_parser("train", help="fine-tune on labels and publish model releases")
     p.add_argument("--classes", help="comma-separated class names (first start only)")
@@ -217,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", type=Path, help="sample store and checkpoints")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
     p.add_argument("--metrics-port", type=int)
-    p.set_defaults(func=_train)
+    _command(p, _train, "trainer")
 
     p = sub.add_parser("demo", help="the whole loop on one machine, with a summary and plot")
     p.add_argument(
@@ -242,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["brightness", "contrast", "blur", "noise", "rotation"],
         help="shift the second half of the stream, so that drift shows",
     )
-    p.set_defaults(func=_demo)
+    _command(p, _demo, "bench")
 
     p = sub.add_parser(
         "produce", help="stream a directory, video file or camera into the frames topic"
@@ -260,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-frames", type=int, help="stop after this many frames")
     p.add_argument("--quiet", action="store_true", help="no progress line")
     p.add_argument("--connect-timeout", type=float, default=10.0, help="seconds (default 10)")
-    p.set_defaults(func=_produce)
+    _command(p, _produce, "produce")
 
     bench = sub.add_parser("bench", help="benchmarks (JSON out)").add_subparsers(
         dest="bench_cmd", required=True
@@ -271,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--cases", default="camera,digits", help="comma-separated: camera,digits")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.set_defaults(func=_bench_throughput)
+    _command(p, _bench_throughput, "bench")
 
     p = bench.add_parser("drift", help="drift detectors vs River baselines at one ERT")
     p.add_argument("--dataset", default="digits", help="digits, or a MedMNIST-layout .npz")
@@ -296,14 +326,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="frames per reference (at most half the held-out frames)",
     )
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=_bench_drift)
+    _command(p, _bench_drift, "bench")
     p = bench.add_parser(
         "label-efficiency", help="labels to reach 95% of full accuracy, per query strategy"
     )
     from winnow.bench.label_efficiency import add_arguments
 
     add_arguments(p)
-    p.set_defaults(func=_bench_label_efficiency)
+    _command(p, _bench_label_efficiency, "bench")
     return parser
 
 
@@ -315,10 +345,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     logging.getLogger("aiokafka").setLevel(logging.WARNING)
     func: Callable[[argparse.Namespace], int] = args.func
+    extra: str | None = args.extra
+    if missing := missing_modules(extra):
+        print(needs_extra(args.command_name, extra or "", missing), file=sys.stderr)
+        return 2
     try:
         return func(args)
     except KeyboardInterrupt:
         return 130
+    except ModuleNotFoundError as error:
+        # A dependency of the role that the check above does not list.
+        root = (error.name or "").partition(".")[0]
+        if extra is None or not root or root in _OWN_PACKAGES:
+            raise
+        print(needs_extra(args.command_name, extra, [root]), file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
