@@ -3,7 +3,8 @@
 The scorer calls :meth:`DriftMonitor.observe` with each scored batch on the
 event loop; it only enqueues. One task takes the batches in order and runs the
 detectors in a worker thread; on an alarm it counts it, publishes a
-``DriftEvent`` on ``winnow.drift`` and boosts the labeling budget. Every
+``DriftEvent`` on ``winnow.drift`` and tells ``on_alarm`` (the root wires it to the
+labeling budget's boost). Every
 ``statistic_every`` frames a detector's statistic is published too.
 
 On a model swap the detectors reset: with the release's reference when it
@@ -24,6 +25,7 @@ import numpy as np
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
+from infra.component import Component
 from infra.kafka.producer import create_producer
 from infra.kafka.settings import KafkaSettings
 from schemas.api import DetectorState, DriftStatus
@@ -33,7 +35,6 @@ from service.drift.calibrate import Simulation
 from service.drift.detectors import Detector, Rows, build_detectors
 from service.metrics import ScorerMetrics
 from service.pipeline.batching import Batch
-from service.selection.policy import QueryPolicy
 
 log = logging.getLogger(__name__)
 
@@ -67,14 +68,18 @@ class _Track:
     since_statistic: dict[str, int] = field(default_factory=dict)
 
 
-class DriftMonitor:
+AlarmListener = Callable[[DriftEvent], None]
+"""Told of each alarm on the event loop; must return at once."""
+
+
+class DriftMonitor(Component):
     """Online drift detection for one scorer.
 
     Args:
         settings: ``WINNOW_DRIFT_*``.
         kafka: where ``winnow.drift`` is; None publishes nothing.
         metrics: the scorer's metrics (drift gauges and counter).
-        policy: boosted after each alarm; None for no response.
+        on_alarm: told of each alarm (the root boosts the budget with it).
         clock: wall-clock time of events (tests fake it).
     """
 
@@ -83,18 +88,19 @@ class DriftMonitor:
         settings: DriftSettings,
         kafka: KafkaSettings | None,
         metrics: ScorerMetrics,
-        policy: QueryPolicy | None = None,
+        *,
+        on_alarm: AlarmListener | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
+        super().__init__()
         self.settings = settings
         self.metrics = metrics
-        self.policy = policy
+        self._on_alarm = on_alarm
         self.events: list[DriftEvent] = []  # alarms only, the most recent ones
         self._kafka = kafka
         self._clock = clock
         self._queue: asyncio.Queue[_Observed | _Swap] = asyncio.Queue(settings.queue_batches)
         self._producer: AIOKafkaProducer | None = None
-        self._task: asyncio.Task[None] | None = None
         self._version: str | None = None
         self._paused = False
         # The anchor: the input tensors of the frames that made the last warm-up reference.
@@ -118,25 +124,15 @@ class DriftMonitor:
 
     # -- lifecycle -------------------------------------------------------------------------
 
-    async def __aenter__(self) -> "DriftMonitor":
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
-
-    async def start(self) -> None:
+    async def _start(self) -> None:
         if self._kafka is not None:
             self._producer = create_producer(self._kafka)
             await self._producer.start()
-        self._task = asyncio.create_task(self._run(), name="drift-monitor")
+        self.supervise(self._run(), name="drift-monitor")
 
-    async def stop(self) -> None:
-        """Stops the worker (batches still queued are dropped); idempotent."""
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+    async def _stop(self) -> None:
+        """Stops the worker (batches still queued are dropped)."""
+        await self._cancel_supervised()
         if self._producer is not None:
             await self._producer.stop()
             self._producer = None
@@ -395,9 +391,8 @@ class DriftMonitor:
                 event.threshold,
                 event.model_version,
             )
-            s = self.settings
-            if self.policy is not None and s.boost_factor > 1:
-                self.policy.boost(s.boost_factor, s.boost_seconds)
+            if self._on_alarm is not None:
+                self._on_alarm(event)
         if self._producer is not None and self._kafka is not None:
             try:
                 await self._producer.send(

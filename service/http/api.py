@@ -27,14 +27,16 @@ from schemas.api import (
     Readiness,
     ScorerStatus,
 )
-from service.config import Settings
-from service.drift.monitor import DriftMonitor
+from service.config import DriftSettings, Settings
+from service.drift.monitor import AlarmListener, DriftMonitor
 from service.errors import ConfigError
 from service.http.ingest import create_ingest_router
 from service.metrics import ScorerMetrics
 from service.model.inference import OnnxModel
-from service.model.releases import ModelReleases, ReleaseError
+from service.model.verification import ReleaseError
+from service.model.watcher import ModelReleases
 from service.pipeline.scorer import Scorer
+from service.selection.policy import QueryPolicy
 
 log = logging.getLogger(__name__)
 _bearer = HTTPBearer(auto_error=False)
@@ -71,7 +73,12 @@ def create_app(settings: Settings, model: OnnxModel | None = None) -> FastAPI:
             scorer = await stack.enter_async_context(Scorer(settings, loaded, metrics=metrics))
             drift = None
             if settings.drift.enabled:
-                drift = DriftMonitor(settings.drift, settings.kafka, metrics, scorer.policy)
+                drift = DriftMonitor(
+                    settings.drift,
+                    settings.kafka,
+                    metrics,
+                    on_alarm=boost_on_alarm(scorer.policy, settings.drift),
+                )
                 await stack.enter_async_context(drift)
                 drift.on_swap(scorer.model)
                 scorer.observers.append(drift.observe)
@@ -100,6 +107,16 @@ def create_app(settings: Settings, model: OnnxModel | None = None) -> FastAPI:
     _routes(app)
     app.include_router(create_ingest_router(settings))  # POST /v1/frames
     return app
+
+
+def boost_on_alarm(policy: QueryPolicy, drift: DriftSettings) -> AlarmListener:
+    """The response to a drift alarm: more labels for a while, so the new regime is learned."""
+
+    def boost(_event: object) -> None:
+        if drift.boost_factor > 1:
+            policy.boost(drift.boost_factor, drift.boost_seconds)
+
+    return boost
 
 
 def _load_model(settings: Settings) -> OnnxModel | None:

@@ -32,7 +32,7 @@ async def test_scorer_publishes_drift_statistics_on_the_drift_topic(
         for i, png in enumerate(digit_pngs[:300])
     ]
     async with Scorer(settings, model) as scorer:
-        async with DriftMonitor(settings.drift, settings.kafka, scorer.metrics, scorer.policy) as m:
+        async with DriftMonitor(settings.drift, settings.kafka, scorer.metrics) as m:
             m.on_swap(scorer.model)
             scorer.observers.append(m.observe)
             scorer.swap_listeners.append(m.on_swap)

@@ -11,6 +11,7 @@ from schemas.frames import FrameHeaders, FrameOrigin
 from schemas.scores import Decision
 from service.config import DriftSettings
 from service.drift.monitor import DriftMonitor
+from service.http.api import boost_on_alarm
 from service.metrics import ScorerMetrics
 from service.pipeline.batching import Batch, InboundFrame
 from service.selection.policy import QueryPolicy
@@ -75,11 +76,12 @@ async def test_an_alarm_boosts_the_budget_until_the_configured_time_has_passed(
     now = [0.0]
     policy = QueryPolicy(budget=0.05, clock=lambda: now[0])
     metrics = ScorerMetrics()
+    settings = _settings(detectors=["embedding"], ert=5000, boost_factor=4.0, boost_seconds=60.0)
     async with DriftMonitor(
-        _settings(detectors=["embedding"], ert=5000, boost_factor=4.0, boost_seconds=60.0),
+        settings,
         None,
         metrics,
-        policy,
+        on_alarm=boost_on_alarm(policy, settings),
     ) as monitor:
         model = _Model(_Spec("v1", reference))
         monitor.on_swap(model)

@@ -10,7 +10,6 @@ from pydantic import SecretStr
 
 from schemas.model_spec import SPEC_KEY, ModelSpec
 from service.http.api import create_app
-from tests.service.model.test_releases import _publish
 
 
 def _variant(path: Path, version: str, labels_trained: int) -> tuple[bytes, ModelSpec]:
@@ -34,19 +33,19 @@ def _until(client: TestClient, version: str, within: float = 30) -> dict:
 
 
 def test_a_scorer_without_a_model_serves_the_first_release_and_can_pin_back(
-    scorer_settings, digits_model_path
+    scorer_settings, digits_model_path, publish_model
 ) -> None:
     settings = scorer_settings()
     settings.admin_token = SecretStr("t")
     first = _variant(digits_model_path, "v1", 0)
     second = _variant(digits_model_path, "v2", 40)
-    asyncio.run(_publish(settings, *first))
+    asyncio.run(publish_model(settings, *first))
     app = create_app(settings)  # no model: waits for a release
     with TestClient(app) as client:
         status = _until(client, "v1")
         assert status["following_releases"] and status["current"]["labels_trained"] == 0
         assert client.get("/v1/policy").json()["cold_start"] is True
-        asyncio.run(_publish(settings, *second))
+        asyncio.run(publish_model(settings, *second))
         status = _until(client, "v2")
         assert [h["version"] for h in status["history"]] == ["v1", "v2"]
         assert client.get("/v1/policy").json()["cold_start"] is False  # a trained model

@@ -1,44 +1,22 @@
-"""Model releases on the real broker: verify, load, swap, reject, catch up, pin."""
+"""The release watcher on the real broker: verify, load, swap, reject, catch up, pin."""
 
 import asyncio
-import base64
 from collections import Counter, defaultdict
-from pathlib import Path
 
-import onnx
 import pytest
 from aiokafka import AIOKafkaProducer
 from pydantic import SecretStr
 
 from infra.kafka.connection import client_kwargs
-from schemas.model_spec import SPEC_KEY, ModelSpec
 from schemas.models import ModelChunk, ModelManifest
-from service.model import releases as releases_module
 from service.metrics import ScorerMetrics
+from service.model import watcher as watcher_module
 from service.model.inference import OnnxModel
-from service.model.releases import (
-    ModelReleases,
-    ReleaseAssembler,
-    ReleaseError,
-    verify_release,
-)
+from service.model.verification import ReleaseError
+from service.model.watcher import ModelReleases
 from service.pipeline.scorer import Scorer
 from tests.kafka_helpers import produce, read_json
-from trainer.release import build_release, encode_records, publish_release
-
-
-@pytest.fixture(scope="module")
-def variant(digits_model_path: Path):
-    """Makes a loadable copy of the digits model that says it is ``version``."""
-
-    def make(version: str) -> tuple[bytes, ModelSpec]:
-        model = onnx.load(str(digits_model_path))
-        (prop,) = [p for p in model.metadata_props if p.key == SPEC_KEY]
-        spec = ModelSpec.model_validate_json(prop.value).model_copy(update={"version": version})
-        prop.value = spec.model_dump_json()
-        return model.SerializeToString(), spec
-
-    return make
+from trainer.release import build_release, encode_records
 
 
 def _swaps(metrics: ScorerMetrics) -> dict[str, float]:
@@ -48,15 +26,6 @@ def _swaps(metrics: ScorerMetrics) -> dict[str, float]:
             if sample.name.endswith("_total"):
                 out[sample.labels["result"]] = sample.value
     return out
-
-
-async def _publish(settings, artifact: bytes, spec: ModelSpec, key: bytes | None = None) -> None:
-    producer = AIOKafkaProducer(**client_kwargs(settings.kafka), acks="all")
-    await producer.start()
-    try:
-        await publish_release(producer, settings.kafka.topics.models, artifact, spec, key)
-    finally:
-        await producer.stop()
 
 
 async def _produce_release(settings, manifest: ModelManifest, chunks: list[ModelChunk]) -> None:
@@ -81,7 +50,7 @@ class _Calls:
 
 
 async def test_a_published_release_is_delivered_loaded_and_warm(
-    scorer_settings, variant, winnow_topics
+    scorer_settings, release_variant, winnow_topics, publish_model
 ) -> None:
     settings = scorer_settings()
     metrics, calls = ScorerMetrics(), _Calls()
@@ -89,8 +58,8 @@ async def test_a_published_release_is_delivered_loaded_and_warm(
         await releases.wait_caught_up(10)
         with pytest.raises(TimeoutError):
             await releases.wait_for_first(0.2)
-        artifact, spec = variant("v1")
-        await _publish(settings, artifact, spec)
+        artifact, spec = release_variant("v1")
+        await publish_model(settings, artifact, spec)
         model = await releases.wait_for_first(30)
         assert model.version == "v1" and calls.versions == ["v1"]
         assert model.run(__import__("numpy").zeros((2, 1, 16, 16), "float32"))[0].shape == (2, 10)
@@ -101,13 +70,13 @@ async def test_a_published_release_is_delivered_loaded_and_warm(
 
 
 async def test_a_corrupted_chunk_is_rejected_and_a_clean_republish_is_served(
-    scorer_settings, variant, winnow_topics
+    scorer_settings, release_variant, winnow_topics
 ) -> None:
     settings = scorer_settings()
     metrics, calls = ScorerMetrics(), _Calls()
     async with ModelReleases(settings, on_model=calls, metrics=metrics) as releases:
         await releases.wait_caught_up(10)
-        manifest, chunks = build_release(*variant("v1"), None)
+        manifest, chunks = build_release(*release_variant("v1"), None)
         data = bytearray(chunks[0].data)
         data[len(data) // 2] ^= 0x01
         corrupted = chunks[0].model_copy(update={"data": bytes(data)})
@@ -123,22 +92,22 @@ async def test_a_corrupted_chunk_is_rejected_and_a_clean_republish_is_served(
 
 
 async def test_with_a_key_unsigned_missigned_and_replayed_releases_are_rejected(
-    scorer_settings, variant, winnow_topics
+    scorer_settings, release_variant, winnow_topics, publish_model
 ) -> None:
     settings = scorer_settings()
     settings.model_signing_key = SecretStr("the key")
-    await _publish(settings, *variant("unsigned"), key=None)
-    await _publish(settings, *variant("wrong-key"), key=b"another key")
+    await publish_model(settings, *release_variant("unsigned"), key=None)
+    await publish_model(settings, *release_variant("wrong-key"), key=b"another key")
     # A genuine signature of one version, copied onto another version's manifest.
-    genuine, _ = build_release(*variant("genuine"), b"the key")
-    replay, chunks = build_release(*variant("replayed"), None)
+    genuine, _ = build_release(*release_variant("genuine"), b"the key")
+    replay, chunks = build_release(*release_variant("replayed"), None)
     replay = replay.model_copy(update={"signature": genuine.signature})
     await _produce_release(settings, replay, chunks)
     metrics, calls = ScorerMetrics(), _Calls()
     async with ModelReleases(settings, on_model=calls, metrics=metrics) as releases:
         await releases.wait_caught_up(30)
         assert releases.model is None and calls.versions == []
-        await _publish(settings, *variant("signed"), key=b"the key")
+        await publish_model(settings, *release_variant("signed"), key=b"the key")
         assert (await releases.wait_for_first(30)).version == "signed"
         reasons = {i.version: i.reason for i in releases.history()}
     assert calls.versions == ["signed"]
@@ -152,19 +121,19 @@ async def test_with_a_key_unsigned_missigned_and_replayed_releases_are_rejected(
 
 
 async def test_a_late_watcher_loads_only_the_newest_release(
-    scorer_settings, variant, winnow_topics, monkeypatch
+    scorer_settings, release_variant, winnow_topics, monkeypatch, publish_model
 ) -> None:
     settings = scorer_settings()
     for version in ("r1", "r2", "r3"):
-        await _publish(settings, *variant(version))
+        await publish_model(settings, *release_variant(version))
     loads: list[bytes] = []
-    real = releases_module._load_and_warm
+    real = watcher_module.load_and_warm
 
     def counting(artifact: bytes, device: str) -> OnnxModel:
         loads.append(artifact)
         return real(artifact, device)
 
-    monkeypatch.setattr(releases_module, "_load_and_warm", counting)
+    monkeypatch.setattr(watcher_module, "load_and_warm", counting)
     calls = _Calls()
     async with ModelReleases(settings, on_model=calls) as releases:
         assert (await releases.wait_for_first(30)).version == "r3"
@@ -175,13 +144,13 @@ async def test_a_late_watcher_loads_only_the_newest_release(
 
 
 async def test_when_the_newest_does_not_load_the_next_newest_is_served(
-    scorer_settings, variant, winnow_topics
+    scorer_settings, release_variant, winnow_topics, publish_model
 ) -> None:
     settings = scorer_settings()
-    await _publish(settings, *variant("ok-1"))
-    await _publish(settings, *variant("ok-2"))
-    _, spec = variant("broken")
-    await _publish(settings, b"not an onnx file at all", spec)  # sha256 matches: a bad export
+    await publish_model(settings, *release_variant("ok-1"))
+    await publish_model(settings, *release_variant("ok-2"))
+    _, spec = release_variant("broken")
+    await publish_model(settings, b"not an onnx file at all", spec)  # sha256 matches: a bad export
     metrics, calls = ScorerMetrics(), _Calls()
     async with ModelReleases(settings, on_model=calls, metrics=metrics) as releases:
         assert (await releases.wait_for_first(30)).version == "ok-2"
@@ -192,12 +161,12 @@ async def test_when_the_newest_does_not_load_the_next_newest_is_served(
 
 
 async def test_a_manifest_whose_spec_differs_from_the_file_is_rejected(
-    scorer_settings, variant, winnow_topics
+    scorer_settings, release_variant, winnow_topics, publish_model
 ) -> None:
     settings = scorer_settings()
-    artifact, _ = variant("file-version")
-    _, claimed = variant("claimed-version")
-    await _publish(settings, artifact, claimed)
+    artifact, _ = release_variant("file-version")
+    _, claimed = release_variant("claimed-version")
+    await publish_model(settings, artifact, claimed)
     metrics = ScorerMetrics()
     async with ModelReleases(settings, metrics=metrics) as releases:
         await releases.wait_caught_up(30)
@@ -206,7 +175,9 @@ async def test_a_manifest_whose_spec_differs_from_the_file_is_rejected(
     assert _swaps(metrics) == {"rejected_spec": 1}
 
 
-async def test_pin_goes_back_and_holds_until_unpin(scorer_settings, variant, winnow_topics) -> None:
+async def test_pin_goes_back_and_holds_until_unpin(
+    scorer_settings, release_variant, winnow_topics, publish_model
+) -> None:
     settings = scorer_settings()
     metrics, calls = ScorerMetrics(), _Calls()
     async with ModelReleases(
@@ -214,11 +185,11 @@ async def test_pin_goes_back_and_holds_until_unpin(scorer_settings, variant, win
     ) as releases:
         await releases.wait_caught_up(10)
         for version in ("p1", "p2"):
-            await _publish(settings, *variant(version))
+            await publish_model(settings, *release_variant(version))
             await _until(lambda v=version: releases.active_version == v)
         pinned = await releases.pin("p1")
         assert pinned.version == "p1" and releases.pinned == "p1"
-        await _publish(settings, *variant("p3"))
+        await publish_model(settings, *release_variant("p3"))
         await _until(lambda: "p3" in {i.version for i in releases.history()})
         await asyncio.sleep(0.3)
         assert releases.active_version == "p1" and calls.versions == ["p1", "p2", "p1"]
@@ -228,7 +199,7 @@ async def test_pin_goes_back_and_holds_until_unpin(scorer_settings, variant, win
         with pytest.raises(ReleaseError) as unknown:
             await releases.pin("never-published")
         assert unknown.value.reason == "unknown"
-        await _publish(settings, *variant("p4"))  # keeps 3 artifacts: p1 is evicted
+        await publish_model(settings, *release_variant("p4"))  # keeps 3 artifacts: p1 is evicted
         await _until(lambda: releases.active_version == "p4")
         with pytest.raises(ReleaseError) as evicted:
             await releases.pin("p1")
@@ -243,11 +214,11 @@ def _headers(frame_id: str) -> list[tuple[str, bytes]]:
 
 @pytest.mark.slow
 async def test_swap_under_load_scores_every_frame_once_and_switches_once_per_partition(
-    scorer_settings, digits_model_path, digit_pngs, variant, winnow_topics
+    scorer_settings, digits_model_path, digit_pngs, release_variant, winnow_topics, publish_model
 ) -> None:
     settings = scorer_settings()
     model_a = OnnxModel.load(digits_model_path, device="cpu")
-    artifact_b, spec_b = variant("B")
+    artifact_b, spec_b = release_variant("B")
     producer = AIOKafkaProducer(**client_kwargs(settings.kafka), acks="all")
     produced = 0
     swapped_after: list[int] = []
@@ -279,7 +250,7 @@ async def test_swap_under_load_scores_every_frame_once_and_switches_once_per_par
                 await releases.wait_caught_up(10)
                 await stream(0, 100)
                 await read_json(settings.kafka, winnow_topics.predictions, lambda o: len(o) >= 50)
-                publish = asyncio.create_task(_publish(settings, artifact_b, spec_b))
+                publish = asyncio.create_task(publish_model(settings, artifact_b, spec_b))
                 await stream(100, 300)
                 await publish
                 await _until(lambda: releases.active_version == "B")
@@ -307,81 +278,3 @@ async def test_swap_under_load_scores_every_frame_once_and_switches_once_per_par
         assert set(versions[:switch]) <= {model_a.version} and set(versions[switch:]) <= {"B"}
     versions = Counter(p["model_version"] for p in predictions)
     assert versions[model_a.version] >= 50 and versions["B"] >= 300 - cut
-
-
-def test_assembler_tolerates_duplicates_early_chunks_and_superseding_manifests(
-    caplog,
-) -> None:
-    spec = ModelSpec(
-        version="1",
-        arch="x",
-        classes=["a", "b"],
-        input_size=(8, 8),
-        channels=1,
-        mean=[0.5],
-        std=[0.5],
-        embedding_dim=4,
-    )
-    first = b"A" * 100
-    second = b"B" * 100
-    m1, c1 = _release(first, spec)
-    m2, c2 = _release(second, spec)
-    asm = ReleaseAssembler(max_pending=2)
-    assert asm.feed(b"{not json", "models", 0, 7) is None
-    assert "topic=models partition=0 offset=7" in caplog.text
-    assert asm.feed(_json(c1[1])) is None  # a chunk before its manifest is kept
-    assert asm.feed(_json(m1)) is None
-    assert asm.feed(_json(c1[1])) is None  # duplicate
-    assert asm.feed(_json(m2)) is None  # same version, new artifact: supersedes
-    assert asm.feed(_json(c1[0])) is None
-    assert asm.feed(_json(c2[0])) is None
-    got = asm.feed(_json(c2[1]))
-    assert got is not None and got[0] == m2 and got[1] == second
-    verify_release(got[0], got[1], None)
-    assert asm.pending == 0
-    for version in ("x1", "x2", "x3"):
-        m, _ = _release(first, spec.model_copy(update={"version": version}))
-        asm.feed(_json(m))
-    assert asm.pending == 2  # the oldest partial release was dropped
-
-
-def _release(artifact: bytes, spec: ModelSpec) -> tuple[ModelManifest, list[ModelChunk]]:
-    manifest, chunks = build_release(artifact, spec, None)
-    size = len(artifact) // 2
-    pieces = [artifact[:size], artifact[size:]]
-    manifest = manifest.model_copy(update={"chunk_count": 2})
-    chunks = [
-        ModelChunk(
-            model_name=manifest.model_name,
-            version=spec.version,
-            index=i,
-            count=2,
-            data=base64.b64encode(p),
-        )
-        for i, p in enumerate(pieces)
-    ]
-    return manifest, chunks
-
-
-def _json(record: ModelManifest | ModelChunk) -> bytes:
-    return record.model_dump_json().encode()
-
-
-def test_verify_release_checks_size_digest_and_signature(variant) -> None:
-    artifact, spec = variant("s")
-    manifest, _ = build_release(artifact, spec, b"k")
-    verify_release(manifest, artifact, b"k")
-    verify_release(manifest, artifact, None)
-    cases = [
-        (artifact[:-1], b"k", "checksum"),
-        (artifact[:-1] + b"\x00", b"k", "checksum"),
-        (artifact, b"other", "signature"),
-    ]
-    for data, key, reason in cases:
-        with pytest.raises(ReleaseError) as error:
-            verify_release(manifest, data, key)
-        assert error.value.reason == reason
-    unsigned = manifest.model_copy(update={"signature": None})
-    with pytest.raises(ReleaseError) as error:
-        verify_release(unsigned, artifact, b"k")
-    assert error.value.reason == "unsigned"

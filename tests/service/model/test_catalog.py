@@ -1,0 +1,67 @@
+"""The release catalog: statuses, kept artifacts, eviction, history."""
+
+from datetime import UTC, datetime
+
+from schemas.model_spec import ModelSpec
+from schemas.models import ModelManifest
+from service.model.catalog import ReleaseCatalog
+
+
+def _manifest(version: str, sha: str = "0" * 64) -> ModelManifest:
+    spec = ModelSpec(
+        version=version,
+        arch="x",
+        classes=["a", "b"],
+        input_size=(8, 8),
+        channels=1,
+        mean=[0.5],
+        std=[0.5],
+        embedding_dim=4,
+    )
+    return ModelManifest(
+        model_name="winnow",
+        version=version,
+        created_at=datetime.now(UTC),
+        sha256=sha,
+        size_bytes=1,
+        chunk_count=1,
+        spec=spec,
+    )
+
+
+def test_keeps_the_last_artifacts_but_never_evicts_the_active_one() -> None:
+    catalog = ReleaseCatalog(keep=2, active="v1")
+    for version in ("v1", "v2", "v3"):
+        catalog.accept(_manifest(version), version.encode())
+    assert catalog.artifact("v1") == b"v1"  # active: kept although oldest
+    assert catalog.artifact("v2") is None and catalog.artifact("v3") == b"v3"
+    history = {h.version: h for h in catalog.history()}
+    assert history["v1"].status == "active" and history["v1"].pinnable
+    assert history["v2"].status == "available" and not history["v2"].pinnable
+
+
+def test_a_rejected_release_is_not_verified_and_loses_its_artifact() -> None:
+    catalog = ReleaseCatalog(keep=3)
+    catalog.accept(_manifest("v1"), b"a")
+    catalog.accept(_manifest("v2"), b"b")
+    catalog.reject(_manifest("v2"), "load")
+    assert [m.version for m in catalog.verified()] == ["v1"]
+    assert catalog.artifact("v2") is None
+    entry = catalog.get("v2")
+    assert entry is not None and entry.info.status == "rejected" and entry.info.reason == "load"
+
+
+def test_seen_means_the_same_version_and_digest_was_accepted() -> None:
+    catalog = ReleaseCatalog()
+    catalog.accept(_manifest("v1", "a" * 64), b"x")
+    assert catalog.seen(_manifest("v1", "a" * 64))
+    assert not catalog.seen(_manifest("v1", "b" * 64))  # a new artifact under the old version
+    catalog.reject(_manifest("v2"), "checksum")
+    assert not catalog.seen(_manifest("v2"))
+
+
+def test_history_is_bounded_oldest_first() -> None:
+    catalog = ReleaseCatalog(keep=1, max_history=3)
+    for i in range(5):
+        catalog.accept(_manifest(f"v{i}"), b"x")
+    assert [h.version for h in catalog.history()] == ["v2", "v3", "v4"]
