@@ -6,7 +6,7 @@ import pytest
 from schemas.drift import DriftReference
 from service.drift import Rows, Simulation, build_detectors, calibrate, threshold_for_ert
 from service.drift.calibrate import FirstAlarms
-from tests.service.drift.conftest import outputs
+from tests.service.drift.synthetic import outputs
 
 ERT = 300
 

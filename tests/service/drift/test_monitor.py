@@ -15,7 +15,7 @@ from service.http.api import boost_on_alarm
 from service.metrics import ScorerMetrics
 from service.pipeline.batching import Batch, InboundFrame
 from service.selection.policy import QueryPolicy
-from tests.service.drift.conftest import outputs
+from tests.service.drift.synthetic import outputs
 
 
 @dataclass
