@@ -28,32 +28,14 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from schemas.frames import ContentType
+from schemas.media import ALIASES, other_format, sniff
 from schemas.model_spec import ModelSpec
 from schemas.pixels import image_to_input
 from service.errors import PoisonRecord
 
-JPEG_MAGIC = b"\xff\xd8\xff"
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"
-_ACCEPTED_TYPES = {"image/jpeg": "JPEG", "image/jpg": "JPEG", "image/png": "PNG"}
-# Signatures of image formats that are recognized but not accepted.
-_OTHER_FORMATS: tuple[tuple[int, bytes, str], ...] = (
-    (0, b"GIF87a", "GIF"),
-    (0, b"GIF89a", "GIF"),
-    (0, b"BM", "BMP"),
-    (8, b"WEBP", "WebP"),
-    (0, b"II*\x00", "TIFF"),
-    (0, b"MM\x00*", "TIFF"),
-    (0, b"\x00\x00\x01\x00", "ICO"),
-    (4, b"ftypheic", "HEIC"),
-    (4, b"ftypheix", "HEIC"),
-    (4, b"ftypmif1", "HEIF"),
-    (4, b"ftypavif", "AVIF"),
-    (0, b"\x00\x00\x00\x0cjP  ", "JPEG 2000"),
-    (0, b"\xff\x0a", "JPEG XL"),
-    (0, b"qoif", "QOI"),
-    (0, b"8BPS", "PSD"),
-)
+_PIL_FORMATS: dict[ContentType, str] = {"image/jpeg": "JPEG", "image/png": "PNG"}
 # JPEG start-of-frame markers: C0-CF except DHT (C4), JPG (C8) and DAC (CC).
 _SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 
@@ -166,7 +148,7 @@ def _check_content_type(content_type: str | None) -> None:
     if not content_type:
         return
     media = content_type.split(";", 1)[0].strip().lower()
-    if media not in _ACCEPTED_TYPES:
+    if media not in ALIASES:
         raise PoisonRecord(
             "unsupported_type",
             f"The content type '{content_type}' is not supported; send image/jpeg or image/png.",
@@ -174,16 +156,15 @@ def _check_content_type(content_type: str | None) -> None:
 
 
 def _sniff(value: bytes) -> str:
-    if value.startswith(JPEG_MAGIC):
-        return "JPEG"
-    if value.startswith(PNG_MAGIC):
-        return "PNG"
-    for offset, magic, name in _OTHER_FORMATS:
-        if value[offset : offset + len(magic)] == magic:
-            raise PoisonRecord(
-                "unsupported_type",
-                f"The bytes are a {name} image; only JPEG and PNG are supported.",
-            )
+    """Pillow's format name of a JPEG or PNG; PoisonRecord for anything else."""
+    content_type = sniff(value)
+    if content_type is not None:
+        return _PIL_FORMATS[content_type]
+    name = other_format(value)
+    if name is not None:
+        raise PoisonRecord(
+            "unsupported_type", f"The bytes are a {name} image; only JPEG and PNG are supported."
+        )
     raise PoisonRecord(
         "undecodable", f"The {len(value)} bytes are not a JPEG or PNG image (unknown signature)."
     )
