@@ -1,48 +1,44 @@
 """Typed settings of the learning role, read from ``WINNOW_TRAINER_*`` and ``WINNOW_KAFKA_*``.
 
-The trainer reads the same ``WINNOW_KAFKA_*`` variables as the online role but
-through its own class, so that ``trainer`` never imports ``service``. Nothing
-is built at import time: ``TrainerSettings()`` is called in ``main()`` or by a
-test.
+The trainer reaches Kafka through :class:`~infra.kafka.settings.KafkaSettings`,
+the one connection class every role shares, so SASL and TLS mean the same
+here as in the scorer. Settings are frozen: change one by copy
+(``settings.model_copy(update=...)``). Nothing is built at import time:
+``TrainerSettings()`` is called in ``main()`` or by a test.
 """
 
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from schemas.topics import TopicNames
+from infra.kafka.settings import KafkaSettings
+
+TRAINER_CLIENT_ID = "winnow-trainer"
+"""The trainer's Kafka client id unless ``WINNOW_KAFKA_CLIENT_ID`` sets one."""
 
 
-class TrainerKafkaSettings(BaseSettings):
-    """How the trainer reaches Kafka (the connection fields of the service's settings)."""
+def with_trainer_client_id(kafka: KafkaSettings) -> KafkaSettings:
+    """``kafka``, with the trainer's client id if no client id was set explicitly.
 
-    model_config = SettingsConfigDict(env_prefix="WINNOW_KAFKA_", extra="ignore")
+    Args:
+        kafka: connection settings; a ``client_id`` given to them (or read
+            from ``WINNOW_KAFKA_CLIENT_ID``) is kept.
 
-    bootstrap: str | None = Field(default=None, description="host:port[,host:port]")
-    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
-    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
-    sasl_username: str | None = None
-    sasl_password: SecretStr | None = None
-    ssl_cafile: Path | None = None
-    ssl_certfile: Path | None = None
-    ssl_keyfile: Path | None = None
-    topic_prefix: str = "winnow."
-    client_id: str = "winnow-trainer"
-    session_timeout_ms: int = Field(default=10_000, ge=1000)
-    heartbeat_interval_ms: int = Field(default=3_000, ge=100)
-
-    @property
-    def topics(self) -> TopicNames:
-        return TopicNames.with_prefix(self.topic_prefix)
+    Returns:
+        ``kafka`` itself, or a copy whose ``client_id`` is ``winnow-trainer``.
+    """
+    if "client_id" in kafka.model_fields_set:
+        return kafka
+    return kafka.model_copy(update={"client_id": TRAINER_CLIENT_ID})
 
 
 class TrainerSettings(BaseSettings):
     """All settings of ``winnow train``."""
 
     model_config = SettingsConfigDict(
-        env_prefix="WINNOW_TRAINER_", extra="ignore", populate_by_name=True
+        env_prefix="WINNOW_TRAINER_", extra="ignore", populate_by_name=True, frozen=True
     )
 
     data_dir: Path = Field(default=Path("./winnow-data"), description="the sample store lives here")
@@ -74,7 +70,11 @@ class TrainerSettings(BaseSettings):
         validation_alias=AliasChoices("WINNOW_MODEL_SIGNING_KEY", "model_signing_key"),
         description="HMAC key that signs model releases (shared with the scorer)",
     )
-    kafka: TrainerKafkaSettings = Field(default_factory=TrainerKafkaSettings)
+    kafka: KafkaSettings = Field(
+        default_factory=KafkaSettings,
+        validate_default=True,
+        description="the cluster; client id winnow-trainer unless WINNOW_KAFKA_CLIENT_ID is set",
+    )
     # The first model, when the data directory has no checkpoint yet (cold start).
     classes: list[str] = Field(default_factory=list, description="class names, in order")
     arch: str = "small-cnn"
@@ -88,6 +88,11 @@ class TrainerSettings(BaseSettings):
     )
     model_name: str = "winnow"
     seed: int = 0
+
+    @field_validator("kafka")
+    @classmethod
+    def _trainer_client_id(cls, kafka: KafkaSettings) -> KafkaSettings:
+        return with_trainer_client_id(kafka)
 
     @property
     def store_path(self) -> Path:

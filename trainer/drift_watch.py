@@ -17,9 +17,11 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 
+from infra.errors import BrokerError
+from infra.kafka.admin import topic_partitions
+from infra.kafka.consumer import create_consumer
+from infra.kafka.settings import KafkaSettings
 from schemas.drift import DriftEvent
-from trainer.config import TrainerKafkaSettings
-from trainer.kafka import create_consumer
 from trainer.metrics import TrainerMetrics
 
 log = logging.getLogger(__name__)
@@ -44,7 +46,7 @@ class DriftWatch:
 
     def __init__(
         self,
-        kafka: TrainerKafkaSettings,
+        kafka: KafkaSettings,
         metrics: TrainerMetrics,
         *,
         ready_timeout_s: float = 10.0,
@@ -102,7 +104,7 @@ class DriftWatch:
             self._assigned = False
             try:
                 await self._watch()
-            except (KafkaError, OSError) as error:
+            except (KafkaError, BrokerError, OSError) as error:
                 attempt = 0 if self._assigned else attempt
                 delay = _RETRY_BACKOFF_S[min(attempt, len(_RETRY_BACKOFF_S) - 1)]
                 attempt += 1
@@ -131,9 +133,7 @@ class DriftWatch:
 
     async def _assign(self, consumer: AIOKafkaConsumer) -> bool:
         """Assigns the topic's partitions at their saved, end or beginning offsets."""
-        await consumer._client.force_metadata_update()
-        found = sorted(consumer.partitions_for_topic(self.topic) or ())
-        partitions = [TopicPartition(self.topic, p) for p in found]
+        partitions = await topic_partitions(self._kafka, self.topic)
         if not partitions:
             log.log(
                 logging.DEBUG if self._looked else logging.WARNING,

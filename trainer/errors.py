@@ -1,12 +1,26 @@
-"""Errors of the learning role, with retriability as data."""
+"""Errors of the learning role, with retriability as data.
 
-from typing import ClassVar
+The base, ``ConfigError`` and ``BrokerError`` come from ``infra.errors``, shared
+with the online role; here are the kinds only the trainer raises.
+"""
+
+from infra.errors import BrokerError, ConfigError, WinnowError
+
+__all__ = [
+    "BrokerError",
+    "CheckpointError",
+    "ConfigError",
+    "DeviceError",
+    "ModelBuildError",
+    "ModelExportError",
+    "SampleError",
+    "TrainerError",
+    "WinnowError",
+]
 
 
-class TrainerError(Exception):
-    """Base of the trainer's errors."""
-
-    retriable: ClassVar[bool] = False
+class TrainerError(WinnowError):
+    """Base of the trainer's own errors (not retriable unless a subclass says so)."""
 
 
 class ModelBuildError(TrainerError):

@@ -2,9 +2,11 @@
 
 One consumer in the trainer's group reads both topics with manual commits.
 Each batch is validated, written to the store (committed to disk), its dead
-letters are produced and acknowledged, and only then are its offsets
-committed: a crash at any point redelivers records, and the store drops the
-duplicates, so nothing is lost and nothing counts twice.
+letters are produced and acknowledged (:class:`~infra.kafka.delivery.Delivery`),
+and only then are its records marked done and their offsets committed
+(:class:`~infra.kafka.offsets.OffsetTracker`): a crash at any point
+redelivers records, and the store drops the duplicates, so nothing is lost and
+nothing counts twice.
 
 Labels and requests may arrive in any order. A label whose class its request
 does not list goes to the dead-letter topic as ``unknown_class``, when it
@@ -16,24 +18,31 @@ requests does not drop labels whose requests are still unread.
 """
 
 import asyncio
-import base64
 import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import TypeVar
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
-from aiokafka.errors import CommitFailedError, KafkaError
+from aiokafka import (
+    AIOKafkaConsumer,
+    AIOKafkaProducer,
+    ConsumerRebalanceListener,
+    ConsumerRecord,
+    TopicPartition,
+)
 from pydantic import BaseModel, ValidationError
 
-from schemas.dead_letter import DeadLetter, DeadLetterReason
+from infra.component import Component
+from infra.kafka.consumer import create_consumer
+from infra.kafka.delivery import Delivery, OutRecord
+from infra.kafka.offsets import OffsetTracker
+from infra.kafka.producer import create_producer
+from schemas.dead_letter import DeadLetter, DeadLetterReason, dead_letter, header_text
 from schemas.frames import FrameOrigin
 from schemas.label_requests import LabelRequest
 from schemas.labels import Label
 from trainer.config import TrainerSettings
-from trainer.kafka import create_consumer, create_producer
 from trainer.store import LabelOutcome, SampleStore, StoredLabel
 
 log = logging.getLogger(__name__)
@@ -44,7 +53,6 @@ DEAD_LETTER_MAX_VALUE_BYTES = 900 * 1024
 _FETCH_TIMEOUT_MS = 500
 _MAX_RECORDS = 500
 _STOP_TIMEOUT_S = 10.0
-_SEND_RETRY_BACKOFF_S = (0.5, 1.0, 2.0, 4.0)
 _MAX_SWEEP_INTERVAL_S = 30.0
 
 _M = TypeVar("_M", bound=BaseModel)
@@ -74,7 +82,7 @@ class _BatchResult:
     grew: bool = False
 
 
-class Intake:
+class Intake(Component):
     """Feeds the sample store from ``label-requests`` and ``labels``.
 
     Use as ``async with Intake(settings, store) as intake:``. ``new_labels`` is
@@ -95,44 +103,41 @@ class Intake:
         *,
         sweep_interval_s: float | None = None,
     ) -> None:
+        super().__init__()
         self.settings = settings
         self.store = store
         self.new_labels = asyncio.Event()
         self.counters = IntakeCounters()
+        self.offsets = OffsetTracker("intake")
         self._topics = settings.kafka.topics
         self._sweep_every = sweep_interval_s or min(
             settings.orphan_grace_s / 2, _MAX_SWEEP_INTERVAL_S
         )
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
+        self._delivery: Delivery | None = None
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
-        self._stopped = False
         self._started_at = 0.0
         self._next_sweep = 0.0
 
     # -- lifecycle -------------------------------------------------------------------------
 
-    async def __aenter__(self) -> "Intake":
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
-
-    async def start(self) -> None:
+    async def _start(self) -> None:
         """Connects, joins the consumer group and starts consuming."""
         kafka = self.settings.kafka
         self._producer = create_producer(kafka)
         await self._producer.start()
-        self._consumer = create_consumer(
-            kafka, self._topics.label_requests, self._topics.labels, group_id=self.settings.group_id
+        self._delivery = Delivery(self._producer, what="dead letters")
+        self._consumer = create_consumer(kafka, group_id=self.settings.group_id)
+        self._consumer.subscribe(
+            [self._topics.label_requests, self._topics.labels], listener=_Revoke(self.offsets)
         )
         await self._consumer.start()
         self._started_at = time.monotonic()
         if await asyncio.to_thread(self.store.untrained_count):
             self.new_labels.set()
-        self._task = asyncio.create_task(self._run(), name="trainer-intake")
+        self._task = self.supervise(self._run(), name="trainer-intake")
         log.info(
             "intake started: topics=%s,%s group=%s",
             self._topics.label_requests,
@@ -145,11 +150,8 @@ class Intake:
         if self._task is not None:
             await self._task
 
-    async def stop(self) -> None:
-        """Finishes the batch in hand (its offsets are committed) and disconnects. Idempotent."""
-        if self._stopped:
-            return
-        self._stopped = True
+    async def _stop(self) -> None:
+        """Finishes the batch in hand (its offsets are committed), then disconnects."""
         self._stopping.set()
         try:
             if self._task is not None:
@@ -179,24 +181,28 @@ class Intake:
 
     async def _handle(self, records: list[ConsumerRecord]) -> None:
         """Store, then dead letters (acknowledged), then offsets: in that order."""
+        assert self._consumer is not None
+        positions = [(TopicPartition(r.topic, r.partition), r.offset) for r in records]
+        self.offsets.consumed_many(positions)
         result = await asyncio.to_thread(self._apply, records)
         await self._send(result.letters)
         if result.drop_after_send:
             await asyncio.to_thread(self.store.drop_labels, result.drop_after_send)
-        await self._commit(records)
+        self.offsets.done_many(positions)
+        await self.offsets.commit(self._consumer)
         if result.grew:
             self.new_labels.set()
 
     def _apply(self, records: list[ConsumerRecord]) -> _BatchResult:
         """Writes a batch to the store (runs in a thread: every write is an fsync)."""
-        before = self.store.untrained_count()
+        before = self.store.untrained_added
         result = _BatchResult()
         for record in records:
             if record.topic == self._topics.label_requests:
                 self._apply_request(record, result)
             else:
                 self._apply_label(record, result)
-        result.grew = self.store.untrained_count() > before
+        result.grew = self.store.untrained_added > before
         return result
 
     def _apply_request(self, record: ConsumerRecord, result: _BatchResult) -> None:
@@ -250,24 +256,14 @@ class Intake:
     # -- producing and committing ----------------------------------------------------------
 
     async def _send(self, letters: list[_Letter]) -> None:
-        """Produces dead letters and awaits every ack; retries the whole set (duplicates ok)."""
+        """Produces dead letters and awaits every ack; transient errors resend the set."""
         if not letters:
             return
-        assert self._producer is not None
+        assert self._delivery is not None
         topic = self._topics.dead_letter
-        for attempt, backoff in enumerate((*_SEND_RETRY_BACKOFF_S, None)):
-            try:
-                futures = [
-                    await self._producer.send(topic, d.letter.model_dump_json().encode(), key=d.key)
-                    for d in letters
-                ]
-                await asyncio.gather(*futures)
-                break
-            except KafkaError as error:
-                if backoff is None:
-                    raise
-                log.warning("dead-letter produce failed (attempt %d): %s", attempt + 1, error)
-                await asyncio.sleep(backoff)
+        await self._delivery.send_all(
+            [OutRecord(topic, d.key, d.letter.model_dump_json().encode()) for d in letters]
+        )
         for d in letters:
             self.counters.dead_letters[d.letter.reason] += 1
             origin = d.letter.origin
@@ -280,26 +276,28 @@ class Intake:
                 d.letter.detail,
             )
 
-    async def _commit(self, records: list[ConsumerRecord]) -> None:
-        assert self._consumer is not None
-        assigned = self._consumer.assignment()
-        offsets: dict[TopicPartition, int] = {}
-        for record in records:
-            tp = TopicPartition(record.topic, record.partition)
-            if tp in assigned:
-                offsets[tp] = max(offsets.get(tp, 0), record.offset + 1)
-        if not offsets:
-            return
-        try:
-            await self._consumer.commit(offsets)
-        except (CommitFailedError, KafkaError) as error:
-            log.warning("offset commit failed, records will be redelivered: %s", error)
-
     def _stored_letter(self, stored: StoredLabel, reason: DeadLetterReason, detail: str) -> _Letter:
         frame_id = stored.label.frame_id
         origin = stored.origin or FrameOrigin(topic=self._topics.labels, partition=0, offset=0)
         value = stored.label.model_dump_json(exclude_none=True).encode()
         return _Letter(stored.key or frame_id.encode(), _dead_letter(origin, reason, detail, value))
+
+
+class _Revoke(ConsumerRebalanceListener):
+    """Forgets the offsets of revoked partitions; their records go to the new owner.
+
+    Every batch is done and committed before the next fetch, and a rebalance
+    only happens during a fetch, so nothing done is left uncommitted here.
+    """
+
+    def __init__(self, offsets: OffsetTracker) -> None:
+        self.offsets = offsets
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        self.offsets.forget(revoked)
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        log.info("intake assigned: %s", sorted(f"{tp.topic}:{tp.partition}" for tp in assigned))
 
 
 def _parse(model: type[_M], value: bytes | None) -> _M | str:
@@ -317,28 +315,23 @@ def _parse(model: type[_M], value: bytes | None) -> _M | str:
 
 def _record_letter(record: ConsumerRecord, reason: DeadLetterReason, detail: str) -> _Letter:
     origin = FrameOrigin(topic=record.topic, partition=record.partition, offset=record.offset)
-    headers = {name: raw.decode("utf-8", "replace") for name, raw in record.headers or () if raw}
-    letter = _dead_letter(origin, reason, detail, record.value or b"", headers)
-    return _Letter(record.key, letter)
+    headers = header_text(record.headers or ())
+    return _Letter(record.key, _dead_letter(origin, reason, detail, record.value, headers))
 
 
 def _dead_letter(
     origin: FrameOrigin,
     reason: DeadLetterReason,
     detail: str,
-    value: bytes,
+    value: bytes | None,
     headers: dict[str, str] | None = None,
 ) -> DeadLetter:
-    kept = value[:DEAD_LETTER_MAX_VALUE_BYTES]
-    fields: dict[str, Any] = {
-        "origin": origin,
-        "reason": reason,
-        "detail": detail,
-        "role": "trainer",
-        "failed_at": datetime.now(UTC),
-        "headers": headers or {},
-        "value": base64.b64encode(kept) if kept else None,
-        "value_size": len(value),
-        "value_truncated": len(kept) < len(value),
-    }
-    return DeadLetter.model_validate(fields)
+    return dead_letter(
+        origin,
+        reason,
+        detail,
+        value,
+        role="trainer",
+        max_value_bytes=DEAD_LETTER_MAX_VALUE_BYTES,
+        headers=headers,
+    )

@@ -25,6 +25,7 @@ from typing import Literal
 import numpy as np
 from aiokafka import AIOKafkaProducer
 
+from infra.kafka.producer import create_producer
 from schemas.drift import DriftEvent
 from schemas.model_spec import ModelSpec
 from trainer.architectures import WinnowNet, build_model
@@ -36,7 +37,6 @@ from trainer.evaluate import Prequential, accuracy, is_holdout, release_gate
 from trainer.export import check_parity, export_onnx
 from trainer.finetune import FinetuneConfig, finetune_round, predict_proba, select_device
 from trainer.intake import Intake
-from trainer.kafka import create_producer
 from trainer.metrics import TrainerMetrics
 from trainer.model_init import default_normalization, seed_everything
 from trainer.reference import reference_for

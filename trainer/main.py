@@ -4,25 +4,30 @@ import asyncio
 import logging
 import signal
 
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from prometheus_client import start_http_server
 
+from infra.kafka.admin import ensure_topics
 from trainer.config import TrainerSettings
-from trainer.kafka import client_kwargs
 from trainer.loop import Trainer
 from trainer.metrics import TrainerMetrics
 
 log = logging.getLogger(__name__)
-EMBEDDED_DEFAULT = "127.0.0.1:9092"
 
 
 def run_trainer(settings: TrainerSettings) -> int:
-    """Blocks until a signal (exit 0) or a failure of the round loop (exit 1)."""
+    """Blocks until a signal (exit 0) or a failure of the round loop (exit 1).
+
+    With no ``WINNOW_KAFKA_BOOTSTRAP`` the trainer connects to the embedded
+    broker's address (``127.0.0.1:WINNOW_KAFKA_EMBEDDED_PORT``), where
+    ``winnow serve`` and ``winnow broker`` start it.
+    """
     if settings.kafka.bootstrap is None:
-        settings.kafka.bootstrap = EMBEDDED_DEFAULT
+        embedded = f"127.0.0.1:{settings.kafka.embedded_port}"
+        kafka = settings.kafka.model_copy(update={"bootstrap": embedded})
+        settings = settings.model_copy(update={"kafka": kafka})
         log.info(
             "no WINNOW_KAFKA_BOOTSTRAP: using %s (`winnow serve`/`winnow broker` default)",
-            EMBEDDED_DEFAULT,
+            embedded,
         )
     return asyncio.run(_run(settings))
 
@@ -50,18 +55,19 @@ async def _run(settings: TrainerSettings) -> int:
         server.shutdown()
 
 
-async def ensure_trainer_topics(settings: TrainerSettings, partitions: int = 3) -> None:
-    """Creates the topics the trainer reads and writes when they are missing."""
+async def ensure_trainer_topics(settings: TrainerSettings) -> None:
+    """Creates the topics the trainer reads and writes when they are missing.
+
+    New topics get ``WINNOW_KAFKA_PARTITIONS`` partitions and
+    ``WINNOW_KAFKA_REPLICATION_FACTOR`` replicas; existing ones are left alone.
+
+    Raises:
+        ConfigError: the connection settings are inconsistent.
+        BrokerError: the broker is unreachable or refused a topic (e.g. more
+            replicas than it has brokers).
+    """
     topics = settings.kafka.topics
     names = [topics.label_requests, topics.labels, topics.models, topics.dead_letter]
     if settings.drift_rounds:
         names.append(topics.drift)
-    admin = AIOKafkaAdminClient(**client_kwargs(settings.kafka))
-    await admin.start()
-    try:
-        existing = set(await admin.list_topics())
-        missing = [NewTopic(n, partitions, 1) for n in names if n not in existing]
-        if missing:
-            await admin.create_topics(missing)
-    finally:
-        await admin.close()
+    await ensure_topics(settings.kafka, names)

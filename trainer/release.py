@@ -3,16 +3,19 @@
 Every record is keyed by the model name, so a release lands on one partition
 and its chunks follow its manifest in order. The manifest carries the
 artifact's sha256 and, with a signing key, its signature (the format is in
-:mod:`schemas.release_codec`).
+:mod:`schemas.release_codec`). Records are sent through
+:class:`~infra.kafka.delivery.Delivery`: a transient broker error sends the
+whole release again (the scorer's assembler tolerates the duplicates).
 """
 
-import asyncio
 import base64
 import logging
+from collections.abc import Sequence
 from datetime import UTC, datetime
 
 from aiokafka import AIOKafkaProducer
 
+from infra.kafka.delivery import DEFAULT_BACKOFF_S, Delivery, OutRecord
 from schemas.model_spec import ModelSpec
 from schemas.models import ModelChunk, ModelManifest
 from schemas.release_codec import MAX_RECORD_BYTES, sha256_hex, sign, split_chunks
@@ -104,6 +107,8 @@ async def publish_release(
     spec: ModelSpec,
     signing_key: bytes | None,
     model_name: str | None = None,
+    *,
+    backoff_s: Sequence[float] = DEFAULT_BACKOFF_S,
 ) -> ModelManifest:
     """Publishes a release and waits until the broker has acknowledged every record.
 
@@ -114,20 +119,22 @@ async def publish_release(
         spec: the model's spec.
         signing_key: the HMAC key's bytes, or None to publish unsigned.
         model_name: the record key; ``spec.name`` if None.
+        backoff_s: waits between attempts after a transient broker error.
 
     Returns:
         The published manifest.
 
     Raises:
         ReleasePublishError: the release cannot be built.
-        aiokafka.errors.KafkaError: the broker refused or did not acknowledge a record.
+        aiokafka.errors.KafkaError: the broker refused a record, or a transient
+            error outlasted every retry.
     """
     manifest, chunks = build_release(artifact, spec, signing_key, model_name)
     key = manifest.model_name.encode()
-    # send() returns once a record is queued; queueing in order on one key keeps it in order.
-    values = encode_records(manifest, chunks)
-    futures = [await producer.send(topic, value, key=key) for value in values]
-    metadata = await asyncio.gather(*futures)
+    # Records are queued in order on one key, so the chunks follow their manifest.
+    records = [OutRecord(topic, key, value) for value in encode_records(manifest, chunks)]
+    delivery = Delivery(producer, backoff_s=backoff_s, what="release records")
+    metadata = await delivery.send_all(records)
     log.info(
         "release published: topic=%s partition=%d offsets=%d-%d model=%s version=%s "
         "bytes=%d chunks=%d signed=%s",

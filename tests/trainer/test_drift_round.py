@@ -11,15 +11,16 @@ import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 from prometheus_client import generate_latest
 
+from infra.kafka.connection import client_kwargs
 from infra.kafka.settings import KafkaSettings
 from schemas.drift import DriftEvent
 from schemas.topics import TopicNames
 from tests.kafka_helpers import produce
-from tests.trainer.test_intake import eventually
-from tests.trainer.test_loop import _feed, _settings
-from trainer.config import TrainerKafkaSettings, TrainerSettings
+from tests.trainer.helpers import eventually
+from tests.trainer.helpers import feed as _feed
+from tests.trainer.helpers import loop_settings as _settings
+from trainer.config import TrainerSettings
 from trainer.drift_watch import DriftWatch
-from trainer.kafka import client_kwargs
 from trainer.loop import Trainer
 from trainer.main import ensure_trainer_topics
 from trainer.metrics import TrainerMetrics
@@ -199,7 +200,7 @@ async def test_the_watcher_outlives_an_unreachable_broker() -> None:
     with socket.socket() as sock:  # a port nothing listens on
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    kafka = TrainerKafkaSettings(bootstrap=f"127.0.0.1:{port}")
+    kafka = KafkaSettings(bootstrap=f"127.0.0.1:{port}")
     watch = DriftWatch(kafka, TrainerMetrics(), ready_timeout_s=0.5)
     await watch.start()  # returns, though it cannot connect
     await asyncio.sleep(0.2)
@@ -208,14 +209,22 @@ async def test_the_watcher_outlives_an_unreachable_broker() -> None:
     await watch.stop()  # idempotent
 
 
-async def test_the_drift_topic_is_created_with_the_trainers_topics(
+async def test_the_trainers_topics_follow_the_kafka_settings(
     kafka_settings: KafkaSettings, make_settings: Callable[..., TrainerSettings]
 ) -> None:
-    settings = make_settings()
+    # Tansu accepts any replication factor and reports that many replicas.
+    kafka = kafka_settings.model_copy(update={"partitions": 2, "replication_factor": 2})
+    settings = make_settings().model_copy(update={"kafka": kafka})
     await ensure_trainer_topics(settings)
+    topics = settings.kafka.topics
+    names = [topics.label_requests, topics.labels, topics.models, topics.dead_letter, topics.drift]
     admin = AIOKafkaAdminClient(**client_kwargs(settings.kafka))
     await admin.start()
     try:
-        assert settings.kafka.topics.drift in set(await admin.list_topics())
+        described = {t["topic"]: t["partitions"] for t in await admin.describe_topics(names)}
     finally:
         await admin.close()
+    assert set(described) == set(names)
+    for name, partitions in described.items():
+        assert len(partitions) == 2, name
+        assert {len(p["replicas"]) for p in partitions} == {2}, name

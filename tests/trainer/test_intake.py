@@ -10,9 +10,9 @@ import pytest
 from infra.kafka.settings import KafkaSettings
 from schemas.dead_letter import DeadLetter
 from schemas.topics import TopicNames
-from tests.kafka_helpers import produce, read_json
-from tests.trainer.test_store import make_request
-from trainer.config import TrainerKafkaSettings, TrainerSettings
+from tests.kafka_helpers import committed_offsets, produce, read_json
+from tests.trainer.helpers import make_request
+from trainer.config import TrainerSettings
 from trainer.intake import Intake
 from trainer.store import SampleStore
 
@@ -20,13 +20,7 @@ from trainer.store import SampleStore
 def trainer_settings(
     kafka_settings: KafkaSettings, group_id: str, data_dir: Path, **fields: object
 ) -> TrainerSettings:
-    kafka = TrainerKafkaSettings(
-        bootstrap=kafka_settings.bootstrap,
-        topic_prefix=kafka_settings.topic_prefix,
-        session_timeout_ms=kafka_settings.session_timeout_ms,
-        heartbeat_interval_ms=kafka_settings.heartbeat_interval_ms,
-    )
-    return TrainerSettings(data_dir=data_dir, group_id=group_id, kafka=kafka, **fields)  # type: ignore[arg-type]
+    return TrainerSettings(data_dir=data_dir, group_id=group_id, kafka=kafka_settings, **fields)  # type: ignore[arg-type]
 
 
 def request_record(frame_id: str, **kwargs: object) -> tuple[bytes, bytes, list]:
@@ -218,9 +212,14 @@ async def test_a_restarted_intake_rereads_nothing_and_loses_nothing(
         kafka_settings, winnow_topics.labels, [label_record(f, "dog") for f in frames[:25]]
     )
     store = SampleStore(settings.store_path)
-    async with Intake(settings, store):
+    async with Intake(settings, store) as intake:
         await eventually(lambda: store.counts().labels == 25)
+        await eventually(lambda: intake.offsets.pending() == 0)
     store.close()
+    committed = await committed_offsets(
+        kafka_settings, winnow_topics.label_requests, settings.group_id
+    )
+    assert sum(committed.values()) == 50, "every request is done and committed"
 
     await produce(
         kafka_settings, winnow_topics.labels, [label_record(f, "dog") for f in frames[25:]]
