@@ -13,7 +13,7 @@ from schemas.frames import FrameOrigin
 from schemas.label_requests import LabelRequest
 from schemas.scores import Decision, Scores
 from tests.kafka_helpers import produce, read_json
-from trainer.config import TrainerKafkaSettings, TrainerSettings
+from trainer.config import TrainerSettings
 from trainer.evaluate import accuracy
 from trainer.loop import Trainer
 from trainer.main import ensure_trainer_topics
@@ -24,11 +24,8 @@ CLASSES = [str(d) for d in range(10)]
 
 
 def _settings(kafka_settings, group_id: str, data_dir: Path, **kw: object) -> TrainerSettings:
-    kafka = TrainerKafkaSettings(
-        bootstrap=kafka_settings.bootstrap,
-        topic_prefix=kafka_settings.topic_prefix,
-        session_timeout_ms=2000,
-        heartbeat_interval_ms=500,
+    kafka = kafka_settings.model_copy(
+        update={"session_timeout_ms": 2000, "heartbeat_interval_ms": 500}
     )
     base = dict(
         data_dir=data_dir,
@@ -168,7 +165,7 @@ async def test_labels_survive_a_restart_and_train_in_the_next_round(
 async def test_topics_are_created_when_missing(kafka_settings, tmp_path: Path) -> None:
     from aiokafka.admin import AIOKafkaAdminClient
 
-    from trainer.kafka import client_kwargs
+    from infra.kafka.connection import client_kwargs
 
     settings = _settings(kafka_settings, "g", tmp_path)
     await ensure_trainer_topics(settings)
