@@ -9,7 +9,7 @@ import torch
 from schemas.model_spec import ModelSpec
 from service.model.inference import OnnxModel
 from tests.kafka_helpers import read_json
-from tests.trainer.test_loop import _feed, _manifests, _settings
+from tests.trainer.helpers import feed, loop_settings, manifests
 from trainer.architectures import build_model
 from trainer.export import export_onnx
 from trainer.loop import Trainer
@@ -73,17 +73,17 @@ async def test_a_trainer_release_carries_a_reference(
     tmp_path: Path,
 ) -> None:
     pngs, targets = digits
-    async with Trainer(_settings(kafka_settings, group_id, tmp_path)):
-        await _feed(kafka_settings, winnow_topics, pngs, targets, range(0, 120))
-        manifests = _manifests(
+    async with Trainer(loop_settings(kafka_settings, group_id, tmp_path)):
+        await feed(kafka_settings, winnow_topics, pngs, targets, range(0, 120))
+        published = manifests(
             await read_json(
                 kafka_settings,
                 winnow_topics.models,
-                lambda out: any(m["spec"]["labels_trained"] > 0 for m in _manifests(out)),
+                lambda out: any(m["spec"]["labels_trained"] > 0 for m in manifests(out)),
                 within=240,
             )
         )
-    assert manifests[0]["spec"]["reference"] is None  # the cold-start model: scorer warms up
-    reference = manifests[-1]["spec"]["reference"]
+    assert published[0]["spec"]["reference"] is None  # the cold-start model: scorer warms up
+    reference = published[-1]["spec"]["reference"]
     assert reference is not None and reference["origin"] == "training"
     assert reference["frames"] >= 60

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.kafka_helpers import read_json
-from tests.trainer.test_loop import CLASSES, _feed, _manifests
+from tests.trainer.helpers import DIGIT_CLASSES, feed, manifests
 from trainer.store import SampleStore
 
 pytestmark = pytest.mark.slow
@@ -33,7 +33,7 @@ def _start(kafka_settings, group_id: str, data_dir: Path, min_labels: int, log: 
         "winnow.cli",
         "train",
         "--classes",
-        ",".join(CLASSES),
+        ",".join(DIGIT_CLASSES),
         "--arch",
         "small-cnn",
         "--input-size",
@@ -63,9 +63,9 @@ async def test_sigkill_loses_no_label(
     first = _start(kafka_settings, group_id, data_dir, 10_000, log)
     try:
         await read_json(
-            kafka_settings, winnow_topics.models, lambda out: len(_manifests(out)) >= 1, within=60
+            kafka_settings, winnow_topics.models, lambda out: len(manifests(out)) >= 1, within=60
         )  # the cold start
-        await _feed(kafka_settings, winnow_topics, pngs, targets, range(0, 30))
+        await feed(kafka_settings, winnow_topics, pngs, targets, range(0, 30))
         async with asyncio.timeout(60):
             while True:  # the labels are in the store: the intake committed them
                 store = SampleStore(data_dir / "samples.sqlite3")
@@ -79,11 +79,11 @@ async def test_sigkill_loses_no_label(
         first.wait(timeout=30)
     second = _start(kafka_settings, group_id, data_dir, 30, log)
     try:
-        models = _manifests(
+        models = manifests(
             await read_json(
                 kafka_settings,
                 winnow_topics.models,
-                lambda out: any(m["spec"]["labels_trained"] for m in _manifests(out)),
+                lambda out: any(m["spec"]["labels_trained"] for m in manifests(out)),
                 within=120,
             )
         )
