@@ -8,8 +8,10 @@ the current model (continuous fine-tuning, never from scratch), trains on the
 new labels plus a replay of earlier ones weighted towards those the model gets
 wrong, measures the candidate on a holdout drawn from the labels, and, if the
 release gate lets it through, exports it to ONNX, checks parity and publishes
-it on ``winnow.models``. Labels are marked trained only after the release is
-out and the checkpoint is saved, so a trainer killed mid-round redoes the round.
+it on ``winnow.models``. A round builds its candidate aside; the trainer
+adopts it as its model only once the release is out and the checkpoint is
+saved, and marks the labels trained only then, so a trainer killed mid-round
+(or whose publish failed) still serves the model it had and redoes the round.
 """
 
 import asyncio
@@ -18,11 +20,12 @@ import logging
 import secrets
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import torch
 from aiokafka import AIOKafkaProducer
 
 from infra.kafka.producer import create_producer
@@ -32,16 +35,22 @@ from trainer.architectures import WinnowNet, build_model
 from trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from trainer.config import TrainerSettings
 from trainer.drift_watch import DriftWatch
-from trainer.errors import ModelBuildError, SampleError
+from trainer.errors import ModelBuildError
 from trainer.evaluate import Prequential, accuracy, is_holdout, release_gate
 from trainer.export import check_parity, export_onnx
-from trainer.finetune import FinetuneConfig, finetune_round, predict_proba, select_device
+from trainer.finetune import (
+    FinetuneConfig,
+    RoundStats,
+    finetune_round,
+    predict_proba,
+    select_device,
+)
 from trainer.intake import Intake
 from trainer.metrics import TrainerMetrics
 from trainer.model_init import default_normalization, seed_everything
 from trainer.reference import reference_for
 from trainer.release import publish_release
-from trainer.samples import Sample, decode_sample, stack
+from trainer.samples import Sample, SampleCache, stack
 from trainer.store import SampleStore, TrainItem
 
 log = logging.getLogger(__name__)
@@ -67,22 +76,32 @@ class RoundReport:
     trigger: RoundTrigger
 
 
-@dataclass
-class _Samples:
-    """Decoded samples, cached by (frame id, label) so rounds do not decode twice."""
+@dataclass(frozen=True)
+class _Split:
+    """A round's samples: new ones to train on, earlier ones to replay, and the holdout."""
 
-    cache: dict[tuple[str, str], Sample] = field(default_factory=dict)
+    train: list[Sample]
+    """``new`` and ``replay`` together, in received order."""
+    new: list[Sample]
+    replay: list[Sample]
+    holdout: list[Sample]
+    unseen: list[Sample]
+    """Every new sample, holdout included: the serving model is scored on them."""
 
-    def get(self, item: TrainItem, spec: ModelSpec) -> Sample | None:
-        key = (item.frame_id, item.label)
-        if key not in self.cache:
-            try:
-                index = spec.classes.index(item.label)
-                self.cache[key] = decode_sample(item.frame_id, item.image, index, spec)
-            except (SampleError, ValueError) as error:
-                log.warning("skipping frame %s: %s", item.frame_id, error)
-                return None
-        return self.cache[key]
+
+@dataclass(frozen=True)
+class _Round:
+    """What a round built in its worker thread, for the trainer to adopt after publishing.
+
+    ``model`` and ``spec`` are the candidate to release, or None when the gate
+    refused it; ``accuracy`` is the candidate's on the holdout.
+    """
+
+    report: RoundReport
+    model: WinnowNet | None
+    spec: ModelSpec | None
+    accuracy: float | None
+    prequential: Prequential
 
 
 class Trainer:
@@ -102,7 +121,7 @@ class Trainer:
         self.model: WinnowNet | None = None
         self.spec: ModelSpec | None = None
         self.incumbent_accuracy: float | None = None
-        self._samples = _Samples()
+        self._samples = SampleCache()
         self._producer: AIOKafkaProducer | None = None
         self._task: asyncio.Task[None] | None = None
         self._round_lock = asyncio.Lock()
@@ -225,71 +244,54 @@ class Trainer:
     async def run_round(self, trigger: RoundTrigger = "manual") -> RoundReport | None:
         """One round on every untrained label; None when there was nothing to learn.
 
+        The candidate becomes :attr:`model` only after its release is published
+        and checkpointed; if that fails, the error propagates and the model, the
+        spec and the labels' marks stay as they were.
+
         Args:
             trigger: what started the round, for the log and
                 ``winnow_trainer_rounds_triggered_total``.
         """
         async with self._round_lock:
             items = await asyncio.to_thread(self.store.trainable)
-            new_items = await asyncio.to_thread(self.store.trainable, True)
+            new_items = [item for item in items if item.untrained]
             if not new_items:
                 return None
-            report = await asyncio.to_thread(self._train, items, new_items, trigger)
-            if report.released:
-                assert self.model is not None and self.spec is not None
-                await self._release(self.model, self.spec)
-            await asyncio.to_thread(self.store.mark_trained, new_items, report.version)
-            self._account(report)
-            return report
+            unreleased = set(await asyncio.to_thread(self.store.trained_unreleased))
+            built = await asyncio.to_thread(self._train, items, unreleased, trigger)
+            if built.model is not None and built.spec is not None:
+                await self._release(built.model, built.spec)
+                self.model, self.spec = built.model, built.spec
+                self.incumbent_accuracy = built.accuracy
+            released = built.spec.version if built.spec is not None else None
+            await asyncio.to_thread(self.store.mark_trained, new_items, released)
+            self.prequential = built.prequential
+            self._account(built.report)
+            return built.report
 
-    def _train(
-        self, items: list[TrainItem], new_items: list[TrainItem], trigger: RoundTrigger
-    ) -> RoundReport:
-        """The CPU/GPU part of a round, in a worker thread."""
+    def _train(self, items: list[TrainItem], unreleased: set[str], trigger: RoundTrigger) -> _Round:
+        """The CPU/GPU part of a round, in a worker thread: builds a candidate, adopts nothing.
+
+        Args:
+            items: every trainable frame; the untrained ones are the round's new labels.
+            unreleased: frames refused candidates trained on since the last release;
+                a release counts them in ``labels_trained``.
+            trigger: what started the round.
+        """
         assert self.model is not None and self.spec is not None
-        started, spec, fraction = time.perf_counter(), self.spec, self.settings.holdout_fraction
-        new_ids = {item.frame_id for item in new_items}
-        samples = [(item, self._samples.get(item, spec)) for item in items]
-        samples = [(item, s) for item, s in samples if s is not None]
-        holdout = [s for item, s in samples if is_holdout(item.frame_id, fraction)]
-        train = [s for item, s in samples if not is_holdout(item.frame_id, fraction)]
-        new = [s for s in train if s.frame_id in new_ids]
-        replay = [s for s in train if s.frame_id not in new_ids]
-        self._prequential([s for _, s in samples if s.frame_id in new_ids])
-        candidate = copy.deepcopy(self.model)
-        stats = finetune_round(
-            candidate,
-            new,
-            replay,
-            FinetuneConfig.for_arch(spec.arch, seed=self.settings.seed),
-            self.device,
-            progress=lambda p: log.debug(
-                "round: epoch %d loss %.4f (%.1fs)", int(p["epoch"]), p["loss"], p["seconds"]
-            ),
-        )
+        started, model, spec = time.perf_counter(), self.model, self.spec
+        split = self._split(items, spec)
+        prequential = _scored(self.prequential, model, split.unseen, self.device)
+        candidate, stats = self._fit(model, spec, split)
+        holdout = split.holdout
         candidate_acc = accuracy(candidate, holdout, self.device) if holdout else None
-        incumbent_acc = accuracy(self.model, holdout, self.device) if holdout else None
+        incumbent_acc = accuracy(model, holdout, self.device) if holdout else None
         gate = release_gate(
             candidate_acc, incumbent_acc, self.settings.release_margin, holdout_size=len(holdout)
         )
-        labels_trained = spec.labels_trained + len(new)
-        version = self._next_version(labels_trained)
-        if gate.accepted:
-            self.model, self.incumbent_accuracy = candidate, candidate_acc
-            self.spec = spec.model_copy(
-                update={
-                    "version": version,
-                    "parent_version": spec.version,
-                    "labels_trained": labels_trained,
-                    "metrics": {
-                        **_metrics(candidate_acc, self.prequential, len(holdout), stats.loss),
-                        "generation": float(self._generation() + 1),
-                    },
-                    "reference": reference_for(
-                        candidate, train, holdout, self.device, self.settings.seed
-                    ),
-                }
-            )
+        carried = sum(1 for s in split.replay if s.frame_id in unreleased)
+        labels_trained = spec.labels_trained + len(split.new) + carried
+        version = _next_version(spec, labels_trained)
         log.info(
             "round (trigger=%s): %d new, %d replayed, %d holdout, loss %.4f in %.1fs; %s: %s",
             trigger,
@@ -301,35 +303,76 @@ class Trainer:
             "release " + version if gate.accepted else "rejected",
             gate.reason,
         )
-        return RoundReport(
+        released = None
+        if gate.accepted:
+            metrics = _metrics(candidate_acc, prequential, len(holdout), stats.loss)
+            released = spec.model_copy(
+                update={
+                    "version": version,
+                    "parent_version": spec.version,
+                    "labels_trained": labels_trained,
+                    "metrics": {**metrics, "generation": float(_generation(spec) + 1)},
+                    "reference": reference_for(
+                        candidate, split.train, holdout, self.device, self.settings.seed
+                    ),
+                }
+            )
+        report = RoundReport(
             version=version if gate.accepted else spec.version,
             released=gate.accepted,
-            new_labels=len(new_ids),
-            labels_trained=self.spec.labels_trained,
+            new_labels=len(split.unseen),
+            labels_trained=labels_trained if gate.accepted else spec.labels_trained,
             holdout=len(holdout),
             candidate_accuracy=candidate_acc,
             incumbent_accuracy=incumbent_acc,
-            prequential_accuracy=self.prequential.accuracy,
+            prequential_accuracy=prequential.accuracy,
             seconds=time.perf_counter() - started,
             reason=gate.reason,
             trigger=trigger,
         )
+        chosen = candidate if gate.accepted else None
+        return _Round(report, chosen, released, candidate_acc, prequential)
 
-    def _prequential(self, new: list[Sample]) -> None:
-        """Scores the current model on labels it has not seen yet (test, then train)."""
-        if not new:
-            return
-        assert self.model is not None
-        inputs, labels = stack(new)
-        predicted = predict_proba(self.model, inputs, self.device).argmax(axis=1)
-        for correct in (predicted == labels).tolist():
-            self.prequential.update(bool(correct))
+    def _fit(
+        self, model: WinnowNet, spec: ModelSpec, split: _Split
+    ) -> tuple[WinnowNet, RoundStats]:
+        """A fine-tuned copy of ``model``; ``model`` itself is left as it is."""
+        candidate = copy.deepcopy(model)
+        stats = finetune_round(
+            candidate,
+            split.new,
+            split.replay,
+            FinetuneConfig.for_arch(spec.arch, seed=self.settings.seed),
+            self.device,
+            progress=lambda p: log.debug(
+                "round: epoch %d loss %.4f (%.1fs)", int(p["epoch"]), p["loss"], p["seconds"]
+            ),
+        )
+        return candidate, stats
 
-    def _generation(self) -> int:
-        return int((self.spec.metrics if self.spec else {}).get("generation", 0))
-
-    def _next_version(self, labels_trained: int) -> str:
-        return f"{self._generation() + 1:04d}-{labels_trained}l-{secrets.token_hex(3)}"
+    def _split(self, items: list[TrainItem], spec: ModelSpec) -> _Split:
+        """Decodes the round's frames (only those not decoded before) and splits them."""
+        labeled = []
+        for item in items:
+            if item.label in spec.classes:
+                labeled.append((item.frame_id, spec.classes.index(item.label)))
+            else:
+                log.warning(
+                    "skipping frame %s: label %r is not a class of the model",
+                    item.frame_id,
+                    item.label,
+                )
+        samples = self._samples.samples(labeled, spec, self.store.images)
+        fraction = self.settings.holdout_fraction
+        new_ids = {item.frame_id for item in items if item.untrained}
+        train = [s for s in samples if not is_holdout(s.frame_id, fraction)]
+        return _Split(
+            train=train,
+            new=[s for s in train if s.frame_id in new_ids],
+            replay=[s for s in train if s.frame_id not in new_ids],
+            holdout=[s for s in samples if is_holdout(s.frame_id, fraction)],
+            unseen=[s for s in samples if s.frame_id in new_ids],
+        )
 
     # -- releases --------------------------------------------------------------------------
 
@@ -402,6 +445,30 @@ class Trainer:
         self.metrics.prequential_accuracy.set(report.prequential_accuracy)
         if self.incumbent_accuracy is not None:
             self.metrics.holdout_accuracy.set(self.incumbent_accuracy)
+
+
+def _scored(
+    prequential: Prequential, model: WinnowNet, new: list[Sample], device: torch.device
+) -> Prequential:
+    """``prequential`` with ``model`` scored on labels it has not seen yet (test, then train).
+
+    A copy: the trainer adopts it once the round's labels are marked trained.
+    """
+    scored = copy.deepcopy(prequential)
+    if new:
+        inputs, labels = stack(new)
+        predicted = predict_proba(model, inputs, device).argmax(axis=1)
+        for correct in (predicted == labels).tolist():
+            scored.update(bool(correct))
+    return scored
+
+
+def _generation(spec: ModelSpec) -> int:
+    return int(spec.metrics.get("generation", 0))
+
+
+def _next_version(spec: ModelSpec, labels_trained: int) -> str:
+    return f"{_generation(spec) + 1:04d}-{labels_trained}l-{secrets.token_hex(3)}"
 
 
 def _metrics(

@@ -6,7 +6,8 @@ frame is seen the same way at training and at serving time.
 """
 
 import io
-from collections.abc import Sequence
+import logging
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,6 +16,8 @@ from PIL import Image
 from schemas.model_spec import ModelSpec
 from schemas.pixels import image_to_input
 from trainer.errors import SampleError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -39,19 +42,90 @@ def decode_sample(frame_id: str, image_bytes: bytes, label_index: int, spec: Mod
         SampleError: the bytes are not an image Pillow can decode, or the label
             index is not a class of ``spec``.
     """
-    if not 0 <= label_index < len(spec.classes):
-        raise SampleError(
-            f"frame {frame_id}: label index {label_index} is not one of {len(spec.classes)} classes"
-        )
+    _check_label(frame_id, label_index, spec)
+    inputs = decode_inputs(frame_id, image_bytes, spec)
+    return Sample(frame_id=frame_id, inputs=inputs, label=int(label_index))
+
+
+def decode_inputs(frame_id: str, image_bytes: bytes, spec: ModelSpec) -> np.ndarray:
+    """Decodes an encoded image into the model input of ``spec`` (C x H x W float32).
+
+    Raises:
+        SampleError: the bytes are not an image Pillow can decode.
+    """
     try:
         with Image.open(io.BytesIO(image_bytes)) as image:
             image.load()
-            inputs = image_to_input(image, spec)
+            return image_to_input(image, spec)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         # Pillow reports truncated or foreign bytes as OSError (UnidentifiedImageError)
         # and some corrupt headers as ValueError or SyntaxError.
         raise SampleError(f"frame {frame_id}: cannot decode image: {exc}") from exc
-    return Sample(frame_id=frame_id, inputs=inputs, label=int(label_index))
+
+
+def _check_label(frame_id: str, label_index: int, spec: ModelSpec) -> None:
+    if not 0 <= label_index < len(spec.classes):
+        raise SampleError(
+            f"frame {frame_id}: label index {label_index} is not one of {len(spec.classes)} classes"
+        )
+
+
+class SampleCache:
+    """Decoded inputs by frame id, so that a frame's image is read and decoded once.
+
+    A frame's image never changes (the store keeps the first request of a
+    frame id); only its label may, and a sample takes the label it is asked
+    for. Frames that cannot be decoded are remembered as such, so they are not
+    read again either. The inputs follow the preprocessing of the spec they
+    were first decoded for, which a model lineage never changes.
+    """
+
+    def __init__(self) -> None:
+        self._inputs: dict[str, np.ndarray | None] = {}
+
+    def samples(
+        self,
+        labeled: Sequence[tuple[str, int]],
+        spec: ModelSpec,
+        read_images: Callable[[list[str]], Mapping[str, bytes]],
+    ) -> list[Sample]:
+        """Samples of ``(frame id, label index)`` pairs, in their order.
+
+        Args:
+            labeled: the frames and their labels (indices into ``spec.classes``).
+            spec: the model spec whose preprocessing decodes new frames.
+            read_images: returns the encoded images of the given frame ids; it
+                is called once, with the frames not decoded before.
+
+        Returns:
+            A sample per frame that decodes; the cache keeps only these frames
+            (and those that failed), so it holds what the latest call used.
+
+        Raises:
+            SampleError: a label index is not a class of ``spec``.
+        """
+        for frame_id, label_index in labeled:
+            _check_label(frame_id, label_index, spec)
+        missing = [frame_id for frame_id, _ in labeled if frame_id not in self._inputs]
+        images = read_images(missing) if missing else {}
+        for frame_id in missing:
+            if frame_id in images:
+                self._inputs[frame_id] = self._decode(frame_id, images[frame_id], spec)
+        wanted = {frame_id for frame_id, _ in labeled}
+        self._inputs = {f: inputs for f, inputs in self._inputs.items() if f in wanted}
+        return [
+            Sample(frame_id, inputs, label_index)
+            for frame_id, label_index in labeled
+            if (inputs := self._inputs.get(frame_id)) is not None
+        ]
+
+    @staticmethod
+    def _decode(frame_id: str, image: bytes, spec: ModelSpec) -> np.ndarray | None:
+        try:
+            return decode_inputs(frame_id, image, spec)
+        except SampleError as error:
+            log.warning("skipping frame %s: %s", frame_id, error)
+            return None
 
 
 def stack(samples: Sequence[Sample]) -> tuple[np.ndarray, np.ndarray]:

@@ -11,6 +11,13 @@ frame's answers become one label through a merge policy (see
 counted but never trained on, and an answer outside its request's classes
 never counts.
 
+The merged label of every joined frame, and whether it still needs training,
+are kept in the ``frames`` table, refreshed in the transaction of each write
+that touches the frame (from that frame's answers alone). So counting and
+listing what a round trains on costs the untrained frames, not the store; the
+table is rebuilt only when the store is opened with another merge policy (or
+by a version that did not keep it).
+
 The store is safe to share between the event loop's threads: one connection,
 guarded by a lock.
 """
@@ -25,6 +32,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
 from itertools import groupby
+from operator import itemgetter
 from pathlib import Path
 from typing import Literal
 
@@ -64,12 +72,26 @@ CREATE TABLE IF NOT EXISTS trained (
     version TEXT NOT NULL,
     trained_at REAL NOT NULL
 );
+CREATE INDEX IF NOT EXISTS trained_unreleased ON trained (frame_id) WHERE version = '';
+CREATE TABLE IF NOT EXISTS frames (
+    frame_id TEXT PRIMARY KEY,
+    resolved TEXT,
+    seq INTEGER NOT NULL,
+    last_unlabelable INTEGER NOT NULL,
+    untrained INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS frames_by_seq ON frames (seq);
+CREATE INDEX IF NOT EXISTS frames_untrained ON frames (seq) WHERE untrained = 1;
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
 _ANSWERS = """
-SELECT l.frame_id, l.seq, l.label, l.status, r.classes, r.predicted, t.label
+SELECT l.frame_id, l.seq, l.label, l.status, r.classes, t.label
 FROM labels l JOIN requests r USING (frame_id) LEFT JOIN trained t USING (frame_id)
 """
+
+_UNRELEASED = ""
+"""The ``trained.version`` of frames a refused candidate trained on, until a release."""
 
 
 class LabelOutcome(StrEnum):
@@ -84,13 +106,19 @@ class LabelOutcome(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class TrainItem:
-    """One frame ready to train on; ``seq`` is its latest answer's received order."""
+    """One frame ready to train on (its image: :meth:`SampleStore.images`).
+
+    Attributes:
+        frame_id: the frame.
+        label: its resolved label.
+        seq: its latest answer's received order.
+        untrained: no model was trained on it with this label yet.
+    """
 
     frame_id: str
-    image: bytes
-    content_type: str
     label: str
     seq: int
+    untrained: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,16 +154,6 @@ class Outcome:
     unlabelable: bool
 
 
-@dataclass(frozen=True, slots=True)
-class _Frame:
-    frame_id: str
-    predicted: str
-    resolved: str | None
-    last_unlabelable: bool
-    seq: int
-    trained_label: str | None
-
-
 class SampleStore:
     """Durable requests, labels and training marks in one SQLite file.
 
@@ -149,11 +167,16 @@ class SampleStore:
         self.path = path
         self.label_merge = label_merge
         self._lock = threading.Lock()
+        self._untrained_added = 0
         self._db = sqlite3.connect(path, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
         self._db.commit()
+        built_for = self._db.execute("SELECT value FROM meta WHERE key = 'label_merge'").fetchone()
+        if built_for != (label_merge,):
+            with self._write() as db:
+                self._rebuild(db)
 
     def close(self) -> None:
         """Closes the database; everything was already committed."""
@@ -168,6 +191,15 @@ class SampleStore:
     def _read(self, sql: str, *params: object) -> list[tuple]:
         with self._lock:
             return self._db.execute(sql, params).fetchall()
+
+    @property
+    def untrained_added(self) -> int:
+        """How many times a frame became untrained through this object's writes, in all.
+
+        A running total: two readings around some writes tell whether they
+        brought something new to train on, without counting the store.
+        """
+        return self._untrained_added
 
     # -- writes ----------------------------------------------------------------------------
 
@@ -188,6 +220,8 @@ class SampleStore:
             cursor = db.execute(
                 "INSERT OR IGNORE INTO requests VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", row
             )
+            if cursor.rowcount == 1:  # answers that came first join now
+                self._refresh(db, request.frame_id)
         return cursor.rowcount == 1
 
     def add_label(
@@ -234,13 +268,20 @@ class SampleStore:
                     key,
                 ),
             )
+            self._refresh(db, label.frame_id)
         return LabelOutcome.UPDATED if old else LabelOutcome.NEW
 
     def drop_labels(self, seqs: Iterable[int]) -> int:
         """Deletes stored answers by ``seq``; returns how many were deleted."""
+        deleted = 0
         with self._write() as db:
-            cursor = db.executemany("DELETE FROM labels WHERE seq = ?", [(s,) for s in seqs])
-        return cursor.rowcount
+            for seq in seqs:
+                row = db.execute("SELECT frame_id FROM labels WHERE seq = ?", (seq,)).fetchone()
+                if row is not None:
+                    db.execute("DELETE FROM labels WHERE seq = ?", (seq,))
+                    self._refresh(db, row[0])
+                    deleted += 1
+        return deleted
 
     def drop_orphan(self, frame_id: str) -> int:
         """Deletes the answers of a frame that has no request; returns how many."""
@@ -252,24 +293,38 @@ class SampleStore:
             )
         return cursor.rowcount
 
-    def mark_trained(self, items: Iterable[TrainItem | str], version: str) -> None:
-        """Records that frames were trained on, by a model version.
+    def mark_trained(self, items: Iterable[TrainItem | str], version: str | None) -> None:
+        """Records that frames were trained on.
 
         A frame counts as untrained again when its resolved label changes later.
 
         Args:
             items: the :class:`TrainItem` s trained on (exact: their labels are
                 recorded), or frame ids (their current resolved labels are).
-            version: the model version trained.
+            version: the model version released with them; None when the
+                round's candidate was refused. A release also takes over the
+                frames refused candidates trained on since the last one (see
+                :meth:`trained_unreleased`).
         """
-        rows = []
-        for item in items:
-            label = item.label if isinstance(item, TrainItem) else self.resolved_label(item)
-            frame_id = item.frame_id if isinstance(item, TrainItem) else item
-            if label is not None:
-                rows.append((frame_id, label, version, time.time()))
         with self._write() as db:
-            db.executemany("INSERT OR REPLACE INTO trained VALUES (?, ?, ?, ?)", rows)
+            for item in items:
+                frame_id = item.frame_id if isinstance(item, TrainItem) else item
+                label = item.label if isinstance(item, TrainItem) else self._resolved(db, item)
+                if label is None:
+                    continue
+                db.execute(
+                    "INSERT OR REPLACE INTO trained VALUES (?, ?, ?, ?)",
+                    (frame_id, label, version or _UNRELEASED, time.time()),
+                )
+                db.execute(
+                    "UPDATE frames SET untrained = (resolved IS NOT NULL AND resolved IS NOT ?)"
+                    " WHERE frame_id = ?",
+                    (label, frame_id),
+                )
+            if version:
+                db.execute(
+                    "UPDATE trained SET version = ? WHERE version = ?", (version, _UNRELEASED)
+                )
 
     # -- reads -----------------------------------------------------------------------------
 
@@ -281,42 +336,57 @@ class SampleStore:
         Either way, None when that answer is ``unlabelable``, when the frame has
         no request yet, or when no answer is in the request's classes.
         """
-        frames = self._frames(_ANSWERS + " WHERE l.frame_id = ? ORDER BY l.seq", frame_id)
-        return frames[0].resolved if frames else None
+        with self._lock:
+            return self._resolved(self._db, frame_id)
 
     def trainable(self, only_untrained: bool = False) -> list[TrainItem]:
         """Frames with a request and a resolved label, in received order of their last answer.
 
         Args:
-            only_untrained: leave out frames already trained with the same label.
+            only_untrained: leave out frames already trained with the same label
+                (this costs the untrained frames only).
         """
-        frames = [f for f in self._all_frames() if f.resolved is not None]
-        if only_untrained:
-            frames = [f for f in frames if f.trained_label != f.resolved]
-        images = self._images([f.frame_id for f in frames])
-        items = [
-            TrainItem(f.frame_id, *images[f.frame_id], label=f.resolved, seq=f.seq)
-            for f in frames
-            if f.resolved is not None
-        ]
-        return sorted(items, key=lambda item: item.seq)
+        where = "untrained = 1" if only_untrained else "resolved IS NOT NULL"
+        rows = self._read(
+            f"SELECT frame_id, resolved, seq, untrained FROM frames WHERE {where} ORDER BY seq"
+        )
+        return [TrainItem(f, label, seq, bool(untrained)) for f, label, seq, untrained in rows]
+
+    def images(self, frame_ids: Iterable[str]) -> dict[str, bytes]:
+        """The encoded images of the requests of ``frame_ids`` (those stored)."""
+        frame_ids, out = list(frame_ids), {}
+        for start in range(0, len(frame_ids), 500):
+            chunk = frame_ids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            rows = self._read(
+                f"SELECT frame_id, image FROM requests WHERE frame_id IN ({marks})", *chunk
+            )
+            out.update(rows)
+        return out
 
     def untrained_count(self) -> int:
-        """How many frames :meth:`trainable` with ``only_untrained=True`` would return."""
-        frames = self._all_frames()
-        return sum(1 for f in frames if f.resolved is not None and f.trained_label != f.resolved)
+        """How many frames :meth:`trainable` with ``only_untrained=True`` would return.
+
+        Counts an index of the untrained frames alone, however large the store.
+        """
+        return self._read("SELECT COUNT(*) FROM frames WHERE untrained = 1")[0][0]
+
+    def trained_unreleased(self) -> list[str]:
+        """Frames refused candidates trained on since the last release, which counts them."""
+        rows = self._read("SELECT frame_id FROM trained WHERE version = ?", _UNRELEASED)
+        return [frame_id for (frame_id,) in rows]
 
     def counts(self) -> StoreCounts:
         """Sizes of the store."""
-        requests, labels, unlabelable, pending, trained = self._read(
+        row = self._read(
             "SELECT (SELECT COUNT(*) FROM requests), (SELECT COUNT(*) FROM labels),"
+            " (SELECT COUNT(*) FROM frames WHERE resolved IS NOT NULL),"
             " (SELECT COUNT(*) FROM labels WHERE status = 'unlabelable'),"
             " (SELECT COUNT(*) FROM labels l WHERE NOT EXISTS"
             "  (SELECT 1 FROM requests r WHERE r.frame_id = l.frame_id)),"
             " (SELECT COUNT(*) FROM trained)"
         )[0]
-        labeled = sum(1 for f in self._all_frames() if f.resolved is not None)
-        return StoreCounts(requests, labels, labeled, unlabelable, pending, trained)
+        return StoreCounts(*row)
 
     def pending_orphans(self, older_than_s: float) -> list[tuple[str, float]]:
         """Frames with answers but no request, whose first answer came over ``older_than_s`` ago.
@@ -358,44 +428,55 @@ class SampleStore:
 
     def recent_outcomes(self, n: int) -> list[Outcome]:
         """The last ``n`` answered frames (by their latest answer), oldest first."""
-        frames = sorted(self._all_frames(), key=lambda f: f.seq)[-n:] if n > 0 else []
-        return [Outcome(f.frame_id, f.predicted, f.resolved, f.last_unlabelable) for f in frames]
+        rows = self._read(
+            "SELECT f.frame_id, r.predicted, f.resolved, f.last_unlabelable"
+            " FROM frames f JOIN requests r USING (frame_id) ORDER BY f.seq DESC LIMIT ?",
+            max(n, 0),
+        )
+        outcomes = [
+            Outcome(f, predicted, resolved, bool(last)) for f, predicted, resolved, last in rows
+        ]
+        return outcomes[::-1]
 
-    # -- merging ---------------------------------------------------------------------------
+    # -- the frames table ------------------------------------------------------------------
 
-    def _all_frames(self) -> list[_Frame]:
-        return self._frames(_ANSWERS + " ORDER BY l.frame_id, l.seq")
+    def _refresh(self, db: sqlite3.Connection, frame_id: str) -> None:
+        """Merges one frame's answers again, inside the caller's write."""
+        was = db.execute("SELECT untrained FROM frames WHERE frame_id = ?", (frame_id,)).fetchone()
+        answers = db.execute(_ANSWERS + " WHERE l.frame_id = ? ORDER BY l.seq", (frame_id,))
+        row = next(_merged(answers, self.label_merge), None)
+        db.execute("DELETE FROM frames WHERE frame_id = ?", (frame_id,))
+        if row is not None:
+            db.execute("INSERT INTO frames VALUES (?, ?, ?, ?, ?)", row)
+            if row[4] and not (was and was[0]):
+                self._untrained_added += 1
 
-    def _frames(self, sql: str, *params: object) -> list[_Frame]:
-        frames = []
-        for frame_id, group in groupby(self._read(sql, *params), key=lambda row: row[0]):
-            rows = list(group)
-            classes = set(json.loads(rows[0][4]))
-            answers = [(seq, label, status) for _, seq, label, status, *_ in rows]
-            counted = [a for a in answers if a[2] == "unlabelable" or a[1] in classes]
-            frames.append(
-                _Frame(
-                    frame_id=frame_id,
-                    predicted=rows[0][5],
-                    resolved=_merge(counted, self.label_merge),
-                    last_unlabelable=answers[-1][2] == "unlabelable",
-                    seq=answers[-1][0],
-                    trained_label=rows[0][6],
-                )
-            )
-        return frames
+    def _rebuild(self, db: sqlite3.Connection) -> None:
+        """Merges every frame again: on the first open, or under another merge policy."""
+        answers = db.execute(_ANSWERS + " ORDER BY l.frame_id, l.seq")
+        rows = list(_merged(answers, self.label_merge))
+        db.execute("DELETE FROM frames")
+        db.executemany("INSERT INTO frames VALUES (?, ?, ?, ?, ?)", rows)
+        db.execute("INSERT OR REPLACE INTO meta VALUES ('label_merge', ?)", (self.label_merge,))
 
-    def _images(self, frame_ids: list[str]) -> dict[str, tuple[bytes, str]]:
-        out: dict[str, tuple[bytes, str]] = {}
-        for start in range(0, len(frame_ids), 500):
-            chunk = frame_ids[start : start + 500]
-            marks = ",".join("?" * len(chunk))
-            rows = self._read(
-                f"SELECT frame_id, image, content_type FROM requests WHERE frame_id IN ({marks})",
-                *chunk,
-            )
-            out.update({frame_id: (image, ctype) for frame_id, image, ctype in rows})
-        return out
+    @staticmethod
+    def _resolved(db: sqlite3.Connection, frame_id: str) -> str | None:
+        row = db.execute("SELECT resolved FROM frames WHERE frame_id = ?", (frame_id,)).fetchone()
+        return row[0] if row else None
+
+
+def _merged(answers: Iterable[tuple], policy: MergePolicy) -> Iterator[tuple]:
+    """``frames`` rows from :data:`_ANSWERS` rows sorted by frame id and seq."""
+    for frame_id, group in groupby(answers, key=itemgetter(0)):
+        rows = list(group)
+        classes = set(json.loads(rows[0][4]))
+        answered = [(seq, label, status) for _, seq, label, status, *_ in rows]
+        counted = [a for a in answered if a[2] == "unlabelable" or a[1] in classes]
+        resolved = _merge(counted, policy)
+        trained = rows[0][5]
+        last_seq, _, last_status = answered[-1]
+        untrained = resolved is not None and resolved != trained
+        yield frame_id, resolved, last_seq, last_status == "unlabelable", untrained
 
 
 def _merge(answers: list[tuple[int, str | None, str]], policy: MergePolicy) -> str | None:

@@ -26,7 +26,7 @@ from trainer.finetune import (
     select_device,
     select_replay,
 )
-from trainer.samples import Sample, decode_sample, stack
+from trainer.samples import Sample, SampleCache, decode_sample, stack
 
 CPU = torch.device("cpu")
 
@@ -99,6 +99,33 @@ def test_undecodable_bytes_are_a_sample_error(spec: ModelSpec) -> None:
 def test_label_outside_the_classes_is_a_sample_error(spec: ModelSpec) -> None:
     with pytest.raises(SampleError, match="label index 10"):
         decode_sample("f4", _png(np.zeros((8, 8), np.uint8)), 10, spec)
+
+
+def test_the_sample_cache_reads_each_image_once(spec: ModelSpec) -> None:
+    images = {f"f{i}": _png(np.full((8, 8), 30 * i, np.uint8)) for i in range(4)}
+    images["bad"] = b"not an image"
+    reads: list[list[str]] = []
+
+    def read(frame_ids: list[str]) -> dict[str, bytes]:
+        reads.append(frame_ids)
+        return {f: images[f] for f in frame_ids}
+
+    cache = SampleCache()
+    first = cache.samples([("f0", 1), ("f1", 2), ("bad", 0)], spec, read)
+    assert [(s.frame_id, s.label) for s in first] == [("f0", 1), ("f1", 2)]
+    np.testing.assert_array_equal(
+        first[0].inputs, decode_sample("f0", images["f0"], 1, spec).inputs
+    )
+    # a relabeled frame, a new one and the undecodable one: only the new one is read
+    again = cache.samples([("f0", 5), ("f1", 2), ("bad", 0), ("f2", 3)], spec, read)
+    assert [(s.frame_id, s.label) for s in again] == [("f0", 5), ("f1", 2), ("f2", 3)]
+    assert reads == [["f0", "f1", "bad"], ["f2"]]
+    cache.samples([("f1", 2), ("f2", 3)], spec, read)
+    assert reads[2:] == []
+    cache.samples([("f0", 5)], spec, read)  # the cache keeps what the latest call used
+    assert reads[2:] == [["f0"]]
+    with pytest.raises(SampleError, match="label index 10"):
+        cache.samples([("f0", 10)], spec, read)
 
 
 def test_stack(digits: tuple[list[Sample], list[Sample]]) -> None:

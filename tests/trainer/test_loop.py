@@ -1,103 +1,135 @@
 """The training loop on the real broker: cold start, rounds, releases, restarts."""
 
 import asyncio
-import base64
-import json
-from datetime import UTC, datetime
+from collections import Counter
+from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from prometheus_client import generate_latest
 
-from schemas.frames import FrameOrigin
-from schemas.label_requests import LabelRequest
-from schemas.scores import Decision, Scores
-from tests.kafka_helpers import produce, read_json
-from trainer.config import TrainerSettings
-from trainer.evaluate import accuracy
+from infra.errors import BrokerError
+from schemas.labels import Label
+from tests.kafka_helpers import read_json
+from tests.trainer.helpers import digit_request, feed, loop_settings, manifests
+from trainer.evaluate import GateDecision, accuracy, is_holdout
 from trainer.loop import Trainer
 from trainer.main import ensure_trainer_topics
 from trainer.samples import decode_sample
 
 pytestmark = pytest.mark.slow
-CLASSES = [str(d) for d in range(10)]
+
+Digits = tuple[list[bytes], np.ndarray]
 
 
-def _settings(kafka_settings, group_id: str, data_dir: Path, **kw: object) -> TrainerSettings:
-    kafka = kafka_settings.model_copy(
-        update={"session_timeout_ms": 2000, "heartbeat_interval_ms": 500}
-    )
-    base = dict(
-        data_dir=data_dir,
-        group_id=group_id,
-        classes=CLASSES,
-        arch="small-cnn",
-        input_size=16,
-        channels=1,
-        device="cpu",
-        round_min_labels=60,
-        round_max_seconds=600,
-        holdout_fraction=0.15,
-        kafka=kafka,
-    )
-    return TrainerSettings(**{**base, **kw})
-
-
-def _request(frame_id: str, png: bytes) -> bytes:
-    request = LabelRequest.model_validate(
-        {
-            "frame_id": frame_id,
-            "source_id": "cam",
-            "origin": FrameOrigin(topic="frames", partition=0, offset=int(frame_id[1:])),
-            "requested_at": datetime.now(UTC),
-            "model_version": "0000-init",
-            "classes": CLASSES,
-            "content_type": "image/png",
-            "image": base64.b64encode(png),
-            "label": "0",
-            "confidence": 0.1,
-            "probabilities": {c: 0.1 for c in CLASSES},
-            "scores": Scores(least_confidence=1, margin=1, entropy=1),
-            "decision": Decision(selected=True, reason="cold_start", policy="random", utility=1),
-        }
-    )
-    return request.model_dump_json().encode()
-
-
-async def _feed(kafka_settings, topics, pngs, targets, ids: range) -> None:
-    await produce(
+@pytest.fixture
+async def trainer(
+    kafka_settings, group_id, winnow_topics, tmp_path: Path
+) -> AsyncIterator[Trainer]:
+    """A started trainer whose rounds run only when the test calls ``run_round``."""
+    settings = loop_settings(
         kafka_settings,
-        topics.label_requests,
-        [(f"f{i}".encode(), _request(f"f{i}", pngs[i]), []) for i in ids],
+        group_id,
+        tmp_path,
+        round_min_labels=10_000,
+        round_max_seconds=3600,
+        drift_rounds=False,
     )
-    await produce(
-        kafka_settings,
-        topics.labels,
-        [
-            (
-                f"f{i}".encode(),
-                json.dumps({"frame_id": f"f{i}", "label": str(targets[i])}).encode(),
-                [],
-            )
-            for i in ids
-        ],
-    )
+    async with Trainer(settings) as started:
+        yield started
 
 
-def _manifests(records: list[dict]) -> list[dict]:
-    return [r for r in records if r.get("kind") == "manifest"]
+def _store_labels(trainer: Trainer, digits: Digits, ids: Iterable[int]) -> None:
+    """Digit frames and their labels, written to the store as the intake would."""
+    pngs, targets = digits
+    for i in ids:
+        trainer.store.add_request(digit_request(f"f{i}", pngs[i]))
+        trainer.store.add_label(Label(frame_id=f"f{i}", label=str(targets[i])))
+
+
+def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _unchanged(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> bool:
+    return all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+
+
+async def test_a_failed_publish_leaves_the_serving_model_and_the_labels(
+    trainer: Trainer, digits: Digits, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _store_labels(trainer, digits, range(40))
+    model, spec, weights = trainer.model, trainer.spec, _weights(trainer.model)
+
+    async def unreachable(*args: object, **kwargs: object) -> None:
+        raise BrokerError("the broker is gone")
+
+    monkeypatch.setattr("trainer.loop.publish_release", unreachable)
+    with pytest.raises(BrokerError):
+        await trainer.run_round()
+    assert trainer.model is model and trainer.spec == spec and _unchanged(model, weights)
+    assert trainer.store.untrained_count() == 40 and trainer.reports == []
+    assert trainer.prequential.count == 0
+    monkeypatch.undo()
+    report = await trainer.run_round()  # the round again, published this time
+    assert report is not None and report.released and report.new_labels == 40
+    assert trainer.spec.version == report.version and trainer.spec.parent_version == spec.version
+    assert trainer.model is not model and _unchanged(model, weights)
+    assert trainer.store.untrained_count() == 0 and trainer.prequential.count == 40
+
+
+async def test_a_refused_candidate_is_not_adopted_and_the_next_release_counts_its_labels(
+    trainer: Trainer, digits: Digits, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _store_labels(trainer, digits, range(40))
+    model, spec, weights = trainer.model, trainer.spec, _weights(trainer.model)
+    refused = GateDecision(False, 0.1, 0.9, 0.02, "refused by the test")
+    monkeypatch.setattr("trainer.loop.release_gate", lambda *args, **kwargs: refused)
+    report = await trainer.run_round()
+    assert report is not None and not report.released and report.version == spec.version
+    assert trainer.model is model and trainer.spec == spec and _unchanged(model, weights)
+    assert trainer.store.untrained_count() == 0  # used: the next round replays them
+    monkeypatch.undo()
+    _store_labels(trainer, digits, range(40, 60))
+    report = await trainer.run_round()
+    assert report is not None and report.released and report.new_labels == 20
+    fraction = trainer.settings.holdout_fraction
+    learned = [i for i in range(60) if not is_holdout(f"f{i}", fraction)]
+    assert report.labels_trained == trainer.spec.labels_trained == len(learned)
+
+
+async def test_a_round_reads_each_image_once(
+    trainer: Trainer, digits: Digits, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reads: Counter[str] = Counter()
+    images = trainer.store.images
+
+    def counted(frame_ids: Iterable[str]) -> dict[str, bytes]:
+        frame_ids = list(frame_ids)
+        reads.update(frame_ids)
+        return images(frame_ids)
+
+    monkeypatch.setattr(trainer.store, "images", counted)
+    _store_labels(trainer, digits, range(40))
+    await trainer.run_round()
+    assert reads == Counter(f"f{i}" for i in range(40))
+    _store_labels(trainer, digits, range(40, 60))
+    await trainer.run_round()  # decodes the new frames only, and replays the others
+    assert reads == Counter(f"f{i}" for i in range(60))
 
 
 async def test_cold_start_release_then_rounds_that_learn(
     kafka_settings, group_id, winnow_topics, digits, tmp_path: Path
 ) -> None:
     pngs, targets = digits
-    settings = _settings(kafka_settings, group_id, tmp_path)
+    settings = loop_settings(kafka_settings, group_id, tmp_path)
     test_ids = range(1500, 1797)
     async with Trainer(settings) as trainer:
-        first = _manifests(
+        first = manifests(
             await read_json(
-                kafka_settings, winnow_topics.models, lambda out: len(_manifests(out)) >= 1
+                kafka_settings, winnow_topics.models, lambda out: len(manifests(out)) >= 1
             )
         )
         assert first[0]["spec"]["labels_trained"] == 0
@@ -110,26 +142,26 @@ async def test_cold_start_release_then_rounds_that_learn(
         # gate rejects still uses them). Two batches make at least two rounds, however the
         # intake's polls fall against the round loop's counts.
         for labels in (range(0, 150), range(150, 300)):
-            await _feed(kafka_settings, winnow_topics, pngs, targets, labels)
+            await feed(kafka_settings, winnow_topics, pngs, targets, labels)
             async with asyncio.timeout(240):
                 while len(trainer.store.trainable()) < labels.stop:  # noqa: ASYNC110 - polls
                     await asyncio.sleep(0.2)
                 while trainer.store.untrained_count():
                     await trainer.run_round()
         released = [r for r in trainer.reports if r.released]
-        manifests = _manifests(
+        published = manifests(
             await read_json(
                 kafka_settings,
                 winnow_topics.models,
-                lambda out: len(_manifests(out)) >= 1 + len(released),
+                lambda out: len(manifests(out)) >= 1 + len(released),
             )
         )
         final_acc = accuracy(trainer.model, test, trainer.device)
         report = trainer.reports[-1]
-    versions = [m["version"] for m in manifests]
+    versions = [m["version"] for m in published]
     assert len(set(versions)) == len(versions) >= 3
-    latest = manifests[-1]["spec"]
-    assert latest["parent_version"] == manifests[-2]["version"]
+    latest = published[-1]["spec"]
+    assert latest["parent_version"] == published[-2]["version"]
     assert "holdout_accuracy" in latest["metrics"] and report.holdout > 0
     assert final_acc > initial_acc + 0.3, (initial_acc, final_acc)
 
@@ -138,9 +170,9 @@ async def test_labels_survive_a_restart_and_train_in_the_next_round(
     kafka_settings, group_id, winnow_topics, digits, tmp_path: Path
 ) -> None:
     pngs, targets = digits
-    settings = _settings(kafka_settings, group_id, tmp_path, round_min_labels=10_000)
+    settings = loop_settings(kafka_settings, group_id, tmp_path, round_min_labels=10_000)
     async with Trainer(settings) as trainer:
-        await _feed(kafka_settings, winnow_topics, pngs, targets, range(0, 40))
+        await feed(kafka_settings, winnow_topics, pngs, targets, range(0, 40))
         async with asyncio.timeout(60):
             while trainer.store.untrained_count() < 40:  # noqa: ASYNC110 - polls the store
                 await asyncio.sleep(0.1)
@@ -156,8 +188,8 @@ async def test_labels_survive_a_restart_and_train_in_the_next_round(
         assert 'winnow_trainer_rounds_total{result="released"} 1.0' in metrics
         assert 'winnow_trainer_releases_total{result="published"} 1.0' in metrics
         assert "winnow_trainer_prequential_accuracy" in metrics
-    models = _manifests(
-        await read_json(kafka_settings, winnow_topics.models, lambda out: len(_manifests(out)) >= 2)
+    models = manifests(
+        await read_json(kafka_settings, winnow_topics.models, lambda out: len(manifests(out)) >= 2)
     )
     assert [m["spec"]["labels_trained"] for m in models] == [0, report.labels_trained]
 
@@ -167,7 +199,7 @@ async def test_topics_are_created_when_missing(kafka_settings, tmp_path: Path) -
 
     from infra.kafka.connection import client_kwargs
 
-    settings = _settings(kafka_settings, "g", tmp_path)
+    settings = loop_settings(kafka_settings, "g", tmp_path)
     await ensure_trainer_topics(settings)
     await ensure_trainer_topics(settings)  # idempotent
     admin = AIOKafkaAdminClient(**client_kwargs(settings.kafka))

@@ -1,7 +1,7 @@
 """The sample store: durability, merge policies, joins, duplicates and orphans."""
 
-from collections.abc import Iterator
-from datetime import UTC, datetime
+import random
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -9,28 +9,10 @@ import pytest
 from schemas.frames import FrameOrigin
 from schemas.label_requests import LabelRequest
 from schemas.labels import Label
+from tests.trainer.helpers import REQUEST_CLASSES, make_request
 from trainer.store import LabelOutcome, SampleStore
 
-CLASSES = ["cat", "dog", "bird"]
-
-
-def make_request(frame_id: str, *, predicted: str = "cat", classes: list[str] = CLASSES) -> dict:
-    """A valid label request as its JSON dict (image as base64)."""
-    return {
-        "frame_id": frame_id,
-        "source_id": "cam-1",
-        "origin": {"topic": "winnow.frames", "partition": 0, "offset": 7},
-        "requested_at": datetime(2024, 5, 1, tzinfo=UTC).isoformat(),
-        "model_version": "v1",
-        "classes": classes,
-        "content_type": "image/png",
-        "image": "iVBORw0KGgo=",  # the PNG signature
-        "label": predicted,
-        "confidence": 0.5,
-        "probabilities": {c: 1 / len(classes) for c in classes},
-        "scores": {"least_confidence": 0.5, "margin": 0.5, "entropy": 0.9},
-        "decision": {"selected": True, "reason": "uncertainty", "policy": "fixed", "utility": 0.9},
-    }
+CLASSES = REQUEST_CLASSES
 
 
 def request(frame_id: str, **kwargs: object) -> LabelRequest:
@@ -65,8 +47,7 @@ def test_everything_survives_close_and_reopen(tmp_path: Path) -> None:
     try:
         items = reopened.trainable()
         assert [(i.frame_id, i.label) for i in items] == [("f1", "dog"), ("f2", "bird")]
-        assert items[0].image == b"\x89PNG\r\n\x1a\n"
-        assert items[0].content_type == "image/png"
+        assert reopened.images(["f1", "f3"]) == {"f1": b"\x89PNG\r\n\x1a\n"}
         assert [i.frame_id for i in reopened.trainable(only_untrained=True)] == ["f2"]
         counts = reopened.counts()
         assert (counts.requests, counts.labels, counts.pending_labels, counts.trained) == (
@@ -194,3 +175,137 @@ def test_a_changed_label_needs_training_again(store: SampleStore) -> None:
     assert store.untrained_count() == 0
     store.add_label(label("f", "dog"))
     assert [i.label for i in store.trainable(only_untrained=True)] == ["dog"]
+
+
+def test_the_untrained_count_follows_every_write_and_a_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "s.sqlite3"
+    store = SampleStore(path, label_merge="majority")
+    store.add_request(request("a"))
+    store.add_label(label("a", "cat", "x"))
+    store.add_label(label("b", "dog", "x"))  # waits for its request
+    assert store.untrained_count() == 1
+    store.add_request(request("b"))
+    assert store.untrained_count() == 2
+    store.mark_trained(store.trainable(only_untrained=True), "v1")
+    assert store.untrained_count() == 0
+    store.add_label(label("a", "dog", "y"))  # a tie: the later answer wins, dog
+    assert [(i.frame_id, i.label) for i in store.trainable(only_untrained=True)] == [("a", "dog")]
+    store.add_label(label("a", "cat", "z"))  # cat again, as trained
+    assert store.untrained_count() == 0
+    store.add_label(label("b", None, "y"))
+    store.add_label(label("b", None, "z"))  # unlabelable now: nothing to train
+    assert store.untrained_count() == 0
+    store.add_label(label("c", "bird", "x"))
+    store.add_request(request("c"))
+    assert store.untrained_count() == 1
+    (z,) = [s.seq for s in store.labels_of("a") if s.label.annotator == "z"]
+    store.drop_labels([z])  # dog wins the tie again
+    assert [i.frame_id for i in store.trainable(only_untrained=True)] == ["a", "c"]
+    store.close()
+
+    reopened = SampleStore(path, label_merge="majority")
+    assert reopened.untrained_count() == 2
+    reopened.close()
+    last = SampleStore(path, label_merge="last")  # the last answers: a dog, b unlabelable, c bird
+    assert [(i.frame_id, i.label) for i in last.trainable()] == [("a", "dog"), ("c", "bird")]
+    assert last.untrained_count() == 2
+    last.close()
+
+
+def test_untrained_added_tells_a_writer_whether_anything_became_untrained(
+    store: SampleStore,
+) -> None:
+    before = store.untrained_added
+    store.add_label(label("f", "cat"))
+    assert store.untrained_added == before  # no request yet
+    store.add_request(request("f"))
+    assert store.untrained_added == before + 1
+    store.add_label(label("f", "dog"))  # still one untrained frame
+    assert store.untrained_added == before + 1
+    store.mark_trained(["f"], "v1")
+    store.add_label(label("f", "dog", "b"))  # the same label: nothing new
+    assert store.untrained_added == before + 1
+    store.add_label(label("f", "bird", "c"))
+    assert store.untrained_added == before + 2
+
+
+def _instructions(store: SampleStore, read: Callable[[], object]) -> int:
+    """SQLite virtual-machine steps ``read`` takes: the work, whatever the SQL."""
+    steps = 0
+
+    def count() -> int:
+        nonlocal steps
+        steps += 1
+        return 0
+
+    store._db.set_progress_handler(count, 1)
+    try:
+        read()
+    finally:
+        store._db.set_progress_handler(None, 1)
+    return steps
+
+
+def test_counting_and_listing_untrained_frames_does_not_read_the_trained_ones(
+    store: SampleStore,
+) -> None:
+    def add(first: int, n: int) -> None:
+        for i in range(first, first + n):
+            store.add_request(request(f"f{i}"))
+            store.add_label(label(f"f{i}", "cat", "a"))
+            store.add_label(label(f"f{i}", "dog", "b"))
+
+    add(0, 50)
+    store.mark_trained(store.trainable(), "v1")
+    add(1000, 3)
+    count = _instructions(store, store.untrained_count)
+    listing = _instructions(store, lambda: store.trainable(only_untrained=True))
+    added = _instructions(store, lambda: store.add_label(label("f1000", "cat", "c")))
+    add(2000, 1000)
+    store.mark_trained(store.trainable(), "v2")
+    add(3000, 3)
+    assert store.untrained_count() == 3
+    assert _instructions(store, store.untrained_count) <= count + 10
+    assert _instructions(store, lambda: store.trainable(only_untrained=True)) <= listing + 10
+    assert _instructions(store, lambda: store.add_label(label("f3000", "cat", "c"))) <= added + 10
+
+
+def test_the_kept_merge_equals_a_merge_from_scratch(tmp_path: Path) -> None:
+    rng = random.Random(7)
+    path = tmp_path / "s.sqlite3"
+    store = SampleStore(path, label_merge="majority")
+    frames, annotators = [f"f{i}" for i in range(12)], ["a", "b", "c", None]
+    for _ in range(400):
+        frame, op = rng.choice(frames), rng.random()
+        if op < 0.1:
+            store.add_request(request(frame))
+        elif op < 0.75:
+            value = rng.choice([*CLASSES, None, "horse"])
+            store.add_label(label(frame, value, rng.choice(annotators)))
+        elif op < 0.85:
+            store.drop_labels([s.seq for s in store.labels_of(frame)][:1])
+        elif op < 0.95:
+            store.mark_trained(rng.sample(store.trainable(), k=min(2, len(store.trainable()))), "v")
+        else:
+            store.mark_trained([frame], None)
+    kept = (store.trainable(), store.recent_outcomes(20), store.trained_unreleased())
+    store.close()
+    SampleStore(path, label_merge="last").close()  # merges every frame again
+    rebuilt = SampleStore(path, label_merge="majority")
+    assert (rebuilt.trainable(), rebuilt.recent_outcomes(20), rebuilt.trained_unreleased()) == kept
+    assert rebuilt.untrained_count() == sum(i.untrained for i in kept[0])
+    rebuilt.close()
+
+
+def test_a_release_takes_over_the_frames_refused_candidates_trained_on(
+    store: SampleStore,
+) -> None:
+    for frame in ("a", "b", "c"):
+        store.add_request(request(frame))
+        store.add_label(label(frame, "cat"))
+    store.mark_trained(store.trainable(only_untrained=True)[:2], None)  # a refused candidate
+    assert sorted(store.trained_unreleased()) == ["a", "b"]
+    assert [i.frame_id for i in store.trainable(only_untrained=True)] == ["c"]
+    store.mark_trained(store.trainable(only_untrained=True), "v2")
+    assert store.trained_unreleased() == []
+    assert store.untrained_count() == 0
