@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Creates .venv (Python 3.11+) and installs Winnow with its test tools. Idempotent.
+# Creates .venv (Python 3.11+) and installs Winnow with every role (`[dev]` = `[all]` + test tools). Idempotent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
