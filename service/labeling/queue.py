@@ -4,7 +4,7 @@ The app consumes ``winnow.label-requests`` in a consumer group and holds the
 frames in a :class:`~service.labeling.leases.LeasePool`. An answer is produced
 to ``winnow.labels`` and, once Kafka acknowledges it, the frame is done; the
 offset committed per partition is the contiguous done prefix
-(:class:`~infra.kafka.offsets.DonePrefix`). Stopping the app with frames
+(:class:`~infra.kafka.offsets.OffsetTracker`). Stopping the app with frames
 leased but unanswered loses none of them: the next instance in the group reads
 them again from the committed offset.
 """
@@ -17,12 +17,11 @@ from datetime import UTC, datetime
 from typing import Literal, Self
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import KafkaError
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from pydantic import ValidationError
 
 from infra.kafka import consumer_lag, create_consumer, create_producer
-from infra.kafka.offsets import DonePrefix
+from infra.kafka.offsets import OffsetTracker
 from infra.kafka.settings import KafkaSettings
 from schemas.label_requests import LabelRequest
 from schemas.labels import Label
@@ -51,7 +50,7 @@ class LabelQueue:
         self.settings = settings
         self.topics = kafka.topics
         self.pool = LeasePool(settings.lease_s, settings.second_opinion)
-        self.offsets = DonePrefix()
+        self.offsets = OffsetTracker("label-app")
         self.registry = registry or CollectorRegistry()
         self._labels_total = Counter(
             "winnow_label_app_labels", "labels acknowledged", ["status"], registry=self.registry
@@ -218,17 +217,10 @@ class LabelQueue:
             consumer.resume(*consumer.paused())
 
     async def _commit(self, consumer: AIOKafkaConsumer) -> None:
-        assigned = consumer.assignment()
-        offsets = {tp: o for tp, o in self.offsets.committable().items() if tp in assigned}
-        if not offsets:
-            return
-        try:
-            await consumer.commit(offsets)
-        except KafkaError as error:
-            log.warning("commit of %s failed (%r); retrying with the next commit", offsets, error)
-            return
-        self.offsets.committed(offsets)
-        log.debug("committed %s", {f"{tp.topic}:{tp.partition}": o for tp, o in offsets.items()})
+        committed = await self.offsets.commit(consumer)  # a failure is logged and retried later
+        if committed:
+            where = {f"{tp.topic}:{tp.partition}": offset for tp, offset in committed.items()}
+            log.debug("committed %s", where)
 
 
 class _Rebalance(ConsumerRebalanceListener):

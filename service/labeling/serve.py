@@ -25,7 +25,7 @@ def serve_app(
     if kafka.bootstrap is None:
         broker = EmbeddedBroker(kafka.embedded_port)
         broker.start()
-        kafka.bootstrap = broker.bootstrap
+        kafka = kafka.model_copy(update={"bootstrap": broker.bootstrap})
         log.info("no WINNOW_KAFKA_BOOTSTRAP: started the embedded broker on %s", broker.bootstrap)
     try:
         app = build(kafka)

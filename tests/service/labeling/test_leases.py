@@ -1,8 +1,7 @@
-"""The lease pool and the done-prefix offsets, without a broker."""
+"""The lease pool, without a broker (its offsets: ``tests/infra/kafka/test_offsets.py``)."""
 
 from aiokafka import TopicPartition
 
-from infra.kafka.offsets import DonePrefix
 from service.labeling.leases import LeasePool, needs_second_opinion
 from tests.service.labeling.conftest import label_request
 
@@ -58,18 +57,3 @@ def test_second_opinion_is_stable_and_needs_two_labelers() -> None:
     assert not first.done and pool.next("a") is None
     second = pool.complete(pool.next("b"), "2")  # type: ignore[arg-type]
     assert second.done and second.disagreement == {"a": "1", "b": "2"}
-
-
-def test_offsets_commit_only_the_contiguous_done_prefix() -> None:
-    offsets = DonePrefix()
-    for o in range(5, 9):
-        offsets.consumed(TP, o)
-    assert offsets.committable() == {TP: 5}
-    offsets.committed({TP: 5})
-    offsets.done(TP, 6)
-    offsets.done(TP, 8)
-    assert offsets.committable() == {}, "5 is still open"
-    offsets.done(TP, 5)
-    assert offsets.committable() == {TP: 7}
-    offsets.done(TP, 7)
-    assert offsets.committable() == {TP: 9}
