@@ -42,14 +42,13 @@ from aiokafka.structs import RecordMetadata
 
 from infra.kafka.producer import create_producer
 from infra.kafka.settings import KafkaSettings
-from schemas.frames import FrameHeaders
+from schemas.frames import ContentType, FrameHeaders
+from schemas.media import other_format, sniff
 
 ImageFormat = Literal["jpeg", "png"]
 ChannelOrder = Literal["rgb", "bgr"]
 Image = Any  # bytes | numpy array | PIL image; Any keeps the public signature readable
 
-_JPEG_MAGIC = b"\xff\xd8\xff"
-_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _T = TypeVar("_T")
 
 
@@ -65,19 +64,18 @@ class EncodedFrame:
     content_type: str
 
 
-def sniff_content_type(data: bytes) -> str:
-    """``image/jpeg`` or ``image/png`` from the leading bytes.
+def sniff_content_type(data: bytes) -> ContentType:
+    """``image/jpeg`` or ``image/png`` from the leading bytes (:func:`schemas.media.sniff`).
 
     Raises:
         FrameEncodingError: the bytes are neither JPEG nor PNG.
     """
-    if data.startswith(_JPEG_MAGIC):
-        return "image/jpeg"
-    if data.startswith(_PNG_MAGIC):
-        return "image/png"
-    raise FrameEncodingError(
-        f"{len(data)} bytes that are not a JPEG or PNG image (unknown signature)"
-    )
+    content_type = sniff(data)
+    if content_type is not None:
+        return content_type
+    name = other_format(data)
+    what = f"a {name} image" if name else "unknown signature"
+    raise FrameEncodingError(f"{len(data)} bytes that are not a JPEG or PNG image ({what})")
 
 
 def encode_image(
@@ -181,9 +179,9 @@ class FrameProducer:
         channels: ChannelOrder = "rgb",
         **producer_options: Any,
     ) -> None:
-        settings = kafka.model_copy() if kafka is not None else KafkaSettings()
+        settings = kafka if kafka is not None else KafkaSettings()
         if bootstrap is not None:
-            settings.bootstrap = bootstrap
+            settings = settings.model_copy(update={"bootstrap": bootstrap})
         self.settings = settings
         self.topic = topic or settings.topics.frames
         self.source_id = source_id

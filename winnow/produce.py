@@ -472,8 +472,10 @@ def run_produce(args: argparse.Namespace) -> int:
     if not 1 <= args.quality <= 100:
         print("winnow produce: --quality must be 1..100", file=sys.stderr)
         return 2
-    kafka = KafkaSettings()
-    kafka.bootstrap = args.bootstrap or kafka.bootstrap or DEFAULT_BOOTSTRAP
+    env = KafkaSettings()
+    kafka = env.model_copy(
+        update={"bootstrap": args.bootstrap or env.bootstrap or DEFAULT_BOOTSTRAP}
+    )
     options = ProduceOptions(
         source=args.source,
         source_id=args.source_id,
