@@ -24,7 +24,7 @@ from service.config import PolicySettings, Settings
 from service.drift.monitor import DriftMonitor
 from service.http.api import create_app
 from service.pipeline.scorer import Scorer
-from trainer.config import TrainerKafkaSettings, TrainerSettings
+from trainer.config import TrainerSettings
 from trainer.loop import Trainer
 from winnow.datasets import ImageDataset, encode_png, load_dataset
 from winnow.demo.evaluation import Point, full_label_accuracy, onnx_accuracy, plot, test_inputs
@@ -46,16 +46,14 @@ async def _demo(args: argparse.Namespace) -> int:
     if not args.verbose:  # the demo prints its own story; logs only for trouble
         logging.getLogger().setLevel(logging.WARNING)
     data = load_dataset(args.dataset)
-    settings = Settings(policy=PolicySettings(name=args.policy, budget=args.budget, seed=0))
-    settings.scorer.max_wait_ms = 10
-    settings.drift.warmup_frames = 400  # a short stream
-    settings.drift.statistic_every = 200
-    # The drift monitor runs when a shift is injected: on a stream of a few thousand frames
-    # its per-source tracks and small reference make false alarms (and budget boosts) likely.
-    settings.drift.enabled = getattr(args, "inject_shift", None) is not None
-    with tempfile.TemporaryDirectory(prefix="winnow-demo-") as tmp, _Broker(settings) as where:
-        await ensure_winnow_topics(settings.kafka)
-        async with Trainer(_trainer_settings(settings.kafka, data, args, Path(tmp))) as trainer:
+    with (
+        tempfile.TemporaryDirectory(prefix="winnow-demo-") as tmp,
+        _Broker(KafkaSettings()) as kafka,
+    ):
+        # One KafkaSettings for the scorer, the trainer and the labelers.
+        settings = _scorer_settings(kafka, args)
+        await ensure_winnow_topics(kafka)
+        async with Trainer(_trainer_settings(kafka, data, args, Path(tmp))) as trainer:
             app = create_app(settings)
             server = uvicorn.Server(
                 uvicorn.Config(app, host="127.0.0.1", port=args.http_port, log_level="warning")
@@ -68,8 +66,8 @@ async def _demo(args: argparse.Namespace) -> int:
             port = server.servers[0].sockets[0].getsockname()[1]
             print(
                 f"winnow demo: {data.name} ({len(data.train_images)} frames to stream), broker "
-                f"{where}, scorer API http://127.0.0.1:{port}/v1/status, policy {args.policy} "
-                f"at budget {args.budget:.0%}",
+                f"{kafka.bootstrap}, scorer API http://127.0.0.1:{port}/v1/status, policy "
+                f"{args.policy} at budget {args.budget:.0%}",
                 flush=True,
             )
             try:
@@ -126,6 +124,26 @@ async def _run(
     return _summary(data, args, progress, labelers, scorer, trainer, full, seconds)
 
 
+def _scorer_settings(kafka: KafkaSettings, args: argparse.Namespace) -> Settings:
+    """The scorer's settings for a short demo stream: quick batches, a short drift warm-up."""
+    base = Settings(
+        kafka=kafka, policy=PolicySettings(name=args.policy, budget=args.budget, seed=0)
+    )
+    # The drift monitor runs when a shift is injected: on a stream of a few thousand frames
+    # its per-source tracks and small reference make false alarms (and budget boosts) likely.
+    drift = {
+        "warmup_frames": 400,
+        "statistic_every": 200,
+        "enabled": getattr(args, "inject_shift", None) is not None,
+    }
+    return base.model_copy(
+        update={
+            "scorer": base.scorer.model_copy(update={"max_wait_ms": 10}),
+            "drift": base.drift.model_copy(update=drift),
+        }
+    )
+
+
 def _trainer_settings(
     kafka: KafkaSettings, data: ImageDataset, args: argparse.Namespace, tmp: Path
 ) -> TrainerSettings:
@@ -140,12 +158,7 @@ def _trainer_settings(
         round_max_seconds=args.round_seconds,
         holdout_fraction=0.15,
         metrics_port=0,
-        kafka=TrainerKafkaSettings(
-            bootstrap=kafka.bootstrap,
-            topic_prefix=kafka.topic_prefix,
-            session_timeout_ms=kafka.session_timeout_ms,
-            heartbeat_interval_ms=kafka.heartbeat_interval_ms,
-        ),
+        kafka=kafka,  # as given: TLS and SASL included; the trainer names itself winnow-trainer
     )
 
 
@@ -199,7 +212,7 @@ async def _produce(
 
 async def _settle(scorer: Scorer, labelers: SimulatedLabelers, progress: Progress) -> None:
     """Waits until every frame is scored and every request answered."""
-    await _until(lambda: sum(scorer.counts.values()) >= progress.sent, 120)
+    await _until(lambda: sum(scorer.accounting.counts.values()) >= progress.sent, 120)
     await asyncio.sleep(1.0)  # the last requests reach the labelers
     await _until(lambda: labelers.pending == 0, 120)
     await asyncio.sleep(1.0)  # the last labels reach the trainer's store
@@ -259,7 +272,7 @@ async def _report(
 ) -> None:
     while True:
         await asyncio.sleep(2.0)
-        counts = scorer.counts
+        counts = scorer.accounting.counts
         scored = counts["selected"] + counts["not_selected"]
         accuracy = progress.points[-1].accuracy if progress.points else float("nan")
         print(
@@ -285,7 +298,7 @@ def _summary(
     return {
         "dataset": data.name,
         "frames": progress.sent,
-        "label_requests": scorer.counts["selected"],
+        "label_requests": scorer.accounting.counts["selected"],
         "labels_used": len(labelers.answered),
         "labeled_fraction": round(len(labelers.answered) / max(1, progress.sent), 4),
         "model_versions": len(progress.versions),
@@ -337,23 +350,30 @@ def _finish(summary: dict, args: argparse.Namespace) -> None:
 
 
 class _Broker:
-    """The configured cluster, or an embedded broker on a free loopback port."""
+    """The configured cluster, or an embedded broker on a free loopback port.
 
-    def __init__(self, settings: Settings) -> None:
-        self._settings = settings
+    ``with _Broker(kafka) as settings`` gives the settings every part connects
+    with: ``kafka`` itself when it has a bootstrap address, else a copy that
+    points at the embedded broker.
+    """
+
+    def __init__(self, kafka: KafkaSettings) -> None:
+        self._kafka = kafka
         self._embedded: EmbeddedBroker | None = None
 
-    def __enter__(self) -> str:
-        if self._settings.kafka.bootstrap is None:
-            self._embedded = EmbeddedBroker(0)
-            self._embedded.start()
-            # Tansu completes a group join after about half the session timeout.
-            self._settings.kafka = KafkaSettings(
-                bootstrap=self._embedded.bootstrap,
-                session_timeout_ms=2000,
-                heartbeat_interval_ms=500,
-            )
-        return str(self._settings.kafka.bootstrap)
+    def __enter__(self) -> KafkaSettings:
+        if self._kafka.bootstrap is not None:
+            return self._kafka
+        self._embedded = EmbeddedBroker(0)
+        self._embedded.start()
+        # Tansu completes a group join after about half the session timeout.
+        return self._kafka.model_copy(
+            update={
+                "bootstrap": self._embedded.bootstrap,
+                "session_timeout_ms": 2000,
+                "heartbeat_interval_ms": 500,
+            }
+        )
 
     def __exit__(self, *exc: object) -> None:
         if self._embedded is not None:
