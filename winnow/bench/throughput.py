@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from infra.kafka.admin import ensure_topics
+from infra.kafka.admin import ensure_topics, topic_partitions
 from infra.kafka.broker import EmbeddedBroker
 from infra.kafka.consumer import create_consumer
 from infra.kafka.producer import create_producer
@@ -205,6 +205,7 @@ class PredictionReader:
     """
 
     def __init__(self, kafka: KafkaSettings, topic: str) -> None:
+        self._kafka = kafka
         self._consumer = create_consumer(kafka, group_id=None, fetch_max_wait_ms=10)
         self._topic = topic
         self._task: asyncio.Task[None] | None = None
@@ -213,14 +214,8 @@ class PredictionReader:
         self._reached = asyncio.Event()
 
     async def start(self) -> None:
-        from aiokafka import TopicPartition
-
         await self._consumer.start()
-        partitions = self._consumer.partitions_for_topic(self._topic)
-        if not partitions:
-            await self._consumer._client.force_metadata_update()
-            partitions = self._consumer.partitions_for_topic(self._topic) or set()
-        assignment = [TopicPartition(self._topic, p) for p in sorted(partitions)]
+        assignment = await topic_partitions(self._kafka, self._topic)
         self._consumer.assign(assignment)
         await self._consumer.seek_to_beginning(*assignment)
         self._task = asyncio.create_task(self._read(), name="bench-prediction-reader")
