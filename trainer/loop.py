@@ -139,19 +139,20 @@ class Trainer:
         (self.settings.data_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         self._producer = create_producer(self.settings.kafka)
         await self._producer.start()
-        self.model, self.spec, fresh = await asyncio.to_thread(self._initial_model)
+        model, spec, fresh = await asyncio.to_thread(self._initial_model)
         if fresh:
-            await self._release(self.model, self.spec)
-        self.metrics.labels_trained.set(self.spec.labels_trained)
+            await self._release(model, spec)
+        self.model, self.spec = model, spec
+        self.metrics.labels_trained.set(spec.labels_trained)
         await self.intake.start()
         if self.drift_watch is not None:
             await self.drift_watch.start()
         self._task = asyncio.create_task(self._run(), name="trainer-rounds")
         log.info(
             "trainer started: model %s (%s, %d classes) on %s",
-            self.spec.version,
-            self.spec.arch,
-            len(self.spec.classes),
+            spec.version,
+            spec.arch,
+            len(spec.classes),
             self.device,
         )
 

@@ -354,7 +354,8 @@ class SampleStore:
 
     def images(self, frame_ids: Iterable[str]) -> dict[str, bytes]:
         """The encoded images of the requests of ``frame_ids`` (those stored)."""
-        frame_ids, out = list(frame_ids), {}
+        frame_ids = list(frame_ids)
+        out: dict[str, bytes] = {}
         for start in range(0, len(frame_ids), 500):
             chunk = frame_ids[start : start + 500]
             marks = ",".join("?" * len(chunk))
