@@ -64,7 +64,15 @@ class TrainerSettings(BaseSettings):
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     metrics_port: int = Field(default=9100, ge=0, le=65535)
-    release_margin: float = Field(default=0.02, ge=0)
+    release_margin: float = Field(
+        default=0.02, ge=0, description="how much lower a candidate's holdout accuracy may be"
+    )
+    release_alpha: float = Field(
+        default=0.05,
+        gt=0,
+        lt=1,
+        description="a candidate is refused only if a paired test finds it worse at this level",
+    )
     model_signing_key: SecretStr | None = Field(
         default=None,
         validation_alias=AliasChoices("WINNOW_MODEL_SIGNING_KEY", "model_signing_key"),

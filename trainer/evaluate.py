@@ -4,8 +4,9 @@ Prequential ("test, then train") accuracy scores each label against the
 model's prediction before that label is learned, so it needs no held-out set
 and tracks the stream as it changes. A held-out share of the labels, chosen
 by a stable hash of the frame id so that restarts agree, gives the release
-gate a fixed yardstick: a candidate model is released only when it is not
-worse than the serving one by more than a margin.
+gate a yardstick: a candidate model is refused only when, on the same
+held-out frames, it is significantly worse than the serving one (a paired
+test) and worse by more than a margin.
 """
 
 import hashlib
@@ -80,6 +81,41 @@ def is_holdout(frame_id: str, fraction: float) -> bool:
     return int.from_bytes(digest[:8], "big") / 2.0**64 < fraction
 
 
+def correct(model: nn.Module, samples: Sequence[Sample], device: torch.device) -> np.ndarray:
+    """Per sample, whether ``model``'s top-1 class is the label: a boolean (N,) array."""
+    if not samples:
+        return np.zeros(0, dtype=bool)
+    inputs, labels = stack(samples)
+    return np.asarray(predict_proba(model, inputs, device).argmax(axis=1) == labels)
+
+
+def mcnemar_worse_p(candidate: np.ndarray, incumbent: np.ndarray) -> float:
+    """One-sided exact McNemar test that the candidate is worse than the incumbent.
+
+    Only the frames where the two disagree carry evidence: ``b`` frames the
+    incumbent gets right and the candidate wrong, ``c`` the other way round.
+    Under the null hypothesis (equally good) ``b`` is Binomial(b + c, 1/2);
+    the p-value is P(X >= b). McNemar (1947); the exact (binomial) form is the
+    one to use on small holdouts.
+
+    Args:
+        candidate: per frame, whether the candidate is right.
+        incumbent: per frame, whether the incumbent is right (same frames, same order).
+
+    Returns:
+        The p-value; 1.0 when the two never disagree.
+    """
+    candidate, incumbent = np.asarray(candidate, bool), np.asarray(incumbent, bool)
+    if candidate.shape != incumbent.shape:
+        raise ValueError(f"paired outcomes differ in shape: {candidate.shape} vs {incumbent.shape}")
+    b = int(np.sum(incumbent & ~candidate))
+    n = b + int(np.sum(candidate & ~incumbent))
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(b, n + 1))
+    return min(1.0, tail / 2.0**n)
+
+
 @dataclass(frozen=True)
 class GateDecision:
     """The release gate's verdict on a candidate model.
@@ -90,6 +126,7 @@ class GateDecision:
         incumbent: the serving model's holdout accuracy (NaN when unknown).
         margin: how much worse than the incumbent a candidate may be.
         reason: the verdict in words, for logs and the release manifest.
+        p_value: the paired test's p-value that the candidate is worse (NaN when untested).
     """
 
     accepted: bool
@@ -97,42 +134,48 @@ class GateDecision:
     incumbent: float
     margin: float
     reason: str
+    p_value: float = math.nan
 
 
 def release_gate(
-    candidate_acc: float | None,
-    incumbent_acc: float | None,
+    candidate: np.ndarray | None,
+    incumbent: np.ndarray | None,
     margin: float,
-    holdout_size: int | None = None,
+    alpha: float = 0.05,
 ) -> GateDecision:
-    """Accepts a candidate unless it is worse than the incumbent by more than ``margin``.
+    """Refuses a candidate only when it is significantly worse *and* worse by more than ``margin``.
 
-    With no holdout figure for either model yet (no held-out labels, or no
-    model serving), there is nothing to compare and the candidate is accepted.
-    With ``holdout_size``, the margin is at least two standard errors of the
-    difference of two accuracies measured on that many frames
-    (``2 * sqrt(2 p (1 - p) / n)``), so that a small holdout's noise alone does
-    not block a model; as the holdout grows the configured margin takes over.
+    Both models are scored on the same current holdout, frame by frame, and
+    compared with a paired test (:func:`mcnemar_worse_p`). A handful of
+    held-out frames cannot make a candidate significantly worse, so a perfect
+    incumbent score on a small holdout never stalls learning; on a large
+    holdout a clearly worse candidate is refused.
+
+    Args:
+        candidate: per held-out frame, whether the candidate is right; None or
+            empty when there is no holdout yet.
+        incumbent: the same for the serving model; None when none is serving.
+        margin: how much lower the candidate's accuracy may be in any case.
+        alpha: the significance level of the one-sided test.
     """
-    candidate = math.nan if candidate_acc is None else float(candidate_acc)
-    incumbent = math.nan if incumbent_acc is None else float(incumbent_acc)
-    if holdout_size and not math.isnan(incumbent):
-        p = min(max(incumbent, 0.0), 1.0)
-        margin = max(margin, 2 * math.sqrt(2 * p * (1 - p) / holdout_size))
-    if math.isnan(candidate):
-        return GateDecision(True, candidate, incumbent, margin, "no holdout accuracy yet")
-    if math.isnan(incumbent):
-        return GateDecision(
-            True, candidate, incumbent, margin, "no incumbent accuracy to compare with"
-        )
-    if candidate >= incumbent - margin:
+    if candidate is None or len(candidate) == 0:
+        return GateDecision(True, math.nan, math.nan, margin, "no holdout accuracy yet")
+    cand = float(np.mean(candidate))
+    if incumbent is None or len(incumbent) == 0:
+        return GateDecision(True, cand, math.nan, margin, "no incumbent accuracy to compare with")
+    inc = float(np.mean(incumbent))
+    p = mcnemar_worse_p(candidate, incumbent)
+    n = len(candidate)
+    if inc - cand > margin and p < alpha:
         reason = (
-            f"candidate accuracy {candidate:.4f} is within {margin:.4f} "
-            f"of incumbent {incumbent:.4f} or better"
+            f"candidate accuracy {cand:.4f} is below incumbent {inc:.4f} by more than "
+            f"{margin:.4f} on {n} held-out frames, and significantly "
+            f"(McNemar p={p:.3g} < {alpha:g})"
         )
-        return GateDecision(True, candidate, incumbent, margin, reason)
-    reason = (
-        f"candidate accuracy {candidate:.4f} is below incumbent {incumbent:.4f} "
-        f"by more than {margin:.4f}"
-    )
-    return GateDecision(False, candidate, incumbent, margin, reason)
+        return GateDecision(False, cand, inc, margin, reason, p)
+    if inc - cand > margin:
+        why = f"not significantly worse (McNemar p={p:.3g} >= {alpha:g})"
+    else:
+        why = f"within {margin:.4f} or better"
+    reason = f"candidate accuracy {cand:.4f} vs incumbent {inc:.4f} on {n} held-out frames: {why}"
+    return GateDecision(True, cand, inc, margin, reason, p)

@@ -17,6 +17,7 @@ saved, and marks the labels trained only then, so a trainer killed mid-round
 import asyncio
 import copy
 import logging
+import math
 import secrets
 import tempfile
 import time
@@ -36,7 +37,7 @@ from trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoi
 from trainer.config import TrainerSettings
 from trainer.drift_watch import DriftWatch
 from trainer.errors import ModelBuildError
-from trainer.evaluate import Prequential, accuracy, is_holdout, release_gate
+from trainer.evaluate import Prequential, correct, is_holdout, release_gate
 from trainer.export import check_parity, export_onnx
 from trainer.finetune import (
     FinetuneConfig,
@@ -285,11 +286,16 @@ class Trainer:
         prequential = _scored(self.prequential, model, split.unseen, self.device)
         candidate, stats = self._fit(model, spec, split)
         holdout = split.holdout
-        candidate_acc = accuracy(candidate, holdout, self.device) if holdout else None
-        incumbent_acc = accuracy(model, holdout, self.device) if holdout else None
+        candidate_right = correct(candidate, holdout, self.device) if holdout else None
+        incumbent_right = correct(model, holdout, self.device) if holdout else None
         gate = release_gate(
-            candidate_acc, incumbent_acc, self.settings.release_margin, holdout_size=len(holdout)
+            candidate_right,
+            incumbent_right,
+            self.settings.release_margin,
+            alpha=self.settings.release_alpha,
         )
+        candidate_acc = None if math.isnan(gate.candidate) else gate.candidate
+        incumbent_acc = None if math.isnan(gate.incumbent) else gate.incumbent
         carried = sum(1 for s in split.replay if s.frame_id in unreleased)
         labels_trained = spec.labels_trained + len(split.new) + carried
         version = _next_version(spec, labels_trained)

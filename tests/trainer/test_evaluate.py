@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from trainer.evaluate import Prequential, accuracy, is_holdout, release_gate
+from trainer.evaluate import Prequential, accuracy, is_holdout, mcnemar_worse_p, release_gate
 from trainer.samples import Sample
 
 
@@ -66,27 +66,53 @@ def test_holdout_is_stable_and_close_to_the_fraction() -> None:
     assert all(is_holdout(f, 1.0) for f in ids[:100])
 
 
+def _paired(n: int, both: int, only_incumbent: int, only_candidate: int):
+    """Per-frame outcomes of two models on the same ``n`` frames."""
+    candidate = np.zeros(n, bool)
+    incumbent = np.zeros(n, bool)
+    candidate[:both] = incumbent[:both] = True
+    incumbent[both : both + only_incumbent] = True
+    start = both + only_incumbent
+    candidate[start : start + only_candidate] = True
+    return candidate, incumbent
+
+
 def test_gate_accepts_without_figures() -> None:
-    assert release_gate(None, 0.9, 0.01).accepted
-    assert "no holdout" in release_gate(None, 0.9, 0.01).reason
-    decision = release_gate(0.5, None, 0.01)
+    assert release_gate(None, np.ones(5, bool), 0.01).accepted
+    assert "no holdout" in release_gate(None, np.ones(5, bool), 0.01).reason
+    decision = release_gate(np.ones(5, bool), None, 0.01)
     assert decision.accepted and math.isnan(decision.incumbent) and "incumbent" in decision.reason
 
 
-def test_gate_accepts_within_the_margin_and_rejects_beyond_it() -> None:
-    assert release_gate(0.95, 0.90, 0.01).accepted
-    assert release_gate(0.89, 0.90, 0.02).accepted
-    assert release_gate(0.90, 0.90, 0.0).accepted
-    rejected = release_gate(0.85, 0.90, 0.02)
-    assert not rejected.accepted
-    assert (rejected.candidate, rejected.incumbent, rejected.margin) == (0.85, 0.90, 0.02)
-    assert "below" in rejected.reason
+def test_a_perfect_incumbent_on_a_small_holdout_does_not_block_a_candidate() -> None:
+    # The demo's stall: 14/14 against 13/14 is one disagreement, p = 0.5.
+    candidate, incumbent = _paired(14, 13, 1, 0)
+    decision = release_gate(candidate, incumbent, 0.02)
+    assert decision.accepted and decision.p_value == 0.5
+    assert "not significantly worse" in decision.reason
+    # Even 11/14 against 14/14 (three disagreements, p = 1/8) is not evidence enough.
+    assert release_gate(*_paired(14, 11, 3, 0), 0.02).accepted
 
 
-def test_the_gate_margin_widens_for_a_small_holdout() -> None:
-    from trainer.evaluate import release_gate
+def test_a_clearly_worse_candidate_on_a_large_holdout_is_refused() -> None:
+    candidate, incumbent = _paired(400, 330, 45, 5)  # 0.8375 against 0.9375
+    decision = release_gate(candidate, incumbent, 0.02)
+    assert not decision.accepted and decision.p_value < 1e-6
+    assert (decision.candidate, decision.incumbent) == (0.8375, 0.9375)
+    assert "significantly" in decision.reason
 
-    # one frame worse out of 20 is noise: accepted; the same drop on 2000 frames is not
-    assert release_gate(0.90, 0.95, 0.02, holdout_size=20).accepted
-    assert not release_gate(0.90, 0.95, 0.02, holdout_size=2000).accepted
-    assert release_gate(0.90, 0.95, 0.02, holdout_size=2000).margin == 0.02
+
+def test_a_significant_but_small_drop_within_the_margin_is_accepted() -> None:
+    # 10 disagreements all against the candidate on 2000 frames: significant, but 0.5 points.
+    decision = release_gate(*_paired(2000, 1800, 10, 0), 0.02)
+    assert decision.accepted and decision.p_value < 0.01
+
+
+def test_mcnemar_is_the_exact_binomial_tail_on_disagreements() -> None:
+    assert mcnemar_worse_p(*_paired(10, 10, 0, 0)) == 1.0
+    assert mcnemar_worse_p(*_paired(20, 0, 3, 0)) == 1 / 8
+    assert mcnemar_worse_p(*_paired(20, 0, 0, 3)) == 1.0  # the candidate is better
+    # b = 6 of n = 8: P(X >= 6) = (28 + 8 + 1) / 256
+    assert mcnemar_worse_p(*_paired(20, 0, 6, 2)) == 37 / 256
+    with pytest.raises(ValueError):
+        mcnemar_worse_p(np.ones(3, bool), np.ones(4, bool))
