@@ -18,6 +18,7 @@ from schemas.api import (
 from schemas.dead_letter import DeadLetter, DeadLetterReason
 from schemas.drift import DriftEvent
 from schemas.frames import FRAME_HEADERS, FrameHeaders, FrameOrigin
+from schemas.ingest import IngestedFrame, IngestErrorDetail, IngestErrorResponse, IngestReceipt
 from schemas.label_requests import LabelRequest
 from schemas.labels import Label
 from schemas.model_spec import ModelSpec
@@ -34,6 +35,10 @@ __all__ = [
     "FrameHeaders",
     "FrameOrigin",
     "Health",
+    "IngestErrorDetail",
+    "IngestErrorResponse",
+    "IngestReceipt",
+    "IngestedFrame",
     "Label",
     "LabelRequest",
     "ModelChunk",

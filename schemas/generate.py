@@ -14,6 +14,7 @@ from schemas.api import ModelPin, ModelStatus, PolicyState, PolicyUpdate, Scorer
 from schemas.dead_letter import DeadLetter
 from schemas.drift import DriftEvent
 from schemas.frames import FrameHeaders
+from schemas.ingest import IngestErrorResponse, IngestReceipt
 from schemas.label_requests import LabelRequest
 from schemas.labels import Label
 from schemas.model_spec import ModelSpec
@@ -37,6 +38,8 @@ SCHEMAS: dict[str, type[BaseModel]] = {
     "api-status": ScorerStatus,
     "api-model-status": ModelStatus,
     "api-model-pin": ModelPin,
+    "api-ingest-receipt": IngestReceipt,
+    "api-ingest-error": IngestErrorResponse,
 }
 
 

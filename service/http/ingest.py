@@ -9,11 +9,13 @@ parameters or form fields. Every image passes the scorer's own checks
 its reason instead of landing on the dead-letter topic later.
 
 The answer is 201 with the frame ids only once Kafka has acknowledged every
-frame (``acks=all``). Errors are JSON ``{"detail": {"error": ..., "message": ...}}``:
-401/403 (token), 413 (body or image too large, checked while the body
-streams in), 415 (not JPEG/PNG), 422 (a broken image, with the decoder's
-reason), 429 (rate limit, with ``Retry-After``), 503 (Kafka did not
-acknowledge).
+frame (``acks=all``; a transient broker error resends them, see
+``infra.kafka.delivery``). Errors are JSON ``{"detail": {"error": ..., "message": ...}}``
+(``schemas.ingest``): 401/403 (token), 413 (body or image too large, checked
+while the body streams in), 415 (not JPEG/PNG), 422 (a broken image, with the
+decoder's reason), 429 (rate limit, with ``Retry-After``), 503 (Kafka did not
+acknowledge). Each is raised as a typed :class:`IngestRefused` that carries its
+status, and the router's route class turns it into the answer.
 
 Writes need a bearer token: one of ``WINNOW_INGEST_TOKENS`` (comma-separated)
 or ``WINNOW_ADMIN_TOKEN``; with neither configured, ingest is refused (403).
@@ -30,22 +32,33 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Annotated, Any, NoReturn
+from datetime import datetime
+from typing import Annotated, Any, ClassVar
 
-from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, status
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Response, status
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException
 from starlette.types import Message
 
+from infra.errors import WinnowError
+from infra.kafka.delivery import Delivery, OutRecord
 from infra.kafka.producer import MAX_REQUEST_BYTES, create_producer
+from schemas.dead_letter import DeadLetterReason
 from schemas.frames import FrameHeaders, parse_timestamp
+from schemas.ingest import (
+    IngestedFrame,
+    IngestErrorCode,
+    IngestErrorDetail,
+    IngestErrorResponse,
+    IngestReceipt,
+)
+from schemas.media import ALIASES, sniff
 from service.config import Settings
 from service.errors import PoisonRecord
 from service.pipeline.decode import DecodeLimits, decode_image
@@ -53,30 +66,112 @@ from service.pipeline.decode import DecodeLimits, decode_image
 log = logging.getLogger(__name__)
 _bearer = HTTPBearer(auto_error=False)
 
-IMAGE_TYPES = {"image/jpeg": "image/jpeg", "image/jpg": "image/jpeg", "image/png": "image/png"}
 _GENERIC_PART_TYPES = ("", "application/octet-stream")
 _RECORD_OVERHEAD = 64 * 1024
 """Room left in a produce request for key, headers and batch framing."""
 
 
-class IngestedFrame(BaseModel):
-    """One frame written to Kafka."""
-
-    frame_id: str
-    partition: int
-    offset: int
-    content_type: str
-    bytes: int
-    filename: str | None = None
+# -- refusals ------------------------------------------------------------------------------
 
 
-class IngestReceipt(BaseModel):
-    """The answer to ``POST /v1/frames``: every frame is in Kafka."""
+class IngestRefused(WinnowError):
+    """A request that ingest refuses; the class says which HTTP status answers it.
 
-    topic: str
-    source_id: str
-    frame_ids: list[str]
-    frames: list[IngestedFrame]
+    Args:
+        error: the machine-readable code of the answer.
+        message: the human-readable explanation.
+        retry_after_s: when to try again (``Retry-After``), if worth saying.
+        **about: ``filename=...`` for an error about one image (None: the raw body).
+    """
+
+    status_code: ClassVar[int] = status.HTTP_422_UNPROCESSABLE_CONTENT
+
+    def __init__(
+        self,
+        error: IngestErrorCode,
+        message: str,
+        *,
+        retry_after_s: float | None = None,
+        **about: str | None,
+    ) -> None:
+        super().__init__(message)
+        self.detail = IngestErrorDetail(error=error, message=message, **about)
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str] | None:
+        """The answer's headers (``Retry-After``; ``WWW-Authenticate`` for 401)."""
+        if self.retry_after_s is None:
+            return None
+        return {"Retry-After": str(max(1, math.ceil(self.retry_after_s)))}
+
+    def to_http(self) -> HTTPException:
+        """The answer: this status, ``{"detail": {"error", "message"[, "filename"]}}``."""
+        detail = self.detail.model_dump(mode="json", exclude_unset=True)
+        return HTTPException(self.status_code, detail, headers=self.headers())
+
+
+class BadRequest(IngestRefused):
+    status_code = status.HTTP_400_BAD_REQUEST
+
+
+class Unauthorized(IngestRefused):
+    status_code = status.HTTP_401_UNAUTHORIZED
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": "Bearer"}
+
+
+class Forbidden(IngestRefused):
+    status_code = status.HTTP_403_FORBIDDEN
+
+
+class TooLarge(IngestRefused):
+    status_code = status.HTTP_413_CONTENT_TOO_LARGE
+
+
+class UnsupportedMedia(IngestRefused):
+    status_code = status.HTTP_415_UNSUPPORTED_MEDIA_TYPE
+
+
+class Unprocessable(IngestRefused):
+    status_code = status.HTTP_422_UNPROCESSABLE_CONTENT
+
+
+class RateLimited(IngestRefused):
+    status_code = status.HTTP_429_TOO_MANY_REQUESTS
+    retriable = True
+
+
+class Unavailable(IngestRefused):
+    status_code = status.HTTP_503_SERVICE_UNAVAILABLE
+    retriable = True
+
+
+_REFUSAL_OF_REASON: dict[DeadLetterReason, type[IngestRefused]] = {
+    "unsupported_type": UnsupportedMedia,
+    "too_large": TooLarge,
+}
+"""How a decoder refusal is answered; any other reason is a broken image (422)."""
+
+
+class _IngestRoute(APIRoute):
+    """Answers an :class:`IngestRefused` raised by a handler or a dependency."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def answer(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except IngestRefused as refusal:
+                raise refusal.to_http() from refusal
+
+        return answer
+
+
+_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": IngestErrorResponse} for code in (400, 401, 403, 413, 415, 422, 429, 503)
+}
 
 
 @dataclass
@@ -84,11 +179,6 @@ class _Frame:
     data: bytes
     content_type: str
     filename: str | None = None
-
-
-def _error(code: int, error: str, message: str, **extra: Any) -> HTTPException:
-    headers = extra.pop("headers", None)
-    return HTTPException(code, {"error": error, "message": message, **extra}, headers=headers)
 
 
 class TokenBuckets:
@@ -143,19 +233,19 @@ def create_ingest_router(settings: Settings) -> APIRouter:
         max_pixels=settings.scorer.max_pixels,
     )
     buckets = TokenBuckets(ingest.rate, ingest.burst)
-    producer: AIOKafkaProducer | None = None
+    delivery: Delivery | None = None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        nonlocal producer
+        nonlocal delivery
         # No linger: a request waits for its own acks; concurrent requests batch anyway.
         started = create_producer(settings.kafka, linger_ms=0)
         await started.start()
-        producer = started
+        delivery = Delivery(started, what="ingested frames")
         try:
             yield
         finally:
-            producer = None
+            delivery = None
             await started.stop()  # sends what is buffered first
 
     def require_token(
@@ -165,8 +255,7 @@ def create_ingest_router(settings: Settings) -> APIRouter:
         if settings.admin_token is not None:
             allowed.append(settings.admin_token.get_secret_value())
         if not allowed:
-            raise _error(
-                status.HTTP_403_FORBIDDEN,
+            raise Forbidden(
                 "ingest_disabled",
                 "HTTP ingest is disabled: set WINNOW_INGEST_TOKENS (or WINNOW_ADMIN_TOKEN)",
             )
@@ -174,20 +263,19 @@ def create_ingest_router(settings: Settings) -> APIRouter:
         # Compare with every token, so the time taken does not tell which one nearly matched.
         matched = [t for t in allowed if hmac.compare_digest(given, t.encode())]
         if not matched:
-            raise _error(
-                status.HTTP_401_UNAUTHORIZED,
+            raise Unauthorized(
                 "unauthorized",
                 "a valid ingest bearer token is needed (Authorization: Bearer <token>)",
-                headers={"WWW-Authenticate": "Bearer"},
             )
         return matched[0]
 
-    router = APIRouter(tags=["ingest"], lifespan=lifespan)
+    router = APIRouter(tags=["ingest"], lifespan=lifespan, route_class=_IngestRoute)
 
     @router.post(
         "/v1/frames",
         status_code=status.HTTP_201_CREATED,
         response_model=IngestReceipt,
+        responses=_ERROR_RESPONSES,
         openapi_extra={"requestBody": _REQUEST_BODY_DOC},
     )
     async def post_frames(
@@ -197,22 +285,20 @@ def create_ingest_router(settings: Settings) -> APIRouter:
         captured_at: Annotated[str | None, Query()] = None,
     ) -> IngestReceipt:
         """Writes one image (raw body) or many (multipart) to the frames topic."""
-        media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
-        if media not in IMAGE_TYPES and media != "multipart/form-data":
-            raise _error(
-                status.HTTP_415_UNSUPPORTED_MEDIA_TYPE,
+        media = _media_type(request.headers.get("content-type"))
+        if media not in ALIASES and media != "multipart/form-data":
+            raise UnsupportedMedia(
                 "unsupported_type",
                 f"Content-Type {media or '(none)'!r} is not accepted: send image/jpeg, "
                 "image/png, or multipart/form-data with image parts",
             )
         wait = buckets.admit(token)
         if wait > 0:
-            raise _error(
-                status.HTTP_429_TOO_MANY_REQUESTS,
+            raise RateLimited(
                 "rate_limited",
                 f"this token may send {ingest.rate:g} frames/s (burst {ingest.burst:g}); "
                 f"retry in {wait:.2f} s",
-                headers={"Retry-After": str(max(1, math.ceil(wait)))},
+                retry_after_s=wait,
             )
         body = await _read_body(request, ingest.max_body_bytes)
         if media == "multipart/form-data":
@@ -220,17 +306,16 @@ def create_ingest_router(settings: Settings) -> APIRouter:
             source_id = fields.get("source_id") or source_id
             captured_at = fields.get("captured_at") or captured_at
         else:
-            frames = [_Frame(data=body, content_type=IMAGE_TYPES[media])]
+            frames = [_Frame(data=body, content_type=ALIASES[media])]
         buckets.charge(token, len(frames) - 1)
         if not source_id:
-            raise _error(
-                status.HTTP_422_UNPROCESSABLE_CONTENT,
+            raise Unprocessable(
                 "missing_source_id",
                 "source_id is required (query parameter or form field): the camera or app id",
             )
         headers = FrameHeaders(captured_at=_captured_at(captured_at))
         await asyncio.gather(*(asyncio.to_thread(_validate, frame, limits) for frame in frames))
-        written = await _produce(producer, topic, source_id, headers, frames, ingest.ack_timeout_s)
+        written = await _produce(delivery, topic, source_id, headers, frames, ingest.ack_timeout_s)
         return IngestReceipt(
             topic=topic,
             source_id=source_id,
@@ -264,19 +349,22 @@ async def _read_body(request: Request, limit: int) -> bytes:
     """The body, refused with 413 as soon as it is known to pass ``limit`` bytes."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
-        _too_large(f"the body is {int(declared)} bytes, more than the limit of {limit} bytes")
+        raise TooLarge(
+            "too_large", f"the body is {int(declared)} bytes, more than the limit of {limit} bytes"
+        )
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            _too_large(f"the body is more than the limit of {limit} bytes")
+            raise TooLarge("too_large", f"the body is more than the limit of {limit} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
 
 
-def _too_large(message: str) -> NoReturn:
-    raise _error(status.HTTP_413_CONTENT_TOO_LARGE, "too_large", message)
+def _media_type(header: str | None) -> str:
+    """The media type of a ``Content-Type`` header, without parameters, lower case."""
+    return (header or "").split(";", 1)[0].strip().lower()
 
 
 async def _multipart(
@@ -295,7 +383,7 @@ async def _multipart(
     try:
         form = await Request(request.scope, replay).form(max_files=max_files, max_fields=100)
     except MultiPartException as error:
-        raise _error(status.HTTP_400_BAD_REQUEST, "bad_multipart", str(error)) from error
+        raise BadRequest("bad_multipart", str(error)) from error
     frames: list[_Frame] = []
     fields: dict[str, str] = {}
     try:
@@ -307,48 +395,44 @@ async def _multipart(
     finally:
         await form.close()
     if not frames:
-        raise _error(
-            status.HTTP_422_UNPROCESSABLE_CONTENT,
-            "no_image",
-            "the multipart body has no file part: attach one or more images",
+        raise Unprocessable(
+            "no_image", "the multipart body has no file part: attach one or more images"
         )
     return frames, fields
 
 
 async def _part_frame(part: UploadFile) -> _Frame:
-    media = (part.content_type or "").split(";", 1)[0].strip().lower()
-    if media not in IMAGE_TYPES and media not in _GENERIC_PART_TYPES:
-        raise _error(
-            status.HTTP_415_UNSUPPORTED_MEDIA_TYPE,
+    media = _media_type(part.content_type)
+    if media not in ALIASES and media not in _GENERIC_PART_TYPES:
+        raise UnsupportedMedia(
             "unsupported_type",
             f"part {part.filename!r} is {media!r}: only image/jpeg and image/png are accepted",
             filename=part.filename,
         )
     return _Frame(
-        data=await part.read(), content_type=IMAGE_TYPES.get(media, ""), filename=part.filename
+        data=await part.read(), content_type=ALIASES.get(media, ""), filename=part.filename
     )
 
 
-_STATUS_OF_REASON = {
-    "unsupported_type": status.HTTP_415_UNSUPPORTED_MEDIA_TYPE,
-    "too_large": status.HTTP_413_CONTENT_TOO_LARGE,
-}
-
-
 def _validate(frame: _Frame, limits: DecodeLimits) -> None:
-    """The scorer's checks; sets the content type from the bytes when the part had none."""
+    """The scorer's checks; sets the content type from the bytes when the part had none.
+
+    Raises:
+        IngestRefused: the scorer would refuse the image; bytes without a JPEG or
+            PNG signature at all (a text file sent as image/jpeg) are the wrong
+            media (415), not a broken image (422).
+    """
     try:
-        image = decode_image(frame.data, frame.content_type or None, limits)
+        decode_image(frame.data, frame.content_type or None, limits)
     except PoisonRecord as error:
-        code = _STATUS_OF_REASON.get(error.reason, status.HTTP_422_UNPROCESSABLE_CONTENT)
-        # A body that is no image at all (a text file sent as image/jpeg) is the wrong media.
-        if error.reason == "undecodable" and "unknown signature" in error.detail:
-            code = status.HTTP_415_UNSUPPORTED_MEDIA_TYPE
-        raise _error(code, error.reason, error.detail, filename=frame.filename) from error
-    detected = "image/png" if image.format == "PNG" else "image/jpeg"
+        refusal = _REFUSAL_OF_REASON.get(error.reason, Unprocessable)
+        if error.reason == "undecodable" and sniff(frame.data) is None:
+            refusal = UnsupportedMedia
+        raise refusal(error.reason, error.detail, filename=frame.filename) from error
+    detected = sniff(frame.data)
+    assert detected is not None, "decode_image accepts JPEG and PNG signatures only"
     if frame.content_type and frame.content_type != detected:
-        raise _error(
-            status.HTTP_415_UNSUPPORTED_MEDIA_TYPE,
+        raise UnsupportedMedia(
             "unsupported_type",
             f"the body is declared {frame.content_type} but is {detected}",
             filename=frame.filename,
@@ -356,13 +440,12 @@ def _validate(frame: _Frame, limits: DecodeLimits) -> None:
     frame.content_type = detected
 
 
-def _captured_at(text: str | None) -> Any:
+def _captured_at(text: str | None) -> datetime | None:
     if not text:
         return None
     parsed = parse_timestamp(text.strip())
     if parsed is None:
-        raise _error(
-            status.HTTP_422_UNPROCESSABLE_CONTENT,
+        raise Unprocessable(
             "bad_captured_at",
             f"captured_at {text!r} is neither ISO 8601 nor milliseconds since the epoch",
         )
@@ -370,40 +453,46 @@ def _captured_at(text: str | None) -> Any:
 
 
 async def _produce(
-    producer: AIOKafkaProducer | None,
+    delivery: Delivery | None,
     topic: str,
     source_id: str,
     headers: FrameHeaders,
     frames: list[_Frame],
     timeout_s: float,
 ) -> list[IngestedFrame]:
-    """Sends every frame and waits for all acknowledgements (all or an error)."""
-    if producer is None:
-        raise _error(status.HTTP_503_SERVICE_UNAVAILABLE, "not_ready", "ingest is not running")
+    """Sends every frame and waits for all acknowledgements (all or an error).
+
+    Raises:
+        Unavailable: ingest is not running, or Kafka did not acknowledge every
+            frame within ``timeout_s`` (transient errors are retried until then).
+    """
+    if delivery is None:
+        raise Unavailable("not_ready", "ingest is not running")
     ids = [uuid.uuid4().hex for _ in frames]
+    records = [
+        OutRecord(
+            topic,
+            source_id.encode(),
+            frame.data,
+            tuple(
+                headers.model_copy(
+                    update={"frame_id": frame_id, "content_type": frame.content_type}
+                ).to_kafka()
+            ),
+        )
+        for frame_id, frame in zip(ids, frames, strict=True)
+    ]
     try:
         async with asyncio.timeout(timeout_s):
-            acks = [
-                await producer.send(
-                    topic,
-                    frame.data,
-                    key=source_id.encode(),
-                    headers=headers.model_copy(
-                        update={"frame_id": frame_id, "content_type": frame.content_type}
-                    ).to_kafka(),
-                )
-                for frame_id, frame in zip(ids, frames, strict=True)
-            ]
-            metadata = await asyncio.gather(*acks)
+            metadata = await delivery.send_all(records)
     except (KafkaError, TimeoutError) as error:
         log.warning(
             "ingest: Kafka did not acknowledge %d frames on %s: %r", len(frames), topic, error
         )
-        raise _error(
-            status.HTTP_503_SERVICE_UNAVAILABLE,
+        raise Unavailable(
             "kafka_unavailable",
             f"Kafka did not acknowledge the frames: {error!r}; nothing is promised, retry",
-            headers={"Retry-After": "1"},
+            retry_after_s=1,
         ) from error
     return [
         IngestedFrame(
@@ -418,4 +507,10 @@ async def _produce(
     ]
 
 
-__all__ = ["IngestReceipt", "IngestedFrame", "TokenBuckets", "create_ingest_router"]
+__all__ = [
+    "IngestReceipt",
+    "IngestRefused",
+    "IngestedFrame",
+    "TokenBuckets",
+    "create_ingest_router",
+]

@@ -11,9 +11,10 @@ from PIL import Image
 from pydantic import SecretStr
 
 from schemas.frames import FrameHeaders
+from schemas.ingest import IngestErrorResponse, IngestReceipt
 from service.config import IngestSettings, Settings
 from service.http.api import create_app
-from service.http.ingest import TokenBuckets
+from service.http.ingest import RateLimited, TokenBuckets, Unauthorized, UnsupportedMedia
 from service.model.inference import OnnxModel
 from tests.winnow.test_produce import read_records
 
@@ -36,9 +37,12 @@ def client_for(
     clients: list[TestClient] = []
 
     def make(admin_token: str | None = None, **ingest: object) -> TestClient:
-        settings = scorer_settings()
-        settings.admin_token = SecretStr(admin_token) if admin_token else None
-        settings.ingest = IngestSettings(**ingest)  # type: ignore[arg-type]
+        settings = scorer_settings().model_copy(
+            update={
+                "admin_token": SecretStr(admin_token) if admin_token else None,
+                "ingest": IngestSettings(**ingest),  # type: ignore[arg-type]
+            }
+        )
         client = TestClient(create_app(settings, OnnxModel.load(digits_model_path, device="cpu")))
         client.__enter__()
         clients.append(client)
@@ -61,6 +65,7 @@ def test_raw_and_multipart_frames_land_in_kafka(client_for) -> None:
     )
     assert raw.status_code == 201, raw.text
     receipt = raw.json()
+    assert IngestReceipt.model_validate(receipt).frames[0].filename is None
     assert receipt["source_id"] == "cam-1" and len(receipt["frame_ids"]) == 1
     assert receipt["frames"][0]["content_type"] == "image/jpeg"
     assert receipt["frames"][0]["offset"] >= 0
@@ -106,12 +111,17 @@ def test_bad_bodies_are_refused_with_clear_errors(client_for) -> None:
 
     def post(body: bytes, content_type: str) -> dict:
         response = client.post(url, content=body, headers={**AUTH, "Content-Type": content_type})
+        IngestErrorResponse.model_validate(response.json())  # the documented error body
         return {"status": response.status_code, **response.json()["detail"]}
 
     text = post(b"hello, not an image", "text/plain")
     assert text["status"] == 415 and "image/jpeg" in text["message"]
+    assert "filename" not in text, "not about one image"
     lying = post(b"hello, not an image", "image/jpeg")
     assert lying["status"] == 415 and lying["error"] == "undecodable"
+    assert lying["filename"] is None, "about the raw body"
+    alias = client.post(url, content=_image("JPEG"), headers={**AUTH, "Content-Type": "image/jpg"})
+    assert alias.status_code == 201 and alias.json()["frames"][0]["content_type"] == "image/jpeg"
     gif = post(b"GIF89a" + bytes(100), "image/png")
     assert gif["status"] == 415 and "GIF" in gif["message"]
     jpeg = _image("JPEG", size=(64, 48))
@@ -163,6 +173,12 @@ def test_tokens_are_required(client_for) -> None:
         )
         assert ok.status_code == 201, ok.text
 
+    spec = client.get("/openapi.json").json()
+    answers = spec["paths"]["/v1/frames"]["post"]["responses"]
+    assert answers["415"]["content"]["application/json"]["schema"]["$ref"].endswith(
+        "/IngestErrorResponse"
+    )
+
     closed = client_for()  # no ingest token and no admin token: writes refused
     refused = closed.post(url, content=jpeg, headers={"Content-Type": "image/jpeg", **AUTH})
     assert refused.status_code == 403
@@ -199,3 +215,14 @@ def test_token_bucket_refills_and_charges_multipart_frames() -> None:
     now[0] = 1.0
     assert buckets.admit("t") == 0
     assert TokenBuckets(rate=0, burst=1).admit("t") == 0  # 0: no limit
+
+
+def test_refusals_carry_their_status_and_headers() -> None:
+    limited = RateLimited("rate_limited", "slow down", retry_after_s=0.2).to_http()
+    assert (limited.status_code, limited.headers) == (429, {"Retry-After": "1"})
+    assert limited.detail == {"error": "rate_limited", "message": "slow down"}
+    denied = Unauthorized("unauthorized", "who are you").to_http()
+    assert (denied.status_code, denied.headers) == (401, {"WWW-Authenticate": "Bearer"})
+    wrong = UnsupportedMedia("unsupported_type", "a GIF", filename="a.gif").to_http()
+    assert wrong.status_code == 415 and wrong.detail["filename"] == "a.gif"
+    assert RateLimited.retriable and not UnsupportedMedia.retriable
