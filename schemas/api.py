@@ -5,20 +5,22 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+# The names settings and the API accept. The modules that implement them derive their
+# tuples from these (``typing.get_args``); tests check every name has an implementation.
 PolicyName = Literal["fixed", "variable", "randomized-variable", "split", "quantile", "random"]
-UtilityName = Literal[
-    "least_confidence",
-    "margin",
-    "entropy",
-    "aift",
-    "aift_entropy",
-    "aift_diversity",
-    "bald",
-    "vote_entropy",
-    "average_kl",
-]
+"""Threshold strategies (``service.selection.strategies``)."""
+ProbabilityUtilityName = Literal["least_confidence", "margin", "entropy"]
+"""Utilities of one probability vector (``service.scoring.uncertainty``); always scored."""
+AiftUtilityName = Literal["aift", "aift_entropy", "aift_diversity"]
+"""Utilities over augmented views of a frame (``service.scoring.aift``)."""
+CommitteeUtilityName = Literal["bald", "vote_entropy", "average_kl"]
+"""Utilities over a committee or MC-dropout passes (``service.scoring.committee``)."""
+UtilityName = Literal[ProbabilityUtilityName, AiftUtilityName, CommitteeUtilityName]
+"""Every utility a policy may compare; the fields of ``schemas.scores.Scores``."""
 FilterName = Literal["dedup", "density", "balance", "audit"]
+"""Stream filters (``service.selection.filters``)."""
 SelectorName = Literal["none", "coreset", "badge"]
+"""Windowed selectors (``service.selection.diversity``); ``none`` for frame by frame."""
 
 
 class Health(BaseModel):

@@ -18,10 +18,14 @@ The threshold strategy and the budget say how many frames of a window
 
 from collections import deque
 from collections.abc import Sequence
+from typing import get_args
 
 import numpy as np
 
-SELECTORS = ("none", "coreset", "badge")
+from schemas.api import SelectorName
+
+SELECTORS: tuple[SelectorName, ...] = get_args(SelectorName)
+"""``none`` (frame by frame, no selector) and the selectors :class:`WindowSelector` runs."""
 
 
 def k_center_greedy(points: np.ndarray, k: int, centers: np.ndarray | None = None) -> list[int]:
@@ -89,8 +93,9 @@ class WindowSelector:
 
     def __init__(self, name: str = "coreset", memory: int = 256) -> None:
         if name not in SELECTORS or name == "none":
-            raise ValueError(f"unknown selector {name!r} (known: coreset, badge)")
-        self.name = name
+            known = ", ".join(s for s in SELECTORS if s != "none")
+            raise ValueError(f"unknown selector {name!r} (known: {known})")
+        self.name: SelectorName = name
         self._centers: deque[np.ndarray] = deque(maxlen=memory)
 
     def pick(

@@ -29,11 +29,13 @@ the context it names; a batch without context passes unchanged.
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, get_args
 
 import numpy as np
 
-FILTERS = ("dedup", "density", "balance", "audit")
+from schemas.api import FilterName
+
+FILTERS: tuple[FilterName, ...] = get_args(FilterName)
 AUDIT = "audit"
 _MIN_RESERVOIR = 32
 

@@ -383,4 +383,5 @@ STRATEGIES: dict[str, type[_Strategy]] = {
         RandomSampling,
     )
 }
-"""Every strategy by its ``PolicyName``."""
+"""Every strategy by its ``PolicyName`` (``tests/service/selection/test_names.py`` checks
+that the two agree)."""
