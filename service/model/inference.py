@@ -8,6 +8,7 @@ CUDA is used when a CUDA device is really usable, CPU otherwise.
 import ctypes
 import functools
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -85,6 +86,7 @@ class OnnxModel:
         self._session = session
         self._spec = spec
         self._provider = session.get_providers()[0]
+        self._metadata = dict(session.get_modelmeta().custom_metadata_map)
 
     @classmethod
     def load(
@@ -135,6 +137,11 @@ class OnnxModel:
     @property
     def version(self) -> str:
         return self._spec.version
+
+    @property
+    def metadata(self) -> Mapping[str, str]:
+        """The file's custom ONNX metadata: the spec, and the head where the trainer wrote it."""
+        return self._metadata
 
     @property
     def provider(self) -> str:

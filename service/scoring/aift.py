@@ -28,10 +28,13 @@ Written for ``C`` classes. With ``p_i`` the probabilities of view ``i``:
 
 import math
 from dataclasses import dataclass
+from typing import get_args
 
 import numpy as np
 
-AIFT_UTILITIES = ("aift", "aift_entropy", "aift_diversity")
+from schemas.api import AiftUtilityName
+
+AIFT_UTILITIES: tuple[AiftUtilityName, ...] = get_args(AiftUtilityName)
 """The utility names that need augmented views."""
 _EPS = 1e-6
 

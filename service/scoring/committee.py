@@ -18,16 +18,27 @@ Each is divided by its largest value, ``log min(T, C)``, into [0, 1].
 MC dropout here is exact for ``WinnowNet``: its only dropout sits between the
 embedding and the linear head, so T passes with dropout on are T masks on the
 embedding followed by the head (:func:`mc_dropout_probabilities`); the head's
-weights are read from the ONNX graph (:func:`head_from_onnx`), so no second
+weights are read from the model's metadata (:func:`head_from_metadata`, written by
+the trainer's export) or from the ONNX graph (:func:`head_from_onnx`), so no second
 model needs to be exported or run.
 """
 
+import json
 import math
 from collections import deque
+from collections.abc import Mapping
+from typing import get_args
 
 import numpy as np
 
-COMMITTEE_UTILITIES = ("bald", "vote_entropy", "average_kl")
+from schemas.api import CommitteeUtilityName
+from schemas.model_spec import HEAD_KEY
+
+COMMITTEE_UTILITIES: tuple[CommitteeUtilityName, ...] = get_args(CommitteeUtilityName)
+"""The utility names that need a committee (MC-dropout passes or the last releases)."""
+
+Head = tuple[np.ndarray, np.ndarray, float]
+"""A linear head: weight (C, D), bias (C,) and the dropout rate before it."""
 
 
 def _check(samples: np.ndarray) -> np.ndarray:
@@ -140,46 +151,28 @@ def head_from_onnx(path: str) -> tuple[np.ndarray, np.ndarray] | None:
     return None
 
 
-HEAD_KEY = "winnow.head"
-"""ONNX metadata key under which the trainer stores the head (``trainer.export``)."""
+def head_from_metadata(metadata: Mapping[str, str]) -> Head | None:
+    """The head ``(weight (C, D), bias (C,), dropout rate)`` from a model's ONNX metadata.
 
-
-def head_of(model: object) -> tuple[np.ndarray, np.ndarray, float] | None:
-    """The head ``(weight (C, D), bias (C,), dropout rate)`` from a loaded model's metadata.
-
-    The trainer writes it next to the spec; a model without it (an older export,
-    or another architecture) gives None and the scorer falls back to the release
-    committee. The result is cached on the model object.
+    The trainer writes it under ``HEAD_KEY`` next to the spec; a model without it (an
+    older export, or another architecture) gives None, and the scorer falls back to
+    the release committee.
     """
-    cached: tuple[np.ndarray, np.ndarray, float] | bool | None = getattr(
-        model, "_winnow_head", False
+    text = metadata.get(HEAD_KEY)
+    if not text:
+        return None
+    raw = json.loads(text)
+    return (
+        np.asarray(raw["weight"], dtype=np.float64),
+        np.asarray(raw["bias"], dtype=np.float64),
+        float(raw["dropout"]),
     )
-    if cached is not False:
-        return cached if isinstance(cached, tuple) else None
-    head = None
-    session = getattr(model, "_session", None)  # OnnxModel keeps its onnxruntime session here
-    if session is not None:
-        text = session.get_modelmeta().custom_metadata_map.get(HEAD_KEY)
-        if text:
-            import json
-
-            raw = json.loads(text)
-            head = (
-                np.asarray(raw["weight"], dtype=np.float64),
-                np.asarray(raw["bias"], dtype=np.float64),
-                float(raw["dropout"]),
-            )
-    try:
-        model._winnow_head = head  # type: ignore[attr-defined]
-    except AttributeError:
-        pass
-    return head
 
 
 class ReleaseCommittee:
     """The last ``k`` models the scorer served; ``samples`` runs each on the same inputs.
 
-    Register :meth:`add` as a scorer swap listener. With fewer than two
+    The scoring engine adds each model the scorer swaps in. With fewer than two
     members the committee utilities are 0 (no disagreement to measure).
     """
 

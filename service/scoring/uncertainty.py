@@ -10,6 +10,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from schemas.api import ProbabilityUtilityName
+
 Utility = Callable[[np.ndarray], np.ndarray]
 
 
@@ -84,7 +86,7 @@ def entropy(p: np.ndarray) -> np.ndarray:
     return np.clip(utility, 0.0, 1.0)
 
 
-UTILITIES: dict[str, Utility] = {
+UTILITIES: dict[ProbabilityUtilityName, Utility] = {
     "least_confidence": least_confidence,
     "margin": margin,
     "entropy": entropy,
