@@ -7,13 +7,13 @@ this answers the classic questions: is the budget spent, does the model already
 get right what it asks about, can people label what is asked?
 """
 
-import asyncio
 import logging
 from collections import OrderedDict, deque
 
 from aiokafka import AIOKafkaConsumer
 from pydantic import ValidationError
 
+from infra.component import Component
 from infra.kafka.consumer import create_consumer
 from infra.kafka.settings import KafkaSettings
 from schemas.api import LabelingStatus, PolicyState
@@ -27,8 +27,18 @@ UNLABELABLE_TOO_OFTEN = 0.5
 MIN_ANSWERS = 20
 
 
-class LabelFeedback:
-    """Joins labels with the scorer's own requests; reads ``winnow.labels`` from its end."""
+class LabelFeedback(Component):
+    """Joins labels with the scorer's own requests; reads ``winnow.labels`` from its end.
+
+    The scorer's accounting calls :meth:`requested` for each label request it
+    delivered; the root starts and stops the component (``async with``).
+
+    Args:
+        kafka: where ``winnow.labels`` is.
+        metrics: the scorer's metrics (labels received, request accuracy).
+        window: answers in the moving accuracy and unlabelable ratios.
+        remember: requests remembered, the oldest forgotten first.
+    """
 
     def __init__(
         self,
@@ -38,6 +48,7 @@ class LabelFeedback:
         window: int = 200,
         remember: int = 20_000,
     ) -> None:
+        super().__init__()
         self._kafka = kafka
         self._metrics = metrics
         self._requests: OrderedDict[str, str] = OrderedDict()
@@ -46,20 +57,16 @@ class LabelFeedback:
         self._unlabelable: deque[bool] = deque(maxlen=window)
         self.answered = 0
         self._consumer: AIOKafkaConsumer | None = None
-        self._task: asyncio.Task[None] | None = None
 
-    async def start(self) -> None:
+    async def _start(self) -> None:
         self._consumer = create_consumer(
             self._kafka, self._kafka.topics.labels, group_id=None, auto_offset_reset="latest"
         )
         await self._consumer.start()
-        self._task = asyncio.create_task(self._run(), name="scorer-feedback")
+        self.supervise(self._run(), name="label-feedback")
 
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+    async def _stop(self) -> None:
+        await self._cancel_supervised()  # before the consumer it reads from goes
         if self._consumer is not None:
             await self._consumer.stop()
             self._consumer = None
