@@ -1,5 +1,7 @@
 """Pieces shared by prediction and label-request records."""
 
+from typing import TypedDict
+
 from pydantic import BaseModel, Field
 
 
@@ -29,3 +31,19 @@ class Decision(BaseModel):
     policy: str
     utility: float = Field(ge=0, le=1, description="the score the policy compared")
     threshold: float | None = Field(default=None, description="the threshold at decision time")
+
+
+class DecisionRow(TypedDict):
+    """A :class:`Decision` as the hot path carries it, from the policy to the wire.
+
+    The policy builds one plain dict per frame and the records embed it as is:
+    no model is built or validated per frame or per batch. Tests check that the
+    rows validate as ``Decision`` (``tests/service/selection/test_policy.py``,
+    ``tests/service/pipeline/test_records.py``).
+    """
+
+    selected: bool
+    reason: str | None
+    policy: str
+    utility: float
+    threshold: float | None

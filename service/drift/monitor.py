@@ -152,7 +152,7 @@ class DriftMonitor(Component):
         if self._collecting_anchor and batch.inputs is not None:
             # Frames sent for labeling are left out: the model will be trained on them, and
             # a reference it has learned by heart would make the stream look drifted.
-            kept = [row for row, d in enumerate(batch.decisions) if not d.selected]
+            kept = [row for row, d in enumerate(batch.decisions) if not d["selected"]]
             inputs = batch.inputs[kept]  # fancy indexing copies
         item = _Observed(
             batch.model.version, sources, batch.embeddings, batch.probabilities, inputs

@@ -3,6 +3,10 @@
 The strategies live in ``service.selection.strategies``; this engine applies one of them
 frame by frame, with the exact sliding budget and the hourly cap of
 ``service.selection.budget``, and lets settings change live.
+
+Cold start follows AIFT (Zhou et al., CVPR 2017): a model that has learned from no
+label is no judge of what is informative, so until it has, frames are sampled at
+random within the budget, and the policy asks the scoring engine for no utility.
 """
 
 import copy
@@ -11,10 +15,9 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import get_args
 
 import numpy as np
-from pydantic import TypeAdapter
 
 from schemas.api import FilterName, PolicyName, PolicyState, PolicyUpdate, SelectorName, UtilityName
-from schemas.scores import Decision
+from schemas.scores import DecisionRow
 from service.config import PolicySettings
 from service.selection.budget import HourlyCap, SlidingBudget, selection_limit
 from service.selection.diversity import WindowSelector
@@ -27,7 +30,6 @@ from service.selection.strategies import (
     _Strategy,
 )
 
-_DECISIONS = TypeAdapter(list[Decision])
 COLD_START = "cold_start"
 DRIFT = "drift"
 
@@ -56,6 +58,8 @@ class QueryPolicy:
         filter_params: their knobs.
         selector: ``coreset`` or ``badge`` to choose which frames of each batch are
             labeled (``service.selection.diversity``); the strategy and budget still say how many.
+        cold_start_random: sample at random while the model serving has learned from no
+            label (see :meth:`on_model`).
     """
 
     def __init__(
@@ -71,6 +75,7 @@ class QueryPolicy:
         filters: Sequence[FilterName] = (),
         filter_params: Mapping[str, float] | None = None,
         selector: SelectorName = "none",
+        cold_start_random: bool = True,
     ) -> None:
         self._check_utility(utility)
         self._filters = StreamFilters(filters, filter_params)
@@ -86,9 +91,8 @@ class QueryPolicy:
         self._clock = clock
         self._base_budget = float(budget)
         self._boost: tuple[float, float] | None = None  # (factor, until) after a drift alarm
-        self.cold_start = False
-        """While True (a model that has learned from no label), frames are sampled at random
-        within the budget: an untrained model's uncertainty is worse than random (AIFT)."""
+        self._cold_start_random = cold_start_random
+        self._cold_start = False
         self.seen = 0
         self.selected = 0
 
@@ -109,6 +113,7 @@ class QueryPolicy:
             filters=settings.filters,
             filter_params=settings.filter_params,
             selector=settings.selector,
+            cold_start_random=settings.cold_start_random,
         )
 
     @property
@@ -122,59 +127,105 @@ class QueryPolicy:
 
     @property
     def utility(self) -> UtilityName:
-        """The score this policy compares (the scorer computes view or committee scores only
-        when it names them)."""
+        """The score this policy compares once the model has learned from labels."""
         return self._utility
+
+    @property
+    def cold_start(self) -> bool:
+        """True while the model serving has learned from no label: frames are then sampled
+        at random within the budget (an untrained model's uncertainty is worse than random)."""
+        return self._cold_start
+
+    @property
+    def needs(self) -> frozenset[UtilityName]:
+        """The scores :meth:`decide` compares now: none during cold start, else the utility.
+
+        The scoring engine computes these (and the probability utilities, always).
+        """
+        return frozenset() if self._cold_start else frozenset((self._utility,))
+
+    @property
+    def budget_used(self) -> float:
+        """Selected fraction over the current budget window."""
+        return self._budget.used_ratio
+
+    def on_model(self, labels_trained: int) -> None:
+        """Tells the policy which model serves now: cold start while it has learned from
+        no label (and ``cold_start_random`` is on), the configured strategy after."""
+        self._cold_start = self._cold_start_random and labels_trained == 0
 
     def decide(
         self, utilities: Mapping[str, np.ndarray], context: DecisionContext | None = None
-    ) -> list[Decision]:
+    ) -> list[DecisionRow]:
         """Decides every frame of one batch, in stream order.
 
         Args:
-            utilities: score name to an (N,) array, as ``scoring.uncertainty.score_batch`` gives.
+            utilities: score name to an (N,) array, as the scoring engine gives them; it
+                must hold every name of :attr:`needs`.
             context: embeddings, probabilities and sources of the frames, for the stream
                 filters and the windowed selector; without it they pass the batch unchanged.
 
         Returns:
-            One Decision per frame; ``threshold`` is the one compared at decision time.
+            One ``schemas.Decision`` per frame, as a plain dict (the hot path builds no
+            model); ``threshold`` is the one compared at decision time.
+
+        Raises:
+            ValueError: a score the policy needs is missing.
         """
-        try:
-            scores = utilities[self._utility]
-        except KeyError:
-            raise ValueError(
-                f"utility {self._utility!r} missing from the scores ({sorted(utilities)})"
-            ) from None
-        # NaN would never compare as uncertain and would break the quantile window
-        values = np.clip(np.nan_to_num(np.asarray(scores, dtype=np.float64), nan=0.0), 0.0, 1.0)
+        values = self._compared(utilities)
         if self._boost is not None and self._clock() >= self._boost[1]:
             self._boost = None
             self._apply_budget(self._budget.window)
-        tag = DRIFT if self._boost is not None else COLD_START if self.cold_start else None
-        strategy, rng, name = self._strategy, self._rng, self._name
-        if self.cold_start:
-            strategy, name = self._cold, "random"
-        filters = self._filters if self._filters.active and not self.cold_start else None
-        adjusted = values if filters is None else filters.begin(values, context)
-        if (
-            self._selector is not None
-            and not self.cold_start
-            and context is not None
-            and context.embeddings is not None
-        ):
-            rows = self._decide_window(values, adjusted, context, strategy, name, tag)
-            self.seen += len(rows)
-            self.selected += sum(bool(row["selected"]) for row in rows)
+        tag = DRIFT if self._boost is not None else COLD_START if self._cold_start else None
+        if self._cold_start:
+            rows = self._decide_frames(values, values, None, self._cold, "random", tag)
+        else:
+            filters = self._filters if self._filters.active else None
+            adjusted = values if filters is None else filters.begin(values, context)
+            if (
+                self._selector is not None
+                and context is not None
+                and context.embeddings is not None
+            ):
+                rows = self._decide_window(values, adjusted, context, tag)
+            else:
+                strategy, name = self._strategy, self._name
+                rows = self._decide_frames(values, adjusted, filters, strategy, name, tag)
             if filters is not None:
                 filters.end()
-            return _DECISIONS.validate_python(rows)
+        self.seen += len(rows)
+        self.selected += sum(row["selected"] for row in rows)
+        return rows
+
+    def _compared(self, utilities: Mapping[str, np.ndarray]) -> np.ndarray:
+        """The utility compared, clipped to [0, 1]. During cold start nothing is compared:
+        the decisions record the utility where it was scored anyway, else 0."""
+        scores = utilities.get(self._utility)
+        if scores is None:
+            if not self._cold_start:
+                raise ValueError(
+                    f"utility {self._utility!r} missing from the scores ({sorted(utilities)})"
+                )
+            scores = np.zeros(len(next(iter(utilities.values()), ())))
+        # NaN would never compare as uncertain and would break the quantile window
+        return np.clip(np.nan_to_num(np.asarray(scores, dtype=np.float64), nan=0.0), 0.0, 1.0)
+
+    def _decide_frames(
+        self,
+        values: np.ndarray,
+        adjusted: np.ndarray,
+        filters: StreamFilters | None,
+        strategy: ThresholdStrategy,
+        name: str,
+        tag: str | None,
+    ) -> list[DecisionRow]:
+        """Frame by frame: the strategy under the budget and the cap, then the filters."""
         budget_allows, record = self._budget.allows, self._budget.record
-        cap = self._cap
+        cap, rng = self._cap, self._rng
         capped = cap.labels_per_hour is not None
         now = cap.now() if capped else 0.0  # one clock read per batch: it is decided at once
         decide_one = strategy.decide
-        rows = []
-        selected_here = 0
+        rows: list[DecisionRow] = []
         for index, utility in enumerate(values.tolist()):
             allowed = budget_allows() and (not capped or cap.allows(now))
             raw = utility
@@ -190,7 +241,6 @@ class QueryPolicy:
                 filters.record(index, selected)
             record(selected)
             if selected:
-                selected_here += 1
                 cap.record(now)
             rows.append(
                 {
@@ -201,27 +251,21 @@ class QueryPolicy:
                     "threshold": strategy.last_threshold,
                 }
             )
-        if filters is not None:
-            filters.end()
-        self.seen += len(rows)
-        self.selected += selected_here
-        # one validation call for the whole batch is cheaper than 64 constructors
-        return _DECISIONS.validate_python(rows)
+        return rows
 
     def _decide_window(
         self,
         values: np.ndarray,
         adjusted: np.ndarray,
         context: DecisionContext,
-        strategy: ThresholdStrategy,
-        name: str,
         tag: str | None,
-    ) -> list[dict[str, object]]:
+    ) -> list[DecisionRow]:
         """Windowed mode: the strategy, run against a copy of the budget, says how many frames
         of the batch to label (k); the selector says which; the real budget and cap then check
         each chosen frame in stream order, so they hold exactly as in the frame-by-frame mode."""
         assert self._selector is not None and context.embeddings is not None
         filters = self._filters if self._filters.active else None
+        strategy, name = self._strategy, self._name
         shadow = copy.deepcopy(self._budget)
         cap, rng = self._cap, self._rng
         capped = cap.labels_per_hour is not None
@@ -241,10 +285,11 @@ class QueryPolicy:
         chosen = set(
             self._selector.pick(k, eligible, context.embeddings, context.probabilities, rng)
         )
-        rows = []
+        rows: list[DecisionRow] = []
         for index, utility in enumerate(utilities):
             allowed = self._budget.allows() and (not capped or cap.allows(now))
-            selected, reason = index in chosen and allowed, self._selector.name
+            selected = index in chosen and allowed
+            reason: str | None = self._selector.name
             if not selected and allowed and filters is not None:
                 if filters.audit(index, float(values[index]), rng):
                     selected, reason = True, AUDIT
@@ -280,10 +325,10 @@ class QueryPolicy:
             seen=self.seen,
             selected=self.selected,
             params=self._strategy.params(),
-            cold_start=self.cold_start,
+            cold_start=self._cold_start,
             filters=list(self._filters.names),  # type: ignore[arg-type]
             filter_params=dict(self._filters.params),
-            selector=self._selector.name if self._selector is not None else "none",  # type: ignore[arg-type]
+            selector=self._selector.name if self._selector is not None else "none",
         )
 
     def update(self, change: PolicyUpdate) -> PolicyState:

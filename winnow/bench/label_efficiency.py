@@ -287,7 +287,7 @@ def run_one(args: tuple[str, int, BenchConfig]) -> tuple[str, int, list[int], li
         filters=spec.filters,  # type: ignore[arg-type]
         selector=spec.selector,  # type: ignore[arg-type]
     )
-    policy.cold_start = True
+    policy.on_model(labels_trained=0)  # cold start: random until the first round
     views = ViewMaker(ViewSpec(count=config.aift_views, seed=seed))
     peer = _peer(spec.peer, config.budget, seed) if spec.peer else None
     peer_clf = _Precomputed.build(n_classes) if spec.peer else None
@@ -314,7 +314,7 @@ def run_one(args: tuple[str, int, BenchConfig]) -> tuple[str, int, list[int], li
             model.head.bias.detach().numpy().astype(np.float64),
             float(model.dropout.p),
         )
-        policy.cold_start = False
+        policy.on_model(labels_trained=len(labeled))
         probs, _ = _forward(model, data.test_inputs)
         labels_curve.append(len(labeled))
         acc_curve.append(float((probs.argmax(axis=1) == data.test_labels).mean()))
@@ -330,18 +330,18 @@ def run_one(args: tuple[str, int, BenchConfig]) -> tuple[str, int, list[int], li
             x = data.inputs[chunk]
             probs, emb = _forward(model, x)
             if policy.cold_start or peer is None:
+                needs = policy.needs  # none during cold start
                 scores = score_batch(probs)
-                if policy.utility in AIFT_UTILITIES and not policy.cold_start:
+                if needs & set(AIFT_UTILITIES):
                     view_probs, _ = _forward(model, views(x))
                     scores.update(aift_utilities(view_probs.reshape(len(x), views.count, -1)))
-                if policy.utility in COMMITTEE_UTILITIES and head is not None:
+                if needs & set(COMMITTEE_UTILITIES) and head is not None:
                     samples = mc_dropout_probabilities(
                         emb.astype(np.float64), head[0], head[1], head[2], config.mc_passes, mc_rng
                     )
                     scores.update(committee_utilities(samples))
-                scores.setdefault(policy.utility, np.zeros(len(x)))  # cold start: unused
                 context = DecisionContext(emb, probs, ["stream"] * len(x))
-                picked = [i for i, d in enumerate(policy.decide(scores, context)) if d.selected]
+                picked = [i for i, d in enumerate(policy.decide(scores, context)) if d["selected"]]
             else:
                 picked = _peer_query(peer, peer_clf, spec.peer, probs, emb, labeled, model)
             for i in picked:

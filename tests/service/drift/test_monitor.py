@@ -8,7 +8,6 @@ import numpy as np
 
 from schemas.drift import DriftReference
 from schemas.frames import FrameHeaders, FrameOrigin
-from schemas.scores import Decision
 from service.config import DriftSettings
 from service.drift.monitor import DriftMonitor
 from service.http.api import boost_on_alarm
@@ -181,7 +180,14 @@ async def test_a_new_model_rescores_the_anchor_frames_instead_of_warming_up_on_t
             batch = _batch(first, embeddings, probabilities)
             batch.inputs = np.concatenate([embeddings, probabilities], axis=1)
             batch.decisions = [
-                Decision(selected=i % 10 == 0, policy="random", utility=0.5) for i in range(50)
+                {
+                    "selected": i % 10 == 0,
+                    "reason": "random" if i % 10 == 0 else None,
+                    "policy": "random",
+                    "utility": 0.5,
+                    "threshold": None,
+                }
+                for i in range(50)
             ]
             monitor.observe(batch)
         await monitor.idle()

@@ -61,7 +61,7 @@ def test_every_strategy_keeps_its_budget_with_filters_and_windows(
         p = rng.dirichlet(np.ones(4), 50)
         context = DecisionContext(emb, p, list(rng.choice(["a", "b"], 50)))
         decisions = policy.decide({"entropy": rng.random(50)}, context)
-        selected.extend(d.selected for d in decisions)
+        selected.extend(d["selected"] for d in decisions)
     flags = np.array(selected)
     assert _max_in_any_window(flags, window) <= policy.window_limit
     if name != "fixed":  # the fixed threshold need not spend the budget
@@ -74,7 +74,7 @@ def test_windowed_picks_spread_out_frames_of_a_batch() -> None:
     policy = QueryPolicy("fixed", budget=0.075, window=40, selector="coreset", seed=0)
     policy.update(PolicyUpdate(threshold=0.0))  # every frame passes: k = the budget's 3
     decisions = policy.decide({"entropy": np.full(40, 0.5)}, DecisionContext(points, None, None))
-    chosen = [i for i, d in enumerate(decisions) if d.selected]
+    chosen = [i for i, d in enumerate(decisions) if d["selected"]]
     assert len(chosen) == 3 and sorted(labels[chosen]) == [0, 1, 2]
-    assert {decisions[i].reason for i in chosen} == {"coreset"}
+    assert {decisions[i]["reason"] for i in chosen} == {"coreset"}
     assert policy.update(PolicyUpdate(selector="none")).selector == "none"

@@ -27,8 +27,8 @@ def test_near_duplicates_of_a_selected_frame_are_suppressed_per_source() -> None
     sources = ["a", "a", "a", "a", "b", "a"]
     context = DecisionContext(embeddings, _onehot(np.zeros(6, int), 3), sources)
     decisions = policy.decide({"entropy": np.full(6, 0.9)}, context)
-    assert [d.selected for d in decisions] == [True, False, False, False, True, True]
-    assert decisions[1].utility == 0.0
+    assert [d["selected"] for d in decisions] == [True, False, False, False, True, True]
+    assert decisions[1]["utility"] == 0.0
 
 
 def test_duplicates_come_back_after_the_window() -> None:
@@ -43,14 +43,14 @@ def test_duplicates_come_back_after_the_window() -> None:
     again = policy.decide(
         {"entropy": np.array([0.9, 0.9])}, DecisionContext(np.ones((2, 4)), None, ["a", "a"])
     )
-    assert first[0].selected
+    assert first[0]["selected"]
     # "a" saw only one frame since its selection: still a duplicate, so is the next one
-    assert [d.selected for d in again] == [False, False]
+    assert [d["selected"] for d in again] == [False, False]
     policy.decide({"entropy": np.zeros(3)}, DecisionContext(np.ones((3, 4)), None, ["a"] * 3))
     later = policy.decide(
         {"entropy": np.array([0.9])}, DecisionContext(np.ones((1, 4)), None, ["a"])
     )
-    assert later[0].selected
+    assert later[0]["selected"]
 
 
 def _class_shares(filters: list[str]) -> float:
@@ -62,7 +62,7 @@ def _class_shares(filters: list[str]) -> float:
         p = _onehot(classes, 5)
         context = DecisionContext(rng.normal(size=(64, 8)), p, ["s"] * 64)
         decisions = policy.decide({"entropy": rng.random(64)}, context)
-        picked.extend(classes[[d.selected for d in decisions]])
+        picked.extend(classes[[d["selected"] for d in decisions]])
     return float(np.mean(np.array(picked) == 0))
 
 
@@ -85,8 +85,8 @@ def test_audit_picks_confident_frames_at_about_the_set_fraction() -> None:
     decisions = []
     for _ in range(100):
         decisions += policy.decide({"entropy": rng.uniform(0, 0.05, 100)})
-    audited = [d for d in decisions if d.selected]
-    assert all(d.reason == "audit" for d in audited)
+    audited = [d for d in decisions if d["selected"]]
+    assert all(d["reason"] == "audit" for d in audited)
     assert len(audited) / len(decisions) == pytest.approx(0.05, abs=0.01)
 
 

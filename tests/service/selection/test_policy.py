@@ -1,15 +1,17 @@
 """Query policies: budgets hold, budgets get spent, uncertain frames win, live changes work."""
 
+import json
 from collections.abc import Callable
 
 import numpy as np
 import pytest
 
 from schemas.api import PolicyName, PolicyUpdate
+from schemas.scores import Decision, DecisionRow
 from service.config import PolicySettings
+from service.selection.filters import DecisionContext
 from service.selection.policy import QueryPolicy
 from service.selection.strategies import (
-    STRATEGIES,
     THETA_MIN,
     RandomizedVariableUncertainty,
     SplitUncertainty,
@@ -41,7 +43,7 @@ def _run(policy: QueryPolicy, utilities: np.ndarray, batch: int = 64) -> np.ndar
     selected = []
     for start in range(0, len(utilities), batch):
         chunk = {"entropy": utilities[start : start + batch]}
-        selected.extend(d.selected for d in policy.decide(chunk))
+        selected.extend(d["selected"] for d in policy.decide(chunk))
     return np.array(selected, dtype=bool)
 
 
@@ -107,7 +109,7 @@ def test_hourly_cap_is_never_exceeded_with_a_fake_clock() -> None:
     for _ in range(3000):  # 3000 batches of 16, 10 s apart: ~8.3 hours
         now[0] += 10.0
         decisions = policy.decide({"entropy": rng.random(16)})
-        selection_times.extend(now[0] for d in decisions if d.selected)
+        selection_times.extend(now[0] for d in decisions if d["selected"])
         assert policy.state().labels_last_hour <= 40
     times = np.array(selection_times)
     in_hour = np.searchsorted(times, times, side="right") - np.searchsorted(
@@ -172,16 +174,18 @@ def test_fixed_threshold_comes_from_the_budget() -> None:
     assert policy.state().threshold == pytest.approx(0.8)
     _run(policy, np.zeros(20))  # a fresh stream's budget grows with the frames seen
     decisions = policy.decide({"entropy": np.array([0.79, 0.8, 0.95, 0.1])})
-    assert [d.selected for d in decisions] == [False, True, True, False]
-    assert decisions[1].reason == "uncertainty" and decisions[1].threshold == pytest.approx(0.8)
+    assert [d["selected"] for d in decisions] == [False, True, True, False]
+    assert decisions[1]["reason"] == "uncertainty" and decisions[1]["threshold"] == pytest.approx(
+        0.8
+    )
 
 
 def test_decisions_carry_policy_utility_and_the_threshold_they_were_compared_with() -> None:
     policy = _policy("variable", budget=1.0, params={"theta": 0.5, "s": 0.1})
     first, second = policy.decide({"entropy": np.array([0.9, 0.9]), "margin": np.zeros(2)})
-    assert first.policy == "variable" and first.utility == pytest.approx(0.9)
-    assert first.selected and first.threshold == pytest.approx(0.5)
-    assert second.threshold == pytest.approx(1 - 0.45)  # moved after the first query
+    assert first["policy"] == "variable" and first["utility"] == pytest.approx(0.9)
+    assert first["selected"] and first["threshold"] == pytest.approx(0.5)
+    assert second["threshold"] == pytest.approx(1 - 0.45)  # moved after the first query
     assert policy.state().selected == 2
 
 
@@ -193,7 +197,7 @@ def test_same_seed_same_decisions() -> None:
 
 def test_nan_utilities_are_not_selected() -> None:
     decisions = _policy("variable").decide({"entropy": np.array([np.nan, 0.5])})
-    assert not decisions[0].selected and decisions[0].utility == 0.0
+    assert not decisions[0]["selected"] and decisions[0]["utility"] == 0.0
 
 
 def test_live_update_switches_name_and_keeps_budget_history() -> None:
@@ -230,13 +234,13 @@ def test_live_cap_removal() -> None:
     now = [0.0]
     settings = PolicySettings(name="fixed", budget=1.0, window=10, labels_per_hour=3)
     policy = QueryPolicy.from_settings(settings, clock=lambda: now[0])
-    assert sum(d.selected for d in policy.decide({"entropy": np.ones(10)})) == 3
+    assert sum(d["selected"] for d in policy.decide({"entropy": np.ones(10)})) == 3
     state = policy.update(PolicyUpdate(labels_per_hour=0))
     assert state.labels_per_hour is None and state.labels_last_hour == 3
-    assert all(d.selected for d in policy.decide({"entropy": np.ones(10)}))
+    assert all(d["selected"] for d in policy.decide({"entropy": np.ones(10)}))
     state = policy.update(PolicyUpdate(labels_per_hour=15))
     assert state.labels_per_hour == 15
-    assert sum(d.selected for d in policy.decide({"entropy": np.ones(10)})) == 2
+    assert sum(d["selected"] for d in policy.decide({"entropy": np.ones(10)})) == 2
 
 
 def test_live_threshold_and_params() -> None:
@@ -272,26 +276,75 @@ def test_unknown_params_in_settings_are_refused() -> None:
         _policy("variable", params={"v": 0.1})
 
 
-def test_every_policy_name_has_a_strategy() -> None:
-    assert sorted(STRATEGIES) == sorted(ALL)
-
-
 def test_cold_start_samples_at_random_within_the_budget() -> None:
     policy = _policy("fixed", budget=0.1, window=100)
-    policy.cold_start = True
+    assert policy.needs == {"entropy"}
+    policy.on_model(labels_trained=0)  # an untrained model serves
+    assert policy.cold_start and policy.needs == frozenset()
     utilities = np.concatenate([np.zeros(2000), np.ones(2000)])  # a fixed policy takes only 1s
     decisions = []
     for start in range(0, len(utilities), 64):
         decisions += policy.decide({"entropy": utilities[start : start + 64]})
-    selected = np.array([d.selected for d in decisions])
+    selected = np.array([d["selected"] for d in decisions])
     assert selected[:2000].sum() > 50, "uninformative frames are sampled too"
     assert _max_in_any_window(selected, 100) <= 10
-    chosen = [d for d in decisions if d.selected]
-    assert {d.reason for d in chosen} == {"cold_start"} and {d.policy for d in chosen} == {"random"}
+    chosen = [d for d in decisions if d["selected"]]
+    assert {d["reason"] for d in chosen} == {"cold_start"}
+    assert {d["policy"] for d in chosen} == {"random"}
     assert policy.state().cold_start
-    policy.cold_start = False
+    policy.on_model(labels_trained=50)
+    assert not policy.cold_start and policy.needs == {"entropy"}
     after = policy.decide({"entropy": np.zeros(64)})
-    assert not any(d.selected for d in after)  # back to the fixed threshold
+    assert not any(d["selected"] for d in after)  # back to the fixed threshold
+
+
+def test_cold_start_needs_no_score_of_the_utility() -> None:
+    policy = _policy("variable", utility="aift")
+    policy.on_model(labels_trained=0)
+    # the engine computed only what the policy needs: the probability utilities
+    decisions = policy.decide({"entropy": np.full(8, 0.3), "margin": np.zeros(8)})
+    assert len(decisions) == 8 and {d["utility"] for d in decisions} == {0.0}
+    policy.on_model(labels_trained=10)
+    assert policy.needs == {"aift"}
+    with pytest.raises(ValueError, match="utility 'aift' missing"):
+        policy.decide({"entropy": np.full(8, 0.3)})
+
+
+def test_cold_start_can_be_turned_off() -> None:
+    policy = _policy("fixed", cold_start_random=False)
+    policy.on_model(labels_trained=0)
+    assert not policy.cold_start and policy.needs == {"entropy"}
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {},
+        {"filters": ["dedup", "density", "balance", "audit"]},
+        {"selector": "coreset"},
+        {"selector": "badge", "filters": ["audit"]},
+    ],
+    ids=["plain", "filters", "coreset", "badge-audit"],
+)
+def test_decision_rows_are_valid_decisions(name: PolicyName, extra: dict[str, object]) -> None:
+    """The hot path builds no model per frame: its plain rows must match the wire schema."""
+    policy = _policy(name, budget=0.3, window=100, **extra)
+    rng = np.random.default_rng(1)
+    rows = []
+    for cold in (True, False):
+        policy.on_model(labels_trained=0 if cold else 10)
+        for _ in range(10):
+            embeddings = rng.normal(size=(32, 8))
+            probabilities = rng.dirichlet(np.ones(4), size=32)
+            context = DecisionContext(embeddings, probabilities, ["a", "b"] * 16)
+            rows += policy.decide({"entropy": rng.random(32)}, context)
+    assert any(row["selected"] for row in rows)
+    for row in rows:
+        assert set(row) == set(DecisionRow.__annotations__)
+        assert type(row["selected"]) is bool  # numpy bools would not serialize
+        Decision.model_validate_json(json.dumps(row))
+        assert Decision.model_validate(row).model_dump() == row
 
 
 def test_a_drift_boost_raises_the_budget_for_a_while_and_tags_requests() -> None:
@@ -301,18 +354,18 @@ def test_a_drift_boost_raises_the_budget_for_a_while_and_tags_requests() -> None
         clock=lambda: now[0],
     )
     ones = np.ones(64)
-    before = sum(d.selected for d in policy.decide({"entropy": ones}))
+    before = sum(d["selected"] for d in policy.decide({"entropy": ones}))
     policy.boost(4.0, seconds=10)
     state = policy.state()
     assert state.budget == 0.05 and state.effective_budget == pytest.approx(0.2)
     assert state.boost_seconds_left == pytest.approx(10)
     during = [d for _ in range(4) for d in policy.decide({"entropy": ones})]
-    chosen = [d for d in during if d.selected]
-    assert len(chosen) > 4 * before and {d.reason for d in chosen} == {"drift"}
-    assert _max_in_any_window(np.array([d.selected for d in during]), 100) <= 20
+    chosen = [d for d in during if d["selected"]]
+    assert len(chosen) > 4 * before and {d["reason"] for d in chosen} == {"drift"}
+    assert _max_in_any_window(np.array([d["selected"] for d in during]), 100) <= 20
     now[0] = 11.0  # the boost ends on its own
     after = [d for _ in range(4) for d in policy.decide({"entropy": ones})]
     assert policy.state().effective_budget == pytest.approx(0.05)
-    assert {d.reason for d in after if d.selected} <= {"uncertainty"}
+    assert {d["reason"] for d in after if d["selected"]} <= {"uncertainty"}
     with pytest.raises(ValueError):
         policy.boost(0.5, 10)
