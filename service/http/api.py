@@ -35,8 +35,11 @@ from service.metrics import ScorerMetrics
 from service.model.inference import OnnxModel
 from service.model.verification import ReleaseError
 from service.model.watcher import ModelReleases
+from service.pipeline.accounting import Accounting
 from service.pipeline.scorer import Scorer
+from service.scoring.engine import ScoringEngine
 from service.selection.policy import QueryPolicy
+from service.selection.stopping import LabelFeedback
 
 log = logging.getLogger(__name__)
 _bearer = HTTPBearer(auto_error=False)
@@ -57,9 +60,11 @@ def create_app(settings: Settings, model: OnnxModel | None = None) -> FastAPI:
         loaded = model or _load_model(settings)
         async with AsyncExitStack() as stack:
             releases = None
+            serving: list[Scorer] = []  # the scorer once built; earlier releases wait as .model
             if settings.scorer.follow_releases:
                 releases = ModelReleases(
                     settings,
+                    on_model=lambda new, _manifest: serving[0].swap_model(new) if serving else None,
                     metrics=metrics,
                     current_version=loaded and loaded.version,
                     keep_artifacts=settings.scorer.keep_releases,
@@ -70,22 +75,32 @@ def create_app(settings: Settings, model: OnnxModel | None = None) -> FastAPI:
                 raise ConfigError(
                     "no model: pass --model PATH.onnx, or let the scorer follow releases"
                 )
-            scorer = await stack.enter_async_context(Scorer(settings, loaded, metrics=metrics))
+            policy = QueryPolicy.from_settings(settings.policy)
+            feedback = LabelFeedback(settings.kafka, metrics)
+            await stack.enter_async_context(feedback)
             drift = None
             if settings.drift.enabled:
                 drift = DriftMonitor(
                     settings.drift,
                     settings.kafka,
                     metrics,
-                    on_alarm=boost_on_alarm(scorer.policy, settings.drift),
+                    on_alarm=boost_on_alarm(policy, settings.drift),
                 )
                 await stack.enter_async_context(drift)
-                drift.on_swap(scorer.model)
-                scorer.observers.append(drift.observe)
-                scorer.swap_listeners.append(drift.on_swap)
-            app.state.drift = drift
+            scorer = Scorer(
+                settings,
+                loaded,
+                metrics=metrics,
+                policy=policy,
+                engine=ScoringEngine.from_settings(settings.policy),
+                accounting=Accounting(metrics, policy, feedback=feedback),
+                on_batch=[drift.observe] if drift else (),
+                on_swap=[drift.on_swap] if drift else (),  # hears the first model too
+            )
+            serving.append(scorer)
+            await stack.enter_async_context(scorer)
+            app.state.drift, app.state.feedback = drift, feedback
             if releases is not None:
-                releases.on_model = lambda new, _manifest: scorer.swap_model(new)
                 if releases.model is not None and releases.model is not scorer.model:
                     scorer.swap_model(releases.model)  # a release landed while starting
             app.state.scorer, app.state.releases = scorer, releases
@@ -203,9 +218,9 @@ def _routes(app: FastAPI) -> None:
             started_at=scorer.started_at,
             model=_model_info(scorer),
             policy=policy,
-            frames=FrameCounts(**scorer.counts),
+            frames=FrameCounts(**scorer.accounting.counts),
             partitions=[f"{tp.topic}:{tp.partition}" for tp in scorer.assigned],
-            labeling=scorer.feedback.status(policy, scorer.policy.window_limit),
+            labeling=request.app.state.feedback.status(policy, scorer.policy.window_limit),
             drift=drift.status() if (drift := getattr(request.app.state, "drift", None)) else None,
         )
 

@@ -5,9 +5,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from aiokafka import TopicPartition
 
 from schemas.frames import FrameHeaders, FrameOrigin
-from schemas.scores import Decision
+from schemas.scores import DecisionRow
 from service.errors import PoisonRecord
 
 if TYPE_CHECKING:
@@ -68,15 +69,15 @@ class Batch:
     probabilities: np.ndarray | None = None
     embeddings: np.ndarray | None = None
     scores: dict[str, np.ndarray] = field(default_factory=dict)
-    decisions: list[Decision] = field(default_factory=list)
+    decisions: list[DecisionRow] = field(default_factory=list)
+    """One per good frame, as the policy built them and the records embed them."""
 
-    def next_offsets(self) -> dict[tuple[str, int], int]:
-        """The offset to commit per partition once this batch is delivered."""
-        out: dict[tuple[str, int], int] = {}
-        for frame in self.frames:
-            tp = (frame.origin.topic, frame.origin.partition)
-            out[tp] = max(out.get(tp, 0), frame.origin.offset + 1)
-        return out
+    def positions(self) -> list[tuple[TopicPartition, int]]:
+        """Partition and offset of every frame, for the offset tracker."""
+        return [
+            (TopicPartition(f.origin.topic, f.origin.partition), f.origin.offset)
+            for f in self.frames
+        ]
 
 
 async def collect_batch(

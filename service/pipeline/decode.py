@@ -19,10 +19,12 @@ input is much smaller than the frame, which makes big camera frames several
 times cheaper to decode.
 """
 
+import asyncio
 import io
 import struct
 import warnings
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,6 +40,9 @@ _PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 _PIL_FORMATS: dict[ContentType, str] = {"image/jpeg": "JPEG", "image/png": "PNG"}
 # JPEG start-of-frame markers: C0-CF except DHT (C4), JPG (C8) and DAC (CC).
 _SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+Item = tuple[bytes | None, str | None]
+"""A frame's value and declared content type."""
 
 
 @dataclass(frozen=True)
@@ -95,7 +100,7 @@ def decode_and_preprocess(
 
 
 def prepare_batch(
-    items: Sequence[tuple[bytes | None, str | None]], spec: ModelSpec, limits: DecodeLimits
+    items: Sequence[Item], spec: ModelSpec, limits: DecodeLimits
 ) -> tuple[np.ndarray, list[int], list[tuple[int, PoisonRecord]]]:
     """Decodes and preprocesses many frames; poison ones are set aside, not raised.
 
@@ -121,6 +126,50 @@ def prepare_batch(
     if not inputs:
         return np.empty((0, spec.channels, height, width), dtype=np.float32), good, poison
     return np.stack(inputs), good, poison
+
+
+class BatchDecoder:
+    """Runs :func:`prepare_batch` over a batch in a thread pool, one contiguous part per worker.
+
+    Args:
+        limits: the decode limits.
+        workers: decode threads (and parts per batch).
+    """
+
+    def __init__(self, limits: DecodeLimits, workers: int) -> None:
+        self._limits = limits
+        self._workers = workers
+        self._pool = ThreadPoolExecutor(workers, "winnow-decode")
+
+    async def decode(
+        self, items: Sequence[Item], spec: ModelSpec
+    ) -> tuple[np.ndarray, list[int], list[tuple[int, PoisonRecord]]]:
+        """As :func:`prepare_batch`, with the parts decoded in parallel."""
+        loop = asyncio.get_running_loop()
+        size = max(1, -(-len(items) // self._workers))
+        starts = range(0, max(1, len(items)), size)
+        results = await asyncio.gather(
+            *(
+                loop.run_in_executor(
+                    self._pool, prepare_batch, items[start : start + size], spec, self._limits
+                )
+                for start in starts
+            )
+        )
+        if len(results) == 1:
+            return results[0]
+        inputs: list[np.ndarray] = []
+        good: list[int] = []
+        poison: list[tuple[int, PoisonRecord]] = []
+        for start, (part_inputs, part_good, part_poison) in zip(starts, results, strict=True):
+            inputs.append(part_inputs)
+            good.extend(start + i for i in part_good)
+            poison.extend((start + i, error) for i, error in part_poison)
+        return np.concatenate(inputs), good, poison
+
+    def close(self) -> None:
+        """Stops the threads; parts not yet started are dropped."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _open(value: bytes | None, content_type: str | None, limits: DecodeLimits) -> Image.Image:

@@ -2,44 +2,30 @@
 
 import base64
 import json
+import logging
 from datetime import UTC, datetime
 
-from schemas.dead_letter import DeadLetter
-from schemas.scores import Decision
+from infra.kafka.delivery import OutRecord
+from schemas.dead_letter import DeadLetter, dead_letter, header_text
+from schemas.media import sniff
 from service.errors import PoisonRecord
 from service.pipeline.batching import Batch, InboundFrame
 
+log = logging.getLogger(__name__)
 
-class OutRecord:
-    """One record to produce: topic, key, value."""
-
-    __slots__ = ("key", "topic", "value")
-
-    def __init__(self, topic: str, key: bytes | None, value: bytes) -> None:
-        self.topic = topic
-        self.key = key
-        self.value = value
+UNKNOWN_CONTENT_TYPE = "application/octet-stream"
 
 
 def _iso(moment: datetime | None) -> str | None:
     return moment.isoformat() if moment is not None else None
 
 
-def _decision(decision: Decision) -> dict[str, object]:
-    return {
-        "selected": decision.selected,
-        "reason": decision.reason,
-        "policy": decision.policy,
-        "utility": decision.utility,
-        "threshold": decision.threshold,
-    }
-
-
 def prediction_dicts(batch: Batch, now: datetime) -> list[dict[str, object]]:
     """One ``schemas.Prediction`` per scored frame, as plain dicts (the hot path).
 
     Built from whole-batch numpy conversions instead of one pydantic model per
-    frame; ``tests/service/test_records.py`` checks they validate as ``Prediction``.
+    frame; the policy's decision dicts are embedded as they are.
+    ``tests/service/pipeline/test_records.py`` checks they validate as ``Prediction``.
     """
     assert batch.model is not None and batch.probabilities is not None
     classes, version = batch.model.spec.classes, batch.model.version
@@ -67,7 +53,7 @@ def prediction_dicts(batch: Batch, now: datetime) -> list[dict[str, object]]:
                 "confidence": p[top],
                 "probabilities": dict(zip(classes, p, strict=True)),
                 "scores": {name: values[row] for name, values in scores.items()},
-                "decision": _decision(batch.decisions[row]),
+                "decision": batch.decisions[row],
             }
         )
     return out
@@ -80,36 +66,34 @@ def label_request_dict(
     request = {k: v for k, v in prediction.items() if k != "decided_at"}
     request["requested_at"] = prediction["decided_at"]
     request["classes"] = classes
-    request["content_type"] = frame.headers.content_type or sniff_content_type(frame.value or b"")
-    request["image"] = base64.b64encode(frame.value or b"").decode("ascii")
+    value = frame.value or b""
+    request["content_type"] = frame.headers.content_type or sniff(value) or UNKNOWN_CONTENT_TYPE
+    request["image"] = base64.b64encode(value).decode("ascii")
     return request
-
-
-def sniff_content_type(value: bytes) -> str:
-    if value.startswith(b"\x89PNG"):
-        return "image/png"
-    if value.startswith(b"\xff\xd8"):
-        return "image/jpeg"
-    return "application/octet-stream"
 
 
 def dead_letter_of(
     frame: InboundFrame, error: PoisonRecord, max_value_bytes: int, now: datetime
 ) -> DeadLetter:
-    value = frame.value or b""
-    kept = value[:max_value_bytes]
-    return DeadLetter.model_validate(
-        {
-            "origin": frame.origin,
-            "reason": error.reason,
-            "detail": error.detail,
-            "role": "scorer",
-            "failed_at": now,
-            "headers": {k: v.decode("utf-8", errors="replace") for k, v in frame.raw_headers},
-            "value": base64.b64encode(kept) if kept else None,
-            "value_size": len(value),
-            "value_truncated": len(kept) < len(value),
-        }
+    """The dead letter of a frame that can never be scored (and a log line that says so)."""
+    origin = frame.origin
+    log.warning(
+        "dead-lettering frame topic=%s partition=%d offset=%d reason=%s: %s",
+        origin.topic,
+        origin.partition,
+        origin.offset,
+        error.reason,
+        error.detail,
+    )
+    return dead_letter(
+        frame.origin,
+        error.reason,
+        error.detail,
+        frame.value,
+        role="scorer",
+        max_value_bytes=max_value_bytes,
+        headers=header_text(frame.raw_headers),
+        failed_at=now,
     )
 
 

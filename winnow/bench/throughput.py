@@ -42,12 +42,14 @@ from infra.kafka.producer import create_producer
 from infra.kafka.settings import KafkaSettings
 from schemas.predictions import Prediction
 from service.config import PolicySettings, ScorerSettings, Settings
+from service.metrics import ScorerMetrics
 from service.model.inference import OnnxModel
+from service.pipeline.accounting import Accounting
 from service.pipeline.batching import Batch, InboundFrame
 from service.pipeline.decode import DecodeLimits, decode_and_preprocess, prepare_batch
 from service.pipeline.records import batch_records
 from service.pipeline.scorer import Scorer
-from service.scoring.uncertainty import score_batch
+from service.scoring.engine import ScoringEngine
 from service.selection.policy import QueryPolicy
 
 CASES = ("camera", "digits")
@@ -326,11 +328,10 @@ async def measure_scorer(
     hooked: list[int] = []
     reader = PredictionReader(kafka, kafka.topics.predictions)
     await reader.start()
-    scorer = Scorer(
-        _scorer_settings(kafka, batch_size, device),
-        model,
-        on_predictions=lambda p: hooked.append(len(p)),
-    )
+    settings = _scorer_settings(kafka, batch_size, device)
+    metrics, policy = ScorerMetrics(), QueryPolicy.from_settings(settings.policy)
+    accounting = Accounting(metrics, policy, on_predictions=lambda p: hooked.append(len(p)))
+    scorer = Scorer(settings, model, metrics=metrics, policy=policy, accounting=accounting)
     try:
         started = time.perf_counter()
         await scorer.start()
@@ -374,6 +375,8 @@ async def measure_naive(
     await _preload(kafka, frames, spec.content_type, "n")
     limits = DecodeLimits(max_bytes=20 * 1024 * 1024, max_pixels=50_000_000)
     policy = QueryPolicy.from_settings(PolicySettings())
+    policy.on_model(model.spec.labels_trained)  # cold start as in the scorer
+    engine = ScoringEngine.from_settings(PolicySettings())
     consumer = create_consumer(
         kafka, kafka.topics.frames, group_id=f"bench-naive-{uuid.uuid4().hex[:10]}"
     )
@@ -390,15 +393,14 @@ async def measure_naive(
             pixels = decode_and_preprocess(
                 frame.value, frame.headers.content_type, model.spec, limits
             )
-            probabilities, _ = model.run(pixels[None])
-            scores = score_batch(probabilities)
+            scored = engine.score(model, pixels[None], policy.needs)
             batch = Batch(
                 frames=[frame],
                 model=model,
                 good=[0],
-                probabilities=probabilities,
-                scores=scores,
-                decisions=policy.decide(scores),
+                probabilities=scored.probabilities,
+                scores=scored.scores,
+                decisions=policy.decide(scored.scores),
             )
             records, _ = batch_records(  # the same records the scorer builds
                 batch,

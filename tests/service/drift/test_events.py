@@ -5,6 +5,7 @@ import pytest
 from schemas.drift import DriftEvent
 from service.config import DriftSettings
 from service.drift.monitor import DriftMonitor
+from service.metrics import ScorerMetrics
 from service.model.inference import OnnxModel
 from service.pipeline.scorer import Scorer
 from tests.kafka_helpers import produce, read_json
@@ -31,11 +32,11 @@ async def test_scorer_publishes_drift_statistics_on_the_drift_topic(
         (f"cam-{i % 2}".encode(), png, [("content-type", b"image/png")])
         for i, png in enumerate(digit_pngs[:300])
     ]
-    async with Scorer(settings, model) as scorer:
-        async with DriftMonitor(settings.drift, settings.kafka, scorer.metrics) as m:
-            m.on_swap(scorer.model)
-            scorer.observers.append(m.observe)
-            scorer.swap_listeners.append(m.on_swap)
+    metrics = ScorerMetrics()
+    async with DriftMonitor(settings.drift, settings.kafka, metrics) as m:
+        # the monitor hears the first model at construction, then each scored batch
+        scorer = Scorer(settings, model, metrics=metrics, on_batch=[m.observe], on_swap=[m.on_swap])
+        async with scorer:
             await produce(settings.kafka, winnow_topics.frames, frames)
             records = await read_json(
                 settings.kafka,

@@ -262,7 +262,7 @@ async def test_swap_under_load_scores_every_frame_once_and_switches_once_per_par
     finally:
         await producer.stop()
     # A clean run scores each frame once (the broker's end offsets are not exact on Tansu).
-    assert scorer.counts["selected"] + scorer.counts["not_selected"] == 300
+    assert scorer.accounting.counts["selected"] + scorer.accounting.counts["not_selected"] == 300
     everything = await read_json(settings.kafka, winnow_topics.predictions, lambda o: len(o) >= 300)
     assert len(everything) == 300
     counts = Counter(p["frame_id"] for p in predictions)

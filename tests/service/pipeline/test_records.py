@@ -8,7 +8,6 @@ import numpy as np
 from schemas.frames import FrameHeaders, FrameOrigin
 from schemas.label_requests import LabelRequest
 from schemas.predictions import Prediction
-from schemas.scores import Decision
 from service.model.inference import OnnxModel
 from service.pipeline.batching import Batch, InboundFrame
 from service.pipeline.records import batch_records
@@ -40,10 +39,14 @@ def test_records_validate_against_the_wire_schemas(digits_model_path, digit_pngs
         scores=score_batch(probabilities),
     )
     batch.decisions = [
-        Decision(
-            selected=True, reason="uncertainty", policy="variable", utility=0.4, threshold=0.3
-        ),
-        Decision(selected=False, policy="variable", utility=1.0, threshold=0.3),
+        {
+            "selected": True,
+            "reason": "uncertainty",
+            "policy": "variable",
+            "utility": 0.4,
+            "threshold": 0.3,
+        },
+        {"selected": False, "reason": None, "policy": "variable", "utility": 1.0, "threshold": 0.3},
     ]
     out, predictions = batch_records(
         batch,
@@ -63,3 +66,6 @@ def test_records_validate_against_the_wire_schemas(digits_model_path, digit_pngs
     assert abs(second.scores.entropy - 1.0) < 1e-6
     assert json.loads(out[1].value)["probabilities"]["1"] == first.probabilities["1"]
     assert [p["frame_id"] for p in predictions] == ["f1", "t:0:1"]
+    # the predictions handed to the accounting and its hook are the wire dicts
+    assert [Prediction.model_validate(p) for p in predictions] == [first, second]
+    assert predictions[0]["decision"] is batch.decisions[0]  # embedded as the policy built it

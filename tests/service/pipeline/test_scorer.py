@@ -4,15 +4,21 @@ import io
 import struct
 import zlib
 from collections import Counter
+from collections.abc import Collection
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
+from schemas.api import PolicyUpdate
 from schemas.dead_letter import DeadLetter
 from schemas.label_requests import LabelRequest
 from schemas.predictions import Prediction
+from service.config import PolicySettings, Settings
 from service.model.inference import OnnxModel
 from service.pipeline.scorer import Scorer
+from service.scoring.engine import Scored, ScoringEngine
+from service.selection.policy import QueryPolicy
 from tests.kafka_helpers import committed_offsets, end_offsets, produce, read_json
 
 
@@ -60,7 +66,7 @@ async def test_every_frame_gets_a_prediction_and_a_budgeted_share_is_requested(
     assert requests[0]["_key"] == request.frame_id.encode()
     assert request.image == digit_pngs[int(request.frame_id[1:])]
     assert request.classes == [str(d) for d in range(10)]
-    assert scorer.counts["selected"] == len(selected)
+    assert scorer.accounting.counts["selected"] == len(selected)
     committed = await committed_offsets(
         settings.kafka, winnow_topics.frames, settings.scorer.group_id
     )
@@ -129,7 +135,7 @@ async def test_bad_input_goes_to_dead_letter_and_later_frames_are_scored(
     assert all(d["_key"] == b"cam" for d in letters)
     scored = {p["frame_id"] for p in predictions}
     assert scored == {f"good-{i}" for i in range(5)} | {f"after-{i}" for i in range(20)}
-    assert scorer.counts["invalid"] == len(bad) + 2
+    assert scorer.accounting.counts["invalid"] == len(bad) + 2
     committed = await committed_offsets(
         settings.kafka, winnow_topics.frames, settings.scorer.group_id
     )
@@ -167,7 +173,7 @@ async def test_restart_resumes_from_committed_offsets_without_rescoring(
     counts = Counter(p["frame_id"] for p in out)
     assert set(counts) == {f"a{i}" for i in range(40)} | {f"b{i}" for i in range(20)}
     assert max(counts.values()) == 1, "a clean stop commits: nothing is scored twice"
-    assert scorer.counts["selected"] + scorer.counts["not_selected"] == 20
+    assert scorer.accounting.counts["selected"] + scorer.accounting.counts["not_selected"] == 20
 
 
 async def test_predictions_can_be_turned_off(
@@ -182,5 +188,38 @@ async def test_predictions_can_be_turned_off(
     )
     async with Scorer(settings, OnnxModel.load(digits_model_path, device="cpu")) as scorer:
         await read_json(settings.kafka, winnow_topics.label_requests, lambda out: len(out) >= 10)
-    assert scorer.counts["selected"] == 10
+    assert scorer.accounting.counts["selected"] == 10
     assert await end_offsets(settings.kafka, winnow_topics.predictions) == {0: 0, 1: 0, 2: 0}
+
+
+def test_collaborators_hear_every_model_served(digits_model_path) -> None:
+    model = OnnxModel.load(digits_model_path, device="cpu")
+    trained = OnnxModel.load(digits_model_path, device="cpu")
+    trained._spec = trained.spec.model_copy(update={"labels_trained": 50, "version": "trained"})
+    heard: list[str] = []
+    scorer = Scorer(Settings(), model, on_swap=[lambda m: heard.append(m.version)])
+    assert heard == [model.version]  # the first model, at construction
+    assert scorer.policy.cold_start and scorer.policy.needs == frozenset()
+    scorer.swap_model(trained)
+    assert heard == [model.version, "trained"] and scorer.model is trained
+    assert not scorer.policy.cold_start and scorer.policy.needs == {"entropy"}
+
+
+async def test_a_policy_change_during_inference_is_scored_again(digits_model_path) -> None:
+    """A live PUT /v1/policy to a utility the batch in flight was not scored for."""
+    model = OnnxModel.load(digits_model_path, device="cpu")
+    policy = QueryPolicy.from_settings(PolicySettings(utility="entropy", cold_start_random=False))
+    asked: list[set[str]] = []
+
+    class _Engine(ScoringEngine):
+        def score(self, model: Any, inputs: np.ndarray, needs: Collection[str]) -> Scored:
+            asked.append(set(needs))
+            if len(asked) == 1:
+                policy.update(PolicyUpdate(utility="aift"))
+            return super().score(model, inputs, needs)
+
+    scorer = Scorer(Settings(), model, policy=policy, engine=_Engine())
+    inputs = np.zeros((3, model.spec.channels, *model.spec.input_size), dtype=np.float32)
+    scored = await scorer._score(model, inputs)
+    assert asked == [{"entropy"}, {"aift"}] and "aift" in scored.scores
+    assert len(policy.decide(scored.scores)) == 3

@@ -36,8 +36,9 @@ _AGGRESSIVE = {
 
 
 def _decisions(filters: list[str], params: dict[str, float]) -> list[bool]:
-    policy = QueryPolicy("fixed", budget=0.3, window=100, seed=0, filters=filters,
-                         filter_params=params)  # fmt: skip
+    policy = QueryPolicy(
+        "fixed", budget=0.3, window=100, seed=0, filters=filters, filter_params=params
+    )
     rng = np.random.default_rng(0)
     out = []
     for _ in range(20):
