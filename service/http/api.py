@@ -1,21 +1,21 @@
-"""The scorer's HTTP API: health, readiness, metrics, status and live policy.
+"""The scorer's HTTP API: health, readiness, metrics, status, live policy and model pins.
 
-The consume loop runs inside the app's lifespan, so ``uvicorn`` (or a test's
-``TestClient``) starts and stops the scorer with the app.
+The app's lifespan runs the composition root (:func:`service.runtime.run_scorer`),
+so ``uvicorn`` (or a test's ``TestClient``) starts and stops the scorer with the
+app; handlers read the typed :class:`~service.runtime.ScorerRuntime` from the
+lifespan state.
 """
 
-import asyncio
 import hmac
 import logging
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Annotated
 
 from fastapi import Depends, FastAPI, HTTPException, Request, Response, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from infra.kafka.admin import ensure_winnow_topics
 from schemas.api import (
     FrameCounts,
     Health,
@@ -27,89 +27,41 @@ from schemas.api import (
     Readiness,
     ScorerStatus,
 )
-from service.config import DriftSettings, Settings
-from service.drift.monitor import AlarmListener, DriftMonitor
-from service.errors import ConfigError
+from service.config import Settings
 from service.http.ingest import create_ingest_router
-from service.metrics import ScorerMetrics
 from service.model.inference import OnnxModel
 from service.model.verification import ReleaseError
 from service.model.watcher import ModelReleases
-from service.pipeline.accounting import Accounting
 from service.pipeline.scorer import Scorer
-from service.scoring.engine import ScoringEngine
-from service.selection.policy import QueryPolicy
-from service.selection.stopping import LabelFeedback
+from service.runtime import ScorerRuntime, ScorerState, run_scorer
 
 log = logging.getLogger(__name__)
 _bearer = HTTPBearer(auto_error=False)
 
 
-def create_app(settings: Settings, model: OnnxModel | None = None) -> FastAPI:
-    """Builds the app; its lifespan loads the model, creates topics and runs the scorer.
+def create_app(
+    settings: Settings,
+    model: OnnxModel | None = None,
+    *,
+    on_failure: Callable[[], None] | None = None,
+    on_started: Callable[[ScorerRuntime], None] | None = None,
+) -> FastAPI:
+    """Builds the app; its lifespan runs the scorer (:func:`service.runtime.run_scorer`).
 
     Args:
         settings: everything ``winnow serve`` reads from the environment.
-        model: an already loaded model (else ``settings.scorer.model_path`` is loaded).
+        model: an already loaded model (else ``settings.scorer.model_path``, else
+            the first release).
+        on_failure: called once if the scorer stops with an error.
+        on_started: called with the runtime once every part runs (the demo reads it).
     """
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await ensure_winnow_topics(settings.kafka)
-        metrics = ScorerMetrics()
-        loaded = model or _load_model(settings)
-        async with AsyncExitStack() as stack:
-            releases = None
-            serving: list[Scorer] = []  # the scorer once built; earlier releases wait as .model
-            if settings.scorer.follow_releases:
-                releases = ModelReleases(
-                    settings,
-                    on_model=lambda new, _manifest: serving[0].swap_model(new) if serving else None,
-                    metrics=metrics,
-                    current_version=loaded and loaded.version,
-                    keep_artifacts=settings.scorer.keep_releases,
-                )
-                await stack.enter_async_context(releases)
-                loaded = loaded or await _first_release(releases, settings)
-            if loaded is None:
-                raise ConfigError(
-                    "no model: pass --model PATH.onnx, or let the scorer follow releases"
-                )
-            policy = QueryPolicy.from_settings(settings.policy)
-            feedback = LabelFeedback(settings.kafka, metrics)
-            await stack.enter_async_context(feedback)
-            drift = None
-            if settings.drift.enabled:
-                drift = DriftMonitor(
-                    settings.drift,
-                    settings.kafka,
-                    metrics,
-                    on_alarm=boost_on_alarm(policy, settings.drift),
-                )
-                await stack.enter_async_context(drift)
-            scorer = Scorer(
-                settings,
-                loaded,
-                metrics=metrics,
-                policy=policy,
-                engine=ScoringEngine.from_settings(settings.policy),
-                accounting=Accounting(metrics, policy, feedback=feedback),
-                on_batch=[drift.observe] if drift else (),
-                on_swap=[drift.on_swap] if drift else (),  # hears the first model too
-            )
-            serving.append(scorer)
-            await stack.enter_async_context(scorer)
-            app.state.drift, app.state.feedback = drift, feedback
-            if releases is not None:
-                if releases.model is not None and releases.model is not scorer.model:
-                    scorer.swap_model(releases.model)  # a release landed while starting
-            app.state.scorer, app.state.releases = scorer, releases
-            watcher = asyncio.create_task(_watch(app, scorer))
-            try:
-                yield
-            finally:
-                watcher.cancel()
-                await asyncio.gather(watcher, return_exceptions=True)
+    async def lifespan(app: FastAPI) -> AsyncIterator[ScorerState]:
+        async with run_scorer(settings, model, on_failure=on_failure) as runtime:
+            if on_started is not None:
+                on_started(runtime)
+            yield {"runtime": runtime}
 
     app = FastAPI(
         title="Winnow scorer",
@@ -117,176 +69,128 @@ def create_app(settings: Settings, model: OnnxModel | None = None) -> FastAPI:
         description="Streaming active learning: scores frames and routes the informative ones.",
         lifespan=lifespan,
     )
-    app.state.settings = settings
-    app.state.failure = None
-    _routes(app)
+    _routes(app, _admin_check(settings))
     app.include_router(create_ingest_router(settings))  # POST /v1/frames
     return app
 
 
-def boost_on_alarm(policy: QueryPolicy, drift: DriftSettings) -> AlarmListener:
-    """The response to a drift alarm: more labels for a while, so the new regime is learned."""
-
-    def boost(_event: object) -> None:
-        if drift.boost_factor > 1:
-            policy.boost(drift.boost_factor, drift.boost_seconds)
-
-    return boost
-
-
-def _load_model(settings: Settings) -> OnnxModel | None:
-    if settings.scorer.model_path is None:
-        return None
-    return OnnxModel.load(settings.scorer.model_path, device=settings.device)
-
-
-async def _first_release(releases: ModelReleases, settings: Settings) -> OnnxModel:
-    log.info(
-        "no model file given: waiting for the first release on %s (start `winnow train`)",
-        settings.kafka.topics.models,
-    )
-    return await releases.wait_for_first()
-
-
-async def _watch(app: FastAPI, scorer: Scorer) -> None:
-    try:
-        await scorer.wait()
-    except Exception as error:
-        app.state.failure = error
-        log.exception("the scorer stopped with an error; /readyz now answers 503")
-        on_failure = getattr(app.state, "on_failure", None)
-        if on_failure is not None:
-            on_failure()
-        raise
-
-
-def _scorer(request: Request) -> Scorer:
-    scorer: Scorer | None = getattr(request.app.state, "scorer", None)
-    if scorer is None:
+def _runtime(request: Request) -> ScorerRuntime:
+    runtime: ScorerRuntime | None = getattr(request.state, "runtime", None)
+    if runtime is None:
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "the scorer is not running")
-    return scorer
+    return runtime
 
 
-def _require_admin(
-    request: Request,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> None:
-    token = request.app.state.settings.admin_token
-    if token is None:
-        raise HTTPException(
-            status.HTTP_403_FORBIDDEN, "writes are disabled: set WINNOW_ADMIN_TOKEN to enable them"
-        )
-    given = credentials.credentials if credentials else ""
-    if not hmac.compare_digest(given.encode(), token.get_secret_value().encode()):
-        raise HTTPException(
-            status.HTTP_401_UNAUTHORIZED,
-            "a valid admin bearer token is needed",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
+RuntimeDep = Annotated[ScorerRuntime, Depends(_runtime)]
 
 
-ScorerDep = Annotated[Scorer, Depends(_scorer)]
+def _admin_check(settings: Settings) -> Callable[..., None]:
+    """The dependency that guards writes with ``WINNOW_ADMIN_TOKEN`` (constant-time compare)."""
+
+    def require_admin(
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    ) -> None:
+        token = settings.admin_token
+        if token is None:
+            raise HTTPException(
+                status.HTTP_403_FORBIDDEN,
+                "writes are disabled: set WINNOW_ADMIN_TOKEN to enable them",
+            )
+        given = credentials.credentials if credentials else ""
+        if not hmac.compare_digest(given.encode(), token.get_secret_value().encode()):
+            raise HTTPException(
+                status.HTTP_401_UNAUTHORIZED,
+                "a valid admin bearer token is needed",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+
+    return require_admin
 
 
-def _routes(app: FastAPI) -> None:
+def _routes(app: FastAPI, require_admin: Callable[..., None]) -> None:
+    admin = [Depends(require_admin)]
+
     @app.get("/healthz", response_model=Health, tags=["ops"])
     async def healthz() -> Health:
         return Health()
 
     @app.get("/readyz", response_model=Readiness, tags=["ops"])
     async def readyz(request: Request, response: Response) -> Readiness:
-        scorer: Scorer | None = getattr(request.app.state, "scorer", None)
-        failed = request.app.state.failure is not None
-        assigned = len(scorer.assigned) if scorer else 0
-        ready = scorer is not None and not failed and assigned > 0
+        runtime: ScorerRuntime | None = getattr(request.state, "runtime", None)
+        assigned = len(runtime.scorer.assigned) if runtime else 0
+        ready = runtime is not None and runtime.ready
         if not ready:
             response.status_code = status.HTTP_503_SERVICE_UNAVAILABLE
-        return Readiness(ready=ready, model_loaded=scorer is not None, partitions_assigned=assigned)
+        return Readiness(
+            ready=ready, model_loaded=runtime is not None, partitions_assigned=assigned
+        )
 
     @app.get("/metrics", tags=["ops"])
-    async def metrics(request: Request, scorer: ScorerDep) -> Response:
-        drift: DriftMonitor | None = getattr(request.app.state, "drift", None)
-        if drift is not None:
-            drift.update_gauges()
-        return Response(generate_latest(scorer.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    async def metrics(runtime: RuntimeDep) -> Response:
+        if runtime.drift is not None:
+            runtime.drift.update_gauges()
+        return Response(generate_latest(runtime.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/status", response_model=ScorerStatus, tags=["scorer"])
-    async def get_status(request: Request, scorer: ScorerDep) -> ScorerStatus:
-        policy = scorer.policy.state()
+    async def get_status(runtime: RuntimeDep) -> ScorerStatus:
+        scorer, policy = runtime.scorer, runtime.policy.state()
         return ScorerStatus(
-            ready=request.app.state.failure is None and bool(scorer.assigned),
+            ready=runtime.ready,
             started_at=scorer.started_at,
             model=_model_info(scorer),
             policy=policy,
             frames=FrameCounts(**scorer.accounting.counts),
             partitions=[f"{tp.topic}:{tp.partition}" for tp in scorer.assigned],
-            labeling=request.app.state.feedback.status(policy, scorer.policy.window_limit),
-            drift=drift.status() if (drift := getattr(request.app.state, "drift", None)) else None,
+            labeling=runtime.feedback.status(policy, runtime.policy.window_limit),
+            drift=runtime.drift.status() if runtime.drift else None,
         )
 
     @app.get("/v1/policy", response_model=PolicyState, tags=["policy"])
-    async def get_policy(scorer: ScorerDep) -> PolicyState:
-        return scorer.policy.state()
+    async def get_policy(runtime: RuntimeDep) -> PolicyState:
+        return runtime.policy.state()
 
-    @app.put(
-        "/v1/policy",
-        response_model=PolicyState,
-        tags=["policy"],
-        dependencies=[Depends(_require_admin)],
-    )
-    async def put_policy(change: PolicyUpdate, scorer: ScorerDep) -> PolicyState:
+    @app.put("/v1/policy", response_model=PolicyState, tags=["policy"], dependencies=admin)
+    async def put_policy(change: PolicyUpdate, runtime: RuntimeDep) -> PolicyState:
         try:
-            state = scorer.policy.update(change)
+            state = runtime.policy.update(change)
         except ValueError as error:
             raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(error)) from error
         log.info("policy changed: %s", change.model_dump(exclude_none=True))
         return state
 
     @app.get("/v1/model", response_model=ModelStatus, tags=["model"])
-    async def get_model(request: Request, scorer: ScorerDep) -> ModelStatus:
-        releases: ModelReleases | None = request.app.state.releases
+    async def get_model(runtime: RuntimeDep) -> ModelStatus:
+        releases = runtime.releases
         return ModelStatus(
-            current=_model_info(scorer),
+            current=_model_info(runtime.scorer),
             pinned=releases.pinned if releases else None,
             following_releases=releases is not None,
             history=list(releases.history()) if releases else [],
         )
 
-    @app.post(
-        "/v1/model/pin",
-        response_model=ModelStatus,
-        tags=["model"],
-        dependencies=[Depends(_require_admin)],
-    )
-    async def pin_model(pin: ModelPin, request: Request, scorer: ScorerDep) -> ModelStatus:
-        releases = _releases(request)
+    @app.post("/v1/model/pin", response_model=ModelStatus, tags=["model"], dependencies=admin)
+    async def pin_model(pin: ModelPin, runtime: RuntimeDep) -> ModelStatus:
         try:
-            await releases.pin(pin.version)
+            await _releases(runtime).pin(pin.version)
         except ReleaseError as error:
             code = {"unknown": 404, "evicted": 409}.get(error.reason, 422)
             raise HTTPException(code, str(error)) from error
         log.info("model pinned to %s", pin.version)
-        return await get_model(request, scorer)
+        return await get_model(runtime)
 
-    @app.post(
-        "/v1/model/unpin",
-        response_model=ModelStatus,
-        tags=["model"],
-        dependencies=[Depends(_require_admin)],
-    )
-    async def unpin_model(request: Request, scorer: ScorerDep) -> ModelStatus:
-        await _releases(request).unpin()
-        return await get_model(request, scorer)
+    @app.post("/v1/model/unpin", response_model=ModelStatus, tags=["model"], dependencies=admin)
+    async def unpin_model(runtime: RuntimeDep) -> ModelStatus:
+        await _releases(runtime).unpin()
+        return await get_model(runtime)
 
 
-def _releases(request: Request) -> ModelReleases:
-    releases: ModelReleases | None = request.app.state.releases
-    if releases is None:
+def _releases(runtime: ScorerRuntime) -> ModelReleases:
+    if runtime.releases is None:
         raise HTTPException(
             status.HTTP_409_CONFLICT,
             "this scorer does not follow releases (WINNOW_SCORER_FOLLOW_RELEASES)",
         )
-    return releases
+    return runtime.releases
 
 
 def _model_info(scorer: Scorer) -> ModelInfo:

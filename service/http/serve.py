@@ -22,10 +22,19 @@ def serve(settings: Settings) -> int:
     if settings.kafka.bootstrap is None:
         broker = EmbeddedBroker(settings.kafka.embedded_port)
         broker.start()
-        settings.kafka.bootstrap = broker.bootstrap
+        kafka = settings.kafka.model_copy(update={"bootstrap": broker.bootstrap})
+        settings = settings.model_copy(update={"kafka": kafka})
         log.info("no WINNOW_KAFKA_BOOTSTRAP: started the embedded broker on %s", broker.bootstrap)
+    failed: list[bool] = []
+    server: uvicorn.Server | None = None
+
+    def stop_server() -> None:
+        failed.append(True)
+        if server is not None:
+            server.should_exit = True
+
     try:
-        app = create_app(settings)
+        app = create_app(settings, on_failure=stop_server)
         server = uvicorn.Server(
             uvicorn.Config(
                 app,
@@ -35,11 +44,10 @@ def serve(settings: Settings) -> int:
                 lifespan="on",
             )
         )
-        app.state.on_failure = lambda: setattr(server, "should_exit", True)
         # uvicorn drains on SIGTERM, then re-raises it; a drained stop is a clean exit.
         signal.signal(signal.SIGTERM, _exit_cleanly)
         server.run()
-        return 0 if server.started and app.state.failure is None else 1
+        return 0 if server.started and not failed else 1
     finally:
         if broker is not None:
             broker.stop()

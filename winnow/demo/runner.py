@@ -24,6 +24,7 @@ from service.config import PolicySettings, Settings
 from service.drift.monitor import DriftMonitor
 from service.http.api import create_app
 from service.pipeline.scorer import Scorer
+from service.runtime import ScorerRuntime
 from trainer.config import TrainerSettings
 from trainer.loop import Trainer
 from winnow.datasets import ImageDataset, encode_png, load_dataset
@@ -54,7 +55,8 @@ async def _demo(args: argparse.Namespace) -> int:
         settings = _scorer_settings(kafka, args)
         await ensure_winnow_topics(kafka)
         async with Trainer(_trainer_settings(kafka, data, args, Path(tmp))) as trainer:
-            app = create_app(settings)
+            started: asyncio.Future[ScorerRuntime] = asyncio.get_running_loop().create_future()
+            app = create_app(settings, on_started=started.set_result)
             server = uvicorn.Server(
                 uvicorn.Config(app, host="127.0.0.1", port=args.http_port, log_level="warning")
             )
@@ -71,9 +73,8 @@ async def _demo(args: argparse.Namespace) -> int:
                 flush=True,
             )
             try:
-                summary = await _run(
-                    app.state.scorer, trainer, settings, data, args, app.state.drift
-                )
+                runtime = await started
+                summary = await _run(runtime.scorer, trainer, settings, data, args, runtime.drift)
             finally:
                 server.should_exit = True
                 await serving

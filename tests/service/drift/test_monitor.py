@@ -10,9 +10,9 @@ from schemas.drift import DriftReference
 from schemas.frames import FrameHeaders, FrameOrigin
 from service.config import DriftSettings
 from service.drift.monitor import DriftMonitor
-from service.http.api import boost_on_alarm
 from service.metrics import ScorerMetrics
 from service.pipeline.batching import Batch, InboundFrame
+from service.runtime import boost_on_alarm
 from service.selection.policy import QueryPolicy
 from tests.service.drift.synthetic import outputs
 
