@@ -20,7 +20,7 @@ from schemas.api import FilterName, PolicyName, SelectorName, UtilityName
 class ScorerSettings(BaseSettings):
     """The scorer's hot path: batching, decoding limits, routing."""
 
-    model_config = SettingsConfigDict(env_prefix="WINNOW_SCORER_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="WINNOW_SCORER_", extra="ignore", frozen=True)
 
     model_path: Path | None = Field(default=None, description="an ONNX file with winnow metadata")
     group_id: str = "winnow-scorer"
@@ -44,7 +44,7 @@ class ScorerSettings(BaseSettings):
 class PolicySettings(BaseSettings):
     """The query decision: utility, threshold policy and budget."""
 
-    model_config = SettingsConfigDict(env_prefix="WINNOW_POLICY_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="WINNOW_POLICY_", extra="ignore", frozen=True)
 
     name: PolicyName = "variable"
     utility: UtilityName = "entropy"
@@ -90,7 +90,7 @@ def _all_drift_detectors() -> list[DriftDetectorName]:
 class DriftSettings(BaseSettings):
     """Online drift detection in the scorer, and the response to an alarm."""
 
-    model_config = SettingsConfigDict(env_prefix="WINNOW_DRIFT_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="WINNOW_DRIFT_", extra="ignore", frozen=True)
 
     enabled: bool = True
     detectors: list[DriftDetectorName] = Field(default_factory=_all_drift_detectors)
@@ -129,7 +129,7 @@ class DriftSettings(BaseSettings):
 
 
 class HttpSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="WINNOW_HTTP_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="WINNOW_HTTP_", extra="ignore", frozen=True)
 
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
@@ -138,7 +138,7 @@ class HttpSettings(BaseSettings):
 class IngestSettings(BaseSettings):
     """HTTP ingest (``POST /v1/frames``): who may write, how much, how fast."""
 
-    model_config = SettingsConfigDict(env_prefix="WINNOW_INGEST_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="WINNOW_INGEST_", extra="ignore", frozen=True)
 
     tokens: SecretStr | None = Field(
         default=None,
@@ -161,7 +161,7 @@ class IngestSettings(BaseSettings):
 class Settings(BaseSettings):
     """All settings of ``winnow serve``."""
 
-    model_config = SettingsConfigDict(env_prefix="WINNOW_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="WINNOW_", extra="ignore", frozen=True)
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
     admin_token: SecretStr | None = None
@@ -177,7 +177,7 @@ class Settings(BaseSettings):
 class LabelAppSettings(BaseSettings):
     """The labeling web app (``winnow label-app``): access, leases, offsets."""
 
-    model_config = SettingsConfigDict(env_prefix="WINNOW_LABEL_APP_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="WINNOW_LABEL_APP_", extra="ignore", frozen=True)
 
     team_token: SecretStr | None = Field(
         default=None, description="one token the whole team signs in with (name typed freely)"

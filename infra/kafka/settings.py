@@ -17,7 +17,7 @@ from schemas.topics import TopicNames
 class KafkaSettings(BaseSettings):
     """How to reach Kafka. No bootstrap address means: start the embedded broker."""
 
-    model_config = SettingsConfigDict(env_prefix="WINNOW_KAFKA_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="WINNOW_KAFKA_", extra="ignore", frozen=True)
 
     bootstrap: str | None = Field(default=None, description="host:port[,host:port]")
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"

@@ -59,7 +59,7 @@ ANNOTATION_ACTIONS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED")
 class LabelStudioSettings(BaseSettings):
     """Where Label Studio is and how its project is set up."""
 
-    model_config = SettingsConfigDict(env_prefix="WINNOW_LABEL_STUDIO_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="WINNOW_LABEL_STUDIO_", extra="ignore", frozen=True)
 
     url: str = Field(default="http://127.0.0.1:8080", description="Label Studio's base URL")
     api_key: SecretStr | None = Field(default=None, description="a user's access token")

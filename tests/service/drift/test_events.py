@@ -17,7 +17,7 @@ async def test_scorer_publishes_drift_statistics_on_the_drift_topic(
     scorer_settings, digits_model_path, digit_pngs, winnow_topics
 ) -> None:
     settings = scorer_settings()
-    settings.drift = DriftSettings(
+    drift = DriftSettings(
         ert=500,
         warmup_frames=100,
         statistic_every=50,
@@ -25,6 +25,7 @@ async def test_scorer_publishes_drift_statistics_on_the_drift_topic(
         embedding_window=16,
         class_window=40,
     )
+    settings = settings.model_copy(update={"drift": drift})
     model = OnnxModel.load(digits_model_path, device="cpu")
     # a trained model: the monitor sits out the cold start of an untrained one
     model._spec = model.spec.model_copy(update={"labels_trained": 50})

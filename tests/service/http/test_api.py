@@ -57,7 +57,7 @@ def test_readyz_is_503_before_the_scorer_runs(scorer_settings, digits_model_path
 
 def test_policy_writes_need_the_admin_token(scorer_settings, digits_model_path) -> None:
     settings = scorer_settings()
-    settings.admin_token = SecretStr("s3cret")
+    settings = settings.model_copy(update={"admin_token": SecretStr("s3cret")})
     app = create_app(settings, OnnxModel.load(digits_model_path, device="cpu"))
     with TestClient(app) as client:
         assert client.put("/v1/policy", json={"budget": 0.2}).status_code == 401
@@ -92,7 +92,7 @@ def test_live_policy_change_takes_effect_on_the_stream(
     from tests.kafka_helpers import produce
 
     settings = scorer_settings(name="random", budget=0.01)
-    settings.admin_token = SecretStr("t")
+    settings = settings.model_copy(update={"admin_token": SecretStr("t")})
     app = create_app(settings, OnnxModel.load(digits_model_path, device="cpu"))
     topics = settings.kafka.topics
     with TestClient(app) as client:

@@ -36,7 +36,7 @@ def test_a_scorer_without_a_model_serves_the_first_release_and_can_pin_back(
     scorer_settings, digits_model_path, publish_model
 ) -> None:
     settings = scorer_settings()
-    settings.admin_token = SecretStr("t")
+    settings = settings.model_copy(update={"admin_token": SecretStr("t")})
     first = _variant(digits_model_path, "v1", 0)
     second = _variant(digits_model_path, "v2", 40)
     asyncio.run(publish_model(settings, *first))

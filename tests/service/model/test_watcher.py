@@ -95,7 +95,7 @@ async def test_with_a_key_unsigned_missigned_and_replayed_releases_are_rejected(
     scorer_settings, release_variant, winnow_topics, publish_model
 ) -> None:
     settings = scorer_settings()
-    settings.model_signing_key = SecretStr("the key")
+    settings = settings.model_copy(update={"model_signing_key": SecretStr("the key")})
     await publish_model(settings, *release_variant("unsigned"), key=None)
     await publish_model(settings, *release_variant("wrong-key"), key=b"another key")
     # A genuine signature of one version, copied onto another version's manifest.

@@ -97,7 +97,8 @@ async def test_bad_input_goes_to_dead_letter_and_later_frames_are_scored(
     scorer_settings, digits_model_path, digit_pngs, winnow_topics
 ) -> None:
     settings = scorer_settings()
-    settings.scorer.max_frame_bytes = 200_000
+    tuned = settings.scorer.model_copy(update={"max_frame_bytes": 200_000})
+    settings = settings.model_copy(update={"scorer": tuned})
     gif = bytes.fromhex(
         "47494638396101000100800000000000ffffff21f90400000000002c00000000010001000002024401003b"
     )
@@ -146,7 +147,8 @@ async def test_frame_id_is_derived_from_origin_when_header_absent(
     scorer_settings, digits_model_path, digit_pngs, winnow_topics
 ) -> None:
     settings = scorer_settings()
-    settings.scorer.publish_predictions = True
+    tuned = settings.scorer.model_copy(update={"publish_predictions": True})
+    settings = settings.model_copy(update={"scorer": tuned})
     await produce(settings.kafka, winnow_topics.frames, [(None, digit_pngs[0], [])])
     async with Scorer(settings, OnnxModel.load(digits_model_path, device="cpu")):
         (prediction,) = await read_json(
@@ -180,7 +182,8 @@ async def test_predictions_can_be_turned_off(
     scorer_settings, digits_model_path, digit_pngs, winnow_topics
 ) -> None:
     settings = scorer_settings(name="random", budget=1.0)
-    settings.scorer.publish_predictions = False
+    tuned = settings.scorer.model_copy(update={"publish_predictions": False})
+    settings = settings.model_copy(update={"scorer": tuned})
     await produce(
         settings.kafka,
         winnow_topics.frames,
