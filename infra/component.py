@@ -33,8 +33,8 @@ class Component:
         return self._started and not self._stopped
 
     async def start(self) -> None:
-        """Starts the component; a second call does nothing."""
-        if self._started:
+        """Starts the component; a second call, or one after :meth:`stop`, does nothing."""
+        if self._started or self._stopped:  # started after a stop, it could never be stopped
             return
         self._started = True
         await self._start()
