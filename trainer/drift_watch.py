@@ -17,6 +17,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 
+from infra.component import Component
 from infra.errors import BrokerError
 from infra.kafka.admin import topic_partitions
 from infra.kafka.consumer import create_consumer
@@ -31,7 +32,7 @@ _TOPIC_RETRY_S = 5.0
 _RETRY_BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
 
 
-class DriftWatch:
+class DriftWatch(Component):
     """Reads drift events; an alarm sets :attr:`alarm` and is kept in :attr:`last_alarm`.
 
     Use as ``async with DriftWatch(kafka, metrics) as watch:``. The training
@@ -51,6 +52,7 @@ class DriftWatch:
         *,
         ready_timeout_s: float = 10.0,
     ) -> None:
+        super().__init__()
         self.topic = kafka.topics.drift
         self.alarm = asyncio.Event()
         self.last_alarm: DriftEvent | None = None
@@ -66,35 +68,21 @@ class DriftWatch:
         """Whether the topic has been looked up once (its end offsets are the start)."""
         self._assigned = False
         self._ready = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
 
-    # -- lifecycle -------------------------------------------------------------------------
+    # -- lifecycle (start, stop and ``async with`` come from Component) ---------------------
 
-    async def __aenter__(self) -> "DriftWatch":
-        await self.start()
-        return self
+    async def _start(self) -> None:
+        """Starts watching; returns once the end offsets are known (or after the ready timeout).
 
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
-
-    async def start(self) -> None:
-        """Starts watching; returns once the end offsets are known (or after the ready timeout)."""
-        if self._task is not None:
-            return
-        self._task = asyncio.create_task(self._run(), name="trainer-drift-watch")
-        self._task.add_done_callback(_log_crash)
+        A crash of the watch loop is logged by the base at once; from then on
+        drift alarms no longer start rounds.
+        """
+        self.supervise(self._run(), name="trainer-drift-watch")
         try:
             async with asyncio.timeout(self._ready_timeout_s):
                 await self._ready.wait()
         except TimeoutError:
             log.warning("drift watch not ready yet: topic=%s; still trying", self.topic)
-
-    async def stop(self) -> None:
-        """Stops watching and disconnects. Idempotent."""
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
 
     # -- the loop --------------------------------------------------------------------------
 
@@ -195,10 +183,3 @@ class DriftWatch:
             record.offset,
         )
         self.alarm.set()
-
-
-def _log_crash(task: "asyncio.Task[None]") -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.error(
-            "the drift watch died; drift alarms no longer start rounds", exc_info=task.exception()
-        )

@@ -203,9 +203,13 @@ async def test_the_watcher_outlives_an_unreachable_broker() -> None:
     kafka = KafkaSettings(bootstrap=f"127.0.0.1:{port}")
     watch = DriftWatch(kafka, TrainerMetrics(), ready_timeout_s=0.5)
     await watch.start()  # returns, though it cannot connect
-    await asyncio.sleep(0.2)
-    assert watch._task is not None and not watch._task.done()  # still retrying
+    assert watch.running
+    with pytest.raises(TimeoutError):  # the watch loop neither ends nor crashes: it retries
+        async with asyncio.timeout(0.5):
+            await watch.wait()
     await watch.stop()
+    assert not watch.running
+    await asyncio.wait_for(watch.wait(), 5)  # stopped: the loop was cancelled and awaited
     await watch.stop()  # idempotent
 
 
