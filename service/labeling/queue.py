@@ -9,17 +9,17 @@ leased but unanswered loses none of them: the next instance in the group reads
 them again from the committed offset.
 """
 
-import asyncio
 import logging
 import time
 from collections import deque
 from datetime import UTC, datetime
-from typing import Literal, Self
+from typing import Literal
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from pydantic import ValidationError
 
+from infra.component import Component
 from infra.kafka import consumer_lag, create_consumer, create_producer
 from infra.kafka.offsets import OffsetTracker
 from infra.kafka.settings import KafkaSettings
@@ -34,10 +34,11 @@ RATE_WINDOW_S = 600.0
 """A labeler's rate is measured over the last ten minutes."""
 
 
-class LabelQueue:
+class LabelQueue(Component):
     """Serves leases to labelers and publishes their answers.
 
-    Use as ``async with LabelQueue(kafka, settings) as queue``.
+    Use as ``async with LabelQueue(kafka, settings) as queue``; ``stop()``
+    commits the done prefix and is idempotent.
     """
 
     def __init__(
@@ -46,6 +47,7 @@ class LabelQueue:
         settings: LabelAppSettings,
         registry: CollectorRegistry | None = None,
     ) -> None:
+        super().__init__()
         self.kafka = kafka
         self.settings = settings
         self.topics = kafka.topics
@@ -65,26 +67,24 @@ class LabelQueue:
         )
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
-        self._task: asyncio.Task[None] | None = None
         self._lag = 0
         self._answers: dict[str, deque[float]] = {}
         self._counts: dict[str, int] = {}
 
-    async def start(self) -> None:
+    async def _start(self) -> None:
         """Starts the producer, then the consumer and its loop."""
         self._producer = create_producer(self.kafka)
         await self._producer.start()
         self._consumer = create_consumer(self.kafka, group_id=self.settings.group_id)
         self._consumer.subscribe([self.topics.label_requests], listener=_Rebalance(self))
         await self._consumer.start()
-        self._task = asyncio.create_task(self._run(), name="label-queue")
+        self.supervise(self._run(), name="label-queue")
 
-    async def stop(self) -> None:
-        """Stops the loop, commits the done prefix, closes the clients. Idempotent."""
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+    async def _stop(self) -> None:
+        """Stops the loop, commits the done prefix, closes the clients."""
+        # The loop has nothing to drain (unanswered frames are read again by the group):
+        # stop it first, so nothing is consumed after the final commit.
+        await self._cancel_supervised()
         consumer, self._consumer = self._consumer, None
         if consumer is not None:
             try:
@@ -94,13 +94,6 @@ class LabelQueue:
         producer, self._producer = self._producer, None
         if producer is not None:
             await producer.stop()
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.stop()
 
     # -- what the app calls --------------------------------------------------------
     def next(self, annotator: str) -> Lease | None:
