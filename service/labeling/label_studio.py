@@ -7,8 +7,12 @@ Out: label requests are read from ``winnow.label-requests`` (consumer group
 holds the image as a data URL under ``WINNOW_LABEL_STUDIO_IMAGE_KEY``, the
 frame id, source and capture time, and the model's uncertainty values (so the
 Data Manager can sort by them); the model's prediction comes as a
-pre-annotation in ``predictions``. Offsets are committed once Label Studio
-answered the import with 201.
+pre-annotation in ``predictions``. A batch's offsets are done once Label
+Studio answered its import with 201 (an unreadable request is done at once), and
+the committed offset is the done prefix
+(:class:`~infra.kafka.offsets.OffsetTracker`): stopping in the middle of an
+import, or losing a partition to a rebalance, re-imports that batch rather than
+skipping it.
 
 In: Label Studio's webhook (``ANNOTATION_CREATED`` / ``ANNOTATION_UPDATED``,
 configured to send the header ``Authorization: Token <webhook token>``) posts
@@ -36,16 +40,24 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from typing import Any, Self
+from typing import Any
 
 import httpx
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import (
+    AIOKafkaConsumer,
+    AIOKafkaProducer,
+    ConsumerRebalanceListener,
+    ConsumerRecord,
+    TopicPartition,
+)
 from fastapi import FastAPI, HTTPException, Request, status
 from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from infra.component import Component
 from infra.kafka import create_consumer, create_producer
 from infra.kafka.admin import ensure_topics
+from infra.kafka.offsets import OffsetTracker
 from infra.kafka.settings import KafkaSettings
 from schemas.frames import CONTENT_TYPES
 from schemas.label_requests import LabelRequest
@@ -59,7 +71,9 @@ ANNOTATION_ACTIONS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED")
 class LabelStudioSettings(BaseSettings):
     """Where Label Studio is and how its project is set up."""
 
-    model_config = SettingsConfigDict(env_prefix="WINNOW_LABEL_STUDIO_", extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(
+        env_prefix="WINNOW_LABEL_STUDIO_", extra="ignore", frozen=True
+    )
 
     url: str = Field(default="http://127.0.0.1:8080", description="Label Studio's base URL")
     api_key: SecretStr | None = Field(default=None, description="a user's access token")
@@ -230,46 +244,46 @@ class LabelStudioClient:
 
 
 # -- the bridge -------------------------------------------------------------------------
-class Bridge:
-    """Imports label requests into Label Studio and publishes webhook annotations as labels."""
+class Bridge(Component):
+    """Imports label requests into Label Studio and publishes webhook annotations as labels.
+
+    Use as ``async with Bridge(kafka, settings, client) as bridge``; ``stop()``
+    commits the imported prefix, closes the Kafka clients and ``client``.
+    """
 
     def __init__(
         self, kafka: KafkaSettings, settings: LabelStudioSettings, client: LabelStudioClient
     ) -> None:
+        super().__init__()
         self.kafka, self.settings, self.client = kafka, settings, client
         self.task_frames: dict[int, str] = {}
+        self.offsets = OffsetTracker("label-studio-bridge")
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
-        self._task: asyncio.Task[None] | None = None
         self.imported = 0
 
-    async def start(self) -> None:
+    async def _start(self) -> None:
+        """Starts the producer (webhook labels), then the consumer and the import loop."""
         self._producer = create_producer(self.kafka)
         await self._producer.start()
-        self._consumer = create_consumer(
-            self.kafka, self.kafka.topics.label_requests, group_id=self.settings.group_id
-        )
+        self._consumer = create_consumer(self.kafka, group_id=self.settings.group_id)
+        self._consumer.subscribe([self.kafka.topics.label_requests], listener=_Revoke(self))
         await self._consumer.start()
-        self._task = asyncio.create_task(self._run(), name="label-studio-import")
+        self.supervise(self._run(), name="label-studio-import")
 
-    async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-        for client in (self._consumer, self._producer):
-            if client is not None:
-                await client.stop()
-        self._consumer = self._producer = None
+    async def _stop(self) -> None:
+        """Stops the import loop, commits the imported prefix, closes every client."""
+        # An import cut short is not done: its batch is read again, not skipped.
+        await self._cancel_supervised()
+        consumer, self._consumer = self._consumer, None
+        producer, self._producer = self._producer, None
+        if consumer is not None:
+            await self.offsets.commit(consumer)  # a failed commit is logged, not raised
+        for kafka_client in (consumer, producer):
+            if kafka_client is not None:
+                await kafka_client.stop()
         await self.client.aclose()
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.stop()
 
     async def publish(self, payload: dict[str, Any]) -> Label | None:
         """Publishes the label of a webhook body once per annotation version.
@@ -298,38 +312,67 @@ class Bridge:
     async def _run(self) -> None:
         consumer = self._consumer
         assert consumer is not None
-        delay = 0.5
         while True:
             batches = await consumer.getmany(timeout_ms=500, max_records=self.settings.batch_size)
             records = [r for rs in batches.values() for r in rs]
             if not records:
                 continue
-            tasks, frame_ids = [], []
-            for record in records:
-                try:
-                    request = LabelRequest.model_validate_json(record.value or b"")
-                except ValidationError:
-                    log.error(
-                        "unreadable label request topic=%s partition=%s offset=%s",
-                        record.topic, record.partition, record.offset,
-                    )  # fmt: skip
-                    continue
-                tasks.append(task_from_request(request, self.settings))
-                frame_ids.append(request.frame_id)
-            while tasks:
-                try:
-                    ids = await self.client.import_tasks(tasks)
-                    break
-                except httpx.HTTPError as error:
-                    log.warning("Label Studio import failed (%r); retrying in %.1fs", error, delay)
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 30.0)
-            else:
-                ids = []
-            delay = 0.5
-            self.task_frames.update(zip(ids, frame_ids, strict=False))
-            self.imported += len(tasks)
-            await consumer.commit()  # everything fetched so far is imported
+            positions = [(TopicPartition(r.topic, r.partition), r.offset) for r in records]
+            self.offsets.consumed_many(positions)
+            await self._import(records)
+            self.offsets.done_many(positions)
+            await self.offsets.commit(consumer)  # a failure is logged; the next batch retries it
+
+    async def _import(self, records: list[ConsumerRecord]) -> None:
+        """Imports a batch, retrying until Label Studio takes it; skips unreadable requests."""
+        tasks, frame_ids = [], []
+        for record in records:
+            try:
+                request = LabelRequest.model_validate_json(record.value or b"")
+            except ValidationError:
+                log.error(
+                    "unreadable label request topic=%s partition=%s offset=%s",
+                    record.topic, record.partition, record.offset,
+                )  # fmt: skip
+                continue
+            tasks.append(task_from_request(request, self.settings))
+            frame_ids.append(request.frame_id)
+        if not tasks:
+            return
+        delay = 0.5
+        while True:
+            try:
+                ids = await self.client.import_tasks(tasks)
+                break
+            except httpx.HTTPError as error:
+                log.warning("Label Studio import failed (%r); retrying in %.1fs", error, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+        self.task_frames.update(zip(ids, frame_ids, strict=False))
+        self.imported += len(tasks)
+
+
+class _Revoke(ConsumerRebalanceListener):
+    """Commits the imported prefix before partitions move; forgets the ones it lost.
+
+    A batch is imported and committed before the next fetch, so this commit
+    only matters when the last one failed.
+    """
+
+    def __init__(self, bridge: Bridge) -> None:
+        self.bridge = bridge
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        consumer = self.bridge._consumer
+        if consumer is not None and revoked:
+            await self.bridge.offsets.commit(consumer)
+        self.bridge.offsets.forget(revoked)
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        log.info(
+            "label requests assigned to the bridge: %s",
+            sorted(f"{tp.topic}:{tp.partition}" for tp in assigned),
+        )
 
 
 def create_bridge_app(

@@ -3,6 +3,7 @@
 import asyncio
 import base64
 import copy
+from collections.abc import Callable
 
 import httpx
 import pytest
@@ -11,13 +12,15 @@ from fastapi.testclient import TestClient
 from pydantic import SecretStr
 
 from service.labeling.label_studio import (
+    Bridge,
+    LabelStudioClient,
     LabelStudioSettings,
     WebhookError,
     create_bridge_app,
     label_from_webhook,
     task_from_request,
 )
-from tests.kafka_helpers import read_json
+from tests.kafka_helpers import committed_offsets, end_offsets, produce, read_json
 from tests.service.labeling.conftest import digit_png, label_request, produce_requests
 
 
@@ -215,3 +218,43 @@ async def test_bridge_imports_requests_and_publishes_webhook_labels_once(
         (imports[0][0]["data"]["frame_id"], "2", "label-studio:user-1"),
     ]
     assert all(r["_key"] == r["frame_id"].encode() for r in labels)
+
+
+async def _until(check: Callable[[], bool], within_s: float = 20) -> None:
+    deadline = asyncio.get_running_loop().time() + within_s
+    while not check():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"not true within {within_s}s")
+        await asyncio.sleep(0.05)
+
+
+async def test_the_bridge_commits_only_what_label_studio_took(
+    kafka_settings, winnow_topics, group_id
+) -> None:
+    topic = kafka_settings.topics.label_requests
+    await produce_requests(kafka_settings, [label_request(f"lb{i}", i) for i in range(2)])
+    await produce(kafka_settings, topic, [(b"junk", b"{not a label request", [])])
+    settings = _settings(group_id)
+    refused: list[int] = []
+    down = FastAPI()
+
+    @down.post("/api/projects/{project_id}/import")
+    async def unavailable(project_id: int) -> None:
+        refused.append(project_id)
+        raise HTTPException(503, "Label Studio is restarting")
+
+    client = LabelStudioClient(settings, httpx.ASGITransport(app=down))
+    async with Bridge(kafka_settings, settings, client) as bridge:
+        await _until(lambda: len(refused) >= 2)  # fetched, and retrying the import
+        assert bridge.imported == 0
+    assert set((await committed_offsets(kafka_settings, topic, group_id)).values()) == {0}
+
+    imports: list[list[dict]] = []
+    client = LabelStudioClient(settings, httpx.ASGITransport(app=_fake_label_studio(imports)))
+    async with Bridge(kafka_settings, settings, client) as bridge:
+        await _until(lambda: bridge.imported >= 2)
+    # nothing was skipped by the stop above, and the unreadable record is done too
+    assert sorted(t["data"]["frame_id"] for batch in imports for t in batch) == ["lb0", "lb1"]
+    ends = await end_offsets(kafka_settings, topic)
+    assert sum(ends.values()) == 3
+    assert await committed_offsets(kafka_settings, topic, group_id) == ends
