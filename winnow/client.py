@@ -193,7 +193,10 @@ class FrameProducer:
         self._pending: set[asyncio.Future[RecordMetadata]] = set()
 
     async def start(self) -> None:
-        """Connects to the cluster.
+        """Connects to the cluster; a second call does nothing.
+
+        A producer can be started again after :meth:`stop`, or after a start
+        that failed (a camera retries until the cluster is up).
 
         Raises:
             ConfigError: the connection settings are inconsistent.
@@ -202,7 +205,11 @@ class FrameProducer:
         if self._producer is not None:
             return
         producer = create_producer(self.settings, **self._options)
-        await producer.start()
+        try:
+            await producer.start()
+        except BaseException:
+            await producer.stop()  # a half-started client still holds its connections
+            raise
         self._producer = producer
 
     async def stop(self) -> None:

@@ -1,12 +1,16 @@
 """FrameProducer and SyncFrameProducer against the real broker."""
 
 import asyncio
+import gc
 import io
+import socket
 import threading
+import warnings
 from datetime import UTC, datetime
 
 import numpy as np
 import pytest
+from aiokafka.errors import KafkaConnectionError
 from PIL import Image
 
 from infra.kafka.settings import KafkaSettings
@@ -127,3 +131,30 @@ async def test_sync_frame_producer_works_without_an_event_loop(
 def test_sync_frame_producer_must_be_started() -> None:
     with pytest.raises(RuntimeError, match="not started"):
         SyncFrameProducer(bootstrap="127.0.0.1:1").send(b"\xff\xd8\xff")
+
+
+async def test_a_frame_producer_can_start_again_after_a_failed_start_and_after_stop(
+    kafka_settings: KafkaSettings, winnow_topics: TopicNames
+) -> None:
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    unreachable = FrameProducer(bootstrap=f"127.0.0.1:{port}")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        for _ in range(2):  # each try really tries: a failed start is not "started"
+            with pytest.raises(KafkaConnectionError):
+                await unreachable.start()
+        gc.collect()
+    assert not [w for w in caught if "Unclosed AIOKafkaProducer" in str(w.message)]
+    with pytest.raises(RuntimeError, match="not started"):
+        await unreachable.send(b"\xff\xd8\xff")
+
+    producer = FrameProducer(kafka=kafka_settings, source_id="again")
+    png = _png(np.zeros((8, 8), np.uint8))
+    async with producer:
+        first = await producer.send(png)
+    async with producer:  # a stopped producer connects again
+        second = await producer.send(png)
+    records = await read_records(kafka_settings, winnow_topics.frames, 2)
+    assert [FrameHeaders.from_kafka(r.headers).frame_id for r in records] == [first, second]
