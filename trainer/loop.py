@@ -423,14 +423,19 @@ class Trainer:
                 "to at least two class names to create the first model"
             )
         seed_everything(settings.seed)
+        arch = settings.first_arch
         model = build_model(
-            settings.arch, len(settings.classes), settings.channels, weights=settings.init_weights
+            arch,
+            len(settings.classes),
+            settings.channels,
+            weights=settings.init_weights,
+            pretrained=settings.first_pretrained,
         )
-        mean, std = default_normalization(settings.channels)
+        mean, std = default_normalization(settings.channels, arch)
         spec = ModelSpec(
             name=settings.model_name,
             version=f"0000-init-{secrets.token_hex(3)}",
-            arch=settings.arch,
+            arch=arch,
             classes=list(settings.classes),
             input_size=(settings.input_size, settings.input_size),
             channels=settings.channels,

@@ -1,8 +1,11 @@
 """Creates the first model version: build, seed, export, verify.
 
-Normalization defaults: ImageNet's mean and std for RGB (what torchvision
-checkpoints expect, so a local ImageNet checkpoint works unchanged), and
-0.5 / 0.5 for grayscale, which maps pixel values to [-1, 1].
+Normalization defaults: what the architecture's pretrained weights expect
+where ``trainer.architectures.INPUT_NORMALIZATION`` says (EfficientNet-Lite0:
+``(x - 127) / 128`` on every channel, grayscale included, since the network
+repeats a gray channel to three); otherwise ImageNet's mean and std for RGB
+(what torchvision checkpoints expect, so a local ImageNet checkpoint works
+unchanged), and 0.5 / 0.5 for grayscale, which maps pixel values to [-1, 1].
 """
 
 import hashlib
@@ -14,7 +17,7 @@ import numpy as np
 import torch
 
 from schemas.model_spec import ModelSpec
-from trainer.architectures import build_model
+from trainer.architectures import INPUT_NORMALIZATION, build_model
 from trainer.errors import ModelBuildError
 from trainer.export import check_parity, export_onnx
 
@@ -24,8 +27,13 @@ GRAY_MEAN = (0.5,)
 GRAY_STD = (0.5,)
 
 
-def default_normalization(channels: int) -> tuple[list[float], list[float]]:
-    """Returns ``(mean, std)`` for a channel count (see the module docstring)."""
+def default_normalization(
+    channels: int, arch: str | None = None
+) -> tuple[list[float], list[float]]:
+    """Returns ``(mean, std)`` for a channel count and architecture (see the module docstring)."""
+    if arch in INPUT_NORMALIZATION:
+        mean, std = INPUT_NORMALIZATION[arch]
+        return [mean] * channels, [std] * channels
     if channels == 3:
         return list(IMAGENET_MEAN), list(IMAGENET_STD)
     return list(GRAY_MEAN), list(GRAY_STD)
@@ -48,6 +56,7 @@ def init_model(
     seed: int = 0,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
+    pretrained: bool = False,
 ) -> ModelSpec:
     """Builds a fresh model, exports it to ``out`` and checks ONNX parity.
 
@@ -62,9 +71,11 @@ def init_model(
         out: the ``.onnx`` file to write.
         channels: 1 (grayscale) or 3 (RGB).
         weights: an optional local checkpoint for the backbone.
-        seed: seeds the random initialization.
-        mean: per-channel mean; the default depends on ``channels``.
-        std: per-channel std; the default depends on ``channels``.
+        seed: seeds the random initialization (of the head, when pretrained).
+        mean: per-channel mean; the default depends on ``channels`` and ``arch``.
+        std: per-channel std; the default depends on ``channels`` and ``arch``.
+        pretrained: load the ImageNet weights packaged for ``arch`` into the
+            backbone (``efficientnet_lite0``); not together with ``weights``.
 
     Returns:
         The spec written into the file's metadata.
@@ -78,9 +89,9 @@ def init_model(
         raise ModelBuildError(f"input size must be at least 8x8 pixels, got {input_size}")
     if channels not in (1, 3):
         raise ModelBuildError(f"channels must be 1 or 3, got {channels}")
-    default_mean, default_std = default_normalization(channels)
+    default_mean, default_std = default_normalization(channels, arch)
     seed_everything(seed)
-    model = build_model(arch, len(classes), channels, weights)
+    model = build_model(arch, len(classes), channels, weights, pretrained=pretrained)
     spec_fields = {
         "arch": arch,
         "classes": list(classes),

@@ -106,6 +106,8 @@ def _label_studio_bridge(args: argparse.Namespace) -> int:
 
 
 def _model_init(args: argparse.Namespace) -> int:
+    from trainer.arch_defaults import default_arch, default_pretrained
+    from trainer.errors import ModelBuildError
     from trainer.model_init import init_model
 
     classes = [c.strip() for c in args.classes.split(",") if c.strip()]
@@ -114,17 +116,30 @@ def _model_init(args: argparse.Namespace) -> int:
             "winnow model init: --classes needs at least two names, e.g. cat,dog", file=sys.stderr
         )
         return 2
-    spec = init_model(
-        classes=classes,
-        input_size=args.input_size,
-        arch=args.arch,
-        out=args.out,
-        channels=args.channels,
-        weights=args.weights,
-        seed=args.seed,
-    )
+    arch = args.arch or default_arch(args.input_size)
+    pretrained = args.pretrained
+    if pretrained is None:
+        pretrained = default_pretrained(arch, has_weights=args.weights is not None)
+    if pretrained and args.weights is not None:
+        print("winnow model init: give --pretrained or --weights, not both", file=sys.stderr)
+        return 2
+    try:
+        spec = init_model(
+            classes=classes,
+            input_size=args.input_size,
+            arch=arch,
+            out=args.out,
+            channels=args.channels,
+            weights=args.weights,
+            seed=args.seed,
+            pretrained=pretrained,
+        )
+    except ModelBuildError as error:
+        print(f"winnow model init: {error}", file=sys.stderr)
+        return 2
+    origin = "ImageNet-pretrained" if pretrained else "local weights" if args.weights else "random"
     print(
-        f"wrote {args.out}: {spec.arch}, {len(spec.classes)} classes, input "
+        f"wrote {args.out}: {spec.arch} ({origin}), {len(spec.classes)} classes, input "
         f"{spec.channels}x{spec.input_size[0]}x{spec.input_size[1]}, version {spec.version}"
     )
     return 0
@@ -134,7 +149,9 @@ def _train(args: argparse.Namespace) -> int:
     from trainer.config import TrainerSettings
     from trainer.main import run_trainer
 
-    overrides = _given(args, "arch", "input_size", "channels", "data_dir", "device", "metrics_port")
+    overrides = _given(
+        args, "arch", "pretrained", "input_size", "channels", "data_dir", "device", "metrics_port"
+    )
     if args.classes:
         overrides["classes"] = [c.strip() for c in args.classes.split(",") if c.strip()]
     return run_trainer(TrainerSettings(**overrides))
@@ -180,7 +197,17 @@ def _bench_drift(args: argparse.Namespace) -> int:
     return run_drift_bench_command(args)
 
 
-_ARCHS = ("small-cnn", "resnet18", "mobilenet_v3_small", "mobilenet_v3_large")
+_ARCHS = (
+    "small-cnn",
+    "resnet18",
+    "mobilenet_v3_small",
+    "mobilenet_v3_large",
+    "efficientnet_lite0",
+)
+_ARCH_DEFAULT = (
+    "default: efficientnet_lite0 (ImageNet-pretrained) for an input size of 64 and up, "
+    "small-cnn below"
+)
 
 
 def _command(
@@ -228,12 +255,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = model.add_parser("init", help="write an initial ONNX model with winnow metadata")
     p.add_argument("--classes", required=True, help="comma-separated class names")
     p.add_argument("--input-size", type=int, default=224, help="input height and width")
-    p.add_argument(
-        "--arch",
-        default="resnet18",
-        choices=list(_ARCHS),
-    )
+    p.add_argument("--arch", choices=list(_ARCHS), help=_ARCH_DEFAULT)
     p.add_argument("--channels", type=int, choices=[1, 3], default=3)
+    p.add_argument(
+        "--pretrained",
+        action=argparse.BooleanOptionalAction,
+        help="load the packaged ImageNet weights (efficientnet_lite0 only; its default)",
+    )
     p.add_argument("--weights", type=Path, help="a local torchvision checkpoint (pretrained)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True)
@@ -241,7 +269,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="fine-tune on labels and publish model releases")
     p.add_argument("--classes", help="comma-separated class names (first start only)")
-    p.add_argument("--arch", choices=list(_ARCHS), help="architecture of the first model")
+    p.add_argument(
+        "--arch", choices=list(_ARCHS), help=f"architecture of the first model ({_ARCH_DEFAULT})"
+    )
+    p.add_argument(
+        "--pretrained",
+        action=argparse.BooleanOptionalAction,
+        help="first model from the packaged ImageNet weights (default for efficientnet_lite0)",
+    )
     p.add_argument("--input-size", type=int, help="input height and width of the first model")
     p.add_argument("--channels", type=int, choices=[1, 3])
     p.add_argument("--data-dir", type=Path, help="sample store and checkpoints")

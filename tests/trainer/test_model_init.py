@@ -27,6 +27,7 @@ CASES = [
     ("small-cnn", 1, 8, [str(d) for d in range(10)]),
     ("resnet18", 3, 64, ["normal", "pneumonia", "other"]),
     ("mobilenet_v3_small", 3, 64, ["cat", "dog"]),
+    ("efficientnet_lite0", 1, 64, ["normal", "polyp"]),
 ]
 
 
@@ -145,3 +146,40 @@ def test_bad_arguments_are_refused(tmp_path: Path) -> None:
         init_model(["a", "b"], 8, "vgg99", tmp_path / "m.onnx")
     with pytest.raises(ModelBuildError, match="at least 8x8"):
         init_model(["a", "b"], 4, "small-cnn", tmp_path / "m.onnx")
+
+
+def _spec_of(path: Path) -> ModelSpec:
+    metadata = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    return ModelSpec.from_onnx_metadata(metadata)
+
+
+def test_cli_default_is_pretrained_efficientnet_for_camera_sized_input(tmp_path: Path) -> None:
+    from winnow import cli
+
+    argv = ["model", "init", "--classes", "normal,polyp", "--channels", "1"]
+    assert cli.main([*argv, "--input-size", "64", "--out", str(tmp_path / "big.onnx")]) == 0
+    assert cli.main([*argv, "--input-size", "32", "--out", str(tmp_path / "small.onnx")]) == 0
+    big, small = _spec_of(tmp_path / "big.onnx"), _spec_of(tmp_path / "small.onnx")
+    assert (big.arch, big.mean, big.std) == ("efficientnet_lite0", [127 / 255], [128 / 255])
+    assert (small.arch, small.mean) == ("small-cnn", [0.5])
+    # The embedding does not depend on the head: it is the ImageNet backbone's.
+    x = np.random.default_rng(0).normal(size=(2, 1, 64, 64)).astype(np.float32)
+    _, embedding = _session(tmp_path / "big.onnx").run(None, {INPUT_NAME: x})
+    with torch.no_grad():
+        _, want = build_model("efficientnet_lite0", 2, 1, pretrained=True).eval()(
+            torch.from_numpy(x)
+        )
+    np.testing.assert_allclose(embedding, want.numpy(), atol=1e-4)
+
+
+def test_cli_refuses_pretrained_where_it_cannot_be(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from winnow import cli
+
+    argv = ["model", "init", "--classes", "a,b", "--out", str(tmp_path / "m.onnx")]
+    assert cli.main([*argv, "--arch", "resnet18", "--pretrained"]) == 2
+    assert "no packaged pretrained weights for resnet18" in capsys.readouterr().err
+    assert cli.main([*argv, "--pretrained", "--weights", str(tmp_path / "w.pth")]) == 2
+    assert "not both" in capsys.readouterr().err
+    assert not (tmp_path / "m.onnx").exists()
