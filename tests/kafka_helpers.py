@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterable
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
+from infra.kafka.admin import topic_partitions
 from infra.kafka.connection import client_kwargs
 from infra.kafka.settings import KafkaSettings
 
@@ -45,29 +46,23 @@ async def read_json(
 
 
 async def committed_offsets(settings: KafkaSettings, topic: str, group: str) -> dict[int, int]:
-    from aiokafka import TopicPartition
-
+    """The group's committed offset of each partition of ``topic`` (0 where none)."""
+    partitions = await topic_partitions(settings, topic)
     consumer = AIOKafkaConsumer(group_id=group, enable_auto_commit=False, **client_kwargs(settings))
     await consumer.start()
     try:
-        partitions = consumer.partitions_for_topic(topic) or set()
-        if not partitions:
-            await consumer._client.force_metadata_update()
-            partitions = consumer.partitions_for_topic(topic) or set()
-        return {p: (await consumer.committed(TopicPartition(topic, p))) or 0 for p in partitions}
+        return {tp.partition: (await consumer.committed(tp)) or 0 for tp in partitions}
     finally:
         await consumer.stop()
 
 
 async def end_offsets(settings: KafkaSettings, topic: str) -> dict[int, int]:
-    from aiokafka import TopicPartition
-
+    """The end offset (next offset to be written) of each partition of ``topic``."""
+    partitions = await topic_partitions(settings, topic)
     consumer = AIOKafkaConsumer(group_id=None, **client_kwargs(settings))
     await consumer.start()
     try:
-        await consumer._client.force_metadata_update()
-        partitions = consumer.partitions_for_topic(topic) or set()
-        ends = await consumer.end_offsets([TopicPartition(topic, p) for p in partitions])
+        ends = await consumer.end_offsets(partitions) if partitions else {}
         return {tp.partition: offset for tp, offset in ends.items()}
     finally:
         await consumer.stop()
