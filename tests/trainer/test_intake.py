@@ -11,7 +11,7 @@ from infra.kafka.settings import KafkaSettings
 from schemas.dead_letter import DeadLetter
 from schemas.topics import TopicNames
 from tests.kafka_helpers import committed_offsets, produce, read_json
-from tests.trainer.helpers import make_request
+from tests.trainer.helpers import eventually, make_request
 from trainer.config import TrainerSettings
 from trainer.intake import Intake
 from trainer.store import SampleStore
@@ -34,14 +34,6 @@ def label_record(frame_id: str, label: str | None, annotator: str | None = None)
     if annotator:
         value["annotator"] = annotator
     return frame_id.encode(), json.dumps(value).encode(), []
-
-
-async def eventually(check: Callable[[], bool], within_s: float = 30) -> None:
-    deadline = asyncio.get_running_loop().time() + within_s
-    while not check():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"not true within {within_s}s")
-        await asyncio.sleep(0.1)
 
 
 async def send(settings: KafkaSettings, topic: str, *records: tuple) -> None:
