@@ -26,21 +26,32 @@ import json
 import sqlite3
 import threading
 import time
-from collections import Counter
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from enum import StrEnum
-from itertools import groupby
-from operator import itemgetter
 from pathlib import Path
-from typing import Literal
 
 from schemas.frames import FrameOrigin
 from schemas.label_requests import LabelRequest
 from schemas.labels import Label
+from trainer.label_merge import ANSWERS, MergePolicy, merged
+from trainer.store_records import (
+    LabelOutcome,
+    Outcome,
+    StoreCounts,
+    StoredLabel,
+    TrainItem,
+    stored_label,
+)
 
-MergePolicy = Literal["last", "majority"]
+__all__ = [
+    "LabelOutcome",
+    "MergePolicy",
+    "Outcome",
+    "SampleStore",
+    "StoreCounts",
+    "StoredLabel",
+    "TrainItem",
+]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS requests (
@@ -85,73 +96,8 @@ CREATE INDEX IF NOT EXISTS frames_untrained ON frames (seq) WHERE untrained = 1;
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
-_ANSWERS = """
-SELECT l.frame_id, l.seq, l.label, l.status, r.classes, t.label
-FROM labels l JOIN requests r USING (frame_id) LEFT JOIN trained t USING (frame_id)
-"""
-
 _UNRELEASED = ""
 """The ``trained.version`` of frames a refused candidate trained on, until a release."""
-
-
-class LabelOutcome(StrEnum):
-    """What :meth:`SampleStore.add_label` did with a label."""
-
-    NEW = "new"
-    UPDATED = "updated"
-    DUPLICATE = "duplicate"
-    UNKNOWN_CLASS = "unknown_class"
-    """Not stored: the frame's request does not list the label's class."""
-
-
-@dataclass(frozen=True, slots=True)
-class TrainItem:
-    """One frame ready to train on (its image: :meth:`SampleStore.images`).
-
-    Attributes:
-        frame_id: the frame.
-        label: its resolved label.
-        seq: its latest answer's received order.
-        untrained: no model was trained on it with this label yet.
-    """
-
-    frame_id: str
-    label: str
-    seq: int
-    untrained: bool
-
-
-@dataclass(frozen=True, slots=True)
-class StoreCounts:
-    """Sizes of the store, for metrics and logs."""
-
-    requests: int
-    labels: int
-    labeled_frames: int
-    unlabelable_answers: int
-    pending_labels: int
-    trained: int
-
-
-@dataclass(frozen=True, slots=True)
-class StoredLabel:
-    """A label as stored, with the Kafka record it came from (for dead letters)."""
-
-    seq: int
-    label: Label
-    origin: FrameOrigin | None
-    key: bytes | None
-    received_at: float
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """How the model did on one answered frame, for stop rules."""
-
-    frame_id: str
-    predicted: str
-    resolved: str | None
-    unlabelable: bool
 
 
 class SampleStore:
@@ -377,6 +323,22 @@ class SampleStore:
         rows = self._read("SELECT frame_id FROM trained WHERE version = ?", _UNRELEASED)
         return [frame_id for (frame_id,) in rows]
 
+    def pending(self) -> list[TrainItem]:
+        """Frames with a label no released model learned from, in received order.
+
+        The untrained frames, and those only a refused candidate trained on:
+        what the serving full release has not learned (before the holdout and a
+        head-only release's labels are taken out). Costs those frames alone.
+        """
+        rows = self._read(
+            "SELECT frame_id, resolved, seq, untrained FROM frames WHERE untrained = 1"
+            " UNION ALL SELECT f.frame_id, f.resolved, f.seq, f.untrained FROM trained t"
+            " JOIN frames f USING (frame_id) WHERE t.version = ? AND f.untrained = 0"
+            " AND f.resolved IS NOT NULL ORDER BY 3",
+            _UNRELEASED,
+        )
+        return [TrainItem(f, label, seq, bool(untrained)) for f, label, seq, untrained in rows]
+
     def counts(self) -> StoreCounts:
         """Sizes of the store."""
         row = self._read(
@@ -409,7 +371,7 @@ class SampleStore:
             " received_at FROM labels WHERE frame_id = ? ORDER BY seq",
             frame_id,
         )
-        return [_stored_label(row) for row in rows]
+        return [stored_label(row) for row in rows]
 
     def labels_outside_classes(self, frame_id: str) -> list[StoredLabel]:
         """Stored ``labeled`` answers whose class the frame's request does not list.
@@ -444,8 +406,8 @@ class SampleStore:
     def _refresh(self, db: sqlite3.Connection, frame_id: str) -> None:
         """Merges one frame's answers again, inside the caller's write."""
         was = db.execute("SELECT untrained FROM frames WHERE frame_id = ?", (frame_id,)).fetchone()
-        answers = db.execute(_ANSWERS + " WHERE l.frame_id = ? ORDER BY l.seq", (frame_id,))
-        row = next(_merged(answers, self.label_merge), None)
+        answers = db.execute(ANSWERS + " WHERE l.frame_id = ? ORDER BY l.seq", (frame_id,))
+        row = next(merged(answers, self.label_merge), None)
         db.execute("DELETE FROM frames WHERE frame_id = ?", (frame_id,))
         if row is not None:
             db.execute("INSERT INTO frames VALUES (?, ?, ?, ?, ?)", row)
@@ -454,8 +416,8 @@ class SampleStore:
 
     def _rebuild(self, db: sqlite3.Connection) -> None:
         """Merges every frame again: on the first open, or under another merge policy."""
-        answers = db.execute(_ANSWERS + " ORDER BY l.frame_id, l.seq")
-        rows = list(_merged(answers, self.label_merge))
+        answers = db.execute(ANSWERS + " ORDER BY l.frame_id, l.seq")
+        rows = list(merged(answers, self.label_merge))
         db.execute("DELETE FROM frames")
         db.executemany("INSERT INTO frames VALUES (?, ?, ?, ?, ?)", rows)
         db.execute("INSERT OR REPLACE INTO meta VALUES ('label_merge', ?)", (self.label_merge,))
@@ -464,45 +426,3 @@ class SampleStore:
     def _resolved(db: sqlite3.Connection, frame_id: str) -> str | None:
         row = db.execute("SELECT resolved FROM frames WHERE frame_id = ?", (frame_id,)).fetchone()
         return row[0] if row else None
-
-
-def _merged(answers: Iterable[tuple], policy: MergePolicy) -> Iterator[tuple]:
-    """``frames`` rows from :data:`_ANSWERS` rows sorted by frame id and seq."""
-    for frame_id, group in groupby(answers, key=itemgetter(0)):
-        rows = list(group)
-        classes = set(json.loads(rows[0][4]))
-        answered = [(seq, label, status) for _, seq, label, status, *_ in rows]
-        counted = [a for a in answered if a[2] == "unlabelable" or a[1] in classes]
-        resolved = _merge(counted, policy)
-        trained = rows[0][5]
-        last_seq, _, last_status = answered[-1]
-        untrained = resolved is not None and resolved != trained
-        yield frame_id, resolved, last_seq, last_status == "unlabelable", untrained
-
-
-def _merge(answers: list[tuple[int, str | None, str]], policy: MergePolicy) -> str | None:
-    """One label from ``(seq, label, status)`` answers sorted by seq; None if unlabelable."""
-    if not answers:
-        return None
-    if policy == "last":
-        return answers[-1][1] if answers[-1][2] == "labeled" else None
-    votes = Counter(label if status == "labeled" else None for _, label, status in answers)
-    latest = {label if status == "labeled" else None: seq for seq, label, status in answers}
-    return max(votes, key=lambda choice: (votes[choice], latest[choice]))
-
-
-def _stored_label(row: tuple) -> StoredLabel:
-    seq, frame_id, annotator, label, status, labeled_at, origin, key, received_at = row
-    return StoredLabel(
-        seq=seq,
-        label=Label(
-            frame_id=frame_id,
-            label=label,
-            status=status,
-            annotator=annotator or None,
-            labeled_at=labeled_at,
-        ),
-        origin=FrameOrigin.model_validate_json(origin) if origin else None,
-        key=key,
-        received_at=received_at,
-    )
