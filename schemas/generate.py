@@ -18,7 +18,7 @@ from schemas.ingest import IngestErrorResponse, IngestReceipt
 from schemas.label_requests import LabelRequest
 from schemas.labels import Label
 from schemas.model_spec import ModelSpec
-from schemas.models import ModelChunk, ModelManifest
+from schemas.models import HeadArtifact, ModelChunk, ModelManifest
 from schemas.predictions import Prediction
 
 JSON_DIR = Path(__file__).parent / "json"
@@ -30,6 +30,7 @@ SCHEMAS: dict[str, type[BaseModel]] = {
     "label": Label,
     "model-manifest": ModelManifest,
     "model-chunk": ModelChunk,
+    "model-head": HeadArtifact,
     "model-spec": ModelSpec,
     "drift-event": DriftEvent,
     "dead-letter": DeadLetter,

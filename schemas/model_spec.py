@@ -38,6 +38,12 @@ class ModelSpec(BaseModel):
     std: list[float]
     embedding_dim: int = Field(gt=0)
     labels_trained: int = Field(default=0, ge=0, description="labels this version learned from")
+    labels_unlearned: int | None = Field(
+        default=None,
+        ge=0,
+        description="answered labels (the holdout excluded) the trainer held when it published "
+        "this version and this version had not learned from; null when not counted",
+    )
     metrics: dict[str, float] = Field(default_factory=dict)
     reference: DriftReference | None = Field(
         default=None, description="statistics of the training data, for drift detection"
