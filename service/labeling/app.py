@@ -15,7 +15,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypedDict
 from urllib.parse import parse_qs
 
 from aiokafka.errors import KafkaError
@@ -59,24 +59,30 @@ class LeaseRef(BaseModel):
     lease_id: str = Field(max_length=64)
 
 
+class LabelAppState(TypedDict):
+    """The lifespan state of the label app; handlers read it as ``request.state.x``."""
+
+    queue: LabelQueue
+    sessions: Sessions
+    templates: Jinja2Templates
+
+
 def create_label_app(kafka: KafkaSettings, settings: LabelAppSettings) -> FastAPI:
     """Builds the app; its lifespan creates the topics and runs the :class:`LabelQueue`.
 
     Raises:
         ConfigError: no team or user token is configured.
     """
-    sessions = Sessions(settings)
+    sessions = Sessions(settings)  # here, not in the lifespan: a bad config fails at once
+    templates = Jinja2Templates(directory=HERE / "templates")
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(app: FastAPI) -> AsyncIterator[LabelAppState]:
         await ensure_topics(kafka, [kafka.topics.label_requests, kafka.topics.labels])
         async with LabelQueue(kafka, settings) as queue:
-            app.state.queue = queue
-            yield
+            yield {"queue": queue, "sessions": sessions, "templates": templates}
 
     app = FastAPI(title="Winnow labeling", version="0.1.0", lifespan=lifespan)
-    app.state.sessions = sessions
-    app.state.templates = Jinja2Templates(directory=HERE / "templates")
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
 
     @app.middleware("http")
@@ -117,18 +123,28 @@ def lease_json(lease: Lease) -> dict[str, Any]:
 
 
 def _queue(request: Request) -> LabelQueue:
-    queue: LabelQueue | None = getattr(request.app.state, "queue", None)
+    queue: LabelQueue | None = getattr(request.state, "queue", None)
     if queue is None:
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "the label queue is not running")
     return queue
 
 
+def _sessions(request: Request) -> Sessions:
+    sessions: Sessions = request.state.sessions
+    return sessions
+
+
+def _templates(request: Request) -> Jinja2Templates:
+    templates: Jinja2Templates = request.state.templates
+    return templates
+
+
 Queue = Annotated[LabelQueue, Depends(_queue)]
+SessionsDep = Annotated[Sessions, Depends(_sessions)]
+Templates = Annotated[Jinja2Templates, Depends(_templates)]
 
 
 def _pages(app: FastAPI) -> None:
-    templates: Jinja2Templates = app.state.templates
-
     @app.get("/healthz", tags=["ops"])
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
@@ -138,38 +154,38 @@ def _pages(app: FastAPI) -> None:
         return Response(generate_latest(queue.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/login", response_class=HTMLResponse, include_in_schema=False)
-    async def login_page(request: Request, error: str | None = None) -> Response:
+    async def login_page(
+        request: Request, templates: Templates, error: str | None = None
+    ) -> Response:
         return templates.TemplateResponse(request, "login.html", {"error": error})
 
     @app.post("/login", include_in_schema=False)
-    async def login(request: Request) -> Response:
+    async def login(request: Request, sessions: SessionsDep, templates: Templates) -> Response:
         if not same_origin(request):
             raise HTTPException(status.HTTP_403_FORBIDDEN, "cross-site sign-in refused")
         form = parse_qs((await request.body()).decode("utf-8", "replace"))
-        name = request.app.state.sessions.sign_in(
-            form.get("name", [""])[0], form.get("token", [""])[0]
-        )
+        name = sessions.sign_in(form.get("name", [""])[0], form.get("token", [""])[0])
         if name is None:
             page = templates.TemplateResponse(
                 request, "login.html", {"error": "Wrong name or token."}, status_code=401
             )
             return page
         response = RedirectResponse("/", status_code=status.HTTP_303_SEE_OTHER)
-        request.app.state.sessions.set_cookie(response, name)
+        sessions.set_cookie(response, name)
         log.info("labeler %s signed in", name)
         return response
 
     @app.post("/logout", include_in_schema=False)
-    async def logout(request: Request) -> Response:
+    async def logout(request: Request, sessions: SessionsDep) -> Response:
         if not same_origin(request):
             raise HTTPException(status.HTTP_403_FORBIDDEN, "cross-site sign-out refused")
         response = RedirectResponse("/login", status_code=status.HTTP_303_SEE_OTHER)
-        request.app.state.sessions.clear_cookie(response)
+        sessions.clear_cookie(response)
         return response
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    async def label_page(request: Request) -> Response:
-        name = request.app.state.sessions.user(request)
+    async def label_page(request: Request, sessions: SessionsDep, templates: Templates) -> Response:
+        name = sessions.user(request)
         if name is None:
             return RedirectResponse("/login", status_code=status.HTTP_303_SEE_OTHER)
         queue = _queue(request)

@@ -110,7 +110,7 @@ def check_api_post(request: Request) -> None:
 
 def labeler(request: Request) -> str:
     """FastAPI dependency: the signed-in labeler (401 otherwise); POSTs are CSRF-checked."""
-    sessions: Sessions = request.app.state.sessions
+    sessions: Sessions = request.state.sessions  # the label app's lifespan state
     name = sessions.user(request)
     if name is None:
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, "sign in first")

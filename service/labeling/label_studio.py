@@ -40,7 +40,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypedDict
 
 import httpx
 from aiokafka import (
@@ -375,6 +375,12 @@ class _Revoke(ConsumerRebalanceListener):
         )
 
 
+class BridgeState(TypedDict):
+    """The lifespan state of the bridge's app (``request.state.bridge``)."""
+
+    bridge: Bridge
+
+
 def create_bridge_app(
     kafka: KafkaSettings,
     settings: LabelStudioSettings,
@@ -386,17 +392,16 @@ def create_bridge_app(
     client = LabelStudioClient(settings, transport)
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(app: FastAPI) -> AsyncIterator[BridgeState]:
         await ensure_topics(kafka, [kafka.topics.label_requests, kafka.topics.labels])
         async with Bridge(kafka, settings, client) as bridge:
-            app.state.bridge = bridge
-            yield
+            yield {"bridge": bridge}
 
     app = FastAPI(title="Winnow Label Studio bridge", version="0.1.0", lifespan=lifespan)
 
     @app.get("/healthz")
-    async def healthz() -> dict[str, Any]:
-        bridge: Bridge | None = getattr(app.state, "bridge", None)
+    async def healthz(request: Request) -> dict[str, Any]:
+        bridge: Bridge | None = getattr(request.state, "bridge", None)
         return {"status": "ok", "imported": bridge.imported if bridge else 0}
 
     @app.post("/webhook")
@@ -412,7 +417,8 @@ def create_bridge_app(
         if not isinstance(payload, dict):
             raise HTTPException(status.HTTP_400_BAD_REQUEST, "not a JSON object")
         try:
-            label = await app.state.bridge.publish(payload)
+            bridge: Bridge = request.state.bridge
+            label = await bridge.publish(payload)
         except (WebhookError, ValidationError) as error:
             raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(error)) from error
         return {"published": label.model_dump(mode="json") if label else None}

@@ -181,6 +181,7 @@ async def test_bridge_imports_requests_and_publishes_webhook_labels_once(
             "ls1",
             "ls2",
         ]
+        assert client.get("/healthz").json() == {"status": "ok", "imported": 3}
         hook = {"Authorization": "Token hook-secret"}
         created = _webhook("ANNOTATION_CREATED", "ls1", "5", annotation_id=40)
         assert client.post("/webhook", json=created).status_code == 401
