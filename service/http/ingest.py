@@ -14,13 +14,14 @@ frame (``acks=all``; a transient broker error resends them, see
 (``schemas.ingest``): 401/403 (token), 413 (body or image too large, checked
 while the body streams in), 415 (not JPEG/PNG), 422 (a broken image, with the
 decoder's reason), 429 (rate limit, with ``Retry-After``), 503 (Kafka did not
-acknowledge). Each is raised as a typed :class:`IngestRefused` that carries its
-status, and the router's route class turns it into the answer.
+acknowledge). Each is raised as a typed refusal that carries its status
+(``service.http.ingest_errors``), and the router's route class turns it into the
+answer.
 
 Writes need a bearer token: one of ``WINNOW_INGEST_TOKENS`` (comma-separated)
 or ``WINNOW_ADMIN_TOKEN``; with neither configured, ingest is refused (403).
-Each token has a token bucket of ``WINNOW_INGEST_RATE`` frames per second and
-``WINNOW_INGEST_BURST`` frames.
+Each token has a token bucket (``service.http.rate_limit``) of
+``WINNOW_INGEST_RATE`` frames per second and ``WINNOW_INGEST_BURST`` frames.
 
 The router carries its own lifespan (the producer), which FastAPI merges into
 the app's, so ``create_app`` only has to include it.
@@ -29,38 +30,42 @@ the app's, so ``create_app`` only has to include it.
 import asyncio
 import hmac
 import logging
-import math
-import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Annotated, Any, ClassVar
+from typing import Annotated
 
 from aiokafka.errors import KafkaError
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Response, status
-from fastapi.routing import APIRoute
+from fastapi import APIRouter, Depends, FastAPI, Query, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException
 from starlette.types import Message
 
-from infra.errors import WinnowError
 from infra.kafka.delivery import Delivery, OutRecord
 from infra.kafka.producer import MAX_REQUEST_BYTES, create_producer
-from schemas.dead_letter import DeadLetterReason
 from schemas.frames import FrameHeaders, parse_timestamp
-from schemas.ingest import (
-    IngestedFrame,
-    IngestErrorCode,
-    IngestErrorDetail,
-    IngestErrorResponse,
-    IngestReceipt,
-)
+from schemas.ingest import IngestedFrame, IngestReceipt
 from schemas.media import ALIASES, sniff
 from service.config import Settings
 from service.errors import PoisonRecord
+from service.http.ingest_errors import (
+    ERROR_RESPONSES,
+    BadRequest,
+    Forbidden,
+    IngestRefused,
+    IngestRoute,
+    RateLimited,
+    TooLarge,
+    Unauthorized,
+    Unavailable,
+    Unprocessable,
+    UnsupportedMedia,
+    decoder_refusal,
+)
+from service.http.rate_limit import TokenBuckets
 from service.pipeline.decode import DecodeLimits, decode_image
 
 log = logging.getLogger(__name__)
@@ -71,152 +76,11 @@ _RECORD_OVERHEAD = 64 * 1024
 """Room left in a produce request for key, headers and batch framing."""
 
 
-# -- refusals ------------------------------------------------------------------------------
-
-
-class IngestRefused(WinnowError):
-    """A request that ingest refuses; the class says which HTTP status answers it.
-
-    Args:
-        error: the machine-readable code of the answer.
-        message: the human-readable explanation.
-        retry_after_s: when to try again (``Retry-After``), if worth saying.
-        **about: ``filename=...`` for an error about one image (None: the raw body).
-    """
-
-    status_code: ClassVar[int] = status.HTTP_422_UNPROCESSABLE_CONTENT
-
-    def __init__(
-        self,
-        error: IngestErrorCode,
-        message: str,
-        *,
-        retry_after_s: float | None = None,
-        **about: str | None,
-    ) -> None:
-        super().__init__(message)
-        self.detail = IngestErrorDetail(error=error, message=message, **about)
-        self.retry_after_s = retry_after_s
-
-    def headers(self) -> dict[str, str] | None:
-        """The answer's headers (``Retry-After``; ``WWW-Authenticate`` for 401)."""
-        if self.retry_after_s is None:
-            return None
-        return {"Retry-After": str(max(1, math.ceil(self.retry_after_s)))}
-
-    def to_http(self) -> HTTPException:
-        """The answer: this status, ``{"detail": {"error", "message"[, "filename"]}}``."""
-        detail = self.detail.model_dump(mode="json", exclude_unset=True)
-        return HTTPException(self.status_code, detail, headers=self.headers())
-
-
-class BadRequest(IngestRefused):
-    status_code = status.HTTP_400_BAD_REQUEST
-
-
-class Unauthorized(IngestRefused):
-    status_code = status.HTTP_401_UNAUTHORIZED
-
-    def headers(self) -> dict[str, str]:
-        return {"WWW-Authenticate": "Bearer"}
-
-
-class Forbidden(IngestRefused):
-    status_code = status.HTTP_403_FORBIDDEN
-
-
-class TooLarge(IngestRefused):
-    status_code = status.HTTP_413_CONTENT_TOO_LARGE
-
-
-class UnsupportedMedia(IngestRefused):
-    status_code = status.HTTP_415_UNSUPPORTED_MEDIA_TYPE
-
-
-class Unprocessable(IngestRefused):
-    status_code = status.HTTP_422_UNPROCESSABLE_CONTENT
-
-
-class RateLimited(IngestRefused):
-    status_code = status.HTTP_429_TOO_MANY_REQUESTS
-    retriable = True
-
-
-class Unavailable(IngestRefused):
-    status_code = status.HTTP_503_SERVICE_UNAVAILABLE
-    retriable = True
-
-
-_REFUSAL_OF_REASON: dict[DeadLetterReason, type[IngestRefused]] = {
-    "unsupported_type": UnsupportedMedia,
-    "too_large": TooLarge,
-}
-"""How a decoder refusal is answered; any other reason is a broken image (422)."""
-
-
-class _IngestRoute(APIRoute):
-    """Answers an :class:`IngestRefused` raised by a handler or a dependency."""
-
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        handler = super().get_route_handler()
-
-        async def answer(request: Request) -> Response:
-            try:
-                return await handler(request)
-            except IngestRefused as refusal:
-                raise refusal.to_http() from refusal
-
-        return answer
-
-
-_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    code: {"model": IngestErrorResponse} for code in (400, 401, 403, 413, 415, 422, 429, 503)
-}
-
-
 @dataclass
 class _Frame:
     data: bytes
     content_type: str
     filename: str | None = None
-
-
-class TokenBuckets:
-    """A token bucket per bearer token: ``rate`` frames per second, up to ``burst`` at once.
-
-    A request is admitted while its bucket holds at least one frame's worth;
-    its frames are then charged in full, which may leave the bucket in debt,
-    so a large multipart request is never refused for its size alone but
-    delays the next ones.
-    """
-
-    def __init__(
-        self, rate: float, burst: float, clock: Callable[[], float] = time.monotonic
-    ) -> None:
-        self.rate = rate
-        self.burst = burst
-        self.clock = clock
-        self._buckets: dict[str, tuple[float, float]] = {}  # token -> (level, at)
-
-    def admit(self, key: str) -> float:
-        """Takes one frame's worth; returns 0, or the seconds to wait before retrying."""
-        if self.rate <= 0:
-            return 0.0
-        level = self._level(key)
-        if level < 1:
-            return (1 - level) / self.rate
-        self._buckets[key] = (level - 1, self.clock())
-        return 0.0
-
-    def charge(self, key: str, frames: int) -> None:
-        """Takes ``frames`` more (after :meth:`admit` took the first)."""
-        if self.rate > 0 and frames > 0:
-            self._buckets[key] = (self._level(key) - frames, self.clock())
-
-    def _level(self, key: str) -> float:
-        now = self.clock()
-        level, at = self._buckets.get(key, (self.burst, now))
-        return min(self.burst, level + (now - at) * self.rate)
 
 
 def create_ingest_router(settings: Settings) -> APIRouter:
@@ -269,13 +133,13 @@ def create_ingest_router(settings: Settings) -> APIRouter:
             )
         return matched[0]
 
-    router = APIRouter(tags=["ingest"], lifespan=lifespan, route_class=_IngestRoute)
+    router = APIRouter(tags=["ingest"], lifespan=lifespan, route_class=IngestRoute)
 
     @router.post(
         "/v1/frames",
         status_code=status.HTTP_201_CREATED,
         response_model=IngestReceipt,
-        responses=_ERROR_RESPONSES,
+        responses=ERROR_RESPONSES,
         openapi_extra={"requestBody": _REQUEST_BODY_DOC},
     )
     async def post_frames(
@@ -425,10 +289,7 @@ def _validate(frame: _Frame, limits: DecodeLimits) -> None:
     try:
         decode_image(frame.data, frame.content_type or None, limits)
     except PoisonRecord as error:
-        refusal = _REFUSAL_OF_REASON.get(error.reason, Unprocessable)
-        if error.reason == "undecodable" and sniff(frame.data) is None:
-            refusal = UnsupportedMedia
-        raise refusal(error.reason, error.detail, filename=frame.filename) from error
+        raise decoder_refusal(error, frame.data, frame.filename) from error
     detected = sniff(frame.data)
     assert detected is not None, "decode_image accepts JPEG and PNG signatures only"
     if frame.content_type and frame.content_type != detected:

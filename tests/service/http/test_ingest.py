@@ -14,7 +14,6 @@ from schemas.frames import FrameHeaders
 from schemas.ingest import IngestErrorResponse, IngestReceipt
 from service.config import IngestSettings, Settings
 from service.http.api import create_app
-from service.http.ingest import RateLimited, TokenBuckets, Unauthorized, UnsupportedMedia
 from service.model.inference import OnnxModel
 from tests.winnow.test_produce import read_records
 
@@ -204,25 +203,3 @@ def test_rate_limit_is_per_token_with_retry_after(client_for) -> None:
 
     assert [post("a") for _ in range(3)] == [201, 201, 429]
     assert post("b") == 201  # another token has its own bucket
-
-
-def test_token_bucket_refills_and_charges_multipart_frames() -> None:
-    now = [0.0]
-    buckets = TokenBuckets(rate=2, burst=4, clock=lambda: now[0])
-    assert buckets.admit("t") == 0
-    buckets.charge("t", 4)  # a 5-frame request: one admitted, four charged: level -1
-    assert buckets.admit("t") == pytest.approx(1.0)  # (1 - (-1)) / 2 frames per second
-    now[0] = 1.0
-    assert buckets.admit("t") == 0
-    assert TokenBuckets(rate=0, burst=1).admit("t") == 0  # 0: no limit
-
-
-def test_refusals_carry_their_status_and_headers() -> None:
-    limited = RateLimited("rate_limited", "slow down", retry_after_s=0.2).to_http()
-    assert (limited.status_code, limited.headers) == (429, {"Retry-After": "1"})
-    assert limited.detail == {"error": "rate_limited", "message": "slow down"}
-    denied = Unauthorized("unauthorized", "who are you").to_http()
-    assert (denied.status_code, denied.headers) == (401, {"WWW-Authenticate": "Bearer"})
-    wrong = UnsupportedMedia("unsupported_type", "a GIF", filename="a.gif").to_http()
-    assert wrong.status_code == 415 and wrong.detail["filename"] == "a.gif"
-    assert RateLimited.retriable and not UnsupportedMedia.retriable
