@@ -37,7 +37,12 @@ class Component:
         if self._started or self._stopped:  # started after a stop, it could never be stopped
             return
         self._started = True
-        await self._start()
+        try:
+            await self._start()
+        except BaseException:
+            # Undo what the failed start acquired: ``async with`` never calls __aexit__ here.
+            await self.stop()
+            raise
 
     async def stop(self) -> None:
         """Stops the component; idempotent, and a no-op if it never started."""

@@ -165,10 +165,14 @@ class Scorer(Component):
     async def _stop(self) -> None:
         """Drains what is in flight, commits it, and disconnects."""
         self._stopping.set()
-        _, pending = await asyncio.wait(self._supervised, timeout=DRAIN_TIMEOUT_S)
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*self._supervised, return_exceptions=True)
+        if self._supervised:
+            # A crashed stage cannot drain the others: stop waiting at the first failure.
+            _, pending = await asyncio.wait(
+                self._supervised, timeout=DRAIN_TIMEOUT_S, return_when=asyncio.FIRST_EXCEPTION
+            )
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*self._supervised, return_exceptions=True)
         try:
             if self._checkpoint is not None:
                 await self._checkpoint.commit()

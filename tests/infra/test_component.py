@@ -144,3 +144,23 @@ async def test_a_cancelled_start_is_not_swallowed_either() -> None:
     with pytest.raises(asyncio.CancelledError):
         await starter
     await component.stop()  # and stop afterwards still works
+
+
+async def test_a_failed_start_releases_what_it_acquired() -> None:
+    released: list[str] = []
+
+    class Failing(Component):
+        async def _start(self) -> None:
+            self.supervise(asyncio.sleep(3600), name="held")
+            raise RuntimeError("the broker said no")
+
+        async def _stop(self) -> None:
+            released.append("stopped")
+
+    component = Failing()
+    with pytest.raises(RuntimeError, match="the broker said no"):
+        async with component:
+            pass  # never reached: __aexit__ is not called when __aenter__ raises
+    assert released == ["stopped"]
+    assert all(task.done() for task in component._supervised)
+    assert not component.running

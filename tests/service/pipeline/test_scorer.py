@@ -1,13 +1,16 @@
 """The scorer end to end on the real broker: predictions, requests, dead letters, commits."""
 
+import asyncio
 import io
 import struct
+import time
 import zlib
 from collections import Counter
 from collections.abc import Collection
 from typing import Any
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from schemas.api import PolicyUpdate
@@ -226,3 +229,33 @@ async def test_a_policy_change_during_inference_is_scored_again(digits_model_pat
     scored = await scorer._score(model, inputs)
     assert asked == [{"entropy"}, {"aift"}] and "aift" in scored.scores
     assert len(policy.decide(scored.scores)) == 3
+
+
+async def test_a_crashed_stage_fails_the_scorer_and_stop_does_not_wait_for_a_drain(
+    scorer_settings, digits_model_path, digit_pngs, winnow_topics
+) -> None:
+    """Catches a stop that waits the whole drain timeout for stages a crash left blocked."""
+    settings = scorer_settings()
+
+    def broken_observer(_batch: object) -> None:
+        raise RuntimeError("observer bug")
+
+    scorer = Scorer(
+        settings, OnnxModel.load(digits_model_path, device="cpu"), on_batch=[broken_observer]
+    )
+    await scorer.start()
+    try:
+        await produce(
+            settings.kafka, winnow_topics.frames, [(b"cam", digit_pngs[0], _headers("x0"))]
+        )
+        with pytest.raises(RuntimeError, match="observer bug"):
+            async with asyncio.timeout(60):
+                await scorer.wait()
+    finally:
+        started = time.monotonic()
+        await scorer.stop()
+    assert time.monotonic() - started < 10
+    committed = await committed_offsets(
+        settings.kafka, winnow_topics.frames, settings.scorer.group_id
+    )
+    assert set(committed.values()) == {0}, "nothing undelivered is committed"
