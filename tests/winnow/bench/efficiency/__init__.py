@@ -1,0 +1,1 @@
+"""Tests of winnow.bench.efficiency (the parts of the label-efficiency bench)."""
