@@ -70,6 +70,73 @@ def load_dataset(name_or_path: str) -> ImageDataset:
     return load_npz_dataset(Path(name_or_path))
 
 
+def with_minority_share(
+    dataset: ImageDataset, share: float, minority: int | None = None, seed: int = 0
+) -> ImageDataset:
+    """The dataset with one class subsampled to ``share`` of the training stream.
+
+    The test split is left as it is: an imbalanced stream is judged on the
+    same test frames, by a measure that weighs the classes alike (balanced
+    accuracy).
+
+    Args:
+        dataset: the source.
+        share: the fraction of the training frames the class keeps, in (0, its share now).
+        minority: the class index; by default the least frequent training class
+            (the lowest index on ties).
+        seed: which of its frames are kept.
+
+    Raises:
+        ValueError: ``share`` is not below the class's share now, or keeps no frame.
+    """
+    counts = np.bincount(dataset.train_labels, minlength=len(dataset.classes))
+    if minority is None:
+        minority = int(np.argmin(counts))
+    if not 0 <= minority < len(dataset.classes):
+        raise ValueError(f"class {minority} is not one of {len(dataset.classes)} classes")
+    rest = int(counts.sum() - counts[minority])
+    now = counts[minority] / counts.sum()
+    if not 0 < share < now:
+        raise ValueError(f"class {minority} is {now:.1%} of the stream; ask for less than that")
+    # k / (k + rest) = share, rounded down so the class is at most ``share`` of the stream
+    keep_count = int(share * rest / (1 - share))
+    if keep_count < 1:
+        raise ValueError(f"a share of {share} keeps no frame of class {minority}")
+    frames = np.flatnonzero(dataset.train_labels == minority)
+    kept = np.random.default_rng(seed).choice(frames, size=keep_count, replace=False)
+    keep = dataset.train_labels != minority
+    keep[kept] = True
+    return ImageDataset(
+        f"{dataset.name}-class{minority}@{share:g}",
+        dataset.train_images[keep],
+        dataset.train_labels[keep],
+        dataset.test_images,
+        dataset.test_labels,
+        dataset.classes,
+    )
+
+
+def video_bursts(images: np.ndarray, burst: int, seed: int = 1234) -> tuple[np.ndarray, np.ndarray]:
+    """Each image as ``burst`` consecutive near-copies, as endoscope or camera video looks.
+
+    Each copy is shifted by up to a pixel each way and gets Gaussian sensor
+    noise (σ = 4 grey levels).
+
+    Returns:
+        The frames (``burst`` per image, in order) and the index of the image
+        each frame comes from.
+    """
+    rng = np.random.default_rng(seed)
+    out = []
+    for image in images:
+        for _ in range(burst):
+            dy, dx = rng.integers(-1, 2, size=2)
+            shifted = np.roll(image, (int(dy), int(dx)), axis=(0, 1))
+            noisy = shifted.astype(np.float32) + rng.normal(0, 4, size=shifted.shape)
+            out.append(np.clip(noisy, 0, 255).astype(np.uint8))
+    return np.stack(out), np.repeat(np.arange(len(images)), burst)
+
+
 def encode_png(image: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="PNG")
