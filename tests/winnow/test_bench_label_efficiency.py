@@ -1,63 +1,126 @@
-"""The label-efficiency benchmark runs end to end on a tiny configuration."""
+"""``winnow bench label-efficiency`` end to end on a tiny configuration, and its refusals."""
 
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from winnow.bench.label_efficiency import STRATEGY_KEYS, main, summarize
+from winnow.bench.label_efficiency import STRATEGY_KEYS, main
 
 
 @pytest.mark.slow
-def test_tiny_bench_writes_every_key(tmp_path: Path) -> None:
+def test_tiny_bench_pairs_seeds_and_writes_every_key(tmp_path: Path) -> None:
     out, png = tmp_path / "le.json", tmp_path / "le.png"
     code = main(
         [
-            "--seeds",
-            "1",
-            "--strategies",
-            "margin,aift+filters,skal-split",
-            "--max-labels",
-            "20",
-            "--round-labels",
-            "10",
-            "--min-steps",
-            "5",
-            "--workers",
-            "1",
-            "--full-steps",
-            "20",
-            "--json",
-            str(out),
-            "--plot",
-            str(png),
+            "--seeds", "2",
+            "--strategies", "margin,skal-split,mine",
+            "--strategy-spec", "mine=variable:least_confidence::coreset",
+            "--imbalance", "0.05", "--minority", "3",
+            "--max-labels", "20",
+            "--round-labels", "10",
+            "--refit-labels", "5",
+            "--min-steps", "5",
+            "--workers", "1",
+            "--full-steps", "20",
+            "--full-seeds", "1",
+            "--resamples", "100",
+            "--json", str(out),
+            "--plot", str(png),
         ]
-    )
+    )  # fmt: skip
     assert code == 0
     result = json.loads(out.read_text())
-    assert {"full_accuracy", "target", "strategies"} <= set(result)
-    assert set(result["strategies"]) == {"random", "margin", "aift+filters", "skal-split"}
-    for entry in result["strategies"].values():
+    assert result["measure"] == "balanced_accuracy"  # class 3 at 5% of ten classes
+    assert result["stream"]["class_shares"][3] <= 0.05
+    assert set(result["targets"]) == {"0.9", "0.95", "0.98"}
+    strategies = result["strategies"]
+    assert list(strategies) == ["random", "margin", "skal-split", "mine"]
+    assert result["config"]["strategies"]["mine"]["selector"] == "coreset"
+    for entry in strategies.values():
         assert set(STRATEGY_KEYS) <= set(entry)
-        assert entry["labels"] == [10, 20]
-        assert all(0.0 <= a <= 1.0 for a in entry["accuracy_mean"])
+        assert entry["labels"][0] == 0 and entry["labels"][-1] == 20
+        assert [s["seed"] for s in entry["seeds"]] == [0, 1]
+        assert all(0.0 <= v <= 1.0 for v in entry["measure_mean"])
+        assert len(entry["seeds"][0]["recall"][-1]) == 10
+    assert strategies["margin"]["vs_peers"]["skal-split"]["20"]["diff"] is not None
+    assert "goals" in strategies["mine"] and "goals" not in strategies["skal-split"]
+    # Pairing: per seed every strategy starts from the same weights and, until the
+    # first model change, samples the same frames at random.
+    refits = result["config"]["run"]["head_refits"]
+    first = 2 if refits else 1  # points: 0 labels, then the first refit or round
+    for seed in (0, 1):
+        heads = {
+            name: entry["seeds"][seed]["measure"][:first] for name, entry in strategies.items()
+        }
+        assert len({tuple(h) for h in heads.values()}) == 1, heads
     assert png.stat().st_size > 0
 
 
-def test_labels_to_target_and_savings() -> None:
-    runs = {
-        "random": [([10, 20, 30, 40], [0.5, 0.7, 0.8, 0.9])] * 2,
-        "good": [
-            ([10, 20, 30, 40], [0.6, 0.9, 0.9, 0.9]),
-            ([10, 20, 30, 40], [0.6, 0.8, 0.9, 0.9]),
-        ],
-        "bad": [([10, 20, 30, 40], [0.1, 0.2, 0.3, 0.4])] * 2,
-    }
-    runs_named = {"random": runs["random"], "margin": runs["good"], "entropy": runs["bad"]}
-    result = summarize(runs_named, full=0.9, target=0.85)
-    assert result["random"]["labels_to_target"] == 40
-    assert result["margin"]["labels_to_target"] == 20  # mean 0.85 at 20 labels
-    assert result["margin"]["savings_vs_random"] == 2.0
-    assert result["entropy"]["labels_to_target"] is None
-    assert result["entropy"]["savings_vs_random"] is None
-    assert result["margin"]["accuracy_std"][1] == pytest.approx(0.05)
+def test_unknown_strategy_is_refused_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["--strategies", "nope", "--json", str(tmp_path / "x.json")])
+    assert code == 2
+    assert "unknown strategies ['nope']" in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_a_spec_the_policy_refuses_is_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["--strategy-spec", "bad=variable:nonsense", "--json", str(tmp_path / "x.json")])
+    assert code == 2
+    assert "strategy bad" in capsys.readouterr().err
+
+
+def test_missing_dataset_is_skipped(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--dataset", "/nonexistent/data.npz"]) == 0
+    assert "not found; skipped" in capsys.readouterr().out
+
+
+def test_pretrained_refuses_aift_before_extracting_features(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["--pretrained", "--strategies", "aift", "--json", str(tmp_path / "x.json")])
+    assert code == 2
+    assert "AIFT needs views through the backbone" in capsys.readouterr().err
+
+
+def _camera_npz(path: Path) -> None:
+    rng = np.random.default_rng(0)
+
+    def split(n: int) -> tuple[np.ndarray, np.ndarray]:
+        labels = np.arange(n) % 2
+        images = rng.integers(0, 60, (n, 48, 64, 3)).astype(np.uint8)
+        images[labels == 1, 12:36, 16:48] += 150  # a bright block marks class 1
+        return images, labels.reshape(-1, 1)
+
+    train, test = split(60), split(20)
+    np.savez(path, train_images=train[0], train_labels=train[1], test_images=test[0],
+             test_labels=test[1])  # fmt: skip
+
+
+@pytest.mark.slow
+def test_pretrained_runs_on_cached_features(tmp_path: Path) -> None:
+    from trainer.architectures import ARCHITECTURES
+
+    if "efficientnet_lite0" not in ARCHITECTURES:
+        pytest.skip("the trainer has no efficientnet_lite0")
+    data, out = tmp_path / "camera.npz", tmp_path / "le.json"
+    _camera_npz(data)
+    code = main(
+        [
+            "--dataset", str(data), "--pretrained", "--input-size", "64",
+            "--seeds", "1", "--strategies", "margin", "--max-labels", "10",
+            "--min-steps", "5", "--workers", "1", "--full-steps", "20", "--full-seeds", "1",
+            "--resamples", "50", "--json", str(out),
+        ]
+    )  # fmt: skip
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert result["stream"]["pretrained"] == "efficientnet_lite0"
+    assert result["stream"]["feature_seconds"] >= 0
+    # ImageNet features separate a bright block from noise: the full-data learner does
+    assert result["full"]["mean"] >= 0.9

@@ -1,0 +1,61 @@
+"""The learner: a round every ``round_labels`` labels, head refits in between."""
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pytest
+
+from trainer.samples import Sample
+from winnow.bench.efficiency import learner as learner_module
+from winnow.bench.efficiency.errors import BenchConfigError
+from winnow.bench.efficiency.learner import Learner, LearnerConfig, resolve_head_refit
+from winnow.bench.efficiency.stream import StreamData
+
+
+def _data(n: int = 40) -> StreamData:
+    rng = np.random.default_rng(0)
+    labels = np.arange(n) % 2
+    inputs = (rng.normal(size=(n, 1, 8, 8)) + labels[:, None, None, None]).astype(np.float32)
+    return StreamData(
+        inputs, labels, np.arange(n), inputs, labels, ["a", "b"], "small-cnn", 1, "accuracy"
+    )
+
+
+def test_rounds_and_refits_come_when_their_label_counts_are_reached() -> None:
+    data = _data()
+    refits: list[int] = []
+
+    def refit(model: Any, samples: Sequence[Sample]) -> Any:
+        refits.append(len(samples))
+        return model
+
+    learner = Learner(data, LearnerConfig(round_labels=4, refit_labels=2, min_steps=2), 0, refit)
+    changed = [learner.add(Sample(str(i), data.inputs[i], int(data.labels[i]))) for i in range(7)]
+    # refit at 2, round (and refit) at 4, refit at 6
+    assert changed == [False, True, False, True, False, True, False]
+    assert (learner.rounds, learner.refits) == (1, 3)
+    assert refits == [2, 4, 6]
+    assert learner.labels_learned == 6
+    assert learner.flush()
+    assert (learner.rounds, learner.labels_learned) == (2, 7)
+    assert not learner.flush()
+
+
+def test_the_same_seed_gives_the_same_initial_model() -> None:
+    data = _data()
+    a = Learner(data, LearnerConfig(), 3, None).run(data.test_inputs)[0]
+    b = Learner(data, LearnerConfig(), 3, None).run(data.test_inputs)[0]
+    c = Learner(data, LearnerConfig(), 4, None).run(data.test_inputs)[0]
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_head_refits_asked_for_without_the_trainers_say_so(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(learner_module, "trainer_head_refit", lambda: None)
+    with pytest.raises(BenchConfigError, match="not available yet"):
+        resolve_head_refit(True)
+    assert resolve_head_refit(None) is None
+    assert resolve_head_refit(False) is None

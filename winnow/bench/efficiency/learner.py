@@ -1,0 +1,241 @@
+"""The learner every strategy is judged with: the trainer's own, the same for random.
+
+Labels arrive one at a time from the oracle. Every ``round_labels`` labels,
+``trainer.finetune.finetune_round`` fine-tunes the model from its current
+weights on the new labels plus a replay of earlier ones (``FinetuneConfig``
+as the trainer builds it), exactly as a trainer round does; there is no
+release gate, each round's model is the next one. With head refits, the
+trainer's head refit (``trainer.head.refit_head``) retrains the linear head on
+frozen embeddings of every label so far after each round and every
+``refit_labels`` labels in between, as the trainer's fast path does. The model
+is measured on the test split after each change, so the curve has a point per
+round and per refit.
+
+The full-data reference is the same model, configuration and refit given every
+training label at once (one long round).
+"""
+
+import importlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from winnow.bench.efficiency.curves import confusion
+from winnow.bench.efficiency.errors import BenchConfigError
+from winnow.bench.efficiency.stream import StreamData
+
+HeadRefit = Callable[[Any, Sequence[Any]], Any]
+"""A model with its head refit on the given samples (the backbone frozen)."""
+
+
+class HeadRefitUnavailable(BenchConfigError):
+    """Head refits were asked for but the trainer does not have them yet."""
+
+
+def trainer_head_refit() -> HeadRefit | None:
+    """The trainer's head refit, or None while ``trainer.head.refit_head`` does not exist."""
+    try:
+        module = importlib.import_module("trainer.head")
+    except ImportError:
+        return None
+    refit = getattr(module, "refit_head", None)
+    if refit is None:
+        return None
+
+    def run(model: Any, samples: Sequence[Any]) -> Any:
+        import torch
+
+        return refit(model, samples, torch.device("cpu"))
+
+    return run
+
+
+def resolve_head_refit(wanted: bool | None) -> HeadRefit | None:
+    """The refit a run uses: None (default) means on when the trainer has it.
+
+    Raises:
+        HeadRefitUnavailable: refits were asked for explicitly and do not exist.
+    """
+    refit = trainer_head_refit() if wanted is not False else None
+    if wanted and refit is None:
+        raise HeadRefitUnavailable(
+            "--head-refits: the trainer's head refit (trainer.head.refit_head) is not "
+            "available yet; run with --no-head-refits"
+        )
+    return refit
+
+
+@dataclass(frozen=True)
+class LearnerConfig:
+    """How the learner trains.
+
+    Attributes:
+        round_labels: labels that start a fine-tuning round.
+        refit_labels: labels between head refits (with a refit).
+        min_steps: optimizer steps per round, at least (``FinetuneConfig.min_steps``).
+        full_steps: steps of the full-data run (None: at least 600, 10 epochs).
+    """
+
+    round_labels: int = 10
+    refit_labels: int = 5
+    min_steps: int = 100
+    full_steps: int | None = None
+
+
+def forward(model: Any, inputs: np.ndarray, batch: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities and embeddings in eval mode, in batches."""
+    import torch
+
+    probs, embs = [], []
+    with torch.inference_mode():
+        for start in range(0, len(inputs), batch):
+            p, e = model(torch.from_numpy(np.ascontiguousarray(inputs[start : start + batch])))
+            probs.append(p.numpy())
+            embs.append(e.numpy())
+    return np.concatenate(probs), np.concatenate(embs)
+
+
+def build(data: StreamData, seed: int) -> Any:
+    """The initial model of a seed: the same weights for every strategy of that seed."""
+    from trainer.model_init import seed_everything
+
+    seed_everything(seed)
+    if data.features:
+        from winnow.bench.efficiency.pretrained import head_model
+
+        model = head_model(data.inputs.shape[1], len(data.classes))
+    else:
+        from trainer.architectures import build_model
+
+        model = build_model(data.arch, len(data.classes), data.channels)
+    model.eval()
+    return model
+
+
+def finetune_config(data: StreamData, seed: int, **overrides: Any) -> Any:
+    """The trainer's fine-tuning configuration for this stream's architecture.
+
+    Cached features cannot be shifted or zoomed, so augmentation is off for
+    them; their rounds train the head alone, at the step the trainer uses for
+    a model trained from scratch.
+    """
+    from trainer.finetune import FinetuneConfig
+
+    if data.features:
+        overrides = {"augment": False, **overrides}
+        return FinetuneConfig.for_arch("small-cnn", seed=seed, **overrides)
+    return FinetuneConfig.for_arch(data.arch, seed=seed, **overrides)
+
+
+class Learner:
+    """The model of one run and how labels change it.
+
+    Args:
+        data: the stream (for the architecture and classes).
+        config: rounds and refits.
+        seed: initial weights, replay and augmentation.
+        refit: the head refit, or None for rounds only.
+    """
+
+    def __init__(
+        self, data: StreamData, config: LearnerConfig, seed: int, refit: HeadRefit | None
+    ) -> None:
+        import torch
+
+        self.model = build(data, seed)
+        self._config = config
+        self._finetune = finetune_config(data, seed, min_steps=config.min_steps)
+        self._device = torch.device("cpu")
+        self._refit = refit
+        self._trained: list[Any] = []
+        self._pending: list[Any] = []
+        self._refit_at = 0
+        self.rounds = 0
+        self.refits = 0
+        self.labels_learned = 0
+
+    @property
+    def answered(self) -> int:
+        """Labels received so far."""
+        return len(self._trained) + len(self._pending)
+
+    @property
+    def samples(self) -> list[Any]:
+        """Every labeled sample so far, trained on or not."""
+        return [*self._trained, *self._pending]
+
+    def add(self, sample: Any) -> bool:
+        """Takes one label; True when the model changed (a round or a head refit)."""
+        self._pending.append(sample)
+        if len(self._pending) >= self._config.round_labels:
+            self._round()
+            return True
+        if self._refit is not None and self.answered - self._refit_at >= self._config.refit_labels:
+            self._refit_head()
+            return True
+        return False
+
+    def flush(self) -> bool:
+        """A last round on labels not trained on yet; True when there were any."""
+        if not self._pending:
+            return False
+        self._round()
+        return True
+
+    def run(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Probabilities and embeddings of the current model."""
+        return forward(self.model, inputs)
+
+    def confusion(self, inputs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """Test counts of the current model (true class by predicted class)."""
+        probs, _ = self.run(inputs)
+        return confusion(labels, probs.argmax(axis=1), probs.shape[1])
+
+    def _round(self) -> None:
+        from trainer.finetune import finetune_round
+
+        finetune_round(self.model, self._pending, self._trained, self._finetune, self._device)
+        self._trained.extend(self._pending)
+        self._pending.clear()
+        self.rounds += 1
+        self.labels_learned = self.answered
+        if self._refit is not None:
+            self._refit_head()
+
+    def _refit_head(self) -> None:
+        assert self._refit is not None
+        self.model = self._refit(self.model, self.samples)
+        self.model.eval()
+        self._refit_at = self.answered
+        self.refits += 1
+        self.labels_learned = self.answered
+
+
+def full_data_confusion(
+    data: StreamData, config: LearnerConfig, seed: int, refit: HeadRefit | None
+) -> np.ndarray:
+    """Test counts of the same learner given every training label in one long round.
+
+    One frame per image (a video burst is one image), at least 600 steps and
+    10 epochs, then the head refit when the run uses refits.
+    """
+    import torch
+
+    from trainer.finetune import finetune_round
+    from trainer.samples import Sample
+
+    torch.set_num_threads(1)
+    model = build(data, seed)
+    train = [Sample(str(i), data.inputs[i], int(data.labels[i])) for i in data.images]
+    steps = config.full_steps or max(600, 10 * len(train) // 32)
+    finetune = finetune_config(
+        data, seed, epochs=10, max_steps=steps, min_steps=steps, replay_min=0
+    )
+    finetune_round(model, train, [], finetune, torch.device("cpu"))
+    if refit is not None:
+        model = refit(model, train)
+    model.eval()
+    probs, _ = forward(model, data.test_inputs)
+    return confusion(data.test_labels, probs.argmax(axis=1), len(data.classes))

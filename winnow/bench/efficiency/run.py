@@ -1,0 +1,180 @@
+"""One run: a strategy, a seed, a stream replayed until ``max_labels`` labels are answered.
+
+Pairing: everything a seed fixes is the same for every strategy — the stream
+order of each pass, the initial weights, the policy's and the peer's random
+state, the fine-tuning seed — so two strategies of one seed differ only in
+which frames they ask for.
+
+The stream is replayed in batches of ``batch`` frames, as the scorer sees
+them; a pass is a new random order of the frames not asked yet, and up to
+``max_passes`` passes are made. Winnow strategies go through the scorer's own
+``ScoringEngine`` (on the run's torch model, its head in the metadata as the
+trainer exports it) and ``QueryPolicy``; peers through :mod:`.peers`. An
+oracle answers every selected frame.
+"""
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from winnow.bench.efficiency.curves import accuracy, balanced_accuracy, recalls
+from winnow.bench.efficiency.learner import Learner, LearnerConfig, trainer_head_refit
+from winnow.bench.efficiency.specs import StrategySpec
+from winnow.bench.efficiency.stream import StreamData, stream_pass
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """What every run of a benchmark shares.
+
+    Attributes:
+        budget: fraction of frames that may be selected over any ``window`` frames.
+        window: frames of the sliding budget window.
+        batch: frames per scoring batch.
+        max_labels: labels answered before the run stops.
+        max_passes: passes over the stream at most.
+        video: the stream is video bursts (passes keep bursts in order).
+        learner: rounds and refits.
+        head_refits: use the trainer's head refit between rounds.
+    """
+
+    budget: float = 0.1
+    window: int = 200
+    batch: int = 32
+    max_labels: int = 200
+    max_passes: int = 6
+    video: bool = False
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    head_refits: bool = False
+
+
+@dataclass
+class RunResult:
+    """The curve of one run: a point at 0 labels and after every model change.
+
+    Attributes:
+        name: the strategy.
+        seed: the seed.
+        labels: labels the model had learned from at each point.
+        accuracy: test accuracy at each point.
+        balanced_accuracy: test balanced accuracy at each point.
+        recall: per-class test recall at each point.
+        frames_seen: frames the strategy was shown.
+        rounds: fine-tuning rounds.
+        refits: head refits.
+        seconds: wall time of the run.
+    """
+
+    name: str
+    seed: int
+    labels: list[int] = field(default_factory=list)
+    accuracy: list[float] = field(default_factory=list)
+    balanced_accuracy: list[float] = field(default_factory=list)
+    recall: list[list[float]] = field(default_factory=list)
+    frames_seen: int = 0
+    rounds: int = 0
+    refits: int = 0
+    seconds: float = 0.0
+
+    def record(self, labels: int, counts: np.ndarray) -> None:
+        self.labels.append(labels)
+        self.accuracy.append(round(accuracy(counts), 5))
+        self.balanced_accuracy.append(round(balanced_accuracy(counts), 5))
+        self.recall.append([round(float(r), 4) for r in recalls(counts)])
+
+
+class _Served:
+    """The run's torch model as the scoring engine sees a served ONNX model.
+
+    A new one is made after every model change: the engine reads the head
+    from ``metadata`` once per model object, as it does per release.
+    """
+
+    def __init__(self, learner: Learner) -> None:
+        from schemas.model_spec import HEAD_KEY
+        from trainer.export import head_metadata
+
+        self._learner = learner
+        head = head_metadata(learner.model)
+        self.metadata = {HEAD_KEY: head} if head else {}
+
+    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self._learner.run(batch)
+
+
+_DATA: StreamData | None = None
+
+
+def init_worker(data: StreamData) -> None:
+    """Pool initializer: the stream once per process, one torch thread each."""
+    import torch
+
+    global _DATA
+    _DATA = data
+    torch.set_num_threads(1)
+
+
+def run_one(job: tuple[str, StrategySpec, int, RunConfig]) -> RunResult:
+    """Streams once for one strategy and seed (in a worker set up by :func:`init_worker`)."""
+    from service.scoring.engine import ScoringEngine
+    from service.selection.filters import DecisionContext
+    from service.selection.policy import QueryPolicy
+    from trainer.samples import Sample
+    from winnow.bench.efficiency.peers import Peer
+
+    name, spec, seed, config = job
+    data = _DATA
+    assert data is not None, "run_one runs in a worker set up by init_worker"
+    started = time.perf_counter()
+    settings = spec.policy_settings(budget=config.budget, window=config.window, seed=seed)
+    policy = QueryPolicy.from_settings(settings)
+    engine = ScoringEngine.from_settings(settings)
+    refit = trainer_head_refit() if config.head_refits else None
+    learner = Learner(data, config.learner, seed, refit)
+    policy.on_model(labels_trained=0)
+    peer = Peer(spec.peer, config.budget, seed, len(data.classes)) if spec.peer else None
+    served = _Served(learner)
+    result = RunResult(name, seed)
+    result.record(0, learner.confusion(data.test_inputs, data.test_labels))
+    rng = np.random.default_rng(seed)  # the stream order: the same for every strategy
+    asked: set[int] = set()
+
+    def changed() -> None:
+        nonlocal served
+        result.record(learner.labels_learned, learner.confusion(data.test_inputs, data.test_labels))
+        served = _Served(learner)
+        policy.on_model(labels_trained=learner.labels_learned)
+
+    for _ in range(config.max_passes):
+        order = stream_pass(data.bursts, rng, asked, config.video)
+        for start in range(0, len(order), config.batch):
+            if learner.answered >= config.max_labels:
+                break
+            chunk = order[start : start + config.batch]
+            x = data.inputs[chunk]
+            if peer is None or policy.cold_start:
+                scored = engine.score(served, x, policy.needs)
+                context = DecisionContext(
+                    scored.embeddings, scored.probabilities, ["stream"] * len(x)
+                )
+                rows = policy.decide(scored.scores, context)
+                picked = [i for i, row in enumerate(rows) if row["selected"]]
+            else:
+                probs, emb = learner.run(x)
+                picked = peer.query(probs, emb, learner.samples, learner.run)
+            result.frames_seen += len(x)
+            for i in picked:
+                if learner.answered >= config.max_labels:
+                    break
+                index = int(chunk[i])
+                asked.add(index)
+                if learner.add(Sample(str(index), data.inputs[index], int(data.labels[index]))):
+                    changed()
+        if learner.answered >= config.max_labels:
+            break
+    if learner.flush():
+        changed()
+    result.rounds, result.refits = learner.rounds, learner.refits
+    result.seconds = round(time.perf_counter() - started, 2)
+    return result
