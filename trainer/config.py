@@ -68,6 +68,12 @@ class TrainerSettings(BaseSettings):
         ge=1,
         description="the fewest untrained labels a round started by a drift alarm needs",
     )
+    head_refit_labels: int = Field(
+        default=3,
+        ge=0,
+        description="new labels (holdout excluded) that start a refit of the classification "
+        "head on frozen embeddings and a head-only release; 0: backbone rounds only",
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     metrics_port: int = Field(default=9100, ge=0, le=65535)
     release_margin: float = Field(

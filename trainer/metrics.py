@@ -1,6 +1,12 @@
 """Prometheus metrics of the trainer, served on its own ``/metrics``."""
 
+from typing import TYPE_CHECKING
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+if TYPE_CHECKING:  # the reports' modules import torch; the metrics need not
+    from trainer.refit import HeadReport
+    from trainer.rounds import RoundReport
 
 
 class TrainerMetrics:
@@ -54,3 +60,38 @@ class TrainerMetrics:
             "Labels the serving model has learned from",
             registry=r,
         )
+        self.labels_unlearned = Gauge(
+            "winnow_trainer_labels_unlearned",
+            "Answered labels (holdout excluded) the serving release has not learned from",
+            registry=r,
+        )
+        self.head_refits = Counter(
+            "winnow_trainer_head_refits",
+            "Head refits on frozen embeddings, by result (released, rejected, stale)",
+            ["result"],
+            registry=r,
+        )
+        self.head_refit_seconds = Histogram(
+            "winnow_trainer_head_refit_seconds",
+            "From the start of a head refit to its release being acknowledged",
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60),
+            registry=r,
+        )
+
+    def round_done(self, report: "RoundReport", holdout_accuracy: float | None) -> None:
+        """Counts a backbone round; ``holdout_accuracy``: the serving model's after it."""
+        self.rounds.labels(result="released" if report.released else "rejected").inc()
+        self.rounds_triggered.labels(trigger=report.trigger).inc()
+        if not report.released:
+            self.releases.labels(result="rejected").inc()
+        self.round_seconds.observe(report.seconds)
+        self.labels_received.inc(report.new_labels)
+        self.prequential_accuracy.set(report.prequential_accuracy)
+        if holdout_accuracy is not None:
+            self.holdout_accuracy.set(holdout_accuracy)
+
+    def head_refit_done(self, report: "HeadReport", seconds: float) -> None:
+        """Counts a head refit; ``seconds`` from its start to its release (when released)."""
+        self.head_refits.labels(result="released" if report.released else "rejected").inc()
+        if report.released:
+            self.head_refit_seconds.observe(seconds)

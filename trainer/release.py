@@ -1,5 +1,9 @@
 """Publishes a model release on ``winnow.models``: one manifest, then the artifact in chunks.
 
+A full release's artifact is the ONNX file; a head-only release's is the new
+head as JSON (:class:`~schemas.models.HeadArtifact`), and its manifest names
+the full release whose backbone it belongs to (``base_version``).
+
 Every record is keyed by the model name, so a release lands on one partition
 and its chunks follow its manifest in order. The manifest carries the
 artifact's sha256 and, with a signing key, its signature (the format is in
@@ -33,14 +37,19 @@ def build_release(
     spec: ModelSpec,
     signing_key: bytes | None,
     model_name: str | None = None,
+    *,
+    base_version: str | None = None,
 ) -> tuple[ModelManifest, list[ModelChunk]]:
     """Builds the manifest and chunks of one release.
 
     Args:
-        artifact: the ONNX file's bytes; its metadata must carry ``spec``.
+        artifact: the ONNX file's bytes, whose metadata must carry ``spec``; or,
+            for a head-only release, the :class:`~schemas.models.HeadArtifact`
+            JSON, which carries ``spec`` and ``base_version``.
         spec: the model's spec; its version is the release's version.
         signing_key: the HMAC key's bytes, or None to publish unsigned.
         model_name: the record key and the manifest's name; ``spec.name`` if None.
+        base_version: set for a head-only release: the full release it builds on.
 
     Returns:
         ``(manifest, chunks)``; the chunks in index order.
@@ -67,6 +76,7 @@ def build_release(
         size_bytes=len(artifact),
         chunk_count=len(pieces),
         signature=signature,
+        base_version=base_version,
         spec=spec,
     )
     # ``data`` is Base64Bytes: it validates (decodes) base64, so it is given encoded.
@@ -108,6 +118,7 @@ async def publish_release(
     signing_key: bytes | None,
     model_name: str | None = None,
     *,
+    base_version: str | None = None,
     backoff_s: Sequence[float] = DEFAULT_BACKOFF_S,
 ) -> ModelManifest:
     """Publishes a release and waits until the broker has acknowledged every record.
@@ -115,10 +126,11 @@ async def publish_release(
     Args:
         producer: a started producer (``acks="all"`` recommended).
         topic: the models topic, e.g. ``winnow.models``.
-        artifact: the ONNX file's bytes.
+        artifact: the ONNX file's bytes, or a head-only release's head JSON.
         spec: the model's spec.
         signing_key: the HMAC key's bytes, or None to publish unsigned.
         model_name: the record key; ``spec.name`` if None.
+        base_version: set for a head-only release: the full release it builds on.
         backoff_s: waits between attempts after a transient broker error.
 
     Returns:
@@ -129,7 +141,9 @@ async def publish_release(
         aiokafka.errors.KafkaError: the broker refused a record, or a transient
             error outlasted every retry.
     """
-    manifest, chunks = build_release(artifact, spec, signing_key, model_name)
+    manifest, chunks = build_release(
+        artifact, spec, signing_key, model_name, base_version=base_version
+    )
     key = manifest.model_name.encode()
     # Records are queued in order on one key, so the chunks follow their manifest.
     records = [OutRecord(topic, key, value) for value in encode_records(manifest, chunks)]
@@ -137,7 +151,7 @@ async def publish_release(
     metadata = await delivery.send_all(records)
     log.info(
         "release published: topic=%s partition=%d offsets=%d-%d model=%s version=%s "
-        "bytes=%d chunks=%d signed=%s",
+        "bytes=%d chunks=%d signed=%s base=%s",
         topic,
         metadata[0].partition,
         metadata[0].offset,
@@ -147,5 +161,6 @@ async def publish_release(
         manifest.size_bytes,
         manifest.chunk_count,
         manifest.signature is not None,
+        manifest.base_version,
     )
     return manifest

@@ -61,6 +61,7 @@ def loop_settings(
         round_min_labels=60,
         round_max_seconds=600,
         holdout_fraction=0.15,
+        head_refit_labels=0,  # backbone rounds only, unless a test asks for head refits
         kafka=kafka,
     )
     return TrainerSettings(**{**base, **kw})  # type: ignore[arg-type]

@@ -86,7 +86,7 @@ async def test_a_refused_candidate_is_not_adopted_and_the_next_release_counts_it
     _store_labels(trainer, digits, range(40))
     model, spec, weights = trainer.model, trainer.spec, _weights(trainer.model)
     refused = GateDecision(False, 0.1, 0.9, 0.02, "refused by the test")
-    monkeypatch.setattr("trainer.loop.release_gate", lambda *args, **kwargs: refused)
+    monkeypatch.setattr("trainer.rounds.release_gate", lambda *args, **kwargs: refused)
     report = await trainer.run_round()
     assert report is not None and not report.released and report.version == spec.version
     assert trainer.model is model and trainer.spec == spec and _unchanged(model, weights)
