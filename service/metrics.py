@@ -63,6 +63,12 @@ class ScorerMetrics:
         self.commits = Counter(
             "winnow_offset_commits", "Offset commits, by result", ["result"], registry=r
         )
+        self.labels_unlearned = Gauge(
+            "winnow_labels_unlearned",
+            "Answered labels (holdout excluded) the serving model had not learned from when the "
+            "trainer released it (NaN: the release does not say)",
+            registry=r,
+        )
         self.model_swaps = Counter(
             "winnow_model_swaps",
             "Model releases handled, by result (ok, pinned, rejected_<reason>, load_failed)",

@@ -2,6 +2,9 @@
 
 The catalog is plain bookkeeping with no I/O: the watcher records what it
 verified or refused here, and ``GET /v1/model`` reads the history from it.
+It keeps the artifacts of the last few full releases, and those of the
+head-only releases on them (a few kilobytes each): a head-only release can be
+served, or pinned back, only while the artifact of its base is kept.
 """
 
 from collections import OrderedDict
@@ -42,11 +45,20 @@ class Release:
     info: ReleaseInfo
 
 
+@dataclass(frozen=True)
+class _Kept:
+    artifact: bytes
+    base: str | None  # a head-only release's base version
+
+
 class ReleaseCatalog:
-    """Release entries (oldest first) and the last ``keep`` verified artifacts.
+    """Release entries (oldest first), the last ``keep`` full artifacts and the heads on them.
 
     Args:
-        keep: verified artifacts kept for pinning; the active one is never evicted.
+        keep: full releases whose artifacts are kept for pinning; the active
+            one and the base of an active head-only release are never evicted.
+            Head-only releases are kept while their base is, at most
+            ``max_history`` of them.
         max_history: release entries kept.
         active: the version already serving, if any.
     """
@@ -56,14 +68,30 @@ class ReleaseCatalog:
         self.active = active
         self._max_history = max_history
         self._releases: OrderedDict[str, Release] = OrderedDict()
-        self._artifacts: OrderedDict[str, bytes] = OrderedDict()
+        self._artifacts: OrderedDict[str, _Kept] = OrderedDict()
 
     def get(self, version: str) -> Release | None:
         return self._releases.get(version)
 
     def artifact(self, version: str) -> bytes | None:
         """The kept artifact of ``version``, or None when never kept or evicted."""
-        return self._artifacts.get(version)
+        kept = self._artifacts.get(version)
+        return kept.artifact if kept is not None else None
+
+    def base_of(self, version: str | None) -> str | None:
+        """The base version of a head-only release (None for a full or unknown one)."""
+        if version is None:
+            return None
+        kept = self._artifacts.get(version)
+        if kept is not None:
+            return kept.base
+        release = self._releases.get(version)
+        return release.manifest.base_version if release is not None else None
+
+    def pinnable(self, version: str) -> bool:
+        """Whether ``version`` can be served: its artifact, and its base's if any, are kept."""
+        kept = self._artifacts.get(version)
+        return kept is not None and (kept.base is None or kept.base in self._artifacts)
 
     def seen(self, manifest: ModelManifest) -> bool:
         """Whether this exact release (version and digest) was already accepted."""
@@ -79,14 +107,23 @@ class ReleaseCatalog:
         return [r.manifest for r in self._releases.values() if r.info.status != "rejected"]
 
     def accept(self, manifest: ModelManifest, artifact: bytes) -> None:
-        """Records a verified release and keeps its artifact, evicting the oldest kept one."""
+        """Records a verified release and keeps its artifact, evicting the oldest kept ones."""
         self.record(manifest, "available", None)
-        self._artifacts[manifest.version] = artifact
+        self._artifacts[manifest.version] = _Kept(artifact, manifest.base_version)
         self._artifacts.move_to_end(manifest.version)
-        while len(self._artifacts) > self.keep:
-            spare = (manifest.version, self.active)
-            oldest = next((v for v in self._artifacts if v not in spare), None)
-            del self._artifacts[oldest if oldest is not None else next(iter(self._artifacts))]
+        spare = {manifest.version, self.active, self.base_of(self.active)}
+        self._evict([v for v, k in self._artifacts.items() if k.base is None], self.keep, spare)
+        self._evict([v for v, k in self._artifacts.items() if k.base], self._max_history, spare)
+
+    def _evict(self, versions: list[str], keep: int, spare: set[str | None]) -> None:
+        """Drops the oldest of ``versions`` not in ``spare`` down to ``keep``, and their heads."""
+        evictable = [v for v in versions if v not in spare]
+        for version in evictable[: max(0, len(versions) - keep)]:
+            del self._artifacts[version]
+            orphans = [v for v, k in self._artifacts.items() if k.base == version]
+            for orphan in orphans:
+                if orphan not in spare:
+                    del self._artifacts[orphan]
 
     def reject(self, manifest: ModelManifest, reason: str) -> None:
         """Records a refused release and drops any artifact kept for it."""
@@ -108,7 +145,7 @@ class ReleaseCatalog:
             status = "active" if version == self.active else release.info.status
             out.append(
                 release.info.model_copy(
-                    update={"status": status, "pinnable": version in self._artifacts}
+                    update={"status": status, "pinnable": self.pinnable(version)}
                 )
             )
         return out

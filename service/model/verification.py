@@ -13,7 +13,7 @@ from service.config import Settings
 from service.errors import WinnowError
 
 ReleaseReason = Literal[
-    "checksum", "signature", "unsigned", "incomplete", "load", "spec", "unknown", "evicted"
+    "checksum", "signature", "unsigned", "incomplete", "load", "spec", "base", "unknown", "evicted"
 ]
 
 
@@ -23,9 +23,11 @@ class ReleaseError(WinnowError):
     Reasons: ``checksum`` (size or sha256 differ), ``signature`` (does not
     verify), ``unsigned`` (a key is configured but the release has no
     signature), ``incomplete`` (chunks missing), ``load`` (onnxruntime cannot
-    load or run it), ``spec`` (the file's spec disagrees with the manifest),
-    ``unknown`` (no such verified version), ``evicted`` (its artifact is no
-    longer kept).
+    load or run it, or a head-only release's head does not read), ``spec``
+    (the file's spec, or the head's spec or base, disagrees with the
+    manifest), ``base`` (a head-only release whose base release is not a
+    verified full release the scorer keeps), ``unknown`` (no such verified
+    version), ``evicted`` (its artifact, or its base's, is no longer kept).
     """
 
     def __init__(self, reason: ReleaseReason, detail: str) -> None:

@@ -10,11 +10,17 @@ warmed in a thread, and only then handed to ``on_model``, which swaps it in. A
 release that fails anywhere leaves the serving model alone. The last few
 verified artifacts are kept (:mod:`service.model.catalog`) so that an earlier
 version can be pinned back.
+
+A head-only release names its base, a full release whose artifact the scorer
+keeps; it is served as that release's ONNX graph with the new head
+(:mod:`service.model.heads`), loaded and handed over like any release. One
+whose base is unknown, refused or no longer kept is rejected (``base``).
 """
 
 import asyncio
 import inspect
 import logging
+import math
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -29,6 +35,7 @@ from service.config import Settings
 from service.metrics import ScorerMetrics
 from service.model.assembler import ReleaseAssembler
 from service.model.catalog import ReleaseCatalog, ReleaseInfo
+from service.model.heads import with_head
 from service.model.inference import OnnxModel
 from service.model.verification import ReleaseError, signing_key, verify_release
 
@@ -152,17 +159,21 @@ class ModelReleases(Component):
 
         Raises:
             ReleaseError: ``unknown`` (never seen or rejected), ``evicted`` (its
-                artifact is no longer kept) or ``load``.
+                artifact, or for a head-only release its base's, is no longer
+                kept) or ``load``.
         """
         release = self.catalog.get(version)
         if release is None or release.info.status == "rejected":
             why = "never seen" if release is None else f"rejected ({release.info.reason})"
             raise ReleaseError("unknown", f"version {version!r} is not a verified release: {why}")
         artifact = self.catalog.artifact(version)
-        if artifact is None:
+        if artifact is None or not self.catalog.pinnable(version):
+            base = self.catalog.base_of(version)
+            what = f"version {version!r}" if artifact is None else f"its base {base!r}"
             raise ReleaseError(
                 "evicted",
-                f"version {version!r} is no longer kept (only the last {self.catalog.keep} are)",
+                f"{what} is no longer kept (only the last {self.catalog.keep} full releases "
+                "and the head-only releases on them are)",
             )
         async with self._swap_lock:
             try:
@@ -271,18 +282,40 @@ class ModelReleases(Component):
         """Verifies a release and records it in the catalog; False when rejected."""
         try:
             verify_release(manifest, artifact, self._key)
+            self._check_base(manifest)
         except ReleaseError as exc:
             self._reject(manifest, exc)
             return False
         self.catalog.accept(manifest, artifact)
         return True
 
+    def _check_base(self, manifest: ModelManifest) -> None:
+        """A head-only release needs its base: a verified full release whose artifact is kept.
+
+        Raises:
+            ReleaseError: ``base``.
+        """
+        base = manifest.base_version
+        if base is None:
+            return
+        known = self.catalog.get(base)
+        if known is None or known.info.status == "rejected" or known.manifest.base_version:
+            why = "never seen" if known is None else "not a verified full release"
+            raise ReleaseError(
+                "base", f"head-only release {manifest.version} is for {base!r}: {why} here"
+            )
+        if self.catalog.artifact(base) is None:
+            raise ReleaseError(
+                "base",
+                f"head-only release {manifest.version} is for {base!r}, which is no longer kept",
+            )
+
     async def _serve_newest(self, candidates: list[ModelManifest]) -> OnnxModel | None:
         """Loads the newest candidate that loads (newest first) and hands it over."""
         for manifest in reversed(candidates):
             artifact = self.catalog.artifact(manifest.version)
-            if artifact is None:
-                continue
+            if artifact is None or not self.catalog.pinnable(manifest.version):
+                continue  # evicted, or a head-only release whose base was
             try:
                 model = await self._load(manifest, artifact)
             except ReleaseError as exc:
@@ -296,8 +329,13 @@ class ModelReleases(Component):
         """Loads and warms a model in a thread; checks its spec against the manifest.
 
         Raises:
-            ReleaseError: ``load`` or ``spec``.
+            ReleaseError: ``load``, ``spec``, or ``evicted`` (a head-only release's base).
         """
+        if manifest.base_version is not None:
+            base = self.catalog.artifact(manifest.base_version)
+            if base is None:
+                raise ReleaseError("evicted", f"the base {manifest.base_version!r} is not kept")
+            artifact = await asyncio.to_thread(with_head, base, manifest, artifact)
         try:
             model = await asyncio.to_thread(load_and_warm, artifact, self._settings.device)
         except Exception as exc:  # onnxruntime raises its own kinds; ModelError too
@@ -319,11 +357,14 @@ class ModelReleases(Component):
         self.catalog.active, self.model = manifest.version, model
         self.metrics.model_swaps.labels(result=result).inc()
         self.metrics.set_model(manifest.version)
+        unlearned = manifest.spec.labels_unlearned
+        self.metrics.labels_unlearned.set(math.nan if unlearned is None else unlearned)
         self._first.set()
         log.info(
-            "model swapped: topic=%s version=%s previous=%s provider=%s",
+            "model swapped: topic=%s version=%s base=%s previous=%s provider=%s",
             self._topic,
             manifest.version,
+            manifest.base_version,
             previous,
             model.provider,
         )

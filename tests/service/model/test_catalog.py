@@ -7,7 +7,7 @@ from schemas.models import ModelManifest
 from service.model.catalog import ReleaseCatalog
 
 
-def _manifest(version: str, sha: str = "0" * 64) -> ModelManifest:
+def _manifest(version: str, sha: str = "0" * 64, base: str | None = None) -> ModelManifest:
     spec = ModelSpec(
         version=version,
         arch="x",
@@ -25,6 +25,7 @@ def _manifest(version: str, sha: str = "0" * 64) -> ModelManifest:
         sha256=sha,
         size_bytes=1,
         chunk_count=1,
+        base_version=base,
         spec=spec,
     )
 
@@ -65,3 +66,21 @@ def test_history_is_bounded_oldest_first() -> None:
     for i in range(5):
         catalog.accept(_manifest(f"v{i}"), b"x")
     assert [h.version for h in catalog.history()] == ["v2", "v3", "v4"]
+
+
+def test_heads_live_as_long_as_their_base_and_the_active_head_keeps_its_base() -> None:
+    catalog = ReleaseCatalog(keep=1)
+    catalog.accept(_manifest("v1"), b"v1")
+    catalog.accept(_manifest("h1", base="v1"), b"h1")
+    catalog.accept(_manifest("h2", base="v1"), b"h2")
+    assert catalog.base_of("h2") == "v1" and catalog.base_of("v1") is None
+    assert all(catalog.pinnable(v) for v in ("v1", "h1", "h2"))  # heads do not count in keep
+    catalog.active = "h2"
+    catalog.accept(_manifest("v2"), b"v2")  # over keep, but v1 is the active head's base
+    assert catalog.artifact("v1") == b"v1" and catalog.pinnable("h1")
+    catalog.active = "v2"
+    catalog.accept(_manifest("v2-h1", base="v2"), b"x")  # now v1 goes, and its heads with it
+    assert catalog.artifact("v1") is None and catalog.artifact("h1") is None
+    assert not catalog.pinnable("h2") and catalog.pinnable("v2-h1")
+    pinnable = {h.version: h.pinnable for h in catalog.history()}
+    assert pinnable == {"v1": False, "h1": False, "h2": False, "v2": True, "v2-h1": True}

@@ -1,14 +1,19 @@
 """The release watcher on the real broker: verify, load, swap, reject, catch up, pin."""
 
 import asyncio
+import io
+import json
 from collections import Counter, defaultdict
 
+import numpy as np
 import pytest
 from aiokafka import AIOKafkaProducer
+from PIL import Image
 from pydantic import SecretStr
 
 from infra.kafka.connection import client_kwargs
 from schemas.models import ModelChunk, ModelManifest
+from schemas.pixels import image_to_input
 from service.metrics import ScorerMetrics
 from service.model import watcher as watcher_module
 from service.model.inference import OnnxModel
@@ -16,6 +21,12 @@ from service.model.verification import ReleaseError
 from service.model.watcher import ModelReleases
 from service.pipeline.scorer import Scorer
 from tests.kafka_helpers import produce, read_json
+from tests.service.model.head_releases import (
+    full_release,
+    head_release,
+    numpy_probabilities,
+    publish_head,
+)
 from trainer.release import build_release, encode_records
 
 
@@ -278,3 +289,144 @@ async def test_swap_under_load_scores_every_frame_once_and_switches_once_per_par
         assert set(versions[:switch]) <= {model_a.version} and set(versions[switch:]) <= {"B"}
     versions = Counter(p["model_version"] for p in predictions)
     assert versions[model_a.version] >= 50 and versions["B"] >= 300 - cut
+
+
+# -- head-only releases ----------------------------------------------------------------------
+
+
+def _inputs(pngs: list[bytes], spec) -> np.ndarray:
+    return np.stack([image_to_input(Image.open(io.BytesIO(png)), spec) for png in pngs[:32]])
+
+
+async def test_a_head_release_is_served_on_its_base_and_matches_the_numpy_head(
+    scorer_settings, digits_model_path, winnow_topics, publish_model, digit_pngs
+) -> None:
+    settings = scorer_settings()
+    metrics, calls = ScorerMetrics(), _Calls()
+    async with ModelReleases(settings, on_model=calls, metrics=metrics) as releases:
+        await releases.wait_caught_up(10)
+        artifact, spec = full_release(digits_model_path, "v1", labels_unlearned=4)
+        await publish_model(settings, artifact, spec)
+        base = await releases.wait_for_first(30)
+        assert metrics.registry.get_sample_value("winnow_labels_unlearned") == 4
+        head_bytes, head_spec, head = head_release(spec, "v1-h1", 1, labels_unlearned=0)
+        await publish_head(settings, head_bytes, head_spec, "v1")
+        await _until(lambda: releases.active_version == "v1-h1")
+        served = releases.model
+        history = [(i.version, i.status, i.pinnable) for i in releases.history()]
+    assert served is not None and served.spec == head_spec
+    inputs = _inputs(digit_pngs, spec)
+    probabilities, embeddings = served.run(inputs)
+    assert np.array_equal(embeddings, base.run(inputs)[1])
+    assert np.abs(probabilities - numpy_probabilities(embeddings, head)).max() < 1e-5
+    assert calls.versions == ["v1", "v1-h1"] and _swaps(metrics) == {"ok": 2}
+    assert history == [("v1", "available", True), ("v1-h1", "active", True)]
+    assert metrics.registry.get_sample_value("winnow_labels_unlearned") == 0
+
+
+async def test_a_tampered_or_rebased_head_release_is_rejected_and_the_old_model_serves(
+    scorer_settings, release_variant, winnow_topics, publish_model
+) -> None:
+    key = b"the key"
+    settings = scorer_settings().model_copy(update={"model_signing_key": SecretStr("the key")})
+    metrics, calls = ScorerMetrics(), _Calls()
+    async with ModelReleases(settings, on_model=calls, metrics=metrics) as releases:
+        await releases.wait_caught_up(10)
+        for version in ("v0", "v1"):
+            await publish_model(settings, *release_variant(version), key=key)
+            await _until(lambda v=version: releases.active_version == v)
+        _, spec = release_variant("v1")
+        head_bytes, head_spec, _ = head_release(spec, "h1", 1)
+        genuine, chunks = build_release(head_bytes, head_spec, key, base_version="v1")
+        # A changed weight under the genuine signature: the digest is recomputed, the
+        # signature cannot be.
+        raw = json.loads(head_bytes)
+        raw["weight"][0][0] += 1.0
+        tampered_bytes = json.dumps(raw).encode()
+        tampered, tampered_chunks = build_release(
+            tampered_bytes, head_spec, None, base_version="v1"
+        )
+        tampered = tampered.model_copy(update={"signature": genuine.signature})
+        await _produce_release(settings, tampered, tampered_chunks)
+        await _until(lambda: "rejected_signature" in _swaps(metrics))
+        # The genuine head put on another backbone by editing the manifest: the artifact
+        # names its base, and the signature covers the artifact.
+        rebased = genuine.model_copy(update={"base_version": "v0"})
+        await _produce_release(settings, rebased, chunks)
+        await _until(lambda: "rejected_spec" in _swaps(metrics))
+        assert releases.active_version == "v1" and calls.versions == ["v0", "v1"]
+        await _produce_release(settings, genuine, chunks)  # the release as signed
+        await _until(lambda: releases.active_version == "h1")
+    assert calls.versions == ["v0", "v1", "h1"]
+    assert _swaps(metrics) == {"ok": 3, "rejected_signature": 1, "rejected_spec": 1}
+
+
+async def test_a_head_release_for_an_unknown_base_is_rejected(
+    scorer_settings, release_variant, winnow_topics, publish_model
+) -> None:
+    settings = scorer_settings()
+    metrics, calls = ScorerMetrics(), _Calls()
+    async with ModelReleases(settings, on_model=calls, metrics=metrics) as releases:
+        await releases.wait_caught_up(10)
+        artifact, spec = release_variant("v1")
+        await publish_model(settings, artifact, spec)
+        await releases.wait_for_first(30)
+        orphan, orphan_spec, _ = head_release(spec, "h-orphan", 1)
+        await publish_head(settings, orphan, orphan_spec, "never-published")
+        await _until(lambda: "rejected_base" in _swaps(metrics))
+        on_head, on_head_spec, _ = head_release(spec, "h1", 2)
+        await publish_head(settings, on_head, on_head_spec, "v1")
+        await _until(lambda: releases.active_version == "h1")
+        nested, nested_spec, _ = head_release(spec, "h-on-h1", 3)  # a head's base must be full
+        await publish_head(settings, nested, nested_spec, "h1")
+        await _until(lambda: _swaps(metrics).get("rejected_base") == 2)
+        status = {i.version: (i.status, i.reason) for i in releases.history()}
+        assert releases.active_version == "h1"
+    assert status["h-orphan"] == ("rejected", "base") and status["h-on-h1"] == ("rejected", "base")
+    assert calls.versions == ["v1", "h1"]
+
+
+async def test_pin_back_to_an_earlier_head_release_until_its_base_is_evicted(
+    scorer_settings, release_variant, winnow_topics, publish_model, digit_pngs
+) -> None:
+    settings = scorer_settings()
+    metrics, calls = ScorerMetrics(), _Calls()
+    async with ModelReleases(
+        settings, on_model=calls, metrics=metrics, keep_artifacts=1
+    ) as releases:
+        await releases.wait_caught_up(10)
+        artifact, spec = release_variant("v1")
+        await publish_model(settings, artifact, spec)
+        heads = {}
+        for version, seed in (("h1", 1), ("h2", 2)):
+            head_bytes, head_spec, heads[version] = head_release(spec, version, seed)
+            await publish_head(settings, head_bytes, head_spec, "v1")
+            await _until(lambda v=version: releases.active_version == v)
+        pinned = await releases.pin("h1")
+        probabilities, embeddings = pinned.run(_inputs(digit_pngs, spec))
+        assert np.abs(probabilities - numpy_probabilities(embeddings, heads["h1"])).max() < 1e-5
+        assert releases.active_version == "h1" and releases.pinned == "h1"
+        assert (await releases.unpin()).version == "h2"  # type: ignore[union-attr]
+        # A new backbone, then a head on it: v1 (kept one full artifact) goes, with its heads.
+        artifact, spec_v2 = release_variant("v2")
+        await publish_model(settings, artifact, spec_v2)
+        await _until(lambda: releases.active_version == "v2")
+        head_bytes, head_spec, _ = head_release(spec_v2, "v2-h1", 4)
+        await publish_head(settings, head_bytes, head_spec, "v2")
+        await _until(lambda: releases.active_version == "v2-h1")
+        with pytest.raises(ReleaseError) as evicted:
+            await releases.pin("h1")
+        assert evicted.value.reason == "evicted"
+        late, late_spec, _ = head_release(spec, "h3", 5)  # a head on the evicted base
+        await publish_head(settings, late, late_spec, "v1")
+        await _until(lambda: "rejected_base" in _swaps(metrics))
+        pinnable = {i.version: i.pinnable for i in releases.history()}
+    assert pinnable == {
+        "v1": False,
+        "h1": False,
+        "h2": False,
+        "v2": True,
+        "v2-h1": True,
+        "h3": False,
+    }
+    assert calls.versions == ["v1", "h1", "h2", "h1", "h2", "v2", "v2-h1"]
