@@ -88,6 +88,12 @@ class ModelInfo(BaseModel):
     provider: str = Field(description="the ONNX Runtime execution provider in use")
     labels_trained: int = 0
     parent_version: str | None = None
+    labels_unlearned: int | None = Field(
+        default=None,
+        ge=0,
+        description="answered labels (the holdout excluded) this model had not learned from "
+        "when the trainer released it; null when its release does not say",
+    )
 
 
 class ReleaseEntry(BaseModel):

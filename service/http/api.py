@@ -203,4 +203,5 @@ def _model_info(scorer: Scorer) -> ModelInfo:
         provider=scorer.model.provider,
         labels_trained=spec.labels_trained,
         parent_version=spec.parent_version,
+        labels_unlearned=spec.labels_unlearned,
     )

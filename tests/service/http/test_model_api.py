@@ -10,6 +10,7 @@ from pydantic import SecretStr
 
 from schemas.model_spec import SPEC_KEY, ModelSpec
 from service.http.api import create_app
+from tests.service.model.head_releases import full_release, head_release, publish_head
 
 
 def _variant(path: Path, version: str, labels_trained: int) -> tuple[bytes, ModelSpec]:
@@ -61,3 +62,31 @@ def test_a_scorer_without_a_model_serves_the_first_release_and_can_pin_back(
         _until(client, "v2")
         metrics = client.get("/metrics").text
         assert 'winnow_model_swaps_total{result="ok"}' in metrics
+
+
+def test_status_says_how_many_answered_labels_the_serving_model_has_not_learned(
+    scorer_settings, digits_model_path, publish_model
+) -> None:
+    settings = scorer_settings().model_copy(update={"admin_token": SecretStr("t")})
+    auth = {"Authorization": "Bearer t"}
+    artifact, spec = full_release(digits_model_path, "v1", labels_trained=10, labels_unlearned=4)
+    asyncio.run(publish_model(settings, artifact, spec))
+    with TestClient(create_app(settings)) as client:
+        _until(client, "v1")
+        assert client.get("/v1/status").json()["model"]["labels_unlearned"] == 4
+        head, head_spec, _ = head_release(spec, "v1-h1", 1, labels_trained=14, labels_unlearned=0)
+        asyncio.run(publish_head(settings, head, head_spec, "v1"))
+        model = _until(client, "v1-h1")
+        assert model["current"]["labels_unlearned"] == 0
+        status = client.get("/v1/status").json()["model"]
+        assert (status["version"], status["labels_trained"], status["labels_unlearned"]) == (
+            "v1-h1",
+            14,
+            0,
+        )
+        assert "winnow_labels_unlearned 0.0" in client.get("/metrics").text
+        pinned = client.post("/v1/model/pin", json={"version": "v1"}, headers=auth)
+        assert pinned.status_code == 200, pinned.text
+        assert client.get("/v1/status").json()["model"]["labels_unlearned"] == 4
+        back = client.post("/v1/model/pin", json={"version": "v1-h1"}, headers=auth)
+        assert back.status_code == 200 and back.json()["current"]["version"] == "v1-h1"
