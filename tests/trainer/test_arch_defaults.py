@@ -9,7 +9,7 @@ from pydantic import ValidationError
 from trainer.arch_defaults import PRETRAINED_MIN_INPUT, default_arch, default_pretrained
 from trainer.architectures import pretrained_weights_path
 from trainer.config import TrainerSettings
-from trainer.loop import Trainer
+from trainer.lineage import initial_model
 
 
 def test_input_size_picks_the_architecture() -> None:
@@ -51,11 +51,7 @@ def test_trainer_settings_refuse_conflicts() -> None:
 
 def test_cold_start_of_a_camera_sized_trainer_is_pretrained(tmp_path: Path) -> None:
     settings = TrainerSettings(data_dir=tmp_path, classes=["normal", "polyp"], input_size=96)
-    trainer = Trainer(settings)
-    try:
-        model, spec, fresh = trainer._initial_model()
-    finally:
-        trainer.store.close()
+    model, spec, fresh = initial_model(settings)
     assert fresh and spec.arch == "efficientnet_lite0" and spec.embedding_dim == 1280
     assert spec.mean == [127 / 255] * 3 and spec.std == [128 / 255] * 3
     state = torch.load(pretrained_weights_path("efficientnet_lite0"), weights_only=True)

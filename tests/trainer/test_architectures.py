@@ -19,8 +19,12 @@ from trainer.architectures import (
     imagenet_model,
     pretrained_weights_path,
 )
+from trainer.checkpoint import load_checkpoint, save_checkpoint
 from trainer.errors import ModelBuildError
+from trainer.export import check_parity, export_onnx
+from trainer.finetune import FinetuneConfig, finetune_round
 from trainer.model_init import default_normalization, init_model
+from trainer.samples import Sample
 
 # ImageNet class indices: 442 bell cote, 832 stupa, 663 monastery, 538 dome,
 # 483 castle; 985 daisy.
@@ -167,3 +171,44 @@ def test_pretrained_is_refused_where_nothing_ships(tmp_path: Path) -> None:
         build_model("resnet18", 2, 3, pretrained=True)
     with pytest.raises(ModelBuildError, match="not both"):
         build_model("efficientnet_lite0", 2, 3, weights=tmp_path / "w.pth", pretrained=True)
+
+
+def _patches(image: np.ndarray, count: int, seed: int) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    height, width = image.shape[:2]
+    tops, lefts = rng.integers(0, height - 128, count), rng.integers(0, width - 128, count)
+    return [
+        Image.fromarray(image[t : t + 128, s : s + 128]) for t, s in zip(tops, lefts, strict=True)
+    ]
+
+
+@pytest.mark.slow
+def test_pretrained_model_fine_tunes_and_round_trips(photos, tmp_path: Path) -> None:
+    """A few steps on patches of the two photos, then a checkpoint and an ONNX export."""
+    spec = _spec(3, 64, ["china", "flower"])
+    model = build_model("efficientnet_lite0", 2, 3, pretrained=True)
+
+    def samples(seed: int, count: int) -> list[Sample]:
+        return [
+            Sample(f"{name}-{seed}-{i}", image_to_input(patch, spec), label)
+            for label, name in enumerate(spec.classes)
+            for i, patch in enumerate(_patches(photos[f"{name}.jpg"], count, seed))
+        ]
+
+    train, test = samples(0, 16), samples(1, 16)
+    # A head from scratch in ten steps: a larger step than a round's default,
+    # and ImageNet's BatchNorm statistics kept, as for small rounds.
+    config = FinetuneConfig.for_arch(
+        spec.arch, lr=1e-3, max_steps=10, min_steps=10, batch_size=16, freeze_batchnorm=True
+    )
+    finetune_round(model, train, [], config, torch.device("cpu"))
+    x = torch.from_numpy(np.stack([s.inputs for s in test]))
+    with torch.no_grad():
+        probabilities, _ = model.eval()(x)
+    accuracy = float((probabilities.argmax(1).numpy() == [s.label for s in test]).mean())
+    assert accuracy >= 0.9
+    loaded, _ = load_checkpoint(save_checkpoint(tmp_path, model, spec))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x)[0], probabilities)
+    export_onnx(loaded, spec, tmp_path / "m.onnx")
+    assert check_parity(loaded, tmp_path / "m.onnx", spec) <= 1e-4
