@@ -281,6 +281,7 @@ class EmbeddingCache:
         frame_ids: Sequence[str],
         read_images: Callable[[list[str]], Mapping[str, bytes]],
         device: torch.device,
+        decoded: Mapping[str, np.ndarray] | None = None,
     ) -> dict[str, np.ndarray]:
         """The embeddings of ``frame_ids`` under ``model``'s backbone (those that decode).
 
@@ -292,12 +293,13 @@ class EmbeddingCache:
             read_images: the encoded images of the given frame ids (called once,
                 with the frames not embedded before).
             device: where the backbone runs.
+            decoded: model inputs already decoded, by frame id: their images are not read.
         """
         if backbone_version != self.version:
             self.version, self._vectors = backbone_version, {}
         missing = [f for f in dict.fromkeys(frame_ids) if f not in self._vectors]
         if missing:
-            self._embed(model, spec, missing, read_images, device)
+            self._embed(model, spec, missing, read_images, device, decoded or {})
         return {f: v for f in frame_ids if (v := self._vectors.get(f)) is not None}
 
     def _embed(
@@ -307,10 +309,12 @@ class EmbeddingCache:
         frame_ids: list[str],
         read_images: Callable[[list[str]], Mapping[str, bytes]],
         device: torch.device,
+        known: Mapping[str, np.ndarray],
     ) -> None:
-        images = read_images(frame_ids)
-        decoded: dict[str, np.ndarray] = {}
-        for frame_id in frame_ids:
+        decoded = {f: known[f] for f in frame_ids if f in known}
+        unread = [f for f in frame_ids if f not in known]
+        images = read_images(unread) if unread else {}
+        for frame_id in unread:
             image = images.get(frame_id)
             if image is None:
                 continue  # not stored (yet): asked again next time

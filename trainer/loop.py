@@ -298,14 +298,33 @@ class Trainer(Component):
         """The CPU/GPU part of a round, in a worker thread: builds a candidate, adopts nothing."""
         fraction = self.settings.holdout_fraction
         split = split_items(items, start.spec, self._samples, self.store.images, fraction)
-        return build_round(start, split, self._gate, self.device, trigger)
+
+        def refit(candidate: WinnowNet) -> tuple[WinnowNet, dict[str, str]]:
+            # Every label there is now, those that came while the backbone trained too, so
+            # the release knows them all; the round's frames are decoded already.
+            now, spec = self.store.trainable(), start.spec
+            known = {s.frame_id: s.inputs for s in (*split.train, *split.holdout)}
+            built = build_head(
+                candidate,
+                spec,
+                spec,
+                now,
+                EmbeddingCache(),
+                self.store.images,
+                self._gate,
+                self.device,
+                decoded=known,
+            )
+            return (built.model, built.fit) if built and built.model else (candidate, {})
+
+        return build_round(start, split, self._gate, self.device, trigger, refit)
 
     async def _adopt_round(self, built: BuiltRound, items: list[TrainItem]) -> str | None:
         """Publishes and serves the round's candidate; its version, or None when refused."""
         if built.model is None or built.spec is None:
             return None
         assert self.spec is not None
-        learned = {item.frame_id: item.label for item in items}
+        learned = {item.frame_id: item.label for item in items} | built.head_fit
         spec = built.spec.model_copy(
             update={
                 # a head-only release may have come out while the round trained
@@ -316,8 +335,9 @@ class Trainer(Component):
         await self._release(built.model, spec)
         self.model, self.spec, self.base = built.model, spec, spec
         self.incumbent_accuracy = built.accuracy
-        # The new backbone learned every label the round saw: head refits start over on it.
-        self._covered, self._attempted = {}, {}
+        # The new backbone learned every label the round saw, its head those that came
+        # since too: head refits start over on it from there.
+        self._covered, self._attempted = dict(built.head_fit), dict(built.head_fit)
         return spec.version
 
     # -- releases --------------------------------------------------------------------------

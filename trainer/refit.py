@@ -93,6 +93,7 @@ def build_head(
     settings: RoundSettings,
     device: torch.device,
     l2: float = DEFAULT_L2,
+    decoded: Mapping[str, np.ndarray] | None = None,
 ) -> BuiltHead | None:
     """Refits the serving model's head on every label; None when no label can train.
 
@@ -106,10 +107,13 @@ def build_head(
         settings: holdout and gate settings.
         device: where the backbone embeds new frames.
         l2: the pull towards the serving head, per label.
+        decoded: model inputs already decoded, by frame id (their images are not read).
     """
     started = time.perf_counter()
     labels = {i.frame_id: i.label for i in items if i.label in spec.classes}
-    vectors = cache.embeddings(model, spec, base.version, list(labels), read_images, device)
+    vectors = cache.embeddings(
+        model, spec, base.version, list(labels), read_images, device, decoded
+    )
     fraction = settings.holdout_fraction
     train = [f for f in labels if f in vectors and not is_holdout(f, fraction)]
     holdout = [f for f in labels if f in vectors and is_holdout(f, fraction)]

@@ -3,9 +3,12 @@
 The CPU/GPU part of a round of AIFT's continuous fine-tuning (Zhou et al.,
 CVPR 2017): the labels are split into new ones, earlier ones to replay and a
 holdout; a copy of the serving model is fine-tuned on the new labels plus a
-replay (:func:`trainer.finetune.finetune_round`), scored against the serving
-model on the same holdout (:func:`trainer.evaluate.release_gate`), and, when
-the gate lets it through, given the spec of its release. Nothing here touches
+replay (:func:`trainer.finetune.finetune_round`), its head refit on the new
+backbone's embeddings of every label there is by then (a head fit to frozen
+features beats the head fine-tuned with them; see :mod:`trainer.head`),
+scored against the serving model on the same holdout
+(:func:`trainer.evaluate.release_gate`), and, when the gate lets it through,
+given the spec of its release. Nothing here touches
 the trainer's state: :class:`~trainer.loop.Trainer` adopts what
 :func:`build_round` returns only once the release is published.
 """
@@ -71,7 +74,9 @@ class BuiltRound:
     """What a round built in its worker thread, for the trainer to adopt after publishing.
 
     ``model`` and ``spec`` are the candidate to release, or None when the gate
-    refused it; ``accuracy`` is the candidate's on the holdout.
+    refused it; ``accuracy`` is the candidate's on the holdout; ``head_fit``
+    the frames and labels its head was refit on (holdout excluded), which may
+    include labels that came during the round.
     """
 
     report: RoundReport
@@ -79,6 +84,11 @@ class BuiltRound:
     spec: ModelSpec | None
     accuracy: float | None
     prequential: Prequential
+    head_fit: dict[str, str]
+
+
+HeadRefit = Callable[[WinnowNet], tuple[WinnowNet, dict[str, str]]]
+"""Refits a candidate's head on its own backbone: the model, and the frames and labels fit."""
 
 
 @dataclass(frozen=True)
@@ -154,8 +164,9 @@ def build_round(
     settings: RoundSettings,
     device: torch.device,
     trigger: RoundTrigger,
+    refit: HeadRefit | None = None,
 ) -> BuiltRound:
-    """Fine-tunes a copy of the serving model, gates it on the holdout and specs it.
+    """Fine-tunes a copy of the serving model, refits its head, gates it and specs it.
 
     Args:
         start: the serving model and what the round counts from.
@@ -163,10 +174,14 @@ def build_round(
         settings: holdout, gate and seed settings.
         device: where to train.
         trigger: what started the round.
+        refit: refits the fine-tuned candidate's head; None keeps the fine-tuned head.
     """
     started, model, spec = time.perf_counter(), start.model, start.spec
     prequential = scored(start.prequential, model, split.unseen, device)
     candidate, stats = _fit(model, spec, split, settings.seed, device)
+    head_fit: dict[str, str] = {}
+    if refit is not None:
+        candidate, head_fit = refit(candidate)
     holdout = split.holdout
     candidate_right = correct(candidate, holdout, device) if holdout else None
     incumbent_right = correct(model, holdout, device) if holdout else None
@@ -176,9 +191,10 @@ def build_round(
     candidate_acc = None if math.isnan(gate.candidate) else gate.candidate
     incumbent_acc = None if math.isnan(gate.incumbent) else gate.incumbent
     carried = sum(1 for s in split.replay if s.frame_id in start.unreleased)
-    # The backbone's count goes on from the full release: a head-only release's count
+    # The backbone's count goes on from the full release's backbone: a head's count
     # already holds labels this round learns again.
-    labels_trained = start.base.labels_trained + len(split.new) + carried
+    backbone = backbone_labels(start.base) + len(split.new) + carried
+    labels_trained = max(backbone, len(head_fit))
     version = next_version(start.base, labels_trained)
     log.info(
         "round (trigger=%s): %d new, %d replayed, %d holdout, loss %.4f in %.1fs; %s: %s",
@@ -199,7 +215,11 @@ def build_round(
                 "version": version,
                 "parent_version": spec.version,
                 "labels_trained": labels_trained,
-                "metrics": {**metrics, "generation": float(generation(start.base) + 1)},
+                "metrics": {
+                    **metrics,
+                    "generation": float(generation(start.base) + 1),
+                    "backbone_labels": float(backbone),
+                },
                 "reference": reference_for(candidate, split.train, holdout, device, settings.seed),
             }
         )
@@ -217,7 +237,7 @@ def build_round(
         trigger=trigger,
     )
     chosen = candidate if gate.accepted else None
-    return BuiltRound(report, chosen, released, candidate_acc, prequential)
+    return BuiltRound(report, chosen, released, candidate_acc, prequential, head_fit)
 
 
 def _fit(
@@ -257,6 +277,11 @@ def scored(
 def generation(spec: ModelSpec) -> int:
     """How many backbone rounds the model's lineage has released (0: the first model)."""
     return int(spec.metrics.get("generation", 0))
+
+
+def backbone_labels(spec: ModelSpec) -> int:
+    """The labels the backbone of a full release learned from (its head may know more)."""
+    return int(spec.metrics.get("backbone_labels", spec.labels_trained))
 
 
 def next_version(base: ModelSpec, labels_trained: int) -> str:
