@@ -17,6 +17,8 @@ class Point:
     version: str
     labels: int
     accuracy: float
+    head: bool = False
+    """A head-only release (the head refit on the backbone of the model before)."""
 
 
 def test_inputs(data: ImageDataset, spec: ModelSpec) -> np.ndarray:

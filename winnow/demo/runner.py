@@ -37,6 +37,8 @@ class Progress:
     sent: int = 0
     versions: list[str] = field(default_factory=list)
     points: list[Point] = field(default_factory=list)
+    unlearned: list[int] = field(default_factory=list)
+    """The trainer's count of answered labels the serving model has not learned, sampled."""
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -103,7 +105,7 @@ async def _run(
     inputs = await asyncio.to_thread(test_inputs, data, scorer.model.spec)
     started = time.monotonic()
     await labelers.start()
-    watch = asyncio.create_task(_watch(scorer, inputs, data.test_labels, progress))
+    watch = asyncio.create_task(_watch(scorer, trainer, inputs, data.test_labels, progress))
     report = asyncio.create_task(_report(scorer, trainer, labelers, progress, started))
     alarms = asyncio.create_task(_alarms(drift, started))
     try:
@@ -226,18 +228,21 @@ async def _until(condition: Callable[[], bool], within: float) -> None:
 
 
 async def _watch(
-    scorer: Scorer, inputs: np.ndarray, labels: np.ndarray, progress: Progress
+    scorer: Scorer, trainer: Trainer, inputs: np.ndarray, labels: np.ndarray, progress: Progress
 ) -> None:
-    """Scores every model the scorer swaps in on the test split."""
+    """Scores every model the scorer swaps in on the test split; samples the unlearned count."""
     while True:
+        progress.unlearned.append(trainer.labels_unlearned)
         model = scorer.model
         if model.version not in progress.versions:
             progress.versions.append(model.version)
             acc = await asyncio.to_thread(onnx_accuracy, model, inputs, labels)
-            point = Point(model.version, model.spec.labels_trained, acc)
+            heads = {r.version for r in trainer.head_reports if r.released}
+            point = Point(model.version, model.spec.labels_trained, acc, model.version in heads)
             progress.points.append(point)
+            kind = "head-only release" if point.head else "model"
             print(
-                f"  model {point.version} serving, learned from {point.labels} labels: "
+                f"  {kind} {point.version} serving, learned from {point.labels} labels: "
                 f"test accuracy {point.accuracy:.3f}",
                 flush=True,
             )
@@ -278,8 +283,9 @@ async def _report(
         accuracy = progress.points[-1].accuracy if progress.points else float("nan")
         print(
             f"[{time.monotonic() - started:5.1f}s] frames {progress.sent} sent, {scored} "
-            f"scored | requests {counts['selected']} | labels {len(labelers.answered)} | "
-            f"model {scorer.model.version} | test accuracy {accuracy:.3f}",
+            f"scored | requests {counts['selected']} | labels {len(labelers.answered)}, "
+            f"{trainer.labels_unlearned} not learned yet | model {scorer.model.version} | "
+            f"test accuracy {accuracy:.3f}",
             file=sys.stderr,
             flush=True,
         )
@@ -295,13 +301,19 @@ def _summary(
     full: float,
     seconds: float,
 ) -> dict:
-    points = progress.points
+    points, unlearned = progress.points, progress.unlearned or [0]
     return {
         "dataset": data.name,
         "frames": progress.sent,
         "label_requests": scorer.accounting.counts["selected"],
         "labels_used": len(labelers.answered),
         "labeled_fraction": round(len(labelers.answered) / max(1, progress.sent), 4),
+        # the holdout share of the answers is never learned from: it judges releases
+        "labels_learned": scorer.model.spec.labels_trained,
+        "labels_unlearned_max": max(unlearned),
+        "labels_unlearned_mean": round(float(np.mean(unlearned)), 2),
+        "labels_unlearned_final": trainer.labels_unlearned,
+        "head_releases": sum(1 for p in points if p.head),
         "model_versions": len(progress.versions),
         "initial_accuracy": points[0].accuracy if points else None,
         "final_accuracy": points[-1].accuracy if points else None,
@@ -331,8 +343,9 @@ def _finish(summary: dict, args: argparse.Namespace) -> None:
     )
     print("\nwinnow demo summary")
     print(f"  {'model':<24} {'labels':>7} {'test accuracy':>14}")
-    for point in points:
-        print(f"  {point.version:<24} {point.labels:>7} {point.accuracy:>14.3f}")
+    for point in points:  # head-only releases in between are on the plot
+        if not point.head or point is points[-1]:
+            print(f"  {point.version:<24} {point.labels:>7} {point.accuracy:>14.3f}")
     print(
         f"  {'all training labels':<24} {len(points) and summary['frames']:>7} "
         f"{summary['full_accuracy']:>14.3f}"
@@ -341,6 +354,13 @@ def _finish(summary: dict, args: argparse.Namespace) -> None:
         f"  labels used {summary['labels_used']} of {summary['frames']} frames "
         f"({summary['labeled_fraction']:.1%}); final accuracy {summary['final_accuracy']:.3f} "
         f"vs {summary['full_accuracy']:.3f} with every label"
+    )
+    print(
+        f"  the final model learned from {summary['labels_learned']} of the "
+        f"{summary['labels_used']} answers (the holdout share judges releases); "
+        f"{summary['head_releases']} head-only releases in between; answered labels not yet "
+        f"learned: at most {summary['labels_unlearned_max']}, "
+        f"{summary['labels_unlearned_mean']:.1f} on average"
     )
     for rejected in summary["rounds_rejected"]:
         print(f"  a round was not released (the release gate): {rejected['reason']}")
