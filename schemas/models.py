@@ -57,7 +57,7 @@ class ModelChunk(BaseModel):
     data: Base64Bytes
 
 
-HEAD_FORMAT = "winnow-head-v1"
+HEAD_FORMAT: Literal["winnow-head-v1"] = "winnow-head-v1"
 """The ``format`` of a :class:`HeadArtifact`."""
 
 
