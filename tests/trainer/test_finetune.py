@@ -289,6 +289,10 @@ def test_config_for_arch() -> None:
     assert FinetuneConfig.for_arch("small-cnn").lr == 1e-3
     assert FinetuneConfig.for_arch("resnet18").lr == 1e-4
     assert FinetuneConfig.for_arch("resnet18", epochs=7).epochs == 7
+    assert not FinetuneConfig.for_arch("resnet18").freeze_batchnorm
+    assert FinetuneConfig.for_arch("efficientnet_lite0").freeze_batchnorm
+    unfrozen = FinetuneConfig.for_arch("efficientnet_lite0", freeze_batchnorm=False)
+    assert not unfrozen.freeze_batchnorm
     assert FinetuneConfig().replay_count(new=10, pool=1000) == 40
     assert FinetuneConfig().replay_count(new=1, pool=1000) == 32  # replay_min
     assert FinetuneConfig().replay_count(new=10, pool=5) == 5
