@@ -114,14 +114,13 @@ def check_strategies(config: BenchConfig) -> None:
             )
 
 
-def _full_one(job: tuple[int, LearnerConfig, bool]) -> tuple[int, list[list[int]]]:
+def _full_one(job: tuple[int, LearnerConfig]) -> tuple[int, list[list[int]]]:
     from winnow.bench.efficiency import run
-    from winnow.bench.efficiency.learner import full_data_confusion, trainer_head_refit
+    from winnow.bench.efficiency.learner import full_data_confusion
 
-    seed, learner, refits = job
+    seed, learner = job
     assert run._DATA is not None
-    refit = trainer_head_refit() if refits else None
-    return seed, full_data_confusion(run._DATA, learner, seed, refit).tolist()
+    return seed, full_data_confusion(run._DATA, learner, seed).tolist()
 
 
 def run_bench(config: BenchConfig, data: StreamData | None = None) -> dict[str, Any]:
@@ -142,7 +141,7 @@ def run_bench(config: BenchConfig, data: StreamData | None = None) -> dict[str, 
     jobs = [
         (name, spec, seed, run) for seed in config.seeds for name, spec in config.strategies.items()
     ]
-    full_jobs = [(seed, run.learner, refits) for seed in config.seeds[: config.full_seeds]]
+    full_jobs = [(seed, run.learner) for seed in config.seeds[: config.full_seeds]]
     results: dict[str, list[RunResult]] = {name: [] for name in config.strategies}
     fulls: list[tuple[int, list[list[int]]]] = []
     context = multiprocessing.get_context("spawn")
@@ -212,9 +211,6 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         [n.strip() for n in args.strategies.split(",") if n.strip()] if args.strategies else None
     )
     refits = resolve_head_refit(args.head_refits) is not None
-    # The trainer's rounds come every 20 labels; without refits in between, a round every 10
-    # keeps the curve's resolution at low label counts.
-    round_labels = args.round_labels or (20 if refits else 10)
     default = (
         VIDEO_DEFAULT_STRATEGIES
         if args.video
@@ -242,7 +238,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
             max_passes=args.max_passes,
             video=args.video,
             learner=LearnerConfig(
-                round_labels=round_labels,
+                round_labels=args.round_labels,
                 refit_labels=args.refit_labels,
                 min_steps=args.min_steps,
                 full_steps=args.full_steps,
@@ -302,8 +298,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--round-labels",
         type=int,
-        default=None,
-        help="labels per fine-tuning round (default 20 with head refits, else 10)",
+        default=10,
+        help="labels per fine-tuning round (the trainer's round_min_labels)",
     )
     p.add_argument("--refit-labels", type=int, default=5, help="labels per head refit")
     p.add_argument(

@@ -5,14 +5,16 @@ Labels arrive one at a time from the oracle. Every ``round_labels`` labels,
 weights on the new labels plus a replay of earlier ones (``FinetuneConfig``
 as the trainer builds it), exactly as a trainer round does; there is no
 release gate, each round's model is the next one. With head refits, the
-trainer's head refit (``trainer.head.refit_head``) retrains the linear head on
-frozen embeddings of every label so far after each round and every
-``refit_labels`` labels in between, as the trainer's fast path does. The model
+trainer's head refit (``trainer.head.refit_head``: the linear head on frozen
+embeddings of every label so far, pulled towards the current head) runs every
+``refit_labels`` labels between rounds, as the trainer's fast path does; a
+round trains the head itself, so the refits start again after it. The model
 is measured on the test split after each change, so the curve has a point per
 round and per refit.
 
-The full-data reference is the same model, configuration and refit given every
-training label at once (one long round).
+The full-data reference is the same model and configuration given every
+training label at once: one long round, after which no label is left for a
+refit.
 """
 
 import importlib
@@ -201,8 +203,9 @@ class Learner:
         self._pending.clear()
         self.rounds += 1
         self.labels_learned = self.answered
-        if self._refit is not None:
-            self._refit_head()
+        # The round trained the head too (with augmentation and replay); refits resume
+        # with the labels that come after it, as in the trainer.
+        self._refit_at = self.answered
 
     def _refit_head(self) -> None:
         assert self._refit is not None
@@ -213,13 +216,11 @@ class Learner:
         self.labels_learned = self.answered
 
 
-def full_data_confusion(
-    data: StreamData, config: LearnerConfig, seed: int, refit: HeadRefit | None
-) -> np.ndarray:
+def full_data_confusion(data: StreamData, config: LearnerConfig, seed: int) -> np.ndarray:
     """Test counts of the same learner given every training label in one long round.
 
     One frame per image (a video burst is one image), at least 600 steps and
-    10 epochs, then the head refit when the run uses refits.
+    10 epochs.
     """
     import torch
 
@@ -234,8 +235,5 @@ def full_data_confusion(
         data, seed, epochs=10, max_steps=steps, min_steps=steps, replay_min=0
     )
     finetune_round(model, train, [], finetune, torch.device("cpu"))
-    if refit is not None:
-        model = refit(model, train)
-    model.eval()
     probs, _ = forward(model, data.test_inputs)
     return confusion(data.test_labels, probs.argmax(axis=1), len(data.classes))
