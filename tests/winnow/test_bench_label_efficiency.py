@@ -124,3 +124,13 @@ def test_pretrained_runs_on_cached_features(tmp_path: Path) -> None:
     assert result["stream"]["feature_seconds"] >= 0
     # ImageNet features separate a bright block from noise: the full-data learner does
     assert result["full"]["mean"] >= 0.9
+
+
+def test_an_unknown_peer_is_refused_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    specs = tmp_path / "specs.json"
+    specs.write_text(json.dumps({"p": {"peer": "NoSuchStrategy"}}))
+    code = main(["--strategy-specs", str(specs), "--json", str(tmp_path / "x.json")])
+    assert code == 2
+    assert "no 'NoSuchStrategy'" in capsys.readouterr().err

@@ -98,6 +98,8 @@ def check_strategies(config: BenchConfig) -> None:
     Raises:
         SpecError: settings the policy refuses, or AIFT on cached features.
     """
+    from skactiveml import stream
+
     from service.scoring.aift import AIFT_UTILITIES
     from service.selection.policy import QueryPolicy
 
@@ -107,6 +109,8 @@ def check_strategies(config: BenchConfig) -> None:
             QueryPolicy.from_settings(settings)
         except (SpecError, ValueError, KeyError) as error:
             raise SpecError(f"strategy {name}: {error}") from None
+        if spec.peer is not None and not hasattr(stream, spec.peer):
+            raise SpecError(f"strategy {name}: skactiveml.stream has no {spec.peer!r}")
         if config.stream.pretrained and spec.peer is None and settings.utility in AIFT_UTILITIES:
             raise SpecError(
                 f"strategy {name}: AIFT needs views through the backbone; with --pretrained "

@@ -4,8 +4,9 @@ Per strategy, over the paired seeds:
 
 - ``labels_to_target``: per seed, the labels at which the isotonic fit of its
   curve reaches each target (90/95/98% of the full-data measure), censored
-  seeds as null; summarized by the median (null when at least half are
-  censored) and the number censored.
+  seeds as null; summarized by the median (censored seeds count as above
+  every measured one, so it is null when the middle seed is censored) and the
+  number censored.
 - ``savings``: per target, the geometric mean over seeds of random's labels
   over the strategy's (censored values at ``max_labels``, see
   :mod:`.curves`), its percentile-bootstrap interval over seeds and the share
