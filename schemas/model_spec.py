@@ -37,6 +37,11 @@ class ModelSpec(BaseModel):
     mean: list[float]
     std: list[float]
     embedding_dim: int = Field(gt=0)
+    backbone_version: str | None = Field(
+        default=None,
+        description="the full release whose backbone (all but the linear head) this model has: "
+        "its own version for a full release, the base for a head-only release; null: its own",
+    )
     labels_trained: int = Field(default=0, ge=0, description="labels this version learned from")
     labels_unlearned: int | None = Field(
         default=None,
@@ -48,6 +53,11 @@ class ModelSpec(BaseModel):
     reference: DriftReference | None = Field(
         default=None, description="statistics of the training data, for drift detection"
     )
+
+    @property
+    def backbone(self) -> str:
+        """The version of the backbone; a model that does not say has its own."""
+        return self.backbone_version or self.version
 
     @model_validator(mode="after")
     def _per_channel(self) -> "ModelSpec":
