@@ -48,9 +48,11 @@ def initial_model(settings: TrainerSettings) -> tuple[WinnowNet, ModelSpec, bool
         pretrained=settings.first_pretrained,
     )
     mean, std = default_normalization(settings.channels, arch)
+    version = f"0000-init-{secrets.token_hex(3)}"
     spec = ModelSpec(
         name=settings.model_name,
-        version=f"0000-init-{secrets.token_hex(3)}",
+        version=version,
+        backbone_version=version,
         arch=arch,
         classes=list(settings.classes),
         input_size=(settings.input_size, settings.input_size),

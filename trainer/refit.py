@@ -143,6 +143,7 @@ def build_head(
             update={
                 "version": version,
                 "parent_version": spec.version,
+                "backbone_version": base.version,  # the base's backbone, a new head
                 "labels_trained": len(train),
                 "metrics": _metrics(base, candidate_acc, len(holdout)),
                 "reference": _reference(reference_x, head, settings.seed),

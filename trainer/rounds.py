@@ -214,6 +214,7 @@ def build_round(
             update={
                 "version": version,
                 "parent_version": spec.version,
+                "backbone_version": version,  # a new backbone
                 "labels_trained": labels_trained,
                 "metrics": {
                     **metrics,

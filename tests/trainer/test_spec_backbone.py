@@ -1,0 +1,49 @@
+"""Each release's spec names its backbone: a full release its own version, a head-only
+release its base (the scorer's drift monitor keeps the embedding detector across it)."""
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from trainer.config import TrainerSettings
+from trainer.evaluate import Prequential
+from trainer.head import EmbeddingCache
+from trainer.lineage import initial_model
+from trainer.refit import build_head
+from trainer.rounds import RoundInputs, RoundSettings, build_round, split_items
+from trainer.samples import SampleCache
+from trainer.store import TrainItem
+
+CPU = torch.device("cpu")
+GATE = RoundSettings(holdout_fraction=0.0, release_margin=1.0, release_alpha=0.05, seed=0)
+
+
+def test_full_and_head_releases_name_their_backbone(
+    digits: tuple[list[bytes], np.ndarray], tmp_path: Path
+) -> None:
+    pngs, targets = digits
+    settings = TrainerSettings(
+        data_dir=tmp_path, classes=[str(d) for d in range(10)], input_size=8, channels=1
+    )
+    model, cold, fresh = initial_model(settings)
+    assert fresh and cold.backbone_version == cold.version
+
+    def images(ids: list[str]) -> dict[str, bytes]:
+        return {f: pngs[int(f[1:])] for f in ids}
+
+    items = [TrainItem(f"f{i}", str(targets[i]), i, True) for i in range(30)]
+    head = build_head(model, cold, cold, items, EmbeddingCache(), images, GATE, CPU)
+    assert head is not None and head.spec is not None and head.model is not None
+    assert head.spec.backbone_version == cold.version != head.spec.version
+    # a refit on a head-only release: still its base's backbone, not the head's version
+    again = build_head(head.model, head.spec, cold, items, EmbeddingCache(), images, GATE, CPU)
+    assert again is not None and again.spec is not None
+    assert again.spec.backbone_version == cold.version
+
+    split = split_items(items, head.spec, SampleCache(), images, GATE.holdout_fraction)
+    start = RoundInputs(copy.deepcopy(head.model), head.spec, cold, Prequential(), set())
+    built = build_round(start, split, GATE, CPU, "manual")
+    assert built.spec is not None  # a new backbone, from a head-only release
+    assert built.spec.backbone_version == built.spec.version != cold.version
