@@ -8,7 +8,11 @@ release, cut back to what computes ``embedding``, with the head appended as
 head's spec and weights (``HEAD_KEY``, which MC dropout reads) in its
 metadata. Every Winnow model applies its head to the embedding it outputs
 (dropout is the identity at inference), so this is the model the trainer
-released, whatever exporter wrote the base graph.
+released, whatever exporter wrote the base graph. Its spec names the base as
+its ``backbone_version`` (the drift monitor keeps the embedding detector's
+state across such swaps); one published before that field existed leaves it
+unset, since the served spec must be the manifest's, and counts as a backbone
+of its own.
 """
 
 import json
@@ -102,7 +106,8 @@ def with_head(base: bytes, manifest: ModelManifest, artifact: bytes) -> bytes:
 
     Raises:
         ReleaseError: ``load`` (not a head, or a base it cannot go on) or
-            ``spec`` (the head's base or spec is not the manifest's).
+            ``spec`` (the head's base or spec is not the manifest's, or its spec
+            names another backbone than its base).
     """
     try:
         head = parse_head(artifact)
@@ -113,6 +118,12 @@ def with_head(base: bytes, manifest: ModelManifest, artifact: bytes) -> bytes:
             "spec",
             f"the head is for {head.base_version!r} version {head.spec.version!r}; the "
             f"manifest says {manifest.base_version!r} version {manifest.version!r}",
+        )
+    if head.spec.backbone_version not in (None, head.base_version):
+        raise ReleaseError(
+            "spec",
+            f"the head is on base {head.base_version!r} but its spec names backbone "
+            f"{head.spec.backbone_version!r}",
         )
     try:
         return apply_head(base, head)

@@ -90,3 +90,18 @@ def test_a_head_that_does_not_fit_the_backbone_does_not_load(
         OnnxModel.load(apply_head(onnx_bytes, parse_head(artifact)), device="cpu")
     with pytest.raises(ModelError, match="not a head"):
         parse_head(json.dumps({"format": "winnow-head-v1"}).encode())
+
+
+def test_a_head_names_its_base_as_its_backbone(base: tuple[bytes, ModelSpec]) -> None:
+    onnx_bytes, spec = base
+    artifact, head_spec, _ = head_release(spec, "h1", seed=1, backbone_version=spec.version)
+    served = with_head(onnx_bytes, _manifest(artifact, head_spec, spec.version), artifact)
+    assert OnnxModel.load(served, device="cpu").spec.backbone == spec.version
+    elsewhere, other_spec, _ = head_release(spec, "h2", seed=1, backbone_version="another")
+    with pytest.raises(ReleaseError) as other:
+        with_head(onnx_bytes, _manifest(elsewhere, other_spec, spec.version), elsewhere)
+    assert other.value.reason == "spec"
+    # published before the field: the served spec stays the manifest's, its own backbone
+    old, old_spec, _ = head_release(spec, "h3", seed=1)
+    served = with_head(onnx_bytes, _manifest(old, old_spec, spec.version), old)
+    assert OnnxModel.load(served, device="cpu").spec.backbone == "h3"
