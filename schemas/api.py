@@ -7,8 +7,19 @@ from pydantic import BaseModel, Field
 
 # The names settings and the API accept. The modules that implement them derive their
 # tuples from these (``typing.get_args``); tests check every name has an implementation.
-PolicyName = Literal["fixed", "variable", "randomized-variable", "split", "quantile", "random"]
+ThresholdPolicyName = Literal[
+    "fixed", "variable", "randomized-variable", "split", "quantile", "random"
+]
 """Threshold strategies (``service.selection.strategies``)."""
+CoveragePolicyName = Literal["herding", "probcover", "typiclust"]
+"""Coverage strategies in embedding space: stream MaxHerding / uncertainty herding
+(``service.selection.herding``), ProbCover and TypiClust."""
+PolicyName = Literal[ThresholdPolicyName, CoveragePolicyName, "vessal"]
+"""Every query strategy (``service.selection.registry``); ``vessal``: streaming volume
+sampling on gradient embeddings (``service.selection.vessal``)."""
+ColdStartName = Literal[CoveragePolicyName, "random", "none"]
+"""What selects while the model has learned from no label: a coverage strategy, random
+sampling, or ``none`` (the configured strategy from the start)."""
 ProbabilityUtilityName = Literal["least_confidence", "margin", "entropy"]
 """Utilities of one probability vector (``service.scoring.uncertainty``); always scored."""
 AiftUtilityName = Literal["aift", "aift_entropy", "aift_diversity"]
@@ -17,7 +28,7 @@ CommitteeUtilityName = Literal["bald", "vote_entropy", "average_kl"]
 """Utilities over a committee or MC-dropout passes (``service.scoring.committee``)."""
 UtilityName = Literal[ProbabilityUtilityName, AiftUtilityName, CommitteeUtilityName]
 """Every utility a policy may compare; the fields of ``schemas.scores.Scores``."""
-FilterName = Literal["dedup", "density", "balance", "audit"]
+FilterName = Literal["dedup", "density", "balance", "audit", "rare"]
 """Stream filters (``service.selection.filters``)."""
 SelectorName = Literal["none", "coreset", "badge"]
 """Windowed selectors (``service.selection.diversity``); ``none`` for frame by frame."""
@@ -31,6 +42,30 @@ class Readiness(BaseModel):
     ready: bool
     model_loaded: bool
     partitions_assigned: int
+
+
+class BackpressureState(BaseModel):
+    """Labeling-queue backpressure: how far behind the team is and what the scorer asks for."""
+
+    engaged: bool = Field(
+        description="answers to this scorer's requests have been seen (until then it waits)"
+    )
+    throttled: bool = Field(description="true while the scorer asks for less than its budget")
+    waiting: int = Field(ge=0, description="requests sent and not answered yet")
+    oldest_wait_s: float | None = Field(
+        default=None, description="how long the oldest unanswered request has waited"
+    )
+    request_rate_per_hour: float = Field(ge=0, description="requests sent, recent rate")
+    answer_rate_per_hour: float = Field(ge=0, description="answers received, recent rate")
+    allowed_rate_per_hour: float | None = Field(
+        default=None, description="requests allowed while throttled; null when not throttled"
+    )
+    budget_factor: float = Field(
+        ge=0, le=1, description="share of the budget in force: lower raises the bar"
+    )
+    held_back: int = Field(ge=0, description="selections the backpressure refused so far")
+    max_waiting: int = Field(ge=0, description="unanswered requests that count as behind")
+    max_wait_s: float = Field(ge=0, description="a wait that counts as behind")
 
 
 class PolicyState(BaseModel):
@@ -53,8 +88,27 @@ class PolicyState(BaseModel):
     params: dict[str, float] = Field(default_factory=dict, description="policy-specific knobs")
     cold_start: bool = Field(
         default=False,
-        description="true while the model has learned from no label: frames are then sampled "
-        "at random within the budget",
+        description="true while the model has learned from no label: frames are then chosen "
+        "by the cold-start strategy within the budget",
+    )
+    cold_start_strategy: ColdStartName = Field(
+        default="random",
+        description="what chooses during cold start: a coverage strategy, random, or none",
+    )
+    blend: float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description="weight of the uncertainty utility against coverage (embedding "
+        "strategies): 0 while the model has learned nothing, then following its accuracy",
+    )
+    competence: float | None = Field(
+        default=None,
+        description="the model's accuracy on recent answers, above the majority-class rate "
+        "(null until enough answers)",
+    )
+    backpressure: BackpressureState | None = Field(
+        default=None, description="labeling-queue backpressure; null when off"
     )
     filters: list[FilterName] = Field(
         default_factory=list, description="stream filters applied to the utility, in order"
@@ -139,6 +193,13 @@ class LabelingStatus(BaseModel):
     )
     recent_unlabelable: float | None = Field(
         default=None, description="share of recent answers that were 'unlabelable'"
+    )
+    recent_balanced_accuracy: float | None = Field(
+        default=None,
+        description="mean over classes of the recall on recent requests (imbalance-proof)",
+    )
+    recent_recall: dict[str, float] = Field(
+        default_factory=dict, description="per true class: share of recent requests predicted right"
     )
     budget_left_in_window: int = Field(ge=0, description="selections left in the budget window")
     labels_left_this_hour: int | None = Field(default=None, description="null without a cap")

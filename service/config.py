@@ -14,7 +14,7 @@ from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from infra.kafka.settings import KafkaSettings
-from schemas.api import FilterName, PolicyName, SelectorName, UtilityName
+from schemas.api import ColdStartName, FilterName, PolicyName, SelectorName, UtilityName
 
 
 class ScorerSettings(BaseSettings):
@@ -41,24 +41,56 @@ class ScorerSettings(BaseSettings):
     dead_letter_max_value_bytes: int = Field(default=900 * 1024, ge=0)
 
 
+def _default_filters() -> list[FilterName]:
+    return ["rare"]
+
+
 class PolicySettings(BaseSettings):
     """The query decision: utility, threshold policy and budget."""
 
     model_config = SettingsConfigDict(env_prefix="WINNOW_POLICY_", extra="ignore", frozen=True)
 
-    name: PolicyName = "variable"
-    utility: UtilityName = "entropy"
+    name: PolicyName = Field(
+        default="herding",
+        description="the query strategy; herding: coverage of the stream in embedding space, "
+        "weighted by uncertainty as the model's measured accuracy grows",
+    )
+    utility: UtilityName = Field(
+        default="margin", description="the uncertainty compared (blended with coverage)"
+    )
     budget: float = Field(default=0.05, gt=0, le=1)
     window: int = Field(default=1000, gt=0)
     labels_per_hour: float | None = Field(default=None, ge=0)
     seed: int | None = None
     params: dict[str, float] = Field(default_factory=dict)
-    cold_start_random: bool = Field(
-        default=True,
-        description="sample at random within the budget until the model has learned from labels",
+    cold_start: ColdStartName = Field(
+        default="herding",
+        description="what chooses until the model has learned from labels: a coverage "
+        "strategy (herding, probcover, typiclust) in the model's embedding space, random, "
+        "or none (the configured strategy from the start)",
+    )
+    cold_start_random: bool | None = Field(
+        default=None,
+        description="former switch: true is cold_start=random, false is cold_start=none",
+    )
+    competence_window: int = Field(
+        default=50, ge=1, description="answers over which the model's accuracy is measured"
+    )
+    competence_min_answers: int = Field(
+        default=10, ge=1, description="answers before the accuracy moves the uncertainty blend"
+    )
+    backpressure_waiting: int = Field(
+        default=200, ge=0, description="unanswered requests that mean the team is behind; 0: none"
+    )
+    backpressure_wait_s: float = Field(
+        default=900.0, ge=0, description="a request unanswered this long means behind; 0: none"
+    )
+    backpressure_window_s: float = Field(
+        default=600.0, gt=0, description="seconds over which request and answer rates are measured"
     )
     filters: list[FilterName] = Field(
-        default_factory=list, description="stream filters: dedup, density, balance, audit"
+        default_factory=_default_filters,
+        description="stream filters: dedup, density, balance, audit, rare (class-aware)",
     )
     filter_params: dict[str, float] = Field(
         default_factory=dict,

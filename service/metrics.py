@@ -92,6 +92,37 @@ class ScorerMetrics:
             "Share of recent answers that were 'unlabelable'",
             registry=r,
         )
+        self.request_recall = Gauge(
+            "winnow_request_recall",
+            "Per true class: share of recent label requests the model had predicted right",
+            ["label"],
+            registry=r,
+        )
+        self.request_balanced_accuracy = Gauge(
+            "winnow_request_balanced_accuracy",
+            "Mean over classes of winnow_request_recall (imbalance-proof accuracy)",
+            registry=r,
+        )
+        self.uncertainty_blend = Gauge(
+            "winnow_uncertainty_blend",
+            "Weight of uncertainty against coverage in the embedding strategies (0: coverage)",
+            registry=r,
+        )
+        self.requests_waiting = Gauge(
+            "winnow_requests_waiting",
+            "Label requests sent and not answered yet (backpressure)",
+            registry=r,
+        )
+        self.backpressure_factor = Gauge(
+            "winnow_backpressure_budget_factor",
+            "Share of the budget in force under backpressure (1: not throttled)",
+            registry=r,
+        )
+        self.backpressure_held = Counter(
+            "winnow_backpressure_held_back",
+            "Selections the labeling queue's backpressure refused",
+            registry=r,
+        )
 
         self.drift_score = Gauge(
             "winnow_drift_score",

@@ -20,6 +20,15 @@ compares it, using the frame's embedding, predicted class and source:
 - ``audit`` — a fraction ``audit_fraction`` of the confident frames
   (``u <= audit_utility``) the strategy passed over is selected anyway, with
   the reason ``audit``, to measure the errors the model is sure about.
+- ``rare`` — class-aware selection for imbalanced streams, after DIRECT
+  (Nuggehalli et al., "DIRECT: deep active learning under imbalance and label
+  noise", 2023: label where the minority class meets the decision boundary and
+  balance the labels across classes): ``u · (Σ_k p_k ω_k / max_k ω_k)^γ`` with
+  ``ω_k = 1 / (n_k + 1)``, ``n_k`` the labels of class ``k`` received so far plus the
+  requests still unanswered that were predicted ``k``, and ``γ = rare_power``. The
+  factor is the expected rarity of the frame's true class under the model: a frame
+  that may well belong to a class few labels have is kept, and among uncertain
+  frames (near a boundary) those near a rare class's boundary win. O(C) per frame.
 
 Duplicate similarities are computed on embeddings centred by the reservoir mean once it
 holds 32 frames (raw post-ReLU embeddings are all alike). Every filter is optional and needs only
@@ -38,6 +47,7 @@ from schemas.api import FilterName
 FILTERS: tuple[FilterName, ...] = get_args(FilterName)
 AUDIT = "audit"
 _MIN_RESERVOIR = 32
+_PENDING = 4096  # unanswered requests whose predicted class is kept
 
 
 @dataclass(frozen=True)
@@ -67,6 +77,7 @@ class StreamFilters:
         "balance_power": 1.0,
         "audit_fraction": 0.01,
         "audit_utility": 0.1,
+        "rare_power": 1.0,
     }
 
     def __init__(self, names: Sequence[str] = (), params: Mapping[str, float] | None = None):
@@ -78,6 +89,9 @@ class StreamFilters:
         self._frames: dict[str | None, int] = {}
         self._classes: deque[int] = deque(maxlen=int(self.params["balance_window"]))
         self._batch: _BatchView | None = None
+        self._labels = np.zeros(0)  # labels received per class
+        self._pending: deque[int] = deque(maxlen=_PENDING)  # predicted class of each request
+        self._pending_counts = np.zeros(0)
 
     @classmethod
     def check(cls, names: Sequence[str], params: Mapping[str, float]) -> None:
@@ -138,7 +152,36 @@ class StreamFilters:
             fair = 1.0 / batch.n_classes
             if share > fair:
                 utility *= (fair / share) ** self.params["balance_power"]
+        if "rare" in self.names and batch.probabilities is not None:
+            utility *= self.rarity(batch.probabilities[index]) ** self.params["rare_power"]
         return utility
+
+    def rarity(self, probabilities: np.ndarray) -> float:
+        """``Σ_k p_k ω_k / max_k ω_k``: the expected rarity of the frame's true class."""
+        counts = self._counts(len(probabilities))
+        weights = 1.0 / (counts + 1.0)
+        return float(probabilities @ weights / weights.max())
+
+    def label(self, class_index: int | None) -> None:
+        """An answer came back: the oldest unanswered request is answered; ``class_index``
+        is its true class (None: unlabelable, or a class the model does not have)."""
+        if self._pending:
+            old = self._pending.popleft()
+            self._pending_counts[old] -= 1
+        if class_index is not None:
+            self._grow(class_index + 1)
+            self._labels[class_index] += 1
+
+    def _counts(self, n_classes: int) -> np.ndarray:
+        self._grow(n_classes)
+        return (self._labels + self._pending_counts)[:n_classes]
+
+    def _grow(self, n_classes: int) -> None:
+        if len(self._labels) < n_classes:
+            self._labels = np.pad(self._labels, (0, n_classes - len(self._labels)))
+            self._pending_counts = np.pad(
+                self._pending_counts, (0, n_classes - len(self._pending_counts))
+            )
 
     def audit(self, index: int, raw_utility: float, rng: np.random.Generator) -> bool:
         """Whether to select a frame the strategy passed over, as an audit of a confident one."""
@@ -164,7 +207,13 @@ class StreamFilters:
             recent = self._recent.setdefault(source, deque(maxlen=256))
             recent.append((frame, batch.raw[index]))
         if batch.predicted is not None:
-            self._classes.append(int(batch.predicted[index]))
+            predicted = int(batch.predicted[index])
+            self._classes.append(predicted)
+            if len(self._pending) == self._pending.maxlen:  # the oldest falls out uncounted
+                self._pending_counts[self._pending[0]] -= 1
+            self._pending.append(predicted)
+            self._grow(predicted + 1)
+            self._pending_counts[predicted] += 1
 
     def end(self) -> None:
         """Adds the batch's embeddings to the density reservoir."""
@@ -211,6 +260,7 @@ class _BatchView:
         self.mean = mean if mean is not None else 0.0
         self.unit = None if self.raw is None else StreamFilters._unit(self.raw - self.mean)
         p = context.probabilities
+        self.probabilities = None if p is None else np.asarray(p, dtype=np.float64)
         self.predicted = None if p is None else np.asarray(p).argmax(axis=1)
         self.n_classes = 1 if p is None else max(1, np.asarray(p).shape[1])
         self.sources = context.sources

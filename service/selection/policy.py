@@ -1,65 +1,87 @@
-"""The query decision: a threshold strategy under a hard budget and a labels-per-hour cap.
+"""The query decision: a strategy under a hard budget, a labels-per-hour cap and backpressure.
 
-The strategies live in ``service.selection.strategies``; this engine applies one of them
-frame by frame, with the exact sliding budget and the hourly cap of
-``service.selection.budget``, and lets settings change live.
+The strategies live in ``service.selection.strategies`` (threshold strategies) and
+in their own modules (the embedding strategies: ``herding``, ``probcover``,
+``typiclust``, ``vessal``; ``service.selection.registry`` names them all). This
+engine applies one of them frame by frame (``service.selection.frames``), with the
+exact sliding budget and hourly cap of ``service.selection.budget`` and the labeling
+queue's backpressure (``service.selection.backpressure``), and lets settings
+change live.
 
 Cold start follows AIFT (Zhou et al., CVPR 2017): a model that has learned from no
-label is no judge of what is informative, so until it has, frames are sampled at
-random within the budget, and the policy asks the scoring engine for no utility.
+label is no judge of what is informative, so until it has, its uncertainty is not
+used. Its embedding still is: by default the first labels are chosen to cover the
+stream (stream MaxHerding, ``cold_start="herding"``), as coverage beats random and
+uncertainty at tiny budgets (Hacohen et al., ICML 2022); ``random`` samples at
+random, ``none`` runs the configured strategy from the first frame. Afterwards
+the embedding strategies weigh uncertainty against coverage by the model's
+measured accuracy on the answers to its requests (``service.selection.competence``).
 """
 
-import copy
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import get_args
 
 import numpy as np
 
-from schemas.api import FilterName, PolicyName, PolicyState, PolicyUpdate, SelectorName, UtilityName
+from schemas.api import (
+    BackpressureState,
+    ColdStartName,
+    FilterName,
+    PolicyName,
+    PolicyState,
+    PolicyUpdate,
+    SelectorName,
+    UtilityName,
+)
 from schemas.scores import DecisionRow
 from service.config import PolicySettings
+from service.selection.backpressure import Backpressure
+from service.selection.base import BaseStrategy, EmbeddingStrategy
 from service.selection.budget import HourlyCap, SlidingBudget, selection_limit
+from service.selection.competence import Competence
 from service.selection.diversity import WindowSelector
-from service.selection.filters import AUDIT, DecisionContext, StreamFilters
-from service.selection.strategies import (
-    STRATEGIES,
-    RandomSampling,
-    ThresholdStrategy,
-    VariableUncertainty,
-    _Strategy,
-)
+from service.selection.filters import DecisionContext, StreamFilters
+from service.selection.frames import Gate, decide_frames, decide_window
+from service.selection.registry import COLD_STARTS, STRATEGIES
+from service.selection.strategies import VariableUncertainty
 
 COLD_START = "cold_start"
 DRIFT = "drift"
 
 
-def _variable_family(strategy: ThresholdStrategy) -> bool:
+def _variable_family(strategy: BaseStrategy) -> bool:
     return isinstance(strategy, VariableUncertainty)
 
 
 class QueryPolicy:
     """The query decision the scorer calls once per batch, in stream order.
 
-    A frame is selected only if the strategy, the sliding budget and the hourly
-    cap all allow it. Every decision is recorded in the sliding budget; every
-    selection in the cap. Live changes (:meth:`update`) keep the budget history.
+    A frame is selected only if the strategy, the sliding budget, the hourly cap and
+    the backpressure all allow it. Every decision is recorded in the sliding budget;
+    every selection in the cap. Live changes (:meth:`update`) keep the budget history.
 
     Args:
-        name: the strategy, one of ``STRATEGIES``.
-        utility: which score of the mapping given to :meth:`decide` is compared.
+        name: the strategy, one of ``service.selection.registry.STRATEGIES``.
+        utility: which score of the mapping given to :meth:`decide` is compared (for the
+            embedding strategies: the uncertainty blended with coverage).
         budget: fraction of frames that may be selected over any ``window`` frames.
         window: frames in the sliding budget window.
         labels_per_hour: the cap; None or 0 for none.
         params: strategy knobs (see each strategy's docstring).
         seed: seeds the policy's random generator.
-        clock: monotonic seconds for the hourly cap.
+        clock: monotonic seconds for the hourly cap, the boost and the backpressure.
         filters: stream filters applied to the utility (``service.selection.filters``).
         filter_params: their knobs.
         selector: ``coreset`` or ``badge`` to choose which frames of each batch are
-            labeled (``service.selection.diversity``); the strategy and budget still say how many.
-        cold_start_random: sample at random while the model serving has learned from no
-            label (see :meth:`on_model`).
+            labeled (``service.selection.diversity``); the strategy and budget still say
+            how many. Moot with an embedding strategy, which chooses frames itself.
+        cold_start: what chooses while the model serving has learned from no label
+            (see :meth:`on_model`): a coverage strategy, ``random`` or ``none``.
+        cold_start_random: the former switch: True is ``cold_start="random"``, False is
+            ``"none"``; None leaves ``cold_start`` as given.
+        backpressure: the labeling queue's backpressure; None for none.
+        competence: the model's measured accuracy (the blend weight); a default one if None.
     """
 
     def __init__(
@@ -75,23 +97,34 @@ class QueryPolicy:
         filters: Sequence[FilterName] = (),
         filter_params: Mapping[str, float] | None = None,
         selector: SelectorName = "none",
-        cold_start_random: bool = True,
+        cold_start: ColdStartName = "herding",
+        cold_start_random: bool | None = None,
+        backpressure: Backpressure | None = None,
+        competence: Competence | None = None,
     ) -> None:
         self._check_utility(utility)
+        if cold_start_random is not None:
+            cold_start = "random" if cold_start_random else "none"
+        if cold_start not in COLD_STARTS:
+            raise ValueError(f"unknown cold start {cold_start!r} (known: {', '.join(COLD_STARTS)})")
         self._filters = StreamFilters(filters, filter_params)
         self._selector = None if selector == "none" else WindowSelector(selector)
         self._params = self._strategy_class(name).check_params(params or {})
         self._budget = SlidingBudget(budget, window)
         self._cap = HourlyCap(labels_per_hour, clock)
-        self._strategy: ThresholdStrategy = STRATEGIES[name](budget, self._params)
+        self._strategy = STRATEGIES[name](budget, self._params)
         self._name: PolicyName = name
         self._utility: UtilityName = utility
         self._rng = np.random.default_rng(seed)
-        self._cold = RandomSampling(budget)
+        self._cold_name: ColdStartName = cold_start
+        self._cold = self._cold_strategy(budget)
         self._clock = clock
         self._base_budget = float(budget)
+        self._strategy_budget = float(budget)
         self._boost: tuple[float, float] | None = None  # (factor, until) after a drift alarm
-        self._cold_start_random = cold_start_random
+        self._pressure = backpressure
+        self._competence = competence or Competence()
+        self._classes: dict[str, int] = {}
         self._cold_start = False
         self.seen = 0
         self.selected = 0
@@ -101,6 +134,12 @@ class QueryPolicy:
         cls, settings: PolicySettings, clock: Callable[[], float] = time.monotonic
     ) -> "QueryPolicy":
         """Builds the policy from ``WINNOW_POLICY_*`` settings; ValueError if they cannot work."""
+        pressure = Backpressure(
+            settings.backpressure_waiting,
+            settings.backpressure_wait_s,
+            settings.backpressure_window_s,
+            clock,
+        )
         return cls(
             name=settings.name,
             utility=settings.utility,
@@ -113,8 +152,19 @@ class QueryPolicy:
             filters=settings.filters,
             filter_params=settings.filter_params,
             selector=settings.selector,
+            cold_start=settings.cold_start,
             cold_start_random=settings.cold_start_random,
+            backpressure=pressure if pressure.enabled else None,
+            competence=Competence(settings.competence_window, settings.competence_min_answers),
         )
+
+    def _cold_strategy(self, budget: float) -> BaseStrategy | None:
+        """The cold-start strategy: the main one if it is the same (it keeps its memory)."""
+        if self._cold_name == "none":
+            return None
+        if self._cold_name == self._name:
+            return self._strategy
+        return STRATEGIES[self._cold_name](budget, {})
 
     @property
     def window_limit(self) -> int:
@@ -122,7 +172,7 @@ class QueryPolicy:
         return self._budget.limit
 
     @property
-    def strategy(self) -> ThresholdStrategy:
+    def strategy(self) -> BaseStrategy:
         return self._strategy
 
     @property
@@ -132,8 +182,8 @@ class QueryPolicy:
 
     @property
     def cold_start(self) -> bool:
-        """True while the model serving has learned from no label: frames are then sampled
-        at random within the budget (an untrained model's uncertainty is worse than random)."""
+        """True while the model serving has learned from no label: the cold-start strategy
+        chooses then (an untrained model's uncertainty is worse than random)."""
         return self._cold_start
 
     @property
@@ -149,10 +199,62 @@ class QueryPolicy:
         """Selected fraction over the current budget window."""
         return self._budget.used_ratio
 
-    def on_model(self, labels_trained: int) -> None:
+    @property
+    def backpressure(self) -> Backpressure | None:
+        return self._pressure
+
+    @property
+    def memory(self) -> int:
+        """How many frames asked for the embedding strategies remember (0 for none): the
+        scorer keeps as many inputs to re-embed them when the model changes (:meth:`rebase`)."""
+        sizes = [s.memory for s in (self._strategy, self._cold) if isinstance(s, EmbeddingStrategy)]
+        return max(sizes, default=0)
+
+    @property
+    def blend(self) -> float:
+        """The weight of uncertainty against coverage now (0 during cold start)."""
+        return 0.0 if self._cold_start else self._competence.blend
+
+    def on_model(self, labels_trained: int, classes: Sequence[str] | None = None) -> None:
         """Tells the policy which model serves now: cold start while it has learned from
-        no label (and ``cold_start_random`` is on), the configured strategy after."""
-        self._cold_start = self._cold_start_random and labels_trained == 0
+        no label (unless ``cold_start`` is ``none``), the configured strategy after.
+
+        Args:
+            labels_trained: labels the model has learned from.
+            classes: its class names, to read the labels that come back (:meth:`on_answer`).
+        """
+        self._cold_start = self._cold is not None and labels_trained == 0
+        if classes is not None:
+            self._classes = {name: index for index, name in enumerate(classes)}
+
+    def rebase(self, embeddings: np.ndarray, probabilities: np.ndarray | None = None) -> None:
+        """From the next batch on the embeddings come from a new model.
+
+        Args:
+            embeddings: (K, D) the frames asked for so far (the latest :attr:`memory` of
+                them, oldest first) under the new model; (0, D) if none are known.
+            probabilities: (K, C) their probabilities under the new model (VeSSAL's
+                gradient embeddings need them).
+        """
+        embeddings = np.asarray(embeddings, dtype=np.float64)
+        done: list[BaseStrategy] = []
+        for strategy in (self._strategy, self._cold):
+            if isinstance(strategy, EmbeddingStrategy) and strategy not in done:
+                strategy.rebase(embeddings, probabilities)
+                done.append(strategy)
+
+    def on_answer(self, predicted: str, label: str | None) -> None:
+        """An answer to one of this scorer's requests came back.
+
+        Args:
+            predicted: the class the model predicted when it asked.
+            label: the true class, or None for an ``unlabelable`` answer.
+        """
+        if self._pressure is not None:
+            self._pressure.answered(self._clock())
+        if label is not None:
+            self._competence.answered(predicted, label)
+        self._filters.label(None if label is None else self._classes.get(label))
 
     def decide(
         self, utilities: Mapping[str, np.ndarray], context: DecisionContext | None = None
@@ -162,8 +264,9 @@ class QueryPolicy:
         Args:
             utilities: score name to an (N,) array, as the scoring engine gives them; it
                 must hold every name of :attr:`needs`.
-            context: embeddings, probabilities and sources of the frames, for the stream
-                filters and the windowed selector; without it they pass the batch unchanged.
+            context: embeddings, probabilities and sources of the frames, for the embedding
+                strategies, the stream filters and the windowed selector; without it they
+                pass the batch unchanged (embedding strategies then sample at random).
 
         Returns:
             One ``schemas.Decision`` per frame, as a plain dict (the hot path builds no
@@ -173,26 +276,37 @@ class QueryPolicy:
             ValueError: a score the policy needs is missing.
         """
         values = self._compared(utilities)
-        if self._boost is not None and self._clock() >= self._boost[1]:
+        now = self._clock()  # one clock read per batch: it is decided at once
+        if self._boost is not None and now >= self._boost[1]:
             self._boost = None
             self._apply_budget(self._budget.window)
+        self._pressure_update(now, len(values))
+        gate = Gate(self._budget, self._cap, self._pressure, now)
         tag = DRIFT if self._boost is not None else COLD_START if self._cold_start else None
         if self._cold_start:
-            rows = self._decide_frames(values, values, None, self._cold, "random", tag)
+            assert self._cold is not None
+            rows = decide_frames(
+                values, context, None, self._cold, self._cold_name, tag, 0.0, gate, self._rng
+            )
         else:
             filters = self._filters if self._filters.active else None
-            adjusted = values if filters is None else filters.begin(values, context)
-            if (
+            strategy, name = self._strategy, self._name
+            windowed = (
                 self._selector is not None
                 and context is not None
                 and context.embeddings is not None
-            ):
-                rows = self._decide_window(values, adjusted, context, tag)
+                and not isinstance(strategy, EmbeddingStrategy)
+            )
+            if windowed:
+                assert self._selector is not None and context is not None
+                rows = decide_window(
+                    values, context, filters, strategy, name, tag, self._selector, gate, self._rng
+                )
             else:
-                strategy, name = self._strategy, self._name
-                rows = self._decide_frames(values, adjusted, filters, strategy, name, tag)
-            if filters is not None:
-                filters.end()
+                blend = self._competence.blend
+                rows = decide_frames(
+                    values, context, filters, strategy, name, tag, blend, gate, self._rng
+                )
         self.seen += len(rows)
         self.selected += sum(row["selected"] for row in rows)
         return rows
@@ -209,105 +323,6 @@ class QueryPolicy:
             scores = np.zeros(len(next(iter(utilities.values()), ())))
         # NaN would never compare as uncertain and would break the quantile window
         return np.clip(np.nan_to_num(np.asarray(scores, dtype=np.float64), nan=0.0), 0.0, 1.0)
-
-    def _decide_frames(
-        self,
-        values: np.ndarray,
-        adjusted: np.ndarray,
-        filters: StreamFilters | None,
-        strategy: ThresholdStrategy,
-        name: str,
-        tag: str | None,
-    ) -> list[DecisionRow]:
-        """Frame by frame: the strategy under the budget and the cap, then the filters."""
-        budget_allows, record = self._budget.allows, self._budget.record
-        cap, rng = self._cap, self._rng
-        capped = cap.labels_per_hour is not None
-        now = cap.now() if capped else 0.0  # one clock read per batch: it is decided at once
-        decide_one = strategy.decide
-        rows: list[DecisionRow] = []
-        for index, utility in enumerate(values.tolist()):
-            allowed = budget_allows() and (not capped or cap.allows(now))
-            raw = utility
-            if filters is not None:
-                utility = filters.adjust(index, float(adjusted[index]))
-            selected, reason = decide_one(utility, allowed, rng)
-            selected = selected and allowed  # belt and braces: no strategy overspends
-            if filters is not None:
-                if filters.suppressed(index):
-                    selected, reason = False, None
-                elif not selected and allowed and filters.audit(index, raw, rng):
-                    selected, reason = True, AUDIT
-                filters.record(index, selected)
-            record(selected)
-            if selected:
-                cap.record(now)
-            rows.append(
-                {
-                    "selected": selected,
-                    "reason": (tag or reason) if selected else None,
-                    "policy": name,
-                    "utility": utility,
-                    "threshold": strategy.last_threshold,
-                }
-            )
-        return rows
-
-    def _decide_window(
-        self,
-        values: np.ndarray,
-        adjusted: np.ndarray,
-        context: DecisionContext,
-        tag: str | None,
-    ) -> list[DecisionRow]:
-        """Windowed mode: the strategy, run against a copy of the budget, says how many frames
-        of the batch to label (k); the selector says which; the real budget and cap then check
-        each chosen frame in stream order, so they hold exactly as in the frame-by-frame mode."""
-        assert self._selector is not None and context.embeddings is not None
-        filters = self._filters if self._filters.active else None
-        strategy, name = self._strategy, self._name
-        shadow = copy.deepcopy(self._budget)
-        cap, rng = self._cap, self._rng
-        capped = cap.labels_per_hour is not None
-        now = cap.now() if capped else 0.0
-        utilities, thresholds, k = [], [], 0
-        for index, utility in enumerate(adjusted.tolist()):
-            if filters is not None:
-                utility = filters.adjust(index, utility)
-            allowed = shadow.allows() and (not capped or cap.allows(now))
-            selected, _ = strategy.decide(utility, allowed, rng)
-            selected = selected and allowed and not (filters and filters.suppressed(index))
-            shadow.record(selected)
-            k += selected
-            utilities.append(utility)
-            thresholds.append(strategy.last_threshold)
-        eligible = [i for i in range(len(values)) if not (filters and filters.suppressed(i))]
-        chosen = set(
-            self._selector.pick(k, eligible, context.embeddings, context.probabilities, rng)
-        )
-        rows: list[DecisionRow] = []
-        for index, utility in enumerate(utilities):
-            allowed = self._budget.allows() and (not capped or cap.allows(now))
-            selected = index in chosen and allowed
-            reason: str | None = self._selector.name
-            if not selected and allowed and filters is not None:
-                if filters.audit(index, float(values[index]), rng):
-                    selected, reason = True, AUDIT
-            self._budget.record(selected)
-            if filters is not None:
-                filters.record(index, selected)
-            if selected:
-                cap.record(now)
-            rows.append(
-                {
-                    "selected": selected,
-                    "reason": (tag or reason) if selected else None,
-                    "policy": name,
-                    "utility": utility,
-                    "threshold": thresholds[index],
-                }
-            )
-        return rows
 
     def state(self) -> PolicyState:
         """The policy as it stands: settings, live threshold and budget use."""
@@ -326,6 +341,10 @@ class QueryPolicy:
             selected=self.selected,
             params=self._strategy.params(),
             cold_start=self._cold_start,
+            cold_start_strategy=self._cold_name,
+            blend=self.blend,
+            competence=self._competence.value,
+            backpressure=self._pressure_state(),
             filters=list(self._filters.names),  # type: ignore[arg-type]
             filter_params=dict(self._filters.params),
             selector=self._selector.name if self._selector is not None else "none",
@@ -375,9 +394,9 @@ class QueryPolicy:
                 self._strategy.set_threshold(old.threshold or 0.0)
             self._name = name
         else:
-            self._strategy.set_budget(budget)
             self._strategy.set_params(given)
-        self._cold.set_budget(budget)
+        self._strategy_budget = -1.0  # set below, on the new strategy too
+        self._set_strategy_budget(budget)
         self._params = params
         self._utility = utility
         if change.threshold is not None:
@@ -394,7 +413,7 @@ class QueryPolicy:
         return self.state()
 
     @staticmethod
-    def _strategy_class(name: str) -> type[_Strategy]:
+    def _strategy_class(name: str) -> type[BaseStrategy]:
         try:
             return STRATEGIES[name]
         except KeyError:
@@ -431,5 +450,45 @@ class QueryPolicy:
         budget = self._effective_budget()
         if budget != self._budget.budget:
             self._budget.resize(budget, window)
+        self._set_strategy_budget(budget)
+
+    # -- the labeling queue's backpressure ---------------------------------------------------
+
+    def _pressure_update(self, now: float, frames: int) -> None:
+        """Re-judges the backpressure; the strategies' budget follows its factor, so their
+        thresholds rise while the team is behind (the sliding budget itself is unchanged)."""
+        if self._pressure is None:
+            return
+        self._pressure.frames(now, frames)
+        factor = self._pressure.update(now, self._budget.budget)
+        self._set_strategy_budget(self._budget.budget * factor)
+
+    def _set_strategy_budget(self, budget: float) -> None:
+        # a budget below one frame per window would make some strategies never ask at all
+        budget = max(budget, 1.0 / self._budget.window)
+        if budget != self._strategy_budget:
+            self._strategy_budget = budget
             self._strategy.set_budget(budget)
-            self._cold.set_budget(budget)
+            if self._cold is not None and self._cold is not self._strategy:
+                self._cold.set_budget(budget)
+
+    def _pressure_state(self) -> BackpressureState | None:
+        pressure = self._pressure
+        if pressure is None:
+            return None
+        now = self._clock()
+        requests, answers = pressure.rates(now)
+        allowed = pressure.allowed_rate
+        return BackpressureState(
+            engaged=pressure.engaged,
+            throttled=pressure.throttled,
+            waiting=pressure.waiting,
+            oldest_wait_s=pressure.oldest_wait(now),
+            request_rate_per_hour=requests * 3600.0,
+            answer_rate_per_hour=answers * 3600.0,
+            allowed_rate_per_hour=None if allowed is None else allowed * 3600.0,
+            budget_factor=pressure.factor,
+            held_back=pressure.held_back,
+            max_waiting=pressure.max_waiting,
+            max_wait_s=pressure.max_wait_s,
+        )

@@ -4,11 +4,17 @@ The scorer remembers what it predicted for each frame it asked about; as labels
 arrive on ``winnow.labels`` it scores those predictions (prequential accuracy on
 its own requests) and counts ``unlabelable`` answers. Together with the budget
 this answers the classic questions: is the budget spent, does the model already
-get right what it asks about, can people label what is asked?
+get right what it asks about, can people label what is asked? On an imbalanced
+stream plain accuracy flatters a model that always predicts the common class, so
+the recall of each true class and their mean (balanced accuracy) are reported too.
+
+Each answer is also handed on (``on_answer``): the query policy measures the
+model's competence and the answer rate from them (``QueryPolicy.on_answer``).
 """
 
 import logging
 from collections import OrderedDict, deque
+from collections.abc import Callable
 
 from aiokafka import AIOKafkaConsumer
 from pydantic import ValidationError
@@ -26,6 +32,10 @@ ACCURATE_ENOUGH = 0.95
 UNLABELABLE_TOO_OFTEN = 0.5
 MIN_ANSWERS = 20
 
+AnswerListener = Callable[[str, str | None], None]
+"""Told of each answer to this scorer's requests: the predicted class when it asked, and
+the label (None for ``unlabelable``); must return at once."""
+
 
 class LabelFeedback(Component):
     """Joins labels with the scorer's own requests; reads ``winnow.labels`` from its end.
@@ -38,6 +48,7 @@ class LabelFeedback(Component):
         metrics: the scorer's metrics (labels received, request accuracy).
         window: answers in the moving accuracy and unlabelable ratios.
         remember: requests remembered, the oldest forgotten first.
+        on_answer: told of each answer (the policy's competence and backpressure).
     """
 
     def __init__(
@@ -47,6 +58,7 @@ class LabelFeedback(Component):
         *,
         window: int = 200,
         remember: int = 20_000,
+        on_answer: AnswerListener | None = None,
     ) -> None:
         super().__init__()
         self._kafka = kafka
@@ -54,6 +66,9 @@ class LabelFeedback(Component):
         self._requests: OrderedDict[str, str] = OrderedDict()
         self._remember = remember
         self._correct: deque[bool] = deque(maxlen=window)
+        self._by_class: deque[tuple[str, bool]] = deque(maxlen=window)  # (label, correct)
+        self._answered: OrderedDict[str, None] = OrderedDict()
+        self._on_answer = on_answer
         self._unlabelable: deque[bool] = deque(maxlen=window)
         self.answered = 0
         self._consumer: AIOKafkaConsumer | None = None
@@ -83,14 +98,38 @@ class LabelFeedback(Component):
         predicted = self._requests.get(label.frame_id)
         if predicted is None:
             return  # not asked by this scorer (or forgotten): says nothing about its questions
+        first = label.frame_id not in self._answered  # a second opinion is not a new answer
+        if first:
+            self._answered[label.frame_id] = None
+            while len(self._answered) > self._remember:
+                self._answered.popitem(last=False)
         self.answered += 1
         unlabelable = label.status == "unlabelable"
+        truth = None if unlabelable else label.label
         self._unlabelable.append(unlabelable)
         self._metrics.labels_received.labels(status=label.status).inc()
         if not unlabelable:
             self._correct.append(label.label == predicted)
+        if truth is not None:
+            self._by_class.append((truth, truth == predicted))
         self._metrics.request_accuracy.set(_ratio(self._correct))
         self._metrics.unlabelable_ratio.set(_ratio(self._unlabelable))
+        recall = self.recall()
+        for name, value in recall.items():
+            self._metrics.request_recall.labels(label=name).set(value)
+        if recall:
+            self._metrics.request_balanced_accuracy.set(sum(recall.values()) / len(recall))
+        if first and self._on_answer is not None:
+            self._on_answer(predicted, truth)
+
+    def recall(self) -> dict[str, float]:
+        """Per true class among the recent answers: the share the model had predicted right."""
+        seen: dict[str, list[int]] = {}
+        for name, correct in self._by_class:
+            counts = seen.setdefault(name, [0, 0])
+            counts[0] += correct
+            counts[1] += 1
+        return {name: right / total for name, (right, total) in sorted(seen.items())}
 
     async def _run(self) -> None:
         assert self._consumer is not None
@@ -109,6 +148,7 @@ class LabelFeedback(Component):
         """The stopping rules, in figures and in words."""
         accuracy = _ratio(self._correct) if self._correct else None
         unlabelable = _ratio(self._unlabelable) if self._unlabelable else None
+        recall = self.recall()
         left_in_window = max(0, window_limit - round(policy.budget_used * policy.window))
         left_this_hour = (
             None
@@ -127,6 +167,8 @@ class LabelFeedback(Component):
             answered=self.answered,
             recent_accuracy=accuracy,
             recent_unlabelable=unlabelable,
+            recent_balanced_accuracy=sum(recall.values()) / len(recall) if recall else None,
+            recent_recall=recall,
             budget_left_in_window=left_in_window,
             labels_left_this_hour=left_this_hour,
             verdict=verdict,

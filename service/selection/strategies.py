@@ -26,10 +26,12 @@ paper, adapt their threshold only on frames where the budget allowed a query.
 import bisect
 from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
 import numpy as np
+
+from service.selection.base import BaseStrategy as _Strategy
+from service.selection.base import Param as _Param
 
 UNCERTAINTY = "uncertainty"
 RANDOM = "random"
@@ -70,76 +72,8 @@ class ThresholdStrategy(Protocol):
     def set_budget(self, budget: float) -> None: ...
 
 
-@dataclass(frozen=True)
-class _Param:
-    default: float
-    low: float
-    high: float
-    low_open: bool = True
-    high_open: bool = False
-    integer: bool = False
-
-    def check(self, key: str, value: float) -> float:
-        low_ok = value > self.low if self.low_open else value >= self.low
-        high_ok = value < self.high if self.high_open else value <= self.high
-        if not (low_ok and high_ok) or (self.integer and value != int(value)):
-            left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
-            kind = "an integer" if self.integer else "a number"
-            bounds = f"{left}{self.low}, {self.high}{right}"
-            raise ValueError(f"param {key!r} must be {kind} in {bounds}, got {value}")
-        return float(value)
-
-
 _THETA = _Param(1.0, 0.0, 1.0)  # scikit-activeml: theta=1.0, on the certainty scale
 _STEP = _Param(0.01, 0.0, 1.0)  # scikit-activeml: s=0.01
-
-
-class _Strategy:
-    """Shared parameter handling; subclasses declare ``SPEC`` and the rule."""
-
-    name: ClassVar[str]
-    SPEC: ClassVar[dict[str, _Param]] = {}
-    threshold_settable: ClassVar[bool] = False
-
-    def __init__(self, budget: float, params: Mapping[str, float] | None = None) -> None:
-        self.budget = float(budget)
-        self._values = {key: spec.default for key, spec in self.SPEC.items()}
-        self.last_threshold: float | None = None
-        self.set_params(params or {})
-
-    @classmethod
-    def check_params(cls, params: Mapping[str, float]) -> dict[str, float]:
-        """Validated copy of ``params``; ValueError names unknown keys and bad values."""
-        unknown = sorted(set(params) - set(cls.SPEC))
-        if unknown:
-            known = ", ".join(sorted(cls.SPEC)) or "none"
-            raise ValueError(f"unknown params {unknown} for policy {cls.name!r} (known: {known})")
-        return {key: cls.SPEC[key].check(key, value) for key, value in params.items()}
-
-    def decide(
-        self, utility: float, budget_ok: bool, rng: np.random.Generator
-    ) -> tuple[bool, str | None]:
-        raise NotImplementedError
-
-    def params(self) -> dict[str, float]:
-        return dict(self._values)
-
-    def set_params(self, params: Mapping[str, float]) -> None:
-        self._values.update(self.check_params(params))
-        self._apply_params()
-
-    def _apply_params(self) -> None:
-        """Hook: copy knobs into fast attributes."""
-
-    def set_budget(self, budget: float) -> None:
-        self.budget = float(budget)
-
-    @property
-    def threshold(self) -> float | None:
-        return None
-
-    def set_threshold(self, value: float) -> None:
-        raise ValueError(f"policy {self.name!r} has no threshold that can be set")
 
 
 class FixedUncertainty(_Strategy):
@@ -372,7 +306,7 @@ class RandomSampling(_Strategy):
         return False, None
 
 
-STRATEGIES: dict[str, type[_Strategy]] = {
+THRESHOLD_STRATEGIES: dict[str, type[_Strategy]] = {
     cls.name: cls
     for cls in (
         FixedUncertainty,
@@ -383,5 +317,5 @@ STRATEGIES: dict[str, type[_Strategy]] = {
         RandomSampling,
     )
 }
-"""Every strategy by its ``PolicyName`` (``tests/service/selection/test_names.py`` checks
-that the two agree)."""
+"""The threshold strategies by name; ``service.selection.registry.STRATEGIES`` adds the
+embedding strategies."""

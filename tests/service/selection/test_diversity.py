@@ -7,7 +7,7 @@ from schemas.api import PolicyName, PolicyUpdate
 from service.selection.diversity import gradient_embeddings, k_center_greedy, kmeans_pp
 from service.selection.filters import DecisionContext
 from service.selection.policy import QueryPolicy
-from service.selection.strategies import STRATEGIES
+from service.selection.registry import STRATEGIES
 
 CENTRES = np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
 

@@ -116,3 +116,40 @@ def test_old_call_without_context_still_works_with_filters_on() -> None:
     policy = QueryPolicy("variable", budget=0.1, filters=["dedup", "density", "balance"])
     decisions = policy.decide({"entropy": np.linspace(0, 1, 50)})
     assert len(decisions) == 50
+
+
+def _screening(rare: bool, seed: int) -> tuple[int, float]:
+    """Three classes: "a" and "b" common (60 % and 37 %) with a wide boundary between them,
+    "r" rare (3 %) and near its own boundary with "a". The oracle answers every request.
+    Returns the rare frames among the first 40 requests and their share of all requests."""
+    rng = np.random.default_rng(seed)
+    names = ["a", "b", "r"]
+    policy = QueryPolicy(
+        "quantile", utility="margin", budget=0.02, window=500, seed=seed,
+        filters=["rare"] if rare else [],
+    )  # fmt: skip
+    policy.on_model(10, classes=names)
+    asked: list[int] = []
+    for _ in range(150):
+        truth = rng.choice(3, size=32, p=[0.6, 0.37, 0.03])
+        share_a = rng.beta(5, 5, 32)  # a against b: many frames near that boundary
+        p_rare = np.where(truth == 2, rng.beta(3, 4, 32), 0.01)
+        rest = 1.0 - p_rare
+        toward_a = np.where(truth == 2, 0.7, share_a)
+        p = np.stack([rest * toward_a, rest * (1 - toward_a), p_rare], axis=1)
+        top = np.sort(p, axis=1)
+        margin = 1 - (top[:, -1] - top[:, -2])
+        rows = policy.decide({"margin": margin}, DecisionContext(None, p, None))
+        for i, row in enumerate(rows):
+            if row["selected"]:
+                asked.append(int(truth[i] == 2))
+                policy.on_answer(names[int(p[i].argmax())], names[truth[i]])
+    return sum(asked[:40]), float(np.mean(asked))
+
+
+def test_a_rare_class_near_the_boundary_is_asked_for_early_and_labels_are_balanced() -> None:
+    plain = [_screening(False, seed) for seed in range(3)]
+    aware = [_screening(True, seed) for seed in range(3)]
+    assert np.mean([early for early, _ in aware]) > 2 * max(1, np.mean([e for e, _ in plain]))
+    share = np.mean([s for _, s in aware])
+    assert share > 2 * np.mean([s for _, s in plain]) and share < 0.6

@@ -9,7 +9,7 @@ from schemas.api import FilterName, PolicyName, SelectorName
 from service.selection.diversity import SELECTORS, WindowSelector
 from service.selection.filters import FILTERS, DecisionContext, StreamFilters
 from service.selection.policy import QueryPolicy
-from service.selection.strategies import STRATEGIES
+from service.selection.registry import STRATEGIES
 
 
 def test_every_policy_name_has_a_strategy_and_every_strategy_a_name() -> None:
@@ -32,6 +32,7 @@ _AGGRESSIVE = {
     "density": {"density_beta": 4.0},
     "balance": {"balance_power": 4.0},
     "audit": {"audit_fraction": 1.0, "audit_utility": 1.0},
+    "rare": {"rare_power": 4.0},
 }
 
 

@@ -25,8 +25,22 @@ ALL: list[PolicyName] = [
     "split",
     "quantile",
     "random",
+    "herding",
+    "probcover",
+    "typiclust",
+    "vessal",
 ]
-SPENDERS: list[PolicyName] = ["variable", "randomized-variable", "split", "quantile", "random"]
+SPENDERS: list[PolicyName] = [
+    "variable",
+    "randomized-variable",
+    "split",
+    "quantile",
+    "random",
+    "herding",
+    "probcover",
+    "typiclust",
+    "vessal",
+]
 UNCERTAINTY_POLICIES: list[PolicyName] = [
     "fixed",
     "variable",
@@ -102,7 +116,9 @@ def test_random_does_not_prefer_uncertain_frames() -> None:
 
 def test_hourly_cap_is_never_exceeded_with_a_fake_clock() -> None:
     now = [0.0]
-    settings = PolicySettings(name="variable", budget=0.5, window=100, labels_per_hour=40, seed=0)
+    settings = PolicySettings(
+        name="variable", utility="entropy", budget=0.5, window=100, labels_per_hour=40, seed=0
+    )
     policy = QueryPolicy.from_settings(settings, clock=lambda: now[0])
     selection_times: list[float] = []
     rng = np.random.default_rng(5)
@@ -232,7 +248,9 @@ def test_live_budget_change_takes_effect() -> None:
 
 def test_live_cap_removal() -> None:
     now = [0.0]
-    settings = PolicySettings(name="fixed", budget=1.0, window=10, labels_per_hour=3)
+    settings = PolicySettings(
+        name="fixed", utility="entropy", budget=1.0, window=10, labels_per_hour=3
+    )
     policy = QueryPolicy.from_settings(settings, clock=lambda: now[0])
     assert sum(d["selected"] for d in policy.decide({"entropy": np.ones(10)})) == 3
     state = policy.update(PolicyUpdate(labels_per_hour=0))
@@ -277,7 +295,7 @@ def test_unknown_params_in_settings_are_refused() -> None:
 
 
 def test_cold_start_samples_at_random_within_the_budget() -> None:
-    policy = _policy("fixed", budget=0.1, window=100)
+    policy = _policy("fixed", budget=0.1, window=100, cold_start="random")
     assert policy.needs == {"entropy"}
     policy.on_model(labels_trained=0)  # an untrained model serves
     assert policy.cold_start and policy.needs == frozenset()
@@ -311,9 +329,31 @@ def test_cold_start_needs_no_score_of_the_utility() -> None:
 
 
 def test_cold_start_can_be_turned_off() -> None:
-    policy = _policy("fixed", cold_start_random=False)
+    for policy in (_policy("fixed", cold_start_random=False), _policy("fixed", cold_start="none")):
+        policy.on_model(labels_trained=0)
+        assert not policy.cold_start and policy.needs == {"entropy"}
+        assert policy.state().cold_start_strategy == "none"
+    assert _policy("fixed", cold_start_random=True).state().cold_start_strategy == "random"
+
+
+def test_cold_start_covers_the_stream_in_embedding_space_by_default() -> None:
+    """The default cold start is herding: the frames asked for spread over the clusters of
+    the embeddings, and the untrained model's uncertainty is not looked at."""
+    policy = _policy("variable", budget=0.05, window=200)
     policy.on_model(labels_trained=0)
-    assert not policy.cold_start and policy.needs == {"entropy"}
+    assert policy.state().cold_start_strategy == "herding" and policy.needs == frozenset()
+    rng = np.random.default_rng(0)
+    centres = np.eye(8)[:4] * 5.0
+    chosen: list[int] = []
+    for _ in range(20):
+        cluster = rng.choice(4, size=32, p=[0.7, 0.1, 0.1, 0.1])
+        embeddings = centres[cluster] + rng.normal(0, 0.5, (32, 8))
+        # the untrained model is sure of cluster 0 and unsure of nothing else: ignored
+        rows = policy.decide({"entropy": (cluster != 0).astype(float)}, DecisionContext(embeddings))
+        chosen += [int(cluster[i]) for i, row in enumerate(rows) if row["selected"]]
+    # at random all four clusters would be among the first eight in one stream in six
+    assert set(chosen[:8]) == {0, 1, 2, 3}
+    assert {row["reason"] for row in rows if row["selected"]} <= {"cold_start"}
 
 
 @pytest.mark.parametrize("name", ALL)

@@ -76,3 +76,37 @@ def test_requests_are_remembered_within_a_bound() -> None:
     feedback.observe(Label(frame_id="f0", label="cat"))  # forgotten
     feedback.observe(Label(frame_id="f4", label="cat"))
     assert feedback.answered == 1
+
+
+def test_per_class_recall_and_balanced_accuracy_show_what_plain_accuracy_hides() -> None:
+    """A screening model that calls nearly everything normal: 84 % accurate on its requests,
+    but it finds one pneumonia in five."""
+    feedback, metrics = _feedback()
+    for i in range(50):
+        truth = "pneumonia" if i % 5 == 0 else "normal"
+        predicted = "pneumonia" if i in (0, 1, 2) else "normal"  # one of them right, two wrong
+        feedback.requested(f"f{i}", predicted)
+        feedback.observe(Label(frame_id=f"f{i}", label=truth))
+    status = feedback.status(_policy(), window_limit=10)
+    assert status.recent_accuracy == (1 + 38) / 50
+    assert status.recent_recall == {"normal": 38 / 40, "pneumonia": 1 / 10}
+    assert status.recent_balanced_accuracy == (38 / 40 + 1 / 10) / 2
+    assert metrics.request_recall.labels(label="pneumonia")._value.get() == 1 / 10
+    assert metrics.request_balanced_accuracy._value.get() == (38 / 40 + 1 / 10) / 2
+
+
+def test_each_request_answered_reaches_the_policy_once() -> None:
+    heard: list[tuple[str, str | None]] = []
+    feedback = LabelFeedback(
+        KafkaSettings(bootstrap="127.0.0.1:1"),
+        ScorerMetrics(),
+        on_answer=lambda predicted, label: heard.append((predicted, label)),
+    )
+    feedback.requested("a", "cat")
+    feedback.requested("b", "dog")
+    feedback.observe(Label(frame_id="a", label="dog"))
+    feedback.observe(Label(frame_id="a", label="cat"))  # a second opinion on the same frame
+    feedback.observe(Label(frame_id="b", label=None, status="unlabelable"))
+    feedback.observe(Label(frame_id="z", label="cat"))  # not this scorer's request
+    assert heard == [("cat", "dog"), ("dog", None)]
+    assert feedback.answered == 3

@@ -1,0 +1,160 @@
+"""VeSSAL: streaming volume sampling on gradient embeddings, at a rate that keeps the budget.
+
+Saran, Yousefi, Krishnamurthy, Langford and Ash, "Streaming active learning with
+deep neural networks", ICML 2023. Each frame's gradient embedding is BADGE's
+``g = (p - onehot(ŷ)) ⊗ e`` (``service.selection.diversity.gradient_embeddings``).
+With ``A`` the sum of ``g gᵀ`` over the frames asked for (plus a small ridge λI)
+and ``Σ̂`` the running covariance of every gradient embedding seen,
+
+    Σ̂_t = ((t - 1)/t) Σ̂_{t-1} + (1/t) g_t g_tᵀ,
+    p_t = min(1, ζ_t · g_tᵀ A⁻¹ g_t),  ζ_t = b / tr(Σ̂_t A⁻¹),
+
+the frame is asked for with probability ``p_t`` and then ``A ← A + g_t g_tᵀ``
+(Sherman-Morrison on ``A⁻¹``). ``E[p_t] = ζ_t tr(Σ̂_t A⁻¹) = b``: the rate keeps the
+budget ``b`` while frames whose gradients point in directions the asked-for frames
+do not span are the likeliest to be asked for.
+
+Gradient embeddings of C classes and D features have C·D entries; above ``dim``
+they are projected to ``dim`` by a fixed Gaussian random projection (Johnson and
+Lindenstrauss), as the paper's code does for wide models. The ridge is ``λ =
+ridge · tr(Σ̂)/d`` from the first batch, so it scales with the embeddings.
+
+Per-frame cost: O(d²) with ``d = min(C·D, dim)`` (one matrix-vector product with
+``A⁻¹``; per batch one (B, C·D)·(C·D, d) projection), and O(B·d²) per frame asked for.
+Memory O(d²).
+"""
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, ClassVar
+
+import numpy as np
+
+from service.selection.base import EmbeddingStrategy, Param
+from service.selection.diversity import gradient_embeddings
+from service.selection.strategies import RANDOM
+
+if TYPE_CHECKING:
+    from service.selection.filters import DecisionContext
+
+VOLUME = "volume"
+
+
+class VeSSAL(EmbeddingStrategy):
+    """Streaming volume sampling (see the module docstring)."""
+
+    name = "vessal"
+    SPEC: ClassVar[dict[str, Param]] = {
+        "dim": Param(256.0, 1.0, 4096.0, low_open=False, integer=True),
+        "ridge": Param(0.01, 0.0, 1e6),
+        "memory": Param(256.0, 1.0, 65536.0, low_open=False, integer=True),
+    }
+
+    def __init__(self, budget: float, params: Mapping[str, float] | None = None) -> None:
+        super().__init__(budget, params)
+        self._projection: np.ndarray | None = None
+        self._rng = np.random.default_rng(0)
+        self._reset()
+
+    def _apply_params(self) -> None:
+        self.memory = int(self._values["memory"])
+
+    def _reset(self) -> None:
+        self._inverse: np.ndarray | None = None  # A⁻¹
+        self._covariance: np.ndarray | None = None  # Σ̂ up to the current batch
+        self._seen = 0  # t before the current batch
+        self._trace = 0.0  # tr(Σ̂_t A⁻¹), kept up to date frame by frame
+        self._g = np.empty((0, 0))
+        self._ag = np.empty((0, 0))
+        self._probabilities: np.ndarray | None = None
+        self._fallback = False
+        self._batch_seen = 0
+
+    @property
+    def threshold(self) -> float | None:
+        return self.last_threshold
+
+    def _gradients(self, probabilities: np.ndarray, embeddings: np.ndarray) -> np.ndarray:
+        g = gradient_embeddings(probabilities, embeddings)
+        dim = int(self._values["dim"])
+        if g.shape[1] <= dim:
+            return g
+        if self._projection is None or self._projection.shape[0] != g.shape[1]:
+            rng = np.random.default_rng(g.shape[1])  # the same projection for the same width
+            self._projection = rng.normal(0.0, 1.0 / np.sqrt(dim), (g.shape[1], dim))
+        return g @ self._projection
+
+    def _start(self, g: np.ndarray) -> None:
+        d = g.shape[1]
+        scale = float((g**2).sum(axis=1).mean()) / d if len(g) else 1.0
+        ridge = self._values["ridge"] * (scale if scale > 0 else 1.0)
+        self._inverse = np.eye(d) / max(ridge, 1e-12)
+        self._covariance = np.zeros((d, d))
+
+    def begin(self, utilities: np.ndarray, context: "DecisionContext | None", blend: float) -> None:
+        self._fallback = context is None or context.embeddings is None
+        if self._fallback or context is None or context.probabilities is None:
+            self._fallback = True
+            return
+        assert context.embeddings is not None
+        g = self._gradients(np.asarray(context.probabilities), np.asarray(context.embeddings))
+        if self._inverse is None or self._inverse.shape[0] != g.shape[1]:
+            self._start(g)
+        assert self._inverse is not None
+        self._g, self._ag = g, g @ self._inverse
+        self._batch_seen = 0
+
+    def score(self, index: int) -> float:
+        if self._fallback:
+            return 0.0
+        g, ag = self._g[index], self._ag[index]
+        leverage = float(g @ ag)
+        t = self._seen + self._batch_seen + 1
+        self._batch_seen += 1
+        self._trace += (leverage - self._trace) / t
+        if self._trace <= 0:
+            return 1.0
+        return float(min(1.0, self.budget * leverage / self._trace))
+
+    def decide(
+        self, utility: float, budget_ok: bool, rng: np.random.Generator
+    ) -> tuple[bool, str | None]:
+        if self._fallback:
+            self.last_threshold = None
+            return (True, RANDOM) if budget_ok and rng.random() <= self.budget else (False, None)
+        self.last_threshold = None  # a probability, not a threshold
+        if budget_ok and rng.random() < utility:
+            return True, VOLUME
+        return False, None
+
+    def record(self, index: int, selected: bool) -> None:
+        if not selected or self._fallback or self._inverse is None:
+            return
+        ag = self._ag[index]
+        leverage = float(self._g[index] @ ag)
+        self._inverse -= np.outer(ag, ag) / (1.0 + leverage)
+        self._ag = self._g @ self._inverse
+        # Σ̂ up to this frame: the batch's frames so far join the running covariance
+        seen = self._g[: self._batch_seen]
+        t = self._seen + self._batch_seen
+        assert self._covariance is not None
+        covariance = (self._seen * self._covariance + seen.T @ seen) / max(t, 1)
+        self._trace = float((covariance * self._inverse).sum())
+
+    def end(self) -> None:
+        if self._fallback or self._covariance is None:
+            return
+        seen = self._g[: self._batch_seen]
+        t = self._seen + self._batch_seen
+        self._covariance = (self._seen * self._covariance + seen.T @ seen) / max(t, 1)
+        self._seen = t
+
+    def rebase(self, embeddings: np.ndarray, probabilities: np.ndarray | None) -> None:
+        """A new model: ``A`` is rebuilt from the frames asked for, ``Σ̂`` starts over."""
+        self._reset()
+        if probabilities is None or not len(embeddings):
+            return
+        g = self._gradients(np.asarray(probabilities), np.asarray(embeddings))
+        self._start(g)
+        d = g.shape[1]
+        ridge = 1.0 / float(self._inverse[0, 0]) if self._inverse is not None else 1.0
+        self._inverse = np.linalg.inv(ridge * np.eye(d) + g.T @ g)

@@ -1,0 +1,99 @@
+"""Labeling-queue backpressure: ask at the rate the team answers, raise the bar, recover."""
+
+from collections import deque
+
+import numpy as np
+import pytest
+
+from service.config import PolicySettings
+from service.selection.backpressure import Backpressure
+from service.selection.policy import QueryPolicy
+
+FPS = 20  # frames a second, one batch a second
+BUDGET = 0.05  # one request a second when nobody is behind
+
+
+class _Team:
+    """Answers the oldest waiting request at a given rate (first in, first out)."""
+
+    def __init__(self, policy: QueryPolicy) -> None:
+        self.policy = policy
+        self.queue: deque[float] = deque()
+        self._credit = 0.0
+
+    def work(self, seconds: float, rate: float) -> None:
+        self._credit += seconds * rate
+        while self._credit >= 1 and self.queue:
+            self._credit -= 1
+            self.queue.popleft()
+            self.policy.on_answer("cat", "cat")
+        self._credit = min(self._credit, 1.0)  # an idle team does not bank time
+
+
+def _run(
+    policy: QueryPolicy, team: _Team, now: list[float], seconds: int, rate: float, rng
+) -> tuple[list[float], list[float]]:
+    """Streams ``seconds`` of frames; returns the request times and the utilities asked for."""
+    times, utilities = [], []
+    for _ in range(seconds):
+        now[0] += 1.0
+        values = rng.random(FPS)
+        rows = policy.decide({"entropy": values})
+        for value, row in zip(values, rows, strict=True):
+            if row["selected"]:
+                team.queue.append(now[0])
+                times.append(now[0])
+                utilities.append(float(value))
+        team.work(1.0, rate)
+    return times, utilities
+
+
+def test_requests_follow_the_answer_rate_with_a_higher_bar_and_recover() -> None:
+    now = [0.0]
+    settings = PolicySettings(
+        name="quantile",
+        utility="entropy",
+        budget=BUDGET,
+        window=2000,
+        seed=0,
+        backpressure_waiting=40,
+        backpressure_wait_s=120.0,
+        backpressure_window_s=120.0,
+    )
+    policy = QueryPolicy.from_settings(settings, clock=lambda: now[0])
+    team, rng = _Team(policy), np.random.default_rng(0)
+
+    slow_times, slow_utilities = _run(policy, team, now, 1800, 0.2, rng)
+    late = [t for t in slow_times if t > 900]
+    assert len(late) / 900 < 0.3  # asked at about the 0.2/s the team answers, not 1/s
+    assert len(team.queue) <= 60  # the queue stays short instead of growing by 0.8/s
+    state = policy.state().backpressure
+    assert state is not None and state.throttled and state.held_back > 0
+    assert state.budget_factor < 0.5 and state.answer_rate_per_hour == pytest.approx(720, rel=0.5)
+
+    fast_times, fast_utilities = _run(policy, team, now, 1800, 5.0, rng)
+    recovered = [t for t in fast_times if t > now[0] - 600]
+    assert len(recovered) / 600 > 0.8  # back to about the budget's 1/s
+    assert not policy.state().backpressure.throttled  # type: ignore[union-attr]
+    # while throttled only the most informative frames were asked for
+    assert np.mean(slow_utilities[len(slow_utilities) // 2 :]) > np.mean(fast_utilities) + 0.03
+
+
+def test_nothing_is_held_back_before_the_team_answers_at_all() -> None:
+    """A deployment whose labels come back some other way is never throttled."""
+    now = [0.0]
+    pressure = Backpressure(max_waiting=5, max_wait_s=10.0, window_s=60.0, clock=lambda: now[0])
+    policy = QueryPolicy("quantile", budget=BUDGET, window=2000, seed=0, backpressure=pressure)
+    rng = np.random.default_rng(1)
+    selected = 0
+    for _ in range(600):
+        now[0] += 1.0
+        selected += sum(row["selected"] for row in policy.decide({"entropy": rng.random(FPS)}))
+    assert selected / 600 == pytest.approx(1.0, rel=0.2)
+    assert pressure.waiting > 5 and not pressure.engaged and not pressure.throttled
+
+
+def test_settings_can_turn_backpressure_off() -> None:
+    settings = PolicySettings(backpressure_waiting=0, backpressure_wait_s=0)
+    policy = QueryPolicy.from_settings(settings)
+    assert policy.backpressure is None and policy.state().backpressure is None
