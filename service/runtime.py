@@ -4,9 +4,12 @@ Parts never append themselves to each other's lists or set each other's
 attributes: each one gets its collaborators as constructor arguments or
 callbacks, wired in :func:`run_scorer`. A drift alarm reaches the budget
 through :func:`boost_on_alarm`; a verified release reaches the scorer through
-the watcher's ``on_model``. The HTTP app's lifespan runs :func:`run_scorer`
-and hands the :class:`ScorerRuntime` to the request handlers as typed
-lifespan state; the demo gets the same object through ``on_started``.
+the watcher's ``on_model``; each answer to the scorer's label requests reaches
+the policy through the label feedback's ``on_answer`` (the model's measured
+accuracy sets the uncertainty blend, the answer rate the backpressure). The
+HTTP app's lifespan runs :func:`run_scorer` and hands the :class:`ScorerRuntime`
+to the request handlers as typed lifespan state; the demo gets the same object
+through ``on_started``.
 """
 
 import asyncio
@@ -118,7 +121,9 @@ async def run_scorer(
         if loaded is None:
             raise ConfigError("no model: pass --model PATH.onnx, or let the scorer follow releases")
         policy = QueryPolicy.from_settings(settings.policy)
-        feedback = await stack.enter_async_context(LabelFeedback(settings.kafka, metrics))
+        feedback = await stack.enter_async_context(
+            LabelFeedback(settings.kafka, metrics, on_answer=policy.on_answer)
+        )
         drift = None
         if settings.drift.enabled:
             drift = DriftMonitor(

@@ -46,6 +46,7 @@ class Accounting:
         self._selected = metrics.frames.labels(outcome="selected")
         self._not_selected = metrics.frames.labels(outcome="not_selected")
         self._invalid = metrics.frames.labels(outcome="invalid")
+        self._held_back = 0
 
     def delivered(self, batch: Batch, predictions: list[dict[str, Any]]) -> None:
         """Counts one batch whose records are all acknowledged.
@@ -73,8 +74,21 @@ class Accounting:
         threshold = self._policy.strategy.threshold
         metrics.query_threshold.set(threshold if threshold is not None else float("nan"))
         metrics.budget_used.set(self._policy.budget_used)
+        self._selection_gauges()
         if predictions and self._on_predictions is not None:
             self._on_predictions(predictions)
+
+    def _selection_gauges(self) -> None:
+        """The uncertainty blend and the labeling queue's backpressure."""
+        metrics, policy = self._metrics, self._policy
+        metrics.uncertainty_blend.set(policy.blend)
+        pressure = policy.backpressure
+        if pressure is not None:
+            metrics.requests_waiting.set(pressure.waiting)
+            metrics.backpressure_factor.set(pressure.factor)
+            if pressure.held_back > self._held_back:
+                metrics.backpressure_held.inc(pressure.held_back - self._held_back)
+                self._held_back = pressure.held_back
 
     def _latency(self, batch: Batch) -> None:
         """Capture (or broker) time to acknowledged decision, per scored frame."""

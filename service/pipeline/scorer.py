@@ -37,6 +37,7 @@ from service.pipeline.accounting import Accounting
 from service.pipeline.batching import Batch, collect_batch
 from service.pipeline.checkpoint import DRAIN_TIMEOUT_S, Checkpoint
 from service.pipeline.decode import BatchDecoder, DecodeLimits
+from service.pipeline.exemplars import Exemplars
 from service.pipeline.records import batch_records
 from service.scoring.engine import Scored, ScoringEngine
 from service.selection.filters import DecisionContext
@@ -46,6 +47,7 @@ log = logging.getLogger(__name__)
 
 _QUEUE_DEPTH = 1
 _ACK_DEPTH = 4  # batches sent and waiting for acks: overlaps broker round trips with work
+_REEMBED_BATCH = 64  # exemplars per model run when a new model re-embeds them
 
 BatchObserver = Callable[[Batch], None]
 """Sees each scored batch (probabilities, embeddings, scores, decisions, inputs) on the event
@@ -109,6 +111,8 @@ class Scorer(Component):
         self._delivery: Delivery | None = None
         self._checkpoint: Checkpoint | None = None
         self._stopping = asyncio.Event()
+        self._exemplars = Exemplars(self.policy.memory)
+        self._space_model: OnnxModel | None = None  # whose embeddings the policy holds
         self.model = model
         self._serve(model)
 
@@ -121,7 +125,7 @@ class Scorer(Component):
     def _serve(self, model: OnnxModel) -> None:
         self.model = model
         self.metrics.set_model(model.version)
-        self.policy.on_model(model.spec.labels_trained)
+        self.policy.on_model(model.spec.labels_trained, classes=model.spec.classes)
         self._engine.on_model(model)
         for listener in self._on_swap:
             listener(model)
@@ -231,10 +235,34 @@ class Scorer(Component):
             batch.scores = scored.scores
             sources = [batch.frames[i].source_id for i in batch.good]
             context = DecisionContext(scored.embeddings, scored.probabilities, sources)
+            await self._rebase(batch.model, batch.inputs)
             batch.decisions = self.policy.decide(scored.scores, context)
+            selected = [i for i, row in enumerate(batch.decisions) if row["selected"]]
+            self._exemplars.resize(self.policy.memory)  # a live change may switch strategy
+            if selected:
+                self._exemplars.add(batch.inputs[selected])
             for observer in self._on_batch:
                 observer(batch)
         batch.inputs = None  # the pixels are no longer needed; free them early
+
+    async def _rebase(self, model: OnnxModel, inputs: np.ndarray) -> None:
+        """Before the first batch of a new model is decided: the frames asked for so far are
+        re-embedded by it (in the infer thread), so the embedding strategies keep their memory."""
+        if model is self._space_model:
+            return
+        first = self._space_model is None
+        self._space_model = model
+        if first or not self.policy.memory:
+            return
+        kept = self._exemplars.stacked(inputs.shape[1:])
+        if kept is None:
+            self.policy.rebase(np.zeros((0, 0)), None)
+            return
+        loop = asyncio.get_running_loop()
+        probabilities, embeddings = await loop.run_in_executor(
+            self._infer_pool, _run_all, model, kept
+        )
+        self.policy.rebase(embeddings, probabilities)
 
     async def _score(self, model: OnnxModel, inputs: np.ndarray) -> Scored:
         """The engine's answer, from the infer thread. Scored again in the rare case that the
@@ -278,3 +306,10 @@ class Scorer(Component):
                 await self._checkpoint.commit(more_coming=not inbox.empty())
             finally:
                 self._checkpoint.settled()
+
+
+def _run_all(model: OnnxModel, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The model's probabilities and embeddings of ``inputs``, a few rows per run."""
+    step = _REEMBED_BATCH
+    outputs = [model.run(inputs[i : i + step]) for i in range(0, len(inputs), step)]
+    return np.concatenate([p for p, _ in outputs]), np.concatenate([e for _, e in outputs])

@@ -31,6 +31,8 @@ def test_health_readiness_status_and_metrics(scorer_settings, digits_model_path)
         assert status["ready"] is True
         assert status["model"]["classes"] == [str(d) for d in range(10)]
         assert status["policy"]["name"] == "variable"
+        assert status["policy"]["backpressure"]["engaged"] is False  # no answer yet
+        assert status["labeling"]["recent_recall"] == {}
         assert len(status["partitions"]) == 3
         metrics = client.get("/metrics").text
         for name in (
@@ -42,6 +44,9 @@ def test_health_readiness_status_and_metrics(scorer_settings, digits_model_path)
             "winnow_budget_used_ratio",
             "winnow_model_info",
             "winnow_label_requests_total",
+            "winnow_requests_waiting",
+            "winnow_backpressure_budget_factor",
+            "winnow_uncertainty_blend",
         ):
             assert name in metrics, name
         assert client.get("/openapi.json").json()["info"]["title"] == "Winnow scorer"

@@ -208,7 +208,35 @@ def test_collaborators_hear_every_model_served(digits_model_path) -> None:
     assert scorer.policy.cold_start and scorer.policy.needs == frozenset()
     scorer.swap_model(trained)
     assert heard == [model.version, "trained"] and scorer.model is trained
-    assert not scorer.policy.cold_start and scorer.policy.needs == {"entropy"}
+    assert not scorer.policy.cold_start and scorer.policy.needs == {"margin"}  # the default
+
+
+async def test_a_new_model_re_embeds_the_frames_asked_for(digits_model_path) -> None:
+    """The embedding strategies keep their memory across a model swap: before the first batch
+    of the new model is decided, the frames asked for are embedded by it."""
+    model = OnnxModel.load(digits_model_path, device="cpu")
+    trained = OnnxModel.load(digits_model_path, device="cpu")
+    trained._spec = trained.spec.model_copy(update={"labels_trained": 50, "version": "trained"})
+    rebased: list[tuple[tuple[int, ...], tuple[int, ...] | None]] = []
+
+    class _Recorded(QueryPolicy):
+        def rebase(self, embeddings: np.ndarray, probabilities: np.ndarray | None = None) -> None:
+            shape = None if probabilities is None else probabilities.shape
+            rebased.append((embeddings.shape, shape))
+            super().rebase(embeddings, probabilities)
+
+    settings = PolicySettings(name="herding", budget=0.5, window=10, seed=0)
+    policy = _Recorded.from_settings(settings)
+    scorer = Scorer(Settings(), model, policy=policy)
+    inputs = np.random.default_rng(0).normal(size=(6, 1, 16, 16)).astype(np.float32)
+    await scorer._rebase(model, inputs)  # the first model: nothing to carry over
+    scorer._exemplars.add(inputs[:4])
+    await scorer._rebase(model, inputs)  # the same model again: nothing either
+    assert rebased == []
+    scorer.swap_model(trained)
+    await scorer._rebase(trained, inputs)
+    assert rebased == [((4, trained.spec.embedding_dim), (4, 10))]
+    assert policy.memory == 256 and scorer._exemplars.capacity == 256
 
 
 async def test_a_policy_change_during_inference_is_scored_again(digits_model_path) -> None:
