@@ -148,6 +148,13 @@ class DriftSettings(BaseSettings):
         "off by default: a release's reference comes from actively selected (uncertain) frames, "
         "so the undrifted stream looks drifted against it",
     )
+    head_rearm_frames: int = Field(
+        default=500,
+        ge=0,
+        description="after a head-only swap (same backbone) the prediction and uncertainty "
+        "detectors take the new head's reference and are recalibrated at most once per this "
+        "many frames; meanwhile they watch through the head they were calibrated for",
+    )
     per_source: bool = Field(default=True, description="also track each source id (frame key)")
     max_sources: int = Field(default=32, ge=0, description="sources tracked at once")
     statistic_every: int = Field(

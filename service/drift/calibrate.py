@@ -16,7 +16,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from service.drift.detectors import Detector, Rows
+from schemas.drift import DriftReference
+from service.config import DriftSettings
+from service.drift.detectors import Detector, Rows, build_detectors
 
 DEFAULT_CELLS = 1_200_000
 
@@ -132,8 +134,13 @@ class Simulation:
 
     def together(self, ert: float) -> list[float]:
         """Thresholds for ``ert`` frames between false alarms of the detectors as a group."""
+        return self.thresholds(self.each_ert(ert))
+
+    def each_ert(self, ert: float) -> float:
+        """The per-detector ERT whose thresholds give the group ``ert`` frames between false
+        alarms (``ert`` itself for one detector)."""
         if len(self._first) == 1:
-            return self.thresholds(ert)
+            return ert
         fill = min(d.fill for d in self.detectors)
 
         def group_run(thresholds: list[float]) -> float:
@@ -142,15 +149,13 @@ class Simulation:
             return self._first[0].mean_run(first, fill)
 
         lo, hi = math.log(ert), math.log(ert * len(self._first) * 4)
-        best = self.thresholds(math.exp(hi))
         for _ in range(16):
             mid = 0.5 * (lo + hi)
-            candidate = self.thresholds(math.exp(mid))
-            if group_run(candidate) < ert:
+            if group_run(self.thresholds(math.exp(mid))) < ert:
                 lo = mid
             else:
-                hi, best = mid, candidate
-        return best
+                hi = mid
+        return math.exp(hi)
 
     def apply(self, thresholds: list[float]) -> None:
         for detector, threshold in zip(self.detectors, thresholds, strict=True):
@@ -178,3 +183,44 @@ def calibrate(
     simulation = Simulation([detector], pool, ert, seed, cells, reference_frames)
     simulation.apply(simulation.thresholds(ert))
     return detector.threshold
+
+
+def calibrated(
+    reference: DriftReference,
+    settings: DriftSettings,
+    names: Sequence[str] | None = None,
+    each_ert: float | None = None,
+) -> tuple[list[Detector], float]:
+    """The scorer's detectors on ``reference``, calibrated (seconds of CPU: run it in a thread).
+
+    Args:
+        reference: what the detectors compare the stream with.
+        settings: windows, ERT and its scope, simulation size and seed.
+        names: the detectors to build; None: those of the settings.
+        each_ert: the per-detector ERT to calibrate to; None: the settings' ERT, for
+            each detector or for the detectors together (``ert_scope=monitor``).
+            Detectors recalibrated apart from the rest pass what those were given.
+
+    Returns:
+        The detectors and the per-detector ERT of their thresholds.
+    """
+    s = settings
+    detectors = build_detectors(
+        reference,
+        s.detectors if names is None else names,
+        embedding_window=s.embedding_window,
+        class_window=s.class_window,
+        cusum_k=s.cusum_k,
+    )
+    simulation = Simulation(
+        detectors,
+        Rows.reference_pool(reference),
+        s.ert,
+        s.seed,
+        s.calibration_frames,
+        reference.frames,
+    )
+    if each_ert is None:
+        each_ert = simulation.each_ert(s.ert) if s.ert_scope == "monitor" else float(s.ert)
+    simulation.apply(simulation.thresholds(each_ert))
+    return detectors, each_ert

@@ -7,11 +7,16 @@ detectors in a worker thread; on an alarm it counts it, publishes a
 labeling budget's boost). Every
 ``statistic_every`` frames a detector's statistic is published too.
 
-On a model swap the detectors reset: with the release's reference when it
-carries one, else with a reference built from the first ``warmup_frames``
-frames the new model scores. Thresholds are calibrated in a thread each time.
-Detectors run on all frames together and, per source id (the frame key),
-for up to ``max_sources`` sources.
+On a swap to a new backbone (a full release) the detectors reset: with the
+release's reference when it carries one (and ``use_release_reference``), else
+with the anchor frames re-scored by the new model, else with a reference
+built from the first ``warmup_frames`` frames it scores. Thresholds are
+calibrated in a thread each time. A head-only swap (``ModelSpec.backbone_version``
+unchanged) leaves the embeddings as they were: the embedding detector keeps
+its reference, threshold and state, and only the detectors that read the
+head's outputs follow the new head, at most once per ``head_rearm_frames``
+frames (see :meth:`DriftMonitor._follow_head`). Detectors run on all frames
+together and, per source id (the frame key), for up to ``max_sources`` sources.
 """
 
 import asyncio
@@ -20,6 +25,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Literal
 
 import numpy as np
 from aiokafka import AIOKafkaProducer
@@ -31,8 +37,9 @@ from infra.kafka.settings import KafkaSettings
 from schemas.api import DetectorState, DriftStatus
 from schemas.drift import DriftEvent, DriftReference
 from service.config import DriftSettings
-from service.drift.calibrate import Simulation
-from service.drift.detectors import Detector, Rows, build_detectors
+from service.drift.calibrate import calibrated
+from service.drift.detectors import Detector, Rows
+from service.drift.heads import HEAD_DETECTORS, LinearHead, with_head
 from service.metrics import ScorerMetrics
 from service.pipeline.batching import Batch
 
@@ -56,6 +63,8 @@ class _Swap:
     reference: DriftReference | None
     paused: bool = False
     model: object = None
+    backbone: str = ""
+    head: LinearHead | None = None  # from the model's metadata, where it has one
 
 
 @dataclass
@@ -119,8 +128,22 @@ class DriftMonitor(Component):
         self._warmup_count = 0
         self._calibrating = False
         self._dropped = 0
+        # Head-only swaps: the backbone watched, the versions served on it, the head the
+        # head detectors are calibrated for, and the embeddings of the reference frames
+        # (when the monitor built the reference) that a new head is applied to.
+        self._backbone: str | None = None
+        self._versions: set[str] = set()
+        self._head: LinearHead | None = None
+        self._head_version: str | None = None
+        self._head_reference: DriftReference | None = None
+        self._embeddings: np.ndarray | None = None
+        self._pending: _Swap | None = None  # the latest head the head detectors still lag
+        self._head_armed_at = 0  # self.processed when the head detectors were calibrated
+        self._each_ert = float(settings.ert)  # the per-detector ERT of the thresholds
+        self._rebase = False  # an alarm since the reference was taken: take a new one
         self.alarms = 0
         self.processed = 0  # frames the detectors have seen
+        self.calibrations = 0  # detector sets calibrated (each costs seconds of CPU)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -160,13 +183,23 @@ class DriftMonitor(Component):
         self._put(item)
 
     def on_swap(self, model: object) -> None:
-        """A new model: reset the detectors with its reference (or warm up)."""
+        """A new model: reset the detectors with its reference (or warm up), or, on the
+        same backbone, follow its head."""
         spec = model.spec  # type: ignore[attr-defined]
         use = self.settings.use_release_reference
         # An untrained model's outputs are noise and its budget is spent at random anyway:
         # nothing to watch until it has learned from labels (cold start).
         paused = spec.labels_trained == 0
-        self._put(_Swap(spec.version, spec.reference if use else None, paused, model), force=True)
+        backbone = spec.backbone_version or spec.version  # older models: their own
+        swap = _Swap(
+            spec.version,
+            spec.reference if use else None,
+            paused,
+            model,
+            backbone,
+            LinearHead.of(model),
+        )
+        self._put(swap, force=True)
 
     def _put(self, item: "_Observed | _Swap", force: bool = False) -> None:
         try:
@@ -199,9 +232,32 @@ class DriftMonitor(Component):
                 self._queue.task_done()
 
     async def _swap(self, swap: _Swap) -> None:
+        if self._keeps_backbone(swap):
+            await self._follow_head(swap)
+        else:
+            await self._reset(swap)
+
+    def _keeps_backbone(self, swap: _Swap) -> bool:
+        """Whether ``swap`` is a new head on the watched backbone that the monitor can follow
+        without re-scoring: both heads known, and a way to the new head's reference."""
+        if swap.paused or self._paused or self._rebase or swap.backbone != self._backbone:
+            return False
+        if swap.head is None:
+            return False
+        if self._reference is None:
+            return True  # the reference is still being taken: it will be the new head's
+        if self._head is None:
+            return False
+        released = self.settings.use_release_reference and swap.reference is not None
+        return released or self._embeddings is not None
+
+    async def _reset(self, swap: _Swap) -> None:
         self._version, self._warmup, self._warmup_count = swap.version, [], 0
         self._paused, self._model = swap.paused, swap.model
         self._tracks, self._reference, self._prototypes = OrderedDict(), None, []
+        self._backbone, self._versions = swap.backbone, {swap.version}
+        self._head, self._head_version, self._pending = swap.head, swap.version, None
+        self._embeddings, self._head_reference, self._rebase = None, None, False
         if swap.paused:
             return
         if swap.reference is not None:
@@ -213,12 +269,89 @@ class DriftMonitor(Component):
             origin = f"from the next {self.settings.warmup_frames} frames"
         log.info("drift: model %s, reference %s", swap.version, origin)
 
+    async def _follow_head(self, swap: _Swap) -> None:
+        """A new head on the watched backbone.
+
+        The embeddings do not change, so the embedding detector keeps its reference,
+        threshold and state: a shift under way goes on accumulating evidence. The
+        prediction and uncertainty detectors read the head's outputs; they take the new
+        head's reference (its outputs on the reference frames' embeddings, in numpy) and
+        are recalibrated, at most once per ``head_rearm_frames`` frames, on the latest
+        head then. Meanwhile they watch the stream through the head they were calibrated
+        for (applied to each frame's embedding), not through the new head against the old
+        head's reference: a new head's outputs differ from the old ones by design, and
+        that difference would read as drift, so a false alarm. Their reference,
+        threshold and state stay matched, and the false-alarm rate stays the calibrated
+        one; pausing them instead would leave the outputs unwatched while heads come
+        faster than that.
+        """
+        self._version, self._model = swap.version, swap.model
+        self._versions.add(swap.version)
+        if self._reference is None:
+            self._head, self._head_version = swap.head, swap.version
+            log.info(
+                "drift: model %s, a new head; the reference is still being taken", swap.version
+            )
+            return
+        self._pending = swap
+        log.info(
+            "drift: model %s, a new head on backbone %s: embedding detector kept",
+            swap.version,
+            swap.backbone,
+        )
+        await self._follow_when_due()
+
+    async def _follow_when_due(self) -> None:
+        """Recalibrates the head detectors on the latest head, once enough frames have passed."""
+        if self._pending is None:
+            return
+        if self.processed - self._head_armed_at < self.settings.head_rearm_frames:
+            return
+        swap, self._pending = self._pending, None
+        self._calibrating = True
+        try:
+            reference, detectors = await asyncio.to_thread(self._head_detectors, swap)
+        finally:
+            self._calibrating = False
+        if detectors:
+            self.calibrations += 1
+        fresh = {d.name: d for d in detectors}
+        self._prototypes = [fresh.get(d.name, d) for d in self._prototypes]
+        for track in self._tracks.values():
+            track.detectors = [
+                fresh[d.name].fresh() if d.name in fresh else d for d in track.detectors
+            ]
+        self._head, self._head_version = swap.head, swap.version
+        self._head_reference, self._head_armed_at = reference, self.processed
+        for detector in detectors:
+            self.metrics.drift_threshold.labels(detector=detector.name).set(detector.threshold)
+        log.info(
+            "drift: head detectors follow model %s: %s",
+            swap.version,
+            ", ".join(f"{d.name}>{d.threshold:.4g}" for d in detectors) or "none",
+        )
+
+    def _head_detectors(self, swap: _Swap) -> tuple[DriftReference, list[Detector]]:
+        """The head detectors on ``swap``'s head, calibrated as the others were (thread)."""
+        assert self._reference is not None and swap.head is not None
+        s = self.settings
+        if s.use_release_reference and swap.reference is not None:
+            reference = swap.reference
+        else:
+            assert self._embeddings is not None
+            reference = with_head(self._reference, self._embeddings, swap.head, s.seed)
+        names = [d.name for d in self._prototypes if d.name in HEAD_DETECTORS]
+        if not names:
+            return reference, []
+        detectors, _ = calibrated(reference, s, names, self._each_ert)
+        return reference, detectors
+
     async def _arm_from_anchor(self) -> bool:
         """Scores the anchor frames with the current model and arms on them."""
         assert self._anchor is not None
         try:
             probabilities, embeddings = await asyncio.to_thread(
-                self._model.run,  # type: ignore[union-attr]
+                self._model.run,  # type: ignore[attr-defined]
                 self._anchor,
             )
         except Exception as error:  # e.g. a new model with another input size
@@ -230,6 +363,7 @@ class DriftMonitor(Component):
             self._reset_anchor()
             return False
         await self._arm(await self._build(embeddings, probabilities, "warmup"))
+        self._embeddings = np.asarray(embeddings, dtype=np.float32)
         return True
 
     def _reset_anchor(self) -> None:
@@ -237,7 +371,7 @@ class DriftMonitor(Component):
         self._anchor_count = 0
 
     async def _build(
-        self, embeddings: np.ndarray, probabilities: np.ndarray, origin: str
+        self, embeddings: np.ndarray, probabilities: np.ndarray, origin: Literal["warmup"]
     ) -> DriftReference:
         return await asyncio.to_thread(
             DriftReference.build,
@@ -251,10 +385,12 @@ class DriftMonitor(Component):
         s = self.settings
         self._calibrating = True
         try:
-            prototypes = await asyncio.to_thread(self._calibrated, reference)
+            prototypes, self._each_ert = await asyncio.to_thread(calibrated, reference, s)
         finally:
             self._calibrating = False
+        self.calibrations += 1
         self._reference, self._prototypes = reference, prototypes
+        self._head_reference, self._head_armed_at = reference, self.processed
         self._tracks = OrderedDict()
         for detector in prototypes:
             self.metrics.drift_threshold.labels(detector=detector.name).set(detector.threshold)
@@ -264,32 +400,11 @@ class DriftMonitor(Component):
             ", ".join(f"{d.name}>{d.threshold:.4g}" for d in prototypes),
         )
 
-    def _calibrated(self, reference: DriftReference) -> list[Detector]:
-        s = self.settings
-        detectors = build_detectors(
-            reference,
-            s.detectors,
-            embedding_window=s.embedding_window,
-            class_window=s.class_window,
-            cusum_k=s.cusum_k,
-        )
-        simulation = Simulation(
-            detectors,
-            Rows.reference_pool(reference),
-            s.ert,
-            s.seed,
-            s.calibration_frames,
-            reference.frames,
-        )
-        together = s.ert_scope == "monitor"
-        simulation.apply(simulation.together(s.ert) if together else simulation.thresholds(s.ert))
-        return detectors
-
     async def _observe(self, item: _Observed) -> None:
         if item.inputs is not None and self._collecting_anchor:
             await self._collect_anchor(item.inputs)
             return
-        if item.version != self._version or self._paused:
+        if item.version not in self._versions or self._paused:
             return  # scored by a model the monitor no longer watches, or an untrained one
         if self._reference is None:
             await self._warm(item)
@@ -297,6 +412,7 @@ class DriftMonitor(Component):
         events = await asyncio.to_thread(self._process, item)
         for event in events:
             await self._emit(event)
+        await self._follow_when_due()
 
     async def _collect_anchor(self, inputs: np.ndarray) -> None:
         """Keeps the first frames' inputs (whatever model scored them) as the anchor."""
@@ -316,13 +432,20 @@ class DriftMonitor(Component):
             return
         embeddings = np.concatenate([w.embeddings for w in self._warmup])
         probabilities = np.concatenate([w.probabilities for w in self._warmup])
+        if self._head is not None and any(w.version != self._head_version for w in self._warmup):
+            probabilities = self._head.probabilities(embeddings)  # heads changed meanwhile
         self._warmup = []
         await self._arm(await self._build(embeddings, probabilities, "warmup"))
+        self._embeddings = np.asarray(embeddings, dtype=np.float32)
 
     def _process(self, item: _Observed) -> list[DriftEvent]:
         """Runs the detectors on one batch (worker thread); returns the events to publish."""
         assert self._reference is not None
-        rows = Rows.from_outputs(self._reference, item.embeddings, item.probabilities)
+        probabilities = item.probabilities
+        if item.version != self._head_version and self._head is not None:
+            # the head detectors watch through the head they are calibrated for
+            probabilities = self._head.probabilities(item.embeddings)
+        rows = Rows.from_outputs(self._reference, item.embeddings, probabilities)
         events = self._run_track(ALL, rows)
         if self.settings.per_source and self.settings.max_sources > 0:
             sources = np.asarray([s or "" for s in item.sources])
@@ -381,6 +504,7 @@ class DriftMonitor(Component):
         if event.kind == "alarm":
             self.alarms += 1
             self._reset_anchor()  # the reference moves to the new regime once it is collected
+            self._rebase = True  # at the next swap, head-only or not
             self.metrics.drift_alarms.labels(detector=event.detector).inc()
             self.events = [*self.events[-99:], event]
             log.warning(
@@ -411,6 +535,17 @@ class DriftMonitor(Component):
                 self.metrics.drift_score.labels(detector=detector.name).set(detector.statistic)
 
     # -- status ----------------------------------------------------------------------------
+
+    @property
+    def reference(self) -> DriftReference | None:
+        """What the embedding detector compares with (None while it is being taken)."""
+        return self._reference
+
+    @property
+    def head_reference(self) -> DriftReference | None:
+        """What the prediction and uncertainty detectors compare with: ``reference``, or
+        since a head-only swap, the same frames through the head they follow."""
+        return self._head_reference
 
     def status(self) -> DriftStatus:
         s = self.settings

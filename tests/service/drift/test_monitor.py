@@ -1,7 +1,8 @@
-"""The drift monitor: alarms boost the budget for a while, swaps reset, warm-up references."""
+"""The drift monitor: alarms boost the budget for a while, swaps reset, warm-up references,
+head-only swaps keep the embedding detector and move the head detectors to the new head."""
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import numpy as np
@@ -9,12 +10,15 @@ import numpy as np
 from schemas.drift import DriftReference
 from schemas.frames import FrameHeaders, FrameOrigin
 from service.config import DriftSettings
+from service.drift.calibrate import calibrated
+from service.drift.detectors import Rows
+from service.drift.heads import LinearHead, with_head
 from service.drift.monitor import DriftMonitor
 from service.metrics import ScorerMetrics
 from service.pipeline.batching import Batch, InboundFrame
 from service.runtime import boost_on_alarm
 from service.selection.policy import QueryPolicy
-from tests.service.drift.synthetic import outputs
+from tests.service.drift.synthetic import head_metadata, linear_head, outputs
 
 
 @dataclass
@@ -22,6 +26,7 @@ class _Spec:
     version: str
     reference: DriftReference | None
     labels_trained: int = 100
+    backbone_version: str | None = None
 
 
 @dataclass
@@ -209,8 +214,202 @@ async def test_a_new_model_rescores_the_anchor_frames_instead_of_warming_up_on_t
 
 def test_a_monitor_wide_ert_raises_every_threshold(reference) -> None:
     def thresholds(scope: str) -> list[float]:
-        monitor = DriftMonitor(_settings(ert_scope=scope), None, ScorerMetrics())
-        return [d.threshold for d in monitor._calibrated(reference)]
+        detectors, _ = calibrated(reference, _settings(ert_scope=scope))
+        return [d.threshold for d in detectors]
 
     each, together = thresholds("detector"), thresholds("monitor")
     assert len(each) == 3 and all(t > e for t, e in zip(together, each, strict=True))
+
+
+@dataclass
+class _Headed(_Model):
+    """A model whose inputs are its embeddings, with a linear head: re-scoring is exact and
+    counted; its head is in its metadata, as the trainer's export writes it."""
+
+    weight: np.ndarray = field(default_factory=lambda: linear_head(0)[0])
+    bias: np.ndarray = field(default_factory=lambda: linear_head(0)[1])
+    runs: int = 0
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return head_metadata(self.weight, self.bias)
+
+    def probabilities(self, embeddings: np.ndarray) -> np.ndarray:
+        return LinearHead(self.weight, self.bias).probabilities(embeddings)
+
+    def run(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        self.runs += 1
+        return self.probabilities(inputs), inputs
+
+
+def _headed(version: str, backbone: str | None = None, *, seed: int = 0, **head) -> _Headed:
+    weight, bias = linear_head(seed, **head)
+    return _Headed(_Spec(version, None, backbone_version=backbone), weight, bias)
+
+
+async def _stream(
+    monitor: DriftMonitor, model: _Headed, rng, frames: int, per_batch: int = 50, **shift
+) -> list[np.ndarray]:
+    """Feeds ``frames`` frames scored by ``model``, none sent for labeling; their embeddings."""
+    fed = []
+    for _ in range(frames // per_batch):
+        embeddings, _ = outputs(per_batch, rng, **shift)
+        batch = _batch(model, embeddings, model.probabilities(embeddings))
+        batch.inputs = embeddings
+        batch.decisions = [
+            {"selected": False, "reason": None, "policy": "p", "utility": 0.0, "threshold": None}
+            for _ in embeddings
+        ]
+        monitor.observe(batch)
+        fed.append(embeddings)
+    await monitor.idle()
+    return fed
+
+
+def _anchored(**overrides: object) -> DriftSettings:
+    """The default path: no release reference, the anchor frames re-scored on each backbone."""
+    return _settings(**{"use_release_reference": False, "warmup_frames": 200, **overrides})
+
+
+async def _first_alarm(swap_at: int | None, rng_seed: int = 7) -> tuple[int, int, int]:
+    """Frames of a shifted stream until the first alarm, with a head-only swap after
+    ``swap_at`` of them (or none); and the re-scoring runs of each model."""
+    rng = np.random.default_rng(rng_seed)
+    async with DriftMonitor(
+        _anchored(detectors=["embedding"], per_source=False), None, ScorerMetrics()
+    ) as monitor:
+        first, head = _headed("v1"), _headed("v1-h1", "v1", seed=1)
+        monitor.on_swap(first)
+        await _stream(monitor, first, rng, 200)  # the anchor: re-scored by v1
+        await _stream(monitor, first, rng, 400)
+        assert monitor.alarms == 0
+        serving, shifted = first, 0
+        while monitor.alarms == 0 and shifted < 1000:
+            if shifted == swap_at:
+                monitor.on_swap(head)
+                serving = head
+            await _stream(monitor, serving, rng, 4, per_batch=4, shift=0.3)
+            shifted += 4
+        assert monitor.alarms >= 1 and monitor.events[0].model_version == serving.version
+        return shifted, first.runs, head.runs
+
+
+async def test_a_head_only_swap_keeps_the_evidence_of_a_shift_under_way() -> None:
+    alone, runs, _ = await _first_alarm(None)
+    window = _anchored().embedding_window
+    assert alone > 2 * window and runs == 1  # the shift takes a while to show
+    swap_at = alone - window // 2  # a reset detector would need a full window after it
+    with_swap, runs, head_runs = await _first_alarm(swap_at)
+    assert with_swap == alone  # the same frame: the window and threshold went on as they were
+    assert runs == 1 and head_runs == 0  # and the anchor frames were not re-scored
+
+
+def _thresholds(monitor: DriftMonitor) -> dict[str, float | None]:
+    return {d.detector: d.threshold for d in monitor.status().detectors if d.source_id is None}
+
+
+async def test_the_head_detectors_follow_a_new_head_on_the_anchor_embeddings() -> None:
+    rng = np.random.default_rng(11)
+    settings = _anchored(ert=10_000, per_source=False, head_rearm_frames=100)
+    async with DriftMonitor(settings, None, ScorerMetrics()) as monitor:
+        first = _headed("v1")
+        monitor.on_swap(first)
+        anchor = np.concatenate(await _stream(monitor, first, rng, 200))
+        await _stream(monitor, first, rng, 50)
+        before, thresholds = monitor.reference, _thresholds(monitor)
+        assert before is not None and monitor.head_reference is before
+        biased = _headed("v1-h1", "v1", seed=1, favour=0, by=4.0)  # predicts class 0 mostly
+        monitor.on_swap(biased)
+        await _stream(monitor, biased, rng, 100)  # due 100 frames after the last calibration
+        after = monitor.head_reference
+        assert monitor.reference is before and after is not before
+        assert monitor.calibrations == 2 and first.runs == 1 and biased.runs == 0
+        # the new head's outputs on the anchor frames, as a full re-arm would have built them
+        probabilities = biased.probabilities(anchor)
+        built = DriftReference.build(anchor, probabilities, seed=settings.seed, origin="warmup")
+        assert after == built
+        assert after.class_mix[0] > 0.6 > 0.3 > before.class_mix[0]
+        now = _thresholds(monitor)
+        assert now["embedding"] == thresholds["embedding"]
+        assert now["prediction"] != thresholds["prediction"]
+        # the biased head's outputs raise no alarm against its own reference ...
+        await _stream(monitor, biased, rng, 300)
+        assert monitor.alarms == 0
+        # ... where the old head's reference would have taken them for drift
+        (stale,), _ = calibrated(before, settings, ["prediction"])
+        embeddings, _ = outputs(300, rng)
+        assert stale.update(Rows.from_outputs(before, embeddings, biased.probabilities(embeddings)))
+
+        second = _headed("v2", seed=2)  # a full release: a new backbone
+        monitor.on_swap(second)
+        await monitor.idle()
+        assert monitor.status().detectors == [] and second.runs == 1  # the anchor, re-scored
+        assert monitor.calibrations == 3 and monitor.reference is not before
+        assert monitor.head_reference is monitor.reference
+
+
+async def test_a_burst_of_head_swaps_costs_one_calibration_per_setting_frames() -> None:
+    rng = np.random.default_rng(12)
+    settings = _anchored(ert=10_000, per_source=False, head_rearm_frames=300)
+    async with DriftMonitor(settings, None, ScorerMetrics()) as monitor:
+        first = _headed("v1")
+        monitor.on_swap(first)
+        anchor = np.concatenate(await _stream(monitor, first, rng, 200))
+        await _stream(monitor, first, rng, 50)
+        assert monitor.calibrations == 1
+        heads = [_headed(f"v1-h{i}", "v1", seed=i) for i in range(1, 16)]
+        followed = []
+        for head in heads:  # a new head every 40 frames, 600 frames in all
+            monitor.on_swap(head)
+            await _stream(monitor, head, rng, 40, per_batch=40)
+            followed.append(monitor.calibrations)
+        assert monitor.processed == 650
+        assert monitor.calibrations == 1 + 2  # at 330 and 650 frames: one per 300 at most
+        assert followed.index(2) == 6 and followed.index(3) == 14
+        assert all(h.runs == 0 for h in heads) and first.runs == 1
+        last, reference = heads[-1], monitor.reference
+        assert reference is not None
+        expected = with_head(reference, anchor, LinearHead(last.weight, last.bias), 0)
+        assert monitor.head_reference == expected  # the latest head, not one of the burst
+
+
+async def test_a_head_swap_takes_the_release_reference_for_the_head_detectors() -> None:
+    rng = np.random.default_rng(13)
+    first = _headed("v1")
+    head = _headed("v1-h1", "v1", seed=1, favour=0, by=2.0)
+    embeddings, _ = outputs(2000, rng)
+    first.spec.reference = DriftReference.build(embeddings, first.probabilities(embeddings))
+    part = embeddings[:1000]  # the trainer builds it on its holdout
+    head.spec.reference = DriftReference.build(part, head.probabilities(part))
+    settings = _settings(per_source=False, head_rearm_frames=0, warmup_frames=50)
+    async with DriftMonitor(settings, None, ScorerMetrics()) as monitor:
+        monitor.on_swap(first)
+        await _stream(monitor, first, rng, 150)  # 50 make the anchor, 100 are watched
+        before = {d.detector: d for d in monitor.status().detectors}
+        assert before["embedding"].frames == 100 and monitor.alarms == 0
+        monitor.on_swap(head)
+        await monitor.idle()
+        assert monitor.reference is first.spec.reference
+        assert monitor.head_reference is head.spec.reference
+        after = {d.detector: d for d in monitor.status().detectors}
+        assert after["embedding"] == before["embedding"]  # threshold, statistic, frames
+        assert after["prediction"].frames == 0
+        assert after["prediction"].threshold != before["prediction"].threshold
+        assert monitor.calibrations == 2 and first.runs == head.runs == 0
+
+
+async def test_after_an_alarm_a_head_swap_takes_a_new_reference() -> None:
+    rng = np.random.default_rng(14)
+    async with DriftMonitor(_anchored(per_source=False), None, ScorerMetrics()) as monitor:
+        first = _headed("v1")
+        monitor.on_swap(first)
+        await _stream(monitor, first, rng, 250)
+        await _stream(monitor, first, rng, 300, shift=2.0)
+        assert monitor.alarms >= 1
+        head = _headed("v1-h1", "v1", seed=1)
+        monitor.on_swap(head)  # the stream moved: the reference is taken anew, as on any swap
+        await monitor.idle()
+        status = monitor.status()
+        assert status.detectors == [] and status.warmup_frames_left == 200
+        await _stream(monitor, head, rng, 200, shift=2.0)
+        assert head.runs == 1 and monitor.status().reference_frames == 200
