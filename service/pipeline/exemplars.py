@@ -3,8 +3,9 @@
 The embedding strategies (herding, ProbCover, TypiClust, VeSSAL) remember the
 frames asked for as embeddings; a new model has a new embedding space, so the
 scorer keeps the preprocessed inputs of the latest ``QueryPolicy.memory``
-selections (as float16, half the bytes) and runs the new model on them before
-its first batch is decided (``QueryPolicy.rebase``). Bounded: at most
+selections (as float16, half the bytes) and runs a model with a new backbone on
+them before its first batch is decided (``QueryPolicy.rebase``); a head-only
+release keeps the embeddings and needs nothing. Bounded: at most
 ``capacity`` inputs (for 3×224×224 inputs, 256 of them take 77 MB).
 """
 

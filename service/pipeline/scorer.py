@@ -246,13 +246,16 @@ class Scorer(Component):
         batch.inputs = None  # the pixels are no longer needed; free them early
 
     async def _rebase(self, model: OnnxModel, inputs: np.ndarray) -> None:
-        """Before the first batch of a new model is decided: the frames asked for so far are
-        re-embedded by it (in the infer thread), so the embedding strategies keep their memory."""
-        if model is self._space_model:
+        """Before the first batch of a new backbone is decided: the frames asked for so far are
+        re-embedded by it (in the infer thread), so the embedding strategies keep their memory.
+        A head-only release keeps the backbone, hence the embeddings: nothing to redo."""
+        previous = self._space_model
+        if model is previous:
             return
-        first = self._space_model is None
         self._space_model = model
-        if first or not self.policy.memory:
+        if previous is None or model.spec.backbone == previous.spec.backbone:
+            return
+        if not self.policy.memory:
             return
         kept = self._exemplars.stacked(inputs.shape[1:])
         if kept is None:

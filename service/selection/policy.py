@@ -228,7 +228,8 @@ class QueryPolicy:
             self._classes = {name: index for index, name in enumerate(classes)}
 
     def rebase(self, embeddings: np.ndarray, probabilities: np.ndarray | None = None) -> None:
-        """From the next batch on the embeddings come from a new model.
+        """From the next batch on the embeddings come from a new backbone (the scorer calls
+        this before deciding the first batch of a full release, not of a head-only one).
 
         Args:
             embeddings: (K, D) the frames asked for so far (the latest :attr:`memory` of

@@ -237,6 +237,13 @@ async def test_a_new_model_re_embeds_the_frames_asked_for(digits_model_path) -> 
     await scorer._rebase(trained, inputs)
     assert rebased == [((4, trained.spec.embedding_dim), (4, 10))]
     assert policy.memory == 256 and scorer._exemplars.capacity == 256
+    head_only = OnnxModel.load(digits_model_path, device="cpu")
+    head_only._spec = trained.spec.model_copy(
+        update={"version": "head", "backbone_version": "trained"}
+    )
+    scorer.swap_model(head_only)
+    await scorer._rebase(head_only, inputs)  # the same backbone: the same embeddings
+    assert len(rebased) == 1
 
 
 async def test_a_policy_change_during_inference_is_scored_again(digits_model_path) -> None:
