@@ -68,21 +68,20 @@ def decide_frames(
 ) -> list[DecisionRow]:
     """Frame by frame: the strategy's utility (an embedding strategy's own score, given the
     frames before it), the filters, the strategy's rule, then the gate."""
-    embedding = isinstance(strategy, EmbeddingStrategy)
+    embedding = strategy if isinstance(strategy, EmbeddingStrategy) else None
     n = len(values)
     weights = None
     if filters is not None:
         # density weighting is batch-wide: for an embedding strategy it weighs its own score
         weights = filters.begin(np.ones(n) if embedding else values, context)
-    if embedding:
-        assert isinstance(strategy, EmbeddingStrategy)
-        strategy.begin(values, context, blend)
+    if embedding is not None:
+        embedding.begin(values, context, blend)
     decide_one = strategy.decide
     rows: list[DecisionRow] = []
     for index in range(n):
         allowed = gate.allows()
-        if embedding:
-            utility = strategy.score(index)  # type: ignore[attr-defined]
+        if embedding is not None:
+            utility = embedding.score(index)
             if weights is not None:
                 utility *= float(weights[index])
         else:
@@ -101,8 +100,8 @@ def decide_frames(
                 if filters.audit(index, float(values[index]), rng):
                     selected, reason = True, AUDIT
             filters.record(index, selected)
-        if embedding:
-            strategy.record(index, selected)  # type: ignore[attr-defined]
+        if embedding is not None:
+            embedding.record(index, selected)
         gate.record(selected)
         rows.append(
             {
@@ -113,8 +112,8 @@ def decide_frames(
                 "threshold": strategy.last_threshold,
             }
         )
-    if embedding:
-        strategy.end()  # type: ignore[attr-defined]
+    if embedding is not None:
+        embedding.end()
     if filters is not None:
         filters.end()
     return rows

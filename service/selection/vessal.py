@@ -52,7 +52,6 @@ class VeSSAL(EmbeddingStrategy):
     def __init__(self, budget: float, params: Mapping[str, float] | None = None) -> None:
         super().__init__(budget, params)
         self._projection: np.ndarray | None = None
-        self._rng = np.random.default_rng(0)
         self._reset()
 
     def _apply_params(self) -> None:
