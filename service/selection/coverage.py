@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 
 _MIN_ROWS = 8  # below this many reservoir rows the batch itself sets the scale
 _SCALE_SAMPLE = 256  # rows whose pairwise distances estimate the scale
+_SAME_SPACE = 1e-3  # unit embeddings this close are one space (float16 inputs re-embedded)
 
 
 def unit_rows(embeddings: np.ndarray) -> np.ndarray:
@@ -131,10 +132,27 @@ class EmbeddingSpace:
         self.remembered = min(self.remembered + 1, self.memory_capacity)
 
     def rebase(self, embeddings: np.ndarray) -> None:
-        """A new embedding space: the reservoir starts over, the memory holds ``embeddings``."""
+        """A new embedding space: the reservoir starts over, the memory holds ``embeddings``
+        (the latest frames asked for, oldest first). Embeddings equal to the memory's (a new
+        head on the same backbone) keep the space as it is."""
+        rows = unit_rows(embeddings)[-self.memory_capacity :] if len(embeddings) else None
+        if rows is not None and self._same_space(rows):
+            return
         self.clear()
-        for row in unit_rows(embeddings)[-self.memory_capacity :] if len(embeddings) else ():
+        for row in () if rows is None else rows:
             self.remember(row)
+
+    def _same_space(self, rows: np.ndarray) -> bool:
+        if self._memory is None or len(rows) != self.remembered or rows.shape[1] != self.dim:
+            return False
+        ordered = self._memory[: self.remembered]
+        if self.remembered == self.memory_capacity:  # wrapped: the oldest is at the next slot
+            ordered = np.roll(self._memory, -self._memory_next, axis=0)
+        return bool(np.abs(ordered - rows).max() <= _SAME_SPACE)
+
+    @property
+    def dim(self) -> int:
+        return 0 if self._memory is None else self._memory.shape[1]
 
     def nearest_asked(self, rows: np.ndarray) -> np.ndarray:
         """``d²(x, S)`` for each of ``rows``; ``inf`` while nothing was asked for."""

@@ -45,3 +45,18 @@ def test_rebase_starts_a_new_space_with_the_frames_asked_for() -> None:
     assert space.nearest_asked(unit_rows(np.array([[9.0, 10.0]])))[0] == pytest.approx(0.0)
     space.rebase(np.zeros((0, 2)))
     assert space.remembered == 0
+
+
+def test_the_same_embeddings_again_keep_the_space() -> None:
+    """A new head on the same backbone: the frames asked for embed as before, so the
+    reservoir is kept; a changed backbone starts over."""
+    rng = np.random.default_rng(3)
+    space = EmbeddingSpace(reservoir=32, memory=4)
+    asked = rng.normal(size=(6, 3))
+    for row in unit_rows(asked):
+        space.remember(row)  # the memory wraps: it holds the last four, oldest first
+    space.commit(space.targets(unit_rows(rng.normal(size=(10, 3))), np.zeros(10)))
+    space.rebase(asked)
+    assert space.size == 10 and space.remembered == 4
+    space.rebase(asked + 0.5)
+    assert space.size == 0 and space.remembered == 4
