@@ -46,15 +46,17 @@ def test_tiny_bench_pairs_seeds_and_writes_every_key(tmp_path: Path) -> None:
         assert len(entry["seeds"][0]["recall"][-1]) == 10
     assert strategies["margin"]["vs_peers"]["skal-split"]["20"]["diff"] is not None
     assert "goals" in strategies["mine"] and "goals" not in strategies["skal-split"]
-    # Pairing: per seed every strategy starts from the same weights and, until the
-    # first model change, samples the same frames at random.
+    # Pairing: per seed every strategy starts from the same weights, and those with a
+    # random cold start sample the same frames until the first model change.
     refits = result["config"]["run"]["head_refits"]
     first = 2 if refits else 1  # points: 0 labels, then the first refit or round
     for seed in (0, 1):
+        assert len({e["seeds"][seed]["measure"][0] for e in strategies.values()}) == 1
         heads = {
-            name: entry["seeds"][seed]["measure"][:first] for name, entry in strategies.items()
+            name: tuple(strategies[name]["seeds"][seed]["measure"][:first])
+            for name in ("random", "margin", "skal-split")
         }
-        assert len({tuple(h) for h in heads.values()}) == 1, heads
+        assert len(set(heads.values())) == 1, heads
     assert png.stat().st_size > 0
 
 

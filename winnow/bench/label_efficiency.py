@@ -35,7 +35,7 @@ from typing import Any
 
 from winnow.bench.efficiency.curves import accuracy, balanced_accuracy
 from winnow.bench.efficiency.errors import BenchConfigError
-from winnow.bench.efficiency.learner import LearnerConfig, resolve_head_refit
+from winnow.bench.efficiency.learner import LearnerConfig, resolve_head_refit, trainer_cadence
 from winnow.bench.efficiency.report import RATIOS, plot, summarize, table
 from winnow.bench.efficiency.run import RunConfig, RunResult, init_worker, run_one
 from winnow.bench.efficiency.specs import (
@@ -118,13 +118,14 @@ def check_strategies(config: BenchConfig) -> None:
             )
 
 
-def _full_one(job: tuple[int, LearnerConfig]) -> tuple[int, list[list[int]]]:
+def _full_one(job: tuple[int, LearnerConfig, bool]) -> tuple[int, list[list[int]]]:
     from winnow.bench.efficiency import run
-    from winnow.bench.efficiency.learner import full_data_confusion
+    from winnow.bench.efficiency.learner import full_data_confusion, trainer_head_refit
 
-    seed, learner = job
+    seed, learner, refits = job
     assert run._DATA is not None
-    return seed, full_data_confusion(run._DATA, learner, seed).tolist()
+    refit = trainer_head_refit() if refits else None
+    return seed, full_data_confusion(run._DATA, learner, seed, refit).tolist()
 
 
 def run_bench(config: BenchConfig, data: StreamData | None = None) -> dict[str, Any]:
@@ -145,7 +146,7 @@ def run_bench(config: BenchConfig, data: StreamData | None = None) -> dict[str, 
     jobs = [
         (name, spec, seed, run) for seed in config.seeds for name, spec in config.strategies.items()
     ]
-    full_jobs = [(seed, run.learner) for seed in config.seeds[: config.full_seeds]]
+    full_jobs = [(seed, run.learner, refits) for seed in config.seeds[: config.full_seeds]]
     results: dict[str, list[RunResult]] = {name: [] for name in config.strategies}
     fulls: list[tuple[int, list[list[int]]]] = []
     context = multiprocessing.get_context("spawn")
@@ -214,7 +215,12 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     names = (
         [n.strip() for n in args.strategies.split(",") if n.strip()] if args.strategies else None
     )
-    refits = resolve_head_refit(args.head_refits) is not None
+    round_default, refit_default = trainer_cadence()
+    # Unsaid, refits are on where the trainer refits by default and has the function.
+    wanted = (
+        args.head_refits if args.head_refits is not None else (None if refit_default else False)
+    )
+    refits = resolve_head_refit(wanted) is not None
     default = (
         VIDEO_DEFAULT_STRATEGIES
         if args.video
@@ -242,8 +248,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
             max_passes=args.max_passes,
             video=args.video,
             learner=LearnerConfig(
-                round_labels=args.round_labels,
-                refit_labels=args.refit_labels,
+                round_labels=args.round_labels or round_default,
+                refit_labels=args.refit_labels or refit_default or 1,
                 min_steps=args.min_steps,
                 full_steps=args.full_steps,
             ),
@@ -302,15 +308,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--round-labels",
         type=int,
-        default=10,
-        help="labels per fine-tuning round (the trainer's round_min_labels)",
+        default=None,
+        help="labels per fine-tuning round (default the trainer's round_min_labels)",
     )
-    p.add_argument("--refit-labels", type=int, default=5, help="labels per head refit")
+    p.add_argument(
+        "--refit-labels",
+        type=int,
+        default=None,
+        help="labels per head refit (default the trainer's head_refit_labels)",
+    )
     p.add_argument(
         "--head-refits",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="head refits between rounds (default: on when the trainer has them)",
+        help="head refits after and between rounds (default: as the trainer does)",
     )
     p.add_argument("--budget", type=float, default=0.1)
     p.add_argument("--window", type=int, default=200, help="frames of the budget window")

@@ -6,15 +6,14 @@ weights on the new labels plus a replay of earlier ones (``FinetuneConfig``
 as the trainer builds it), exactly as a trainer round does; there is no
 release gate, each round's model is the next one. With head refits, the
 trainer's head refit (``trainer.head.refit_head``: the linear head on frozen
-embeddings of every label so far, pulled towards the current head) runs every
-``refit_labels`` labels between rounds, as the trainer's fast path does; a
-round trains the head itself, so the refits start again after it. The model
-is measured on the test split after each change, so the curve has a point per
-round and per refit.
+embeddings of every label so far, pulled towards the current head) ends each
+round and runs every ``refit_labels`` labels between rounds, as the trainer
+does. The model is measured on the test split after each change, so the curve
+has a point per round and per refit. The cadence defaults to the trainer's
+own settings (:func:`trainer_cadence`).
 
-The full-data reference is the same model and configuration given every
-training label at once: one long round, after which no label is left for a
-refit.
+The full-data reference is the same learner given every training label at
+once: one long round, ended by the refit.
 """
 
 import importlib
@@ -69,6 +68,19 @@ def resolve_head_refit(wanted: bool | None) -> HeadRefit | None:
     return refit
 
 
+def trainer_cadence() -> tuple[int, int]:
+    """The trainer's defaults: labels per backbone round and per head refit (0: none).
+
+    Read from ``TrainerSettings``' field defaults (``round_min_labels``,
+    ``head_refit_labels``), so the bench follows the trainer when they change.
+    """
+    from trainer.config import TrainerSettings
+
+    fields = TrainerSettings.model_fields
+    refit = fields["head_refit_labels"].default if "head_refit_labels" in fields else 0
+    return int(fields["round_min_labels"].default), int(refit)
+
+
 @dataclass(frozen=True)
 class LearnerConfig:
     """How the learner trains.
@@ -80,8 +92,8 @@ class LearnerConfig:
         full_steps: steps of the full-data run (None: at least 600, 10 epochs).
     """
 
-    round_labels: int = 10
-    refit_labels: int = 5
+    round_labels: int = 20
+    refit_labels: int = 3
     min_steps: int = 100
     full_steps: int | None = None
 
@@ -203,9 +215,8 @@ class Learner:
         self._pending.clear()
         self.rounds += 1
         self.labels_learned = self.answered
-        # The round trained the head too (with augmentation and replay); refits resume
-        # with the labels that come after it, as in the trainer.
-        self._refit_at = self.answered
+        if self._refit is not None:
+            self._refit_head()
 
     def _refit_head(self) -> None:
         assert self._refit is not None
@@ -216,11 +227,13 @@ class Learner:
         self.labels_learned = self.answered
 
 
-def full_data_confusion(data: StreamData, config: LearnerConfig, seed: int) -> np.ndarray:
+def full_data_confusion(
+    data: StreamData, config: LearnerConfig, seed: int, refit: HeadRefit | None
+) -> np.ndarray:
     """Test counts of the same learner given every training label in one long round.
 
     One frame per image (a video burst is one image), at least 600 steps and
-    10 epochs.
+    10 epochs, then the head refit when the runs use refits.
     """
     import torch
 
@@ -235,5 +248,7 @@ def full_data_confusion(data: StreamData, config: LearnerConfig, seed: int) -> n
         data, seed, epochs=10, max_steps=steps, min_steps=steps, replay_min=0
     )
     finetune_round(model, train, [], finetune, torch.device("cpu"))
+    if refit is not None:
+        model = refit(model, train)
     probs, _ = forward(model, data.test_inputs)
     return confusion(data.test_labels, probs.argmax(axis=1), len(data.classes))

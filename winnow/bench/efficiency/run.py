@@ -117,64 +117,102 @@ def init_worker(data: StreamData) -> None:
 
 def run_one(job: tuple[str, StrategySpec, int, RunConfig]) -> RunResult:
     """Streams once for one strategy and seed (in a worker set up by :func:`init_worker`)."""
-    from service.scoring.engine import ScoringEngine
-    from service.selection.filters import DecisionContext
-    from service.selection.policy import QueryPolicy
-    from trainer.samples import Sample
-    from winnow.bench.efficiency.peers import Peer
-
     name, spec, seed, config = job
-    data = _DATA
-    assert data is not None, "run_one runs in a worker set up by init_worker"
-    started = time.perf_counter()
-    settings = spec.policy_settings(budget=config.budget, window=config.window, seed=seed)
-    policy = QueryPolicy.from_settings(settings)
-    engine = ScoringEngine.from_settings(settings)
-    refit = trainer_head_refit() if config.head_refits else None
-    learner = Learner(data, config.learner, seed, refit)
-    policy.on_model(labels_trained=0)
-    peer = Peer(spec.peer, config.budget, seed, len(data.classes)) if spec.peer else None
-    served = _Served(learner)
-    result = RunResult(name, seed)
-    result.record(0, learner.confusion(data.test_inputs, data.test_labels))
-    rng = np.random.default_rng(seed)  # the stream order: the same for every strategy
-    asked: set[int] = set()
+    assert _DATA is not None, "run_one runs in a worker set up by init_worker"
+    return _StreamRun(_DATA, name, spec, seed, config).run()
 
-    def changed() -> None:
-        nonlocal served
-        result.record(learner.labels_learned, learner.confusion(data.test_inputs, data.test_labels))
-        served = _Served(learner)
-        policy.on_model(labels_trained=learner.labels_learned)
 
-    for _ in range(config.max_passes):
-        order = stream_pass(data.bursts, rng, asked, config.video)
-        for start in range(0, len(order), config.batch):
-            if learner.answered >= config.max_labels:
-                break
-            chunk = order[start : start + config.batch]
-            x = data.inputs[chunk]
-            if peer is None or policy.cold_start:
-                scored = engine.score(served, x, policy.needs)
-                context = DecisionContext(
-                    scored.embeddings, scored.probabilities, ["stream"] * len(x)
-                )
-                rows = policy.decide(scored.scores, context)
-                picked = [i for i, row in enumerate(rows) if row["selected"]]
-            else:
-                probs, emb = learner.run(x)
-                picked = peer.query(probs, emb, learner.samples, learner.run)
-            result.frames_seen += len(x)
-            for i in picked:
+class _StreamRun:
+    """One strategy and seed, driving the policy through the hooks the scorer calls.
+
+    As ``service.pipeline.scorer`` does: ``on_model`` with the labels the model
+    learned from after each model change, ``rebase`` with the new model's view
+    of the latest frames asked for (the embedding strategies' memory) before the
+    next batch is decided, and ``on_answer`` with the predicted class and the
+    label of every answer, which here comes at once.
+    """
+
+    def __init__(
+        self, data: StreamData, name: str, spec: StrategySpec, seed: int, config: RunConfig
+    ) -> None:
+        from service.scoring.engine import ScoringEngine
+        from service.selection.policy import QueryPolicy
+        from winnow.bench.efficiency.peers import Peer
+
+        self.data, self.config = data, config
+        settings = spec.policy_settings(budget=config.budget, window=config.window, seed=seed)
+        self.policy = QueryPolicy.from_settings(settings)
+        self.engine = ScoringEngine.from_settings(settings)
+        refit = trainer_head_refit() if config.head_refits else None
+        self.learner = Learner(data, config.learner, seed, refit)
+        self.peer = Peer(spec.peer, config.budget, seed, len(data.classes)) if spec.peer else None
+        self.policy.on_model(labels_trained=0, classes=data.classes)
+        self.served = _Served(self.learner)
+        self.result = RunResult(name, seed)
+        self.rng = np.random.default_rng(seed)  # the stream order: the same for every strategy
+        self.asked: set[int] = set()
+        self.selected: list[int] = []  # frames asked for, oldest first (the scorer's exemplars)
+
+    def run(self) -> RunResult:
+        started = time.perf_counter()
+        data, learner, config = self.data, self.learner, self.config
+        self.result.record(0, learner.confusion(data.test_inputs, data.test_labels))
+        for _ in range(config.max_passes):
+            order = stream_pass(data.bursts, self.rng, self.asked, config.video)
+            for start in range(0, len(order), config.batch):
                 if learner.answered >= config.max_labels:
                     break
-                index = int(chunk[i])
-                asked.add(index)
-                if learner.add(Sample(str(index), data.inputs[index], int(data.labels[index]))):
-                    changed()
-        if learner.answered >= config.max_labels:
-            break
-    if learner.flush():
-        changed()
-    result.rounds, result.refits = learner.rounds, learner.refits
-    result.seconds = round(time.perf_counter() - started, 2)
-    return result
+                self._batch(order[start : start + config.batch])
+            if learner.answered >= config.max_labels:
+                break
+        if learner.flush():
+            self._changed()
+        self.result.rounds, self.result.refits = learner.rounds, learner.refits
+        self.result.seconds = round(time.perf_counter() - started, 2)
+        return self.result
+
+    def _batch(self, chunk: np.ndarray) -> None:
+        """Scores and decides one batch; the oracle answers each frame asked for."""
+        from service.selection.filters import DecisionContext
+        from trainer.samples import Sample
+
+        data, learner, policy = self.data, self.learner, self.policy
+        x = data.inputs[chunk]
+        if self.peer is None or policy.cold_start:
+            scored = self.engine.score(self.served, x, policy.needs)
+            probs = scored.probabilities
+            context = DecisionContext(scored.embeddings, probs, ["stream"] * len(x))
+            rows = policy.decide(scored.scores, context)
+            picked = [i for i, row in enumerate(rows) if row["selected"]]
+        else:
+            probs, emb = learner.run(x)
+            picked = self.peer.query(probs, emb, learner.samples, learner.run)
+        self.result.frames_seen += len(x)
+        self.selected.extend(int(chunk[i]) for i in picked)
+        for i in picked:
+            if learner.answered >= self.config.max_labels:
+                break
+            index = int(chunk[i])
+            label = int(data.labels[index])
+            self.asked.add(index)
+            policy.on_answer(data.classes[int(probs[i].argmax())], data.classes[label])
+            if learner.add(Sample(str(index), data.inputs[index], label)):
+                self._changed()
+
+    def _changed(self) -> None:
+        """A new model: measure it, tell the policy, re-embed the policy's memory."""
+        data, learner, policy = self.data, self.learner, self.policy
+        self.result.record(
+            learner.labels_learned, learner.confusion(data.test_inputs, data.test_labels)
+        )
+        self.served = _Served(learner)
+        policy.on_model(labels_trained=learner.labels_learned, classes=data.classes)
+        memory = policy.memory
+        if self.peer is not None or not memory:
+            return
+        kept = self.selected[-memory:]
+        if not kept:
+            policy.rebase(np.zeros((0, 0)), None)
+            return
+        probs, emb = learner.run(data.inputs[kept])
+        policy.rebase(emb, probs)

@@ -79,7 +79,7 @@ class StrategySpec:
         if "policy" in fields:
             fields["name"] = fields.pop("policy")
         if self.peer is not None:
-            fields = {"name": "random"}  # only the cold start runs through the policy
+            fields = dict(PEER_SETTINGS)  # only the cold start runs through the policy
         clash = sorted(BENCH_FIELDS & set(fields))
         if clash:
             raise SpecError(f"{clash} are set by the bench for every strategy alike")
@@ -99,43 +99,54 @@ def _winnow(**settings: Any) -> StrategySpec:
     return StrategySpec(settings=settings)
 
 
+def _classic(**settings: Any) -> StrategySpec:
+    """A strategy as the bench first measured it, pinned so its name keeps its meaning when
+    the scorer's defaults change: the variable threshold, a random cold start, no filter
+    unless named."""
+    return _winnow(**{"name": "variable", "cold_start": "random", "filters": (), **settings})
+
+
 _FILTERS = ("dedup", "density", "balance")
+PEER_SETTINGS: Mapping[str, Any] = {"name": "random", "cold_start": "random", "filters": ()}
+"""A peer's policy: it only samples at random until the first model, like random itself."""
 STRATEGIES: dict[str, StrategySpec] = {
-    "random": _winnow(name="random"),
-    "entropy": _winnow(utility="entropy"),
-    "margin": _winnow(utility="margin"),
-    "least-confidence": _winnow(utility="least_confidence"),
-    "aift": _winnow(utility="aift"),
-    "aift-entropy": _winnow(utility="aift_entropy"),
-    "aift+filters": _winnow(utility="aift", filters=_FILTERS),
-    "margin+filters": _winnow(utility="margin", filters=_FILTERS),
-    "margin+dedup": _winnow(utility="margin", filters=("dedup",)),
-    "margin+balance": _winnow(utility="margin", filters=("balance",)),
-    "aift+dedup": _winnow(utility="aift", filters=("dedup",)),
-    "bald": _winnow(utility="bald"),
-    "coreset": _winnow(utility="entropy", selector="coreset"),
-    "badge": _winnow(utility="entropy", selector="badge"),
+    "random": _winnow(**PEER_SETTINGS),
+    "default": _winnow(),  # the scorer as shipped: every WINNOW_POLICY_* at its default
+    "entropy": _classic(utility="entropy"),
+    "margin": _classic(utility="margin"),
+    "least-confidence": _classic(utility="least_confidence"),
+    "aift": _classic(utility="aift"),
+    "aift-entropy": _classic(utility="aift_entropy"),
+    "aift+filters": _classic(utility="aift", filters=_FILTERS),
+    "margin+filters": _classic(utility="margin", filters=_FILTERS),
+    "margin+dedup": _classic(utility="margin", filters=("dedup",)),
+    "margin+balance": _classic(utility="margin", filters=("balance",)),
+    "aift+dedup": _classic(utility="aift", filters=("dedup",)),
+    "bald": _classic(utility="bald"),
+    "coreset": _classic(utility="entropy", selector="coreset"),
+    "badge": _classic(utility="entropy", selector="badge"),
     "skal-variable-uncertainty": StrategySpec(peer="VariableUncertainty"),
     "skal-split": StrategySpec(peer="Split"),
     "skal-pal": StrategySpec(peer="StreamProbabilisticAL"),
 }
 """The built-in strategies; ``--strategy-spec`` and ``--strategy-specs`` add to them."""
 
-# Seven strategies each (random, three of Winnow's, the three scikit-activeml peers), so
-# that ten seeds of the default run fit in about 40 minutes on two CPU cores.
+# Seven strategies each (random, the scorer as shipped, two more of Winnow's, the three
+# scikit-activeml peers), so that ten seeds of the default run fit in about 40 minutes on
+# two CPU cores.
 DEFAULT_STRATEGIES = (
     "random",
+    "default",
     "margin",
     "aift",
-    "badge",
     "skal-variable-uncertainty",
     "skal-split",
     "skal-pal",
 )
 VIDEO_DEFAULT_STRATEGIES = (
     "random",
+    "default",
     "margin+dedup",
-    "aift",
     "aift+dedup",
     "skal-variable-uncertainty",
     "skal-split",
@@ -143,9 +154,9 @@ VIDEO_DEFAULT_STRATEGIES = (
 )
 IMBALANCE_DEFAULT_STRATEGIES = (
     "random",
+    "default",
     "margin",
     "margin+balance",
-    "aift",
     "skal-variable-uncertainty",
     "skal-split",
     "skal-pal",

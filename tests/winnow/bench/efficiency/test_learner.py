@@ -32,10 +32,10 @@ def test_rounds_and_refits_come_when_their_label_counts_are_reached() -> None:
 
     learner = Learner(data, LearnerConfig(round_labels=4, refit_labels=2, min_steps=2), 0, refit)
     changed = [learner.add(Sample(str(i), data.inputs[i], int(data.labels[i]))) for i in range(7)]
-    # refit at 2, round at 4 (it trains the head itself), refit at 6 on every label so far
+    # refit at 2, round ended by a refit at 4, refit at 6: each on every label so far
     assert changed == [False, True, False, True, False, True, False]
-    assert (learner.rounds, learner.refits) == (1, 2)
-    assert refits == [2, 6]
+    assert (learner.rounds, learner.refits) == (1, 3)
+    assert refits == [2, 4, 6]
     assert learner.labels_learned == 6
     assert learner.flush()
     assert (learner.rounds, learner.labels_learned) == (2, 7)

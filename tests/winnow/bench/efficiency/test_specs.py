@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from service.config import PolicySettings
 from winnow.bench.efficiency.specs import (
     STRATEGIES,
     SpecError,
@@ -27,9 +28,12 @@ def test_short_form_names_policy_utility_filters_and_selector() -> None:
 
 
 def test_short_form_empty_parts_keep_the_defaults() -> None:
-    _, spec = parse_spec("m=:margin")
+    _, spec = parse_spec("m=:bald")
     settings = spec.policy_settings(budget=0.1)
-    assert (settings.name, settings.utility, settings.selector) == ("variable", "margin", "none")
+    defaults = PolicySettings.model_fields
+    assert settings.utility == "bald"
+    assert settings.name == defaults["name"].default
+    assert settings.selector == defaults["selector"].default
 
 
 @pytest.mark.parametrize("text", ["no-equals", "=variable", "x=a:b:c:d:e"])
@@ -52,8 +56,21 @@ def test_a_spec_cannot_change_the_budget_it_is_compared_at() -> None:
 
 
 def test_environment_does_not_leak_into_a_strategy(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("WINNOW_POLICY_UTILITY", "bald")
-    assert STRATEGIES["random"].policy_settings(budget=0.1).utility == "entropy"
+    default = PolicySettings.model_fields["utility"].default
+    monkeypatch.setenv("WINNOW_POLICY_UTILITY", "entropy" if default == "bald" else "bald")
+    assert STRATEGIES["default"].policy_settings(budget=0.1).utility == default
+
+
+def test_builtin_names_keep_their_meaning_and_random_is_random() -> None:
+    margin = STRATEGIES["margin"].policy_settings(budget=0.1)
+    assert (margin.name, margin.utility, list(margin.filters)) == ("variable", "margin", [])
+    for name in ("random", "skal-split"):
+        settings = STRATEGIES[name].policy_settings(budget=0.1)
+        assert (settings.name, settings.cold_start, list(settings.filters)) == (
+            "random",
+            "random",
+            [],
+        )
 
 
 def test_json_specs_take_any_policy_setting_and_peers(tmp_path: Path) -> None:
