@@ -126,10 +126,12 @@ class _StreamRun:
     """One strategy and seed, driving the policy through the hooks the scorer calls.
 
     As ``service.pipeline.scorer`` does: ``on_model`` with the labels the model
-    learned from after each model change, ``rebase`` with the new model's view
-    of the latest frames asked for (the embedding strategies' memory) before the
-    next batch is decided, and ``on_answer`` with the predicted class and the
-    label of every answer, which here comes at once.
+    learned from after each model change; after a round, which changes the
+    backbone, ``rebase`` with the new model's view of the latest frames asked
+    for (the embedding strategies' memory) before the next batch is decided (a
+    head refit keeps the embeddings, as a head-only release does); and
+    ``on_answer`` with the predicted class and the label of every answer, which
+    here comes at once.
     """
 
     def __init__(
@@ -152,6 +154,7 @@ class _StreamRun:
         self.rng = np.random.default_rng(seed)  # the stream order: the same for every strategy
         self.asked: set[int] = set()
         self.selected: list[int] = []  # frames asked for, oldest first (the scorer's exemplars)
+        self.backbone_rounds = 0  # the rounds the policy's memory was embedded after
 
     def run(self) -> RunResult:
         started = time.perf_counter()
@@ -207,8 +210,11 @@ class _StreamRun:
         )
         self.served = _Served(learner)
         policy.on_model(labels_trained=learner.labels_learned, classes=data.classes)
+        # Cached features are the embeddings whatever the head: a round changes nothing there.
+        new_backbone = learner.rounds != self.backbone_rounds and not data.features
+        self.backbone_rounds = learner.rounds
         memory = policy.memory
-        if self.peer is not None or not memory:
+        if self.peer is not None or not new_backbone or not memory:
             return
         kept = self.selected[-memory:]
         if not kept:
