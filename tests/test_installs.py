@@ -234,10 +234,12 @@ def test_a_label_app_only_install_renders_its_pages(label_app_python: Path, tmp_
     code = """
 from infra.kafka.settings import KafkaSettings
 from service.config import LabelAppSettings
-from service.labeling.app import create_label_app
-app = create_label_app(KafkaSettings(), LabelAppSettings(team_token="t" * 32))
+from fastapi.templating import Jinja2Templates
+from service.labeling import app as label_app
+label_app.create_label_app(KafkaSettings(), LabelAppSettings(team_token="t" * 32))
+templates = Jinja2Templates(directory=label_app.HERE / "templates")
 for page in ("login.html", "label.html"):
-    app.state.templates.get_template(page)
+    templates.get_template(page)
 print("ok")
 """
     out = _run(label_app_python, code, tmp_path)
