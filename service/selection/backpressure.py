@@ -8,7 +8,8 @@ each answer) and is *behind* when
 
 - more than ``max_waiting`` requests wait unanswered, or
 - the oldest unanswered request has waited more than ``max_wait_s``, or
-- over the last ``window_s`` the answer rate is below 80 % of the request rate
+- over the last ``window_s`` the answers are fewer than 80 % of the requests old enough
+  to expect an answer (older than three mean answer lags, and a tenth of the window)
   (with at least 5 answers to judge by).
 
 While behind, requests are allowed at the answer rate ``r_a`` (scaled down by
@@ -64,6 +65,7 @@ class Backpressure:
         self._waiting: deque[float] = deque()  # request times, oldest first
         self._requests: deque[float] = deque()  # request times within the window
         self._answers: deque[float] = deque()  # answer times within the window
+        self._lag: float | None = None  # running mean of the answer lag (FIFO-matched)
         self._frames: deque[tuple[float, int]] = deque()  # (time, frames) within the window
         self._frame_count = 0
         self._first_frame: float | None = None
@@ -102,8 +104,20 @@ class Backpressure:
         now = self._clock() if now is None else now
         self.engaged = True
         if self._waiting:
-            self._waiting.popleft()
+            lag = now - self._waiting.popleft()
+            self._lag = lag if self._lag is None else 0.9 * self._lag + 0.1 * lag
         self._answers.append(now)
+
+    def grace(self) -> float:
+        """How old a request must be before the rate test expects its answer.
+
+        Answers trail requests by the labeling lag, so right after a burst of
+        requests the answers always look too few: without a grace the scorer
+        would throttle itself at start. Three mean lags, and at least a tenth
+        of the window.
+        """
+        lag = self._lag or 0.0
+        return max(3.0 * lag, self.window_s / 10.0)
 
     def frames(self, now: float, count: int) -> None:
         """``count`` frames decided at ``now`` (for the frame rate behind the demand)."""
@@ -133,14 +147,16 @@ class Backpressure:
         """Whether the team is behind (see the module docstring)."""
         if not (self.enabled and self.engaged):
             return False
-        requests, answers = self.rates(now)
+        self._expire(now)
         if self.max_waiting and self.waiting > self.max_waiting:
             return True
         oldest = self.oldest_wait(now)
         if self.max_wait_s and oldest is not None and oldest > self.max_wait_s:
             return True
         answered = len(self._answers)
-        return answered >= _MIN_ANSWERS and answers < _BEHIND_RATIO * requests
+        cutoff = now - self.grace()
+        due = sum(1 for moment in self._requests if moment <= cutoff)
+        return answered >= _MIN_ANSWERS and len(self._answers) < _BEHIND_RATIO * due
 
     def update(self, now: float, budget: float) -> float:
         """Re-judges the state; returns the share of the budget in force (1: no throttle).

@@ -97,3 +97,20 @@ def test_settings_can_turn_backpressure_off() -> None:
     settings = PolicySettings(backpressure_waiting=0, backpressure_wait_s=0)
     policy = QueryPolicy.from_settings(settings)
     assert policy.backpressure is None and policy.state().backpressure is None
+
+
+def test_answers_that_trail_a_burst_of_requests_do_not_throttle() -> None:
+    """Catches the start-up stall: 10 requests, 7 answered a moment later, is not 'behind'."""
+    now = [0.0]
+    pressure = Backpressure(max_waiting=200, max_wait_s=900, window_s=600, clock=lambda: now[0])
+    for _ in range(10):
+        pressure.frames(now[0], 10)
+        pressure.requested(now[0])
+    now[0] = 1.0
+    for _ in range(7):
+        pressure.answered(now[0])
+    assert pressure.update(now[0], budget=0.1) == 1.0 and pressure.allows()
+    assert not pressure.throttled
+    # The same shortfall, once the requests are well past the grace, is behind.
+    now[0] = 200.0
+    assert pressure.behind(now[0])
