@@ -2,8 +2,9 @@
 
 Out: label requests are read from ``winnow.label-requests`` (consumer group
 ``WINNOW_LABEL_STUDIO_GROUP_ID``) and imported as tasks with
-``POST /api/projects/{id}/import?return_task_ids=true`` (header
-``Authorization: Token <key>``, a JSON list of tasks). Each task's ``data``
+``POST /api/projects/{id}/import?return_task_ids=true`` (a JSON list of tasks,
+authenticated with a personal access token or a legacy token, see
+:mod:`service.labeling.label_studio_auth`). Each task's ``data``
 holds the image as a data URL under ``WINNOW_LABEL_STUDIO_IMAGE_KEY``, the
 frame id, source and capture time, and the model's uncertainty values (so the
 Data Manager can sort by them); the model's prediction comes as a
@@ -62,6 +63,12 @@ from infra.kafka.settings import KafkaSettings
 from schemas.frames import CONTENT_TYPES
 from schemas.label_requests import LabelRequest
 from schemas.labels import Label
+from service.labeling.label_studio_auth import (
+    TOKEN_SETTING,
+    AuthScheme,
+    LabelStudioAuthError,
+    create_auth,
+)
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +83,16 @@ class LabelStudioSettings(BaseSettings):
     )
 
     url: str = Field(default="http://127.0.0.1:8080", description="Label Studio's base URL")
-    api_key: SecretStr | None = Field(default=None, description="a user's access token")
+    api_key: SecretStr | None = Field(
+        default=None,
+        description="a personal access token (a JWT; Account & Settings, Personal Access Token) "
+        "or a legacy token",
+    )
+    auth_scheme: AuthScheme = Field(
+        default="auto",
+        description="'personal' (Bearer access tokens traded for the personal access token), "
+        "'legacy' (Authorization: Token), or 'auto': a JWT is a personal access token",
+    )
     project_id: int = Field(default=1, ge=1)
     webhook_token: SecretStr | None = Field(
         default=None, description="the webhook must send 'Authorization: Token <this>'"
@@ -215,11 +231,15 @@ class LabelStudioClient:
         self, settings: LabelStudioSettings, transport: httpx.AsyncBaseTransport | None = None
     ):
         if settings.api_key is None:
-            raise ValueError("set WINNOW_LABEL_STUDIO_API_KEY (a Label Studio access token)")
+            raise ValueError(
+                f"set {TOKEN_SETTING} (a Label Studio personal access token: "
+                "Account & Settings, Personal Access Token)"
+            )
         self.settings = settings
+        base_url = settings.url.rstrip("/")
         self._http = httpx.AsyncClient(
-            base_url=settings.url.rstrip("/"),
-            headers={"Authorization": f"Token {settings.api_key.get_secret_value()}"},
+            base_url=base_url,
+            auth=create_auth(settings.api_key.get_secret_value(), settings.auth_scheme, base_url),
             timeout=settings.timeout_s,
             transport=transport,
         )
@@ -228,13 +248,19 @@ class LabelStudioClient:
         """Imports tasks; returns their Label Studio ids.
 
         Raises:
-            httpx.HTTPError: Label Studio refused or could not be reached.
+            LabelStudioAuthError: Label Studio refused the token, or its user the project.
+            httpx.HTTPError: Label Studio failed or could not be reached.
         """
+        project = self.settings.project_id
         response = await self._http.post(
-            f"/api/projects/{self.settings.project_id}/import",
-            params={"return_task_ids": "true"},
-            json=tasks,
+            f"/api/projects/{project}/import", params={"return_task_ids": "true"}, json=tasks
         )
+        if response.status_code in (403, 404):
+            raise LabelStudioAuthError(
+                f"Label Studio answered {response.status_code} to an import into project "
+                f"{project}: check WINNOW_LABEL_STUDIO_PROJECT_ID, and that the user of "
+                f"{TOKEN_SETTING} is a member of that project"
+            )
         response.raise_for_status()
         body = response.json()
         return [int(i) for i in body.get("task_ids") or ()]
@@ -344,10 +370,14 @@ class Bridge(Component):
             try:
                 ids = await self.client.import_tasks(tasks)
                 break
+            except LabelStudioAuthError as error:
+                # Someone has to fix a setting or Label Studio; keep trying, slowly and loudly.
+                delay = 30.0
+                log.error("Label Studio import refused: %s; retrying in %.0fs", error, delay)
             except httpx.HTTPError as error:
                 log.warning("Label Studio import failed (%r); retrying in %.1fs", error, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 30.0)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
         self.task_frames.update(zip(ids, frame_ids, strict=False))
         self.imported += len(tasks)
 
