@@ -116,8 +116,6 @@ class PersonalAccessTokenAuth(httpx.Auth):
         clock: seconds on a monotonic clock (tests pass their own).
     """
 
-    requires_response_body = True
-
     def __init__(
         self,
         token: str,
@@ -146,7 +144,9 @@ class PersonalAccessTokenAuth(httpx.Auth):
         if self._access is None or self._clock() >= self._renew_at:
             async with self._lock:
                 if self._access is None or self._clock() >= self._renew_at:
-                    await self._refresh((yield self._refresh_request()))
+                    answer = yield self._refresh_request()
+                    await answer.aread()
+                    self._take(answer)
         used = self._access
         request.headers["Authorization"] = f"Bearer {used}"
         response = yield request
@@ -154,10 +154,13 @@ class PersonalAccessTokenAuth(httpx.Auth):
             return
         async with self._lock:
             if self._access == used:  # nobody refreshed since this request was sent
-                await self._refresh((yield self._refresh_request()))
+                answer = yield self._refresh_request()
+                await answer.aread()
+                self._take(answer)
         request.headers["Authorization"] = f"Bearer {self._access}"
         response = yield request
         if response.status_code == 401:
+            await response.aread()
             raise LabelStudioAuthError(
                 f"Label Studio refused a fresh access token of the personal access token in "
                 f"{TOKEN_SETTING} ({_detail(response)}); is its user still active?"
@@ -166,7 +169,7 @@ class PersonalAccessTokenAuth(httpx.Auth):
     def _refresh_request(self) -> httpx.Request:
         return httpx.Request("POST", self._refresh_url, json={"refresh": self._refresh_token})
 
-    async def _refresh(self, response: httpx.Response) -> None:
+    def _take(self, response: httpx.Response) -> None:
         """Takes the access token from a refresh answer.
 
         Raises:
