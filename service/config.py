@@ -69,6 +69,12 @@ class PolicySettings(BaseSettings):
         "strategy (herding, probcover, typiclust) in the model's embedding space, random, "
         "or none (the configured strategy from the start)",
     )
+    cold_start_per_class: float = Field(
+        default=0.0,
+        ge=0,
+        description="labels per class the model must have learned from before the configured "
+        "strategy takes over from the cold start (0: the first model that learned from any)",
+    )
     cold_start_random: bool | None = Field(
         default=None,
         description="former switch: true is cold_start=random, false is cold_start=none",
@@ -203,6 +209,12 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="WINNOW_", extra="ignore", frozen=True)
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    gpu_requested: bool = Field(
+        default=False,
+        description="a GPU was given to this scorer (the Helm chart sets it with a GPU "
+        "resource): with device auto it still scores on CPU when CUDA is unusable, and "
+        "winnow_gpu_requested lets an alert say so",
+    )
     admin_token: SecretStr | None = None
     model_signing_key: SecretStr | None = None
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)

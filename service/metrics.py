@@ -1,6 +1,11 @@
 """Prometheus metrics of the scorer, in a registry per instance (tests build their own)."""
 
+from typing import TYPE_CHECKING
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+if TYPE_CHECKING:  # the metrics need neither the API schemas nor the policy at run time
+    from schemas.api import LabelingStatus, PolicyState
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -47,6 +52,47 @@ class ScorerMetrics:
         )
         self.budget_used = Gauge(
             "winnow_budget_used_ratio", "Selected fraction over the budget window", registry=r
+        )
+        self.budget = Gauge(
+            "winnow_budget_ratio",
+            "Labeling budget in force: fraction of frames per window (raised after drift)",
+            registry=r,
+        )
+        self.budget_left = Gauge(
+            "winnow_budget_left_in_window",
+            "Selections the budget still allows in the current window",
+            registry=r,
+        )
+        self.labels_last_hour = Gauge(
+            "winnow_labels_last_hour",
+            "Frames selected for labeling in the last 3600 s (what the hourly cap counts)",
+            registry=r,
+        )
+        self.labels_per_hour_cap = Gauge(
+            "winnow_labels_per_hour_cap", "The labels-per-hour cap (0: no cap)", registry=r
+        )
+        self.labeling_stop = Gauge(
+            "winnow_labeling_stop",
+            "1 when the stopping rules say labeling can stop (or must stop and be looked at)",
+            registry=r,
+        )
+        self.labeling_verdict = Gauge(
+            "winnow_labeling_verdict",
+            "The stopping rules' verdict (value 1), as a short code",
+            ["verdict"],
+            registry=r,
+        )
+        self.inference_provider = Gauge(
+            "winnow_inference_provider",
+            "The ONNX Runtime execution provider running the served model (value 1)",
+            ["provider"],
+            registry=r,
+        )
+        self.gpu_requested = Gauge(
+            "winnow_gpu_requested",
+            "1 when this scorer was asked to score on a GPU (WINNOW_DEVICE=cuda or "
+            "WINNOW_GPU_REQUESTED)",
+            registry=r,
         )
         self.model_info = Gauge(
             "winnow_model_info",
@@ -152,6 +198,29 @@ class ScorerMetrics:
             if sample.name.endswith("_total")
         }
 
-    def set_model(self, version: str) -> None:
+    def set_model(self, version: str, provider: str) -> None:
+        """The model now serving and the ONNX Runtime provider that runs it."""
         self.model_info.clear()
         self.model_info.labels(version=version).set(1)
+        self.inference_provider.clear()
+        self.inference_provider.labels(provider=provider).set(1)
+
+    def set_drift_threshold(self, detector: str, threshold: float) -> None:
+        """A detector's calibrated threshold; its alarm counter is exposed from 0 on, so that
+        ``increase()`` sees the first alarm."""
+        self.drift_threshold.labels(detector=detector).set(threshold)
+        self.drift_alarms.labels(detector=detector)
+
+    def set_policy(self, policy: "PolicyState") -> None:
+        """The budget and the hourly cap as they stand (refreshed on each scrape)."""
+        budget = policy.effective_budget
+        self.budget.set(policy.budget if budget is None else budget)
+        self.labels_last_hour.set(policy.labels_last_hour)
+        self.labels_per_hour_cap.set(policy.labels_per_hour or 0)
+
+    def set_labeling(self, status: "LabelingStatus", verdict: str) -> None:
+        """The stopping rules' figures and verdict code (refreshed on each scrape)."""
+        self.budget_left.set(status.budget_left_in_window)
+        self.labeling_stop.set(1 if status.stop else 0)
+        self.labeling_verdict.clear()
+        self.labeling_verdict.labels(verdict=verdict).set(1)

@@ -99,6 +99,7 @@ async def run_scorer(
     """
     await ensure_winnow_topics(settings.kafka)
     metrics = ScorerMetrics()
+    metrics.gpu_requested.set(settings.device == "cuda" or settings.gpu_requested)
     loaded = model or _load_model(settings)
     async with AsyncExitStack() as stack:
         built: list[Scorer] = []  # swaps before the scorer exists are picked up below

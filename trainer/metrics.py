@@ -77,6 +77,16 @@ class TrainerMetrics:
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60),
             registry=r,
         )
+        # Every known label value from 0 on: a series born at 1 hides its first event from
+        # increase(), and the alert rules count these events.
+        for counter, values in (
+            (self.rounds, ("released", "rejected")),
+            (self.rounds_triggered, ("labels", "timer", "drift", "manual")),
+            (self.releases, ("published", "rejected")),
+            (self.head_refits, ("released", "rejected", "stale")),
+        ):
+            for value in values:
+                counter.labels(value)
 
     def round_done(self, report: "RoundReport", holdout_accuracy: float | None) -> None:
         """Counts a backbone round; ``holdout_accuracy``: the serving model's after it."""

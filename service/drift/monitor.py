@@ -324,7 +324,7 @@ class DriftMonitor(Component):
         self._head, self._head_version = swap.head, swap.version
         self._head_reference, self._head_armed_at = reference, self.processed
         for detector in detectors:
-            self.metrics.drift_threshold.labels(detector=detector.name).set(detector.threshold)
+            self.metrics.set_drift_threshold(detector.name, detector.threshold)
         log.info(
             "drift: head detectors follow model %s: %s",
             swap.version,
@@ -393,7 +393,7 @@ class DriftMonitor(Component):
         self._head_reference, self._head_armed_at = reference, self.processed
         self._tracks = OrderedDict()
         for detector in prototypes:
-            self.metrics.drift_threshold.labels(detector=detector.name).set(detector.threshold)
+            self.metrics.set_drift_threshold(detector.name, detector.threshold)
         log.info(
             "drift: detectors armed for ERT %d frames: %s",
             s.ert,

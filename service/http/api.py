@@ -129,6 +129,10 @@ def _routes(app: FastAPI, require_admin: Callable[..., None]) -> None:
     async def metrics(runtime: RuntimeDep) -> Response:
         if runtime.drift is not None:
             runtime.drift.update_gauges()
+        policy = runtime.policy.state()
+        runtime.metrics.set_policy(policy)
+        runtime.feedback.update_gauges(policy, runtime.policy.window_limit)
+        await runtime.scorer.refresh_lag()
         return Response(generate_latest(runtime.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/status", response_model=ScorerStatus, tags=["scorer"])

@@ -151,6 +151,7 @@ def _pages(app: FastAPI) -> None:
 
     @app.get("/metrics", tags=["ops"])
     async def metrics(queue: Queue) -> Response:
+        queue.update_gauges()
         return Response(generate_latest(queue.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/login", response_class=HTMLResponse, include_in_schema=False)

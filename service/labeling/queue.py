@@ -55,7 +55,10 @@ class LabelQueue(Component):
         self.offsets = OffsetTracker("label-app")
         self.registry = registry or CollectorRegistry()
         self._labels_total = Counter(
-            "winnow_label_app_labels", "labels acknowledged", ["status"], registry=self.registry
+            "winnow_label_app_labels",
+            "labels acknowledged, by status and labeler",
+            ["status", "annotator"],
+            registry=self.registry,
         )
         self._disagreements = Counter(
             "winnow_label_app_disagreements",
@@ -64,6 +67,9 @@ class LabelQueue(Component):
         )
         self._depth = Gauge(
             "winnow_label_app_queue_depth", "frames waiting for a labeler", registry=self.registry
+        )
+        self._leased = Gauge(
+            "winnow_label_app_leased", "frames leased to a labeler now", registry=self.registry
         )
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
@@ -146,8 +152,7 @@ class LabelQueue(Component):
         while times and times[0] < now - RATE_WINDOW_S:
             times.popleft()
         span = max(60.0, now - times[0]) if times else RATE_WINDOW_S
-        depth = self.pool.waiting + self._lag
-        self._depth.set(depth)
+        depth = self.update_gauges()
         return {
             "queue_depth": depth,
             "leased": self.pool.leased,
@@ -155,11 +160,18 @@ class LabelQueue(Component):
             "my_rate_per_hour": round(len(times) * 3600 / span, 1),
         }
 
+    def update_gauges(self) -> int:
+        """Sets the queue depth and leased gauges (also on each scrape); returns the depth."""
+        depth = self.pool.waiting + self._lag
+        self._depth.set(depth)
+        self._leased.set(self.pool.leased)
+        return depth
+
     # -- internals -------------------------------------------------------------------
     def _done_answer(self, lease: Lease, record: Label) -> None:
         answer = record.label if record.status == "labeled" else "unlabelable"
         completion: Completion = self.pool.complete(lease, answer or "unlabelable")
-        self._labels_total.labels(record.status).inc()
+        self._labels_total.labels(record.status, lease.annotator).inc()
         self._counts[lease.annotator] = self._counts.get(lease.annotator, 0) + 1
         self._answers.setdefault(lease.annotator, deque()).append(time.monotonic())
         for tp, offset in completion.positions:

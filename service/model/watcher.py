@@ -22,7 +22,7 @@ import inspect
 import logging
 import math
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, get_args
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
@@ -37,7 +37,12 @@ from service.model.assembler import ReleaseAssembler
 from service.model.catalog import ReleaseCatalog, ReleaseInfo
 from service.model.heads import with_head
 from service.model.inference import OnnxModel
-from service.model.verification import ReleaseError, signing_key, verify_release
+from service.model.verification import (
+    ReleaseError,
+    ReleaseReason,
+    signing_key,
+    verify_release,
+)
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +87,8 @@ class ModelReleases(Component):
         """
         super().__init__()
         self.metrics = metrics or ScorerMetrics()
+        for result in ("ok", "pinned", *map(self._result, get_args(ReleaseReason))):
+            self.metrics.model_swaps.labels(result=result)  # from 0: increase() sees the first
         self.model: OnnxModel | None = None
         self.catalog = ReleaseCatalog(keep_artifacts, max_history, current_version)
         self._on_model = on_model
@@ -356,7 +363,7 @@ class ModelReleases(Component):
         previous = self.catalog.active
         self.catalog.active, self.model = manifest.version, model
         self.metrics.model_swaps.labels(result=result).inc()
-        self.metrics.set_model(manifest.version)
+        self.metrics.set_model(manifest.version, model.provider)
         unlearned = manifest.spec.labels_unlearned
         self.metrics.labels_unlearned.set(math.nan if unlearned is None else unlearned)
         self._first.set()
@@ -369,8 +376,13 @@ class ModelReleases(Component):
             model.provider,
         )
 
+    @classmethod
+    def _result(cls, reason: str) -> str:
+        """The ``result`` label of a refused release."""
+        return cls.swap_results.get(reason, f"rejected_{reason}")
+
     def _reject(self, manifest: ModelManifest, error: ReleaseError) -> None:
-        result = self.swap_results.get(error.reason, f"rejected_{error.reason}")
+        result = self._result(error.reason)
         self.metrics.model_swaps.labels(result=result).inc()
         self.catalog.reject(manifest, error.reason)
         log.warning(

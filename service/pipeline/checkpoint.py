@@ -12,6 +12,7 @@ import logging
 import time
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import KafkaError
 
 from infra.kafka.offsets import OffsetTracker
 from service.metrics import ScorerMetrics
@@ -21,6 +22,7 @@ log = logging.getLogger(__name__)
 
 COMMIT_INTERVAL_S = 0.05
 DRAIN_TIMEOUT_S = 30.0
+LAG_TIMEOUT_S = 2.0
 
 
 class Checkpoint(ConsumerRebalanceListener):
@@ -85,6 +87,33 @@ class Checkpoint(ConsumerRebalanceListener):
             if highwater is not None and position is not None:
                 gauge = self._metrics.consumer_lag.labels(tp.topic, str(tp.partition))
                 gauge.set(max(0, highwater - position))
+
+    async def refresh_lag(self) -> None:
+        """Sets the lag gauges from the broker's end offsets, whatever the pipeline is doing.
+
+        Commits set them too, but a stalled pipeline commits nothing: asked on each scrape,
+        the broker shows its lag growing, which tells a stalled scorer from an idle one.
+        """
+        try:
+            lag = await asyncio.wait_for(self._lag(), LAG_TIMEOUT_S)
+        except (KafkaError, TimeoutError) as error:
+            log.debug("consumer lag not refreshed: %r", error)
+            return
+        for tp, behind in lag.items():
+            self._metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(behind)
+
+    async def _lag(self) -> dict[TopicPartition, int]:
+        """End offset minus the delivered position of each assigned partition."""
+        consumer = self._consumer
+        assigned = sorted(consumer.assignment())
+        ends = await consumer.end_offsets(assigned) if assigned else {}
+        lag = {}
+        for tp, end in ends.items():
+            position = self._offsets.position(tp)
+            if position is None:  # nothing consumed since the assignment: where fetching starts
+                position = await consumer.position(tp)
+            lag[tp] = max(0, end - position)
+        return lag
 
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
         """Lets the batches in flight finish, then commits them before giving partitions up."""

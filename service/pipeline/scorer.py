@@ -124,11 +124,16 @@ class Scorer(Component):
 
     def _serve(self, model: OnnxModel) -> None:
         self.model = model
-        self.metrics.set_model(model.version)
+        self.metrics.set_model(model.version, model.provider)
         self.policy.on_model(model.spec.labels_trained, classes=model.spec.classes)
         self._engine.on_model(model)
         for listener in self._on_swap:
             listener(model)
+
+    async def refresh_lag(self) -> None:
+        """Updates the consumer lag gauges from the broker (the ``/metrics`` handler's call)."""
+        if self._checkpoint is not None:
+            await self._checkpoint.refresh_lag()
 
     @property
     def assigned(self) -> list[TopicPartition]:

@@ -31,6 +31,15 @@ log = logging.getLogger(__name__)
 ACCURATE_ENOUGH = 0.95
 UNLABELABLE_TOO_OFTEN = 0.5
 MIN_ANSWERS = 20
+VERDICTS = (
+    "stop_unlabelable",
+    "stop_accurate",
+    "wait_hourly_cap",
+    "wait_budget",
+    "keep_few_answers",
+    "keep_learning",
+)
+"""The verdicts' codes (``winnow_labeling_verdict{verdict}``), in the order the rules apply."""
 
 AnswerListener = Callable[[str, str | None], None]
 """Told of each answer to this scorer's requests: the predicted class when it asked, and
@@ -146,6 +155,16 @@ class LabelFeedback(Component):
 
     def status(self, policy: PolicyState, window_limit: int) -> LabelingStatus:
         """The stopping rules, in figures and in words."""
+        return self._assess(policy, window_limit)[0]
+
+    def update_gauges(self, policy: PolicyState, window_limit: int) -> None:
+        """Sets the stopping rules' gauges (budget left, stop, verdict code); called on scrape,
+        since the budget and the hourly cap change with time as well as with answers."""
+        status, code = self._assess(policy, window_limit)
+        self._metrics.set_labeling(status, code)
+
+    def _assess(self, policy: PolicyState, window_limit: int) -> tuple[LabelingStatus, str]:
+        """The status and the short code of its verdict (``VERDICTS``)."""
         accuracy = _ratio(self._correct) if self._correct else None
         unlabelable = _ratio(self._unlabelable) if self._unlabelable else None
         recall = self.recall()
@@ -155,7 +174,7 @@ class LabelFeedback(Component):
             if not policy.labels_per_hour
             else max(0, int(policy.labels_per_hour) - policy.labels_last_hour)
         )
-        verdict, stop = _verdict(
+        code, verdict, stop = _verdict(
             len(self._correct),
             accuracy,
             len(self._unlabelable),
@@ -163,7 +182,7 @@ class LabelFeedback(Component):
             left_in_window,
             left_this_hour,
         )
-        return LabelingStatus(
+        status = LabelingStatus(
             answered=self.answered,
             recent_accuracy=accuracy,
             recent_unlabelable=unlabelable,
@@ -174,6 +193,7 @@ class LabelFeedback(Component):
             verdict=verdict,
             stop=stop,
         )
+        return status, code
 
 
 def _ratio(values: deque[bool]) -> float:
@@ -187,37 +207,43 @@ def _verdict(
     unlabelable: float | None,
     left_in_window: int,
     left_this_hour: int | None,
-) -> tuple[str, bool]:
+) -> tuple[str, str, bool]:
+    """(code, words, stop): the first rule that applies, in the order of ``VERDICTS``."""
     if (
         n_answers >= MIN_ANSWERS
         and unlabelable is not None
         and (unlabelable >= UNLABELABLE_TOO_OFTEN)
     ):
         return (
+            "stop_unlabelable",
             f"Stop and look: the labelers could not label {unlabelable:.0%} of the recent "
             "requests. Check the frames and the class list.",
             True,
         )
     if n_correct >= MIN_ANSWERS and accuracy is not None and accuracy >= ACCURATE_ENOUGH:
         return (
+            "stop_accurate",
             f"You can stop labeling: the model already got {accuracy:.0%} of the last "
             f"{n_correct} frames it asked about right.",
             True,
         )
     if left_this_hour == 0:
         return (
+            "wait_hourly_cap",
             "Waiting: this hour's labeling capacity is used up; requests resume as it frees.",
             False,
         )
     if left_in_window == 0:
-        return "Waiting: the budget for the current window is spent.", False
+        return "wait_budget", "Waiting: the budget for the current window is spent.", False
     if n_correct < MIN_ANSWERS:
         return (
+            "keep_few_answers",
             f"Keep labeling: {n_correct} answers so far, at least {MIN_ANSWERS} are needed "
             "to judge the model.",
             False,
         )
     return (
+        "keep_learning",
         f"Keep labeling: the model gets {accuracy:.0%} of what it asks about right; the "
         "labels still teach it.",
         False,

@@ -157,5 +157,7 @@ async def test_second_opinion_needs_two_labelers_and_counts_disagreement(
         client.post("/api/answer", json={"lease_id": lease["lease_id"], "label": "8"}, headers=CSRF)
         metrics = client.get("/metrics").text
         assert "winnow_label_app_disagreements_total 1.0" in metrics
+        assert 'winnow_label_app_labels_total{annotator="bob",status="labeled"} 1.0' in metrics
+        assert "winnow_label_app_queue_depth 0.0" in metrics
     labels = await _read(kafka_settings, 2)
     assert sorted((r["annotator"], r["label"]) for r in labels) == [("alice", "3"), ("bob", "8")]

@@ -30,11 +30,13 @@ from tests.service.model.head_releases import (
 from trainer.release import build_release, encode_records
 
 
-def _swaps(metrics: ScorerMetrics) -> dict[str, float]:
+def _swaps(metrics: ScorerMetrics, *, zeros: bool = False) -> dict[str, float]:
+    """The swap counts by result; every known result is exposed from 0, left out unless
+    ``zeros``."""
     out = {}
     for metric in metrics.model_swaps.collect():
         for sample in metric.samples:
-            if sample.name.endswith("_total"):
+            if sample.name.endswith("_total") and (sample.value or zeros):
                 out[sample.labels["result"]] = sample.value
     return out
 
@@ -77,6 +79,10 @@ async def test_a_published_release_is_delivered_loaded_and_warm(
         (info,) = releases.history()
         assert (info.version, info.status, info.pinnable) == ("v1", "active", True)
     assert _swaps(metrics) == {"ok": 1}
+    # every result from 0 on, so that an alert's increase() sees a first refusal
+    assert {"pinned", "load_failed", "rejected_checksum", "rejected_base"} <= set(
+        _swaps(metrics, zeros=True)
+    )
     assert metrics.registry.get_sample_value("winnow_model_info", {"version": "v1"}) == 1
 
 

@@ -110,3 +110,21 @@ def test_each_request_answered_reaches_the_policy_once() -> None:
     feedback.observe(Label(frame_id="z", label="cat"))  # not this scorer's request
     assert heard == [("cat", "dog"), ("dog", None)]
     assert feedback.answered == 3
+
+
+def test_the_verdict_is_a_gauge_with_a_short_code() -> None:
+    feedback, metrics = _feedback()
+
+    def verdicts() -> dict[str, float]:
+        return {
+            s.labels["verdict"]: s.value
+            for m in metrics.labeling_verdict.collect()
+            for s in m.samples
+        }
+
+    feedback.update_gauges(_policy(), window_limit=10)
+    assert verdicts() == {"keep_few_answers": 1}
+    feedback.update_gauges(_policy(labels_per_hour=20, labels_last_hour=20), window_limit=10)
+    assert verdicts() == {"wait_hourly_cap": 1}
+    assert metrics.registry.get_sample_value("winnow_labeling_stop") == 0
+    assert metrics.registry.get_sample_value("winnow_budget_left_in_window") == 5
