@@ -1,9 +1,18 @@
-"""The Label Studio bridge against a fake that checks requests as Label Studio documents them."""
+"""The Label Studio bridge: against a real Label Studio, and against fakes for failure paths.
+
+The main test starts Label Studio from its own venv (skipped when it is not
+installed), creates a personal access token as a person does in the UI, and
+runs the bridge for real between Label Studio and the test broker. The fakes
+cover what a real Label Studio will not do on cue: answer 503, redeliver a
+webhook, send a body without a task.
+"""
 
 import asyncio
 import base64
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -11,6 +20,7 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
 
+from infra.kafka.settings import KafkaSettings
 from service.labeling.label_studio import (
     Bridge,
     LabelStudioClient,
@@ -20,8 +30,11 @@ from service.labeling.label_studio import (
     label_from_webhook,
     task_from_request,
 )
+from service.labeling.label_studio_auth import LabelStudioAuthError, PersonalAccessTokenAuth
 from tests.kafka_helpers import committed_offsets, end_offsets, produce, read_json
-from tests.service.labeling.conftest import digit_png, label_request, produce_requests
+from tests.service.labeling.conftest import DIGITS, digit_png, label_request, produce_requests
+from tests.service.labeling.http_server import ServerThread, free_port
+from tests.service.labeling.label_studio_process import LabelStudio, label_studio_missing, until
 
 
 def _settings(group_id: str = "g") -> LabelStudioSettings:
@@ -164,9 +177,10 @@ def _fake_label_studio(imports: list[list[dict]]) -> FastAPI:
     return fake
 
 
-async def test_bridge_imports_requests_and_publishes_webhook_labels_once(
+async def test_webhook_redeliveries_bad_tokens_and_bodies(
     kafka_settings, winnow_topics, group_id
 ) -> None:
+    """What Label Studio will not do on cue: redeliver, omit the task, send a wrong token."""
     await produce_requests(kafka_settings, [label_request(f"ls{i}", i) for i in range(3)])
     imports: list[list[dict]] = []
     transport = httpx.ASGITransport(app=_fake_label_studio(imports))
@@ -259,3 +273,159 @@ async def test_the_bridge_commits_only_what_label_studio_took(
     ends = await end_offsets(kafka_settings, topic)
     assert sum(ends.values()) == 3
     assert await committed_offsets(kafka_settings, topic, group_id) == ends
+
+
+# -- against a real Label Studio --------------------------------------------------------
+def labeling_config(classes: list[str]) -> str:
+    """The README's labeling config, with the test's classes as choices."""
+    choices = "".join(f'<Choice value="{c}"/>' for c in [*classes, "unlabelable"])
+    return (
+        "<View>\n"
+        '  <Image name="image" value="$image" zoom="true"/>\n'
+        '  <Choices name="choice" toName="image" choice="single">\n'
+        f"    {choices}\n"
+        "  </Choices>\n"
+        "</View>"
+    )
+
+
+def _choice(value: str) -> list[dict[str, Any]]:
+    """An annotation result as the labeling UI submits it for the Choices tag."""
+    return [
+        {
+            "from_name": "choice",
+            "to_name": "image",
+            "type": "choices",
+            "value": {"choices": [value]},
+        }
+    ]
+
+
+@pytest.fixture
+def label_studio(tmp_path: Path) -> Iterator[LabelStudio]:
+    """Label Studio on a free loopback port with a fresh SQLite database; killed at the end."""
+    missing = label_studio_missing()
+    if missing:
+        pytest.skip(missing)
+    studio = LabelStudio(tmp_path)
+    try:
+        studio.start()
+        yield studio
+    except RuntimeError as error:
+        pytest.fail(str(error))
+    finally:
+        studio.stop()
+
+
+async def _tasks(api: httpx.AsyncClient, project: int, count: int) -> list[dict[str, Any]]:
+    answer = await api.get("/api/tasks/", params={"project": project})
+    answer.raise_for_status()
+    tasks: list[dict[str, Any]] = answer.json()["tasks"]
+    return tasks if len(tasks) >= count else []
+
+
+async def _labels(kafka_settings: KafkaSettings, count: int, within_s: float) -> list[dict]:
+    try:
+        return await read_json(
+            kafka_settings, kafka_settings.topics.labels, lambda r: len(r) >= count, within_s
+        )
+    except TimeoutError:
+        raise AssertionError(
+            f"fewer than {count} labels on {kafka_settings.topics.labels} within {within_s:.0f}s: "
+            "did Label Studio deliver the webhook? (its log follows)"
+        ) from None
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+async def test_label_studio_annotations_reach_the_labels_topic(
+    kafka_settings, winnow_topics, group_id, label_studio: LabelStudio
+) -> None:
+    studio = label_studio
+    with studio.log_on_failure():
+        token = await studio.personal_access_token()
+        auth = PersonalAccessTokenAuth(token, f"{studio.url}/api/token/refresh/")
+        async with httpx.AsyncClient(base_url=studio.url, auth=auth, timeout=30) as api:
+            created = await api.post(
+                "/api/projects/", json={"title": "Winnow", "label_config": labeling_config(DIGITS)}
+            )
+            assert created.status_code == 201, created.text
+            project = created.json()["id"]
+            settings = LabelStudioSettings(
+                url=studio.url,
+                api_key=SecretStr(token),  # auto: a JWT, so a personal access token
+                project_id=project,
+                webhook_token=SecretStr("hook-secret"),
+                group_id=group_id,
+                port=free_port(),
+            )
+            requests = [label_request(f"ls-real-{i}", i, prediction=str(i)) for i in range(3)]
+            await produce_requests(kafka_settings, requests)
+            app = create_bridge_app(kafka_settings, settings)
+            with ServerThread(app, settings.port) as bridge:
+                # what the README tells a user to set up in Settings, Webhooks
+                hook = await api.post(
+                    "/api/webhooks/",
+                    json={
+                        "project": project,
+                        "url": f"{bridge.url}/webhook",
+                        "send_payload": True,
+                        "send_for_all_actions": False,
+                        "actions": ["ANNOTATION_CREATED", "ANNOTATION_UPDATED"],
+                        "headers": {"Authorization": "Token hook-secret"},
+                    },
+                )
+                assert hook.status_code == 201, hook.text
+                tasks = await until(
+                    lambda: _tasks(api, project, 3), "the bridge imports 3 requests as tasks", 120
+                )
+                by_frame = {t["data"]["frame_id"]: t for t in tasks}
+                assert sorted(by_frame) == ["ls-real-0", "ls-real-1", "ls-real-2"]
+                first = by_frame["ls-real-0"]
+                png = base64.b64encode(digit_png(0)).decode()
+                assert first["data"]["image"] == f"data:image/png;base64,{png}"
+                assert first["data"]["least_confidence"] == 0.67
+                predictions = await api.get("/api/predictions/", params={"task": first["id"]})
+                (prediction,) = predictions.json()
+                assert prediction["model_version"] == "digits-v1"
+                assert prediction["result"][0]["value"] == {"choices": ["0"]}
+
+                # a labeler answers 0, corrects it to 6, and can't tell on another frame
+                answer = await api.post(
+                    f"/api/tasks/{first['id']}/annotations/",
+                    json={"result": _choice("0"), "lead_time": 2.5},
+                )
+                assert answer.status_code == 201, answer.text
+                fixed = await api.patch(
+                    f"/api/annotations/{answer.json()['id']}/", json={"result": _choice("6")}
+                )
+                assert fixed.status_code == 200, fixed.text
+                cant = await api.post(
+                    f"/api/tasks/{by_frame['ls-real-1']['id']}/annotations/",
+                    json={"result": _choice("unlabelable")},
+                )
+                assert cant.status_code == 201, cant.text
+                labels = await _labels(kafka_settings, 3, 60)
+                async with httpx.AsyncClient(base_url=bridge.url) as plain:
+                    health = (await plain.get("/healthz")).json()
+        assert health == {"status": "ok", "imported": 3}
+        got = sorted((r["frame_id"], r.get("label"), r["status"], r["annotator"]) for r in labels)
+        assert got == [
+            ("ls-real-0", "0", "labeled", "label-studio:user-1"),
+            ("ls-real-0", "6", "labeled", "label-studio:user-1"),
+            ("ls-real-1", None, "unlabelable", "label-studio:user-1"),
+        ]
+        first_frame = [r["label"] for r in labels if r["frame_id"] == "ls-real-0"]
+        assert first_frame == ["0", "6"], "the correction comes after the answer"
+        assert all(r["_key"] == r["frame_id"].encode() for r in labels)
+
+        # Label Studio refuses a legacy token by default, and the bridge says what to do.
+        legacy = settings.model_copy(update={"api_key": SecretStr(await studio.legacy_token())})
+        client = LabelStudioClient(legacy)
+        try:
+            with pytest.raises(LabelStudioAuthError) as refused:
+                await client.import_tasks([task_from_request(requests[2], legacy)])
+        finally:
+            await client.aclose()
+        assert "legacy token authentication has been disabled" in str(refused.value)
+        assert "WINNOW_LABEL_STUDIO_API_KEY" in str(refused.value)
