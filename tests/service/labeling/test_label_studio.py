@@ -275,6 +275,31 @@ async def test_the_bridge_commits_only_what_label_studio_took(
     assert await committed_offsets(kafka_settings, topic, group_id) == ends
 
 
+async def test_a_refused_personal_access_token_is_logged_naming_the_setting(
+    kafka_settings, winnow_topics, group_id, caplog
+) -> None:
+    topic = kafka_settings.topics.label_requests
+    await produce_requests(kafka_settings, [label_request("lr0", 0)])
+    pat = "eyJhbGciOiJIUzI1NiJ9.eyJ0b2tlbl90eXBlIjoicmVmcmVzaCJ9.c2lnbmF0dXJl"  # a JWT
+    settings = _settings(group_id).model_copy(update={"api_key": SecretStr(pat)})
+    revoked = FastAPI()
+    refreshes: list[str] = []
+
+    @revoked.post("/api/token/refresh/")
+    async def refresh(request: Request) -> None:
+        refreshes.append((await request.json())["refresh"])
+        raise HTTPException(401, "Token is blacklisted")
+
+    client = LabelStudioClient(settings, httpx.ASGITransport(app=revoked))
+    async with Bridge(kafka_settings, settings, client) as bridge:
+        await _until(lambda: "Label Studio import refused" in caplog.text)
+        assert bridge.imported == 0
+    assert refreshes == [pat], "the token is tried once, then again only after a long pause"
+    assert "WINNOW_LABEL_STUDIO_API_KEY" in caplog.text and "Token is blacklisted" in caplog.text
+    assert pat not in caplog.text
+    assert set((await committed_offsets(kafka_settings, topic, group_id)).values()) == {0}
+
+
 # -- against a real Label Studio --------------------------------------------------------
 def labeling_config(classes: list[str]) -> str:
     """The README's labeling config, with the test's classes as choices."""
@@ -429,3 +454,12 @@ async def test_label_studio_annotations_reach_the_labels_topic(
             await client.aclose()
         assert "legacy token authentication has been disabled" in str(refused.value)
         assert "WINNOW_LABEL_STUDIO_API_KEY" in str(refused.value)
+
+        # an import into a project that does not exist names the setting to check
+        elsewhere = settings.model_copy(update={"project_id": project + 100})
+        client = LabelStudioClient(elsewhere)
+        try:
+            with pytest.raises(LabelStudioAuthError, match="WINNOW_LABEL_STUDIO_PROJECT_ID"):
+                await client.import_tasks([task_from_request(requests[2], elsewhere)])
+        finally:
+            await client.aclose()
