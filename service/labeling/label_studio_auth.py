@@ -144,9 +144,10 @@ class PersonalAccessTokenAuth(httpx.Auth):
         if self._access is None or self._clock() >= self._renew_at:
             async with self._lock:
                 if self._access is None or self._clock() >= self._renew_at:
+                    sent = self._clock()
                     answer = yield self._refresh_request()
                     await answer.aread()
-                    self._take(answer)
+                    self._take(answer, sent)
         used = self._access
         request.headers["Authorization"] = f"Bearer {used}"
         response = yield request
@@ -154,9 +155,10 @@ class PersonalAccessTokenAuth(httpx.Auth):
             return
         async with self._lock:
             if self._access == used:  # nobody refreshed since this request was sent
+                sent = self._clock()
                 answer = yield self._refresh_request()
                 await answer.aread()
-                self._take(answer)
+                self._take(answer, sent)
         request.headers["Authorization"] = f"Bearer {self._access}"
         response = yield request
         if response.status_code == 401:
@@ -169,8 +171,8 @@ class PersonalAccessTokenAuth(httpx.Auth):
     def _refresh_request(self) -> httpx.Request:
         return httpx.Request("POST", self._refresh_url, json={"refresh": self._refresh_token})
 
-    def _take(self, response: httpx.Response) -> None:
-        """Takes the access token from a refresh answer.
+    def _take(self, response: httpx.Response, sent: float) -> None:
+        """Takes the access token from a refresh answer to a request sent at ``sent``.
 
         Raises:
             LabelStudioAuthError: the personal access token was refused.
@@ -190,13 +192,12 @@ class PersonalAccessTokenAuth(httpx.Auth):
             raise httpx.DecodingError(
                 f"{REFRESH_PATH} answered without an access token", request=response.request
             ) from error
-        if isinstance(body.get("refresh"), str):  # Label Studio rotates refresh tokens
+        if isinstance(body.get("refresh"), str):  # where Label Studio rotates refresh tokens
             self._refresh_token = body["refresh"]
-        claims = jwt_claims(access) or {}
-        now = self._clock()
-        lifetime = _lifetime(claims)
+        lifetime = _lifetime(jwt_claims(access) or {})
         margin = min(self._refresh_before_s, lifetime / 2)
-        self._access, self._renew_at = access, now + lifetime - margin
+        # counted from the request: the token was issued after it left, never before
+        self._access, self._renew_at = access, sent + lifetime - margin
         self.refreshes += 1
         log.debug("Label Studio access token refreshed; valid for %.0fs", lifetime)
 
