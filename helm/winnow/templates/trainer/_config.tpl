@@ -7,7 +7,6 @@ WINNOW_TRAINER_GROUP_ID: {{ $t.groupId | quote }}
 WINNOW_TRAINER_METRICS_PORT: {{ int $t.metricsPort | quote }}
 WINNOW_TRAINER_CLASSES: {{ toJson $t.classes | quote }}
 WINNOW_TRAINER_INPUT_SIZE: {{ int $t.inputSize | quote }}
-WINNOW_TRAINER_CHANNELS: {{ int $t.channels | quote }}
 {{- if $t.arch }}
 WINNOW_TRAINER_ARCH: {{ $t.arch | quote }}
 {{- end }}
