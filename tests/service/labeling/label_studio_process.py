@@ -104,6 +104,10 @@ class LabelStudio:
                     return
             except httpx.HTTPError:
                 pass
+            if b"is in use" in self.log_path.read_bytes():
+                raise RuntimeError(  # it would move to another port; ours was taken meanwhile
+                    f"port {self.port} was taken before Label Studio started:\n{self.log_tail()}"
+                )
             if time.monotonic() > deadline:
                 raise RuntimeError(
                     f"Label Studio did not answer {self.url}/health within "

@@ -334,10 +334,11 @@ def label_studio(tmp_path: Path) -> Iterator[LabelStudio]:
         pytest.skip(missing)
     studio = LabelStudio(tmp_path)
     try:
-        studio.start()
+        try:
+            studio.start()
+        except RuntimeError as error:
+            pytest.fail(str(error))
         yield studio
-    except RuntimeError as error:
-        pytest.fail(str(error))
     finally:
         studio.stop()
 
