@@ -1,0 +1,40 @@
+# syntax=docker/dockerfile:1
+# The scorer, `winnow serve`: ONNX Runtime with the CUDA and cuDNN libraries from
+# NVIDIA's wheels (onnxruntime.preload_dlls loads them; on a node without a GPU it
+# runs on CPU), FastAPI and Pillow. No torch.
+#
+#   docker build -f docker/scorer.Dockerfile -t winnow-scorer .     # from the repository root
+
+# python:3.11.14-slim-bookworm, pinned by tag and digest.
+ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm@sha256:65a93d69fa75478d554f4ad27c85c1e69fa184956261b4301ebaf6dbb0a3543d
+
+FROM ${PYTHON_IMAGE} AS build
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN python -m venv /opt/winnow
+WORKDIR /src
+COPY pyproject.toml README.md docker/constraints.txt ./
+COPY infra/ infra/
+COPY schemas/ schemas/
+COPY service/ service/
+COPY trainer/ trainer/
+COPY winnow/ winnow/
+# The [scorer] extra, CUDA 13 and cuDNN 9 as wheels, every version from constraints.txt.
+RUN /opt/winnow/bin/pip install --no-cache-dir --constraint constraints.txt \
+        ".[scorer]" "onnxruntime-gpu[cuda,cudnn]>=1.20"
+
+FROM ${PYTHON_IMAGE}
+RUN groupadd --system --gid 10001 winnow \
+    && useradd --system --uid 10001 --gid 10001 --home-dir /tmp --no-create-home \
+        --shell /usr/sbin/nologin winnow
+COPY --from=build /opt/winnow /opt/winnow
+# The root filesystem is read-only in the chart: HOME and every cache live in /tmp.
+ENV PATH=/opt/winnow/bin:$PATH \
+    HOME=/tmp \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1
+USER 10001:10001
+EXPOSE 8000
+# Kubernetes probes /healthz, /readyz (no HEALTHCHECK here).
+ENTRYPOINT ["winnow"]
+CMD ["serve", "--host", "0.0.0.0"]
