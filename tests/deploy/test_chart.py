@@ -259,6 +259,11 @@ def test_helm_lint_finds_nothing(values: Any) -> None:
     assert serious == []
 
 
+def test_the_chart_is_helm_3_and_later_for_kubernetes_1_25_and_later(chart: Any) -> None:
+    assert chart.metadata["apiVersion"] == "v2"
+    assert chart.metadata["kubeVersion"] == ">=1.25.0-0"
+
+
 def test_the_full_set_renders_every_kind(rendered: dict[str, list[Obj]]) -> None:
     kinds = {o["kind"] for o in rendered["full"]}
     assert kinds >= BUILT_IN - {"Pod"} | {"ServiceMonitor", "ScaledObject", "TriggerAuthentication"}
@@ -382,6 +387,11 @@ def test_service_monitors_scrape_named_service_ports(rendered: dict[str, list[Ob
         port_names = {p["name"] for p in matched[0]["spec"]["ports"]}
         assert {e["port"] for e in monitor["spec"]["endpoints"]} <= port_names
         assert all(e["path"] == "/metrics" for e in monitor["spec"]["endpoints"])
+        # The job label is the Service's name; the alert rules find each role by it
+        # (files/prometheus-rules.yaml: job=~".*scorer.*" and so on).
+        component = monitor["metadata"]["labels"]["app.kubernetes.io/component"]
+        assert "jobLabel" not in monitor["spec"]
+        assert component in matched[0]["metadata"]["name"]
 
 
 @pytest.mark.parametrize("values", VALUE_SETS)

@@ -40,6 +40,13 @@ ROLES: dict[str, tuple[type[BaseSettings], ...]] = {
     "label-studio-bridge": (LabelStudioSettings, KafkaSettings),
 }
 
+COMMANDS = {
+    "scorer": "serve",
+    "trainer": "train",
+    "label-app": "label-app",
+    "label-studio-bridge": "label-studio-bridge",
+}
+
 
 def _fields(cls: type[BaseSettings]) -> dict[str, Any]:
     """Environment name -> field info of a settings class, nested settings included."""
@@ -164,3 +171,20 @@ def test_the_schema_keeps_every_secret_out_of_the_config_maps(chart: Any) -> Non
     forbidden = set(chart.schema["$defs"]["settings"]["propertyNames"]["not"]["enum"])
     secrets = set().union(*(_secret_names(role) for role in ROLES))
     assert secrets <= forbidden
+
+
+@pytest.mark.parametrize("values", ["full", "default"])
+def test_every_container_runs_a_command_the_cli_has(
+    rendered: dict[str, list[Obj]], values: str
+) -> None:
+    from winnow.cli import build_parser
+
+    parser = build_parser()
+    for name, _, spec in pod_specs(rendered[values]):
+        for container in spec["containers"]:
+            command = container["command"]
+            if name.endswith("test-readyz"):
+                assert command[0] == "python"
+                continue
+            assert command[0] == "winnow"
+            assert parser.parse_args(command[1:]).command == COMMANDS[container["name"]]
