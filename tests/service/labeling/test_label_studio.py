@@ -370,13 +370,19 @@ async def test_label_studio_annotations_reach_the_labels_topic(
     studio = label_studio
     with studio.log_on_failure():
         token = await studio.personal_access_token()
-        auth = PersonalAccessTokenAuth(token, f"{studio.url}/api/token/refresh/")
+        clock = [0.0]  # the test's clock: five minutes pass on cue
+        auth = PersonalAccessTokenAuth(
+            token, f"{studio.url}/api/token/refresh/", clock=lambda: clock[0]
+        )
         async with httpx.AsyncClient(base_url=studio.url, auth=auth, timeout=30) as api:
             created = await api.post(
                 "/api/projects/", json={"title": "Winnow", "label_config": labeling_config(DIGITS)}
             )
             assert created.status_code == 201, created.text
             project = created.json()["id"]
+            clock[0] += 300 - 29  # Label Studio's access tokens live 300s: renewed 30s early
+            assert (await api.get(f"/api/projects/{project}/")).status_code == 200
+            assert auth.refreshes == 2, "a second access token, taken before the first expired"
             settings = LabelStudioSettings(
                 url=studio.url,
                 api_key=SecretStr(token),  # auto: a JWT, so a personal access token
