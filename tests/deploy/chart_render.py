@@ -5,10 +5,13 @@ native library; the tests skip, saying why, where it cannot be imported.
 """
 
 import copy
+import importlib
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -20,6 +23,19 @@ NAMESPACE = "winnow"
 KUBE_VERSION = "1.30.0"
 WORKLOAD_KINDS = ("Deployment", "StatefulSet")
 Obj = dict[str, Any]
+
+
+def helm_sdk() -> ModuleType:
+    """``helm_python``, or a skip of the calling test module that says why it cannot run."""
+    try:
+        return importlib.import_module("helm_python")
+    except ImportError as error:
+        reason = f"helm-python-sdk is not installed ({error}): the chart is not tested"
+    except Exception as error:  # HelmLibraryError: its native library does not load here
+        reason = (
+            f"helm-python-sdk cannot load its native library ({error}): the chart is not tested"
+        )
+    pytest.skip(reason, allow_module_level=True)
 
 
 def ci_values(name: str) -> dict[str, Any]:

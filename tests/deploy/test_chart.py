@@ -18,6 +18,7 @@ from tests.deploy.chart_render import (
     Obj,
     ci_values,
     config_of,
+    helm_sdk,
     named,
     notes,
     of_kind,
@@ -25,9 +26,7 @@ from tests.deploy.chart_render import (
     render,
 )
 
-helm = pytest.importorskip(
-    "helm_python", reason="helm-python-sdk (the Helm SDK) is not installed: the chart is untested"
-)
+helm = helm_sdk()
 kubernetes_validate = pytest.importorskip(
     "kubernetes_validate", reason="kubernetes-validate is not installed: the chart is untested"
 )

@@ -23,14 +23,13 @@ from tests.deploy.chart_render import (
     ci_values,
     config_of,
     env_names,
+    helm_sdk,
     pod_specs,
     render,
 )
 from trainer.config import TrainerSettings
 
-helm = pytest.importorskip(
-    "helm_python", reason="helm-python-sdk (the Helm SDK) is not installed: the chart is untested"
-)
+helm = helm_sdk()
 
 # The settings classes each container's command reads (winnow/cli.py).
 ROLES: dict[str, tuple[type[BaseSettings], ...]] = {

@@ -18,6 +18,7 @@ from tests.deploy.chart_render import (
     CHART,
     Obj,
     ci_values,
+    helm_sdk,
     leaves,
     merged,
     named,
@@ -25,9 +26,7 @@ from tests.deploy.chart_render import (
     render,
 )
 
-helm = pytest.importorskip(
-    "helm_python", reason="helm-python-sdk (the Helm SDK) is not installed: the chart is untested"
-)
+helm = helm_sdk()
 
 README = CHART / "README.md"
 
