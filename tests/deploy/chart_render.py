@@ -55,9 +55,9 @@ def merged(base: dict[str, Any], change: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def render(chart: Any, values: dict[str, Any]) -> list[Obj]:
+def render(chart: Any, values: dict[str, Any], release: str = RELEASE) -> list[Obj]:
     """Every object the chart renders with ``values`` (NOTES.txt and empty documents left out)."""
-    manifests = chart.render(values, name=RELEASE, namespace=NAMESPACE)
+    manifests = chart.render(values, name=release, namespace=NAMESPACE)
     objects: list[Obj] = []
     for path, text in sorted(manifests.items()):
         if path.endswith("NOTES.txt"):

@@ -24,6 +24,7 @@ from tests.deploy.chart_render import (
     config_of,
     env_names,
     helm_sdk,
+    of_kind,
     pod_specs,
     render,
 )
@@ -187,3 +188,24 @@ def test_every_container_runs_a_command_the_cli_has(
                 continue
             assert command[0] == "winnow"
             assert parser.parse_args(command[1:]).command == COMMANDS[container["name"]]
+
+
+def _service_link_names(service: Obj) -> set[str]:
+    """The variables Kubernetes' service links would give every pod of the namespace."""
+    prefix = service["metadata"]["name"].upper().replace("-", "_")
+    names = {f"{prefix}_SERVICE_HOST", f"{prefix}_SERVICE_PORT", f"{prefix}_PORT"}
+    for port in service["spec"]["ports"]:
+        names.add(f"{prefix}_SERVICE_PORT_{port['name'].upper()}")
+        names |= {f"{prefix}_PORT_{port['port']}_TCP{s}" for s in ("", "_PROTO", "_PORT", "_ADDR")}
+    return names
+
+
+def test_service_links_are_off_because_they_would_collide_with_settings(chart: Any) -> None:
+    # A release named "winnow" has the Services winnow-scorer and winnow-label-app; with
+    # service links every pod would get WINNOW_LABEL_APP_PORT=tcp://10.0.0.7:8100.
+    objects = render(chart, ci_values("full"), release="winnow")
+    links = set().union(*(_service_link_names(s) for s in of_kind(objects, "Service")))
+    settings = set().union(*(_role_fields(role) for role in ROLES))
+    assert "WINNOW_LABEL_APP_PORT" in links & settings
+    for name, _, spec in pod_specs(objects):
+        assert spec["enableServiceLinks"] is False, name
