@@ -206,8 +206,8 @@ class ScorerMetrics:
         self.inference_provider.labels(provider=provider).set(1)
 
     def set_drift_threshold(self, detector: str, threshold: float) -> None:
-        """A detector's calibrated threshold; its alarm counter is exposed from 0 on, so that
-        ``increase()`` sees the first alarm."""
+        """A detector's calibrated threshold; its alarm counter is exposed from 0 on (the
+        monitor also does so at startup), so that ``increase()`` sees the first alarm."""
         self.drift_threshold.labels(detector=detector).set(threshold)
         self.drift_alarms.labels(detector=detector)
 

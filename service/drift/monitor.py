@@ -104,6 +104,8 @@ class DriftMonitor(Component):
         super().__init__()
         self.settings = settings
         self.metrics = metrics
+        for name in settings.detectors:  # from 0 at startup: increase() then sees a first alarm
+            metrics.drift_alarms.labels(detector=name)
         self._on_alarm = on_alarm
         self.events: list[DriftEvent] = []  # alarms only, the most recent ones
         self._kafka = kafka

@@ -3,6 +3,8 @@
 from prometheus_client import generate_latest
 
 from schemas.api import LabelingStatus, PolicyState
+from service.config import DriftSettings
+from service.drift.monitor import DriftMonitor
 from service.metrics import ScorerMetrics
 
 
@@ -52,3 +54,10 @@ def test_budget_cap_and_verdict_gauges() -> None:
     assert _value(metrics, "winnow_labeling_stop") == 0
     assert _value(metrics, "winnow_labeling_verdict", verdict="wait_budget") == 1
     assert _value(metrics, "winnow_labeling_verdict", verdict="keep_few_answers") is None
+
+
+def test_the_drift_monitor_exposes_each_detector_s_alarms_from_startup() -> None:
+    metrics = ScorerMetrics()
+    DriftMonitor(DriftSettings(detectors=["embedding", "uncertainty"]), None, metrics)
+    assert _value(metrics, "winnow_drift_alarms_total", detector="uncertainty") == 0
+    assert _value(metrics, "winnow_drift_alarms_total", detector="prediction") is None
