@@ -168,7 +168,7 @@ def test_every_secret_setting_comes_from_a_secret(
 
 
 def test_the_schema_keeps_every_secret_out_of_the_config_maps(chart: Any) -> None:
-    forbidden = set(chart.schema["$defs"]["settings"]["propertyNames"]["not"]["enum"])
+    forbidden = set(chart.schema["definitions"]["settings"]["propertyNames"]["not"]["enum"])
     secrets = set().union(*(_secret_names(role) for role in ROLES))
     assert secrets <= forbidden
 

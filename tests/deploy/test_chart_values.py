@@ -226,3 +226,26 @@ def test_the_readmes_install_command_renders(chart: Any) -> None:
     env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in scorer["env"]}
     assert env["WINNOW_KAFKA_SASL_PASSWORD"] == {"name": "winnow", "key": "password"}
     assert env["WINNOW_ADMIN_TOKEN"]["name"] == "winnow-app"
+
+
+def _resolve(schema: dict[str, Any], node: dict[str, Any]) -> dict[str, Any]:
+    ref = node.get("$ref")
+    return schema["definitions"][ref.rsplit("/", 1)[1]] if ref else node
+
+
+def _same_keys(schema: dict[str, Any], node: dict[str, Any], values: Any, path: str) -> None:
+    node = _resolve(schema, node)
+    if "properties" not in node or not isinstance(values, dict):
+        return
+    assert set(values) == set(node["properties"]), f"{path or 'values'}: values and schema differ"
+    for key, value in values.items():
+        _same_keys(schema, node["properties"][key], value, f"{path}.{key}".lstrip("."))
+
+
+def test_the_schema_is_valid_and_describes_exactly_values_yaml(chart: Any) -> None:
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = chart.schema
+    jsonschema.Draft7Validator.check_schema(schema)
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    jsonschema.validate(values, schema, cls=jsonschema.Draft7Validator)
+    _same_keys(schema, schema, values, "")
