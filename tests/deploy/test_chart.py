@@ -447,6 +447,10 @@ def test_network_policies_always_allow_dns(rendered: dict[str, list[Obj]]) -> No
         assert dns and "to" not in dns[0], policy["metadata"]["name"]
         assert {p["protocol"] for p in dns[0]["ports"]} == {"UDP", "TCP"}
         assert _pods_selected(objects, policy["spec"]["podSelector"]["matchLabels"])
+    prometheus = ci_values("full")["networkPolicy"]["metricsFrom"][0]
+    for policy in policies:
+        sources = policy["spec"]["ingress"][0].get("from")
+        assert sources is None or prometheus in sources, "Prometheus may scrape every role"
     scorer = named(objects, "NetworkPolicy", "scorer")
     sources = scorer["spec"]["ingress"][0]["from"]
     test_pod = named(objects, "Pod", "test")
