@@ -9,11 +9,13 @@ import json
 import re
 import shutil
 import subprocess
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from prometheus_client import Metric
 
 ROOT = Path(__file__).resolve().parents[2]
 FILES = ROOT / "helm" / "winnow" / "files"
@@ -46,10 +48,14 @@ def tool(name: str) -> Path:
     return Path(found)
 
 
-def promtool(*args: str | Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    """Runs promtool; the result carries its output for the assertion message."""
+def promtool(
+    *args: str | Path, input_text: str | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """Runs promtool (``input_text`` on its stdin); the result carries its output."""
     command = [str(tool("promtool")), *map(str, args)]
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
+    return subprocess.run(
+        command, input=input_text, capture_output=True, text=True, timeout=timeout, check=False
+    )
 
 
 def rule_groups() -> list[dict[str, Any]]:
@@ -119,3 +125,18 @@ def metric_names(expr: str) -> set[str]:
     """Metric names an expression reads (Winnow's, and ``up``)."""
     without_strings = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)
     return set(_METRIC.findall(without_strings))
+
+
+def exposed_names(families: Iterable[Metric]) -> set[str]:
+    """The names queries can use for these metric families (a registry's ``collect()`` or a
+    parsed scrape): a counter's ``_total``, a histogram's ``_bucket``, ``_sum`` and ``_count``,
+    whether or not a labelled family has samples yet."""
+    names = set()
+    for family in families:
+        names.add(family.name)
+        if family.type == "counter":
+            names.add(f"{family.name}_total")
+        if family.type == "histogram":
+            names.update(f"{family.name}{suffix}" for suffix in ("_bucket", "_sum", "_count"))
+        names.update(sample.name for sample in family.samples)
+    return names

@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from prometheus_client import CollectorRegistry
 
 from infra.kafka.settings import KafkaSettings
 from service.config import LabelAppSettings
@@ -15,6 +14,7 @@ from tests.deploy.prometheus_tools import (
     concrete,
     dashboard_queries,
     dashboards,
+    exposed_names,
     label_values_query,
     metric_names,
     panels,
@@ -28,24 +28,11 @@ DATASOURCE = "${datasource}"
 VARIABLES = {"scorer": ".*", "trainer": ".*", "label_app": ".*"}
 
 
-def exposed_names(registry: CollectorRegistry) -> set[str]:
-    """The sample names a registry exposes, with or without samples yet."""
-    names = set()
-    for family in registry.collect():
-        names.add(family.name)
-        if family.type == "counter":
-            names.add(f"{family.name}_total")
-        if family.type == "histogram":
-            names.update(f"{family.name}{suffix}" for suffix in ("_bucket", "_sum", "_count"))
-        names.update(sample.name for sample in family.samples)
-    return names
-
-
 def defined_metrics() -> set[str]:
     """Every metric name the scorer, the trainer and the label app define."""
     queue = LabelQueue(KafkaSettings(bootstrap="127.0.0.1:1"), LabelAppSettings())
     registries = (ScorerMetrics().registry, TrainerMetrics().registry, queue.registry)
-    return {name for registry in registries for name in exposed_names(registry)} | {"up"}
+    return {name for registry in registries for name in exposed_names(registry.collect())} | {"up"}
 
 
 @pytest.fixture(params=sorted(dashboards()))

@@ -40,7 +40,7 @@ def get_json(url: str) -> Any:
 def wait_for(url: str, process: subprocess.Popen[Any], within: float) -> None:
     deadline = time.monotonic() + within
     while time.monotonic() < deadline:
-        assert process.poll() is None, f"{process.args[0]} exited with {process.returncode}"
+        assert process.poll() is None, f"the process exited with {process.returncode}"
         try:
             urllib.request.urlopen(url, timeout=2).close()
             return
