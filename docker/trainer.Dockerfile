@@ -5,7 +5,10 @@
 #
 #   docker build -f docker/trainer.Dockerfile -t winnow-trainer .   # from the repository root
 
-# python:3.11.14-slim-bookworm, pinned by tag and digest.
+# python:3.11.14-slim-bookworm, pinned by tag and digest. The digest is the one public
+# Dockerfiles pin for this tag; it was not checked against the registry here (no network):
+# check it with `docker buildx imagetools inspect python:3.11.14-slim-bookworm` when you
+# bump it.
 ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm@sha256:65a93d69fa75478d554f4ad27c85c1e69fa184956261b4301ebaf6dbb0a3543d
 
 FROM ${PYTHON_IMAGE} AS build
