@@ -22,11 +22,13 @@ from tests.deploy.prometheus_tools import (
     dashboard_queries,
     dashboards,
     exposed_names,
+    free_port,
     metric_names,
     promtool,
     rule_groups,
+    stop,
+    wait_for,
 )
-from tests.deploy.test_prometheus import free_port, stop, wait_for
 from tests.kafka_helpers import Record, produce
 
 pytestmark = pytest.mark.slow

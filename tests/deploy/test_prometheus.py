@@ -3,60 +3,31 @@ the shipped alert rules as they are, and its own API shows the drift alert firin
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.deploy.prometheus_tools import ROOT, RULES, rule_groups, tool
+from tests.deploy.prometheus_tools import (
+    ROOT,
+    RULES,
+    free_port,
+    get_json,
+    rule_groups,
+    stop,
+    tool,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 
 ALERT = "WinnowDriftAlarm"
 WITHIN_S = 240.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def get_json(url: str) -> Any:
-    with urllib.request.urlopen(url, timeout=5) as response:
-        return json.load(response)
-
-
-def wait_for(url: str, process: subprocess.Popen[Any], within: float) -> None:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        assert process.poll() is None, f"the process exited with {process.returncode}"
-        try:
-            urllib.request.urlopen(url, timeout=2).close()
-            return
-        except (urllib.error.URLError, ConnectionError):
-            time.sleep(0.2)
-    raise TimeoutError(f"{url} did not answer within {within:.0f} s")
-
-
-def stop(process: subprocess.Popen[Any]) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
 
 
 @pytest.fixture
@@ -104,8 +75,8 @@ def test_a_drift_shift_fires_the_drift_alert_in_prometheus(
     url, port = prometheus
     rules = get_json(f"{url}/api/v1/rules")["data"]["groups"]
     assert sum(len(g["rules"]) for g in rules) == sum(len(g["rules"]) for g in rule_groups())
-    env = {**os.environ, "WINNOW_KAFKA_BOOTSTRAP": ""}  # the demo's own embedded broker
-    env.pop("WINNOW_KAFKA_BOOTSTRAP")
+    # no bootstrap address: the demo starts its own embedded broker
+    env = {k: v for k, v in os.environ.items() if k != "WINNOW_KAFKA_BOOTSTRAP"}
     demo = subprocess.Popen(
         [
             sys.executable, "-m", "winnow.cli", "demo",
