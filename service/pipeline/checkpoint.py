@@ -8,6 +8,7 @@ the next owner starts where this scorer really stopped.
 """
 
 import asyncio
+import contextlib
 import logging
 import time
 
@@ -126,6 +127,9 @@ class Checkpoint(ConsumerRebalanceListener):
             )
         await self.commit()
         self._offsets.forget(revoked)
+        for tp in revoked:  # another scorer reports them now; a frozen lag here would mislead
+            with contextlib.suppress(KeyError):  # never reported
+                self._metrics.consumer_lag.remove(tp.topic, str(tp.partition))
         log.info("partitions revoked: %s", sorted(f"{tp.topic}:{tp.partition}" for tp in revoked))
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:

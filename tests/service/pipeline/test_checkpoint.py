@@ -28,8 +28,12 @@ async def test_a_scorer_that_consumed_nothing_shows_the_frames_waiting(
     try:
         consumer.assign(await topic_partitions(kafka_settings, topic))
         metrics = ScorerMetrics()
-        await Checkpoint(consumer, metrics).refresh_lag()  # no batch, no commit: a stall
+        checkpoint = Checkpoint(consumer, metrics)
+        await checkpoint.refresh_lag()  # no batch, no commit: a stall
+        lag = _lag(metrics)
+        assert len(lag) == 3 and sum(lag.values()) == 5
+        revoked = [tp for tp in consumer.assignment() if tp.partition != 0]
+        await checkpoint.on_partitions_revoked(revoked)
+        assert set(_lag(metrics)) == {"0"}, "a revoked partition's lag is no longer reported"
     finally:
         await consumer.stop()
-    lag = _lag(metrics)
-    assert len(lag) == 3 and sum(lag.values()) == 5
