@@ -18,6 +18,7 @@ the embedding strategies weigh uncertainty against coverage by the model's
 measured accuracy on the answers to its requests (``service.selection.competence``).
 """
 
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import get_args
@@ -101,6 +102,7 @@ class QueryPolicy:
         cold_start_random: bool | None = None,
         backpressure: Backpressure | None = None,
         competence: Competence | None = None,
+        cold_start_per_class: float = 0.0,
     ) -> None:
         self._check_utility(utility)
         if cold_start_random is not None:
@@ -118,6 +120,9 @@ class QueryPolicy:
         self._rng = np.random.default_rng(seed)
         self._cold_name: ColdStartName = cold_start
         self._cold = self._cold_strategy(budget)
+        if cold_start_per_class < 0:
+            raise ValueError("cold_start_per_class cannot be negative")
+        self._cold_per_class = float(cold_start_per_class)
         self._clock = clock
         self._base_budget = float(budget)
         self._strategy_budget = float(budget)
@@ -126,6 +131,7 @@ class QueryPolicy:
         self._competence = competence or Competence()
         self._classes: dict[str, int] = {}
         self._cold_start = False
+        self._warming = False  # a model, but too few labels per class: coverage still leads
         self.seen = 0
         self.selected = 0
 
@@ -154,6 +160,7 @@ class QueryPolicy:
             selector=settings.selector,
             cold_start=settings.cold_start,
             cold_start_random=settings.cold_start_random,
+            cold_start_per_class=settings.cold_start_per_class,
             backpressure=pressure if pressure.enabled else None,
             competence=Competence(settings.competence_window, settings.competence_min_answers),
         )
@@ -223,9 +230,11 @@ class QueryPolicy:
             labels_trained: labels the model has learned from.
             classes: its class names, to read the labels that come back (:meth:`on_answer`).
         """
-        self._cold_start = self._cold is not None and labels_trained == 0
         if classes is not None:
             self._classes = {name: index for index, name in enumerate(classes)}
+        needed = math.ceil(self._cold_per_class * len(self._classes))
+        self._cold_start = self._cold is not None and labels_trained == 0
+        self._warming = self._cold is not None and 0 < labels_trained < needed
 
     def rebase(self, embeddings: np.ndarray, probabilities: np.ndarray | None = None) -> None:
         """From the next batch on the embeddings come from a new backbone (the scorer calls
@@ -288,6 +297,13 @@ class QueryPolicy:
             assert self._cold is not None
             rows = decide_frames(
                 values, context, None, self._cold, self._cold_name, tag, 0.0, gate, self._rng
+            )
+        elif self._warming:
+            assert self._cold is not None
+            filters = self._filters if self._filters.active else None
+            blend = self._competence.blend
+            rows = decide_frames(
+                values, context, filters, self._cold, self._cold_name, tag, blend, gate, self._rng
             )
         else:
             filters = self._filters if self._filters.active else None

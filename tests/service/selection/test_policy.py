@@ -356,6 +356,45 @@ def test_cold_start_covers_the_stream_in_embedding_space_by_default() -> None:
     assert {row["reason"] for row in rows if row["selected"]} <= {"cold_start"}
 
 
+def test_coverage_leads_until_the_model_has_learned_enough_labels_per_class() -> None:
+    """With ``cold_start_per_class`` the cold-start strategy keeps choosing after the first
+    model (weighted by uncertainty as the model proves competent) until the model has learned
+    from that many labels per class; then the configured strategy takes over."""
+    policy = _policy("variable", utility="margin", budget=0.05, window=200, cold_start_per_class=5)
+    classes = ["a", "b", "c", "d"]
+    rng = np.random.default_rng(1)
+    centres = np.eye(8)[:4] * 5.0
+
+    def stream(batches: int) -> list[DecisionRow]:
+        rows: list[DecisionRow] = []
+        for _ in range(batches):
+            cluster = rng.choice(4, size=32, p=[0.7, 0.1, 0.1, 0.1])
+            embeddings = centres[cluster] + rng.normal(0, 0.5, (32, 8))
+            # the model is unsure of cluster 0 only
+            margin = (cluster == 0).astype(float)
+            rows += policy.decide({"margin": margin}, DecisionContext(embeddings))
+        return rows
+
+    policy.on_model(labels_trained=0, classes=classes)
+    assert policy.cold_start and policy.needs == frozenset()
+    policy.on_model(labels_trained=19, classes=classes)  # 5 per class: 20 labels
+    assert not policy.cold_start and policy.needs == {"margin"}
+    warming = [row for row in stream(20) if row["selected"]]
+    assert warming and {row["policy"] for row in warming} == {"herding"}
+    assert {row["reason"] for row in warming} == {"herding"}
+    policy.on_model(labels_trained=20, classes=classes)
+    after = [row for row in stream(20) if row["selected"]]
+    assert after and {row["policy"] for row in after} == {"variable"}
+    assert all(row["utility"] == 1.0 for row in after), "the uncertain cluster only"
+
+
+def test_cold_start_per_class_cannot_be_negative() -> None:
+    with pytest.raises(ValueError):
+        PolicySettings(cold_start_per_class=-1)
+    with pytest.raises(ValueError, match="cold_start_per_class"):
+        QueryPolicy(cold_start_per_class=-1)
+
+
 @pytest.mark.parametrize("name", ALL)
 @pytest.mark.parametrize(
     "extra",
