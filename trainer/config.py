@@ -103,7 +103,7 @@ class TrainerSettings(BaseSettings):
         "input_size of 64 and up, small-cnn below (see first_arch)",
     )
     input_size: int = Field(default=32, ge=8)
-    channels: Literal[1, 3] = 3
+    channels: Literal[1, 3] = Field(default=3, description="input channels: 1 (gray) or 3")
     pretrained: bool | None = Field(
         default=None,
         description="load the packaged ImageNet weights into the first model's backbone; "
@@ -117,6 +117,14 @@ class TrainerSettings(BaseSettings):
     )
     model_name: str = "winnow"
     seed: int = 0
+
+    @field_validator("channels", mode="before")
+    @classmethod
+    def _channels_from_text(cls, value: object) -> object:
+        """``WINNOW_TRAINER_CHANNELS=1`` arrives as text; a Literal of ints would refuse it."""
+        if isinstance(value, str) and value.strip() in ("1", "3"):
+            return int(value)
+        return value
 
     @field_validator("kafka")
     @classmethod

@@ -31,3 +31,12 @@ def test_settings_are_frozen_and_change_by_copy() -> None:
         settings.group_id = "b"
     assert settings.model_copy(update={"group_id": "b"}).group_id == "b"
     assert settings.group_id == "a"
+
+
+def test_channels_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The chart sets WINNOW_TRAINER_CHANNELS; the environment gives text, not an int."""
+    monkeypatch.setenv("WINNOW_TRAINER_CHANNELS", "1")
+    assert TrainerSettings().channels == 1
+    monkeypatch.setenv("WINNOW_TRAINER_CHANNELS", "2")
+    with pytest.raises(ValueError, match="channels"):
+        TrainerSettings()
