@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TypedDict
 
+from infra.asyncio_tasks import track_asyncio_tasks
 from infra.kafka.admin import ensure_winnow_topics
 from schemas.drift import DriftEvent
 from schemas.models import ModelManifest
@@ -99,6 +100,7 @@ async def run_scorer(
     """
     await ensure_winnow_topics(settings.kafka)
     metrics = ScorerMetrics()
+    track_asyncio_tasks(metrics.registry)
     metrics.gpu_requested.set(settings.device == "cuda" or settings.gpu_requested)
     loaded = model or _load_model(settings)
     async with AsyncExitStack() as stack:

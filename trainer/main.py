@@ -6,6 +6,7 @@ import signal
 
 from prometheus_client import start_http_server
 
+from infra.asyncio_tasks import track_asyncio_tasks
 from infra.kafka.admin import ensure_topics
 from trainer.config import TrainerSettings
 from trainer.loop import Trainer
@@ -34,6 +35,7 @@ def run_trainer(settings: TrainerSettings) -> int:
 
 async def _run(settings: TrainerSettings) -> int:
     metrics = TrainerMetrics()
+    track_asyncio_tasks(metrics.registry)
     server, _ = start_http_server(settings.metrics_port, registry=metrics.registry)
     log.info("trainer metrics on http://0.0.0.0:%d/metrics", server.server_address[1])
     stopping = asyncio.Event()

@@ -26,6 +26,7 @@ from fastapi.templating import Jinja2Templates
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 
+from infra.asyncio_tasks import track_asyncio_tasks
 from infra.kafka.admin import ensure_topics
 from infra.kafka.settings import KafkaSettings
 from schemas.frames import CONTENT_TYPES
@@ -80,6 +81,7 @@ def create_label_app(kafka: KafkaSettings, settings: LabelAppSettings) -> FastAP
     async def lifespan(app: FastAPI) -> AsyncIterator[LabelAppState]:
         await ensure_topics(kafka, [kafka.topics.label_requests, kafka.topics.labels])
         async with LabelQueue(kafka, settings) as queue:
+            track_asyncio_tasks(queue.registry)
             yield {"queue": queue, "sessions": sessions, "templates": templates}
 
     app = FastAPI(title="Winnow labeling", version="0.1.0", lifespan=lifespan)
