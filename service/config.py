@@ -51,9 +51,9 @@ class PolicySettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="WINNOW_POLICY_", extra="ignore", frozen=True)
 
     name: PolicyName = Field(
-        default="herding",
-        description="the query strategy; herding: coverage of the stream in embedding space, "
-        "weighted by uncertainty as the model's measured accuracy grows",
+        default="variable",
+        description="the query strategy once the cold start hands over; variable: the "
+        "uncertainty against a threshold that adapts to spend the budget",
     )
     utility: UtilityName = Field(
         default="margin", description="the uncertainty compared (blended with coverage)"
@@ -70,7 +70,7 @@ class PolicySettings(BaseSettings):
         "or none (the configured strategy from the start)",
     )
     cold_start_per_class: float = Field(
-        default=0.0,
+        default=7.0,
         ge=0,
         description="labels per class the model must have learned from before the configured "
         "strategy takes over from the cold start (0: the first model that learned from any)",

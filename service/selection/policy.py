@@ -13,9 +13,15 @@ label is no judge of what is informative, so until it has, its uncertainty is no
 used. Its embedding still is: by default the first labels are chosen to cover the
 stream (stream MaxHerding, ``cold_start="herding"``), as coverage beats random and
 uncertainty at tiny budgets (Hacohen et al., ICML 2022); ``random`` samples at
-random, ``none`` runs the configured strategy from the first frame. Afterwards
-the embedding strategies weigh uncertainty against coverage by the model's
-measured accuracy on the answers to its requests (``service.selection.competence``).
+random, ``none`` runs the configured strategy from the first frame. Once a model
+has learned from labels, a coverage cold start keeps leading until the model has
+learned from ``cold_start_per_class`` labels per class (7 by default), now weighing
+uncertainty against coverage by the model's measured accuracy on the answers to its
+requests (``service.selection.competence``), with the stream filters on; then the
+configured strategy takes over (by default the variable threshold on the margin:
+on digits, coverage led by 0.88 against 0.75 for random at 50 labels, and the
+threshold on the margin reached 95% of full-data accuracy sooner than herding did).
+The embedding strategies, when configured as the strategy, keep that blend for good.
 """
 
 import math

@@ -236,9 +236,21 @@ def test_a_round_reports_its_hard_replays(digits: tuple[list[Sample], list[Sampl
     train, _ = digits
     model = _model()
     pool, _ = _half_wrong_pool(model, train[:200])
-    stats = finetune_round(model, train[200:210], pool, FinetuneConfig(min_steps=1, epochs=1), CPU)
+    config = FinetuneConfig(min_steps=1, epochs=1, replay_ratio=4.0)
+    stats = finetune_round(model, train[200:210], pool, config, CPU)
     assert stats.replayed == 40  # 4 x 10 new
     assert stats.replayed_hard > 0.6 * stats.replayed
+
+
+def test_every_earlier_label_is_replayed_by_default_until_the_cap() -> None:
+    """A default round replays the whole pool while it is small (a fraction of it measured
+    worse on digits), and no more than ``replay_max`` once it is large."""
+    config = FinetuneConfig()
+    assert config.replay_count(20, 180) == 180
+    assert config.replay_count(100, 10_000) == config.replay_max
+    assert FinetuneConfig.for_arch("small-cnn").min_steps == 200
+    assert FinetuneConfig.for_arch("small-cnn", min_steps=5).min_steps == 5
+    assert FinetuneConfig.for_arch("resnet18").min_steps == FinetuneConfig().min_steps
 
 
 def test_one_new_sample_and_no_replay_trains(digits: tuple[list[Sample], list[Sample]]) -> None:
@@ -293,8 +305,8 @@ def test_config_for_arch() -> None:
     assert FinetuneConfig.for_arch("efficientnet_lite0").freeze_batchnorm
     unfrozen = FinetuneConfig.for_arch("efficientnet_lite0", freeze_batchnorm=False)
     assert not unfrozen.freeze_batchnorm
-    assert FinetuneConfig().replay_count(new=10, pool=1000) == 40
-    assert FinetuneConfig().replay_count(new=1, pool=1000) == 32  # replay_min
+    assert FinetuneConfig(replay_ratio=4).replay_count(new=10, pool=1000) == 40
+    assert FinetuneConfig(replay_ratio=4).replay_count(new=1, pool=1000) == 32  # replay_min
     assert FinetuneConfig().replay_count(new=10, pool=5) == 5
     with pytest.raises(ValueError):
         FinetuneConfig(hard_replay_weight=0.0)

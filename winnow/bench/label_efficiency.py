@@ -263,6 +263,13 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     )
 
 
+def _serve_budget() -> float:
+    """The budget ``winnow serve`` uses unless told otherwise (``PolicySettings``' default)."""
+    from service.config import PolicySettings
+
+    return float(PolicySettings.model_fields["budget"].default)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The command's options (``winnow bench label-efficiency``)."""
     p.add_argument("--dataset", default="digits", help="digits, or a MedMNIST-layout .npz")
@@ -323,12 +330,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="head refits after and between rounds (default: as the trainer does)",
     )
-    p.add_argument("--budget", type=float, default=0.1)
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=_serve_budget(),
+        help="fraction of frames that may be asked for (default the scorer's, WINNOW_POLICY_BUDGET)",
+    )
     p.add_argument("--window", type=int, default=200, help="frames of the budget window")
     p.add_argument("--batch", type=int, default=32, help="frames per scoring batch")
     p.add_argument("--max-passes", type=int, default=6, help="passes over the stream at most")
     p.add_argument(
-        "--min-steps", type=int, default=100, help="steps per fine-tuning round, at least"
+        "--min-steps",
+        type=int,
+        default=None,
+        help="steps per fine-tuning round, at least (default the trainer's for the architecture)",
     )
     p.add_argument("--workers", type=int, default=2, help="processes (one torch thread each)")
     p.add_argument("--full-steps", type=int, default=None, help="steps of the all-labels run")

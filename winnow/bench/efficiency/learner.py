@@ -88,13 +88,14 @@ class LearnerConfig:
     Attributes:
         round_labels: labels that start a fine-tuning round.
         refit_labels: labels between head refits (with a refit).
-        min_steps: optimizer steps per round, at least (``FinetuneConfig.min_steps``).
+        min_steps: optimizer steps per round, at least; None: the trainer's default for
+            the architecture (``FinetuneConfig.for_arch``).
         full_steps: steps of the full-data run (None: at least 600, 10 epochs).
     """
 
     round_labels: int = 20
     refit_labels: int = 3
-    min_steps: int = 100
+    min_steps: int | None = None
     full_steps: int | None = None
 
 
@@ -160,7 +161,8 @@ class Learner:
 
         self.model = build(data, seed)
         self._config = config
-        self._finetune = finetune_config(data, seed, min_steps=config.min_steps)
+        steps = {} if config.min_steps is None else {"min_steps": config.min_steps}
+        self._finetune = finetune_config(data, seed, **steps)
         self._device = torch.device("cpu")
         self._refit = refit
         self._trained: list[Any] = []

@@ -39,7 +39,7 @@ class RunConfig:
         head_refits: use the trainer's head refit between rounds.
     """
 
-    budget: float = 0.1
+    budget: float = 0.05
     window: int = 200
     batch: int = 32
     max_labels: int = 200
