@@ -82,7 +82,29 @@ class PolicyState(BaseModel):
     labels_per_hour: float | None = Field(default=None, description="cap; null for none")
     threshold: float | None = Field(default=None, description="current threshold on utility")
     budget_used: float = Field(ge=0, description="selected fraction over the current window")
-    labels_last_hour: int = Field(ge=0)
+    labels_last_hour: int = Field(ge=0, description="this replica's own selections, last hour")
+    cap_share: float = Field(
+        default=1.0,
+        ge=0,
+        le=1,
+        description="this replica's fraction of the frames topic's partitions: its share of "
+        "the group's labels-per-hour cap (1 outside a consumer group)",
+    )
+    cap_partitions: list[int] = Field(
+        default_factory=list, description="the frames partitions this replica owns"
+    )
+    labels_per_hour_share: int | None = Field(
+        default=None,
+        ge=0,
+        description="the labels per hour this replica may ask for: the slots of the partitions "
+        "it owns (they add up to the cap over the group); null without a cap",
+    )
+    cap_charged_last_hour: int = Field(
+        default=0,
+        ge=0,
+        description="requests in the last hour charged to the partitions it owns, by any "
+        "replica (measured against labels_per_hour_share)",
+    )
     seen: int = Field(ge=0)
     selected: int = Field(ge=0)
     params: dict[str, float] = Field(default_factory=dict, description="policy-specific knobs")

@@ -1,6 +1,6 @@
 """Pieces shared by prediction and label-request records."""
 
-from typing import TypedDict
+from typing import NotRequired, TypedDict
 
 from pydantic import BaseModel, Field
 
@@ -31,6 +31,12 @@ class Decision(BaseModel):
     policy: str
     utility: float = Field(ge=0, le=1, description="the score the policy compared")
     threshold: float | None = Field(default=None, description="the threshold at decision time")
+    cap_partition: int | None = Field(
+        default=None,
+        ge=0,
+        description="the frames partition whose share of the group's labels-per-hour cap this "
+        "selection used (the next owner of that partition counts it); absent if not selected",
+    )
 
 
 class DecisionRow(TypedDict):
@@ -47,3 +53,4 @@ class DecisionRow(TypedDict):
     policy: str
     utility: float
     threshold: float | None
+    cap_partition: NotRequired[int]

@@ -71,6 +71,17 @@ class ScorerMetrics:
         self.labels_per_hour_cap = Gauge(
             "winnow_labels_per_hour_cap", "The labels-per-hour cap (0: no cap)", registry=r
         )
+        self.labels_per_hour_share = Gauge(
+            "winnow_labels_per_hour_share",
+            "This scorer's share of the group's labels-per-hour cap: the slots of the frames "
+            "partitions it owns (0: no cap or no partition)",
+            registry=r,
+        )
+        self.cap_partition_share = Gauge(
+            "winnow_cap_partition_share",
+            "This scorer's fraction of the frames topic's partitions (its share of the cap)",
+            registry=r,
+        )
         self.labeling_stop = Gauge(
             "winnow_labeling_stop",
             "1 when the stopping rules say labeling can stop (or must stop and be looked at)",
@@ -217,6 +228,8 @@ class ScorerMetrics:
         self.budget.set(policy.budget if budget is None else budget)
         self.labels_last_hour.set(policy.labels_last_hour)
         self.labels_per_hour_cap.set(policy.labels_per_hour or 0)
+        self.labels_per_hour_share.set(policy.labels_per_hour_share or 0)
+        self.cap_partition_share.set(policy.cap_share)
 
     def set_labeling(self, status: "LabelingStatus", verdict: str) -> None:
         """The stopping rules' figures and verdict code (refreshed on each scrape)."""

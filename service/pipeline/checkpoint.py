@@ -4,7 +4,8 @@ A batch is *consumed* when it is fetched and *delivered* once every record
 produced for it is acknowledged; only the delivered prefix of each partition
 is committed (``infra.kafka.offsets.OffsetTracker``). On a rebalance the
 batches in flight are let finish and committed before the partitions go, so
-the next owner starts where this scorer really stopped.
+the next owner starts where this scorer really stopped. Each rebalance also
+moves this scorer's share of the labels-per-hour cap (``cap_shares``).
 """
 
 import asyncio
@@ -18,6 +19,7 @@ from aiokafka.errors import KafkaError
 from infra.kafka.offsets import OffsetTracker
 from service.metrics import ScorerMetrics
 from service.pipeline.batching import Batch
+from service.pipeline.cap_shares import CapShares
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,7 @@ class Checkpoint(ConsumerRebalanceListener):
         metrics: commit results and the consumer lag gauge.
         interval_s: least time between commits while batches keep coming.
         drain_timeout_s: longest wait for the batches in flight on a rebalance.
+        shares: told of each revocation (after the drain) and assignment; None for none.
     """
 
     def __init__(
@@ -45,8 +48,10 @@ class Checkpoint(ConsumerRebalanceListener):
         *,
         interval_s: float = COMMIT_INTERVAL_S,
         drain_timeout_s: float = DRAIN_TIMEOUT_S,
+        shares: CapShares | None = None,
     ) -> None:
         self._consumer = consumer
+        self._shares = shares
         self._metrics = metrics
         self._offsets = OffsetTracker("scorer")
         self._interval_s = interval_s
@@ -126,6 +131,8 @@ class Checkpoint(ConsumerRebalanceListener):
                 self._drain_timeout_s,
             )
         await self.commit()
+        if self._shares is not None:
+            self._shares.revoked()
         self._offsets.forget(revoked)
         for tp in revoked:  # another scorer reports them now; a frozen lag here would mislead
             with contextlib.suppress(KeyError):  # never reported
@@ -134,3 +141,5 @@ class Checkpoint(ConsumerRebalanceListener):
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         log.info("partitions assigned: %s", sorted(f"{tp.topic}:{tp.partition}" for tp in assigned))
+        if self._shares is not None:
+            await self._shares.assigned(self._consumer, assigned)

@@ -35,6 +35,7 @@ from service.metrics import ScorerMetrics
 from service.model.inference import OnnxModel
 from service.pipeline.accounting import Accounting
 from service.pipeline.batching import Batch, collect_batch
+from service.pipeline.cap_shares import CapShares
 from service.pipeline.checkpoint import DRAIN_TIMEOUT_S, Checkpoint
 from service.pipeline.decode import BatchDecoder, DecodeLimits
 from service.pipeline.exemplars import Exemplars
@@ -151,7 +152,8 @@ class Scorer(Component):
         self._consumer = create_consumer(
             kafka, group_id=scorer.group_id, fetch_max_wait_ms=min(100, max(5, scorer.max_wait_ms))
         )
-        self._checkpoint = Checkpoint(self._consumer, self.metrics)
+        shares = CapShares(kafka, self.policy)  # the group's cap, shared by partitions
+        self._checkpoint = Checkpoint(self._consumer, self.metrics, shares=shares)
         self._consumer.subscribe([kafka.topics.frames], listener=self._checkpoint)
         await self._consumer.start()
         decode_q: asyncio.Queue[Batch | None] = asyncio.Queue(_QUEUE_DEPTH)

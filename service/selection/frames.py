@@ -14,9 +14,10 @@ import numpy as np
 from schemas.scores import DecisionRow
 from service.selection.backpressure import Backpressure
 from service.selection.base import BaseStrategy, EmbeddingStrategy
-from service.selection.budget import HourlyCap, SlidingBudget
+from service.selection.budget import SlidingBudget
 from service.selection.diversity import WindowSelector
 from service.selection.filters import AUDIT, DecisionContext, StreamFilters
+from service.selection.group_cap import GroupCap
 
 
 @dataclass
@@ -30,7 +31,7 @@ class Gate:
     """
 
     budget: SlidingBudget
-    cap: HourlyCap
+    cap: GroupCap
     pressure: Backpressure | None
     now: float
 
@@ -47,12 +48,34 @@ class Gate:
         if self.pressure is not None:
             self.pressure.hold()
 
-    def record(self, selected: bool) -> None:
+    def record(self, selected: bool) -> int | None:
+        """Records one decision; for a selection, the partition its cap share was charged to."""
         self.budget.record(selected)
-        if selected:
-            self.cap.record(self.now)
-            if self.pressure is not None:
-                self.pressure.requested(self.now)
+        if not selected:
+            return None
+        if self.pressure is not None:
+            self.pressure.requested(self.now)
+        return self.cap.record(self.now)
+
+
+def _row(
+    selected: bool,
+    reason: str | None,
+    name: str,
+    utility: float,
+    threshold: float | None,
+    charged: int | None,
+) -> DecisionRow:
+    row: DecisionRow = {
+        "selected": selected,
+        "reason": reason if selected else None,
+        "policy": name,
+        "utility": utility,
+        "threshold": threshold,
+    }
+    if charged is not None:
+        row["cap_partition"] = charged
+    return row
 
 
 def decide_frames(
@@ -102,16 +125,9 @@ def decide_frames(
             filters.record(index, selected)
         if embedding is not None:
             embedding.record(index, selected)
-        gate.record(selected)
-        rows.append(
-            {
-                "selected": selected,
-                "reason": (tag or reason) if selected else None,
-                "policy": name,
-                "utility": min(1.0, max(0.0, utility)),
-                "threshold": strategy.last_threshold,
-            }
-        )
+        charged = gate.record(selected)
+        utility = min(1.0, max(0.0, utility))
+        rows.append(_row(selected, tag or reason, name, utility, strategy.last_threshold, charged))
     if embedding is not None:
         embedding.end()
     if filters is not None:
@@ -164,16 +180,8 @@ def decide_window(
                 selected, reason = True, AUDIT
         if filters is not None:
             filters.record(index, selected)
-        gate.record(selected)
-        rows.append(
-            {
-                "selected": selected,
-                "reason": (tag or reason) if selected else None,
-                "policy": name,
-                "utility": utility,
-                "threshold": thresholds[index],
-            }
-        )
+        charged = gate.record(selected)
+        rows.append(_row(selected, tag or reason, name, utility, thresholds[index], charged))
     if filters is not None:
         filters.end()
     return rows

@@ -50,6 +50,7 @@ from service.selection.competence import Competence
 from service.selection.diversity import WindowSelector
 from service.selection.filters import DecisionContext, StreamFilters
 from service.selection.frames import Gate, decide_frames, decide_window
+from service.selection.group_cap import GroupCap
 from service.selection.registry import COLD_STARTS, STRATEGIES
 from service.selection.strategies import VariableUncertainty
 
@@ -119,7 +120,7 @@ class QueryPolicy:
         self._selector = None if selector == "none" else WindowSelector(selector)
         self._params = self._strategy_class(name).check_params(params or {})
         self._budget = SlidingBudget(budget, window)
-        self._cap = HourlyCap(labels_per_hour, clock)
+        self._cap = GroupCap(labels_per_hour, clock)  # shared by the group once assigned
         self._strategy = STRATEGIES[name](budget, self._params)
         self._name: PolicyName = name
         self._utility: UtilityName = utility
@@ -242,6 +243,43 @@ class QueryPolicy:
         self._cold_start = self._cold is not None and labels_trained == 0
         self._warming = self._cold is not None and 0 < labels_trained < needed
 
+    def assign_partitions(
+        self,
+        owned: Sequence[int],
+        total: int,
+        ages: Mapping[int, Sequence[float]] | None = None,
+        unknown: Sequence[int] = (),
+    ) -> None:
+        """This replica owns ``owned`` of the ``total`` frames partitions: its share of the
+        labels-per-hour cap follows (``service.selection.group_cap``). The sliding budget is
+        unchanged: a fraction of each replica's frames is that fraction of the group's.
+
+        Args:
+            ages: for newly owned partitions, the age in seconds of each request charged to
+                them in the last hour.
+            unknown: newly owned partitions whose history could not be read (count as full).
+        """
+        self._cap.assign(owned, total, ages, unknown)
+
+    def revoke_partitions(self) -> None:
+        """Partitions are being revoked: nothing is charged to the cap until reassigned."""
+        self._cap.suspend()
+
+    @property
+    def capped(self) -> bool:
+        """Whether a labels-per-hour cap is set."""
+        return self._cap.labels_per_hour is not None
+
+    @property
+    def cap_share(self) -> float:
+        """This replica's fraction of the frames partitions (1 outside a consumer group)."""
+        return self._cap.share
+
+    @property
+    def labels_per_hour_share(self) -> int | None:
+        """This replica's share of the labels-per-hour cap; None without a cap."""
+        return self._cap.limit
+
     def rebase(self, embeddings: np.ndarray, probabilities: np.ndarray | None = None) -> None:
         """From the next batch on the embeddings come from a new backbone (the scorer calls
         this before deciding the first batch of a full release, not of a head-only one).
@@ -360,6 +398,10 @@ class QueryPolicy:
             threshold=self._strategy.threshold,
             budget_used=self._budget.used_ratio,
             labels_last_hour=self._cap.count_last_hour,
+            cap_share=self._cap.share,
+            cap_partitions=self._cap.owned,
+            labels_per_hour_share=self._cap.limit,
+            cap_charged_last_hour=self._cap.charged_last_hour,
             seen=self.seen,
             selected=self.selected,
             params=self._strategy.params(),

@@ -1,0 +1,143 @@
+"""The scorer's share of the group's labels-per-hour cap, moved with its partitions.
+
+On every assignment the policy learns which frames partitions this replica owns
+and how many the topic has (``QueryPolicy.assign_partitions``); on revocation it
+stops charging the cap until the next assignment. For each partition newly
+owned, the last hour of the label-requests topic is read and every request
+charged to that partition (``decision.cap_partition``) goes into its ledger, so
+the requests the previous owner made still count. The requests topic is the
+shared truth: no other store, no coordination between replicas.
+
+If that history cannot be read in time, the new partitions count as full for the
+hour: the cap still holds, the share is lost meanwhile (logged).
+"""
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Collection
+from datetime import datetime
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaError
+
+from infra.kafka.admin import topic_partitions
+from infra.kafka.connection import client_kwargs
+from infra.kafka.settings import KafkaSettings
+from service.selection.policy import QueryPolicy
+
+log = logging.getLogger(__name__)
+
+HOUR_S = 3600.0
+HISTORY_TIMEOUT_S = 10.0
+
+
+class CapShares:
+    """Tells the policy its partitions on each rebalance (the checkpoint calls it).
+
+    Args:
+        kafka: the cluster and the topic names.
+        policy: the scorer's policy, whose cap is shared.
+        history_timeout_s: longest read of the requests topic on an assignment.
+    """
+
+    def __init__(
+        self,
+        kafka: KafkaSettings,
+        policy: QueryPolicy,
+        *,
+        history_timeout_s: float = HISTORY_TIMEOUT_S,
+    ) -> None:
+        self._kafka = kafka
+        self._policy = policy
+        self._timeout_s = history_timeout_s
+        self._owned: set[int] = set()
+
+    def revoked(self) -> None:
+        self._policy.revoke_partitions()
+
+    async def assigned(
+        self, consumer: AIOKafkaConsumer, assigned: Collection[TopicPartition]
+    ) -> None:
+        """Sets the policy's share from ``assigned`` and the history of the partitions new to it."""
+        topic = self._kafka.topics.frames
+        owned = {tp.partition for tp in assigned if tp.topic == topic}
+        total = await self._partition_count(consumer, topic)
+        new = owned - self._owned
+        ages: dict[int, list[float]] = {}
+        unknown: set[int] = set()
+        if new and self._policy.capped:
+            try:
+                ages = await asyncio.wait_for(self._history(new), self._timeout_s)
+            except (KafkaError, TimeoutError, OSError) as error:
+                log.warning(
+                    "cap share: the history of frames partitions %s could not be read (%r); "
+                    "they count as full for the next hour",
+                    sorted(new),
+                    error,
+                )
+                unknown = new
+        self._policy.assign_partitions(sorted(owned), total, ages, sorted(unknown))
+        self._owned = owned
+        log.info(
+            "cap share: partitions %s of %d, %s labels per hour, %d charged in the last hour",
+            sorted(owned),
+            total,
+            self._policy.labels_per_hour_share,
+            sum(len(a) for a in ages.values()),
+        )
+
+    async def _partition_count(self, consumer: AIOKafkaConsumer, topic: str) -> int:
+        known = consumer.partitions_for_topic(topic)
+        if known:
+            return len(known)
+        return max(1, len(await topic_partitions(self._kafka, topic)))
+
+    async def _history(self, partitions: Collection[int]) -> dict[int, list[float]]:
+        """The age in seconds of each request of the last hour charged to ``partitions``."""
+        topic = self._kafka.topics.label_requests
+        tps = await topic_partitions(self._kafka, topic)
+        ages: dict[int, list[float]] = {p: [] for p in partitions}
+        if not tps:
+            return ages
+        reader = AIOKafkaConsumer(
+            group_id=None, enable_auto_commit=False, **client_kwargs(self._kafka)
+        )
+        await reader.start()
+        try:
+            reader.assign(tps)
+            since_ms = int((time.time() - HOUR_S) * 1000)
+            starts = await reader.offsets_for_times({tp: since_ms for tp in tps})
+            ends = await reader.end_offsets(tps)
+            left = {}
+            for tp in tps:
+                start = starts.get(tp)
+                if start is not None and start.offset < ends[tp]:
+                    reader.seek(tp, start.offset)
+                    left[tp] = ends[tp]
+            while left:
+                batches = await reader.getmany(*left, timeout_ms=200)
+                for tp, records in batches.items():
+                    for record in records:
+                        if record.offset < left.get(tp, 0):
+                            _charge(record.value, ages)
+                for tp in list(left):
+                    if await reader.position(tp) >= left[tp]:
+                        del left[tp]
+        finally:
+            await reader.stop()
+        return ages
+
+
+def _charge(value: bytes | None, ages: dict[int, list[float]]) -> None:
+    """Adds one request to ``ages`` if it was charged to one of its partitions in the last hour."""
+    try:
+        request = json.loads(value or b"")
+        partition = request["decision"].get("cap_partition")
+        requested = datetime.fromisoformat(request["requested_at"]).timestamp()
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return  # not a scorer's request, or one from before the cap was shared
+    age = time.time() - requested
+    if partition in ages and age < HOUR_S:
+        ages[partition].append(age)
