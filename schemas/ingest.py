@@ -23,6 +23,7 @@ IngestErrorCode = (
         "bad_captured_at",
         "not_ready",
         "kafka_unavailable",
+        "invalid_parameter",
     ]
     | DeadLetterReason
 )

@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 from typing import Annotated
 
 from fastapi import Depends, FastAPI, HTTPException, Request, Response, status
+from fastapi.responses import PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -27,6 +28,7 @@ from schemas.api import (
     Readiness,
     ScorerStatus,
 )
+from schemas.api_errors import error_responses
 from service.config import Settings
 from service.http.ingest import create_ingest_router
 from service.model.inference import OnnxModel
@@ -109,12 +111,18 @@ def _admin_check(settings: Settings) -> Callable[..., None]:
 
 def _routes(app: FastAPI, require_admin: Callable[..., None]) -> None:
     admin = [Depends(require_admin)]
+    # Every status a route can answer is declared, so clients (and the schema tests) know them.
+    read = error_responses(503)
+    write = error_responses(400, 401, 403, 422, 503)
+    model_write = error_responses(400, 401, 403, 404, 409, 422, 503)
 
     @app.get("/healthz", response_model=Health, tags=["ops"])
     async def healthz() -> Health:
         return Health()
 
-    @app.get("/readyz", response_model=Readiness, tags=["ops"])
+    @app.get(
+        "/readyz", response_model=Readiness, tags=["ops"], responses={503: {"model": Readiness}}
+    )
     async def readyz(request: Request, response: Response) -> Readiness:
         runtime: ScorerRuntime | None = getattr(request.state, "runtime", None)
         assigned = len(runtime.scorer.assigned) if runtime else 0
@@ -125,7 +133,7 @@ def _routes(app: FastAPI, require_admin: Callable[..., None]) -> None:
             ready=ready, model_loaded=runtime is not None, partitions_assigned=assigned
         )
 
-    @app.get("/metrics", tags=["ops"])
+    @app.get("/metrics", tags=["ops"], response_class=PlainTextResponse, responses=read)
     async def metrics(runtime: RuntimeDep) -> Response:
         if runtime.drift is not None:
             runtime.drift.update_gauges()
@@ -135,7 +143,7 @@ def _routes(app: FastAPI, require_admin: Callable[..., None]) -> None:
         await runtime.scorer.refresh_lag()
         return Response(generate_latest(runtime.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/status", response_model=ScorerStatus, tags=["scorer"])
+    @app.get("/v1/status", response_model=ScorerStatus, tags=["scorer"], responses=read)
     async def get_status(runtime: RuntimeDep) -> ScorerStatus:
         scorer, policy = runtime.scorer, runtime.policy.state()
         return ScorerStatus(
@@ -149,11 +157,17 @@ def _routes(app: FastAPI, require_admin: Callable[..., None]) -> None:
             drift=runtime.drift.status() if runtime.drift else None,
         )
 
-    @app.get("/v1/policy", response_model=PolicyState, tags=["policy"])
+    @app.get("/v1/policy", response_model=PolicyState, tags=["policy"], responses=read)
     async def get_policy(runtime: RuntimeDep) -> PolicyState:
         return runtime.policy.state()
 
-    @app.put("/v1/policy", response_model=PolicyState, tags=["policy"], dependencies=admin)
+    @app.put(
+        "/v1/policy",
+        response_model=PolicyState,
+        tags=["policy"],
+        dependencies=admin,
+        responses=write,
+    )
     async def put_policy(change: PolicyUpdate, runtime: RuntimeDep) -> PolicyState:
         try:
             state = runtime.policy.update(change)
@@ -162,7 +176,7 @@ def _routes(app: FastAPI, require_admin: Callable[..., None]) -> None:
         log.info("policy changed: %s", change.model_dump(exclude_none=True))
         return state
 
-    @app.get("/v1/model", response_model=ModelStatus, tags=["model"])
+    @app.get("/v1/model", response_model=ModelStatus, tags=["model"], responses=read)
     async def get_model(runtime: RuntimeDep) -> ModelStatus:
         releases = runtime.releases
         return ModelStatus(
@@ -172,7 +186,13 @@ def _routes(app: FastAPI, require_admin: Callable[..., None]) -> None:
             history=list(releases.history()) if releases else [],
         )
 
-    @app.post("/v1/model/pin", response_model=ModelStatus, tags=["model"], dependencies=admin)
+    @app.post(
+        "/v1/model/pin",
+        response_model=ModelStatus,
+        tags=["model"],
+        dependencies=admin,
+        responses=model_write,
+    )
     async def pin_model(pin: ModelPin, runtime: RuntimeDep) -> ModelStatus:
         try:
             await _releases(runtime).pin(pin.version)
@@ -182,7 +202,13 @@ def _routes(app: FastAPI, require_admin: Callable[..., None]) -> None:
         log.info("model pinned to %s", pin.version)
         return await get_model(runtime)
 
-    @app.post("/v1/model/unpin", response_model=ModelStatus, tags=["model"], dependencies=admin)
+    @app.post(
+        "/v1/model/unpin",
+        response_model=ModelStatus,
+        tags=["model"],
+        dependencies=admin,
+        responses=model_write,
+    )
     async def unpin_model(runtime: RuntimeDep) -> ModelStatus:
         await _releases(runtime).unpin()
         return await get_model(runtime)

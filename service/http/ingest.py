@@ -41,6 +41,7 @@ from aiokafka.errors import KafkaError
 from fastapi import APIRouter, Depends, FastAPI, Query, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 from starlette.types import Message
 
@@ -248,6 +249,8 @@ async def _multipart(
         form = await Request(request.scope, replay).form(max_files=max_files, max_fields=100)
     except MultiPartException as error:
         raise BadRequest("bad_multipart", str(error)) from error
+    except StarletteHTTPException as error:  # starlette's own answer to a broken form
+        raise BadRequest("bad_multipart", str(error.detail)) from error
     frames: list[_Frame] = []
     fields: dict[str, str] = {}
     try:

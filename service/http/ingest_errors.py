@@ -13,6 +13,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any, ClassVar
 
 from fastapi import HTTPException, Request, Response, status
+from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 
 from infra.errors import WinnowError
@@ -114,8 +115,21 @@ def decoder_refusal(error: PoisonRecord, data: bytes, filename: str | None) -> I
     return refusal(error.reason, error.detail, filename=filename)
 
 
+def invalid_parameters(error: RequestValidationError) -> Unprocessable:
+    """A query parameter FastAPI refused (``source_id`` too long...), in ingest's error shape."""
+    problems = [
+        f"{'.'.join(map(str, e.get('loc', ())))}: {e.get('msg', 'invalid')}"
+        for e in error.errors()[:5]
+    ]
+    return Unprocessable("invalid_parameter", "; ".join(problems) or "invalid request")
+
+
 class IngestRoute(APIRoute):
-    """Answers an :class:`IngestRefused` raised by a handler or a dependency."""
+    """Answers an :class:`IngestRefused` raised by a handler or a dependency.
+
+    FastAPI's own validation errors are answered in the same shape
+    (``invalid_parameter``), so every refusal matches ``IngestErrorResponse``.
+    """
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
@@ -125,6 +139,9 @@ class IngestRoute(APIRoute):
                 return await handler(request)
             except IngestRefused as refusal:
                 raise refusal.to_http() from refusal
+            except RequestValidationError as error:
+                refusal = invalid_parameters(error)
+                raise refusal.to_http() from error
 
         return answer
 

@@ -1,0 +1,90 @@
+"""Hostile requests against an ASGI app, generated from its own OpenAPI schema (schemathesis).
+
+Shared by the scorer's and the label app's tests. Each operation gets a
+bounded number of generated requests, valid and invalid ones (schemathesis's
+positive and negative modes), each sent with one of the given header sets
+(no token, a wrong one, the right one...). A response fails when it is a 5xx
+or an unhandled error, when its status is not one the schema declares, or
+when its body or content type does not match the schema.
+"""
+
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import schemathesis
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+from hypothesis.errors import HypothesisDeprecationWarning
+from schemathesis import GenerationMode
+from schemathesis.checks import not_a_server_error
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
+from schemathesis.python import asgi
+
+CHECKS = [
+    not_a_server_error,
+    status_code_conformance,
+    content_type_conformance,
+    response_schema_conformance,
+]
+
+
+def fuzz_app(
+    app: Any,
+    header_sets: Sequence[dict[str, str]],
+    *,
+    examples: int = 25,
+    cookies: dict[str, str] | None = None,
+) -> list[str]:
+    """Runs generated requests against every operation; returns the operations tested.
+
+    Raises:
+        AssertionError (via hypothesis): the first failing request, shrunk, with its check.
+    """
+    schema = schemathesis.openapi.from_asgi("/openapi.json", app)
+    tested = []
+    try:
+        for result in schema.get_all_operations():
+            operation = result.ok()
+            cases = st.one_of(
+                operation.as_strategy(GenerationMode.POSITIVE),
+                operation.as_strategy(GenerationMode.NEGATIVE),
+            )
+            _run(cases, header_sets, examples, cookies)
+            tested.append(f"{operation.method.upper()} {operation.path}")
+    finally:
+        asgi.shutdown_lifespans()  # the app's lifespan started with the first request
+    return tested
+
+
+def _run(
+    cases: st.SearchStrategy[Any],
+    header_sets: Sequence[dict[str, str]],
+    examples: int,
+    cookies: dict[str, str] | None,
+) -> None:
+    @given(case=cases, headers=st.sampled_from(list(header_sets)))
+    @settings(
+        max_examples=examples,
+        deadline=None,
+        database=None,
+        derandomize=True,
+        phases=[Phase.explicit, Phase.generate, Phase.shrink],
+        suppress_health_check=list(HealthCheck),
+    )
+    def check(case: schemathesis.Case, headers: dict[str, str]) -> None:
+        sent = dict(headers)  # schemathesis adds its own headers to the dict it is given
+        response = case.call(headers=sent, cookies=dict(cookies or {}))
+        case.validate_response(response, checks=CHECKS, headers=sent)
+
+    with warnings.catch_warnings():
+        # schemathesis draws from `random` inside its strategies; the suite makes warnings errors
+        warnings.simplefilter("ignore", HypothesisDeprecationWarning)
+        check()
+
+
+__all__ = ["CHECKS", "fuzz_app"]
