@@ -50,13 +50,18 @@ class EmbeddedBroker:
     Args:
         port: the TCP port; 0 picks a free one.
         host: the address to listen on and advertise; loopback by default.
+        advertised: the ``host:port`` to advertise in metadata instead, e.g. a
+            proxy in front of the broker (every client then connects through it).
     """
 
-    def __init__(self, port: int = 9092, host: str = "127.0.0.1") -> None:
+    def __init__(
+        self, port: int = 9092, host: str = "127.0.0.1", *, advertised: str | None = None
+    ) -> None:
         if not 0 <= port <= 65535:
             raise ConfigError(f"embedded broker port {port} is not in 0..65535")
         self.host = host
         self.port = port
+        self.advertised = advertised
         self._process: subprocess.Popen[bytes] | None = None
         self._log_path: Path | None = None
 
@@ -136,10 +141,11 @@ class EmbeddedBroker:
     def _spawn(self) -> None:
         binary = _broker_binary()
         url = f"tcp://{self.host}:{self.port}"
+        advertised = f"tcp://{self.advertised}" if self.advertised else url
         command = [
             binary, "broker",
             "--listener-url", url,
-            "--advertised-listener-url", url,
+            "--advertised-listener-url", advertised,
             "--storage-engine", "memory://tansu/",
         ]  # fmt: skip
         fd, name = tempfile.mkstemp(prefix="winnow-tansu-", suffix=".log")

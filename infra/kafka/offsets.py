@@ -8,6 +8,7 @@ it is read again after a restart or a rebalance (at-least-once). The scorer,
 the trainer's intake and the label app all commit through this one class.
 """
 
+import asyncio
 import logging
 from collections.abc import Iterable
 
@@ -15,6 +16,8 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
 log = logging.getLogger(__name__)
+# Its own logger: an outage filters the per-attempt lines of this module, never this one.
+stop_log = logging.getLogger(f"{__name__}.stop")
 
 
 class OffsetTracker:
@@ -107,3 +110,41 @@ class OffsetTracker:
             return None
         self.committed(offsets)
         return offsets
+
+    def behind(self) -> list[TopicPartition]:
+        """Partitions with records consumed past their last committed offset."""
+        return [tp for tp, nxt in self._next.items() if nxt > self._committed.get(tp, -1)]
+
+    async def commit_before_stop(
+        self, consumer: AIOKafkaConsumer, timeout_s: float, redone: str
+    ) -> bool:
+        """The last commit of a stopping consumer: at most ``timeout_s``, and one clear line.
+
+        With the broker away the commit cannot succeed; waiting longer would only
+        hold the stop. The partitions whose progress was not committed are named,
+        and what their next owner does about it (``redone``: e.g. "their frames
+        will be decided again").
+
+        Returns:
+            Whether every delivered offset was committed.
+        """
+        try:
+            committed = await asyncio.wait_for(self.commit(consumer), timeout_s)
+        except TimeoutError:
+            committed = None
+        if committed is not None:
+            return True
+        assigned = consumer.assignment()
+        partitions = sorted(
+            (tp for tp in self.behind() if tp in assigned), key=lambda tp: (tp.topic, tp.partition)
+        )
+        names = ", ".join(f"{tp.topic}:{tp.partition}" for tp in partitions)
+        stop_log.warning(
+            "%s: stopping with the broker unreachable: %d partitions' offsets not committed "
+            "(%s); %s by the next owner",
+            self.name,
+            len(partitions),
+            names or "none behind",
+            redone,
+        )
+        return False

@@ -1,0 +1,192 @@
+"""Broker outages: fatal vs transient errors, the watch's log lines, stopping clients in a cut."""
+
+import asyncio
+import logging
+import time
+
+import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import errors as kafka_errors
+
+from infra.kafka.admin import ensure_topics
+from infra.kafka.closing import drain, stop_client
+from infra.kafka.consumer import create_consumer
+from infra.kafka.delivery import is_retriable
+from infra.kafka.offsets import OffsetTracker
+from infra.kafka.outage import BrokerWatch, describe_fatal, is_fatal
+from tests.kafka_helpers import produce
+from tests.kafka_proxy import FaultProxy
+
+FATAL = [
+    kafka_errors.SaslAuthenticationFailed(),
+    kafka_errors.AuthenticationFailedError(),
+    kafka_errors.UnsupportedSaslMechanismError(),
+    kafka_errors.TopicAuthorizationFailedError(),
+    kafka_errors.GroupAuthorizationFailedError(),
+    kafka_errors.ClusterAuthorizationFailedError(),
+    kafka_errors.UnsupportedVersionError(),
+    kafka_errors.InvalidTopicError(),
+]
+TRANSIENT = [
+    kafka_errors.KafkaConnectionError(),
+    kafka_errors.NodeNotReadyError(),
+    kafka_errors.KafkaTimeoutError(),
+    kafka_errors.RequestTimedOutError(),
+    kafka_errors.NotLeaderForPartitionError(),
+    kafka_errors.UnknownTopicOrPartitionError(),
+    kafka_errors.GroupCoordinatorNotAvailableError(),
+    kafka_errors.CommitFailedError(),
+    kafka_errors.NoBrokersAvailable(),
+    TimeoutError(),
+    ConnectionResetError(),
+]
+
+
+@pytest.mark.parametrize("error", FATAL, ids=lambda e: type(e).__name__)
+def test_refusals_no_retry_can_fix_are_fatal(error: Exception) -> None:
+    """Catches a role that retries refused credentials or ACLs forever instead of exiting."""
+    assert is_fatal(error)
+    assert not is_retriable(error)  # the delivery loop does not resend them either
+
+
+@pytest.mark.parametrize("error", TRANSIENT, ids=lambda e: type(e).__name__)
+def test_outage_errors_are_not_fatal(error: Exception) -> None:
+    """Catches a role that exits (and is restarted in a loop) on a mere outage or rebalance."""
+    assert not is_fatal(error)
+
+
+def test_a_fatal_cause_makes_the_error_fatal() -> None:
+    """Catches a refusal wrapped by our own code (raise ... from error) slipping through."""
+    wrapped = RuntimeError("starting the consumer failed")
+    wrapped.__cause__ = kafka_errors.TopicAuthorizationFailedError()
+    assert is_fatal(wrapped)
+
+
+def test_the_fatal_message_is_one_line_naming_the_error() -> None:
+    """Catches an exit message that hides what Kafka refused, or spreads over lines."""
+    line = describe_fatal("scorer", kafka_errors.SaslAuthenticationFailed("bad password"))
+    assert "\n" not in line
+    assert line.startswith("scorer: ")
+    assert "SaslAuthenticationFailed" in line and "bad password" in line
+
+
+async def _until(condition, within: float, step: float = 0.05) -> None:
+    async with asyncio.timeout(within):
+        while not condition():  # noqa: ASYNC110 - polls a flag another task sets
+            await asyncio.sleep(step)
+
+
+async def test_an_outage_is_logged_once_then_summarised_then_closed(
+    fault_proxy: FaultProxy, proxied_kafka_settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Catches per-retry client lines during an outage, a watch that never notices it, or
+    one that does not say when the broker is back."""
+    caplog.set_level(logging.INFO)
+    client_log = logging.getLogger("aiokafka")
+    async with BrokerWatch(
+        proxied_kafka_settings, "test-role", probe_interval_s=0.1, summary_interval_s=1.0
+    ) as watch:
+        await _until(lambda: watch.reachable, 5)
+        fault_proxy.cut()
+        await _until(lambda: not watch.reachable, 10)
+        for _ in range(300):  # what aiokafka logs while it retries
+            client_log.error("Unable connect to node with id %s: %s", 0, "Connection closed")
+        logging.getLogger("infra.kafka.offsets").warning("offset commit failed: %r", "x")
+        await asyncio.sleep(2.5)
+        fault_proxy.heal()
+        await _until(lambda: watch.reachable, 10)
+    lines = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    text = [r.getMessage() for r in lines]
+    assert not [r for r in lines if r.name.startswith("aiokafka")], text
+    assert not [r for r in lines if r.name == "infra.kafka.offsets"], text
+    assert sum("unreachable since" in t for t in text) == 1, text
+    assert 1 <= sum("unreachable for" in t for t in text) <= 4, text
+    back = [t for t in text if "reachable again after" in t]
+    assert len(back) == 1 and fault_proxy.address in back[0], text
+    assert any("client retries" in t and int(t.split("(")[-1].split()[0]) >= 301 for t in back)
+
+
+async def test_other_client_warnings_pass_once_per_interval(
+    proxied_kafka_settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Catches a filter that hides every client warning (a real problem would go unseen) or
+    lets a repeated one flood the log."""
+    caplog.set_level(logging.INFO)
+    client_log = logging.getLogger("aiokafka.consumer.group_coordinator")
+    async with BrokerWatch(proxied_kafka_settings, "test-role", summary_interval_s=60):
+        for _ in range(50):
+            client_log.warning("OffsetCommit failed for group %s: %s", "g", "RebalanceInProgress")
+    passed = [r for r in caplog.records if r.name == client_log.name]
+    assert len(passed) == 1
+
+
+async def test_stop_client_ends_a_consumer_cut_off_mid_fetch(
+    fault_proxy: FaultProxy, proxied_kafka_settings
+) -> None:
+    """Catches aiokafka's consumer.stop() leaking a CancelledError (the "Application shutdown
+    failed" traceback) or hanging when the broker went away during a fetch."""
+    topic = proxied_kafka_settings.topics.frames
+    await ensure_topics(proxied_kafka_settings, [topic])
+    consumer = create_consumer(proxied_kafka_settings, topic, group_id=None)
+    await consumer.start()
+    await consumer.getmany(timeout_ms=300)
+    fault_proxy.cut()
+    await asyncio.sleep(1.5)  # fetches fail and back off
+    started = time.monotonic()
+    await stop_client(consumer, "test consumer", timeout_s=5)
+    assert time.monotonic() - started < 7
+
+
+async def test_the_stop_commit_names_what_stays_uncommitted(
+    fault_proxy: FaultProxy, proxied_kafka_settings, group_id, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Catches a stop during an outage that hangs on its commit, or ends without saying which
+    partitions the next owner will read again."""
+    topic = proxied_kafka_settings.topics.frames
+    await ensure_topics(proxied_kafka_settings, [topic])
+    await produce(proxied_kafka_settings, topic, [(b"k", b"v%d" % i, []) for i in range(6)])
+    consumer: AIOKafkaConsumer = create_consumer(proxied_kafka_settings, topic, group_id=group_id)
+    await consumer.start()
+    tracker = OffsetTracker("test")
+    try:
+        seen = 0
+        async with asyncio.timeout(30):
+            while seen < 6:
+                for tp, records in (await consumer.getmany(timeout_ms=200)).items():
+                    tracker.consumed_many((tp, r.offset) for r in records)
+                    tracker.done_many((tp, r.offset) for r in records)
+                    seen += len(records)
+        fault_proxy.cut()
+        await asyncio.sleep(0.5)
+        started = time.monotonic()
+        assert not await tracker.commit_before_stop(consumer, 1.0, "they will be read again")
+        assert time.monotonic() - started < 3
+    finally:
+        fault_proxy.heal()
+        await stop_client(consumer, "test consumer")
+    lines = [r.getMessage() for r in caplog.records if "stopping with the broker" in r.message]
+    assert len(lines) == 1
+    partitions = {tp.partition for tp in tracker.behind()}
+    assert partitions and all(f"{topic}:{p}" in lines[0] for p in partitions)
+    assert f"{len(partitions)} partitions' offsets not committed" in lines[0]
+
+
+async def test_drain_stops_waiting_once_the_broker_is_away() -> None:
+    """Catches a stop that waits out the whole drain timeout for records that cannot go."""
+    task = asyncio.create_task(asyncio.sleep(30))
+    reachable = [True]
+    asyncio.get_running_loop().call_later(0.3, reachable.clear)
+    started = time.monotonic()
+    pending = await drain([task], 20, lambda: bool(reachable))
+    assert pending == {task} and time.monotonic() - started < 2
+    task.cancel()
+
+
+def test_behind_lists_partitions_consumed_past_their_commit() -> None:
+    """Catches a stop line that counts partitions whose progress is committed."""
+    tracker = OffsetTracker()
+    a, b = TopicPartition("t", 0), TopicPartition("t", 1)
+    tracker.consumed_many([(a, 0), (a, 1), (b, 0)])
+    tracker.done_many([(a, 0), (a, 1), (b, 0)])
+    tracker.committed({a: 2})
+    assert tracker.behind() == [b]
