@@ -197,6 +197,15 @@ def _bench_drift(args: argparse.Namespace) -> int:
     return run_drift_bench_command(args)
 
 
+def _bench_soak(args: argparse.Namespace) -> int:
+    if missing := missing_modules("label-app"):  # the soak runs the label app too
+        print(needs_extra(args.command_name, "label-app", missing), file=sys.stderr)
+        return 2
+    from winnow.bench.soak import run_soak_command
+
+    return run_soak_command(args)
+
+
 _ARCHS = (
     "small-cnn",
     "resnet18",
@@ -369,6 +378,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(p)
     _command(p, _bench_label_efficiency, "bench")
+
+    p = bench.add_parser(
+        "soak", help="scorer, trainer and label app under steady load: RSS, fds, tasks, lag"
+    )
+    p.add_argument("--minutes", type=float, default=60.0, help="steady load (0.5: 30 s)")
+    p.add_argument("--json", type=Path, default=Path("soak.json"))
+    p.add_argument("--rate", type=float, help="frames per second (default: measure capacity)")
+    p.add_argument("--load-fraction", type=float, default=0.8, help="of the measured capacity")
+    p.add_argument("--capacity-seconds", type=float, default=30.0)
+    p.add_argument("--sample-seconds", type=float, default=10.0)
+    p.add_argument("--dataset", default="digits", help="digits, or a MedMNIST-layout .npz")
+    p.add_argument(
+        "--shift",
+        choices=["brightness", "contrast", "blur", "noise", "rotation", "none"],
+        default="brightness",
+        help="shift of the frames from half time on",
+    )
+    p.add_argument("--label-rate", type=float, default=2.0, help="answers per second, at most")
+    p.add_argument("--round-labels", type=int, default=20, help="new labels that start a round")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    _command(p, _bench_soak, "bench")
     return parser
 
 

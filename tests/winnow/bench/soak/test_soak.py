@@ -1,0 +1,69 @@
+"""``winnow bench soak`` end to end in its short form: 30 s of load on the suite's broker."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from infra.kafka.broker import EmbeddedBroker
+from winnow.bench.soak.report import format_table
+from winnow.cli import main
+
+READINGS = ("rss_mb", "fds", "threads", "asyncio_tasks")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_short_soak_samples_every_role_and_loses_no_frame(
+    kafka_broker: EmbeddedBroker,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Would catch a soak that reads the wrong processes or none (a role's RSS, fds, threads
+    or asyncio tasks missing: the three roles run as processes of their own), a frame that
+    was acknowledged and never decided, a run without samples after warm-up (so no growth
+    figure), and a JSON missing what the note reads."""
+    monkeypatch.setenv("WINNOW_KAFKA_BOOTSTRAP", kafka_broker.bootstrap)
+    monkeypatch.setenv("WINNOW_KAFKA_SESSION_TIMEOUT_MS", "2000")  # Tansu joins in half of it
+    monkeypatch.setenv("WINNOW_KAFKA_HEARTBEAT_INTERVAL_MS", "500")
+    out = tmp_path / "soak.json"
+
+    code = main(
+        ["bench", "soak", "--minutes", "0.5", "--rate", "100", "--sample-seconds", "3",
+         "--device", "cpu", "--json", str(out)]
+    )  # fmt: skip
+
+    result = json.loads(out.read_text())
+    assert code == 0, result["verdict"]
+    assert {"config", "machine", "roles", "samples", "lag", "frames", "releases", "drift",
+            "labels", "verdict"} <= set(result)  # fmt: skip
+    config = result["config"]
+    assert config["rate_fps"] == 100 and config["rate_source"] == "given (--rate)"
+    assert config["capacity"] is None and config["warmup_s"] == 15
+
+    frames = result["frames"]
+    assert frames["produced"] > 1000 and frames["send_failures"] == 0
+    assert frames["lost"] == 0 and frames["decided"] == frames["produced"]
+    assert frames["read_to_end"]
+
+    assert len(result["samples"]) >= 8
+    assert {s["phase"] for s in result["samples"]} == {"warmup", "measured"}
+    pids = set(result["pids"].values())
+    assert len(pids) == 3  # three processes, none of them this one
+    for name in ("scorer", "trainer", "label-app"):
+        role = result["roles"][name]
+        for key in ("start", "end"):
+            assert all(role[key][reading] > 0 for reading in READINGS), (name, key, role[key])
+        assert role["samples_after_warmup"] >= 4
+        assert isinstance(role["rss_growth_after_warmup"], float)
+        assert role["exit_code"] == 0, name
+    assert result["releases"]["scorer_swaps_ok"] >= 1
+    assert result["labels"]["answered"] >= 1
+    assert result["drift"]["shift_t"] == pytest.approx(15, abs=4)
+    assert result["lag"]["final"] is not None
+    assert result["verdict"]["frames_lost_zero"] and result["verdict"]["result"] in ("pass", "fail")
+
+    printed = capsys.readouterr()
+    assert printed.out.rstrip("\n") == format_table(result)
+    assert "verdict:" in printed.out and "measured] produced" in printed.err
