@@ -18,12 +18,12 @@ from hypothesis import strategies as st
 from hypothesis.errors import HypothesisDeprecationWarning
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
+from schemathesis.python import asgi
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
     response_schema_conformance,
     status_code_conformance,
 )
-from schemathesis.python import asgi
 
 CHECKS = [
     not_a_server_error,

@@ -20,7 +20,7 @@ from urllib.parse import parse_qs
 
 from aiokafka.errors import KafkaError
 from fastapi import Depends, FastAPI, HTTPException, Request, Response, status
-from fastapi.responses import HTMLResponse, RedirectResponse
+from fastapi.responses import HTMLResponse, PlainTextResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -29,6 +29,7 @@ from pydantic import BaseModel, Field
 from infra.asyncio_tasks import track_asyncio_tasks
 from infra.kafka.admin import ensure_topics
 from infra.kafka.settings import KafkaSettings
+from schemas.api_errors import error_responses
 from schemas.frames import CONTENT_TYPES
 from service.config import LabelAppSettings
 from service.labeling.auth import Sessions, labeler, same_origin
@@ -151,7 +152,9 @@ def _pages(app: FastAPI) -> None:
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/metrics", tags=["ops"])
+    @app.get(
+        "/metrics", tags=["ops"], response_class=PlainTextResponse, responses=error_responses(503)
+    )
     async def metrics(queue: Queue) -> Response:
         queue.update_gauges()
         return Response(generate_latest(queue.registry), media_type=CONTENT_TYPE_LATEST)
@@ -203,12 +206,16 @@ def _pages(app: FastAPI) -> None:
 
 
 def _api(app: FastAPI) -> None:
-    @app.post("/api/next", tags=["labels"])
+    # Every status an API route can answer is declared, so clients (and the schema tests) know.
+    read = error_responses(401, 503)
+    write = error_responses(400, 401, 403, 409, 422, 503)
+
+    @app.post("/api/next", tags=["labels"], responses=write)
     async def next_frame(name: Labeler, queue: Queue) -> dict[str, Any]:
         lease = queue.next(name)
         return {"lease": lease_json(lease) if lease else None, "stats": queue.stats(name)}
 
-    @app.post("/api/answer", tags=["labels"])
+    @app.post("/api/answer", tags=["labels"], responses=write)
     async def answer(body: Answer, name: Labeler, queue: Queue) -> dict[str, Any]:
         try:
             label = await queue.answer(body.lease_id, name, body.label, body.status)
@@ -225,7 +232,7 @@ def _api(app: FastAPI) -> None:
             ) from error
         return {"label": label.model_dump(mode="json"), "stats": queue.stats(name)}
 
-    @app.post("/api/skip", tags=["labels"])
+    @app.post("/api/skip", tags=["labels"], responses=write)
     async def skip(body: LeaseRef, name: Labeler, queue: Queue) -> dict[str, Any]:
         try:
             queue.skip(body.lease_id, name)
@@ -233,13 +240,13 @@ def _api(app: FastAPI) -> None:
             raise HTTPException(status.HTTP_409_CONFLICT, "this lease is gone") from error
         return {"skipped": body.lease_id, "stats": queue.stats(name)}
 
-    @app.post("/api/undo", tags=["labels"])
+    @app.post("/api/undo", tags=["labels"], responses=error_responses(401, 403, 404, 503))
     async def undo(name: Labeler, queue: Queue) -> dict[str, Any]:
         lease = queue.undo(name)
         if lease is None:
             raise HTTPException(status.HTTP_404_NOT_FOUND, "nothing to undo")
         return {"lease": lease_json(lease), "stats": queue.stats(name)}
 
-    @app.get("/api/stats", tags=["labels"])
+    @app.get("/api/stats", tags=["labels"], responses=read)
     async def stats(name: Labeler, queue: Queue) -> dict[str, Any]:
         return {"name": name, **queue.stats(name)}

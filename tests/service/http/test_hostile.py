@@ -1,6 +1,5 @@
 """Hostile requests against the scorer's HTTP API and ingest (schemathesis, in process)."""
 
-from fastapi.testclient import TestClient
 from pydantic import SecretStr
 
 from service.http.api import create_app

@@ -1,0 +1,148 @@
+"""Hostile requests and hostile data against the label app: schema fuzzing, CSP, escaping."""
+
+from html.parser import HTMLParser
+
+from fastapi import Response
+from fastapi.testclient import TestClient
+
+from service.config import LabelAppSettings
+from service.labeling.app import SECURITY_HEADERS, create_label_app
+from service.labeling.auth import COOKIE, Sessions
+from tests.hostile import fuzz_app
+from tests.service.labeling.conftest import (
+    CSRF,
+    act_as,
+    label_request,
+    next_lease,
+    produce_requests,
+    sign_in,
+)
+
+HOSTILE = [
+    "<script>alert(1)</script>",
+    '"><img src=x onerror=alert(1)>',
+    "javascript:alert(1)",
+    "' onmouseover='alert(1)",
+    "</textarea><svg onload=alert(1)>",
+]
+
+
+def _hostile_request(i: int):
+    request = label_request(f"{HOSTILE[i % len(HOSTILE)]}-{i}", i, source_id=HOSTILE[-1 - i % 5])
+    classes = [*HOSTILE, "3"]
+    return request.model_copy(
+        update={
+            "classes": classes,
+            "label": "3",
+            "probabilities": {c: 1 / len(classes) for c in classes},
+            "model_version": "<b>v1</b>",
+            "content_type": 'javascript:alert(1)//"',
+        }
+    )
+
+
+def _cookie(settings: LabelAppSettings, name: str) -> str:
+    response = Response()
+    Sessions(settings).set_cookie(response, name)
+    return response.headers["set-cookie"].split(";")[0].split("=", 1)[1]
+
+
+async def test_generated_requests_get_no_5xx_and_answers_match_the_schema(
+    kafka_settings, winnow_topics, app_settings
+) -> None:
+    """Catches a 5xx, an unhandled exception, an undeclared status or a body off its schema
+    on the label app's API, signed in or not, with or without the CSRF header, while the
+    queue holds frames with hostile ids and class names."""
+    await produce_requests(kafka_settings, [_hostile_request(i) for i in range(5)])
+    settings = app_settings()
+    cookie = {"Cookie": f"{COOKIE}={_cookie(settings, '<script>x</script>')}"}
+    headers = [{}, CSRF, cookie, {**cookie, **CSRF}, {**cookie, **CSRF, "Origin": "http://evil"}]
+    tested = fuzz_app(create_label_app(kafka_settings, settings), headers, examples=25)
+    assert {"POST /api/next", "POST /api/answer", "POST /api/skip", "POST /api/undo"} <= set(tested)
+
+
+class _Page(HTMLParser):
+    """What a browser would run or follow in a page."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scripts: list[dict[str, str | None]] = []
+        self.handlers: list[tuple[str, str]] = []
+        self.urls: list[str] = []
+        self.text: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "script":
+            self.scripts.append(dict(attrs))
+        for name, value in attrs:
+            if name.startswith("on"):
+                self.handlers.append((tag, name))
+            if name in ("src", "href", "action", "formaction") and value is not None:
+                self.urls.append(value)
+
+    def handle_data(self, data: str) -> None:
+        self.text.append(data)
+
+
+def _parse(html: str) -> _Page:
+    page = _Page()
+    page.feed(html)
+    return page
+
+
+def _assert_safe(response, *shown: str) -> None:
+    for name, value in SECURITY_HEADERS.items():
+        assert response.headers[name] == value, name
+    page = _parse(response.text)
+    assert page.scripts == [{"src": "/static/label.js", "defer": None}] or page.scripts == []
+    assert page.handlers == [], "an event handler attribute came from the data"
+    for url in page.urls:
+        assert url.startswith(("/", "data:image/png;base64,", "data:image/jpeg;base64,")), url
+    text = "".join(page.text)
+    for value in shown:
+        assert value in text, f"{value!r} is not shown as text"
+
+
+async def test_pages_keep_their_csp_and_escape_hostile_ids_sources_classes_and_names(
+    kafka_settings, winnow_topics, app_settings
+) -> None:
+    """Catches markup injection through a frame id, source id, class name, model version,
+    content type, labeler name or sign-in error (a <script>, an event handler, a
+    javascript: URL), and a page served without its Content-Security-Policy."""
+    await produce_requests(kafka_settings, [_hostile_request(0)])
+    with TestClient(create_label_app(kafka_settings, app_settings())) as client:
+        login = client.get("/login", params={"error": HOSTILE[0]})
+        _assert_safe(login, HOSTILE[0])
+        name = HOSTILE[1]
+        labeler = sign_in(client, name)
+        lease = next_lease(act_as(client, labeler))
+        assert lease is not None and lease["frame"]["frame_id"] == f"{HOSTILE[0]}-0"
+        assert lease["frame"]["image"].startswith("data:image/png;base64,")
+        page = client.get("/")
+        assert page.status_code == 200
+        _assert_safe(page, name, f"{HOSTILE[0]}-0", HOSTILE[-1], *HOSTILE)
+        classes = [
+            attrs.get("data-label")
+            for tag, attrs in _tags(page.text)
+            if tag == "button" and "data-label" in attrs
+        ]
+        assert classes == [*HOSTILE, "3"], "class names reach the buttons intact, as text"
+        for path in ("/api/next", "/api/stats"):
+            api = client.request("POST" if path == "/api/next" else "GET", path, headers=CSRF)
+            assert api.headers["content-type"] == "application/json"
+            assert api.headers["X-Content-Type-Options"] == "nosniff"
+        answer = client.post(
+            "/api/answer", json={"lease_id": lease["lease_id"], "label": HOSTILE[2]}, headers=CSRF
+        )
+        assert answer.status_code == 200, answer.text
+
+
+def _tags(html: str) -> list[tuple[str, dict[str, str | None]]]:
+    out: list[tuple[str, dict[str, str | None]]] = []
+
+    class Tags(HTMLParser):
+        def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+            out.append((tag, dict(attrs)))
+
+    Tags().feed(html)
+    return out
