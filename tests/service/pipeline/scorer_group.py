@@ -15,10 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import onnx
 from aiokafka import AIOKafkaProducer
 
 from infra.kafka.connection import client_kwargs
 from infra.kafka.settings import KafkaSettings
+from schemas.model_spec import SPEC_KEY, ModelSpec
 from tests.deploy.prometheus_tools import free_port
 
 
@@ -149,3 +151,46 @@ async def produce_frames(
         await producer.flush()
     finally:
         await producer.stop()
+
+
+async def produce_steadily(
+    kafka: KafkaSettings,
+    topic: str,
+    frames: list[tuple[int, bytes, bytes]],
+    per_second: float,
+    chunk: int = 10,
+) -> None:
+    """Like :func:`produce_frames`, ``chunk`` frames at a time at about ``per_second``."""
+    producer = AIOKafkaProducer(**client_kwargs(kafka), acks="all")
+    await producer.start()
+    try:
+        for start in range(0, len(frames), chunk):
+            began = time.monotonic()
+            for partition, frame_id, image in frames[start : start + chunk]:
+                await producer.send(
+                    topic,
+                    image,
+                    key=b"cam-%d" % partition,
+                    partition=partition,
+                    headers=[("frame-id", frame_id)],
+                )
+            await producer.flush()
+            await asyncio.sleep(max(0.0, chunk / per_second - (time.monotonic() - began)))
+    finally:
+        await producer.stop()
+
+
+def model_variant(
+    source: Path, out: Path, version: str, labels_trained: int
+) -> tuple[bytes, ModelSpec]:
+    """Writes a copy of an ONNX model whose spec says ``version`` and ``labels_trained``
+    (a trained model: the drift monitor sits out an untrained one); returns its bytes and spec."""
+    model = onnx.load(str(source))
+    (prop,) = [p for p in model.metadata_props if p.key == SPEC_KEY]
+    spec = ModelSpec.model_validate_json(prop.value).model_copy(
+        update={"version": version, "labels_trained": labels_trained}
+    )
+    prop.value = spec.model_dump_json()
+    data = model.SerializeToString()
+    out.write_bytes(data)
+    return data, spec
