@@ -81,7 +81,8 @@ def verify_signature(
         expected = sign(artifact, key, model_name=model_name, version=version)
     except ValueError:
         return False
-    return hmac.compare_digest(expected, signature.strip().lower())
+    # As bytes: compare_digest refuses str with non-ASCII, and a manifest may carry anything.
+    return hmac.compare_digest(expected.encode(), signature.strip().lower().encode())
 
 
 def split_chunks(artifact: bytes, max_bytes: int = CHUNK_BYTES) -> list[bytes]:

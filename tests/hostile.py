@@ -9,7 +9,7 @@ when its body or content type does not match the schema.
 """
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import schemathesis
@@ -24,6 +24,7 @@ from schemathesis.specs.openapi.checks import (
     response_schema_conformance,
     status_code_conformance,
 )
+from starlette.routing import Mount, Route
 
 CHECKS = [
     not_a_server_error,
@@ -87,4 +88,31 @@ def _run(
         check()
 
 
-__all__ = ["CHECKS", "fuzz_app"]
+READS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def write_routes(app: Any) -> list[tuple[str, str]]:
+    """``(method, path)`` of every route of ``app`` that is not a read, included routers too.
+
+    Read from the app itself (not its OpenAPI, which may leave routes out), so a write
+    route added later is found; a kind of route this walk does not know fails loudly.
+    """
+    return sorted(
+        (method, path) for path, methods in _walk(app.routes, "") for method in methods - READS
+    )
+
+
+def _walk(routes: Sequence[Any], prefix: str) -> Iterator[tuple[str, set[str]]]:
+    for route in routes:
+        if isinstance(route, Mount) and route.path == "/static":
+            continue  # StaticFiles answers GET and HEAD only
+        if isinstance(route, Route):  # APIRoute too
+            yield prefix + route.path, set(route.methods or ())
+        elif hasattr(route, "original_router"):  # FastAPI's included router
+            context = getattr(route, "include_context", None)
+            yield from _walk(route.original_router.routes, prefix + getattr(context, "prefix", ""))
+        else:
+            raise AssertionError(f"unknown kind of route {route!r}: teach write_routes about it")
+
+
+__all__ = ["CHECKS", "fuzz_app", "write_routes"]

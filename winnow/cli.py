@@ -70,6 +70,14 @@ def _serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    from service.errors import ConfigError
+    from service.http.tokens import check_tokens
+
+    try:
+        check_tokens(settings)
+    except ConfigError as error:
+        print(f"winnow serve: {error}", file=sys.stderr)
+        return 2
     return serve(settings)
 
 

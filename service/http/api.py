@@ -6,7 +6,6 @@ app; handlers read the typed :class:`~service.runtime.ScorerRuntime` from the
 lifespan state.
 """
 
-import hmac
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -31,6 +30,7 @@ from schemas.api import (
 from schemas.api_errors import error_responses
 from service.config import Settings
 from service.http.ingest import create_ingest_router
+from service.http.tokens import check_tokens, matching
 from service.model.inference import OnnxModel
 from service.model.verification import ReleaseError
 from service.model.watcher import ModelReleases
@@ -56,7 +56,11 @@ def create_app(
             the first release).
         on_failure: called once if the scorer stops with an error.
         on_started: called with the runtime once every part runs (the demo reads it).
+
+    Raises:
+        ConfigError: the admin or an ingest token is empty or an example value.
     """
+    check_tokens(settings)  # before anything starts: a guessable token is no guard
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[ScorerState]:
@@ -99,7 +103,7 @@ def _admin_check(settings: Settings) -> Callable[..., None]:
                 "writes are disabled: set WINNOW_ADMIN_TOKEN to enable them",
             )
         given = credentials.credentials if credentials else ""
-        if not hmac.compare_digest(given.encode(), token.get_secret_value().encode()):
+        if matching(given, [token.get_secret_value()]) is None:
             raise HTTPException(
                 status.HTTP_401_UNAUTHORIZED,
                 "a valid admin bearer token is needed",

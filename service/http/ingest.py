@@ -28,7 +28,6 @@ the app's, so ``create_app`` only has to include it.
 """
 
 import asyncio
-import hmac
 import logging
 import uuid
 from collections.abc import AsyncIterator
@@ -67,6 +66,7 @@ from service.http.ingest_errors import (
     decoder_refusal,
 )
 from service.http.rate_limit import TokenBuckets
+from service.http.tokens import matching
 from service.pipeline.decode import DecodeLimits, decode_image
 
 log = logging.getLogger(__name__)
@@ -124,15 +124,13 @@ def create_ingest_router(settings: Settings) -> APIRouter:
                 "ingest_disabled",
                 "HTTP ingest is disabled: set WINNOW_INGEST_TOKENS (or WINNOW_ADMIN_TOKEN)",
             )
-        given = (credentials.credentials if credentials else "").encode()
-        # Compare with every token, so the time taken does not tell which one nearly matched.
-        matched = [t for t in allowed if hmac.compare_digest(given, t.encode())]
-        if not matched:
+        matched = matching(credentials.credentials if credentials else "", allowed)
+        if matched is None:
             raise Unauthorized(
                 "unauthorized",
                 "a valid ingest bearer token is needed (Authorization: Bearer <token>)",
             )
-        return matched[0]
+        return matched
 
     router = APIRouter(tags=["ingest"], lifespan=lifespan, route_class=IngestRoute)
 

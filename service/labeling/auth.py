@@ -78,7 +78,8 @@ class Sessions:
         """The signed-in labeler, or None (no cookie, bad signature, expired)."""
         value = request.cookies.get(COOKIE, "")
         payload, _, signature = value.partition(".")
-        if not payload or not hmac.compare_digest(signature, self._sign(payload)):
+        # As bytes: compare_digest refuses str with non-ASCII (a hostile cookie would be a 500).
+        if not payload or not hmac.compare_digest(signature.encode(), self._sign(payload).encode()):
             return None
         try:
             data = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))

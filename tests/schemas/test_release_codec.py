@@ -81,3 +81,10 @@ def test_a_full_default_chunk_stays_under_one_mib_on_the_wire() -> None:
     wire = chunk.model_dump_json().encode()
     assert len(wire) <= MAX_RECORD_BYTES
     assert base64.b64decode(json.loads(wire)["data"]) == full
+
+
+@pytest.mark.parametrize("signature", ["é" * 64, "\u00ff", "", "\x00" * 64, "zz"])
+def test_a_malformed_signature_does_not_verify_and_does_not_raise(signature: str) -> None:
+    """Catches a non-ASCII signature in a manifest raising TypeError from compare_digest
+    (on str), which would stop the scorer's release watcher instead of refusing one release."""
+    assert not verify_signature(b"artifact", signature, b"key", model_name="m", version="1")

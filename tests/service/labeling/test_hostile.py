@@ -8,7 +8,7 @@ from fastapi.testclient import TestClient
 from service.config import LabelAppSettings
 from service.labeling.app import SECURITY_HEADERS, create_label_app
 from service.labeling.auth import COOKIE, Sessions
-from tests.hostile import fuzz_app
+from tests.hostile import fuzz_app, write_routes
 from tests.service.labeling.conftest import (
     CSRF,
     act_as,
@@ -146,3 +146,43 @@ def _tags(html: str) -> list[tuple[str, dict[str, str | None]]]:
 
     Tags().feed(html)
     return out
+
+
+PUBLIC_WRITES = {("POST", "/login"), ("POST", "/logout")}
+"""Sign-in takes the token itself; sign-out only clears the cookie (both check the origin)."""
+
+
+async def test_every_write_route_refuses_without_a_session_and_the_csrf_header(
+    kafka_settings, winnow_topics, app_settings
+) -> None:
+    """Catches a write route added without the session check or the CSRF check (routes
+    read from the app, so a new one is covered), a forged or non-ASCII session cookie
+    answered with a 500, and a cross-site sign-in."""
+    settings = app_settings()
+    app = create_label_app(kafka_settings, settings)
+    writes = set(write_routes(app))
+    assert {("POST", "/api/answer"), ("POST", "/api/next")} <= writes
+    good = _cookie(settings, "alice")
+    payload = good.split(".")[0]
+    with TestClient(app) as client:
+        for method, path in sorted(writes - PUBLIC_WRITES):
+            client.cookies.clear()
+            for cookie in (None, f"{payload}.{'0' * 64}", f"{payload}.é", "é", good):
+                headers: dict[str, str | bytes] = {} if cookie == good else dict(CSRF)
+                if cookie is not None:  # raw latin-1 bytes, as a browser may send them
+                    headers["Cookie"] = f"{COOKIE}={cookie}".encode("latin-1")
+                response = client.request(method, path, json={"lease_id": "x"}, headers=headers)
+                expected = 403 if cookie == good else 401
+                assert response.status_code == expected, (method, path, cookie, response.text)
+            cross = client.request(
+                method,
+                path,
+                json={"lease_id": "x"},
+                headers={**CSRF, "Origin": "http://evil", "Cookie": f"{COOKIE}={good}"},
+            )
+            assert cross.status_code == 403, (method, path)
+        client.cookies.clear()
+        evil = client.post(
+            "/login", data={"name": "x", "token": "team-secret"}, headers={"Origin": "http://e"}
+        )
+        assert evil.status_code == 403
