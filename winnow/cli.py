@@ -205,6 +205,13 @@ def _bench_drift(args: argparse.Namespace) -> int:
     return run_drift_bench_command(args)
 
 
+def _env_pair(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name.startswith("WINNOW_"):
+        raise argparse.ArgumentTypeError(f"expected WINNOW_NAME=VALUE, not {text!r}")
+    return name, value
+
+
 def _bench_soak(args: argparse.Namespace) -> int:
     if missing := missing_modules("label-app"):  # the soak runs the label app too
         print(needs_extra(args.command_name, "label-app", missing), file=sys.stderr)
@@ -406,6 +413,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-rate", type=float, default=2.0, help="answers per second, at most")
     p.add_argument("--round-labels", type=int, default=20, help="new labels that start a round")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument(
+        "--role-env",
+        type=_env_pair,
+        action="append",
+        default=[],
+        metavar="WINNOW_X=VALUE",
+        help="a setting for every role, e.g. WINNOW_POLICY_BACKPRESSURE_WAITING=0 (repeatable)",
+    )
     _command(p, _bench_soak, "bench")
     return parser
 

@@ -43,6 +43,8 @@ class RoleOptions:
     device: str = "auto"
     round_labels: int = 20
     round_seconds: float = 120.0
+    env: tuple[tuple[str, str], ...] = ()
+    """More ``WINNOW_*`` settings for every role (``--role-env``), applied last."""
 
 
 @dataclass
@@ -93,6 +95,7 @@ class Roles:
             "WINNOW_TRAINER_ROUND_MIN_LABELS": str(self.options.round_labels),
             "WINNOW_TRAINER_ROUND_MAX_SECONDS": str(self.options.round_seconds),
             "WINNOW_POLICY_SEED": "0",
+            **dict(self.options.env),
         }
         o = self.options
         ports = {role: free_port() for role in ROLES}

@@ -49,6 +49,7 @@ class SoakConfig:
     round_labels: int = 20
     round_seconds: float = 120.0
     device: str = "auto"
+    role_env: tuple[tuple[str, str], ...] = ()
     log_dir: Path | None = None
     say: Callable[[str], None] = field(default=lambda message: None)
 
@@ -121,6 +122,7 @@ async def _run_roles(
         device=config.device,
         round_labels=config.round_labels,
         round_seconds=config.round_seconds,
+        env=config.role_env,
     )
     roles = Roles(kafka, options, work_dir, log_dir)
 
@@ -181,6 +183,7 @@ async def _phases(run: _Run) -> None:
         "round_labels": config.round_labels,
         "round_seconds": config.round_seconds,
         "device": config.device,
+        "role_env": dict(config.role_env),
         "started_at": datetime.now(UTC).isoformat(),
     }
     failure = await _steady(run, rate, duration)
@@ -360,6 +363,7 @@ def run_soak_command(args: argparse.Namespace) -> int:
         label_rate=args.label_rate,
         round_labels=args.round_labels,
         device=args.device,
+        role_env=tuple(args.role_env),
         say=say,
     )
     result = asyncio.run(run_soak(config))

@@ -7,7 +7,7 @@ import pytest
 
 from infra.kafka.broker import EmbeddedBroker
 from winnow.bench.soak.report import format_table
-from winnow.cli import main
+from winnow.cli import build_parser, main
 
 READINGS = ("rss_mb", "fds", "threads", "asyncio_tasks")
 
@@ -67,3 +67,15 @@ def test_a_short_soak_samples_every_role_and_loses_no_frame(
     printed = capsys.readouterr()
     assert printed.out.rstrip("\n") == format_table(result)
     assert "verdict:" in printed.out and "measured] produced" in printed.err
+
+
+def test_role_settings_are_winnow_pairs(capsys: pytest.CaptureFixture[str]) -> None:
+    """Would catch a --role-env that splits a value at its own '=' or passes any variable."""
+    args = build_parser().parse_args(
+        ["bench", "soak", "--role-env", "WINNOW_POLICY_BACKPRESSURE_WAITING=0",
+         "--role-env", "WINNOW_X=a=b"]
+    )  # fmt: skip
+    assert args.role_env == [("WINNOW_POLICY_BACKPRESSURE_WAITING", "0"), ("WINNOW_X", "a=b")]
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench", "soak", "--role-env", "PATH=/tmp"])
+    assert "expected WINNOW_NAME=VALUE" in capsys.readouterr().err
