@@ -22,6 +22,7 @@ from typing import TypedDict
 
 from infra.asyncio_tasks import track_asyncio_tasks
 from infra.kafka.admin import ensure_winnow_topics
+from infra.kafka.outage import BrokerWatch, describe_fatal, is_fatal
 from schemas.drift import DriftEvent
 from schemas.models import ModelManifest
 from service.config import DriftSettings, Settings
@@ -45,6 +46,7 @@ class ScorerRuntime:
 
     Attributes:
         failure: the error the scorer stopped with, if it did; readiness reads it.
+        broker: whether the broker answers; readiness reads it (None: not watched).
     """
 
     settings: Settings
@@ -56,11 +58,13 @@ class ScorerRuntime:
     drift: DriftMonitor | None
     started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     failure: BaseException | None = None
+    broker: BrokerWatch | None = None
 
     @property
     def ready(self) -> bool:
-        """Serving: no failure, and at least one frames partition assigned."""
-        return self.failure is None and bool(self.scorer.assigned)
+        """Serving: no failure, the broker answers, and at least one frames partition assigned."""
+        reachable = self.broker is None or self.broker.reachable
+        return self.failure is None and reachable and bool(self.scorer.assigned)
 
 
 class ScorerState(TypedDict):
@@ -104,6 +108,8 @@ async def run_scorer(
     metrics.gpu_requested.set(settings.device == "cuda" or settings.gpu_requested)
     loaded = model or _load_model(settings)
     async with AsyncExitStack() as stack:
+        # First in, last out: it also quiets the clients' retries while the others stop.
+        broker = await stack.enter_async_context(BrokerWatch(settings.kafka, "scorer"))
         built: list[Scorer] = []  # swaps before the scorer exists are picked up below
 
         def swap(new: OnnxModel, _manifest: ModelManifest) -> None:
@@ -145,12 +151,15 @@ async def run_scorer(
             accounting=Accounting(metrics, policy, feedback=feedback),
             on_batch=[drift.observe] if drift else (),
             on_swap=[drift.on_swap] if drift else (),  # hears the first model too
+            broker_reachable=lambda: broker.reachable,
         )
         built.append(scorer)
         await stack.enter_async_context(scorer)
         if releases is not None and releases.model is not None and releases.model is not loaded:
             scorer.swap_model(releases.model)  # a release landed while starting
-        runtime = ScorerRuntime(settings, metrics, policy, scorer, feedback, releases, drift)
+        runtime = ScorerRuntime(
+            settings, metrics, policy, scorer, feedback, releases, drift, broker=broker
+        )
         watcher = asyncio.create_task(_watch(runtime, on_failure), name="scorer-watch")
         try:
             yield runtime
@@ -178,7 +187,10 @@ async def _watch(runtime: ScorerRuntime, on_failure: Callable[[], None] | None) 
         await runtime.scorer.wait()
     except Exception as error:
         runtime.failure = error
-        log.exception("the scorer stopped with an error; /readyz now answers 503")
+        if is_fatal(error):  # one clear line: a traceback would add nothing to fix it
+            log.error("%s; /readyz now answers 503", describe_fatal("scorer", error))
+        else:
+            log.exception("the scorer stopped with an error; /readyz now answers 503")
         if on_failure is not None:
             on_failure()
         raise

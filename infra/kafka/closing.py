@@ -11,7 +11,7 @@ within its drain timeout, with one clear line rather than a traceback.
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -75,6 +75,8 @@ async def drain(
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
+    if any(_failed(t) for t in tasks):
+        return {t for t in tasks if not t.done()}
     pending = {t for t in tasks if not t.done()}
     while pending and reachable():
         left = deadline - loop.time()
@@ -83,6 +85,23 @@ async def drain(
         done, pending = await asyncio.wait(
             pending, timeout=min(poll_s, left), return_when=asyncio.FIRST_EXCEPTION
         )
-        if any(not t.cancelled() and t.exception() is not None for t in done):
+        if any(_failed(t) for t in done):
             break
     return pending
+
+
+def _failed(task: "asyncio.Task[Any]") -> bool:
+    return task.done() and not task.cancelled() and task.exception() is not None
+
+
+async def cancel_all(tasks: "Iterable[asyncio.Task[Any]]", every_s: float = 0.5) -> None:
+    """Cancels ``tasks`` and waits until each has ended, cancelling again those that go on.
+
+    A pipeline stage cancelled while its ``finally`` hands an end marker to a full queue
+    (whose reader is gone) blocks there; a second cancellation ends it.
+    """
+    pending = {t for t in tasks if not t.done()}
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=every_s)

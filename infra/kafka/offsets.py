@@ -139,11 +139,15 @@ class OffsetTracker:
             (tp for tp in self.behind() if tp in assigned), key=lambda tp: (tp.topic, tp.partition)
         )
         names = ", ".join(f"{tp.topic}:{tp.partition}" for tp in partitions)
+        count = (
+            f"{len(partitions)} partitions' offsets"
+            if len(partitions) != 1
+            else "1 partition's offset"
+        )
         stop_log.warning(
-            "%s: stopping with the broker unreachable: %d partitions' offsets not committed "
-            "(%s); %s by the next owner",
+            "%s: stopping with the broker unreachable: %s not committed (%s); %s by the next owner",
             self.name,
-            len(partitions),
+            count,
             names or "none behind",
             redone,
         )

@@ -32,6 +32,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
 from infra.component import Component
+from infra.kafka.closing import stop_client
 from infra.kafka.producer import create_producer
 from infra.kafka.settings import KafkaSettings
 from schemas.api import DetectorState, DriftStatus
@@ -159,7 +160,7 @@ class DriftMonitor(Component):
         """Stops the worker (batches still queued are dropped)."""
         await self._cancel_supervised()
         if self._producer is not None:
-            await self._producer.stop()
+            await stop_client(self._producer, "the drift monitor's producer")
             self._producer = None
 
     async def idle(self) -> None:

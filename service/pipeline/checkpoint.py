@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 COMMIT_INTERVAL_S = 0.05
 DRAIN_TIMEOUT_S = 30.0
+FINAL_COMMIT_TIMEOUT_S = 3.0
 LAG_TIMEOUT_S = 2.0
 
 
@@ -93,6 +94,12 @@ class Checkpoint(ConsumerRebalanceListener):
             if highwater is not None and position is not None:
                 gauge = self._metrics.consumer_lag.labels(tp.topic, str(tp.partition))
                 gauge.set(max(0, highwater - position))
+
+    async def final_commit(self, timeout_s: float = FINAL_COMMIT_TIMEOUT_S) -> None:
+        """The stop's commit: at most ``timeout_s``; names what stays uncommitted if it fails."""
+        await self._offsets.commit_before_stop(
+            self._consumer, timeout_s, "their frames will be decided again"
+        )
 
     async def refresh_lag(self) -> None:
         """Sets the lag gauges from the broker's end offsets, whatever the pipeline is doing.

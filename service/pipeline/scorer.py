@@ -27,6 +27,7 @@ import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from infra.component import Component
+from infra.kafka.closing import cancel_all, drain, stop_client
 from infra.kafka.consumer import create_consumer
 from infra.kafka.delivery import Delivery, InFlight
 from infra.kafka.producer import create_producer
@@ -81,6 +82,8 @@ class Scorer(Component):
         accounting: counts delivered batches; one without feedback or hook if None.
         on_batch: observers of each scored batch, in order.
         on_swap: listeners told of each model served (the first at construction).
+        broker_reachable: whether the broker answers now (``BrokerWatch.reachable``); a stop
+            does not wait to drain while it does not.
     """
 
     def __init__(
@@ -94,8 +97,10 @@ class Scorer(Component):
         accounting: Accounting | None = None,
         on_batch: Sequence[BatchObserver] = (),
         on_swap: Sequence[SwapListener] = (),
+        broker_reachable: Callable[[], bool] = lambda: True,
     ) -> None:
         super().__init__()
+        self._broker_reachable = broker_reachable
         self.settings = settings
         self.metrics = metrics or ScorerMetrics()
         self.policy = policy or QueryPolicy.from_settings(settings.policy)
@@ -177,21 +182,18 @@ class Scorer(Component):
         """Drains what is in flight, commits it, and disconnects."""
         self._stopping.set()
         if self._supervised:
-            # A crashed stage cannot drain the others: stop waiting at the first failure.
-            _, pending = await asyncio.wait(
-                self._supervised, timeout=DRAIN_TIMEOUT_S, return_when=asyncio.FIRST_EXCEPTION
-            )
-            for task in pending:
-                task.cancel()
+            # A crashed stage cannot drain the others, nor can a missing broker: stop waiting.
+            pending = await drain(self._supervised, DRAIN_TIMEOUT_S, self._broker_reachable)
+            await cancel_all(pending)  # a stage may block in its finally: cancelled again
             await asyncio.gather(*self._supervised, return_exceptions=True)
         try:
             if self._checkpoint is not None:
-                await self._checkpoint.commit()
+                await self._checkpoint.final_commit()
         finally:
             if self._consumer is not None:
-                await self._consumer.stop()
+                await stop_client(self._consumer, "the scorer's consumer")
             if self._producer is not None:
-                await self._producer.stop()
+                await stop_client(self._producer, "the scorer's producer")
             self._decoder.close()
             self._infer_pool.shutdown(wait=False, cancel_futures=True)
         log.info("scorer stopped: counts=%s", self.accounting.counts)

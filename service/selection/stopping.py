@@ -20,6 +20,7 @@ from aiokafka import AIOKafkaConsumer
 from pydantic import ValidationError
 
 from infra.component import Component
+from infra.kafka.closing import stop_client
 from infra.kafka.consumer import create_consumer
 from infra.kafka.settings import KafkaSettings
 from schemas.api import LabelingStatus, PolicyState
@@ -92,7 +93,7 @@ class LabelFeedback(Component):
     async def _stop(self) -> None:
         await self._cancel_supervised()  # before the consumer it reads from goes
         if self._consumer is not None:
-            await self._consumer.stop()
+            await stop_client(self._consumer, "the label feedback's consumer")
             self._consumer = None
 
     def requested(self, frame_id: str, predicted: str) -> None:

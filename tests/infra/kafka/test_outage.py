@@ -168,7 +168,8 @@ async def test_the_stop_commit_names_what_stays_uncommitted(
     assert len(lines) == 1
     partitions = {tp.partition for tp in tracker.behind()}
     assert partitions and all(f"{topic}:{p}" in lines[0] for p in partitions)
-    assert f"{len(partitions)} partitions' offsets not committed" in lines[0]
+    count = "1 partition's offset" if len(partitions) == 1 else f"{len(partitions)} partitions'"
+    assert f"{count}" in lines[0] and "not committed" in lines[0]
 
 
 async def test_drain_stops_waiting_once_the_broker_is_away() -> None:
@@ -190,3 +191,18 @@ def test_behind_lists_partitions_consumed_past_their_commit() -> None:
     tracker.done_many([(a, 0), (a, 1), (b, 0)])
     tracker.committed({a: 2})
     assert tracker.behind() == [b]
+
+
+async def test_drain_does_not_wait_when_a_task_has_already_failed() -> None:
+    """Catches a stop that waits the whole drain for stages a crashed one left blocked."""
+
+    async def crash() -> None:
+        raise RuntimeError("stage bug")
+
+    crashed = asyncio.create_task(crash())
+    blocked = asyncio.create_task(asyncio.sleep(30))
+    await asyncio.sleep(0.05)
+    started = time.monotonic()
+    assert await drain([crashed, blocked], 20, lambda: True) == {blocked}
+    assert time.monotonic() - started < 1
+    blocked.cancel()
