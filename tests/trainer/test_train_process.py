@@ -1,4 +1,5 @@
-"""`winnow train` as a process: SIGKILLed with labels in its store, restarted, nothing lost."""
+"""`winnow train` as a process: SIGKILLed with labels in its store (before a round, and during
+one), restarted, nothing lost."""
 
 import asyncio
 import os
@@ -99,3 +100,70 @@ async def test_sigkill_loses_no_label(
 def _full(manifest: dict) -> bool:
     """A full release (backbone and head), not a head-only one."""
     return manifest.get("base_version") is None
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of a process so far (Linux ``/proc``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def test_sigkill_during_a_round_loses_no_label_and_the_next_release_learns_all(
+    kafka_settings,
+    group_id,
+    winnow_topics,
+    digits,
+    tmp_path: Path,
+) -> None:
+    """The failures it catches: labels marked trained (or dropped) by a round that never
+    finished, so a trainer killed mid-round and restarted never learns them; labels lost from
+    the store by the kill; a restarted trainer that publishes a release from fewer labels than
+    it holds."""
+    pngs, targets = digits
+    log, data_dir = tmp_path / "trainer.log", tmp_path / "data"
+    first = _start(kafka_settings, group_id, data_dir, 30, log)
+    try:
+        await read_json(
+            kafka_settings, winnow_topics.models, lambda out: len(manifests(out)) >= 1, within=60
+        )  # the cold start
+        await feed(kafka_settings, winnow_topics, pngs, targets, range(0, 30))
+        async with asyncio.timeout(60):
+            while True:  # the labels are in the store: a round on 30 labels starts now
+                store = SampleStore(data_dir / "samples.sqlite3")
+                count = store.untrained_count()
+                store.close()
+                if count == 30:
+                    break
+                await asyncio.sleep(0.1)
+        busy_from = _cpu_seconds(first.pid)
+        async with asyncio.timeout(60):
+            while True:  # a second of CPU with nothing else to do: the round is training
+                if _cpu_seconds(first.pid) - busy_from >= 1.0:
+                    break
+                await asyncio.sleep(0.05)
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=30)
+    assert "round (trigger" not in log.read_text(), "the round ended before the kill"
+    store = SampleStore(data_dir / "samples.sqlite3")
+    try:
+        counts = store.counts()
+        assert (counts.labels, counts.labeled_frames, counts.trained) == (30, 30, 0)
+        assert store.untrained_count() == 30  # every label stored, none marked trained
+    finally:
+        store.close()
+    second = _start(kafka_settings, group_id, data_dir, 30, log)
+    try:
+        models = manifests(
+            await read_json(
+                kafka_settings,
+                winnow_topics.models,
+                lambda out: any(_full(m) and m["spec"]["labels_trained"] for m in manifests(out)),
+                within=180,
+            )
+        )
+    finally:
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(timeout=60) == 0, log.read_text()[-3000:]
+    trained = [m["spec"] for m in models if _full(m) and m["spec"]["labels_trained"]]
+    assert trained[0]["labels_trained"] == 30, "the next release learns from every label"
