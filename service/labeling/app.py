@@ -8,6 +8,9 @@ JSON API (all POSTs need a session and the CSRF header):
 * ``POST /api/skip`` ``{"lease_id"}`` → the frame goes back to the pool
 * ``POST /api/undo`` → a correction lease on the labeler's last answer
 * ``GET /api/stats``
+
+Ops: ``/healthz``, ``/readyz`` (503 while the broker is unreachable or no
+label-request partition is assigned, as the scorer's), ``/metrics``.
 """
 
 import base64
@@ -28,6 +31,7 @@ from pydantic import BaseModel, Field
 
 from infra.asyncio_tasks import track_asyncio_tasks
 from infra.kafka.admin import ensure_topics
+from infra.kafka.outage import BrokerWatch
 from infra.kafka.settings import KafkaSettings
 from schemas.api_errors import error_responses
 from schemas.frames import CONTENT_TYPES
@@ -61,9 +65,18 @@ class LeaseRef(BaseModel):
     lease_id: str = Field(max_length=64)
 
 
+class Readiness(BaseModel):
+    """``/readyz``: serving frames and taking answers (503 when not)."""
+
+    ready: bool
+    broker_reachable: bool
+    partitions_assigned: int
+
+
 class LabelAppState(TypedDict):
     """The lifespan state of the label app; handlers read it as ``request.state.x``."""
 
+    broker: BrokerWatch
     queue: LabelQueue
     sessions: Sessions
     templates: Jinja2Templates
@@ -80,10 +93,16 @@ def create_label_app(kafka: KafkaSettings, settings: LabelAppSettings) -> FastAP
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[LabelAppState]:
-        await ensure_topics(kafka, [kafka.topics.label_requests, kafka.topics.labels])
-        async with LabelQueue(kafka, settings) as queue:
-            track_asyncio_tasks(queue.registry)
-            yield {"queue": queue, "sessions": sessions, "templates": templates}
+        async with BrokerWatch(kafka, "label-app") as broker:  # stopped last: quiets retries
+            await ensure_topics(kafka, [kafka.topics.label_requests, kafka.topics.labels])
+            async with LabelQueue(kafka, settings) as queue:
+                track_asyncio_tasks(queue.registry)
+                yield {
+                    "broker": broker,
+                    "queue": queue,
+                    "sessions": sessions,
+                    "templates": templates,
+                }
 
     app = FastAPI(title="Winnow labeling", version="0.1.0", lifespan=lifespan)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
@@ -152,6 +171,17 @@ def _pages(app: FastAPI) -> None:
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
+    @app.get("/readyz", response_model=Readiness, tags=["ops"])
+    async def readyz(request: Request, response: Response) -> Readiness:
+        broker: BrokerWatch | None = getattr(request.state, "broker", None)
+        queue: LabelQueue | None = getattr(request.state, "queue", None)
+        reachable = broker is not None and broker.reachable
+        assigned = len(queue.assigned) if queue is not None else 0
+        ready = reachable and assigned > 0
+        if not ready:
+            response.status_code = status.HTTP_503_SERVICE_UNAVAILABLE
+        return Readiness(ready=ready, broker_reachable=reachable, partitions_assigned=assigned)
+
     @app.get(
         "/metrics", tags=["ops"], response_class=PlainTextResponse, responses=error_responses(503)
     )
@@ -216,7 +246,16 @@ def _api(app: FastAPI) -> None:
         return {"lease": lease_json(lease) if lease else None, "stats": queue.stats(name)}
 
     @app.post("/api/answer", tags=["labels"], responses=write)
-    async def answer(body: Answer, name: Labeler, queue: Queue) -> dict[str, Any]:
+    async def answer(body: Answer, name: Labeler, queue: Queue, request: Request) -> dict[str, Any]:
+        broker: BrokerWatch | None = getattr(request.state, "broker", None)
+        if broker is not None and not broker.reachable:
+            # At once, not after the producer's 40 s timeout; the lease stays, nothing is sent.
+            raise HTTPException(
+                status.HTTP_503_SERVICE_UNAVAILABLE,
+                f"Kafka has been unreachable for {broker.down_for_s:.0f} s; the label was not "
+                "sent: try again in a moment",
+                headers={"Retry-After": "5"},
+            )
         try:
             label = await queue.answer(body.lease_id, name, body.label, body.status)
         except LeaseError as error:

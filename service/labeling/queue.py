@@ -21,6 +21,7 @@ from pydantic import ValidationError
 
 from infra.component import Component
 from infra.kafka import consumer_lag, create_consumer, create_producer
+from infra.kafka.closing import stop_client
 from infra.kafka.offsets import OffsetTracker
 from infra.kafka.settings import KafkaSettings
 from schemas.label_requests import LabelRequest
@@ -32,6 +33,9 @@ log = logging.getLogger(__name__)
 
 RATE_WINDOW_S = 600.0
 """A labeler's rate is measured over the last ten minutes."""
+
+FINAL_COMMIT_TIMEOUT_S = 3.0
+"""The stop's commit waits no longer: with the broker away it cannot succeed."""
 
 
 class LabelQueue(Component):
@@ -94,12 +98,19 @@ class LabelQueue(Component):
         consumer, self._consumer = self._consumer, None
         if consumer is not None:
             try:
-                await self._commit(consumer)
+                await self.offsets.commit_before_stop(
+                    consumer, FINAL_COMMIT_TIMEOUT_S, "their frames will be served again"
+                )
             finally:
-                await consumer.stop()
+                await stop_client(consumer, "the label queue's consumer")
         producer, self._producer = self._producer, None
         if producer is not None:
-            await producer.stop()
+            await stop_client(producer, "the label queue's producer")
+
+    @property
+    def assigned(self) -> list[TopicPartition]:
+        """The label-request partitions this instance serves."""
+        return sorted(self._consumer.assignment()) if self._consumer else []
 
     # -- what the app calls --------------------------------------------------------
     def next(self, annotator: str) -> Lease | None:
