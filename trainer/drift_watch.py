@@ -20,6 +20,7 @@ from pydantic import ValidationError
 from infra.component import Component
 from infra.errors import BrokerError
 from infra.kafka.admin import topic_partitions
+from infra.kafka.closing import stop_client
 from infra.kafka.consumer import create_consumer
 from infra.kafka.settings import KafkaSettings
 from schemas.drift import DriftEvent
@@ -117,7 +118,7 @@ class DriftWatch(Component):
                         self._handle(record)
                         self._positions[tp] = record.offset + 1
         finally:
-            await consumer.stop()
+            await stop_client(consumer, "the drift watch's consumer")
 
     async def _assign(self, consumer: AIOKafkaConsumer) -> bool:
         """Assigns the topic's partitions at their saved, end or beginning offsets."""

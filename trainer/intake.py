@@ -21,6 +21,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -34,6 +35,7 @@ from aiokafka import (
 from pydantic import BaseModel, ValidationError
 
 from infra.component import Component
+from infra.kafka.closing import drain, stop_client
 from infra.kafka.consumer import create_consumer
 from infra.kafka.delivery import Delivery, OutRecord
 from infra.kafka.offsets import OffsetTracker
@@ -53,6 +55,7 @@ DEAD_LETTER_MAX_VALUE_BYTES = 900 * 1024
 _FETCH_TIMEOUT_MS = 500
 _MAX_RECORDS = 500
 _STOP_TIMEOUT_S = 10.0
+_FINAL_COMMIT_TIMEOUT_S = 3.0
 _MAX_SWEEP_INTERVAL_S = 30.0
 
 _M = TypeVar("_M", bound=BaseModel)
@@ -94,6 +97,8 @@ class Intake(Component):
         store: the sample store; shared with the training loop.
         sweep_interval_s: how often to look for orphaned labels; by default
             half the grace, at most 30 s.
+        broker_reachable: whether the broker answers now; a stop does not wait for
+            the batch in hand to be committed while it does not.
     """
 
     def __init__(
@@ -102,8 +107,10 @@ class Intake(Component):
         store: SampleStore,
         *,
         sweep_interval_s: float | None = None,
+        broker_reachable: Callable[[], bool] = lambda: True,
     ) -> None:
         super().__init__()
+        self._broker_reachable = broker_reachable
         self.settings = settings
         self.store = store
         self.new_labels = asyncio.Event()
@@ -151,19 +158,29 @@ class Intake(Component):
             await self._task
 
     async def _stop(self) -> None:
-        """Finishes the batch in hand (its offsets are committed), then disconnects."""
+        """Finishes the batch in hand (its offsets are committed), then disconnects.
+
+        With the broker away the batch cannot be committed: the stop does not wait,
+        and says which partitions will be read again (the store drops the duplicates).
+        """
         self._stopping.set()
         try:
             if self._task is not None:
-                _, pending = await asyncio.wait({self._task}, timeout=_STOP_TIMEOUT_S)
+                pending = await drain([self._task], _STOP_TIMEOUT_S, self._broker_reachable)
                 for task in pending:
                     task.cancel()
                 await asyncio.gather(self._task, return_exceptions=True)
+            if self._consumer is not None:
+                await self.offsets.commit_before_stop(
+                    self._consumer,
+                    _FINAL_COMMIT_TIMEOUT_S,
+                    "their labels and requests will be read again",
+                )
         finally:
             if self._consumer is not None:
-                await self._consumer.stop()
+                await stop_client(self._consumer, "the intake's consumer")
             if self._producer is not None:
-                await self._producer.stop()
+                await stop_client(self._producer, "the intake's producer")
         log.info("intake stopped: counters=%s", self.counters)
 
     # -- the loop --------------------------------------------------------------------------

@@ -23,7 +23,7 @@ dropped, not published.
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from aiokafka import AIOKafkaProducer
 
@@ -83,12 +83,18 @@ class Trainer(Component):
             has not learned from, as last counted.
     """
 
-    def __init__(self, settings: TrainerSettings, metrics: TrainerMetrics | None = None) -> None:
+    def __init__(
+        self,
+        settings: TrainerSettings,
+        metrics: TrainerMetrics | None = None,
+        *,
+        broker_reachable: Callable[[], bool] = lambda: True,
+    ) -> None:
         super().__init__()
         self.settings = settings
         self.metrics = metrics or TrainerMetrics()
         self.store = SampleStore(settings.store_path, label_merge=settings.label_merge)
-        self.intake = Intake(settings, self.store)
+        self.intake = Intake(settings, self.store, broker_reachable=broker_reachable)
         self.drift_watch = (
             DriftWatch(settings.kafka, self.metrics) if settings.drift_rounds else None
         )

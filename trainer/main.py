@@ -8,6 +8,7 @@ from prometheus_client import start_http_server
 
 from infra.asyncio_tasks import track_asyncio_tasks
 from infra.kafka.admin import ensure_topics
+from infra.kafka.outage import BrokerWatch, describe_fatal, is_fatal
 from trainer.config import TrainerSettings
 from trainer.loop import Trainer
 from trainer.metrics import TrainerMetrics
@@ -17,6 +18,9 @@ log = logging.getLogger(__name__)
 
 def run_trainer(settings: TrainerSettings) -> int:
     """Blocks until a signal (exit 0) or a failure of the round loop (exit 1).
+
+    A broker outage is ridden out (logged once, then summarised); an error Kafka will
+    keep refusing (credentials, ACLs) ends the process with one line and exit 1.
 
     With no ``WINNOW_KAFKA_BOOTSTRAP`` the trainer connects to the embedded
     broker's address (``127.0.0.1:WINNOW_KAFKA_EMBEDDED_PORT``), where
@@ -30,7 +34,13 @@ def run_trainer(settings: TrainerSettings) -> int:
             "no WINNOW_KAFKA_BOOTSTRAP: using %s (`winnow serve`/`winnow broker` default)",
             embedded,
         )
-    return asyncio.run(_run(settings))
+    try:
+        return asyncio.run(_run(settings))
+    except Exception as error:
+        if not is_fatal(error):
+            raise
+        log.error("%s", describe_fatal("trainer", error))
+        return 1
 
 
 async def _run(settings: TrainerSettings) -> int:
@@ -44,7 +54,11 @@ async def _run(settings: TrainerSettings) -> int:
         loop.add_signal_handler(sig, stopping.set)
     try:
         await ensure_trainer_topics(settings)
-        async with Trainer(settings, metrics) as trainer:
+        # The watch first and last: it quiets the clients' retries while the trainer stops.
+        async with (
+            BrokerWatch(settings.kafka, "trainer") as broker,
+            Trainer(settings, metrics, broker_reachable=lambda: broker.reachable) as trainer,
+        ):
             rounds = asyncio.create_task(trainer.wait())
             stop = asyncio.create_task(stopping.wait())
             await asyncio.wait({rounds, stop}, return_when=asyncio.FIRST_COMPLETED)
