@@ -13,7 +13,17 @@ from service.config import Settings
 from service.errors import WinnowError
 
 ReleaseReason = Literal[
-    "checksum", "signature", "unsigned", "incomplete", "load", "spec", "base", "unknown", "evicted"
+    "checksum",
+    "signature",
+    "unsigned",
+    "incomplete",
+    "chunks",
+    "replay",
+    "load",
+    "spec",
+    "base",
+    "unknown",
+    "evicted",
 ]
 
 
@@ -22,7 +32,9 @@ class ReleaseError(WinnowError):
 
     Reasons: ``checksum`` (size or sha256 differ), ``signature`` (does not
     verify), ``unsigned`` (a key is configured but the release has no
-    signature), ``incomplete`` (chunks missing), ``load`` (onnxruntime cannot
+    signature), ``incomplete`` (chunks missing), ``chunks`` (a chunk arrived
+    twice with different bytes), ``replay`` (an older release published again
+    after a newer one: see :mod:`service.model.watcher`), ``load`` (onnxruntime cannot
     load or run it, or a head-only release's head does not read), ``spec``
     (the file's spec, or the head's spec or base, disagrees with the
     manifest), ``base`` (a head-only release whose base release is not a

@@ -15,12 +15,30 @@ A head-only release names its base, a full release whose artifact the scorer
 keeps; it is served as that release's ONNX graph with the new head
 (:mod:`service.model.heads`), loaded and handed over like any release. One
 whose base is unknown, refused or no longer kept is rejected (``base``).
+
+Replays. Whoever can write to the models topic can publish an old release
+again, with its valid signature (the signature binds name, version and digest,
+not a time). The topic's order is the publication order, so a release is newer
+than every release before it, except a version that a later release has
+already superseded: one that a verified release published after it followed,
+or named as its parent (``parent_version``, also in the model's own spec). Such
+a release published again is refused as ``replay``, at startup (catch-up) as
+after: the serving model stays, the original stays in the catalog (pinnable),
+and ``winnow_model_swaps_total{result="rejected_replay"}`` counts it. A repeat
+of the newest release (the trainer resends a release after a broker error) is
+ignored quietly. Going back to an older version is the operator's choice,
+through :meth:`ModelReleases.pin` (``POST /v1/model/pin``), never the topic's.
+
+Chunks. A release whose chunks conflict or go missing is refused (``chunks``,
+``incomplete``; see :mod:`service.model.assembler`) and the serving model stays;
+chunks in another order are put together by their index.
 """
 
 import asyncio
 import inspect
 import logging
 import math
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, ClassVar, get_args
 
@@ -29,12 +47,11 @@ from aiokafka.errors import KafkaError
 
 from infra.component import Component
 from infra.kafka.admin import ensure_topics, topic_partitions
-from infra.kafka.closing import stop_client
 from infra.kafka.consumer import create_consumer
 from schemas.models import ModelManifest
 from service.config import Settings
 from service.metrics import ScorerMetrics
-from service.model.assembler import ReleaseAssembler
+from service.model.assembler import Refusal, ReleaseAssembler
 from service.model.catalog import ReleaseCatalog, ReleaseInfo
 from service.model.heads import with_head
 from service.model.inference import OnnxModel
@@ -53,6 +70,8 @@ OnModel = Callable[[OnnxModel, ModelManifest], Any]
 _POLL_MS = 500
 _DRAIN_MS = 200
 _RETRY_BACKOFF_S = 2.0
+_MAX_SUPERSEDED = 100_000
+"""Superseded versions remembered (a few MB at most), oldest forgotten first."""
 
 
 class ModelReleases(Component):
@@ -99,6 +118,9 @@ class ModelReleases(Component):
         self._model_name = model_name
         self._pinned: str | None = None
         self._assembler = ReleaseAssembler()
+        # version -> the later release that superseded it (see the module docstring)
+        self._superseded: OrderedDict[str, str] = OrderedDict()
+        self._newest: str | None = None  # the last release accepted, in topic order
         self._consumer: AIOKafkaConsumer | None = None
         self._swap_lock = asyncio.Lock()
         self._first = asyncio.Event()
@@ -127,7 +149,7 @@ class ModelReleases(Component):
     async def _stop(self) -> None:
         await self._cancel_supervised()
         if self._consumer is not None:
-            await stop_client(self._consumer, "the model releases' consumer")
+            await self._consumer.stop()
 
     async def wait_for_first(self, timeout: float | None = None) -> OnnxModel:  # noqa: ASYNC109
         """Waits until a model has been handed over, and returns it.
@@ -219,6 +241,7 @@ class ModelReleases(Component):
         log.info("model releases caught up: topic=%s active=%s", self._topic, self.active_version)
         while True:
             batches = await self._fetch(self._consumer, _POLL_MS)
+            self._assembler.expire()  # a release stalled with chunks missing is refused
             for manifest, artifact in self._assemble(batches):
                 async with self._swap_lock:
                     try:
@@ -272,10 +295,16 @@ class ModelReleases(Component):
                         release[0].version,
                     )
                     complete.append(release)
+        for refusal in self._assembler.take_refusals():
+            self._refuse_unassembled(refusal)
         return complete
 
     async def _on_release(self, manifest: ModelManifest, artifact: bytes) -> None:
         """Handles a release that arrived after catch-up."""
+        later = self._superseded.get(manifest.version)
+        if later is not None:  # before the repeat check: an exact old copy is a replay too
+            self._refuse_replay(manifest, later)
+            return
         if self.catalog.seen(manifest):
             log.info("release %s seen before; ignoring the repeat", manifest.version)
             return
@@ -288,6 +317,10 @@ class ModelReleases(Component):
 
     def _accept(self, manifest: ModelManifest, artifact: bytes) -> bool:
         """Verifies a release and records it in the catalog; False when rejected."""
+        later = self._superseded.get(manifest.version)
+        if later is not None:
+            self._refuse_replay(manifest, later)
+            return False
         try:
             verify_release(manifest, artifact, self._key)
             self._check_base(manifest)
@@ -295,7 +328,57 @@ class ModelReleases(Component):
             self._reject(manifest, exc)
             return False
         self.catalog.accept(manifest, artifact)
+        self._supersede(manifest)
         return True
+
+    def _supersede(self, manifest: ModelManifest) -> None:
+        """Records what a verified release makes old: the release before it, its parents."""
+        older = (self._newest, manifest.parent_version, manifest.spec.parent_version)
+        for version in older:
+            if version is not None and version != manifest.version:
+                self._superseded.pop(version, None)
+                self._superseded[version] = manifest.version
+        while len(self._superseded) > _MAX_SUPERSEDED:
+            self._superseded.popitem(last=False)
+        self._newest = manifest.version
+
+    def _refuse_replay(self, manifest: ModelManifest, later: str) -> None:
+        """Counts and logs a replayed release; the catalog keeps the original as it was."""
+        self.metrics.model_swaps.labels(result=self._result("replay")).inc()
+        log.warning(
+            "release replay refused: topic=%s model=%s version=%s result=%s: %s was "
+            "superseded by %s (the serving model is %s); an old release published again "
+            "is not served: pin it through the admin API (POST /v1/model/pin) to go back",
+            self._topic,
+            manifest.model_name,
+            manifest.version,
+            self._result("replay"),
+            manifest.version,
+            later,
+            self.catalog.active,
+        )
+
+    def _refuse_unassembled(self, refusal: Refusal) -> None:
+        """Counts and logs a release whose chunks conflict or are missing.
+
+        It is recorded as rejected unless the same version is known good (a
+        broken copy of a kept release must not make that release unpinnable).
+        """
+        manifest, error = refusal.manifest, ReleaseError(refusal.reason, refusal.detail)
+        known = self.catalog.get(manifest.version)
+        if known is None or known.info.status == "rejected":
+            self._reject(manifest, error)
+            return
+        self.metrics.model_swaps.labels(result=self._result(error.reason)).inc()
+        log.warning(
+            "release copy refused: topic=%s model=%s version=%s result=%s: %s "
+            "(the verified copy of that version is kept)",
+            self._topic,
+            manifest.model_name,
+            manifest.version,
+            self._result(error.reason),
+            error.detail,
+        )
 
     def _check_base(self, manifest: ModelManifest) -> None:
         """A head-only release needs its base: a verified full release whose artifact is kept.
@@ -386,6 +469,9 @@ class ModelReleases(Component):
         result = self._result(error.reason)
         self.metrics.model_swaps.labels(result=result).inc()
         self.catalog.reject(manifest, error.reason)
+        for version, later in list(self._superseded.items()):
+            if later == manifest.version:  # a refused release supersedes nothing
+                del self._superseded[version]
         log.warning(
             "release rejected: topic=%s model=%s version=%s result=%s: %s",
             self._topic,
