@@ -47,6 +47,7 @@ from aiokafka.errors import KafkaError
 
 from infra.component import Component
 from infra.kafka.admin import ensure_topics, topic_partitions
+from infra.kafka.closing import stop_client
 from infra.kafka.consumer import create_consumer
 from schemas.models import ModelManifest
 from service.config import Settings
@@ -149,7 +150,7 @@ class ModelReleases(Component):
     async def _stop(self) -> None:
         await self._cancel_supervised()
         if self._consumer is not None:
-            await self._consumer.stop()
+            await stop_client(self._consumer, "the model releases' consumer")
 
     async def wait_for_first(self, timeout: float | None = None) -> OnnxModel:  # noqa: ASYNC109
         """Waits until a model has been handed over, and returns it.
