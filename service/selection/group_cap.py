@@ -164,7 +164,9 @@ class GroupCap:
     @property
     def charged_last_hour(self) -> int:
         """Selections charged to the partitions this replica owns, by any replica, in the
-        last 3600 s (what its share is measured against)."""
+        last 3600 s (what its share is measured against); its own outside a group."""
+        if self._total is None:
+            return self.count_last_hour
         now = self._clock()
         return sum(len(_expired(ledger, now)) for ledger in self._ledgers.values())
 

@@ -170,11 +170,8 @@ class LabelFeedback(Component):
         unlabelable = _ratio(self._unlabelable) if self._unlabelable else None
         recall = self.recall()
         left_in_window = max(0, window_limit - round(policy.budget_used * policy.window))
-        left_this_hour = (
-            None
-            if not policy.labels_per_hour
-            else max(0, int(policy.labels_per_hour) - policy.labels_last_hour)
-        )
+        share = policy.labels_per_hour_share  # this replica's part of the group's cap
+        left_this_hour = None if share is None else max(0, share - policy.cap_charged_last_hour)
         code, verdict, stop = _verdict(
             len(self._correct),
             accuracy,

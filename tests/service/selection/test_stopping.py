@@ -65,7 +65,15 @@ def test_budget_spent_and_hourly_cap_are_reported() -> None:
     feedback, _ = _feedback()
     spent = feedback.status(_policy(budget_used=0.1), window_limit=10)
     assert spent.budget_left_in_window == 0 and "window is spent" in spent.verdict
-    capped = feedback.status(_policy(labels_per_hour=30, labels_last_hour=30), window_limit=10)
+    capped = feedback.status(
+        _policy(
+            labels_per_hour=30,
+            labels_last_hour=30,
+            labels_per_hour_share=30,
+            cap_charged_last_hour=30,
+        ),
+        window_limit=10,
+    )
     assert capped.labels_left_this_hour == 0 and "capacity" in capped.verdict
 
 
@@ -124,7 +132,27 @@ def test_the_verdict_is_a_gauge_with_a_short_code() -> None:
 
     feedback.update_gauges(_policy(), window_limit=10)
     assert verdicts() == {"keep_few_answers": 1}
-    feedback.update_gauges(_policy(labels_per_hour=20, labels_last_hour=20), window_limit=10)
+    feedback.update_gauges(
+        _policy(
+            labels_per_hour=20,
+            labels_last_hour=20,
+            labels_per_hour_share=20,
+            cap_charged_last_hour=20,
+        ),
+        window_limit=10,
+    )
     assert verdicts() == {"wait_hourly_cap": 1}
     assert metrics.registry.get_sample_value("winnow_labeling_stop") == 0
     assert metrics.registry.get_sample_value("winnow_budget_left_in_window") == 5
+
+
+def test_a_replica_waits_when_its_share_of_the_group_cap_is_spent() -> None:
+    feedback, _ = _feedback()
+    state = _policy(
+        labels_per_hour=30,
+        labels_last_hour=4,  # its own requests; the other 6 on its partitions came before a move
+        labels_per_hour_share=10,
+        cap_charged_last_hour=10,
+    )
+    status = feedback.status(state, window_limit=10)
+    assert status.labels_left_this_hour == 0 and "capacity is used up" in status.verdict
