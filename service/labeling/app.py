@@ -171,7 +171,9 @@ def _pages(app: FastAPI) -> None:
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz", response_model=Readiness, tags=["ops"])
+    @app.get(
+        "/readyz", response_model=Readiness, tags=["ops"], responses={503: {"model": Readiness}}
+    )
     async def readyz(request: Request, response: Response) -> Readiness:
         broker: BrokerWatch | None = getattr(request.state, "broker", None)
         queue: LabelQueue | None = getattr(request.state, "queue", None)
