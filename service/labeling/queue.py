@@ -9,6 +9,8 @@ leased but unanswered loses none of them: the next instance in the group reads
 them again from the committed offset.
 """
 
+import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
@@ -33,6 +35,9 @@ log = logging.getLogger(__name__)
 
 RATE_WINDOW_S = 600.0
 """A labeler's rate is measured over the last ten minutes."""
+
+ANSWER_DRAIN_S = 10.0
+"""On a rebalance, the longest wait for answers already sent to Kafka before committing."""
 
 FINAL_COMMIT_TIMEOUT_S = 3.0
 """The stop's commit waits no longer: with the broker away it cannot succeed."""
@@ -80,6 +85,9 @@ class LabelQueue(Component):
         self._lag = 0
         self._answers: dict[str, deque[float]] = {}
         self._counts: dict[str, int] = {}
+        self._answering = 0  # answers sent and not yet acknowledged
+        self._answered = asyncio.Event()  # set while none is
+        self._answered.set()
 
     async def _start(self) -> None:
         """Starts the producer, then the consumer and its loop."""
@@ -148,13 +156,26 @@ class LabelQueue(Component):
             labeled_at=datetime.now(UTC),
         )
         assert self._producer is not None, "the queue is not started"
-        await self._producer.send_and_wait(
-            self.topics.labels,
-            record.model_dump_json(exclude_none=True).encode(),
-            key=request.frame_id.encode(),
-        )
-        self._done_answer(lease, record)
+        self._answering += 1
+        self._answered.clear()
+        try:
+            await self._producer.send_and_wait(
+                self.topics.labels,
+                record.model_dump_json(exclude_none=True).encode(),
+                key=request.frame_id.encode(),
+            )
+            self._done_answer(lease, record)
+        finally:
+            self._answering -= 1
+            if not self._answering:
+                self._answered.set()
         return record
+
+    async def answers_settled(self, timeout_s: float = ANSWER_DRAIN_S) -> bool:
+        """Waits until no answer is in flight (at most ``timeout_s``); whether none is."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._answered.wait(), timeout_s)
+        return self._answered.is_set()
 
     def stats(self, annotator: str) -> dict[str, float | int]:
         """Queue depth, and the labeler's count and rate (labels per hour)."""
@@ -240,13 +261,24 @@ class LabelQueue(Component):
 
 
 class _Rebalance(ConsumerRebalanceListener):
-    """Commits what is done before partitions move; forgets frames it no longer owns."""
+    """Commits what is done before partitions move; forgets frames it no longer owns.
+
+    Answers already sent are awaited first: committed with their frames, those frames are
+    not served again by the next owner while their label is still on its way (which would
+    let a second labeler hold a frame the first one is answering).
+    """
 
     def __init__(self, queue: LabelQueue) -> None:
         self.queue = queue
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
         consumer = self.queue._consumer
+        if revoked and not await self.queue.answers_settled():
+            log.warning(
+                "rebalance: answers still unacknowledged after %.0fs; their frames may be "
+                "served again",
+                ANSWER_DRAIN_S,
+            )
         if consumer is not None and revoked:
             await self.queue._commit(consumer)
         self.queue.pool.forget(set(revoked))
