@@ -95,7 +95,12 @@ def _label_app(args: argparse.Namespace) -> int:
     except ConfigError as error:
         print(f"winnow label-app: {error}", file=sys.stderr)
         return 2
-    return serve_app(kafka, lambda k: create_label_app(k, settings), settings.host, settings.port)
+    return serve_app(
+        kafka,
+        lambda k, on_failure: create_label_app(k, settings, on_failure=on_failure),
+        settings.host,
+        settings.port,
+    )
 
 
 def _label_studio_bridge(args: argparse.Namespace) -> int:
@@ -110,7 +115,9 @@ def _label_studio_bridge(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"winnow label-studio-bridge: {error}", file=sys.stderr)
         return 2
-    return serve_app(kafka, lambda k: create_bridge_app(k, settings), settings.host, settings.port)
+    return serve_app(
+        kafka, lambda k, _on_failure: create_bridge_app(k, settings), settings.host, settings.port
+    )
 
 
 def _model_init(args: argparse.Namespace) -> int:

@@ -13,9 +13,10 @@ Ops: ``/healthz``, ``/readyz`` (503 while the broker is unreachable or no
 label-request partition is assigned, as the scorer's), ``/metrics``.
 """
 
+import asyncio
 import base64
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypedDict
@@ -31,7 +32,7 @@ from pydantic import BaseModel, Field
 
 from infra.asyncio_tasks import track_asyncio_tasks
 from infra.kafka.admin import ensure_topics
-from infra.kafka.outage import BrokerWatch
+from infra.kafka.outage import BrokerWatch, describe_fatal, is_fatal
 from infra.kafka.settings import KafkaSettings
 from schemas.api_errors import error_responses
 from schemas.frames import CONTENT_TYPES
@@ -82,8 +83,19 @@ class LabelAppState(TypedDict):
     templates: Jinja2Templates
 
 
-def create_label_app(kafka: KafkaSettings, settings: LabelAppSettings) -> FastAPI:
+def create_label_app(
+    kafka: KafkaSettings,
+    settings: LabelAppSettings,
+    *,
+    on_failure: Callable[[], None] | None = None,
+) -> FastAPI:
     """Builds the app; its lifespan creates the topics and runs the :class:`LabelQueue`.
+
+    Args:
+        kafka: where the broker is.
+        settings: ``WINNOW_LABEL_APP_*``.
+        on_failure: called once if the queue stops with an error (``winnow label-app``
+            then exits 1, so the orchestrator restarts it).
 
     Raises:
         ConfigError: no team or user token is configured.
@@ -95,7 +107,7 @@ def create_label_app(kafka: KafkaSettings, settings: LabelAppSettings) -> FastAP
     async def lifespan(app: FastAPI) -> AsyncIterator[LabelAppState]:
         async with BrokerWatch(kafka, "label-app") as broker:  # stopped last: quiets retries
             await ensure_topics(kafka, [kafka.topics.label_requests, kafka.topics.labels])
-            async with LabelQueue(kafka, settings) as queue:
+            async with LabelQueue(kafka, settings) as queue, _watched(queue, on_failure):
                 track_asyncio_tasks(queue.registry)
                 yield {
                     "broker": broker,
@@ -117,6 +129,30 @@ def create_label_app(kafka: KafkaSettings, settings: LabelAppSettings) -> FastAP
     _pages(app)
     _api(app)
     return app
+
+
+@asynccontextmanager
+async def _watched(queue: LabelQueue, on_failure: Callable[[], None] | None) -> AsyncIterator[None]:
+    """Reports a failure of the queue's loop at once: one line, and ``on_failure``."""
+
+    async def watch() -> None:
+        try:
+            await queue.wait()
+        except Exception as error:
+            if is_fatal(error):  # one clear line: a traceback would add nothing to fix it
+                log.error("%s; /readyz now answers 503", describe_fatal("label-app", error))
+            else:
+                # Its traceback is logged by the component as the loop crashes.
+                log.error("the label queue stopped with %r; /readyz now answers 503", error)
+            if on_failure is not None:
+                on_failure()
+
+    task = asyncio.create_task(watch(), name="label-queue-watch")
+    try:
+        yield
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
 
 def lease_json(lease: Lease) -> dict[str, Any]:
@@ -179,7 +215,7 @@ def _pages(app: FastAPI) -> None:
         queue: LabelQueue | None = getattr(request.state, "queue", None)
         reachable = broker is not None and broker.reachable
         assigned = len(queue.assigned) if queue is not None else 0
-        ready = reachable and assigned > 0
+        ready = reachable and assigned > 0 and queue is not None and queue.failure is None
         if not ready:
             response.status_code = status.HTTP_503_SERVICE_UNAVAILABLE
         return Readiness(ready=ready, broker_reachable=reachable, partitions_assigned=assigned)

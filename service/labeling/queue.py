@@ -116,6 +116,14 @@ class LabelQueue(Component):
             await stop_client(producer, "the label queue's producer")
 
     @property
+    def failure(self) -> BaseException | None:
+        """The error the consume loop stopped with, if it did."""
+        for task in self._supervised:
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                return task.exception()
+        return None
+
+    @property
     def assigned(self) -> list[TopicPartition]:
         """The label-request partitions this instance serves."""
         return sorted(self._consumer.assignment()) if self._consumer else []

@@ -15,9 +15,13 @@ log = logging.getLogger(__name__)
 
 
 def serve_app(
-    kafka: KafkaSettings, build: Callable[[KafkaSettings], FastAPI], host: str, port: int
+    kafka: KafkaSettings,
+    build: Callable[[KafkaSettings, Callable[[], None]], FastAPI],
+    host: str,
+    port: int,
 ) -> int:
-    """Runs ``build(kafka)`` (a FastAPI app factory) until SIGINT/SIGTERM.
+    """Runs ``build(kafka, on_failure)`` (a FastAPI app factory) until SIGINT/SIGTERM (exit 0),
+    or until the app calls ``on_failure`` (exit 1, so the orchestrator restarts it).
 
     With no ``WINNOW_KAFKA_BOOTSTRAP`` the embedded broker is started on loopback.
     """
@@ -27,14 +31,22 @@ def serve_app(
         broker.start()
         kafka = kafka.model_copy(update={"bootstrap": broker.bootstrap})
         log.info("no WINNOW_KAFKA_BOOTSTRAP: started the embedded broker on %s", broker.bootstrap)
+    failed: list[bool] = []
+    server: uvicorn.Server | None = None
+
+    def stop_server() -> None:
+        failed.append(True)
+        if server is not None:
+            server.should_exit = True
+
     try:
-        app = build(kafka)
+        app = build(kafka, stop_server)
         server = uvicorn.Server(
             uvicorn.Config(app, host=host, port=port, log_level="info", lifespan="on")
         )
         signal.signal(signal.SIGTERM, _exit_cleanly)
         server.run()
-        return 0 if server.started else 1
+        return 0 if server.started and not failed else 1
     finally:
         if broker is not None:
             broker.stop()

@@ -1,0 +1,43 @@
+"""`winnow train`'s entry point: a refusal Kafka will keep giving ends it with one line."""
+
+import logging
+
+import pytest
+from aiokafka.errors import SaslAuthenticationFailed
+
+import trainer.main
+from infra.kafka.settings import KafkaSettings
+from trainer.config import TrainerSettings
+from trainer.main import run_trainer
+
+
+def _settings(tmp_path) -> TrainerSettings:
+    return TrainerSettings(kafka=KafkaSettings(bootstrap="127.0.0.1:9"), data_dir=tmp_path)
+
+
+def test_a_fatal_kafka_refusal_exits_1_with_one_line(
+    tmp_path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Catches a trainer that ends a refused login with a traceback (or exit 0), so the
+    orchestrator does not restart it and nobody reads what Kafka refused."""
+
+    async def refused(settings: TrainerSettings) -> int:
+        raise SaslAuthenticationFailed("wrong password for user winnow")
+
+    monkeypatch.setattr(trainer.main, "_run", refused)
+    assert run_trainer(_settings(tmp_path)) == 1
+    lines = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(lines) == 1 and lines[0].exc_info is None
+    assert lines[0].getMessage().startswith("trainer: Kafka refused")
+    assert "wrong password" in lines[0].getMessage()
+
+
+def test_other_failures_still_raise(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Catches a catch-all that would turn a bug into a quiet exit 1 without its traceback."""
+
+    async def broken(settings: TrainerSettings) -> int:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(trainer.main, "_run", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        run_trainer(_settings(tmp_path))
