@@ -140,8 +140,7 @@ class IngestRoute(APIRoute):
             except IngestRefused as refusal:
                 raise refusal.to_http() from refusal
             except RequestValidationError as error:
-                refusal = invalid_parameters(error)
-                raise refusal.to_http() from error
+                raise invalid_parameters(error).to_http() from error
 
         return answer
 
