@@ -417,7 +417,8 @@ def create_bridge_app(
     transport: httpx.AsyncBaseTransport | None = None,
 ) -> FastAPI:
     """The bridge's HTTP side: ``POST /webhook`` for Label Studio, ``/healthz``."""
-    if settings.webhook_token is None:
+    if settings.webhook_token is None or not settings.webhook_token.get_secret_value().strip():
+        # An empty token would let any "Authorization: Token " header through.
         raise ValueError("set WINNOW_LABEL_STUDIO_WEBHOOK_TOKEN: webhooks must authenticate")
     client = LabelStudioClient(settings, transport)
 

@@ -2,12 +2,16 @@
 
 from html.parser import HTMLParser
 
+import pytest
 from fastapi import Response
 from fastapi.testclient import TestClient
+from pydantic import SecretStr
 
+from infra.kafka.settings import KafkaSettings
 from service.config import LabelAppSettings
 from service.labeling.app import SECURITY_HEADERS, create_label_app
 from service.labeling.auth import COOKIE, Sessions
+from service.labeling.label_studio import LabelStudioSettings, create_bridge_app
 from tests.hostile import fuzz_app, write_routes
 from tests.service.labeling.conftest import (
     CSRF,
@@ -186,3 +190,34 @@ async def test_every_write_route_refuses_without_a_session_and_the_csrf_header(
             "/login", data={"name": "x", "token": "team-secret"}, headers={"Origin": "http://e"}
         )
         assert evil.status_code == 403
+
+
+@pytest.mark.parametrize("token", [None, "", "  "])
+def test_the_label_studio_bridge_refuses_to_start_without_a_webhook_token(token) -> None:
+    """Catches a bridge started with an empty webhook token, which any request sending
+    'Authorization: Token ' would match."""
+    with pytest.raises(ValueError, match="WINNOW_LABEL_STUDIO_WEBHOOK_TOKEN"):
+        create_bridge_app(KafkaSettings(bootstrap="127.0.0.1:1"), _bridge_settings(token))
+
+
+def test_every_write_route_of_the_label_studio_bridge_refuses_without_its_token() -> None:
+    """Catches a write route of the bridge added without the webhook token check, or the
+    token compared loosely (a prefix, the token alone without its scheme, more after it)."""
+    app = create_bridge_app(KafkaSettings(bootstrap="127.0.0.1:1"), _bridge_settings("hook"))
+    writes = write_routes(app)
+    assert ("POST", "/webhook") in writes
+    client = TestClient(app)  # no lifespan: the token is checked before anything runs
+    for method, path in writes:
+        for given in (None, "", "Token ", "Token hoo", "hook", "Token hookx", "Bearer hook"):
+            headers = {} if given is None else {"Authorization": given}
+            response = client.request(method, path, json={"action": "x"}, headers=headers)
+            assert response.status_code == 401, (method, path, given)
+
+
+def _bridge_settings(token: str | None) -> LabelStudioSettings:
+    return LabelStudioSettings(
+        url="http://label-studio.test",
+        api_key=SecretStr("ls-key"),
+        project_id=7,
+        webhook_token=None if token is None else SecretStr(token),
+    )
