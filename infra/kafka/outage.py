@@ -254,7 +254,9 @@ class BrokerWatch(Component):
                     self._retries,
                 )
                 self._down_since = self._down_at = None
-            elif self._retries and now - self._last_summary >= self.summary_interval_s:
+                self._retries, self._last_summary = 0, now  # counted in the line above
+                return
+            if self._retries and now - self._last_summary >= self.summary_interval_s:
                 log.warning(
                     "%s: %d Kafka client errors collapsed in the last %.0f s while %s answers; "
                     "last: %s",

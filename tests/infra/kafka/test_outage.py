@@ -95,6 +95,7 @@ async def test_an_outage_is_logged_once_then_summarised_then_closed(
         await asyncio.sleep(2.5)
         fault_proxy.heal()
         await _until(lambda: watch.reachable, 10)
+        await asyncio.sleep(1.5)  # a summary interval after the recovery: nothing more to say
     lines = [r for r in caplog.records if r.levelno >= logging.WARNING]
     text = [r.getMessage() for r in lines]
     assert not [r for r in lines if r.name.startswith("aiokafka")], text
@@ -104,6 +105,29 @@ async def test_an_outage_is_logged_once_then_summarised_then_closed(
     back = [t for t in text if "reachable again after" in t]
     assert len(back) == 1 and fault_proxy.address in back[0], text
     assert any("client retries" in t and int(t.split("(")[-1].split()[0]) >= 301 for t in back)
+    assert not [t for t in text if "collapsed" in t], text
+
+
+async def test_client_errors_while_the_broker_answers_are_summarised(
+    proxied_kafka_settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Catches connection errors hidden for good when the probe still gets through (a lost
+    partition leader on another broker): they come back as one summary per interval."""
+    caplog.set_level(logging.INFO)
+    client_log = logging.getLogger("aiokafka.consumer.fetcher")
+    async with BrokerWatch(
+        proxied_kafka_settings, "test-role", probe_interval_s=0.1, summary_interval_s=1.0
+    ) as watch:
+        await _until(lambda: watch.reachable, 5)
+        await asyncio.sleep(1.1)
+        for _ in range(40):
+            client_log.error("Failed fetch messages from %s: %s", 2, "NodeNotReadyError")
+        await asyncio.sleep(1.5)
+    text = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    summaries = [t for t in text if "collapsed" in t]
+    assert len(summaries) == 1 and summaries[0].startswith("test-role: 40 Kafka client errors")
+    assert "NodeNotReadyError" in summaries[0]
+    assert not [r for r in caplog.records if r.name == client_log.name]
 
 
 async def test_other_client_warnings_pass_once_per_interval(
