@@ -11,6 +11,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from schemas.api import ModelPin, ModelStatus, PolicyState, PolicyUpdate, ScorerStatus
+from schemas.api_errors import ApiError
 from schemas.dead_letter import DeadLetter
 from schemas.drift import DriftEvent
 from schemas.frames import FrameHeaders
@@ -41,6 +42,7 @@ SCHEMAS: dict[str, type[BaseModel]] = {
     "api-model-pin": ModelPin,
     "api-ingest-receipt": IngestReceipt,
     "api-ingest-error": IngestErrorResponse,
+    "api-error": ApiError,
 }
 
 
