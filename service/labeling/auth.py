@@ -49,13 +49,15 @@ class Sessions:
     def sign_in(self, name: str, token: str) -> str | None:
         """The labeler's name if the token is good, else None."""
         given = token.strip().encode()
-        for user_token, user in self._users.items():
+        found = None
+        for user_token, user in self._users.items():  # every one: no early exit to time
             if hmac.compare_digest(given, user_token.encode()):
-                return user
+                found = found or user
+        if found is not None:
+            return found
         name = " ".join(name.split())[:MAX_NAME]
-        if self._team and name and hmac.compare_digest(given, self._team.encode()):
-            return name
-        return None
+        team = hmac.compare_digest(given, self._team.encode())  # always compared
+        return name if self._team and name and team else None
 
     def set_cookie(self, response: Response, name: str) -> None:
         body = json.dumps({"u": name, "e": int(time.time()) + self.max_age}).encode()
