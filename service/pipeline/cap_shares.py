@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 HOUR_S = 3600.0
 HISTORY_TIMEOUT_S = 10.0
+CLOCK_MARGIN_S = 300.0  # read a little more than the hour: the replicas' clocks differ
 
 
 class CapShares:
@@ -53,6 +54,10 @@ class CapShares:
         self._policy = policy
         self._timeout_s = history_timeout_s
         self._owned: set[int] = set()
+
+    def joining(self) -> None:
+        """Before the consumer joins: no share until the first assignment is complete."""
+        self._policy.revoke_partitions()
 
     def revoked(self) -> None:
         self._policy.revoke_partitions()
@@ -107,14 +112,19 @@ class CapShares:
         await reader.start()
         try:
             reader.assign(tps)
-            since_ms = int((time.time() - HOUR_S) * 1000)
-            starts = await reader.offsets_for_times({tp: since_ms for tp in tps})
+            since_ms = int((time.time() - HOUR_S - CLOCK_MARGIN_S) * 1000)
+            found = await reader.offsets_for_times({tp: since_ms for tp in tps})
             ends = await reader.end_offsets(tps)
             left = {}
             for tp in tps:
-                start = starts.get(tp)
-                if start is not None and start.offset < ends[tp]:
-                    reader.seek(tp, start.offset)
+                at = found.get(tp)
+                if at is None or at.offset >= ends[tp]:
+                    continue  # nothing written since
+                start = at.offset
+                if at.timestamp < since_ms:  # the broker did not look the time up (Tansu)
+                    start = await _first_since(reader, tp, since_ms, start, ends[tp])
+                if start < ends[tp]:
+                    reader.seek(tp, start)
                     left[tp] = ends[tp]
             while left:
                 batches = await reader.getmany(*left, timeout_ms=200)
@@ -128,6 +138,26 @@ class CapShares:
         finally:
             await reader.stop()
         return ages
+
+
+async def _first_since(
+    reader: AIOKafkaConsumer, tp: TopicPartition, since_ms: int, lo: int, hi: int
+) -> int:
+    """The first offset in ``[lo, hi)`` written at ``since_ms`` or later (``hi`` if none), by
+    binary search on the record timestamps (append order), for brokers that do not answer
+    ``offsets_for_times``; ``lo`` where a record cannot be read (reading more is safe)."""
+    while lo < hi:
+        mid = (lo + hi) // 2
+        reader.seek(tp, mid)
+        records = (await reader.getmany(tp, timeout_ms=1000, max_records=1)).get(tp, [])
+        if not records:
+            return lo
+        record = records[0]
+        if record.timestamp >= since_ms or record.offset >= hi:
+            hi = mid
+        else:
+            lo = record.offset + 1
+    return lo
 
 
 def _charge(value: bytes | None, ages: dict[int, list[float]]) -> None:

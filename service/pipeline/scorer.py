@@ -158,6 +158,7 @@ class Scorer(Component):
             kafka, group_id=scorer.group_id, fetch_max_wait_ms=min(100, max(5, scorer.max_wait_ms))
         )
         shares = CapShares(kafka, self.policy)  # the group's cap, shared by partitions
+        shares.joining()  # frames fetched before the first assignment is complete get no share
         self._checkpoint = Checkpoint(self._consumer, self.metrics, shares=shares)
         self._consumer.subscribe([kafka.topics.frames], listener=self._checkpoint)
         await self._consumer.start()

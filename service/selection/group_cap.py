@@ -98,7 +98,8 @@ class GroupCap:
         self._ledgers, self._total, self._suspended = ledgers, total, False
 
     def suspend(self) -> None:
-        """Partitions are being revoked: nothing is selected until the next assignment."""
+        """Joining the group, or partitions are being revoked: nothing is selected until the
+        next assignment (frames fetched before it is complete are decided without a share)."""
         self._suspended = True
 
     @property
@@ -113,19 +114,19 @@ class GroupCap:
     @property
     def share(self) -> float:
         """This replica's fraction of the frames partitions (1 outside a group)."""
-        if self._total is None:
-            return 1.0
-        return 0.0 if self._suspended else len(self._ledgers) / self._total
+        if self._suspended:
+            return 0.0
+        return 1.0 if self._total is None else len(self._ledgers) / self._total
 
     @property
     def limit(self) -> int | None:
         """This replica's share of the cap, in labels per hour; None without a cap."""
         if self._cap is None:
             return None
-        if self._total is None:
-            return self._cap
         if self._suspended:
             return 0
+        if self._total is None:
+            return self._cap
         return sum(partition_slots(self._cap, self._total, p) for p in self._ledgers)
 
     # -- the HourlyCap calls ----------------------------------------------------------------
@@ -137,6 +138,8 @@ class GroupCap:
         """Whether one more selection now keeps the group within the cap."""
         if self._cap is None:
             return True
+        if self._suspended:
+            return False
         now = self._clock() if now is None else now
         if self._total is None:
             return len(_expired(self._mine, now)) < self._cap

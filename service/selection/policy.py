@@ -262,7 +262,8 @@ class QueryPolicy:
         self._cap.assign(owned, total, ages, unknown)
 
     def revoke_partitions(self) -> None:
-        """Partitions are being revoked: nothing is charged to the cap until reassigned."""
+        """Joining a consumer group, or partitions are being revoked: the cap allows nothing
+        until :meth:`assign_partitions` (the replica's share is not known before)."""
         self._cap.suspend()
 
     @property

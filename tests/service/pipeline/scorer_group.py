@@ -44,11 +44,14 @@ class Replica:
             return None
 
     def partitions(self) -> list[int] | None:
-        """The frames partitions its consumer owns now (None while it does not answer)."""
+        """The frames partitions it owns now; None while it does not answer, or while its
+        policy has not taken them yet (a scorer that shares the cap reads their history)."""
         status = self.status()
         if status is None:
             return None
-        return sorted(int(tp.rsplit(":", 1)[1]) for tp in status["partitions"])
+        owned = sorted(int(tp.rsplit(":", 1)[1]) for tp in status["partitions"])
+        taken = status["policy"].get("cap_partitions", owned)  # absent before the group cap
+        return owned if sorted(taken) == owned else None
 
     def kill(self) -> None:
         """SIGKILL: no drain, no commit, no goodbye to the group."""

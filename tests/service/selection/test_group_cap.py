@@ -100,3 +100,13 @@ def test_the_policy_reports_its_share_and_tags_selections_with_the_partition_cha
     assert sorted(row["cap_partition"] for row in selected) == [1, 1, 4, 4]
     assert all("cap_partition" not in row for row in rows if not row["selected"])
     assert policy.state().cap_charged_last_hour == 4
+
+
+def test_joining_a_group_allows_nothing_until_the_first_assignment() -> None:
+    """The failure it catches: frames fetched while the first assignment's history is still
+    being read, decided with the whole cap (every replica would then ask for the whole cap)."""
+    cap = GroupCap(6, clock=lambda: 0.0)
+    cap.suspend()
+    assert not cap.allows() and cap.limit == 0 and cap.share == 0.0
+    cap.assign([2], total=6)
+    assert cap.allows() and cap.limit == 1

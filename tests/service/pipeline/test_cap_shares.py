@@ -1,0 +1,77 @@
+"""A scorer's share of the group's cap: the history of moved partitions, read from the
+label-requests topic of the real broker."""
+
+import json
+import time
+from datetime import UTC, datetime
+
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from infra.kafka.connection import client_kwargs
+from service.pipeline.cap_shares import CapShares, _first_since
+from service.selection.policy import QueryPolicy
+
+
+def _request(frame_id: str, partition: int | None, at: float) -> bytes:
+    decision = {"selected": True, "policy": "random", "utility": 0.5}
+    if partition is not None:
+        decision["cap_partition"] = partition
+    requested = datetime.fromtimestamp(at, UTC).isoformat()
+    return json.dumps(
+        {"frame_id": frame_id, "requested_at": requested, "decision": decision}
+    ).encode()
+
+
+async def _produce(kafka, records: list[tuple[float, bytes]]) -> None:
+    producer = AIOKafkaProducer(**client_kwargs(kafka), acks="all")
+    await producer.start()
+    try:
+        for at, value in records:
+            await producer.send_and_wait(
+                kafka.topics.label_requests, value, partition=0, timestamp_ms=int(at * 1000)
+            )
+    finally:
+        await producer.stop()
+
+
+async def test_a_new_owner_counts_the_requests_charged_to_its_partitions_in_the_last_hour(
+    kafka_settings, winnow_topics
+) -> None:
+    """The failure it catches: a partition's charges forgotten when it moves (its new owner
+    asks again for what the previous owner asked for in the hour), or charges older than an
+    hour, or charged to partitions it does not own, counted against it."""
+    now = time.time()
+    old = [(now - 7200 + i, _request(f"old{i}", 1, now - 7200 + i)) for i in range(30)]
+    recent = [
+        (now - 600, _request("a", 1, now - 600)),
+        (now - 300, _request("b", 2, now - 300)),
+        (now - 200, _request("c", 1, now - 200)),
+        (now - 100, _request("d", None, now - 100)),  # from before the cap was shared
+        (now - 50, b"not json"),
+    ]
+    await _produce(kafka_settings, old + recent)
+    policy = QueryPolicy("random", budget=1.0, window=10, labels_per_hour=12)
+    ages = await CapShares(kafka_settings, policy)._history({1, 3})
+    assert sorted(ages[1]) == pytest.approx([200, 600], abs=30) and ages[3] == []
+    assert 2 not in ages
+
+
+async def test_first_since_finds_the_hour_by_timestamps_where_the_broker_does_not(
+    kafka_settings, winnow_topics
+) -> None:
+    now = time.time()
+    await _produce(kafka_settings, [(now - 100 + i, b"{}") for i in range(50)])
+    reader = AIOKafkaConsumer(
+        group_id=None, enable_auto_commit=False, **client_kwargs(kafka_settings)
+    )
+    await reader.start()
+    try:
+        tp = TopicPartition(kafka_settings.topics.label_requests, 0)
+        reader.assign([tp])
+        since_ms = int((now - 100 + 30) * 1000)
+        assert await _first_since(reader, tp, since_ms, 0, 50) == 30
+        assert await _first_since(reader, tp, int(now * 1000), 0, 50) == 50
+        assert await _first_since(reader, tp, 0, 0, 50) == 0
+    finally:
+        await reader.stop()
