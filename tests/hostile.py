@@ -8,6 +8,7 @@ or an unhandled error, when its status is not one the schema declares, or
 when its body or content type does not match the schema.
 """
 
+import os
 import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -46,6 +47,8 @@ def fuzz_app(
     Raises:
         AssertionError (via hypothesis): the first failing request, shrunk, with its check.
     """
+    deeper = os.environ.get("WINNOW_FUZZ_EXAMPLES")  # a longer, random run when asked
+    examples = int(deeper) if deeper else examples
     schema = schemathesis.openapi.from_asgi("/openapi.json", app)
     tested = []
     try:
@@ -55,7 +58,7 @@ def fuzz_app(
                 operation.as_strategy(GenerationMode.POSITIVE),
                 operation.as_strategy(GenerationMode.NEGATIVE),
             )
-            _run(cases, header_sets, examples, cookies)
+            _run(cases, header_sets, examples, cookies, random=bool(deeper))
             tested.append(f"{operation.method.upper()} {operation.path}")
     finally:
         asgi.shutdown_lifespans()  # the app's lifespan started with the first request
@@ -67,13 +70,14 @@ def _run(
     header_sets: Sequence[dict[str, str]],
     examples: int,
     cookies: dict[str, str] | None,
+    random: bool = False,
 ) -> None:
     @given(case=cases, headers=st.sampled_from(list(header_sets)))
     @settings(
         max_examples=examples,
         deadline=None,
         database=None,
-        derandomize=True,
+        derandomize=not random,
         phases=[Phase.explicit, Phase.generate, Phase.shrink],
         suppress_health_check=list(HealthCheck),
     )

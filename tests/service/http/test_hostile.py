@@ -32,7 +32,7 @@ def test_generated_requests_get_no_5xx_and_answers_match_the_schema(
         {"Authorization": f"Bearer {INGEST}"},
         {"Authorization": f"Bearer {ADMIN}"},
     ]
-    tested = fuzz_app(app, headers, examples=30)
+    tested = fuzz_app(app, headers, examples=60)
     assert "POST /v1/frames" in tested and "PUT /v1/policy" in tested
 
 

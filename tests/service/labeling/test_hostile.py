@@ -61,7 +61,7 @@ async def test_generated_requests_get_no_5xx_and_answers_match_the_schema(
     settings = app_settings()
     cookie = {"Cookie": f"{COOKIE}={_cookie(settings, '<script>x</script>')}"}
     headers = [{}, CSRF, cookie, {**cookie, **CSRF}, {**cookie, **CSRF, "Origin": "http://evil"}]
-    tested = fuzz_app(create_label_app(kafka_settings, settings), headers, examples=25)
+    tested = fuzz_app(create_label_app(kafka_settings, settings), headers, examples=50)
     assert {"POST /api/next", "POST /api/answer", "POST /api/skip", "POST /api/undo"} <= set(tested)
 
 
