@@ -5,6 +5,8 @@ post frames; ``WINNOW_INGEST_TOKENS`` may only post frames. A token that is set
 but empty would let a request without any ``Authorization`` header through (an
 empty bearer matches it), and one left at the documented example value
 (``.env.example``) is known to everyone: the scorer refuses to start with either.
+So with ``WINNOW_MODEL_SIGNING_KEY``: empty, it turned release verification off;
+an example value lets anyone sign a release.
 """
 
 import hmac
@@ -20,7 +22,7 @@ _GENERATE = "generate one with `openssl rand -hex 32`"
 
 
 def check_tokens(settings: Settings) -> None:
-    """Refuses settings whose admin or ingest tokens are empty or an example value.
+    """Refuses settings whose admin or ingest tokens or signing key are empty or an example.
 
     Raises:
         ConfigError: with the variable's name and what to do (never the value).
@@ -28,6 +30,14 @@ def check_tokens(settings: Settings) -> None:
     admin = settings.admin_token
     if admin is not None:
         _check("WINNOW_ADMIN_TOKEN", admin.get_secret_value(), "unset it to disable writes")
+    key = settings.model_signing_key
+    if key is not None:  # empty, it turned verification off without a word
+        _check(
+            "WINNOW_MODEL_SIGNING_KEY",
+            key.get_secret_value(),
+            "unset it to accept unsigned releases",
+            empty_means="an empty key turns release verification off",
+        )
     ingest = settings.ingest.tokens
     if ingest is not None:
         raw = ingest.get_secret_value()
@@ -37,11 +47,15 @@ def check_tokens(settings: Settings) -> None:
             _check("WINNOW_INGEST_TOKENS", token, "remove that entry")
 
 
-def _check(variable: str, value: str, otherwise: str) -> None:
+def _check(
+    variable: str,
+    value: str,
+    otherwise: str,
+    empty_means: str = "an empty bearer token would match a request without one",
+) -> None:
     if not value.strip():
         raise ConfigError(
-            f"{variable} is set but empty: an empty bearer token would match a request "
-            f"without one; {_GENERATE}, or {otherwise}"
+            f"{variable} is set but empty: {empty_means}; {_GENERATE}, or {otherwise}"
         )
     if value.strip().lower() in EXAMPLE_TOKENS:
         raise ConfigError(

@@ -21,6 +21,7 @@ from fastapi import HTTPException, Request, Response, status
 
 from service.config import LabelAppSettings
 from service.errors import ConfigError
+from service.http.tokens import EXAMPLE_TOKENS
 
 COOKIE = "winnow_label_session"
 CSRF_HEADER = "X-Winnow-Csrf"
@@ -42,6 +43,11 @@ class Sessions:
                 "WINNOW_LABEL_APP_USER_TOKENS (name:token pairs): it takes no anonymous labels"
             )
         secret = settings.session_secret.get_secret_value() if settings.session_secret else ""
+        _refuse_examples(
+            WINNOW_LABEL_APP_TEAM_TOKEN=self._team,
+            WINNOW_LABEL_APP_USER_TOKENS=",".join(self._users),
+            WINNOW_LABEL_APP_SESSION_SECRET=secret,
+        )
         self._key = (secret or secrets.token_hex(32)).encode()
         self.max_age = settings.session_max_age_s
         self.secure = settings.cookie_secure
@@ -94,6 +100,20 @@ class Sessions:
 
     def _sign(self, payload: str) -> str:
         return hmac.new(self._key, payload.encode(), hashlib.sha256).hexdigest()
+
+
+def _refuse_examples(**values: str) -> None:
+    """A token or secret left at an example value (``.env.example``) is known to everyone.
+
+    Raises:
+        ConfigError: naming the variable, never the value.
+    """
+    for variable, value in values.items():
+        if any(v.strip().lower() in EXAMPLE_TOKENS for v in value.split(",")):
+            raise ConfigError(
+                f"{variable} holds the example value from the documentation, which anyone "
+                "can read; generate one with `openssl rand -hex 32`"
+            )
 
 
 def same_origin(request: Request) -> bool:

@@ -96,3 +96,12 @@ def test_token_matching_is_exact_and_never_matches_an_empty_token() -> None:
     assert matching("", [""]) is None and matching("", ["", "a"]) is None
     assert matching("a", ["b", "a"]) == "a" and matching("ab", ["a"]) is None
     assert matching("é", ["e"]) is None  # non-ASCII is compared as bytes, not refused with 500
+
+
+@pytest.mark.parametrize("key", ["", "change-me"])
+def test_an_empty_or_example_signing_key_refuses_to_start(scorer_settings, key) -> None:
+    """Catches a scorer started with WINNOW_MODEL_SIGNING_KEY set but empty (verification
+    was silently off) or at the example value (anyone could sign a release)."""
+    settings = scorer_settings().model_copy(update={"model_signing_key": SecretStr(key)})
+    with pytest.raises(ConfigError, match="WINNOW_MODEL_SIGNING_KEY is"):
+        create_app(settings, None)

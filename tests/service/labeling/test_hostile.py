@@ -9,6 +9,7 @@ from pydantic import SecretStr
 
 from infra.kafka.settings import KafkaSettings
 from service.config import LabelAppSettings
+from service.errors import ConfigError
 from service.labeling.app import SECURITY_HEADERS, create_label_app
 from service.labeling.auth import COOKIE, Sessions
 from service.labeling.label_studio import LabelStudioSettings, create_bridge_app
@@ -221,3 +222,19 @@ def _bridge_settings(token: str | None) -> LabelStudioSettings:
         project_id=7,
         webhook_token=None if token is None else SecretStr(token),
     )
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"team_token": SecretStr("change-me")},
+        {"user_tokens": SecretStr("carol:ok-token,dan:change-me")},
+        {"session_secret": SecretStr("CHANGE-ME")},
+    ],
+)
+def test_the_label_app_refuses_example_tokens_and_secrets(app_settings, overrides) -> None:
+    """Catches a label app started with a team token, user token or cookie-signing secret
+    left at the example value of .env.example (anyone could sign in or forge a session)."""
+    with pytest.raises(ConfigError, match="example value") as refused:
+        create_label_app(KafkaSettings(bootstrap="127.0.0.1:1"), app_settings(**overrides))
+    assert "change-me" not in str(refused.value).lower()
