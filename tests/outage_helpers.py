@@ -90,7 +90,7 @@ async def record_keys(settings: KafkaSettings, topic: str) -> dict[tuple[int, in
         consumer.assign(partitions)
         ends = await consumer.end_offsets(partitions)
         async with asyncio.timeout(60):
-            while any(await consumer.position(tp) < end for tp, end in ends.items()):
+            while [tp for tp, end in ends.items() if await consumer.position(tp) < end]:
                 for tp, records in (await consumer.getmany(timeout_ms=200)).items():
                     for r in records:
                         out[(tp.partition, r.offset)] = r.key or b""
