@@ -51,7 +51,8 @@ CLIENT_LOGGERS = (
     "aiokafka.producer.message_accumulator",
     "aiokafka.admin.client",
 )
-"""aiokafka's loggers: each logs its own retries (a filter on a parent does not see them)."""
+"""aiokafka's loggers: each logs its own retries (a filter on a parent does not see them).
+Those of any other aiokafka module imported when a watch starts are filtered too."""
 
 RETRY_LOGGERS = ("infra.kafka.delivery", "infra.kafka.offsets")
 """Winnow's own per-attempt lines (resends, failed commits): collapsed only during an outage."""
@@ -190,6 +191,9 @@ class BrokerWatch(Component):
         self._probe_interval_s = probe_interval_s
         self._down_after = down_after
         self._filter = OutageLogFilter(self)
+        known = logging.root.manager.loggerDict  # every aiokafka module imported so far
+        aiokafka_loggers = {name for name in known if name.startswith("aiokafka")}
+        self._filtered = sorted({*CLIENT_LOGGERS, *aiokafka_loggers, *RETRY_LOGGERS})
         self._wake = asyncio.Event()
         self._failed_probes = 0
         self._down_since: float | None = None  # monotonic
@@ -222,13 +226,13 @@ class BrokerWatch(Component):
         self._wake.set()
 
     async def _start(self) -> None:
-        for name in (*CLIENT_LOGGERS, *RETRY_LOGGERS):
+        for name in self._filtered:
             logging.getLogger(name).addFilter(self._filter)
         self.supervise(self._run(), name=f"{self.role}-broker-watch")
 
     async def _stop(self) -> None:
         await self._cancel_supervised()
-        for name in (*CLIENT_LOGGERS, *RETRY_LOGGERS):
+        for name in self._filtered:
             logging.getLogger(name).removeFilter(self._filter)
 
     async def _run(self) -> None:
