@@ -7,9 +7,11 @@ import time
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka import errors as kafka_errors
+from aiokafka.admin import AIOKafkaAdminClient
 
 from infra.kafka.admin import ensure_topics
 from infra.kafka.closing import drain, stop_client
+from infra.kafka.connection import client_kwargs
 from infra.kafka.consumer import create_consumer
 from infra.kafka.delivery import is_retriable
 from infra.kafka.offsets import OffsetTracker
@@ -230,3 +232,17 @@ async def test_drain_does_not_wait_when_a_task_has_already_failed() -> None:
     assert await drain([crashed, blocked], 20, lambda: True) == {blocked}
     assert time.monotonic() - started < 1
     blocked.cancel()
+
+
+async def test_the_broker_advertises_the_proxy_so_every_connection_can_be_cut(
+    fault_proxy: FaultProxy, proxied_kafka_settings
+) -> None:
+    """Catches a fault proxy that only the bootstrap connection goes through: clients would
+    reach the broker's advertised address directly and a cut would cut nothing."""
+    admin = AIOKafkaAdminClient(**client_kwargs(proxied_kafka_settings))
+    await admin.start()
+    try:
+        cluster = await admin.describe_cluster()
+    finally:
+        await admin.close()
+    assert {f"{b['host']}:{b['port']}" for b in cluster["brokers"]} == {fault_proxy.address}
