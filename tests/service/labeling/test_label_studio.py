@@ -350,6 +350,13 @@ async def _tasks(api: httpx.AsyncClient, project: int, count: int) -> list[dict[
     return tasks if len(tasks) >= count else []
 
 
+async def _predictions(api: httpx.AsyncClient, task: int) -> list[dict[str, Any]]:
+    answer = await api.get("/api/predictions/", params={"task": task})
+    answer.raise_for_status()
+    predictions: list[dict[str, Any]] = answer.json()
+    return predictions
+
+
 async def _labels(kafka_settings: KafkaSettings, count: int, within_s: float) -> list[dict]:
     try:
         return await read_json(
@@ -417,8 +424,11 @@ async def test_label_studio_annotations_reach_the_labels_topic(
                 png = base64.b64encode(digit_png(0)).decode()
                 assert first["data"]["image"] == f"data:image/png;base64,{png}"
                 assert first["data"]["least_confidence"] == 0.67
-                predictions = await api.get("/api/predictions/", params={"task": first["id"]})
-                (prediction,) = predictions.json()
+                # Label Studio stores an import's tasks first and their predictions after
+                # them: on a busy machine the tasks can be listed before the predictions are
+                (prediction,) = await until(
+                    lambda: _predictions(api, first["id"]), "the task's pre-annotation", 60
+                )
                 assert prediction["model_version"] == "digits-v1"
                 assert prediction["result"][0]["value"] == {"choices": ["0"]}
 
