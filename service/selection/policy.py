@@ -338,37 +338,31 @@ class QueryPolicy:
         self._pressure_update(now, len(values))
         gate = Gate(self._budget, self._cap, self._pressure, now)
         tag = DRIFT if self._boost is not None else COLD_START if self._cold_start else None
-        if self._cold_start:
+        # the cold start chooses alone until a model serves, then with the filters and the
+        # uncertainty blend until the model has learned enough labels per class
+        filters = self._filters if self._filters.active and not self._cold_start else None
+        leading = self._cold_start or self._warming
+        if leading:
             assert self._cold is not None
-            rows = decide_frames(
-                values, context, None, self._cold, self._cold_name, tag, 0.0, gate, self._rng
-            )
-        elif self._warming:
-            assert self._cold is not None
-            filters = self._filters if self._filters.active else None
-            blend = self._competence.blend
-            rows = decide_frames(
-                values, context, filters, self._cold, self._cold_name, tag, blend, gate, self._rng
+            strategy, name = self._cold, self._cold_name
+        else:
+            strategy, name = self._strategy, self._name
+        windowed = (
+            not leading
+            and self._selector is not None
+            and context is not None
+            and context.embeddings is not None
+            and not isinstance(strategy, EmbeddingStrategy)
+        )
+        if windowed:
+            assert self._selector is not None and context is not None
+            rows = decide_window(
+                values, context, filters, strategy, name, tag, self._selector, gate, self._rng
             )
         else:
-            filters = self._filters if self._filters.active else None
-            strategy, name = self._strategy, self._name
-            windowed = (
-                self._selector is not None
-                and context is not None
-                and context.embeddings is not None
-                and not isinstance(strategy, EmbeddingStrategy)
+            rows = decide_frames(
+                values, context, filters, strategy, name, tag, self.blend, gate, self._rng
             )
-            if windowed:
-                assert self._selector is not None and context is not None
-                rows = decide_window(
-                    values, context, filters, strategy, name, tag, self._selector, gate, self._rng
-                )
-            else:
-                blend = self._competence.blend
-                rows = decide_frames(
-                    values, context, filters, strategy, name, tag, blend, gate, self._rng
-                )
         self.seen += len(rows)
         self.selected += sum(row["selected"] for row in rows)
         return rows
