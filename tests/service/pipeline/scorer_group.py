@@ -136,6 +136,14 @@ def partitions_split(replicas: list[Replica], total: int) -> bool:
     return flat == list(range(total))
 
 
+def partitions_even(replicas: list[Replica], total: int) -> bool:
+    """Whether the live replicas own every partition once, each as many as the others."""
+    share = total // len(replicas)
+    return partitions_split(replicas, total) and all(
+        len(r.partitions() or ()) == share for r in replicas
+    )
+
+
 async def produce_frames(
     kafka: KafkaSettings, topic: str, frames: list[tuple[int, bytes, bytes]]
 ) -> None:

@@ -13,7 +13,7 @@ from infra.kafka.settings import KafkaSettings
 from tests.kafka_helpers import read_json
 from tests.service.pipeline.scorer_group import (
     Replica,
-    partitions_split,
+    partitions_even,
     produce_frames,
     start_replica,
     wait_until,
@@ -81,10 +81,7 @@ async def test_three_replicas_ask_for_at_most_the_cap_together_even_when_partiti
     try:
         live = [start(f"scorer-{n}") for n in range(3)]
         await wait_until(
-            lambda: (
-                partitions_split(live, PARTITIONS)
-                and all(len(r.partitions() or ()) == 2 for r in live)
-            ),
+            lambda: partitions_even(live, PARTITIONS),
             180,
             "three replicas with two partitions each",
             live,
@@ -119,10 +116,7 @@ async def test_three_replicas_ask_for_at_most_the_cap_together_even_when_partiti
         live[0].kill()
         live = [live[1], live[2], start("scorer-3")]
         await wait_until(
-            lambda: (
-                partitions_split(live, PARTITIONS)
-                and all(len(r.partitions() or ()) == 2 for r in live)
-            ),
+            lambda: partitions_even(live, PARTITIONS),
             180,
             "the survivors and the new replica with two partitions each",
             live,

@@ -16,7 +16,7 @@ from tests.kafka_helpers import read_json
 from tests.service.pipeline.scorer_group import (
     Replica,
     model_variant,
-    partitions_split,
+    partitions_even,
     produce_steadily,
     start_replica,
     wait_until,
@@ -95,10 +95,7 @@ async def test_a_replica_killed_and_one_added_mid_stream_lose_no_frame_and_keep_
     try:
         live = [start(f"scorer-{n}") for n in range(3)]
         await wait_until(
-            lambda: (
-                partitions_split(live, PARTITIONS)
-                and all(len(r.partitions() or ()) == 2 for r in live)
-            ),
+            lambda: partitions_even(live, PARTITIONS),
             180,
             "three replicas with two partitions each",
             live,
