@@ -22,6 +22,7 @@ from datetime import datetime
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
+from infra.errors import WinnowError
 from infra.kafka.admin import topic_partitions
 from infra.kafka.connection import client_kwargs
 from infra.kafka.settings import KafkaSettings
@@ -75,7 +76,7 @@ class CapShares:
         if new and self._policy.capped:
             try:
                 ages = await asyncio.wait_for(self._history(new), self._timeout_s)
-            except (KafkaError, TimeoutError, OSError) as error:
+            except (KafkaError, WinnowError, TimeoutError, OSError) as error:
                 log.warning(
                     "cap share: the history of frames partitions %s could not be read (%r); "
                     "they count as full for the next hour",

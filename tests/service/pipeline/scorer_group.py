@@ -71,7 +71,9 @@ class Replica:
         return self.process.returncode
 
     def tail(self, chars: int = 3000) -> str:
-        return self.log.read_text(errors="replace")[-chars:]
+        """The end of its log, without the access lines of the tests' status polls."""
+        lines = self.log.read_text(errors="replace").splitlines(keepends=True)
+        return "".join(line for line in lines if '"GET /v1/status' not in line)[-chars:]
 
 
 def start_replica(

@@ -9,8 +9,10 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from infra.kafka.connection import client_kwargs
+from infra.kafka.settings import KafkaSettings
 from service.pipeline.cap_shares import CapShares, _first_since
 from service.selection.policy import QueryPolicy
+from tests.kafka_proxy import free_port
 
 
 def _request(frame_id: str, partition: int | None, at: float) -> bytes:
@@ -75,3 +77,23 @@ async def test_first_since_finds_the_hour_by_timestamps_where_the_broker_does_no
         assert await _first_since(reader, tp, 0, 0, 50) == 0
     finally:
         await reader.stop()
+
+
+async def test_partitions_whose_history_cannot_be_read_count_as_full() -> None:
+    """The failure it catches: a broker that does not answer the history read (here: no
+    broker at all) escaping the rebalance callback, so the policy never takes its partitions,
+    or taking them with empty ledgers (the group would then ask for more than the cap)."""
+    kafka = KafkaSettings(bootstrap=f"127.0.0.1:{free_port()}", security_protocol="PLAINTEXT")
+    policy = QueryPolicy("random", budget=1.0, window=10, labels_per_hour=12)
+    shares = CapShares(kafka, policy, history_timeout_s=5)
+
+    class Consumer:  # the assignment's consumer knows the frames topic's partition count
+        @staticmethod
+        def partitions_for_topic(topic: str) -> set[int]:
+            return set(range(6))
+
+    frames = kafka.topics.frames
+    await shares.assigned(Consumer(), [TopicPartition(frames, 1), TopicPartition(frames, 4)])
+    assert policy.cap_share == pytest.approx(2 / 6)
+    assert policy.labels_per_hour_share == 4
+    assert policy.state().cap_charged_last_hour == 4

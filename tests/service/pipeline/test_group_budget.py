@@ -122,14 +122,20 @@ async def test_three_replicas_ask_for_at_most_the_cap_together_even_when_partiti
             live,
         )
 
+        seen: dict[str, object] = {}
+
         def newcomer_counts_the_charges() -> bool:  # read from the requests topic
             status, owned = live[2].status(), live[2].partitions()
             if status is None or not owned:
                 return False
             charged = status["policy"]["cap_charged_last_hour"]
+            seen.update(owned=owned, charged=charged, partitions=status["partitions"])
             return bool(charged == len(owned) * (CAP // PARTITIONS))
 
-        await wait_until(newcomer_counts_the_charges, 60, "the newcomer's charges", live)
+        try:
+            await wait_until(newcomer_counts_the_charges, 60, "the newcomer's charges", live)
+        except TimeoutError as error:
+            raise TimeoutError(f"last seen from scorer-3: {seen}\n{error}") from None
         await produce_frames(kafka, topics.frames, frames(600, 300))
         predictions = await decided(900)
         await asyncio.sleep(2)
