@@ -5,11 +5,14 @@ Checks the shape and consistency of what the benchmark writes, never its speed.
 
 import json
 import math
+import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from infra.kafka.broker import EmbeddedBroker
+from winnow.bench.host_cost import STAGES
 from winnow.bench.throughput import CASE_KEYS, format_table
 from winnow.cli import main
 
@@ -69,6 +72,12 @@ def test_bench_throughput_writes_complete_json(
     assert case["efficiency"] == pytest.approx(case["scorer_fps"] / case["bare_fps"])
     assert case["speedup_vs_naive"] == pytest.approx(case["scorer_fps"] / case["naive_fps"])
     assert "predictions topic" in case["notes"] and "half of scorer_fps" in case["notes"]
+    assert [run["batch_size"] for run in case["by_batch_size"]] == [8, 16, 64]
+    for run in case["by_batch_size"]:
+        _assert_host_cost(run)
+    [main_run] = [run for run in case["by_batch_size"] if run["batch_size"] == 8]
+    assert main_run["scorer_fps"] == case["scorer_fps"]
+    assert main_run["scorer_cpu_ms_per_frame"] == case["scorer_cpu_ms_per_frame"]
     assert result["goals"] == [
         {
             "case": "digits",
@@ -81,6 +90,22 @@ def test_bench_throughput_writes_complete_json(
     printed = capsys.readouterr().out
     assert printed.rstrip("\n") == format_table(result)
     assert "scorer fps" in printed and "goal digits" in printed
+
+
+def _assert_host_cost(run: dict[str, Any]) -> None:
+    """The scorer's CPU time per frame is real, and the stages share exactly that time."""
+    cpu = run["scorer_cpu_ms_per_frame"]
+    # A frame costs CPU time, and no more than every core for the frame's share of the run.
+    assert 0 < cpu < (os.cpu_count() or 1) * 1000 / run["scorer_fps"] * 2, run
+    stages = run["stages_cpu_ms_per_frame"]
+    assert list(stages) == list(STAGES)
+    assert all(v >= 0 for v in stages.values()), stages
+    assert sum(stages.values()) == pytest.approx(cpu, rel=0.1, abs=0.005), stages
+    # The profile saw the work a scored frame needs.
+    assert stages["decode"] > 0 and stages["infer"] > 0 and stages["deliver"] > 0, stages
+    assert run["profile_samples"] > 0
+    assert run["threads_cpu_ms_per_frame"]["MainThread"] > 0
+    assert run["efficiency"] == pytest.approx(run["scorer_fps"] / run["bare_fps"])
 
 
 def test_unknown_case_is_refused_before_any_work(tmp_path: Path) -> None:

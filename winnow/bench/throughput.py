@@ -11,7 +11,14 @@ For each case, on one model, batch size and set of encoded frames, in one run:
 - ``naive_fps``: one record at a time: consume, decode, infer a batch of one,
   produce the prediction, await its ack, commit;
 - ``p50_ms`` / ``p99_ms``: capture-to-decision latency in a second, paced run
-  at about half of ``scorer_fps``.
+  at about half of ``scorer_fps``;
+- ``scorer_cpu_ms_per_frame``: the host cost, the scorer process's own CPU time
+  (user + system, from the OS) per frame over the ``scorer_fps`` window, and
+  ``stages_cpu_ms_per_frame``, that time by stage from a sampling profile
+  (:mod:`winnow.bench.host_cost`); the scorer runs in a process of its own
+  (:mod:`winnow.bench.scorer_process`) so the broker, the frames' producer and
+  the reader are not in its figure;
+- ``by_batch_size``: the scorer's speed and host cost again at batch sizes 16 and 64.
 
 The goals (camera ``efficiency`` >= 0.75, digits ``speedup_vs_naive`` >= 5)
 are printed next to the figures, never enforced.
@@ -34,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import SecretStr
 
 from infra.kafka.admin import ensure_topics, topic_partitions
 from infra.kafka.broker import EmbeddedBroker
@@ -42,18 +50,17 @@ from infra.kafka.producer import create_producer
 from infra.kafka.settings import KafkaSettings
 from schemas.predictions import Prediction
 from service.config import PolicySettings, ScorerSettings, Settings
-from service.metrics import ScorerMetrics
 from service.model.inference import OnnxModel
-from service.pipeline.accounting import Accounting
 from service.pipeline.batching import Batch, InboundFrame
 from service.pipeline.decode import DecodeLimits, decode_and_preprocess, prepare_batch
 from service.pipeline.records import batch_records
 from service.pipeline.scorer import Scorer
 from service.scoring.engine import ScoringEngine
 from service.selection.policy import QueryPolicy
+from winnow.bench.host_cost import STAGES
 
 CASES = ("camera", "digits")
-DEFAULT_FRAMES = {"camera": 320, "digits": 3000}
+DEFAULT_FRAMES = {"camera": 320, "digits": 6000}
 GOALS = {"camera": ("efficiency", 0.75), "digits": ("speedup_vs_naive", 5.0)}
 CASE_KEYS = (
     "model",
@@ -67,6 +74,9 @@ CASE_KEYS = (
     "speedup_vs_naive",
     "p50_ms",
     "p99_ms",
+    "scorer_cpu_ms_per_frame",
+    "stages_cpu_ms_per_frame",
+    "by_batch_size",
     "notes",
 )
 BARE_MIN_SECONDS = 2.0
@@ -93,6 +103,8 @@ class BenchConfig:
     cases: Sequence[str] = CASES
     frames: int | None = None
     batch_size: int = 16
+    batch_sizes: Sequence[int] = (16, 64)
+    """Batch sizes the scorer's speed and host cost are measured at too (``by_batch_size``)."""
     device: str = "auto"
     partitions: int = 3
     latency_seconds: float = LATENCY_SECONDS
@@ -305,56 +317,171 @@ def measure_bare(
 
 @dataclass
 class ScorerRun:
+    batch_size: int
     fps: float
     fps_with_join: float
     join_s: float
     hook_count: int
     topic_count: int
     distinct: int
+    cpu_s: float
+    """The scorer process's user + system time from assignment to the last decision read back,
+    less the profiler's thread."""
+    profiler_cpu_s: float
+    stages_cpu_s: dict[str, float]
+    threads_cpu_s: dict[str, float]
+    samples: int
+
+    def host_cost(self, frames: int) -> dict[str, Any]:
+        """The JSON figures of this run: speed, CPU time per frame, and its stages."""
+        per_frame = 1000 / frames
+        return {
+            "batch_size": self.batch_size,
+            "scorer_fps": round(self.fps, 2),
+            "scorer_cpu_ms_per_frame": round(self.cpu_s * per_frame, 4),
+            "scorer_cpu_cores": round(self.cpu_s * self.fps / frames, 3),
+            "stages_cpu_ms_per_frame": {
+                stage: round(seconds * per_frame, 4) for stage, seconds in self.stages_cpu_s.items()
+            },
+            "threads_cpu_ms_per_frame": {
+                name: round(seconds * per_frame, 4) for name, seconds in self.threads_cpu_s.items()
+            },
+            "profiler_cpu_ms_per_frame": round(self.profiler_cpu_s * per_frame, 4),
+            "profile_samples": self.samples,
+        }
+
+
+def _kafka_env(kafka: KafkaSettings) -> dict[str, str]:
+    """``kafka`` as the ``WINNOW_KAFKA_*`` variables that rebuild it in another process."""
+    env = {}
+    for name, value in kafka.model_dump().items():
+        if value is None:
+            continue
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        env[f"WINNOW_KAFKA_{name.upper()}"] = str(value)
+    return env
+
+
+class _ScorerProcess:
+    """``winnow.bench.scorer_process`` as a child: its events on stdout, its log in a file."""
+
+    def __init__(self, process: asyncio.subprocess.Process, log: Any) -> None:
+        self._process = process
+        self._log = log
+        self.exited = asyncio.create_task(process.wait(), name="scorer")
+
+    @classmethod
+    async def spawn(cls, args: list[str], env: dict[str, str]) -> "_ScorerProcess":
+        log = tempfile.TemporaryFile()
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "winnow.bench.scorer_process",
+            *args,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=log,
+            env={**os.environ, **env},
+        )
+        return cls(process, log)
+
+    async def event(self, name: str) -> dict[str, Any]:
+        """The next event, which must be ``name``; raises with the child's log if it exits."""
+        assert self._process.stdout is not None
+        line = await asyncio.wait_for(self._process.stdout.readline(), WAIT_TIMEOUT_S)
+        if not line:
+            await self.exited
+            self._log.seek(0)
+            tail = self._log.read().decode(errors="replace")[-4000:]
+            raise RuntimeError(
+                f"the scorer process exited ({self._process.returncode}) before '{name}':\n{tail}"
+            )
+        event: dict[str, Any] = json.loads(line)
+        if event.get("event") != name:
+            raise RuntimeError(f"the scorer process said {event} where '{name}' was expected")
+        return event
+
+    async def tell_stop(self) -> None:
+        assert self._process.stdin is not None
+        self._process.stdin.write(b"stop\n")
+        await self._process.stdin.drain()
+
+    async def close(self) -> None:
+        if self._process.returncode is None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self.exited), 60)
+            except TimeoutError:
+                self._process.kill()
+        await asyncio.gather(self.exited, return_exceptions=True)
+        self._log.close()
 
 
 async def measure_scorer(
     base: KafkaSettings,
-    model: OnnxModel,
+    model_path: Path,
     frames: list[bytes],
     spec: CaseSpec,
     batch_size: int,
     partitions: int,
     device: str,
+    sample_ms: float = 2.0,
 ) -> ScorerRun:
-    """The whole scorer on a preloaded frames topic, until every decision is read back."""
+    """The whole scorer on a preloaded frames topic, until every decision is read back.
+
+    The scorer runs in a process of its own (``winnow.bench.scorer_process``), which
+    reports its CPU time over the same window and a profile of it by stage.
+    """
     kafka = await _fresh_topics(base, partitions, f"{spec.name}-scorer")
     await _preload(kafka, frames, spec.content_type, "s")
-    hooked: list[int] = []
     reader = PredictionReader(kafka, kafka.topics.predictions)
     await reader.start()
-    settings = _scorer_settings(kafka, batch_size, device)
-    metrics, policy = ScorerMetrics(), QueryPolicy.from_settings(settings.policy)
-    accounting = Accounting(metrics, policy, on_predictions=lambda p: hooked.append(len(p)))
-    scorer = Scorer(settings, model, metrics=metrics, policy=policy, accounting=accounting)
+    child = await _ScorerProcess.spawn(
+        [
+            "--model",
+            str(model_path),
+            "--batch-size",
+            str(batch_size),
+            "--device",
+            device,
+            "--group-id",
+            f"bench-{uuid.uuid4().hex[:10]}",
+            "--sample-ms",
+            str(sample_ms),
+        ],
+        _kafka_env(kafka),
+    )
     try:
+        await child.event("starting")
         started = time.perf_counter()
-        await scorer.start()
-        watch = asyncio.create_task(scorer.wait(), name="scorer")
+        await child.event("assigned")
+        assigned = time.perf_counter()
         try:
-            await _wait_assigned(lambda: scorer.assigned, watch)
-            assigned = time.perf_counter()
-            await reader.wait_for(len(frames), watch)
-        finally:
-            watch.cancel()
-            await asyncio.gather(watch, return_exceptions=True)
+            await reader.wait_for(len(frames), child.exited)
+        except RuntimeError:
+            if child.exited.done():
+                await child.event("result")  # raises, with the child's log
+            raise
         finished = reader.arrivals[len(frames) - 1][0]
+        await child.tell_stop()
+        result = await child.event("result")
     finally:
-        await scorer.stop()
+        await child.close()
         await reader.stop()
     ids = {p["frame_id"] for p in reader.predictions()}
     return ScorerRun(
+        batch_size=batch_size,
         fps=len(frames) / (finished - assigned),
         fps_with_join=len(frames) / (finished - started),
         join_s=assigned - started,
-        hook_count=sum(hooked),
+        hook_count=result["delivered"],
         topic_count=len(reader.arrivals),
         distinct=len(ids),
+        cpu_s=result["cpu_s"],
+        profiler_cpu_s=result["profiler_cpu_s"],
+        stages_cpu_s=result["stages_cpu_s"],
+        threads_cpu_s=result["threads_cpu_s"],
+        samples=result["samples"],
     )
 
 
@@ -505,15 +632,22 @@ async def measure_latency(
 # -- a case -----------------------------------------------------------------------------------
 
 
-def build_model(spec: CaseSpec, directory: Path, device: str) -> OnnxModel:
+def build_model(spec: CaseSpec, path: Path, device: str) -> OnnxModel:
+    """Writes the case's model (fixed seed) to ``path`` and loads it."""
     from trainer.model_init import init_model
 
-    path = directory / f"{spec.name}-{spec.arch}.onnx"
     init_model(spec.classes, spec.input_size, spec.arch, path, channels=spec.channels, seed=0)
     return OnnxModel.load(path, device)  # type: ignore[arg-type]
 
 
 async def run_case(name: str, config: BenchConfig, kafka: KafkaSettings) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="winnow-bench-") as directory:
+        return await _run_case(name, config, kafka, Path(directory))
+
+
+async def _run_case(
+    name: str, config: BenchConfig, kafka: KafkaSettings, directory: Path
+) -> dict[str, Any]:
     spec = case_spec(name)
     say = config.progress
     count = config.frames or DEFAULT_FRAMES[name]
@@ -522,8 +656,8 @@ async def run_case(name: str, config: BenchConfig, kafka: KafkaSettings) -> dict
         f"[{name}] building {spec.arch} ({spec.channels}x{spec.input_size}x{spec.input_size}, "
         f"{len(spec.classes)} classes) and {count} frames"
     )
-    with tempfile.TemporaryDirectory(prefix="winnow-bench-") as directory:
-        model = await asyncio.to_thread(build_model, spec, Path(directory), config.device)
+    model_path = directory / f"{spec.name}-{spec.arch}.onnx"
+    model = await asyncio.to_thread(build_model, spec, model_path, config.device)
     frames = await asyncio.to_thread(spec.make_frames, count)
     limits = DecodeLimits(max_bytes=20 * 1024 * 1024, max_pixels=50_000_000)
     items = [(f, spec.content_type) for f in frames]
@@ -538,9 +672,12 @@ async def run_case(name: str, config: BenchConfig, kafka: KafkaSettings) -> dict
     bare = await asyncio.to_thread(measure_bare, model, inputs, batch, config.bare_min_seconds)
     say(f"[{name}] bare {bare:.1f} fps; scorer through the broker ({count} frames)")
     scorer = await measure_scorer(
-        kafka, model, frames, spec, batch, config.partitions, config.device
+        kafka, model_path, frames, spec, batch, config.partitions, config.device
     )
-    say(f"[{name}] scorer {scorer.fps:.1f} fps; naive loop ({count} frames)")
+    say(
+        f"[{name}] scorer {scorer.fps:.1f} fps, {scorer.cpu_s * 1000 / count:.3f} ms CPU a "
+        f"frame; naive loop ({count} frames)"
+    )
     naive, naive_join = await measure_naive(kafka, model, frames, spec, config.partitions)
     rate = scorer.fps / 2
     say(
@@ -563,11 +700,23 @@ async def run_case(name: str, config: BenchConfig, kafka: KafkaSettings) -> dict
         measure_bare, model, inputs, batch, config.bare_min_seconds
     )
     bare_before, bare = bare, max(bare, bare_after)
-    if scorer.hook_count < count or scorer.distinct != count:
-        raise RuntimeError(
-            f"[{name}] decisions missing: {count} frames, {scorer.hook_count} through the hook, "
-            f"{scorer.distinct} distinct on the topic"
+    by_batch = {batch: (bare, scorer)}
+    for size in sorted(set(config.batch_sizes) - {batch}):
+        say(f"[{name}] batches of {size}: bare ONNX Runtime, then the scorer")
+        bare_size = await asyncio.to_thread(
+            measure_bare, model, inputs, size, config.bare_min_seconds
         )
+        run = await measure_scorer(
+            kafka, model_path, frames, spec, size, config.partitions, config.device
+        )
+        say(f"[{name}] batch {size}: scorer {run.fps:.1f} fps, bare {bare_size:.1f} fps")
+        by_batch[size] = (bare_size, run)
+    for run in (r for _, r in by_batch.values()):
+        if run.hook_count < count or run.distinct != count:
+            raise RuntimeError(
+                f"[{name}] decisions missing at batch {run.batch_size}: {count} frames, "
+                f"{run.hook_count} through the hook, {run.distinct} distinct on the topic"
+            )
     notes = [
         f"bare_fps: OnnxModel.run on {count} frames decoded and preprocessed beforehand, in "
         f"batches of {batch}, after warm-up, repeated for at least {config.bare_min_seconds:g} s; "
@@ -581,7 +730,16 @@ async def run_case(name: str, config: BenchConfig, kafka: KafkaSettings) -> dict
         f"cross-check: it fires before downstream can see the record). The consumer-group "
         f"join ({scorer.join_s:.2f} s, from start() until partitions were assigned) is "
         f"excluded: the clock starts at assignment, so fetching committed offsets and the "
-        f"first fetch are included. With the join: {scorer.fps_with_join:.1f} fps.",
+        f"first fetch are included. With the join: {scorer.fps_with_join:.1f} fps. The "
+        f"scorer runs in a process of its own (winnow.bench.scorer_process).",
+        f"scorer_cpu_ms_per_frame: that process's user + system time (getrusage) over the "
+        f"same window (assignment to the last decision read back), per frame; the broker, the "
+        f"frames' producer and the reader run in other processes. stages_cpu_ms_per_frame "
+        f"shares it by stage: each thread's CPU time (/proc schedstat) split by where a "
+        f"sampling profiler ({scorer.samples} samples, every 2 ms) found it busy; onnxruntime's "
+        f"own threads count as infer. The profiler's thread "
+        f"({scorer.profiler_cpu_s * 1000 / count:.3f} ms a frame) is left out. by_batch_size: "
+        f"bare and scorer again at each of {', '.join(map(str, sorted(by_batch)))}.",
         f"naive_fps: getone, decode, run a batch of one, score and decide, produce the "
         f"prediction with linger 0 and await its ack, commit that offset; own topic and "
         f"group; clock starts at partition assignment (join {naive_join:.2f} s excluded).",
@@ -615,6 +773,20 @@ async def run_case(name: str, config: BenchConfig, kafka: KafkaSettings) -> dict
         "p50_decided_ms": round(latency.p50_decided_ms, 2),
         "p99_decided_ms": round(latency.p99_decided_ms, 2),
         "latency_rate_fps": round(latency.rate, 2),
+        **{
+            key: value
+            for key, value in scorer.host_cost(count).items()
+            if key not in ("batch_size", "scorer_fps")
+        },
+        "by_batch_size": [
+            {
+                **run.host_cost(count),
+                "bare_fps": round(bare_size, 2),
+                "efficiency": round(run.fps, 2) / round(bare_size, 2),
+                "speedup_vs_naive": round(run.fps, 2) / round(naive, 2),
+            }
+            for size, (bare_size, run) in sorted(by_batch.items())
+        ],
         "notes": " ".join(notes),
     }
 
@@ -690,9 +862,24 @@ def format_table(result: dict[str, Any]) -> str:
     rows = [[title for title, _, _ in columns]]
     for case in result["cases"]:
         rows.append([fmt.format(case[key]) for _, key, fmt in columns])
-    widths = [max(len(row[i]) for row in rows) for i in range(len(columns))]
-    lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines = _aligned(rows)
+    lines.append("")
+    lines.append("scorer CPU time, ms a frame (its own process), and its stages from a profile:")
+    cost = [["case", "batch", "scorer fps", "vs naive", "cpu ms", *STAGES]]
+    for case in result["cases"]:
+        for run in case["by_batch_size"]:
+            stages = run["stages_cpu_ms_per_frame"]
+            cost.append(
+                [
+                    case["case"],
+                    str(run["batch_size"]),
+                    f"{run['scorer_fps']:.1f}",
+                    f"{run['speedup_vs_naive']:.1f}x",
+                    f"{run['scorer_cpu_ms_per_frame']:.3f}",
+                    *(f"{stages[stage]:.3f}" for stage in STAGES),
+                ]
+            )
+    lines.extend(_aligned(cost))
     machine = result["machine"]
     lines.append("")
     lines.append(
@@ -707,6 +894,14 @@ def format_table(result: dict[str, Any]) -> str:
             f">= {goal['target']:g}: {verdict}"
         )
     return "\n".join(lines)
+
+
+def _aligned(rows: list[list[str]]) -> list[str]:
+    """Right-aligned columns, a rule under the first row."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return lines
 
 
 def run_throughput_bench(args: argparse.Namespace) -> int:

@@ -1,0 +1,106 @@
+"""The scorer's host-cost measurement: per-thread CPU time, the stage profiler, the split."""
+
+import sys
+import threading
+import time
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from schemas.model_spec import ModelSpec
+from service.pipeline.decode import DecodeLimits, prepare_batch
+from winnow.bench.host_cost import STAGES, CpuClock, StageSampler, classify, stage_breakdown
+from winnow.datasets import encode_png
+
+
+def _spin(seconds: float) -> None:
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        pass
+
+
+def test_cpu_clock_keeps_the_time_of_threads_that_ended() -> None:
+    start = CpuClock.snapshot()
+    worker = threading.Thread(target=_spin, args=(0.2,))
+    worker.start()
+    worker.join()
+    end = CpuClock.snapshot()
+    assert end.process_s - start.process_s >= 0.19
+
+
+def test_cpu_clock_per_live_thread() -> None:
+    stop = threading.Event()
+    worker = threading.Thread(target=lambda: [_spin(0.01) for _ in iter(stop.is_set, True)])
+    sleeper = threading.Thread(target=stop.wait)
+    worker.start()
+    sleeper.start()
+    start = CpuClock.snapshot()
+    time.sleep(0.3)
+    end = CpuClock.snapshot()
+    stop.set()
+    worker.join()
+    sleeper.join()
+    per_thread = CpuClock.per_thread(start, end)
+    assert per_thread[worker.native_id] > 0.1
+    assert per_thread[sleeper.native_id] < 0.01
+
+
+def test_classify_names_idle_waits_and_stages() -> None:
+    event = threading.Event()
+    waiter = threading.Thread(target=event.wait)
+    waiter.start()
+    time.sleep(0.05)
+    try:
+        assert classify(sys._current_frames()[waiter.ident]) == "idle"  # type: ignore[index]
+    finally:
+        event.set()
+        waiter.join()
+    assert classify(sys._getframe()) == "other"  # a test is no stage of the scorer
+
+
+def test_sampler_finds_a_thread_decoding() -> None:
+    spec = ModelSpec(
+        version="v",
+        arch="small-cnn",
+        classes=["a", "b"],
+        input_size=(16, 16),
+        channels=1,
+        mean=[0.5],
+        std=[0.25],
+        embedding_dim=8,
+    )
+    items = [(encode_png(np.full((64, 64), i, np.uint8)), "image/png") for i in range(32)]
+    limits = DecodeLimits(max_bytes=1 << 20, max_pixels=1 << 20)
+    stop = threading.Event()
+
+    def decode_loop() -> None:
+        while not stop.is_set():
+            prepare_batch(items, spec, limits)
+
+    decoder = threading.Thread(target=decode_loop)
+    sampler = StageSampler(0.001)
+    sampler.start()
+    decoder.start()
+    sampler.resume()
+    time.sleep(0.3)
+    sampler.pause()
+    stop.set()
+    decoder.join()
+    sampler.stop()
+    counts = sampler.counts[decoder.native_id]  # type: ignore[index]
+    assert sampler.samples > 20
+    assert counts["decode"] > 0.8 * sum(counts.values()), counts
+
+
+def test_stage_breakdown_shares_each_threads_time_by_its_busy_samples() -> None:
+    main = threading.get_native_id()
+    counts = {main: Counter(decode=30, deliver=10, idle=60)}
+    native = 10**9  # no Python thread has it: onnxruntime's pool
+    stages = stage_breakdown({main: 0.4, native: 0.2}, counts, process_s=0.7)
+    assert list(stages) == list(STAGES)
+    assert stages["decode"] == pytest.approx(0.3)
+    assert stages["deliver"] == pytest.approx(0.1)
+    assert stages["infer"] == pytest.approx(0.2)
+    assert stages["other"] == pytest.approx(0.1)  # a thread that ended
+    assert sum(stages.values()) == pytest.approx(0.7)
