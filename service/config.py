@@ -209,6 +209,12 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="WINNOW_", extra="ignore", frozen=True)
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    workers: int = Field(
+        default=1,
+        ge=1,
+        description="scorer processes on this machine, one consumer-group member each, behind "
+        "one HTTP endpoint (service.workers); 1: a single process, no supervisor",
+    )
     gpu_requested: bool = Field(
         default=False,
         description="a GPU was given to this scorer (the Helm chart sets it with a GPU "

@@ -13,7 +13,10 @@ import sys
 from collections.abc import Callable, Sequence
 from importlib.util import find_spec
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
 
 # The modules that show a role's extra is installed: checked before its command imports them.
 EXTRA_MODULES: dict[str, tuple[str, ...]] = {
@@ -52,12 +55,30 @@ def _broker(args: argparse.Namespace) -> int:
     return run_broker_forever(args.port)
 
 
+def _worker_count(text: str) -> int:
+    try:
+        count = int(text)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected a whole number of processes, 1 or more, not {text!r}"
+        )
+    return count
+
+
 def _serve(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
     from service.config import Settings
     from service.http.serve import serve
 
-    settings = Settings()
-    update: dict[str, Any] = _given(args, "device")
+    try:
+        settings = Settings()
+    except ValidationError as error:
+        print(f"winnow serve: {_invalid(error)}", file=sys.stderr)
+        return 2
+    update: dict[str, Any] = _given(args, "device", "workers")
     if args.model is not None:
         update["scorer"] = settings.scorer.model_copy(update={"model_path": args.model})
     if http := _given(args, "host", "port"):
@@ -78,7 +99,26 @@ def _serve(args: argparse.Namespace) -> int:
     except ConfigError as error:
         print(f"winnow serve: {error}", file=sys.stderr)
         return 2
+    if args.worker_socket is not None:  # one of the processes of --workers N
+        from service.workers.worker import run_worker
+
+        return run_worker(settings, args.worker_socket, args.worker_index)
+    if settings.workers > 1:
+        from service.workers.serve import serve_workers
+
+        return serve_workers(settings, verbose=args.verbose)
     return serve(settings)
+
+
+def _invalid(error: "ValidationError") -> str:
+    """A settings error in a line per field, named as its environment variable is."""
+    prefix = error.title.removesuffix("Settings").upper()
+    fields = "; ".join(
+        f"WINNOW_{prefix + '_' if prefix else ''}{'_'.join(map(str, e['loc'])).upper()}: "
+        f"{e['msg']} (got {e['input']!r})"
+        for e in error.errors()
+    )
+    return f"invalid settings: {fields}"
 
 
 def _label_app(args: argparse.Namespace) -> int:
@@ -264,6 +304,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
     p.add_argument("--host", help="HTTP host (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="HTTP port (default 8000)")
+    p.add_argument(
+        "--workers",
+        type=_worker_count,
+        help="scorer processes in this machine's share of the consumer group, behind one "
+        "HTTP endpoint (default 1: a single process; WINNOW_WORKERS)",
+    )
+    p.add_argument("--worker-socket", type=Path, help=argparse.SUPPRESS)  # set by --workers
+    p.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
     _command(p, _serve, "scorer")
 
     p = sub.add_parser("label-app", help="the labeling team's web app")

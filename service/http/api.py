@@ -75,7 +75,7 @@ def create_app(
         description="Streaming active learning: scores frames and routes the informative ones.",
         lifespan=lifespan,
     )
-    _routes(app, _admin_check(settings))
+    _routes(app, admin_check(settings))
     app.include_router(create_ingest_router(settings))  # POST /v1/frames
     return app
 
@@ -90,7 +90,7 @@ def _runtime(request: Request) -> ScorerRuntime:
 RuntimeDep = Annotated[ScorerRuntime, Depends(_runtime)]
 
 
-def _admin_check(settings: Settings) -> Callable[..., None]:
+def admin_check(settings: Settings) -> Callable[..., None]:
     """The dependency that guards writes with ``WINNOW_ADMIN_TOKEN`` (constant-time compare)."""
 
     def require_admin(
