@@ -171,3 +171,49 @@ def test_disruption_budgets_cover_every_workload(chart: Any) -> None:
             if selector.items() <= w["spec"]["template"]["metadata"]["labels"].items()
         ]
         assert len(selected) == 1, budget["metadata"]["name"]
+
+
+# -- workers: scorer processes per pod (winnow serve --workers N) ----------------------------
+
+
+def test_the_scorer_runs_as_many_workers_as_the_values_ask(chart: Any) -> None:
+    def workers(values: dict[str, Any]) -> str:
+        objects = render(chart, values)
+        container = _scorer(objects)["spec"]["template"]["spec"]["containers"][0]
+        return config_of(objects, container)["WINNOW_WORKERS"]
+
+    assert workers(ci_values("default")) == "1"  # a single process, as before
+    change = {"kafka": {"partitions": 8}, "scorer": {"workers": 4, "replicas": 2}}
+    assert workers(merged(ci_values("default"), change)) == "4"
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            {"scorer": {"replicas": 2, "workers": 2}},  # kafka.partitions: 3
+            "scorer.replicas (2) × scorer.workers (2) is larger than kafka.partitions (3)",
+        ),
+        (
+            {
+                "kafka": {"partitions": 4},
+                "scorer": {
+                    "workers": 2,
+                    "autoscaling": {"keda": {"enabled": True, "maxReplicaCount": 3}},
+                },
+            },
+            "maxReplicaCount (3) × scorer.workers (2) is larger than kafka.partitions (4)",
+        ),
+    ],
+)
+def test_more_workers_in_all_than_partitions_fail_the_render(
+    chart: Any, change: dict[str, Any], message: str
+) -> None:
+    # Every worker must hold a partition for its pod to be ready.
+    with pytest.raises(helm.HelmRenderError, match=re.escape(message)):
+        render(chart, merged(ci_values("default"), change))
+
+
+def test_workers_up_to_the_partitions_render(chart: Any) -> None:
+    values = merged(ci_values("default"), {"scorer": {"workers": 3}})  # 1 replica, 3 partitions
+    assert _scorer(render(chart, values))["spec"]["replicas"] == 1

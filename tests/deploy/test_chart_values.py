@@ -51,6 +51,8 @@ def chart() -> Any:
         ({"trainer": {"settings": {"kafka_bootstrap": "x"}}}, "kafka_bootstrap"),
         ({"scorer": {"settings": {"WINNOW_DRIFT_ERT": 20000}}}, "got number, want string"),
         ({"labelApp": {"replicas": 2}}, "at '/labelApp/replicas': maximum"),
+        ({"scorer": {"workers": 0}}, "at '/scorer/workers': minimum"),
+        ({"scorer": {"workers": "2"}}, "at '/scorer/workers': got string, want integer"),
     ],
 )
 def test_wrong_values_fail_the_schema_and_name_the_value(

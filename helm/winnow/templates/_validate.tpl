@@ -13,15 +13,21 @@
 {{- end }}
 {{- end }}
 {{- $keda := $v.scorer.autoscaling.keda }}
+{{- $workers := int (default 1 $v.scorer.workers) }}
 {{- if and $v.scorer.enabled $keda.enabled }}
 {{- if gt (int $keda.maxReplicaCount) (int $v.kafka.partitions) }}
 {{- fail (printf "scorer.autoscaling.keda.maxReplicaCount (%d) is larger than kafka.partitions (%d): a scorer replica without a frames partition has no work and never becomes ready" (int $keda.maxReplicaCount) (int $v.kafka.partitions)) }}
+{{- end }}
+{{- if gt (mul (int $keda.maxReplicaCount) $workers) (int $v.kafka.partitions) }}
+{{- fail (printf "scorer.autoscaling.keda.maxReplicaCount (%d) × scorer.workers (%d) is larger than kafka.partitions (%d): a scorer worker without a frames partition has no work, and its pod never becomes ready" (int $keda.maxReplicaCount) $workers (int $v.kafka.partitions)) }}
 {{- end }}
 {{- if gt (int $keda.minReplicaCount) (int $keda.maxReplicaCount) }}
 {{- fail (printf "scorer.autoscaling.keda.minReplicaCount (%d) is larger than maxReplicaCount (%d)" (int $keda.minReplicaCount) (int $keda.maxReplicaCount)) }}
 {{- end }}
 {{- else if and $v.scorer.enabled (gt (int $v.scorer.replicas) (int $v.kafka.partitions)) }}
 {{- fail (printf "scorer.replicas (%d) is larger than kafka.partitions (%d): a scorer replica without a frames partition has no work and never becomes ready" (int $v.scorer.replicas) (int $v.kafka.partitions)) }}
+{{- else if and $v.scorer.enabled (gt (mul (int $v.scorer.replicas) $workers) (int $v.kafka.partitions)) }}
+{{- fail (printf "scorer.replicas (%d) × scorer.workers (%d) is larger than kafka.partitions (%d): a scorer worker without a frames partition has no work, and its pod never becomes ready" (int $v.scorer.replicas) $workers (int $v.kafka.partitions)) }}
 {{- end }}
 {{- if and $v.trainer.enabled (lt (len $v.trainer.classes) 2) }}
 {{- fail "trainer.classes needs at least two class names: the trainer builds its first model from them" }}

@@ -15,6 +15,7 @@ WINNOW_SCORER_GROUP_ID: {{ $s.groupId | quote }}
 WINNOW_SCORER_MAX_BATCH_SIZE: {{ int $s.maxBatchSize | quote }}
 WINNOW_SCORER_MAX_WAIT_MS: {{ int $s.maxWaitMs | quote }}
 WINNOW_SCORER_DECODE_WORKERS: {{ int $s.decodeWorkers | quote }}
+WINNOW_WORKERS: {{ int $s.workers | quote }}
 WINNOW_SCORER_PUBLISH_PREDICTIONS: {{ $s.publishPredictions | quote }}
 WINNOW_SCORER_FOLLOW_RELEASES: "true"
 WINNOW_POLICY_NAME: {{ $s.policy.name | quote }}
