@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 from fastapi import Depends, FastAPI, HTTPException, Response, status
 from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from schemas.api import (
     FrameCounts,
@@ -215,10 +215,15 @@ async def _apply(fanout: AdminFanOut, pool: WorkerPool, write: Write) -> dict[in
 
 
 def _parsed(model: type[M], answer: Answer | None) -> M | None:
-    """A worker's answer as ``model``; None when it gave none or an error (e.g. 503)."""
+    """A worker's answer as ``model``; None when it gave none, an error (e.g. 503) or
+    something else (logged: a worker of another version, say)."""
     if answer is None or not answer.ok:
         return None
-    return model.model_validate_json(answer.body)
+    try:
+        return model.model_validate_json(answer.body)
+    except ValidationError as error:
+        log.warning("a worker's answer is not a %s: %s", model.__name__, error)
+        return None
 
 
 def _readiness(worker: Worker, answer: Answer | None) -> WorkerReadiness:

@@ -1,0 +1,93 @@
+"""The supervisor's HTTP app through its lifespan (``TestClient``), in front of stand-in
+worker processes (``fake_worker.py``): readiness of all, admin writes guarded and sent to
+all, its OpenAPI document."""
+
+import time
+from pathlib import Path
+
+from fastapi.testclient import TestClient
+from pydantic import SecretStr
+
+from infra.kafka.settings import KafkaSettings
+from service.config import Settings
+from service.workers.fanout import AdminFanOut
+from service.workers.gateway import create_gateway
+from service.workers.pool import WorkerPool
+from tests.service.workers.test_fanout import requests
+from tests.service.workers.test_pool import fake
+
+TOKEN = "gateway-test-admin-token-93be"
+
+
+def gateway(kafka_settings: KafkaSettings, behaviours: list[str], log: Path) -> TestClient:
+    settings = Settings(kafka=kafka_settings, workers=len(behaviours), admin_token=SecretStr(TOKEN))
+    fanout = AdminFanOut(settings.admin_token)
+    pool = WorkerPool(
+        len(behaviours),
+        fake(lambda index, _attempt: behaviours[index], log),
+        on_ready=fanout.replay,
+        backoff_s=(60.0, 60.0),
+    )
+    return TestClient(create_gateway(settings, pool, fanout))
+
+
+def wait_for(client: TestClient, path: str, status: int, within: float = 20) -> dict:
+    deadline = time.monotonic() + within
+    while True:
+        response = client.get(path)
+        if response.status_code == status or time.monotonic() > deadline:
+            assert response.status_code == status, response.text
+            return response.json()
+        time.sleep(0.1)
+
+
+def test_ready_only_once_every_worker_is_and_says_which_is_not(
+    kafka_settings: KafkaSettings, tmp_path: Path
+) -> None:
+    with gateway(kafka_settings, ["serve", "serve"], tmp_path / "log") as client:
+        assert client.get("/healthz").json() == {"status": "ok"}
+        body = wait_for(client, "/readyz", 200)
+        assert [w["ready"] for w in body["workers"]] == [True, True]
+    with gateway(kafka_settings, ["serve", "crash"], tmp_path / "log") as client:
+        wait_for(client, "/healthz", 200)
+        time.sleep(1)
+        body = wait_for(client, "/readyz", 503)
+        assert body["ready"] is False
+        assert [(w["worker"], w["ready"]) for w in body["workers"]] == [(0, True), (1, False)]
+        assert body["workers"][1]["phase"] == "restarting"
+        assert body["workers"][1]["last_exit"] == 3
+
+
+def puts(log: Path) -> list[tuple[int, str, str, str]]:
+    return [request for request in requests(log) if request[1] == "PUT"]
+
+
+def test_admin_writes_need_the_token_and_reach_every_worker(
+    kafka_settings: KafkaSettings, tmp_path: Path
+) -> None:
+    log = tmp_path / "log"
+    with gateway(kafka_settings, ["serve", "serve"], log) as client:
+        wait_for(client, "/readyz", 200)
+        admin = {"Authorization": f"Bearer {TOKEN}"}
+        assert client.put("/v1/policy", json={"budget": 0.2}).status_code == 401
+        assert client.put("/v1/policy", json={"budget": 2}, headers=admin).status_code == 422
+        assert puts(log) == []  # both refused here, before any worker
+        answer = client.put("/v1/policy", json={"budget": 0.2}, headers=admin)
+        assert answer.status_code == 200
+        assert len({pid for pid, *_ in puts(log)}) == 2
+        assert {body for *_, body in puts(log)} == {'{"budget":0.2}'}  # as sent, unset left out
+
+
+def test_the_openapi_document_lists_the_workers_views(
+    kafka_settings: KafkaSettings, tmp_path: Path
+) -> None:
+    with gateway(kafka_settings, ["serve"], tmp_path / "log") as client:
+        paths = client.get("/openapi.json").json()["paths"]
+    assert {
+        "/readyz",
+        "/metrics",
+        "/v1/status",
+        "/v1/policy",
+        "/v1/model/pin",
+        "/v1/frames",
+    } <= set(paths)
