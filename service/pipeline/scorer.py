@@ -34,6 +34,7 @@ from infra.kafka.producer import create_producer
 from service.config import Settings
 from service.metrics import ScorerMetrics
 from service.model.inference import OnnxModel
+from service.pipeline import blas
 from service.pipeline.accounting import Accounting
 from service.pipeline.batching import Batch, collect_batch
 from service.pipeline.cap_shares import CapShares
@@ -150,6 +151,7 @@ class Scorer(Component):
     async def _start(self) -> None:
         """Connects, joins the consumer group and starts the stages."""
         kafka, scorer = self.settings.kafka, self.settings.scorer
+        blas.acquire()  # released in _stop, which runs even when a start fails
         # Each batch's records are sent in one event-loop tick: they share requests anyway.
         self._producer = create_producer(kafka, linger_ms=0)
         await self._producer.start()
@@ -197,6 +199,7 @@ class Scorer(Component):
                 await stop_client(self._producer, "the scorer's producer")
             self._decoder.close()
             self._infer_pool.shutdown(wait=False, cancel_futures=True)
+            blas.release()
         log.info("scorer stopped: counts=%s", self.accounting.counts)
 
     # -- stages ----------------------------------------------------------------------------

@@ -51,6 +51,7 @@ from infra.kafka.settings import KafkaSettings
 from schemas.predictions import Prediction
 from service.config import PolicySettings, ScorerSettings, Settings
 from service.model.inference import OnnxModel
+from service.pipeline import blas
 from service.pipeline.batching import Batch, InboundFrame
 from service.pipeline.decode import DecodeLimits, decode_and_preprocess, prepare_batch
 from service.pipeline.records import batch_records
@@ -509,6 +510,7 @@ async def measure_naive(
     )
     producer = create_producer(kafka, linger_ms=0)  # linger would only slow the naive loop
     await producer.start()
+    blas.acquire()  # as the scorer does: the same threads for the same policy
     try:
         started = time.perf_counter()
         await consumer.start()
@@ -543,6 +545,7 @@ async def measure_naive(
             )
         finished = time.perf_counter()
     finally:
+        blas.release()
         await consumer.stop()
         await producer.stop()
     return len(frames) / (finished - assigned), assigned - started
@@ -742,7 +745,8 @@ async def _run_case(
         f"bare and scorer again at each of {', '.join(map(str, sorted(by_batch)))}.",
         f"naive_fps: getone, decode, run a batch of one, score and decide, produce the "
         f"prediction with linger 0 and await its ack, commit that offset; own topic and "
-        f"group; clock starts at partition assignment (join {naive_join:.2f} s excluded).",
+        f"group; clock starts at partition assignment (join {naive_join:.2f} s excluded); "
+        f"BLAS limited to one thread as in the scorer (service.pipeline.blas).",
         f"p50_ms/p99_ms: a second scorer run, paced at {rate:.1f} fps (half of scorer_fps) "
         f"for {config.latency_seconds:g} s ({latency.sent} frames), so latency is not the "
         f"queueing of a preloaded backlog; from the captured-at header (stamped at produce "
