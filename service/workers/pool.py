@@ -8,7 +8,10 @@ than ``max_restarts`` times within ``restart_window_s`` (5 in 10 minutes) is
 not started again: the pool gives up (``on_give_up``), and the supervisor
 drains the other workers and exits 1, so that the orchestrator restarts the
 pod and shows the crash loop, rather than a pod that stays up at part of its
-capacity.
+capacity. A worker that fails before it has ever run (a model that does not
+load, a broker that refuses the credentials) makes the pool give up at once,
+as a single ``winnow serve`` exits at once: restarts cannot mend what never
+worked.
 
 Stopping sends SIGTERM to every worker at once (each drains its batches in
 flight, commits and leaves the group, as a single ``winnow serve`` does) and
@@ -56,6 +59,7 @@ class Worker:
     restarts: int = 0
     last_exit: int | None = None
     problem: str | None = None
+    has_run: bool = False
     failures: deque[float] = field(default_factory=deque, repr=False)
 
     @property
@@ -206,7 +210,7 @@ class WorkerPool(Component):
                 log.error("worker %d (pid %d) is stopped: %s", worker.index, worker.pid, error)
                 _signal(worker, signal.SIGTERM)
             else:
-                worker.phase = "running"
+                worker.phase, worker.has_run = "running", True
                 log.info("worker %d running: pid=%d", worker.index, worker.pid)
         worker.last_exit = await _wait(worker)
 
@@ -229,7 +233,7 @@ class WorkerPool(Component):
         while now - worker.failures[0] > self._window:
             worker.failures.popleft()
         recent = len(worker.failures)
-        if recent > self._max_restarts:
+        if recent > self._max_restarts or not worker.has_run:
             worker.phase = "failed"
             return None
         first, longest = self._backoff
@@ -248,12 +252,15 @@ class WorkerPool(Component):
         return delay
 
     def _give_up(self, worker: Worker) -> None:
+        if worker.has_run:
+            why = f"failed {len(worker.failures)} times within {self._window:.0f} s"
+        else:
+            why = "failed before it ever ran (see its log above)"
         log.error(
-            "worker %d failed %d times within %.0f s (last exit status %s): giving up; "
-            "the other workers drain and the supervisor exits 1",
+            "worker %d %s, last exit status %s: giving up; the other workers drain and the "
+            "supervisor exits 1",
             worker.index,
-            len(worker.failures),
-            self._window,
+            why,
             worker.last_exit,
         )
         if not self.gave_up:

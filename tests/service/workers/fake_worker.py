@@ -4,7 +4,8 @@
 SOCKET (``/healthz`` 200; other requests are appended to LOG and answered
 200, or with the status after a colon: ``serve:422``). BEHAVIOUR: ``serve``
 (until SIGTERM, then exit 0), ``crash`` (exit 3 at once), ``crash-later``
-(serve one second, then exit 3), ``stubborn`` (ignore SIGTERM).
+(exit 3 half a second after its first ``/healthz``: it has run), ``stubborn``
+(ignore SIGTERM).
 """
 
 import json
@@ -13,7 +14,6 @@ import signal
 import socketserver
 import sys
 import threading
-import time
 from http.server import BaseHTTPRequestHandler
 
 
@@ -27,6 +27,9 @@ def main(socket_path: str, behaviour: str, log_path: str) -> int:
             length = int(self.headers.get("Content-Length") or 0)
             body = self.rfile.read(length).decode() if length else ""
             code = 200
+            if behaviour == "crash-later" and self.path == "/healthz" and not checked.is_set():
+                checked.set()
+                threading.Timer(0.5, os._exit, [3]).start()
             if self.path != "/healthz":
                 code = int(status or 200)
                 with open(log_path, "a") as log:
@@ -43,6 +46,7 @@ def main(socket_path: str, behaviour: str, log_path: str) -> int:
         def log_message(self, *args: object) -> None:
             pass
 
+    checked = threading.Event()
     server = socketserver.UnixStreamServer(socket_path, Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     if behaviour == "stubborn":
@@ -50,10 +54,9 @@ def main(socket_path: str, behaviour: str, log_path: str) -> int:
     stop = threading.Event()
     if behaviour != "stubborn":
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    deadline = time.monotonic() + (1.0 if behaviour == "crash-later" else 3600)
-    while not stop.is_set() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return 0 if stop.is_set() else 3
+    while not stop.wait(0.1):
+        pass
+    return 0
 
 
 if __name__ == "__main__":

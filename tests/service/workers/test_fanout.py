@@ -68,7 +68,7 @@ async def test_a_write_only_some_workers_take_is_a_502_that_names_them(tmp_path:
 async def test_a_write_while_a_worker_is_down_is_refused_and_sent_to_none(tmp_path: Path) -> None:
     log = tmp_path / "log"
     fanout = AdminFanOut(None)
-    async with pool_of(["serve", "crash"], log, fanout, backoff_s=(30.0, 30.0)) as pool:
+    async with pool_of(["serve", "crash-later"], log, fanout, backoff_s=(30.0, 30.0)) as pool:
         await until(lambda: pool.workers[0].running, 20, "worker 0 running")
         await until(lambda: pool.workers[1].phase == "restarting", 20, "worker 1 restarting")
         with pytest.raises(FanOutRefused) as refused:

@@ -3,6 +3,7 @@ worker processes (``fake_worker.py``): readiness of all, admin writes guarded an
 all, its OpenAPI document."""
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from fastapi.testclient import TestClient
@@ -31,12 +32,20 @@ def gateway(kafka_settings: KafkaSettings, behaviours: list[str], log: Path) -> 
     return TestClient(create_gateway(settings, pool, fanout))
 
 
-def wait_for(client: TestClient, path: str, status: int, within: float = 20) -> dict:
+def wait_for(
+    client: TestClient,
+    path: str,
+    status: int,
+    within: float = 20,
+    until: Callable[[dict], bool] = lambda _body: True,
+) -> dict:
+    """The body of ``path`` once it answers ``status`` and ``until`` holds."""
     deadline = time.monotonic() + within
     while True:
         response = client.get(path)
-        if response.status_code == status or time.monotonic() > deadline:
-            assert response.status_code == status, response.text
+        done = response.status_code == status and until(response.json())
+        if done or time.monotonic() > deadline:
+            assert done, response.text
             return response.json()
         time.sleep(0.1)
 
@@ -48,10 +57,9 @@ def test_ready_only_once_every_worker_is_and_says_which_is_not(
         assert client.get("/healthz").json() == {"status": "ok"}
         body = wait_for(client, "/readyz", 200)
         assert [w["ready"] for w in body["workers"]] == [True, True]
-    with gateway(kafka_settings, ["serve", "crash"], tmp_path / "log") as client:
-        wait_for(client, "/healthz", 200)
-        time.sleep(1)
-        body = wait_for(client, "/readyz", 503)
+    with gateway(kafka_settings, ["serve", "crash-later"], tmp_path / "log") as client:
+        # Worker 1 runs a second, exits 3 and waits a minute to start again.
+        body = wait_for(client, "/readyz", 503, until=lambda b: b["workers"][1]["last_exit"] == 3)
         assert body["ready"] is False
         assert [(w["worker"], w["ready"]) for w in body["workers"]] == [(0, True), (1, False)]
         assert body["workers"][1]["phase"] == "restarting"

@@ -2,6 +2,8 @@
 with backoff, gives up on a crash loop, drains every worker on stop, kills a stuck one."""
 
 import asyncio
+import os
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -38,15 +40,15 @@ async def test_a_worker_that_exits_is_restarted_after_a_backoff_and_the_pool_is_
     async def on_ready(worker: Worker) -> None:
         readied.append((worker.index, worker.pid))
 
-    command = fake(
-        lambda index, attempt: "crash-later" if (index, attempt) == (1, 0) else "serve",
-        tmp_path / "log",
-    )
+    command = fake(lambda _index, _attempt: "serve", tmp_path / "log")
     async with WorkerPool(2, command, on_ready=on_ready, backoff_s=(0.5, 1.0)) as pool:
         await until(lambda: pool.all_running, 20, "both workers running")
         first_pid = pool.workers[1].pid
-        await until(lambda: not pool.all_running, 10, "worker 1 down after its crash")
-        assert pool.workers[1].last_exit == 3
+        assert first_pid is not None
+        os.kill(first_pid, signal.SIGKILL)
+        await until(lambda: not pool.all_running, 10, "worker 1 down after its death")
+        await until(lambda: pool.workers[1].last_exit is not None, 10, "its exit seen")
+        assert pool.workers[1].last_exit == -9
         await until(lambda: pool.all_running, 20, "worker 1 running again")
         assert pool.workers[1].restarts == 1
         assert pool.workers[1].pid != first_pid
@@ -57,7 +59,13 @@ async def test_a_worker_that_exits_is_restarted_after_a_backoff_and_the_pool_is_
 
 async def test_a_worker_that_keeps_failing_makes_the_pool_give_up(tmp_path: Path) -> None:
     gave_up: list[bool] = []
-    command = fake(lambda index, _attempt: "crash" if index == 1 else "serve", tmp_path / "log")
+
+    def behaviour(index: int, attempt: int) -> str:
+        if index == 0:
+            return "serve"
+        return "crash-later" if attempt == 0 else "crash"  # ran once, then a crash loop
+
+    command = fake(behaviour, tmp_path / "log")
     async with WorkerPool(
         2, command, on_give_up=lambda: gave_up.append(True), backoff_s=(0.05, 0.1), max_restarts=2
     ) as pool:
@@ -67,6 +75,19 @@ async def test_a_worker_that_keeps_failing_makes_the_pool_give_up(tmp_path: Path
         assert pool.workers[0].running  # the other still runs until the supervisor stops
         assert not pool.all_running
     assert gave_up == [True]
+    assert not pool.clean_exit
+
+
+async def test_a_worker_that_fails_before_it_ever_ran_makes_the_pool_give_up_at_once(
+    tmp_path: Path,
+) -> None:
+    # As a single winnow serve exits at once when its model does not load: no crash loop.
+    gave_up: list[bool] = []
+    command = fake(lambda index, _attempt: "crash" if index == 1 else "serve", tmp_path / "log")
+    async with WorkerPool(2, command, on_give_up=lambda: gave_up.append(True)) as pool:
+        await until(lambda: bool(gave_up), 20, "the pool giving up")
+        assert pool.workers[1].phase == "failed"
+        assert pool.workers[1].restarts == 0
     assert not pool.clean_exit
 
 
