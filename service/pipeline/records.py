@@ -1,9 +1,16 @@
-"""The records the scorer produces: predictions, label requests and dead letters."""
+"""The records the scorer produces: predictions, label requests and dead letters.
+
+Predictions and label requests are encoded by ``orjson``: 2 µs a prediction of
+the throughput bench's digits case against 13 µs for ``json.dumps``. Its output is
+compact JSON (no spaces after separators) and a non-finite float, which no record
+should hold, becomes ``null`` where ``json.dumps`` wrote ``NaN`` (not JSON).
+"""
 
 import base64
-import json
 import logging
 from datetime import UTC, datetime
+
+import orjson
 
 from infra.kafka.delivery import OutRecord
 from schemas.dead_letter import DeadLetter, dead_letter, header_text
@@ -120,12 +127,12 @@ def batch_records(
         return out, []
     classes = batch.model.spec.classes
     predictions = prediction_dicts(batch, now)
-    dumps = json.dumps
+    dumps = orjson.dumps
     for index, prediction in zip(batch.good, predictions, strict=True):
         frame = batch.frames[index]
         if prediction["decision"]["selected"]:  # type: ignore[index]
             request = label_request_dict(frame, prediction, classes)
-            out.append(OutRecord(requests_topic, frame.frame_id.encode(), dumps(request).encode()))
+            out.append(OutRecord(requests_topic, frame.frame_id.encode(), dumps(request)))
         if predictions_topic is not None:
-            out.append(OutRecord(predictions_topic, frame.key, dumps(prediction).encode()))
+            out.append(OutRecord(predictions_topic, frame.key, dumps(prediction)))
     return out, predictions

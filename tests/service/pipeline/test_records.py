@@ -69,3 +69,6 @@ def test_records_validate_against_the_wire_schemas(digits_model_path, digit_pngs
     # the predictions handed to the accounting and its hook are the wire dicts
     assert [Prediction.model_validate(p) for p in predictions] == [first, second]
     assert predictions[0]["decision"] is batch.decisions[0]  # embedded as the policy built it
+    # the bytes hold exactly what the standard library would have written, float for float
+    assert json.loads(out[1].value) == json.loads(json.dumps(predictions[0]))
+    assert json.loads(out[2].value) == json.loads(json.dumps(predictions[1]))
