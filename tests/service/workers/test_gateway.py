@@ -1,14 +1,17 @@
 """The supervisor's HTTP app through its lifespan (``TestClient``), in front of stand-in
 worker processes (``fake_worker.py``): readiness of all, admin writes guarded and sent to
-all, its OpenAPI document."""
+all, ingest served by the supervisor itself, its OpenAPI document."""
 
+import asyncio
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+from aiokafka import AIOKafkaConsumer
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
 
+from infra.kafka.connection import client_kwargs
 from infra.kafka.settings import KafkaSettings
 from service.config import Settings
 from service.workers.fanout import AdminFanOut
@@ -84,6 +87,39 @@ def test_admin_writes_need_the_token_and_reach_every_worker(
         assert answer.status_code == 200
         assert len({pid for pid, *_ in puts(log)}) == 2
         assert {body for *_, body in puts(log)} == {'{"budget":0.2}'}  # as sent, unset left out
+
+
+async def test_frames_posted_to_the_gateway_land_in_kafka(
+    kafka_settings: KafkaSettings, winnow_topics, digit_pngs: list[bytes], tmp_path: Path
+) -> None:
+    with gateway(kafka_settings, ["serve"], tmp_path / "log") as client:
+        answer = client.post(
+            "/v1/frames?source_id=cam-1",
+            content=digit_pngs[0],
+            headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "image/png"},
+        )
+    assert answer.status_code == 201, answer.text
+    (frame_id,) = answer.json()["frame_ids"]
+    records = await read_records(kafka_settings, winnow_topics.frames, lambda out: bool(out))
+    assert [(r.key, r.value) for r in records] == [(b"cam-1", digit_pngs[0])]
+    assert (b"frame-id", frame_id.encode()) in [(k.encode(), v) for k, v in records[0].headers]
+
+
+async def read_records(settings: KafkaSettings, topic: str, until: Callable[[list], bool]) -> list:
+    """Records of ``topic`` from the start, until ``until(records)`` holds."""
+    consumer = AIOKafkaConsumer(
+        topic, group_id=None, auto_offset_reset="earliest", **client_kwargs(settings)
+    )
+    await consumer.start()
+    out: list = []
+    try:
+        async with asyncio.timeout(30):
+            while not until(out):
+                for batch in (await consumer.getmany(timeout_ms=200)).values():
+                    out.extend(batch)
+    finally:
+        await consumer.stop()
+    return out
 
 
 def test_the_openapi_document_lists_the_workers_views(
