@@ -6,6 +6,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from service.metrics import ScorerMetrics
 from service.workers.metrics import PoolMetrics, exposition, merge
 from service.workers.pool import Worker
+from tests.deploy.prometheus_tools import promtool  # skips a test where promtool is missing
 
 
 def _scrape(frames: int, version: str) -> str:
@@ -63,3 +64,11 @@ def test_the_pool_metrics_count_restarts_and_say_which_workers_are_up(tmp_path) 
     assert samples[("winnow_worker_restarts_total", (("worker", "0"),))] == 0
     # Not running (no process here): down, whatever the scrape says.
     assert samples[("winnow_worker_up", (("worker", "0"),))] == 0
+
+
+def test_promtool_accepts_the_merged_exposition() -> None:
+    pool = PoolMetrics()
+    pool.observe([], answered=[])
+    body = exposition(merge({0: _scrape(3, "v1"), 1: _scrape(4, "v1")}), pool.registry)
+    linted = promtool("check", "metrics", input_text=body.decode())
+    assert linted.returncode == 0 and not linted.stdout.strip(), linted
