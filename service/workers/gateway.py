@@ -13,7 +13,7 @@
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -67,8 +67,6 @@ def create_gateway(settings: Settings, pool: WorkerPool, fanout: AdminFanOut) ->
         ConfigError: the admin or an ingest token is empty or an example value.
     """
     check_tokens(settings)
-    started_at = datetime.now(UTC)
-    metrics = PoolMetrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -81,10 +79,15 @@ def create_gateway(settings: Settings, pool: WorkerPool, fanout: AdminFanOut) ->
         description="N scorer worker processes behind one endpoint (winnow serve --workers N).",
         lifespan=lifespan,
     )
-    admin = [Depends(admin_check(settings))]
-    read = error_responses(503)
-    write = error_responses(400, 401, 403, 422, 502, 503)
-    model_write = error_responses(400, 401, 403, 404, 409, 422, 502, 503)
+    _ops_routes(app, pool)
+    _scorer_routes(app, pool, fanout, admin_check(settings))
+    app.include_router(create_ingest_router(settings))  # POST /v1/frames
+    return app
+
+
+def _ops_routes(app: FastAPI, pool: WorkerPool) -> None:
+    """``/healthz``, ``/readyz`` and ``/metrics`` for all workers."""
+    metrics = PoolMetrics()
 
     @app.get("/healthz", response_model=Health, tags=["ops"])
     async def healthz() -> Health:
@@ -104,7 +107,7 @@ def create_gateway(settings: Settings, pool: WorkerPool, fanout: AdminFanOut) ->
             response.status_code = status.HTTP_503_SERVICE_UNAVAILABLE
         return PoolReadiness(
             ready=ready,
-            model_loaded=bool(workers) and all(w.ready for w in workers),
+            model_loaded=bool(workers) and all(w.model_loaded for w in workers),
             partitions_assigned=sum(w.partitions_assigned for w in workers),
             workers=workers,
         )
@@ -116,6 +119,16 @@ def create_gateway(settings: Settings, pool: WorkerPool, fanout: AdminFanOut) ->
         metrics.observe(pool.workers, texts)
         body = exposition(merge(texts), metrics.registry)
         return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+
+def _scorer_routes(
+    app: FastAPI, pool: WorkerPool, fanout: AdminFanOut, require_admin: Callable[..., None]
+) -> None:
+    """``/v1/status``, the policy and the model: each worker's view; writes to all."""
+    admin = [Depends(require_admin)]
+    write = error_responses(400, 401, 403, 422, 502, 503)
+    model_write = error_responses(400, 401, 403, 404, 409, 422, 502, 503)
+    started_at = datetime.now(UTC)
 
     @app.get("/v1/status", response_model=PoolStatus, tags=["scorer"])
     async def get_status() -> PoolStatus:
@@ -143,7 +156,7 @@ def create_gateway(settings: Settings, pool: WorkerPool, fanout: AdminFanOut) ->
             workers=workers,
         )
 
-    @app.get("/v1/policy", response_model=PoolPolicy, tags=["policy"], responses=read)
+    @app.get("/v1/policy", response_model=PoolPolicy, tags=["policy"])
     async def get_policy() -> PoolPolicy:
         return _policies(pool.workers, await _ask_all(pool, "/v1/policy", PROBE_TIMEOUT_S))
 
@@ -160,7 +173,7 @@ def create_gateway(settings: Settings, pool: WorkerPool, fanout: AdminFanOut) ->
         log.info("policy changed on every worker: %s", change.model_dump(exclude_none=True))
         return _policies(pool.workers, answers)
 
-    @app.get("/v1/model", response_model=PoolModel, tags=["model"], responses=read)
+    @app.get("/v1/model", response_model=PoolModel, tags=["model"])
     async def get_model() -> PoolModel:
         return _models(pool.workers, await _ask_all(pool, "/v1/model", PROBE_TIMEOUT_S))
 
@@ -187,9 +200,6 @@ def create_gateway(settings: Settings, pool: WorkerPool, fanout: AdminFanOut) ->
     )
     async def unpin_model() -> PoolModel:
         return _models(pool.workers, await _apply(fanout, pool, Write("POST", "/v1/model/unpin")))
-
-    app.include_router(create_ingest_router(settings))  # POST /v1/frames
-    return app
 
 
 async def _ask_all(pool: WorkerPool, path: str, timeout: float) -> dict[int, Answer]:  # noqa: ASYNC109
@@ -236,6 +246,7 @@ def _readiness(worker: Worker, answer: Answer | None) -> WorkerReadiness:
     return WorkerReadiness(
         **WorkerView.of(worker).model_dump(),
         ready=worker.running and answer is not None and answer.ok,
+        model_loaded=bool(body.get("model_loaded", False)),
         partitions_assigned=int(body.get("partitions_assigned", 0)),
     )
 

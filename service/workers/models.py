@@ -32,6 +32,7 @@ class WorkerView(BaseModel):
 
 class WorkerReadiness(WorkerView):
     ready: bool
+    model_loaded: bool
     partitions_assigned: int
 
 
