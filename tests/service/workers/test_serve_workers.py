@@ -92,9 +92,9 @@ async def test_two_workers_share_the_group_one_endpoint_swaps_restarts_and_drain
 ) -> None:
     """The failures it catches: workers that do not join one group (a frame decided twice, or
     a partition nobody holds); a /readyz that is ready with a worker down; /metrics from one
-    worker only; a policy change or release that reaches one worker; a killed worker left
-    dead or brought back on the environment's policy; a SIGTERM that does not reach a worker
-    (its frames uncommitted, or the supervisor hanging)."""
+    worker only; a policy change, pin or release that reaches one worker; a killed worker
+    left dead or brought back on the environment's policy and model; a SIGTERM that does not
+    reach a worker (its frames uncommitted, or the supervisor hanging)."""
     kafka = kafka_settings.model_copy(update={"partitions": PARTITIONS, "session_timeout_ms": 6000})
     await ensure_winnow_topics(kafka)
     topics = kafka.topics
@@ -161,8 +161,13 @@ async def test_two_workers_share_the_group_one_endpoint_swaps_restarts_and_drain
         )
         _, text = http(supervisor, "GET", "/metrics")
         assert metric_sum(text, "winnow_model_info", version="v-next") == {"0": 1, "1": 1}
+        status, models = http(supervisor, "POST", "/v1/model/pin", {"version": "v-next"}, TOKEN)
+        assert status == 200
+        assert [w["model"]["pinned"] for w in models["workers"]] == ["v-next", "v-next"]
+        status, refused = http(supervisor, "POST", "/v1/model/pin", {"version": "v-x"}, TOKEN)
+        assert status == 404 and "never seen" in refused["detail"]  # as the worker said it
 
-        # A killed worker: unready meanwhile, restarted with the policy change in force.
+        # A killed worker: unready meanwhile, restarted with the policy and the pin in force.
         killed = workers(supervisor)[1]["pid"]
         os.kill(killed, signal.SIGKILL)
         await wait_until(lambda: not ready(supervisor), 30, "unready with a worker dead")
@@ -171,6 +176,8 @@ async def test_two_workers_share_the_group_one_endpoint_swaps_restarts_and_drain
         assert after["restarts"] == 1 and after["pid"] != killed and after["last_exit"] == -9
         _, policies = http(supervisor, "GET", "/v1/policy")
         assert [w["policy"]["budget"] for w in policies["workers"]] == [0.2, 0.2]
+        _, models = http(supervisor, "GET", "/v1/model")
+        assert [w["model"]["pinned"] for w in models["workers"]] == ["v-next", "v-next"]
         assert after["status"]["model"]["version"] == "v-next"
         await produce_frames(kafka, topics.frames, frames(FIRST, SECOND, digit_pngs))
         decided = await read_json(
