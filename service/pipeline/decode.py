@@ -33,7 +33,7 @@ from PIL import Image
 from schemas.frames import ContentType
 from schemas.media import ALIASES, other_format, sniff
 from schemas.model_spec import ModelSpec
-from schemas.pixels import image_to_input
+from schemas.pixels import image_pixels, normalize, normalize_batch
 from service.errors import PoisonRecord
 
 _PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"
@@ -80,16 +80,23 @@ def preprocess(image: Image.Image, spec: ModelSpec) -> np.ndarray:
 
     An image straight from ``_open`` (not yet loaded) is decoded here, at a
     reduced scale when it is a JPEG much larger than the model input. The rest
-    is the model contract's ``image_to_input``, which the trainer uses too.
+    is the model contract's ``image_to_input`` (``image_pixels``, then
+    ``normalize``), which the trainer uses too.
 
     Raises:
         PoisonRecord: a not-yet-loaded image turns out to be truncated or broken.
     """
+    return normalize(_input_pixels(image, spec), spec)
+
+
+def _input_pixels(image: Image.Image, spec: ModelSpec) -> np.ndarray:
+    """uint8 pixels at the input size (``image_pixels``), decoding a not-yet-loaded JPEG
+    at a reduced scale when it is much larger than the input."""
     height, width = spec.input_size
     if image.format == "JPEG":
         image.draft("L" if spec.channels == 1 else "RGB", (width, height))  # no-op once loaded
     _load(image)
-    return image_to_input(image, spec)
+    return image_pixels(image, spec)
 
 
 def decode_and_preprocess(
@@ -104,6 +111,9 @@ def prepare_batch(
 ) -> tuple[np.ndarray, list[int], list[tuple[int, PoisonRecord]]]:
     """Decodes and preprocesses many frames; poison ones are set aside, not raised.
 
+    Each frame's uint8 pixels go into one array and are normalized at once
+    (``normalize_batch``), exactly as ``preprocess`` would one by one.
+
     Args:
         items: ``(value, content_type)`` per frame.
 
@@ -112,20 +122,19 @@ def prepare_batch(
         indices of the good frames in ``items``, and ``(index, error)`` for
         each poison frame.
     """
-    height, width = spec.input_size
-    inputs: list[np.ndarray] = []
+    shape = (*spec.input_size, spec.channels)
+    pixels = np.empty((len(items), *shape), dtype=np.uint8)
     good: list[int] = []
     poison: list[tuple[int, PoisonRecord]] = []
     for index, (value, content_type) in enumerate(items):
         try:
-            inputs.append(decode_and_preprocess(value, content_type, spec, limits))
+            frame = _input_pixels(_open(value, content_type, limits), spec)
         except PoisonRecord as exc:
             poison.append((index, exc))
         else:
+            pixels[len(good)] = frame.reshape(shape)
             good.append(index)
-    if not inputs:
-        return np.empty((0, spec.channels, height, width), dtype=np.float32), good, poison
-    return np.stack(inputs), good, poison
+    return normalize_batch(pixels[: len(good)], spec), good, poison
 
 
 class BatchDecoder:

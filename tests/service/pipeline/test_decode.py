@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from schemas.model_spec import ModelSpec
+from schemas.pixels import image_pixels
 from service.errors import PoisonRecord
 from service.pipeline.decode import (
     DecodeLimits,
@@ -219,3 +220,36 @@ def test_prepare_batch_sets_poison_aside(photo_jpeg: bytes, digit: np.ndarray) -
     assert [(i, e.reason) for i, e in poison] == [(1, "empty"), (3, "undecodable")]
     empty, good, poison = prepare_batch([(None, None)], spec, LIMITS)
     assert empty.shape == (0, 3, 32, 32) and good == [] and len(poison) == 1
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_prepare_batch_is_preprocess_frame_by_frame_bit_for_bit(
+    channels: int, photo_jpeg: bytes, photo_png: bytes, digit: np.ndarray
+) -> None:
+    """The batch is normalized at once; every frame must still be what the contract makes."""
+    spec = _spec(channels, (24, 32))
+    rgba = np.dstack(
+        [np.kron(digit, np.ones((4, 4), np.uint8))] * 3 + [np.full((32, 32), 9, np.uint8)]
+    )
+    values = [photo_jpeg, _encode(digit, "PNG"), b"xx", photo_png, _encode(rgba, "PNG")]
+    inputs, good, _ = prepare_batch([(v, None) for v in values], spec, LIMITS)
+    assert good == [0, 1, 3, 4]
+    expected = np.stack([_per_frame(values[i], spec) for i in good])
+    assert inputs.dtype == expected.dtype and inputs.shape == expected.shape
+    assert np.array_equal(inputs, expected)
+    assert inputs.flags.c_contiguous
+
+
+def _per_frame(value: bytes, spec: ModelSpec) -> np.ndarray:
+    """One frame as the scorer made it before batches were normalized at once."""
+    image = Image.open(io.BytesIO(value))
+    if image.format == "JPEG":
+        image.draft("L" if spec.channels == 1 else "RGB", (spec.input_size[1], spec.input_size[0]))
+    pixels = image_pixels(image, spec)
+    if pixels.ndim == 2:
+        pixels = pixels[:, :, None]
+    mean, std = np.asarray(spec.mean, np.float32), np.asarray(spec.std, np.float32)
+    out = np.empty((spec.channels, *pixels.shape[:2]), dtype=np.float32)
+    np.multiply(pixels.transpose(2, 0, 1), (1.0 / (255.0 * std))[:, None, None], out=out)
+    out -= (mean / std)[:, None, None]
+    return out
