@@ -253,3 +253,42 @@ def _per_frame(value: bytes, spec: ModelSpec) -> np.ndarray:
     np.multiply(pixels.transpose(2, 0, 1), (1.0 / (255.0 * std))[:, None, None], out=out)
     out -= (mean / std)[:, None, None]
     return out
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("size", [(224, 224), (100, 150), (50, 60), (16, 16)])
+def test_jpegs_decode_to_pillows_pixels_at_every_draft_scale(
+    channels: int, size: tuple[int, int], photo_jpeg: bytes, photo: np.ndarray
+) -> None:
+    """simplejpeg decodes the batch's JPEGs; it must give Pillow's pixels at the DCT scale
+    draft picks (1, 1/2, 1/4, 1/8 here), colour or gray, into colour or gray models."""
+    spec = _spec(channels, size)
+    gray_jpeg = _encode(np.asarray(Image.fromarray(photo).convert("L")), "JPEG", quality=85)
+    values = [photo_jpeg, gray_jpeg]
+    inputs, good, _ = prepare_batch([(v, "image/jpeg") for v in values], spec, LIMITS)
+    assert good == [0, 1]
+    assert np.array_equal(inputs, np.stack([_per_frame(v, spec) for v in values]))
+
+
+def test_jpegs_simplejpeg_will_not_decode_go_to_pillow(
+    photo: np.ndarray, photo_jpeg: bytes
+) -> None:
+    """CMYK (no libjpeg conversion to RGB) and damaged data (a libjpeg warning) are Pillow's to
+    decode or refuse, with the reasons it always gave."""
+    spec = _spec(3, (32, 32))
+    buffer = io.BytesIO()
+    Image.fromarray(photo).convert("CMYK").save(buffer, format="JPEG")
+    cmyk = buffer.getvalue()
+    flipped = bytearray(photo_jpeg)
+    flipped[len(flipped) // 2] ^= 0xFF  # entropy-coded data damaged: libjpeg warns
+    values = [cmyk, bytes(flipped), photo_jpeg[: len(photo_jpeg) // 2]]
+    inputs, good, poison = prepare_batch([(v, None) for v in values], spec, LIMITS)
+    expected_good, expected_poison = [], []
+    for index, value in enumerate(values):
+        try:
+            expected_good.append(preprocess(Image.open(io.BytesIO(value)), spec))
+        except PoisonRecord as error:
+            expected_poison.append((index, error.reason))
+    assert [(i, e.reason) for i, e in poison] == expected_poison
+    assert (2, "truncated") in expected_poison and 0 in good
+    assert np.array_equal(inputs, np.stack(expected_good))
