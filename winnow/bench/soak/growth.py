@@ -12,8 +12,12 @@ GOAL_MINUTES = 60.0
 WARMUP_FRACTION = 0.10
 WARMUP_MIN_S = 120.0
 EDGE_SAMPLES = 3
-"""Start and end are each the median of this many samples, so one noisy reading does not
-make or hide a leak."""
+"""Start and end are each the median of at least this many samples, so one noisy reading
+does not make or hide a leak."""
+EDGE_FRACTION = 0.10
+"""...and of the first and last 10 % of the samples after warm-up in a long run: a role
+whose live memory swings with its work (the scorer's drift calibration) is compared by its
+typical level at each end, not by where the swing happened to be."""
 
 
 def warmup_seconds(duration_s: float) -> float:
@@ -62,7 +66,7 @@ def role_growth(
     """RSS growth of one role after warm-up: relative growth, slope, and whether under goal."""
     kept_t = [t for t in times if t >= warmup_s]
     kept = after_warmup(times, rss_mb, warmup_s)
-    rel = growth(kept)
+    rel = growth(kept, max(EDGE_SAMPLES, int(EDGE_FRACTION * len(kept))))
     slope = slope_per_hour(kept_t, kept)
     return {
         "rss_growth_after_warmup": None if rel is None else round(rel, 4),

@@ -1,6 +1,8 @@
 """The soak's growth computation on synthetic samples: a seeded leak is caught, warm-up and
 noise are not mistaken for one."""
 
+import random
+
 import numpy as np
 import pytest
 
@@ -68,3 +70,18 @@ def test_the_verdict_fails_on_a_lost_frame_or_a_grown_role() -> None:
     assert "over 60 minutes" in grown["note"]
     unknown = verdict({"scorer": None}, 0, 600)
     assert unknown["result"] == "fail" and not unknown["rss_growth_under_goal"]
+
+
+def test_memory_that_swings_with_the_work_is_compared_by_its_level_at_each_end() -> None:
+    """The failure it catches: a role whose RSS sits at a floor with spikes and no trend (as
+    the scorer's does once freed memory goes back to the system: 240 MB, up to 450 during a
+    drift calibration) judged by three samples that happened to be spikes at the end."""
+    rng = random.Random(0)
+    rss = [
+        240.0 + (rng.uniform(60, 210) if rng.random() < 0.3 else rng.uniform(-3, 3))
+        for _ in range(360)
+    ]  # an hour of 10 s samples
+    rss[-3:] = [440.0, 450.0, 420.0]
+    times = [10.0 * i for i in range(len(rss))]
+    found = role_growth(times, rss, 0)
+    assert found["rss_goal_met"], found
