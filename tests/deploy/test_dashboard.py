@@ -10,6 +10,7 @@ from infra.kafka.settings import KafkaSettings
 from service.config import LabelAppSettings
 from service.labeling.queue import LabelQueue
 from service.metrics import ScorerMetrics
+from service.workers.metrics import PoolMetrics
 from tests.deploy.prometheus_tools import (
     concrete,
     dashboard_queries,
@@ -29,9 +30,15 @@ VARIABLES = {"scorer": ".*", "trainer": ".*", "label_app": ".*"}
 
 
 def defined_metrics() -> set[str]:
-    """Every metric name the scorer, the trainer and the label app define."""
+    """Every metric name the scorer (and its workers' supervisor), the trainer and the label
+    app define."""
     queue = LabelQueue(KafkaSettings(bootstrap="127.0.0.1:1"), LabelAppSettings())
-    registries = (ScorerMetrics().registry, TrainerMetrics().registry, queue.registry)
+    registries = (
+        ScorerMetrics().registry,
+        PoolMetrics().registry,
+        TrainerMetrics().registry,
+        queue.registry,
+    )
     return {name for registry in registries for name in exposed_names(registry.collect())} | {"up"}
 
 
