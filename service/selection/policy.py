@@ -342,6 +342,7 @@ class QueryPolicy:
         # uncertainty blend until the model has learned enough labels per class
         filters = self._filters if self._filters.active and not self._cold_start else None
         leading = self._cold_start or self._warming
+        name: str
         if leading:
             assert self._cold is not None
             strategy, name = self._cold, self._cold_name

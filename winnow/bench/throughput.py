@@ -38,7 +38,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast
 
 import numpy as np
 from pydantic import SecretStr
@@ -249,8 +249,9 @@ class PredictionReader:
         self._target = count
         if len(self.arrivals) >= count:
             return
+        assert self._task is not None, "start() first"
         reached = asyncio.create_task(self._reached.wait())
-        waiting = {reached, self._task} | ({watch} if watch else set())
+        waiting: set[asyncio.Task[Any]] = {reached, self._task} | ({watch} if watch else set())
         try:
             done, _ = await asyncio.wait(
                 waiting, timeout=WAIT_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED
@@ -289,7 +290,7 @@ async def _wait_assigned(assigned: Callable[[], Any], watch: "asyncio.Task[Any] 
 
 def _scorer_settings(kafka: KafkaSettings, batch_size: int, device: str) -> Settings:
     return Settings(
-        device=device,
+        device=cast(Literal["auto", "cpu", "cuda"], device),
         kafka=kafka,
         scorer=ScorerSettings(max_batch_size=batch_size, group_id=f"bench-{uuid.uuid4().hex[:10]}"),
         policy=PolicySettings(),

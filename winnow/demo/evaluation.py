@@ -1,6 +1,7 @@
 """Honest figures for the demo: test accuracy of each served model, and of full labeling."""
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -64,7 +65,7 @@ def full_label_accuracy(data: ImageDataset, spec: ModelSpec, seed: int = 0) -> f
     return accuracy(model, samples(data.test_images, data.test_labels, "test"), device)
 
 
-def plot(points: list[Point], full: float, path: object, title: str) -> None:
+def plot(points: list[Point], full: float, path: str | Path, title: str) -> None:
     """Accuracy against labels, with full labeling as a dashed line."""
     import matplotlib
 

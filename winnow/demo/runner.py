@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Literal, cast
 
 import numpy as np
 import uvicorn
@@ -155,7 +156,7 @@ def _trainer_settings(
         classes=data.classes,
         arch="small-cnn",
         input_size=args.input_size or (16 if data.name == "digits" else 28),
-        channels=data.channels,
+        channels=cast(Literal[1, 3], data.channels),
         device="auto",
         round_min_labels=args.round_labels,
         round_max_seconds=args.round_seconds,
