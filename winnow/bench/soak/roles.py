@@ -23,7 +23,9 @@ from infra.kafka.settings import KafkaSettings
 
 ROLES = ("scorer", "trainer", "label-app")
 START_TIMEOUT_S = 240.0
-STOP_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 120.0
+"""How long a role may take to stop after SIGTERM: the chart's longest grace period (the
+trainer's; a round under way finishes first, which on a loaded machine took over 30 s)."""
 
 
 def free_port() -> int:
