@@ -1,6 +1,6 @@
-"""Real scrapes of ``winnow serve``, ``winnow train`` and ``winnow label-app``, started as
-processes on the suite's broker: ``promtool check metrics`` passes on each, and together they
-expose every metric the dashboard and the alert rules read."""
+"""Real scrapes of ``winnow serve --workers 2``, ``winnow train`` and ``winnow label-app``,
+started as processes on the suite's broker: ``promtool check metrics`` passes on each, and
+together they expose every metric the dashboard and the alert rules read."""
 
 import io
 import os
@@ -70,7 +70,9 @@ def roles(kafka_settings, winnow_topics, tmp_path: Path) -> Iterator[dict[str, s
         "trainer": ["train", "--classes", classes, "--arch", "small-cnn", "--input-size", "16",
                     "--channels", "1", "--device", "cpu", "--data-dir", str(tmp_path / "data"),
                     "--metrics-port", str(ports["trainer"])],
-        "scorer": ["serve", "--device", "cpu", "--port", str(ports["scorer"])],
+        # two workers: the supervisor's merged scrape holds the scorer's metrics (per worker)
+        # and its own (winnow_worker_up, winnow_worker_restarts_total)
+        "scorer": ["serve", "--device", "cpu", "--port", str(ports["scorer"]), "--workers", "2"],
         "label-app": ["label-app", "--port", str(ports["label-app"])],
     }  # fmt: skip
     processes: dict[str, subprocess.Popen[bytes]] = {}
@@ -135,9 +137,17 @@ async def test_real_scrapes_pass_promtool_and_hold_every_queried_metric(
                 f"alert {rule.get('alert')} reads metrics no role exposes: {missing}"
             )
 
-    scorer = scrape(roles["scorer"])
-    assert 'winnow_inference_provider{provider="CPUExecutionProvider"} 1.0' in scorer
-    assert "winnow_gpu_requested 0.0" in scorer
-    assert "winnow_labeling_verdict{" in scorer and "winnow_budget_left_in_window " in scorer
+    scorer = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(scrape(roles["scorer"]))
+        for sample in family.samples
+    }
+    for worker in ("0", "1"):
+        provider = (("provider", "CPUExecutionProvider"), ("worker", worker))
+        assert scorer[("winnow_inference_provider", provider)] == 1
+        assert scorer[("winnow_gpu_requested", (("worker", worker),))] == 0
+        assert scorer[("winnow_worker_up", (("worker", worker),))] == 1
+        assert ("winnow_budget_left_in_window", (("worker", worker),)) in scorer
+    assert any(name == "winnow_labeling_verdict" for name, _ in scorer)
     assert 'winnow_trainer_releases_total{result="rejected"} 0.0' in scrape(roles["trainer"])
     assert "winnow_label_app_queue_depth " in scrape(roles["label-app"])
