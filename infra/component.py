@@ -12,6 +12,8 @@ import logging
 from collections.abc import Coroutine
 from typing import Any, Self
 
+from infra.errors import WinnowError
+
 log = logging.getLogger(__name__)
 
 
@@ -94,9 +96,15 @@ class Component:
     def _log_crash(self, task: "asyncio.Task[Any]") -> None:
         if task.cancelled() or task.exception() is None:
             return
+        error = task.exception()
+        if isinstance(error, WinnowError):  # raised on purpose, with its reason: one line
+            log.error(
+                "%s: background task %s stopped: %s", type(self).__name__, task.get_name(), error
+            )
+            return
         log.error(
             "%s: background task %s crashed",
             type(self).__name__,
             task.get_name(),
-            exc_info=task.exception(),
+            exc_info=error,
         )

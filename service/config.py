@@ -39,6 +39,12 @@ class ScorerSettings(BaseSettings):
     )
     keep_releases: int = Field(default=5, ge=1, description="verified artifacts kept for pinning")
     dead_letter_max_value_bytes: int = Field(default=900 * 1024, ge=0)
+    stall_timeout_s: float = Field(
+        default=120.0,
+        ge=0,
+        description="no frame decided for this long while frames wait and the broker answers: "
+        "the scorer stops so that it is restarted (0: never)",
+    )
 
 
 def _default_filters() -> list[FilterName]:

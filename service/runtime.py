@@ -33,6 +33,7 @@ from service.model.inference import OnnxModel
 from service.model.watcher import ModelReleases
 from service.pipeline.accounting import Accounting
 from service.pipeline.scorer import Scorer
+from service.pipeline.watchdog import ScorerStalled
 from service.scoring.engine import ScoringEngine
 from service.selection.policy import QueryPolicy
 from service.selection.stopping import LabelFeedback
@@ -189,6 +190,8 @@ async def _watch(runtime: ScorerRuntime, on_failure: Callable[[], None] | None) 
         runtime.failure = error
         if is_fatal(error):  # one clear line: a traceback would add nothing to fix it
             log.error("%s; /readyz now answers 503", describe_fatal("scorer", error))
+        elif isinstance(error, ScorerStalled):
+            log.error("%s; /readyz now answers 503", error)
         else:
             log.exception("the scorer stopped with an error; /readyz now answers 503")
         if on_failure is not None:

@@ -7,11 +7,17 @@ refusing) whatever the test's own loop is doing: a test may block in
 While cut, every open connection is closed and each new one is accepted and
 closed at once (the client sees a reset, as when a broker host goes away), so
 clients retry and fail until :meth:`FaultProxy.heal`.
+
+:meth:`FaultProxy.freeze` wedges instead: the connections open at that moment
+stay open but get no more bytes from the broker (a broker, or a middlebox, that
+stopped answering on them), while new connections are served as usual, so the
+broker still answers a probe.
 """
 
 import asyncio
 import socket
 import threading
+from collections.abc import Callable
 from typing import Self
 
 _CHUNK = 256 * 1024
@@ -39,6 +45,8 @@ class FaultProxy:
         )
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        self._client_sides: set[asyncio.StreamWriter] = set()
+        self._frozen: set[asyncio.StreamWriter] = set()  # client sides that get nothing more
 
     @property
     def address(self) -> str:
@@ -69,6 +77,14 @@ class FaultProxy:
         """Forwards new connections again."""
         self._cut = False
 
+    def freeze(self) -> int:
+        """Stops forwarding the broker's bytes on every open connection; returns how many.
+
+        The connections stay open; new ones are served. The frozen ones end when their
+        client gives up on them (or at :meth:`stop`).
+        """
+        return self._call(self._freeze_all())  # type: ignore[return-value]
+
     def __enter__(self) -> Self:
         self.start()
         return self
@@ -95,6 +111,11 @@ class FaultProxy:
             _abort(writer)
         self._writers.clear()
 
+    async def _freeze_all(self) -> int:
+        clients = {w for w in self._writers if w in self._client_sides}
+        self._frozen |= clients
+        return len(clients)
+
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self._cut:
             self.connections_refused += 1
@@ -110,17 +131,28 @@ class FaultProxy:
             _abort(up_writer)
             return
         self._writers.update((writer, up_writer))
+        self._client_sides.add(writer)
         try:
-            await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+            await asyncio.gather(
+                _pipe(reader, up_writer), _pipe(up_reader, writer, lambda: writer in self._frozen)
+            )
         finally:
             for w in (writer, up_writer):
                 self._writers.discard(w)
                 _abort(w)
+            self._client_sides.discard(writer)
+            self._frozen.discard(writer)
 
 
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def _pipe(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    frozen: "Callable[[], bool]" = lambda: False,
+) -> None:
     try:
         while data := await reader.read(_CHUNK):
+            if frozen():
+                continue  # swallowed: the client waits for an answer that never comes
             writer.write(data)
             await writer.drain()
     except (ConnectionError, OSError):

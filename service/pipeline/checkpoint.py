@@ -108,14 +108,14 @@ class Checkpoint(ConsumerRebalanceListener):
         the broker shows its lag growing, which tells a stalled scorer from an idle one.
         """
         try:
-            lag = await asyncio.wait_for(self._lag(), LAG_TIMEOUT_S)
+            lag = await asyncio.wait_for(self.lag(), LAG_TIMEOUT_S)
         except (KafkaError, TimeoutError) as error:
             log.debug("consumer lag not refreshed: %r", error)
             return
         for tp, behind in lag.items():
             self._metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(behind)
 
-    async def _lag(self) -> dict[TopicPartition, int]:
+    async def lag(self) -> dict[TopicPartition, int]:
         """End offset minus the delivered position of each assigned partition."""
         consumer = self._consumer
         assigned = sorted(consumer.assignment())

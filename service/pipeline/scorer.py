@@ -42,6 +42,7 @@ from service.pipeline.checkpoint import DRAIN_TIMEOUT_S, Checkpoint
 from service.pipeline.decode import BatchDecoder, DecodeLimits
 from service.pipeline.exemplars import Exemplars
 from service.pipeline.records import batch_records
+from service.pipeline.watchdog import ProgressWatchdog
 from service.scoring.engine import Scored, ScoringEngine
 from service.selection.filters import DecisionContext
 from service.selection.policy import QueryPolicy
@@ -117,6 +118,7 @@ class Scorer(Component):
         self._producer: AIOKafkaProducer | None = None
         self._delivery: Delivery | None = None
         self._checkpoint: Checkpoint | None = None
+        self._watchdog: ProgressWatchdog | None = None
         self._stopping = asyncio.Event()
         self._exemplars = Exemplars(self.policy.memory)
         self._space_model: OnnxModel | None = None  # whose embeddings the policy holds
@@ -173,6 +175,15 @@ class Scorer(Component):
         self.supervise(self._stage(infer_q, deliver_q, self._infer), "scorer-infer")
         self.supervise(self._deliver_stage(deliver_q, ack_q), "scorer-deliver")
         self.supervise(self._ack_stage(ack_q), "scorer-ack")
+        if scorer.stall_timeout_s > 0:
+            consumer, checkpoint = self._consumer, self._checkpoint
+            self._watchdog = ProgressWatchdog(
+                scorer.stall_timeout_s,
+                lag=checkpoint.lag,
+                assigned=lambda: bool(consumer.assignment()),
+                broker_reachable=self._broker_reachable,
+            )
+            self.supervise(self._watchdog.run(self._stopping), "scorer-watchdog")
         log.info(
             "scorer started: topic=%s group=%s model=%s provider=%s",
             kafka.topics.frames,
@@ -319,6 +330,8 @@ class Scorer(Component):
                 await self._delivery.acked(sent.records)
                 self.accounting.delivered(sent.batch, sent.predictions)
                 self._checkpoint.delivered(sent.batch)
+                if self._watchdog is not None:
+                    self._watchdog.progressed()
                 await self._checkpoint.commit(more_coming=not inbox.empty())
             finally:
                 self._checkpoint.settled()

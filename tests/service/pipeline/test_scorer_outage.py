@@ -30,7 +30,11 @@ pytestmark = pytest.mark.slow
 SECOND_BURST = 8000
 
 
-def _start(kafka, group: str, model: Path, port: int, log: Path) -> subprocess.Popen:
+def _start(
+    kafka, group: str, model: Path, port: int, log: Path, stall_timeout_s: float = 15
+) -> subprocess.Popen:
+    # The outage (30 s) is longer than the stall timeout: a watchdog that took it for a stall
+    # would stop the scorer that has to ride it out.
     env = {
         **os.environ,
         "WINNOW_KAFKA_BOOTSTRAP": kafka.bootstrap,
@@ -41,6 +45,7 @@ def _start(kafka, group: str, model: Path, port: int, log: Path) -> subprocess.P
         "WINNOW_SCORER_MAX_BATCH_SIZE": "8",
         "WINNOW_POLICY_NAME": "variable",
         "WINNOW_DEVICE": "cpu",
+        "WINNOW_SCORER_STALL_TIMEOUT_S": str(stall_timeout_s),
     }
     command = [sys.executable, "-m", "winnow.cli", "serve", "--model", str(model)]
     with log.open("ab") as out:
@@ -157,3 +162,57 @@ async def test_scorer_rides_out_an_outage_and_stops_cleanly_in_one(
         again.send_signal(signal.SIGTERM)
         assert again.wait(60) == 0, log.tail()
     assert _decided(decided) == {f"f{i}" for i in range(800 + SECOND_BURST)}
+
+
+STALL_TIMEOUT_S = 6
+
+
+async def test_a_scorer_whose_connections_wedge_stops_and_its_successor_decides_every_frame(
+    fault_proxy: FaultProxy,
+    proxied_kafka_settings,
+    group_id,
+    digits_model_path,
+    digit_pngs,
+    tmp_path: Path,
+) -> None:
+    """Catches: a scorer that stops deciding while frames wait and stays up for good (the
+    60-minute soak's stall at minute 33: ready, idle, lag growing, nothing logged), a stall
+    that ends in a traceback or a zero exit (no orchestrator would restart it), and a frame
+    committed but never decided across the stop and the restart."""
+    kafka = proxied_kafka_settings
+    await ensure_winnow_topics(kafka)
+    topics, log = kafka.topics, RoleLog(tmp_path / "scorer.log")
+    scorer = _start(
+        kafka, group_id, digits_model_path, free_port(), log.path, stall_timeout_s=STALL_TIMEOUT_S
+    )
+    try:
+        await produce(kafka, topics.frames, _frames(0, 200, digit_pngs))
+        await read_json(kafka, topics.predictions, lambda out: len(_decided(out)) >= 200, 120)
+        # Every connection the scorer holds stops getting answers; the broker still answers
+        # new ones (the outage watch's probe, this test's producer).
+        assert fault_proxy.freeze() > 0
+        frozen_at = time.monotonic()
+        await produce(kafka, topics.frames, _frames(200, 400, digit_pngs))
+        code = await asyncio.to_thread(scorer.wait, 120)
+        stopped_after = time.monotonic() - frozen_at
+    finally:
+        if scorer.poll() is None:
+            scorer.kill()
+            scorer.wait(30)
+    text = "\n".join(log.lines())
+    print(f"scorer: stopped {stopped_after:.1f} s after its connections froze, exit code {code}")
+    assert code != 0, text
+    stalled = [line for line in text.splitlines() if "scorer stalled" in line]
+    assert stalled and "none is lost" in stalled[0], text
+    assert "Traceback" not in text, text
+
+    await _every_committed_frame_decided(kafka, topics, group_id)
+    again = _start(kafka, group_id, digits_model_path, free_port(), log.path)
+    try:
+        decided = await read_json(
+            kafka, topics.predictions, lambda out: len(_decided(out)) >= 600, 180
+        )
+    finally:
+        again.send_signal(signal.SIGTERM)
+        assert again.wait(60) == 0, log.tail()
+    assert _decided(decided) == {f"f{i}" for i in range(600)}

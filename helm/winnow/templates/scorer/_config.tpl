@@ -14,6 +14,7 @@ WINNOW_HTTP_PORT: {{ int $s.port | quote }}
 WINNOW_SCORER_GROUP_ID: {{ $s.groupId | quote }}
 WINNOW_SCORER_MAX_BATCH_SIZE: {{ int $s.maxBatchSize | quote }}
 WINNOW_SCORER_MAX_WAIT_MS: {{ int $s.maxWaitMs | quote }}
+WINNOW_SCORER_STALL_TIMEOUT_S: {{ $s.stallTimeoutS | quote }}
 WINNOW_SCORER_DECODE_WORKERS: {{ int $s.decodeWorkers | quote }}
 WINNOW_WORKERS: {{ int $s.workers | quote }}
 WINNOW_SCORER_PUBLISH_PREDICTIONS: {{ $s.publishPredictions | quote }}
