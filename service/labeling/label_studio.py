@@ -263,7 +263,44 @@ class LabelStudioClient:
             )
         response.raise_for_status()
         body = response.json()
-        return [int(i) for i in body.get("task_ids") or ()]
+        ids = [int(i) for i in body.get("task_ids") or ()]
+        sent = sum(len(task.get("predictions", ())) for task in tasks)
+        if sent and body.get("prediction_count") == 0 and len(ids) == len(tasks):
+            await self._import_predictions(ids, tasks)
+        return ids
+
+    async def _import_predictions(self, ids: list[int], tasks: list[dict[str, Any]]) -> None:
+        """Sends the pre-annotations of imported tasks again, through the predictions API.
+
+        Label Studio (1.23) retries an import's write when SQLite is locked by another
+        request, and the retry runs on task dicts the first attempt already took the
+        predictions out of: the tasks are stored, their pre-annotations are not
+        (``prediction_count`` 0). A task is useful without its pre-annotation, so a failure
+        here is logged and the import stands (importing again would duplicate the tasks).
+        """
+        project = self.settings.project_id
+        items = [
+            {"task": task_id, **prediction}
+            for task_id, task in zip(ids, tasks, strict=True)
+            for prediction in task.get("predictions", ())
+        ]
+        try:
+            response = await self._http.post(
+                f"/api/projects/{project}/import/predictions", json=items
+            )
+            response.raise_for_status()
+        except httpx.HTTPError as error:
+            log.warning(
+                "Label Studio stored %d tasks without their pre-annotations and refused them "
+                "again (%r); the tasks are there, unannotated",
+                len(ids), error,
+            )  # fmt: skip
+            return
+        log.warning(
+            "Label Studio stored %d tasks without their pre-annotations (it drops them when it "
+            "retries a write on a busy database); sent again: %s created",
+            len(ids), response.json().get("created"),
+        )  # fmt: skip
 
     async def aclose(self) -> None:
         await self._http.aclose()

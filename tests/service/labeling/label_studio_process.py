@@ -10,6 +10,7 @@ sign in, then Account & Settings, Personal Access Token, Create
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
 import time
@@ -26,6 +27,7 @@ REPO = Path(__file__).resolve().parents[3]
 USERNAME = "admin@winnow.test"
 PASSWORD = "winnow-test-password"
 T = TypeVar("T")
+_POLL_LINE = re.compile(r'"GET /api/[^"]*" 200 ')
 START_TIMEOUT_S = 240.0  # about 45s on an idle laptop; two busy cores take longer
 
 
@@ -127,12 +129,15 @@ class LabelStudio:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait(10)
 
-    def log_tail(self, lines: int = 60) -> str:
+    def log_tail(self, lines: int = 80) -> str:
+        """The log's last lines, without the successful GETs of a test's polling (a minute of
+        them would push out the lines that say what went wrong)."""
         try:
             text = self.log_path.read_text(errors="replace")
         except OSError:
             return "(no Label Studio log)"
-        return "\n".join(text.splitlines()[-lines:])
+        kept = [line for line in text.splitlines() if not _POLL_LINE.search(line)]
+        return "\n".join(kept[-lines:])
 
     @contextmanager
     def log_on_failure(self) -> Iterator[None]:

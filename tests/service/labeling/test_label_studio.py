@@ -177,6 +177,54 @@ def _fake_label_studio(imports: list[list[dict]]) -> FastAPI:
     return fake
 
 
+def _dropping_label_studio(resent: list[list[dict]], answer: int = 201) -> FastAPI:
+    """Label Studio 1.23 as it answers an import whose write it retried on a locked SQLite
+    database: the tasks stored, ``prediction_count`` 0 (seen under load in CI)."""
+    fake = FastAPI()
+
+    @fake.post("/api/projects/{project_id}/import")
+    async def import_tasks(project_id: int, request: Request) -> dict:
+        tasks = await request.json()
+        ids = list(range(500, 500 + len(tasks)))
+        return {"task_count": len(tasks), "prediction_count": 0, "task_ids": ids}
+
+    @fake.post("/api/projects/{project_id}/import/predictions")
+    async def import_predictions(project_id: int, request: Request) -> dict:
+        assert project_id == 7
+        resent.append(await request.json())
+        if answer != 201:
+            raise HTTPException(answer, "database is locked")
+        return {"created": len(resent[-1])}
+
+    return fake
+
+
+@pytest.mark.parametrize("answer", [201, 500])
+async def test_pre_annotations_label_studio_dropped_are_sent_again(answer: int, caplog) -> None:
+    """Catches: tasks left without their pre-annotation when Label Studio drops them (the
+    labeler then starts from nothing), and a refused second send failing the import (which,
+    retried, would duplicate the tasks)."""
+    resent: list[list[dict]] = []
+    settings = _settings()
+    client = LabelStudioClient(
+        settings, httpx.ASGITransport(app=_dropping_label_studio(resent, answer))
+    )
+    requests = [label_request(f"ld{i}", i, prediction=str(i)) for i in range(2)]
+    try:
+        ids = await client.import_tasks([task_from_request(r, settings) for r in requests])
+    finally:
+        await client.aclose()
+    assert ids == [500, 501]
+    (items,) = resent
+    assert [(i["task"], i["result"][0]["value"]["choices"]) for i in items] == [
+        (500, ["0"]),
+        (501, ["1"]),
+    ]
+    assert all(i["model_version"] == "digits-v1" and i["score"] == 0.4 for i in items)
+    said = "sent again: 2 created" if answer == 201 else "refused them again"
+    assert said in caplog.text, caplog.text
+
+
 async def test_webhook_redeliveries_bad_tokens_and_bodies(
     kafka_settings, winnow_topics, group_id
 ) -> None:
@@ -424,10 +472,15 @@ async def test_label_studio_annotations_reach_the_labels_topic(
                 png = base64.b64encode(digit_png(0)).decode()
                 assert first["data"]["image"] == f"data:image/png;base64,{png}"
                 assert first["data"]["least_confidence"] == 0.67
-                # Label Studio stores an import's tasks first and their predictions after
-                # them: on a busy machine the tasks can be listed before the predictions are
+                # Label Studio 1.23 stores an import's tasks and predictions in one transaction;
+                # awaited all the same, and on failure the tasks as listed say what came
+                listed = [
+                    (t["id"], t["data"]["frame_id"], t.get("total_predictions")) for t in tasks
+                ]
                 (prediction,) = await until(
-                    lambda: _predictions(api, first["id"]), "the task's pre-annotation", 60
+                    lambda: _predictions(api, first["id"]),
+                    f"the task's pre-annotation (tasks listed: {listed})",
+                    60,
                 )
                 assert prediction["model_version"] == "digits-v1"
                 assert prediction["result"][0]["value"] == {"choices": ["0"]}
