@@ -34,7 +34,8 @@ just asked for has almost no gain, so near-duplicates of a video burst are passe
 over without a separate filter.
 
 Per-frame cost: O((m + M)·D) for the distances (m reservoir rows, M remembered
-frames, D the embedding size; one matrix product per batch) and O(m) for the gain.
+frames, D the embedding size; one matrix product per batch) and O(m) for the gain (the
+batch's gains in one pass, again after each frame asked for).
 """
 
 from collections.abc import Mapping
@@ -64,6 +65,7 @@ class KernelHerding(CoverageStrategy):
         self._kernel = np.empty((0, 0))
         self._weights = np.empty(0)
         self._scale = 1.0
+        self._scores: np.ndarray | None = None  # the batch's gains, until a frame is selected
 
     def _prepare(self, targets: Targets, context: "DecisionContext") -> None:
         assert self.space is not None
@@ -71,6 +73,7 @@ class KernelHerding(CoverageStrategy):
         self._kernel = np.exp(-targets.d2 / self._scale)
         blend = self._blend
         self._weights = (1.0 - blend) + blend * np.clip(targets.utility, 0.0, 1.0)
+        self._scores = None
 
     def score(self, index: int) -> float:
         # the uncertainty enters through the weights of the covered points, not the candidate
@@ -80,11 +83,25 @@ class KernelHerding(CoverageStrategy):
         return float(min(max(self._score(targets, index), 0.0), 1.0))
 
     def _score(self, targets: Targets, index: int) -> float:
+        # Every frame's gain against the coverage as it stands, at once; the coverage changes
+        # only when a frame is asked for (``record``), and then they are computed again.
+        if self._scores is None:
+            self._scores = self._gains(targets)
+        return float(self._scores[index])
+
+    def _gains(self, targets: Targets) -> np.ndarray:
+        """The gain of each frame of the batch (rows of the kernel) given the coverage now."""
         covered = np.exp(-targets.dmin / self._scale)
-        gain = np.maximum(self._kernel[index] - covered, 0.0)
+        gain = np.maximum(self._kernel - covered, 0.0)
         # A stream has no end to its pool: once the clusters are covered, the largest gain
         # left would be an outlier covering itself. A frame's own point is left out, so the
         # gain is what it covers of the rest of the stream.
-        gain[targets.offset + index] = 0.0
+        batch = np.arange(len(gain))
+        gain[batch, targets.offset + batch] = 0.0
         total = self._weights.sum()
-        return float(self._weights @ gain / total) if total > 0 else 0.0
+        return gain @ self._weights / total if total > 0 else np.zeros(len(gain))
+
+    def record(self, index: int, selected: bool) -> None:
+        super().record(index, selected)
+        if selected:
+            self._scores = None  # the frame covers its neighbours now
