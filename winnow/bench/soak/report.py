@@ -56,6 +56,14 @@ def summarize(run: dict[str, Any]) -> dict[str, Any]:
     run["roles"] = roles
     run["lag"] = lag_summary(samples, warmup_s)
     run["verdict"] = verdict(growths, run["frames"]["lost"], run["config"]["duration_s"])
+    for name, entries in run.get("restarts", {}).items():
+        # its RSS samples span two processes: its growth says nothing
+        roles[name]["restarts"] = len(entries)
+        run["verdict"]["result"] = "fail"
+        run["verdict"]["problems"].append(
+            f"{name} restarted {len(entries)}x (last exit {entries[-1]['exit_code']}: "
+            f"{entries[-1]['last_line']})"
+        )
     if run.get("failure"):
         run["verdict"]["result"] = "fail"
         run["verdict"]["problems"].append(run["failure"])

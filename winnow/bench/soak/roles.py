@@ -49,6 +49,10 @@ class RoleOptions:
     """More ``WINNOW_*`` settings for every role (``--role-env``), applied last."""
 
 
+MAX_RESTARTS = 3
+"""Restarts of one role the soak makes, as an orchestrator would, before it gives up."""
+
+
 @dataclass
 class Role:
     name: str
@@ -57,6 +61,10 @@ class Role:
     process: subprocess.Popen[bytes]
     log_path: Path
     exit_code: int | None = None
+    command: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    restarts: list[dict[str, object]] = field(default_factory=list)
+    """One entry per restart: the exit code and the last line the process logged."""
 
     @property
     def pid(self) -> int:
@@ -67,6 +75,12 @@ class Role:
             return self.log_path.read_text(errors="replace")[-chars:]
         except OSError:
             return ""
+
+    def last_line(self) -> str:
+        """The last line the role logged at WARNING or above, else its last line."""
+        lines = [line for line in self.log_tail(20_000).splitlines() if line.strip()]
+        loud = [line for line in lines if " ERROR " in line or " WARNING " in line]
+        return (loud or lines or [""])[-1][-300:]
 
 
 @dataclass
@@ -113,14 +127,36 @@ class Roles:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         for name in ("trainer", "scorer", "label-app"):
             log_path = self.log_dir / f"{name}.log"
-            log = log_path.open("wb")
-            self._logs.append(log)
-            process = subprocess.Popen(
-                [sys.executable, "-m", "winnow.cli", *commands[name]],
-                env=env, stdout=log, stderr=subprocess.STDOUT,
-            )  # fmt: skip
+            command = [sys.executable, "-m", "winnow.cli", *commands[name]]
+            process = self._spawn(command, env, log_path)
             url = f"http://127.0.0.1:{ports[name]}"
-            self.roles[name] = Role(name, url, ready[name], process, log_path)
+            self.roles[name] = Role(name, url, ready[name], process, log_path, None, command, env)
+
+    def _spawn(
+        self, command: list[str], env: dict[str, str], log_path: Path
+    ) -> "subprocess.Popen[bytes]":
+        log = log_path.open("ab")  # a restarted role goes on in the same log
+        self._logs.append(log)
+        return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+    def restart(self, name: str, at_s: float) -> dict[str, object]:
+        """Starts a role that exited again, as an orchestrator would; returns what is recorded.
+
+        Raises:
+            RuntimeError: the role is still running.
+        """
+        role = self.roles[name]
+        code = role.process.poll()
+        if code is None:
+            raise RuntimeError(f"{name} is running")
+        entry: dict[str, object] = {
+            "at_s": round(at_s, 1),
+            "exit_code": code,
+            "last_line": role.last_line(),
+        }
+        role.restarts.append(entry)
+        role.process = self._spawn(role.command, role.env, role.log_path)
+        return entry
 
     def wait_ready(self, timeout_s: float = START_TIMEOUT_S) -> None:
         """Waits until each role answers its ready path with 200.

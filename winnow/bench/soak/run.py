@@ -22,7 +22,7 @@ from winnow.bench.soak.growth import warmup_seconds
 from winnow.bench.soak.labelers import AppLabelers
 from winnow.bench.soak.load import Decisions, Frames, Producer, parse_frame_id
 from winnow.bench.soak.report import format_table, summarize
-from winnow.bench.soak.roles import RoleOptions, Roles
+from winnow.bench.soak.roles import MAX_RESTARTS, RoleOptions, Roles
 from winnow.bench.soak.sampler import alarms_by_detector, progress_line, sample_roles
 from winnow.datasets import ImageDataset, load_dataset
 
@@ -265,8 +265,9 @@ async def _steady(run: _Run, rate: float, duration: float) -> str | None:
                 progress_line(sample, config.say)
                 next_progress += config.progress_seconds
             if dead := run.roles.dead():
-                failure = f"role process exited during the run: {', '.join(dead)}"
-                break
+                failure = _restart(run, dead, t)
+                if failure:
+                    break
             if t >= duration:
                 break
         if task.done():  # the producer failed
@@ -277,6 +278,23 @@ async def _steady(run: _Run, rate: float, duration: float) -> str | None:
     await asyncio.gather(task, return_exceptions=True)
     _drift_summary(run, samples)
     return failure
+
+
+def _restart(run: _Run, dead: list[str], t: float) -> str | None:
+    """Restarts the roles that exited, as an orchestrator would, up to ``MAX_RESTARTS``
+    each; returns a failure once a role has used them up."""
+    for name in dead:
+        role = run.roles.roles[name]
+        if len(role.restarts) >= MAX_RESTARTS:
+            code = role.process.poll()
+            return f"{name} exited with {code} after {MAX_RESTARTS} restarts: {role.last_line()}"
+        entry = run.roles.restart(name, t)
+        run.result.setdefault("restarts", {}).setdefault(name, []).append(entry)
+        run.config.say(
+            f"[{t:6.0f}s] {name} exited with {entry['exit_code']} ({entry['last_line']}); "
+            "started again, as an orchestrator would"
+        )
+    return None
 
 
 async def _sample(run: _Run, t: float, warmup_s: float) -> dict[str, Any]:
@@ -372,5 +390,6 @@ def run_soak_command(args: argparse.Namespace) -> int:
     args.json.write_text(json.dumps(result, indent=2) + "\n")
     say(f"wrote {args.json}")
     # The RSS goal is a figure to read, as the other benchmarks' goals are; a lost frame or
-    # a role that died is a failure of the run.
-    return 1 if result["frames"]["lost"] or result.get("failure") else 0
+    # a role that died (restarted or not) is a failure of the run.
+    failed = result["frames"]["lost"] or result.get("failure") or result.get("restarts")
+    return 1 if failed else 0
