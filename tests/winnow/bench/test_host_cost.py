@@ -30,19 +30,31 @@ def test_cpu_clock_keeps_the_time_of_threads_that_ended() -> None:
 
 
 def test_cpu_clock_per_live_thread() -> None:
-    stop = threading.Event()
-    worker = threading.Thread(target=lambda: [_spin(0.01) for _ in iter(stop.is_set, True)])
+    # The worker spins a fixed amount of its own CPU time between the snapshots, however
+    # long a busy machine takes to give it that (a wall-clock window got 0.04 s of CPU in CI).
+    go, spun, stop = threading.Event(), threading.Event(), threading.Event()
+
+    def work() -> None:
+        go.wait()
+        _spin(0.2)
+        spun.set()
+        stop.wait()  # alive, and idle, at the second snapshot
+
+    worker = threading.Thread(target=work)
     sleeper = threading.Thread(target=stop.wait)
     worker.start()
     sleeper.start()
-    start = CpuClock.snapshot()
-    time.sleep(0.3)
-    end = CpuClock.snapshot()
-    stop.set()
-    worker.join()
-    sleeper.join()
+    try:
+        start = CpuClock.snapshot()
+        go.set()
+        assert spun.wait(120), "the worker did not get 0.2 s of CPU within 120 s"
+        end = CpuClock.snapshot()
+    finally:
+        stop.set()
+        worker.join()
+        sleeper.join()
     per_thread = CpuClock.per_thread(start, end)
-    assert per_thread[worker.native_id] > 0.1
+    assert 0.17 <= per_thread[worker.native_id] <= 0.5
     assert per_thread[sleeper.native_id] < 0.01
 
 
