@@ -22,6 +22,8 @@ def read_process(pid: int) -> ProcessReading:
     """Reads ``/proc/<pid>/status`` and ``/proc/<pid>/fd`` (Linux only).
 
     Raises:
+        ProcessLookupError: the process has exited (a zombie not yet reaped has no memory
+            lines; the soak's 60-minute run crashed on one).
         OSError: the process is gone (or this is not Linux).
     """
     fields: dict[str, str] = {}
@@ -29,6 +31,8 @@ def read_process(pid: int) -> ProcessReading:
         for line in status:
             name, _, value = line.partition(":")
             fields[name] = value.strip()
+    if "VmRSS" not in fields:
+        raise ProcessLookupError(f"process {pid} has exited (state {fields.get('State')})")
     rss_kb = int(fields["VmRSS"].split()[0])
     return ProcessReading(
         rss_mb=round(rss_kb / 1024, 2),

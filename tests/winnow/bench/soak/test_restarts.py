@@ -1,13 +1,16 @@
 """A role that exits during a soak is started again, as an orchestrator would, and fails the run."""
 
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from infra.kafka.settings import KafkaSettings
+from winnow.bench.soak.probe import read_process
 from winnow.bench.soak.report import summarize
 from winnow.bench.soak.roles import Role, RoleOptions, Roles
+from winnow.bench.soak.sampler import sample_roles
 
 STALLS = (
     "import sys, time; print('INFO scorer started', flush=True); "
@@ -75,3 +78,24 @@ def test_a_restart_fails_the_verdict_and_names_the_reason() -> None:
     assert verdict["result"] == "fail"
     assert "scorer restarted 1x (last exit 1: scorer stalled)" in verdict["problems"]
     assert run["roles"]["scorer"]["restarts"] == 1
+
+
+def test_a_role_that_exited_but_is_not_reaped_reads_as_gone(tmp_path: Path) -> None:
+    """Catches: the sampler crashing on a zombie (no VmRSS line), which ended the 60-minute
+    soak with a KeyError right after its scorer's watchdog stopped the scorer."""
+    roles = _roles(tmp_path)
+    log_path = tmp_path / "scorer.log"
+    command = [sys.executable, "-c", STALLS]
+    role = Role(
+        "scorer", "http://127.0.0.1:9", "/readyz", roles._spawn(command, {}, log_path), log_path
+    )
+    roles.roles["scorer"] = role
+    deadline = time.monotonic() + 30
+    while "Z" not in Path(f"/proc/{role.pid}/status").read_text().split("State:")[1][:4]:
+        assert time.monotonic() < deadline, "the process did not exit"
+        time.sleep(0.05)
+    with pytest.raises(ProcessLookupError):
+        read_process(role.pid)
+    assert sample_roles(roles.roles, "frames")["roles"]["scorer"] is None
+    role.process.wait(5)
+    roles.stop()
