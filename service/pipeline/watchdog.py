@@ -18,12 +18,15 @@ stalls.
 """
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable
 
 from aiokafka import TopicPartition
 
 from infra.errors import WinnowError
+
+log = logging.getLogger(__name__)
 
 LAG_TIMEOUT_S = 10.0
 
@@ -98,8 +101,29 @@ class ProgressWatchdog:
         if waiting == 0:
             self.progressed()  # idle, not stalled: the next check waits a full timeout again
             return
+        log.warning("where the scorer's tasks wait at the stall:\n%s", where_tasks_wait())
         raise ScorerStalled(
             f"scorer stalled: no frame decided for {idle:.0f} s while {where} "
             f"(WINNOW_SCORER_STALL_TIMEOUT_S={self.stall_timeout_s:g}); stopping so that it is "
             "restarted (offsets are committed only for delivered frames: none is lost)"
         )
+
+
+def where_tasks_wait() -> str:
+    """One line per task of this event loop: its name and the chain of coroutines it waits
+    in, outermost first (file:line function), so that a stall says what never completed."""
+    lines = []
+    for task in sorted(asyncio.all_tasks(), key=lambda t: t.get_name()):
+        lines.append(f"  {task.get_name()}: {_chain(task.get_coro())}")
+    return "\n".join(lines)
+
+
+def _chain(coro: object) -> str:
+    links = []
+    while coro is not None:
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+        if frame is not None:
+            path = "/".join(frame.f_code.co_filename.split("/")[-2:])
+            links.append(f"{path}:{frame.f_lineno} {frame.f_code.co_name}")
+        coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+    return " > ".join(links) or "?"

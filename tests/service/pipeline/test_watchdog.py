@@ -5,7 +5,7 @@ import asyncio
 import pytest
 from aiokafka import TopicPartition
 
-from service.pipeline.watchdog import ProgressWatchdog, ScorerStalled
+from service.pipeline.watchdog import ProgressWatchdog, ScorerStalled, where_tasks_wait
 
 TP = TopicPartition("frames", 0)
 
@@ -105,3 +105,27 @@ async def test_run_stops_when_asked_and_raises_a_stall() -> None:
     world.waiting = 3
     with pytest.raises(ScorerStalled):
         await asyncio.wait_for(world.watchdog().run(asyncio.Event()), 2)
+
+
+async def test_a_stall_says_where_each_task_waits(caplog) -> None:
+    """Catches: a stall that stops the scorer without saying what never completed (the soak's
+    stalls left nothing to debug but a py-spy dump)."""
+
+    async def waits_for_an_ack(never: asyncio.Event) -> None:
+        await never.wait()
+
+    never = asyncio.Event()
+    task = asyncio.create_task(waits_for_an_ack(never), name="scorer-ack")
+    await asyncio.sleep(0)
+    try:
+        said = where_tasks_wait()
+        line = said.split("scorer-ack: ")[1].splitlines()[0]
+        assert "waits_for_an_ack > asyncio/locks.py:" in line and line.endswith(" wait"), line
+        world = _World(waiting=7)
+        watchdog = world.watchdog()
+        await asyncio.sleep(0.25)
+        with pytest.raises(ScorerStalled):
+            await watchdog.check()
+        assert "scorer-ack: " in caplog.text and "waits_for_an_ack" in caplog.text
+    finally:
+        task.cancel()
