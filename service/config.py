@@ -26,6 +26,14 @@ class ScorerSettings(BaseSettings):
     group_id: str = "winnow-scorer"
     max_batch_size: int = Field(default=32, ge=1, le=4096)
     max_wait_ms: int = Field(default=20, ge=0, description="longest wait to fill a batch")
+    fetch_max_wait_ms: int = Field(
+        default=500,
+        ge=1,
+        le=60_000,
+        description="how long the broker may hold a fetch while no frame waits; a broker "
+        "answers at once when frames come, but the embedded one (Tansu) only when the wait "
+        "ends, and with a short wait it starves a scorer once a partition is large",
+    )
     decode_workers: int = Field(
         default_factory=lambda: max(1, min(4, (os.cpu_count() or 2) // 2)),
         ge=1,

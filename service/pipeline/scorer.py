@@ -159,7 +159,7 @@ class Scorer(Component):
         await self._producer.start()
         self._delivery = Delivery(self._producer, what="scorer records")
         self._consumer = create_consumer(
-            kafka, group_id=scorer.group_id, fetch_max_wait_ms=min(100, max(5, scorer.max_wait_ms))
+            kafka, group_id=scorer.group_id, fetch_max_wait_ms=scorer.fetch_max_wait_ms
         )
         shares = CapShares(kafka, self.policy)  # the group's cap, shared by partitions
         shares.joining()  # frames fetched before the first assignment is complete get no share

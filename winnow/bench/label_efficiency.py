@@ -334,7 +334,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--budget",
         type=float,
         default=_serve_budget(),
-        help="fraction of frames that may be asked for (default the scorer's, WINNOW_POLICY_BUDGET)",
+        help="fraction of frames that may be asked for "
+        "(default the scorer's, WINNOW_POLICY_BUDGET)",
     )
     p.add_argument("--window", type=int, default=200, help="frames of the budget window")
     p.add_argument("--batch", type=int, default=32, help="frames per scoring batch")

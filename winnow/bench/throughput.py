@@ -59,6 +59,7 @@ from service.pipeline.scorer import Scorer
 from service.scoring.engine import ScoringEngine
 from service.selection.policy import QueryPolicy
 from winnow.bench.host_cost import STAGES
+from winnow.bench.scorer_process import BENCH_FETCH_MAX_WAIT_MS
 
 CASES = ("camera", "digits")
 DEFAULT_FRAMES = {"camera": 320, "digits": 6000}
@@ -292,7 +293,11 @@ def _scorer_settings(kafka: KafkaSettings, batch_size: int, device: str) -> Sett
     return Settings(
         device=cast(Literal["auto", "cpu", "cuda"], device),
         kafka=kafka,
-        scorer=ScorerSettings(max_batch_size=batch_size, group_id=f"bench-{uuid.uuid4().hex[:10]}"),
+        scorer=ScorerSettings(
+            max_batch_size=batch_size,
+            group_id=f"bench-{uuid.uuid4().hex[:10]}",
+            fetch_max_wait_ms=BENCH_FETCH_MAX_WAIT_MS,
+        ),
         policy=PolicySettings(),
     )
 
