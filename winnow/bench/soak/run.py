@@ -311,7 +311,24 @@ async def _sample(run: _Run, t: float, warmup_s: float) -> dict[str, Any]:
     }
 
 
+def continue_counters(samples: list[dict[str, Any]], keys: tuple[str, ...]) -> None:
+    """Makes counters that a restarted role began again from 0 continue, in place (a drop is
+    a restart: what the old process had counted is carried on)."""
+    for key in keys:
+        carried, previous = 0, None
+        for sample in samples:
+            value = sample.get(key)
+            if value is None:
+                continue
+            if previous is not None and value < previous:
+                carried += previous
+            previous = value
+            sample[key] = value + carried
+
+
 def _drift_summary(run: _Run, samples: list[dict[str, Any]]) -> None:
+    if run.result.get("restarts", {}).get("scorer"):
+        continue_counters(samples, ("drift_alarms", "swaps_ok", "swaps_all"))
     drift = run.result["drift"]
     final = samples[-1]["drift_alarms"] if samples else 0
     at_shift = drift.get("alarms_at_shift")

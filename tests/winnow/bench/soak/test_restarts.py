@@ -10,6 +10,7 @@ from infra.kafka.settings import KafkaSettings
 from winnow.bench.soak.probe import read_process
 from winnow.bench.soak.report import summarize
 from winnow.bench.soak.roles import Role, RoleOptions, Roles
+from winnow.bench.soak.run import continue_counters
 from winnow.bench.soak.sampler import sample_roles
 
 STALLS = (
@@ -99,3 +100,11 @@ def test_a_role_that_exited_but_is_not_reaped_reads_as_gone(tmp_path: Path) -> N
     assert sample_roles(roles.roles, "frames")["roles"]["scorer"] is None
     role.process.wait(5)
     roles.stop()
+
+
+def test_counters_of_a_restarted_role_continue() -> None:
+    """Catches: the soak's report of -73 drift alarms after the shift, once its scorer had
+    been restarted and its counters began again from 0."""
+    samples = [{"drift_alarms": v} for v in (0, 5, 73, 2, None, 9, 0, 4)]
+    continue_counters(samples, ("drift_alarms",))
+    assert [s["drift_alarms"] for s in samples] == [0, 5, 73, 75, None, 82, 82, 86]
