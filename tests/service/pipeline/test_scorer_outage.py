@@ -46,6 +46,10 @@ def _start(
         "WINNOW_POLICY_NAME": "variable",
         "WINNOW_DEVICE": "cpu",
         "WINNOW_SCORER_STALL_TIMEOUT_S": str(stall_timeout_s),
+        # Frames in flight when the cut lands: Tansu ends a long poll only when its wait does,
+        # so with the 500 ms default the scorer idles between fetches and may have delivered
+        # and committed everything at the cut; these partitions stay far too small to starve.
+        "WINNOW_SCORER_FETCH_MAX_WAIT_MS": "20",
     }
     command = [sys.executable, "-m", "winnow.cli", "serve", "--model", str(model)]
     with log.open("ab") as out:
