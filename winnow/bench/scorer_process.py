@@ -42,7 +42,7 @@ from winnow.bench.host_cost import (
 BENCH_FETCH_MAX_WAIT_MS = 20
 """The bench's scorer fetch wait: its partitions stay small and its frames come in large
 batches, where the embedded broker answers a short wait; a short wait keeps its latency
-figures those of the scorer, not of the broker's long poll (the product default is 500 ms,
+figures those of the scorer, not of the broker's long poll (the soak uses 500 ms,
 see ``ScorerSettings.fetch_max_wait_ms``)."""
 
 JOIN_TIMEOUT_S = 60.0

@@ -7,7 +7,7 @@ from aiokafka import AIOKafkaProducer, TopicPartition
 
 from infra.kafka.connection import client_kwargs
 from infra.kafka.consumer import create_consumer
-from service.config import ScorerSettings
+from winnow.bench.soak.roles import SOAK_FETCH_MAX_WAIT_MS
 
 pytestmark = pytest.mark.slow
 
@@ -43,7 +43,7 @@ async def _fetched(kafka, topic: str, partition: int, start: int, wait_ms: int) 
         await consumer.stop()
 
 
-@pytest.mark.parametrize("wait_ms", [ScorerSettings().fetch_max_wait_ms])
+@pytest.mark.parametrize("wait_ms", [SOAK_FETCH_MAX_WAIT_MS])
 async def test_the_scorer_fetches_from_deep_in_a_large_partition(
     kafka_settings, winnow_topics, wait_ms: int
 ) -> None:

@@ -49,6 +49,9 @@ class RoleOptions:
     """More ``WINNOW_*`` settings for every role (``--role-env``), applied last."""
 
 
+SOAK_FETCH_MAX_WAIT_MS = 500
+"""The scorer's fetch wait in a soak: with a shorter one the embedded broker starves the
+scorer once its partition is large (``tests/service/pipeline/test_fetch_wait.py``)."""
 MAX_RESTARTS = 3
 """Restarts of one role the soak makes, as an orchestrator would, before it gives up."""
 
@@ -111,6 +114,7 @@ class Roles:
             "WINNOW_TRAINER_ROUND_MIN_LABELS": str(self.options.round_labels),
             "WINNOW_TRAINER_ROUND_MAX_SECONDS": str(self.options.round_seconds),
             "WINNOW_POLICY_SEED": "0",
+            "WINNOW_SCORER_FETCH_MAX_WAIT_MS": str(SOAK_FETCH_MAX_WAIT_MS),
             **dict(self.options.env),
         }
         o = self.options
