@@ -7,6 +7,7 @@ from aiokafka import AIOKafkaProducer, TopicPartition
 
 from infra.kafka.connection import client_kwargs
 from infra.kafka.consumer import create_consumer
+from tests.kafka_helpers import end_offsets
 from winnow.bench.soak.roles import SOAK_FETCH_MAX_WAIT_MS
 
 pytestmark = pytest.mark.slow
@@ -58,21 +59,9 @@ async def test_the_scorer_fetches_from_deep_in_a_large_partition(
     started = time.monotonic()
     await _produce_one_per_batch(kafka_settings, topic, RECORDS)
     print(f"produced in {time.monotonic() - started:.0f} s")
-    ends = await _ends(kafka_settings, topic)
+    ends = await end_offsets(kafka_settings, topic)
     partition = max(ends, key=ends.__getitem__)  # one key: one partition
     assert ends[partition] > RECORDS * 0.9, ends
     got = await _fetched(kafka_settings, topic, partition, ends[partition] - 10_000, wait_ms)
     print(f"fetch wait {wait_ms} ms: {got} records")
     assert got >= 5000
-
-
-async def _ends(kafka, topic: str) -> dict[int, int]:
-    consumer = create_consumer(kafka, group_id=None)
-    await consumer.start()
-    try:
-        parts = [
-            TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())
-        ]
-        return {tp.partition: end for tp, end in (await consumer.end_offsets(parts)).items()}
-    finally:
-        await consumer.stop()
