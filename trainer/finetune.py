@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from trainer.errors import DeviceError
+from trainer.forward import forward_eval
 from trainer.samples import Sample, stack
 
 log = logging.getLogger(__name__)
@@ -174,21 +175,9 @@ def predict_proba(
     model: nn.Module, inputs: np.ndarray, device: torch.device, batch_size: int = 256
 ) -> np.ndarray:
     """Class probabilities (N x classes) in eval mode; restores the model's mode."""
-    was_training = model.training
-    model.eval()
     model.to(device)
-    out: list[np.ndarray] = []
-    try:
-        with torch.inference_mode():
-            for start in range(0, len(inputs), batch_size):
-                batch = torch.from_numpy(np.ascontiguousarray(inputs[start : start + batch_size]))
-                probs, _ = model(batch.to(device))
-                out.append(probs.float().cpu().numpy())
-    finally:
-        model.train(was_training)
-    if not out:
-        return np.zeros((0, 0), dtype=np.float32)
-    return np.concatenate(out)
+    outputs = forward_eval(model, inputs, device, batch_size)
+    return outputs[0] if outputs else np.zeros((0, 0), dtype=np.float32)
 
 
 def select_replay(

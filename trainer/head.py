@@ -22,11 +22,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import nn
 
 from schemas.model_spec import ModelSpec
 from trainer.architectures import WinnowNet
 from trainer.errors import SampleError
+from trainer.forward import forward_eval
 from trainer.samples import Sample, decode_inputs, stack
 
 log = logging.getLogger(__name__)
@@ -95,20 +95,10 @@ def embed(
     The backbone is only read: its mode is restored, so this may run while
     another thread trains a copy of the model.
     """
-    backbone: nn.Module = model.backbone
-    was_training = backbone.training
-    backbone.eval()
-    out: list[np.ndarray] = []
-    try:
-        with torch.inference_mode():
-            for start in range(0, len(inputs), batch_size):
-                batch = torch.from_numpy(np.ascontiguousarray(inputs[start : start + batch_size]))
-                out.append(backbone(batch.to(device)).float().cpu().numpy())
-    finally:
-        backbone.train(was_training)
-    if not out:
+    outputs = forward_eval(model.backbone, inputs, device, batch_size)
+    if not outputs:
         return np.zeros((0, model.embedding_dim), dtype=np.float32)
-    return np.concatenate(out)
+    return outputs[0]
 
 
 def fit_head(

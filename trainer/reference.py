@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from schemas.drift import DriftReference
+from trainer.forward import forward_eval
 from trainer.samples import Sample, stack
 
 MIN_HOLDOUT = 200
@@ -26,20 +27,9 @@ def model_outputs(
     model: nn.Module, inputs: np.ndarray, device: torch.device, batch_size: int = 256
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(probabilities N x C, embeddings N x D)`` in eval mode; restores the model's mode."""
-    was_training = model.training
-    model.eval()
     model.to(device)
-    probs, embeds = [], []
-    try:
-        with torch.inference_mode():
-            for start in range(0, len(inputs), batch_size):
-                batch = torch.from_numpy(np.ascontiguousarray(inputs[start : start + batch_size]))
-                p, e = model(batch.to(device))
-                probs.append(p.float().cpu().numpy())
-                embeds.append(e.float().cpu().numpy())
-    finally:
-        model.train(was_training)
-    return np.concatenate(probs), np.concatenate(embeds)
+    probabilities, embeddings = forward_eval(model, inputs, device, batch_size)
+    return probabilities, embeddings
 
 
 def reference_for(
