@@ -25,17 +25,26 @@ Pillow's storage for the resize takes back 0.17 ms, so a frame becomes model
 input in 1.74 ms instead of 1.84 ms. A JPEG simplejpeg will not decode exactly as
 Pillow would (CMYK, or any libjpeg warning on damaged data) goes to Pillow,
 which decides whether it is poison.
+
+A PNG of 8-bit grey or RGB samples (what cameras and most encoders write) is
+decoded by libspng through ``pyspng`` once every chunk's CRC has been checked:
+the same pixels as Pillow's, in 3 µs instead of 42 µs for a digits frame.
+libspng itself skips the CRCs, so a frame corrupted in transit would decode to
+garbage; with the check, anything damaged goes to Pillow, which decides whether it
+is poison. Other PNGs (palette, 16-bit, alpha, under 8 bits) go to Pillow too.
 """
 
 import asyncio
 import io
 import struct
 import warnings
+import zlib
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+import pyspng
 import simplejpeg
 from PIL import Image
 
@@ -103,13 +112,63 @@ def _input_pixels(image: Image.Image, spec: ModelSpec, value: bytes | None = Non
     at a reduced scale when it is much larger than the input (with simplejpeg when its
     bytes are given)."""
     height, width = spec.input_size
+    if image.format == "PNG" and value is not None:
+        pixels = _spng_decode(value, image)
+        if pixels is not None:
+            if pixels.shape[:2] == (height, width) and image.mode == _mode(spec):
+                return pixels
+            return image_pixels(Image.fromarray(pixels, image.mode), spec)
     if image.format == "JPEG":
         turbo = _turbo_decode(value, image, spec) if value is not None else None
         if turbo is not None:
             return image_pixels(turbo, spec)
-        image.draft("L" if spec.channels == 1 else "RGB", (width, height))  # no-op once loaded
+        image.draft(_mode(spec), (width, height))  # no-op once loaded
     _load(image)
     return image_pixels(image, spec)
+
+
+def _mode(spec: ModelSpec) -> str:
+    return "L" if spec.channels == 1 else "RGB"
+
+
+_SPNG_COLOUR_TYPES = {0: "L", 2: "RGB"}
+"""PNG colour types libspng decodes here, with the Pillow mode each opens as."""
+
+
+def _spng_decode(value: bytes, image: Image.Image) -> np.ndarray | None:
+    """The pixels of an intact 8-bit grey or RGB PNG as Pillow would decode them (H x W or
+    H x W x 3, uint8), by libspng; None for any other PNG, or one libspng refuses.
+
+    ``image`` is fresh from ``_open`` (header read and checked, nothing decoded).
+    """
+    mode = _SPNG_COLOUR_TYPES.get(value[25])
+    if value[24] != 8 or mode is None or image.mode != mode or not _chunks_intact(value):
+        return None
+    try:
+        pixels = pyspng.load(value, format=mode)
+    except Exception:  # libspng refuses: Pillow decides what the frame is
+        return None
+    width, height = image.size
+    if pixels.dtype != np.uint8 or pixels.shape[:2] != (height, width):
+        return None
+    return pixels
+
+
+def _chunks_intact(value: bytes) -> bool:
+    """Whether every chunk up to ``IEND`` is whole and matches its CRC."""
+    pos, end = 8, len(value)
+    while pos + 12 <= end:
+        (length,) = struct.unpack_from(">I", value, pos)
+        crc_at = pos + 8 + length
+        if crc_at + 4 > end:
+            return False
+        (crc,) = struct.unpack_from(">I", value, crc_at)
+        if zlib.crc32(memoryview(value)[pos + 4 : crc_at]) != crc:
+            return False
+        if value[pos + 4 : pos + 8] == b"IEND":
+            return True
+        pos = crc_at + 4
+    return False
 
 
 def _turbo_decode(value: bytes, image: Image.Image, spec: ModelSpec) -> Image.Image | None:

@@ -292,3 +292,106 @@ def test_jpegs_simplejpeg_will_not_decode_go_to_pillow(
     assert [(i, e.reason) for i, e in poison] == expected_poison
     assert (2, "truncated") in expected_poison and 0 in good
     assert np.array_equal(inputs, np.stack(expected_good))
+
+
+def _spng_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the PNGs that libspng decodes, and how many of them it decoded."""
+    import service.pipeline.decode as decode
+
+    calls: list[int] = []
+    real = decode.pyspng.load
+
+    def load(value: bytes, format: str | None = None) -> np.ndarray:
+        calls.append(len(value))
+        return real(value, format=format)
+
+    monkeypatch.setattr(decode.pyspng, "load", load)
+    return calls
+
+
+def _pillow_verdicts(values: list[bytes], spec: ModelSpec) -> tuple[list, list]:
+    good, poison = [], []
+    for index, value in enumerate(values):
+        try:
+            good.append(decode_and_preprocess_by_pillow(value, spec))
+        except PoisonRecord as error:
+            poison.append((index, error.reason))
+    return good, poison
+
+
+def decode_and_preprocess_by_pillow(value: bytes, spec: ModelSpec) -> np.ndarray:
+    """A PNG as the scorer decoded it before libspng: Pillow's ``image.load``."""
+    image = decode_image(value, None, LIMITS)
+    return preprocess(image, spec)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("size", [(8, 8), (24, 32)])
+def test_pngs_libspng_decodes_give_pillows_pixels(
+    channels: int,
+    size: tuple[int, int],
+    digit: np.ndarray,
+    photo: np.ndarray,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Grey and RGB, interlaced, with gamma and a transparent colour (which Pillow ignores
+    for L and RGB), into grey and colour models, at and off the input size: the pixels are
+    Pillow's, and libspng decoded each of them (not a silent fall-back to Pillow)."""
+    spec = _spec(channels, size)
+    crop = photo[:64, :80]
+    values = [
+        _encode(digit, "PNG"),
+        _encode(crop, "PNG"),
+        _encode(crop, "PNG", interlace=1),
+        _encode(digit, "PNG", transparency=0, gamma=0.4),  # Pillow writes gAMA from info only
+        _encode(crop, "PNG", transparency=(0, 0, 0)),
+    ]
+    calls = _spng_calls(monkeypatch)
+    inputs, good, poison = prepare_batch([(v, "image/png") for v in values], spec, LIMITS)
+    assert good == list(range(len(values))) and not poison
+    assert len(calls) == len(values)
+    assert np.array_equal(inputs, np.stack([_per_frame(v, spec) for v in values]))
+
+
+def test_pngs_libspng_does_not_decode_go_to_pillow(
+    digit: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Palette, 16-bit, grey with alpha and 1-bit PNGs are Pillow's alone."""
+    spec = _spec(1, (8, 8))
+    images = [
+        Image.fromarray(digit).convert("P"),
+        Image.fromarray(digit.astype(np.uint16) * 257),
+        Image.fromarray(np.dstack([digit, digit])),
+        Image.fromarray(digit > 100),
+    ]
+    values = []
+    for image in images:
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        values.append(buffer.getvalue())
+    assert [Image.open(io.BytesIO(v)).mode for v in values] == ["P", "I;16", "LA", "1"]
+    calls = _spng_calls(monkeypatch)
+    inputs, good, _ = prepare_batch([(v, "image/png") for v in values], spec, LIMITS)
+    assert calls == []
+    assert np.array_equal(inputs, np.stack([_per_frame(values[i], spec) for i in good]))
+
+
+def test_a_png_damaged_in_transit_is_judged_by_pillow_not_decoded_to_garbage(
+    photo: np.ndarray,
+) -> None:
+    """libspng skips the chunks' CRCs; without the check, a bit flipped in the image data
+    decoded to wrong pixels where Pillow refuses the frame as poison."""
+    spec = _spec(3, (16, 16))
+    value = _encode(photo[:48, :64], "PNG")
+    idat = value.index(b"IDAT") + 4
+    flipped = []
+    for offset in range(0, 400, 7):
+        damaged = bytearray(value)
+        damaged[idat + offset] ^= 0x10
+        flipped.append(bytes(damaged))
+    inputs, good, poison = prepare_batch([(v, "image/png") for v in flipped], spec, LIMITS)
+    expected_good, expected_poison = _pillow_verdicts(flipped, spec)
+    assert [(i, e.reason) for i, e in poison] == expected_poison
+    assert len(expected_poison) > len(flipped) // 2
+    assert len(good) == len(expected_good)
+    assert all(np.array_equal(a, b) for a, b in zip(inputs, expected_good, strict=True))
