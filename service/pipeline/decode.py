@@ -27,11 +27,13 @@ Pillow would (CMYK, or any libjpeg warning on damaged data) goes to Pillow,
 which decides whether it is poison.
 
 A PNG of 8-bit grey or RGB samples (what cameras and most encoders write) is
-decoded by libspng through ``pyspng`` once every chunk's CRC has been checked:
-the same pixels as Pillow's, in 3 µs instead of 42 µs for a digits frame.
-libspng itself skips the CRCs, so a frame corrupted in transit would decode to
-garbage; with the check, anything damaged goes to Pillow, which decides whether it
-is poison. Other PNGs (palette, 16-bit, alpha, under 8 bits) go to Pillow too.
+decoded by libspng through ``pyspng`` once every chunk's CRC has been checked,
+without Pillow's ``Image.open``: the same pixels as Pillow's. A digits frame (8x8
+grey PNG) becomes model input in 7 µs instead of 29 µs, or 21 µs instead of 37 µs
+when it is resized to 16x16 (``prepare_batch`` in batches of 16). libspng itself
+skips the CRCs, so a frame corrupted in transit would decode to garbage; with the
+check, anything damaged goes to Pillow, which decides whether it is poison, as do
+other PNGs (palette, 16-bit, alpha, under 8 bits).
 """
 
 import asyncio
@@ -107,17 +109,27 @@ def preprocess(image: Image.Image, spec: ModelSpec) -> np.ndarray:
     return normalize(_input_pixels(image, spec), spec)
 
 
+def _frame_pixels(
+    value: bytes | None, content_type: str | None, spec: ModelSpec, limits: DecodeLimits
+) -> np.ndarray:
+    """A frame's uint8 pixels at the input size (``image_pixels``): an intact 8-bit grey
+    or RGB PNG by libspng, without Pillow's ``Image.open``; anything else by Pillow."""
+    fmt, size = _check(value, content_type, limits)
+    assert value is not None  # _check refuses empty values
+    decoded = _spng_decode(value) if fmt == "PNG" else None
+    if decoded is None:
+        return _input_pixels(_open_checked(value, fmt, size, limits), spec, value)
+    pixels, mode = decoded
+    if pixels.shape[:2] == spec.input_size and mode == _mode(spec):
+        return pixels
+    return image_pixels(Image.fromarray(pixels, mode), spec)
+
+
 def _input_pixels(image: Image.Image, spec: ModelSpec, value: bytes | None = None) -> np.ndarray:
     """uint8 pixels at the input size (``image_pixels``), decoding a not-yet-loaded JPEG
     at a reduced scale when it is much larger than the input (with simplejpeg when its
     bytes are given)."""
     height, width = spec.input_size
-    if image.format == "PNG" and value is not None:
-        pixels = _spng_decode(value, image)
-        if pixels is not None:
-            if pixels.shape[:2] == (height, width) and image.mode == _mode(spec):
-                return pixels
-            return image_pixels(Image.fromarray(pixels, image.mode), spec)
     if image.format == "JPEG":
         turbo = _turbo_decode(value, image, spec) if value is not None else None
         if turbo is not None:
@@ -135,23 +147,24 @@ _SPNG_COLOUR_TYPES = {0: "L", 2: "RGB"}
 """PNG colour types libspng decodes here, with the Pillow mode each opens as."""
 
 
-def _spng_decode(value: bytes, image: Image.Image) -> np.ndarray | None:
+def _spng_decode(value: bytes) -> tuple[np.ndarray, str] | None:
     """The pixels of an intact 8-bit grey or RGB PNG as Pillow would decode them (H x W or
-    H x W x 3, uint8), by libspng; None for any other PNG, or one libspng refuses.
+    H x W x 3, uint8) with Pillow's mode for them, by libspng; None for any other PNG, or
+    one libspng refuses.
 
-    ``image`` is fresh from ``_open`` (header read and checked, nothing decoded).
+    ``value`` passed ``_check`` as a PNG (signature, IHDR first, an IEND chunk).
     """
     mode = _SPNG_COLOUR_TYPES.get(value[25])
-    if value[24] != 8 or mode is None or image.mode != mode or not _chunks_intact(value):
+    if value[24] != 8 or mode is None or not _chunks_intact(value):
         return None
     try:
         pixels = pyspng.load(value, format=mode)
     except Exception:  # libspng refuses: Pillow decides what the frame is
         return None
-    width, height = image.size
+    width, height = struct.unpack_from(">II", value, 16)
     if pixels.dtype != np.uint8 or pixels.shape[:2] != (height, width):
         return None
-    return pixels
+    return pixels, mode
 
 
 def _chunks_intact(value: bytes) -> bool:
@@ -205,7 +218,7 @@ def decode_and_preprocess(
     value: bytes | None, content_type: str | None, spec: ModelSpec, limits: DecodeLimits
 ) -> np.ndarray:
     """``decode_image`` then ``preprocess``, decoding a JPEG only once and at reduced scale."""
-    return normalize(_input_pixels(_open(value, content_type, limits), spec, value), spec)
+    return normalize(_frame_pixels(value, content_type, spec, limits), spec)
 
 
 def prepare_batch(
@@ -230,7 +243,7 @@ def prepare_batch(
     poison: list[tuple[int, PoisonRecord]] = []
     for index, (value, content_type) in enumerate(items):
         try:
-            frame = _input_pixels(_open(value, content_type, limits), spec, value)
+            frame = _frame_pixels(value, content_type, spec, limits)
         except PoisonRecord as exc:
             poison.append((index, exc))
         else:
@@ -285,6 +298,25 @@ class BatchDecoder:
 
 def _open(value: bytes | None, content_type: str | None, limits: DecodeLimits) -> Image.Image:
     """Checks everything that can be checked without decoding pixels, then opens lazily."""
+    fmt, size = _check(value, content_type, limits)
+    assert value is not None  # _check refuses empty values
+    return _open_checked(value, fmt, size, limits)
+
+
+def _open_checked(
+    value: bytes, fmt: str, size: tuple[int, int] | None, limits: DecodeLimits
+) -> Image.Image:
+    """Opens a frame that passed ``_check`` lazily; Pillow's size is checked too."""
+    image = _pil_open(value, fmt, size)
+    _check_pixels(image.size, limits)
+    return image
+
+
+def _check(
+    value: bytes | None, content_type: str | None, limits: DecodeLimits
+) -> tuple[str, tuple[int, int] | None]:
+    """Pillow's format name and the size from the header, once every check that needs no
+    pixel passes (the size is None for a JPEG whose frame header was not found)."""
     if not value:
         raise PoisonRecord("empty", "The record has no value, so there is no image to decode.")
     if len(value) > limits.max_bytes:
@@ -299,9 +331,7 @@ def _open(value: bytes | None, content_type: str | None, limits: DecodeLimits) -
         _check_pixels(size, limits)
     if fmt == "PNG" and value.rfind(_PNG_IEND) < 0:
         raise PoisonRecord("truncated", "The PNG image is cut short: it has no end (IEND) chunk.")
-    image = _pil_open(value, fmt, size)
-    _check_pixels(image.size, limits)
-    return image
+    return fmt, size
 
 
 def _check_content_type(content_type: str | None) -> None:

@@ -8,6 +8,8 @@ refusal, never an exception that would stop a consume loop.
 
 import io
 import json
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -33,6 +35,7 @@ from service.pipeline.decode import (
     decode_and_preprocess,
     decode_image,
     prepare_batch,
+    preprocess,
 )
 from service.pipeline.records import dead_letter_of
 
@@ -104,6 +107,76 @@ def test_any_bytes_decode_or_raise_only_poison_record(
             decode()
         except PoisonRecord as error:
             assert error.reason and error.detail
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+@st.composite
+def intact_pngs(draw: st.DrawFn) -> tuple[bytes, tuple[int, int]]:
+    """A PNG whose every chunk has a right CRC, with its size: mostly a plain 8-bit grey or
+    RGB one, or anything inside (any colour type and bit depth, bad compression or filter
+    fields, interlace, bad row filters, too few or too many bytes, extra chunks)."""
+    width, height = draw(st.integers(1, 12)), draw(st.integers(1, 12))
+    colour = draw(st.sampled_from([0, 2, 0, 2, 3, 4, 6]))
+    depth = draw(st.sampled_from([8, 8, 8, 8, 8, 1, 2, 4, 16]))
+    odd = draw(st.sampled_from([0] * 8 + [1]))
+    fields = [draw(st.sampled_from([0] * 8 + [1])) for _ in range(2)]
+    interlace = draw(st.sampled_from([0, 0, 0, 1, 2]))
+    samples = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}[colour]
+    row = (width * samples * depth + 7) // 8
+    filters = [0, 1, 2, 3, 4] + ([5, 255] if odd else [])
+    rows = b"".join(
+        bytes([draw(st.sampled_from(filters))]) + draw(st.binary(min_size=row, max_size=row))
+        for _ in range(height)
+    )
+    cut = draw(st.sampled_from(["", "", "", "", "short", "long"]))
+    if cut == "short":
+        rows = rows[: draw(st.integers(0, len(rows) - 1))]
+    elif cut == "long":
+        rows += draw(st.binary(min_size=1, max_size=8))
+    extra = draw(
+        st.sampled_from(
+            [b"", b"", _chunk(b"gAMA", struct.pack(">I", 45455)), _chunk(b"sRGB", b"\x00"),
+             _chunk(b"tRNS", b"\x00\x01" * (3 if colour == 2 else 1)), _chunk(b"PLTE", bytes(30)),
+             _chunk(b"tEXt", b"Comment\x00hostile")]
+        )
+    )  # fmt: skip
+    ihdr = struct.pack(">IIBBBBB", width, height, depth, colour, *fields, interlace)
+    value = (
+        b"\x89PNG\r\n\x1a\n"
+        + _chunk(b"IHDR", ihdr)
+        + extra
+        + _chunk(b"IDAT", zlib.compress(rows))
+        + _chunk(b"IEND", b"")
+    )
+    return value, (height, width)
+
+
+@settings(FAST, max_examples=400)
+@given(png=intact_pngs(), channels=st.sampled_from([1, 3]), own_size=st.booleans())
+def test_libspng_and_pillow_agree_on_every_intact_png(
+    png: tuple[bytes, tuple[int, int]], channels: int, own_size: bool
+) -> None:
+    """The scorer decodes 8-bit grey and RGB PNGs with libspng and the rest with Pillow;
+    the trainer and the contract use Pillow. Catches a PNG libspng decodes that Pillow
+    refuses or decodes otherwise (a frame scored that should be dead-lettered, or pixels
+    the model never trained on), and a refusal with another reason; at the frame's own
+    size (no resize) and at another."""
+    value, size = png
+    spec = SPEC.model_copy(
+        update={"channels": channels, "input_size": size if own_size else (8, 8),
+                "mean": [0.5] * channels, "std": [0.5] * channels}
+    )  # fmt: skip
+    try:
+        want = preprocess(decode_image(value, "image/png", LIMITS), spec)
+    except PoisonRecord as error:
+        with pytest.raises(PoisonRecord) as caught:
+            decode_and_preprocess(value, "image/png", spec, LIMITS)
+        assert caught.value.reason == error.reason
+    else:
+        assert np.array_equal(decode_and_preprocess(value, "image/png", spec, LIMITS), want)
 
 
 @FAST
