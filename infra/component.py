@@ -4,7 +4,9 @@ A component is started once and stopped once (``stop()`` is idempotent and
 safe before ``start()``), works as ``async with``, and runs its background
 work as *supervised* tasks: a task that crashes is logged with its component's
 name at once, not when someone happens to await it, and ``stop()`` cancels and
-awaits whatever is still running. ``CancelledError`` is never swallowed.
+awaits whatever is still running. ``CancelledError`` is never swallowed. While
+someone awaits :meth:`Component.wait`, a crash goes to them instead (they get it
+at once, and report it once: a stall, for instance, is one line, not two).
 """
 
 import asyncio
@@ -28,6 +30,7 @@ class Component:
         self._supervised: list[asyncio.Task[Any]] = []
         self._started = False
         self._stopped = False
+        self._waiters = 0
 
     @property
     def running(self) -> bool:
@@ -78,10 +81,15 @@ class Component:
         return task
 
     async def wait(self) -> None:
-        """Returns when every supervised task has ended; raises the first failure."""
+        """Returns when every supervised task has ended; raises the first failure, which the
+        caller reports: a crash while someone waits here is not logged by the component."""
         if not self._supervised:
             return
-        done, _ = await asyncio.wait(self._supervised, return_when=asyncio.FIRST_EXCEPTION)
+        self._waiters += 1
+        try:
+            done, _ = await asyncio.wait(self._supervised, return_when=asyncio.FIRST_EXCEPTION)
+        finally:
+            self._waiters -= 1
         for task in done:
             if not task.cancelled() and task.exception() is not None:
                 raise task.exception()  # type: ignore[misc]
@@ -94,7 +102,7 @@ class Component:
             await asyncio.gather(*pending, return_exceptions=True)
 
     def _log_crash(self, task: "asyncio.Task[Any]") -> None:
-        if task.cancelled() or task.exception() is None:
+        if task.cancelled() or task.exception() is None or self._waiters:
             return
         error = task.exception()
         if isinstance(error, WinnowError):  # raised on purpose, with its reason: one line

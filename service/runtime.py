@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from typing import TypedDict
 
 from infra.asyncio_tasks import track_asyncio_tasks
+from infra.errors import WinnowError
 from infra.kafka.admin import ensure_winnow_topics
 from infra.kafka.outage import BrokerWatch, describe_fatal, is_fatal
 from schemas.drift import DriftEvent
@@ -33,7 +34,6 @@ from service.model.inference import OnnxModel
 from service.model.watcher import ModelReleases
 from service.pipeline.accounting import Accounting
 from service.pipeline.scorer import Scorer
-from service.pipeline.watchdog import ScorerStalled
 from service.scoring.engine import ScoringEngine
 from service.selection.policy import QueryPolicy
 from service.selection.stopping import LabelFeedback
@@ -190,7 +190,7 @@ async def _watch(runtime: ScorerRuntime, on_failure: Callable[[], None] | None) 
         runtime.failure = error
         if is_fatal(error):  # one clear line: a traceback would add nothing to fix it
             log.error("%s; /readyz now answers 503", describe_fatal("scorer", error))
-        elif isinstance(error, ScorerStalled):
+        elif isinstance(error, WinnowError):  # a stall, or another reason given on purpose
             log.error("%s; /readyz now answers 503", error)
         else:
             log.exception("the scorer stopped with an error; /readyz now answers 503")

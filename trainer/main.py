@@ -7,6 +7,7 @@ import signal
 from prometheus_client import start_http_server
 
 from infra.asyncio_tasks import track_asyncio_tasks
+from infra.errors import WinnowError
 from infra.kafka.admin import ensure_topics
 from infra.kafka.outage import BrokerWatch, describe_fatal, is_fatal
 from trainer.config import TrainerSettings
@@ -20,7 +21,8 @@ def run_trainer(settings: TrainerSettings) -> int:
     """Blocks until a signal (exit 0) or a failure of the round loop (exit 1).
 
     A broker outage is ridden out (logged once, then summarised); an error Kafka will
-    keep refusing (credentials, ACLs) ends the process with one line and exit 1.
+    keep refusing (credentials, ACLs), or a ``WinnowError`` (a reason given on purpose),
+    ends the process with one line and exit 1; anything else with its traceback.
 
     With no ``WINNOW_KAFKA_BOOTSTRAP`` the trainer connects to the embedded
     broker's address (``127.0.0.1:WINNOW_KAFKA_EMBEDDED_PORT``), where
@@ -37,9 +39,12 @@ def run_trainer(settings: TrainerSettings) -> int:
     try:
         return asyncio.run(_run(settings))
     except Exception as error:
-        if not is_fatal(error):
+        if is_fatal(error):
+            log.error("%s", describe_fatal("trainer", error))
+        elif isinstance(error, WinnowError):  # a reason given on purpose: one line
+            log.error("trainer stopped: %s", error)
+        else:
             raise
-        log.error("%s", describe_fatal("trainer", error))
         return 1
 
 

@@ -31,6 +31,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 
 from infra.asyncio_tasks import track_asyncio_tasks
+from infra.errors import WinnowError
 from infra.kafka.admin import ensure_topics
 from infra.kafka.outage import BrokerWatch, describe_fatal, is_fatal
 from infra.kafka.settings import KafkaSettings
@@ -141,9 +142,10 @@ async def _watched(queue: LabelQueue, on_failure: Callable[[], None] | None) -> 
         except Exception as error:
             if is_fatal(error):  # one clear line: a traceback would add nothing to fix it
                 log.error("%s; /readyz now answers 503", describe_fatal("label-app", error))
+            elif isinstance(error, WinnowError):  # a reason given on purpose: one line
+                log.error("the label queue stopped: %s; /readyz now answers 503", error)
             else:
-                # Its traceback is logged by the component as the loop crashes.
-                log.error("the label queue stopped with %r; /readyz now answers 503", error)
+                log.exception("the label queue stopped with an error; /readyz now answers 503")
             if on_failure is not None:
                 on_failure()
 

@@ -82,6 +82,23 @@ async def test_a_crashing_task_is_logged_with_the_components_name_at_once_and_wa
     assert cleaned == ["steady"], "stop still cancels the task that did not crash"
 
 
+async def test_a_crash_while_someone_waits_goes_to_them_and_is_not_logged_twice(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Catches a failure reported twice, once by the component and once by its owner (the
+    scorer's stall was two ERROR lines with the same text); with no waiter it is logged,
+    as the test above checks."""
+    cleaned: list[str] = []
+    probe = Probe(("steady", _forever(cleaned, "steady")), ("flaky", _crash(after_s=0.05)))
+    with caplog.at_level(logging.ERROR, logger="infra.component"):
+        async with probe:
+            with pytest.raises(RuntimeError, match="the background work broke"):
+                await asyncio.wait_for(probe.wait(), 5)
+            await asyncio.sleep(0.05)  # the done callback has run
+    assert caplog.records == []
+    assert cleaned == ["steady"]
+
+
 async def test_wait_returns_when_the_tasks_end_and_when_stop_cancels_them() -> None:
     await asyncio.wait_for(Probe().wait(), 1)  # nothing supervised: nothing to wait for
     done = Probe(("quick", asyncio.sleep(0.01)))

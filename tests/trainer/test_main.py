@@ -41,3 +41,20 @@ def test_other_failures_still_raise(tmp_path, monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setattr(trainer.main, "_run", broken)
     with pytest.raises(RuntimeError, match="a bug"):
         run_trainer(_settings(tmp_path))
+
+
+def test_a_winnow_error_exits_1_with_one_line(
+    tmp_path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Catches a reason given on purpose (a store that cannot be opened, a loop that
+    refuses to go on) ending in a traceback instead of its one line."""
+    from trainer.errors import TrainerError
+
+    async def refused(settings: TrainerSettings) -> int:
+        raise TrainerError("the label store at /data is not writable")
+
+    monkeypatch.setattr(trainer.main, "_run", refused)
+    assert run_trainer(_settings(tmp_path)) == 1
+    lines = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(lines) == 1 and lines[0].exc_info is None
+    assert lines[0].getMessage() == "trainer stopped: the label store at /data is not writable"
