@@ -19,6 +19,7 @@ fed the same CNN's probabilities at the same budget.
 """
 
 import json
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,8 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from service.config import PolicySettings
 from winnow.bench.efficiency.errors import BenchConfigError
+
+log = logging.getLogger(__name__)
 
 # Set by the bench for every strategy alike: a spec cannot change the budget it is compared at.
 BENCH_FIELDS = frozenset({"budget", "window", "seed", "labels_per_hour"})
@@ -218,13 +221,19 @@ def resolve(
     default: Sequence[str],
 ) -> dict[str, StrategySpec]:
     """The strategies of a run, random first: the named ones (built-in or given), else the
-    defaults plus every given spec.
+    defaults plus every given spec. A given spec that the names leave out is not run; a
+    warning says so.
 
     Raises:
         SpecError: an unknown name.
     """
     known = {**STRATEGIES, **extra}
     chosen = list(names) if names else [*default, *(n for n in extra if n not in default)]
+    if left := [n for n in extra if n not in chosen]:
+        log.warning(
+            "given but not named in --strategies, so not run: %s (name them there too)",
+            ", ".join(left),
+        )
     unknown = sorted(set(chosen) - set(known))
     if unknown:
         raise SpecError(f"unknown strategies {unknown}; known: {', '.join(known)}")

@@ -1,6 +1,7 @@
 """Strategies by name: the short form, JSON files, and the settings they become."""
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -101,3 +102,18 @@ def test_resolve_puts_random_first_and_adds_given_specs_to_the_defaults() -> Non
     assert list(resolve(["mine", "aift"], extra, ())) == ["random", "mine", "aift"]
     with pytest.raises(SpecError, match="unknown"):
         resolve(["nope"], extra, ())
+
+
+def test_a_given_spec_left_out_of_the_names_is_warned_about(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Catches a spec that silently does not run (``--strategies random,default
+    --strategy-spec mine=...`` ran 20 minutes without ``mine``)."""
+    extra = dict([parse_spec("mine=variable:margin"), parse_spec("also=variable:entropy")])
+    with caplog.at_level(logging.WARNING, logger="winnow.bench.efficiency.specs"):
+        assert list(resolve(["also"], extra, ())) == ["random", "also"]
+    (record,) = caplog.records
+    assert "not run: mine" in record.getMessage()
+    caplog.clear()
+    resolve(None, extra, ())
+    assert caplog.records == []
