@@ -114,8 +114,7 @@ def _frame_pixels(
 ) -> np.ndarray:
     """A frame's uint8 pixels at the input size (``image_pixels``): an intact 8-bit grey
     or RGB PNG by libspng, without Pillow's ``Image.open``; anything else by Pillow."""
-    fmt, size = _check(value, content_type, limits)
-    assert value is not None  # _check refuses empty values
+    value, fmt, size = _check(value, content_type, limits)
     decoded = _spng_decode(value) if fmt == "PNG" else None
     if decoded is None:
         return _input_pixels(_open_checked(value, fmt, size, limits), spec, value)
@@ -298,9 +297,7 @@ class BatchDecoder:
 
 def _open(value: bytes | None, content_type: str | None, limits: DecodeLimits) -> Image.Image:
     """Checks everything that can be checked without decoding pixels, then opens lazily."""
-    fmt, size = _check(value, content_type, limits)
-    assert value is not None  # _check refuses empty values
-    return _open_checked(value, fmt, size, limits)
+    return _open_checked(*_check(value, content_type, limits), limits)
 
 
 def _open_checked(
@@ -314,9 +311,9 @@ def _open_checked(
 
 def _check(
     value: bytes | None, content_type: str | None, limits: DecodeLimits
-) -> tuple[str, tuple[int, int] | None]:
-    """Pillow's format name and the size from the header, once every check that needs no
-    pixel passes (the size is None for a JPEG whose frame header was not found)."""
+) -> tuple[bytes, str, tuple[int, int] | None]:
+    """The value, Pillow's format name and the size from the header, once every check that
+    needs no pixel passes (the size is None for a JPEG whose frame header was not found)."""
     if not value:
         raise PoisonRecord("empty", "The record has no value, so there is no image to decode.")
     if len(value) > limits.max_bytes:
@@ -331,7 +328,7 @@ def _check(
         _check_pixels(size, limits)
     if fmt == "PNG" and value.rfind(_PNG_IEND) < 0:
         raise PoisonRecord("truncated", "The PNG image is cut short: it has no end (IEND) chunk.")
-    return fmt, size
+    return value, fmt, size
 
 
 def _check_content_type(content_type: str | None) -> None:

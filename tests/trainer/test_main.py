@@ -15,21 +15,33 @@ def _settings(tmp_path) -> TrainerSettings:
     return TrainerSettings(kafka=KafkaSettings(bootstrap="127.0.0.1:9"), data_dir=tmp_path)
 
 
+def _the_one_error_line(
+    error: Exception, tmp_path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> str:
+    """Runs the trainer with a loop that raises ``error``: exit 1 and one ERROR line, without
+    a traceback, whose text is returned."""
+
+    async def failing(settings: TrainerSettings) -> int:
+        raise error
+
+    monkeypatch.setattr(trainer.main, "_run", failing)
+    assert run_trainer(_settings(tmp_path)) == 1
+    lines = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(lines) == 1 and lines[0].exc_info is None
+    return lines[0].getMessage()
+
+
 def test_a_fatal_kafka_refusal_exits_1_with_one_line(
     tmp_path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Catches a trainer that ends a refused login with a traceback (or exit 0), so the
     orchestrator does not restart it and nobody reads what Kafka refused."""
 
-    async def refused(settings: TrainerSettings) -> int:
-        raise SaslAuthenticationFailed("wrong password for user winnow")
-
-    monkeypatch.setattr(trainer.main, "_run", refused)
-    assert run_trainer(_settings(tmp_path)) == 1
-    lines = [r for r in caplog.records if r.levelno >= logging.ERROR]
-    assert len(lines) == 1 and lines[0].exc_info is None
-    assert lines[0].getMessage().startswith("trainer: Kafka refused")
-    assert "wrong password" in lines[0].getMessage()
+    line = _the_one_error_line(
+        SaslAuthenticationFailed("wrong password for user winnow"), tmp_path, monkeypatch, caplog
+    )
+    assert line.startswith("trainer: Kafka refused")
+    assert "wrong password" in line
 
 
 def test_other_failures_still_raise(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -50,11 +62,7 @@ def test_a_winnow_error_exits_1_with_one_line(
     refuses to go on) ending in a traceback instead of its one line."""
     from trainer.errors import TrainerError
 
-    async def refused(settings: TrainerSettings) -> int:
-        raise TrainerError("the label store at /data is not writable")
-
-    monkeypatch.setattr(trainer.main, "_run", refused)
-    assert run_trainer(_settings(tmp_path)) == 1
-    lines = [r for r in caplog.records if r.levelno >= logging.ERROR]
-    assert len(lines) == 1 and lines[0].exc_info is None
-    assert lines[0].getMessage() == "trainer stopped: the label store at /data is not writable"
+    line = _the_one_error_line(
+        TrainerError("the label store at /data is not writable"), tmp_path, monkeypatch, caplog
+    )
+    assert line == "trainer stopped: the label store at /data is not writable"
