@@ -75,6 +75,13 @@ def test_bench_throughput_writes_complete_json(
     assert [run["batch_size"] for run in case["by_batch_size"]] == [8, 16, 64]
     for run in case["by_batch_size"]:
         _assert_host_cost(run)
+    # The profile saw the work a scored frame needs. Summed over the batch sizes: at batch 64
+    # the 200 frames make about four deliveries, which a 2 ms sampling profile can miss.
+    seen = {
+        stage: sum(run["stages_cpu_ms_per_frame"][stage] for run in case["by_batch_size"])
+        for stage in ("decode", "infer", "deliver")
+    }
+    assert all(v > 0 for v in seen.values()), seen
     [main_run] = [run for run in case["by_batch_size"] if run["batch_size"] == 8]
     assert main_run["scorer_fps"] == case["scorer_fps"]
     assert main_run["scorer_cpu_ms_per_frame"] == case["scorer_cpu_ms_per_frame"]
@@ -101,8 +108,6 @@ def _assert_host_cost(run: dict[str, Any]) -> None:
     assert list(stages) == list(STAGES)
     assert all(v >= 0 for v in stages.values()), stages
     assert sum(stages.values()) == pytest.approx(cpu, rel=0.1, abs=0.005), stages
-    # The profile saw the work a scored frame needs.
-    assert stages["decode"] > 0 and stages["infer"] > 0 and stages["deliver"] > 0, stages
     assert run["profile_samples"] > 0
     assert run["threads_cpu_ms_per_frame"]["MainThread"] > 0
     assert run["efficiency"] == pytest.approx(run["scorer_fps"] / run["bare_fps"])
