@@ -23,7 +23,12 @@ import numpy as np
 from schemas.drift import DriftReference, fourier_features
 
 _NORMAL = NormalDist()
-_CHUNK_CELLS = 4_000_000  # floats per vectorized block in trajectories()
+_CHUNK_CELLS = 500_000
+"""Floats per vectorized block in ``trajectories()``. A block's arrays live only during a
+calibration, but the scorer recalibrates its head detectors every ``head_rearm_frames``
+frames while heads come in, so their size is the scorer's memory swing. Measured with the
+default settings (ERT 10,000, 10 classes): 4,000,000 made a head recalibration peak at 156
+MiB of arrays, 500,000 at 36 MiB, for the same thresholds and no more CPU (0.95 and 0.87 s)."""
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,14 @@
 """The detectors: calibrated false-alarm rate, and alarms on each kind of shift."""
 
+import tracemalloc
+
 import numpy as np
 import pytest
 
 from schemas.drift import DriftReference
 from service.drift import Rows, Simulation, build_detectors, calibrate, threshold_for_ert
-from service.drift.calibrate import FirstAlarms
+from service.config import DriftSettings
+from service.drift.calibrate import FirstAlarms, calibrated
 from tests.service.drift.synthetic import outputs
 
 ERT = 300
@@ -172,3 +175,21 @@ def test_the_cusum_sees_skewed_undrifted_entropy_as_standard_normal_scores(refer
     top, sd = sample.max(), sample.std()
     far, edge = cusum._x(np.array([top + 3 * sd, top]))
     assert far == pytest.approx(edge + 3) and edge > 2
+
+
+def test_a_head_recalibration_at_default_settings_keeps_its_arrays_small(reference) -> None:
+    """The scorer recalibrates the head detectors every ``head_rearm_frames`` frames while
+    heads come in, so their calibration's arrays are the scorer's memory swing. Fails if
+    ``trajectories()`` works in blocks as large as before (156 MiB at its peak) or holds
+    an R x L x classes array whole."""
+    settings = DriftSettings()  # ERT 10,000: 48 streams of 30,000 frames
+    tracemalloc.start()
+    try:
+        detectors, _ = calibrated(reference, settings, ["prediction", "uncertainty"])
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert [d.name for d in detectors] == ["prediction", "uncertainty"]
+    # streams x length as int64 (the bootstrap index) and float64 (each trajectory, its
+    # running maximum) is 11.5 MB an array; a few of them at once, not a block of classes
+    assert peak < 64 * 2**20, f"{peak / 2**20:.0f} MiB"
