@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from schemas.drift import DriftReference
-from service.drift import Rows, Simulation, build_detectors, calibrate, threshold_for_ert
 from service.config import DriftSettings
+from service.drift import Rows, Simulation, build_detectors, calibrate, threshold_for_ert
 from service.drift.calibrate import FirstAlarms, calibrated
 from tests.service.drift.synthetic import outputs
 
