@@ -27,6 +27,7 @@ from collections.abc import Callable, Mapping
 
 from aiokafka import AIOKafkaProducer
 
+from infra.allocator import release_free_memory
 from infra.component import Component
 from infra.kafka.producer import create_producer
 from schemas.model_spec import ModelSpec
@@ -223,6 +224,11 @@ class Trainer(Component):
             What the refit did; None when no label can train yet, or when a
             backbone round replaced the backbone meanwhile (the refit is dropped).
         """
+        report = await self._refit_head()
+        await asyncio.to_thread(release_free_memory)  # what the refit freed goes back
+        return report
+
+    async def _refit_head(self) -> HeadReport | None:
         async with self._head_lock:
             started = time.perf_counter()
             model, spec, base = self.model, self.spec, self.base
@@ -295,6 +301,7 @@ class Trainer(Component):
                 await asyncio.to_thread(self.store.mark_trained, new_items, released)
             self.prequential = built.prequential
             self._account(built.report)
+            await asyncio.to_thread(release_free_memory)  # what the round freed goes back
             self._head_wake.set()  # count again: the labels that came during the round
             return built.report
 

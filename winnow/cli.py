@@ -15,7 +15,7 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from infra.allocator import tune_allocator
+from infra.allocator import tune_allocator, tune_for_training
 
 if TYPE_CHECKING:
     from pydantic import ValidationError
@@ -205,6 +205,8 @@ def _model_init(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from trainer.config import TrainerSettings
     from trainer.main import run_trainer
+
+    tune_for_training()  # torch's step-sized arrays from the heap; rounds trim it
 
     overrides = _given(
         args, "arch", "pretrained", "input_size", "channels", "data_dir", "device", "metrics_port"

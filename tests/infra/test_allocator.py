@@ -30,10 +30,31 @@ print(json.dumps({"applied": applied, "grown_mb": rss() - before}))
 """
 
 
-def _probe(**env: str) -> dict:
+TRAINING_PROBE = """
+import json, numpy as np
+from infra.allocator import release_free_memory, tune_allocator, tune_for_training
+tune_allocator()
+raised = tune_for_training()
+def rss():
+    status = open('/proc/self/status').read().split('VmRSS:')[1]
+    return int(status.split()[0]) / 1024
+before = rss()
+bigs, keep = [], []
+for size in range(2, 20):  # arrays of 2 to 19 MB, each with a small survivor after it
+    bigs.append(np.ones(size * 131072))
+    keep.append(np.ones(20000))
+del bigs  # free, but held between the survivors
+held = rss() - before
+trimmed = release_free_memory()
+after = rss() - before
+print(json.dumps({"raised": raised, "held_mb": held, "trimmed": trimmed, "after_mb": after}))
+"""
+
+
+def _probe(probe: str = PROBE, **env: str) -> dict:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     out = subprocess.run(
-        [sys.executable, "-c", PROBE],
+        [sys.executable, "-c", probe],
         env={**clean, **env, "OPENBLAS_NUM_THREADS": "1"},
         capture_output=True,
         text=True,
@@ -61,6 +82,22 @@ def test_arrays_freed_by_threads_go_back_to_the_system() -> None:
     assert tuned < 20, tuned
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
+def test_a_training_role_takes_arrays_from_the_heap_and_trimming_returns_them() -> None:
+    """The failures it catches: ``tune_for_training`` not raising the mmap threshold (the
+    arrays would be unmapped when freed, nothing held: the trainer's steps then pay page
+    faults), and ``release_free_memory`` not giving the held pages back (the trainer's RSS
+    then keeps what its largest round freed)."""
+    result = _probe(TRAINING_PROBE)
+    assert result["raised"] is True
+    assert result["held_mb"] > 100, result  # 189 MB of arrays freed between survivors
+    assert result["trimmed"] is True
+    assert result["after_mb"] < 10, result
+    # where the operator set the threshold, it stays: the arrays are unmapped when freed
+    kept = _probe(TRAINING_PROBE, MALLOC_MMAP_THRESHOLD_="131072")
+    assert kept["raised"] is False and kept["held_mb"] < 10, kept
+
+
 def test_every_winnow_command_tunes_the_allocator_first(monkeypatch) -> None:
     """The failure it catches: the call dropped from the command line's entry point, so the
     roles run with glibc's defaults again (the soak's RSS then grows)."""
@@ -71,3 +108,16 @@ def test_every_winnow_command_tunes_the_allocator_first(monkeypatch) -> None:
     with pytest.raises(SystemExit):
         winnow.cli.main(["--help"])
     assert calls == ["tuned"]
+
+
+def test_the_train_command_tunes_for_training(monkeypatch) -> None:
+    """The failure it catches: the trainer run with the scorer's small mmap threshold, its
+    steps slower by page faults."""
+    import trainer.main
+    import winnow.cli
+
+    calls: list[str] = []
+    monkeypatch.setattr(winnow.cli, "tune_for_training", lambda: calls.append("training"))
+    monkeypatch.setattr(trainer.main, "run_trainer", lambda settings: calls.append("run") or 0)
+    assert winnow.cli.main(["train", "--classes", "a,b"]) == 0
+    assert calls == ["training", "run"]

@@ -13,6 +13,8 @@ import torch
 from prometheus_client import generate_latest
 from pydantic import SecretStr
 
+import trainer.loop as trainer_loop
+from infra.allocator import release_free_memory
 from schemas.models import HeadArtifact, ModelManifest
 from schemas.pixels import image_to_input
 from schemas.release_codec import sha256_hex, verify_signature
@@ -107,8 +109,14 @@ async def test_a_few_labels_publish_a_signed_head_release_within_seconds(
 
 
 async def test_the_unlearned_count_rises_with_labels_and_drops_to_zero_after_a_refit(
-    kafka_settings, group_id, winnow_topics, digits: Digits, tmp_path: Path
+    kafka_settings, group_id, winnow_topics, digits: Digits, tmp_path: Path, monkeypatch
 ) -> None:
+    """Also: the trainer gives freed memory back after each refit and round (without it
+    the heap keeps what they freed: see ``infra/allocator.py``)."""
+    trims: list[bool] = []
+    monkeypatch.setattr(
+        trainer_loop, "release_free_memory", lambda: trims.append(release_free_memory())
+    )
     pngs, targets = digits
     learnable, held = _learnable(range(100)), _held_out(range(100))
     settings = _settings(kafka_settings, group_id, tmp_path, head_refit_labels=4)
@@ -121,11 +129,13 @@ async def test_the_unlearned_count_rises_with_labels_and_drops_to_zero_after_a_r
         await feed(kafka_settings, winnow_topics, pngs, targets, learnable[2:4])
         await eventually(lambda: len(trainer.head_reports) == 1)
         assert trainer.head_reports[0].released and trainer.labels_unlearned == 0
+        await eventually(lambda: len(trims) == 1)
         head = trainer.spec
         assert head.labels_trained == 4 and head.labels_unlearned == 0
         # A backbone round learns the same labels into a new full release: heads start over on it.
         report = await trainer.run_round()
         assert report is not None and report.released
+        assert len(trims) == 2
         full = trainer.spec
         assert trainer.base is full and full.parent_version == head.version
         assert full.labels_trained == 4 and full.labels_unlearned == 0
