@@ -23,6 +23,7 @@ dropped, not published.
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 
 from aiokafka import AIOKafkaProducer
@@ -69,6 +70,11 @@ log = logging.getLogger(__name__)
 __all__ = ["HeadReport", "RoundReport", "RoundTrigger", "Trainer"]
 
 
+REPORTS_KEPT = 1_000
+"""Round and head-refit reports a trainer keeps: the latest, not its whole history (a
+soak's trainer made 550 in an hour)."""
+
+
 class Trainer(Component):
     """Owns the model lineage: intake, head refits, rounds, evaluation, export and releases.
 
@@ -79,7 +85,8 @@ class Trainer(Component):
         model: the serving model (the last one released).
         spec: its spec: a full release's, or a head-only release's on ``base``.
         base: the spec of the full release whose backbone serves.
-        reports: the backbone rounds so far; ``head_reports``: the head refits.
+        reports: the latest backbone rounds (``REPORTS_KEPT`` at most);
+            ``head_reports``: the latest head refits. The metrics count them all.
         labels_unlearned: answered labels (holdout excluded) the serving release
             has not learned from, as last counted.
     """
@@ -101,8 +108,8 @@ class Trainer(Component):
         )
         self.device = select_device(settings.device)
         self.prequential = Prequential()
-        self.reports: list[RoundReport] = []
-        self.head_reports: list[HeadReport] = []
+        self.reports: deque[RoundReport] = deque(maxlen=REPORTS_KEPT)
+        self.head_reports: deque[HeadReport] = deque(maxlen=REPORTS_KEPT)
         self.model: WinnowNet | None = None
         self.spec: ModelSpec | None = None
         self.base: ModelSpec | None = None

@@ -85,7 +85,7 @@ async def test_a_drift_alarm_starts_a_round_before_the_label_count(
     async with Trainer(make_settings()) as trainer:
         await _labels(kafka_settings, winnow_topics, digits, trainer, range(0, 8))
         await asyncio.sleep(QUIET_S)
-        assert trainer.reports == []
+        assert not trainer.reports
         await _publish(kafka_settings, winnow_topics, _event("alarm"))
         await eventually(lambda: len(trainer.reports) == 1, within_s=60)
         report = trainer.reports[0]
@@ -111,7 +111,7 @@ async def test_an_alarm_without_enough_labels_waits_for_them(
         await _publish(kafka_settings, winnow_topics, _event("alarm"))
         await eventually(lambda: watch.alarms == 1)
         await asyncio.sleep(QUIET_S)
-        assert trainer.reports == []
+        assert not trainer.reports
         # the alarm stays pending: the labels that make up the count start the round
         await _labels(kafka_settings, winnow_topics, digits, trainer, range(2, 5))
         await eventually(lambda: len(trainer.reports) == 1, within_s=60)
@@ -135,7 +135,7 @@ async def test_a_statistic_does_not_start_a_round(
         await _publish(kafka_settings, winnow_topics, _event("statistic"), _event("statistic"))
         await eventually(lambda: watch.statistics == 2)
         await asyncio.sleep(QUIET_S)
-        assert trainer.reports == [] and watch.alarms == 0
+        assert not trainer.reports and watch.alarms == 0
         assert "winnow_trainer_drift_alarms_total{" not in _metrics(trainer)
 
 
@@ -159,7 +159,7 @@ async def test_malformed_drift_records_are_skipped(
         )
         await eventually(lambda: watch.invalid == 4)
         await asyncio.sleep(QUIET_S)
-        assert trainer.reports == []
+        assert not trainer.reports
         # the watcher and the round loop are still there: a real alarm after them works
         await _publish(kafka_settings, winnow_topics, _event("alarm", detector="cusum"))
         await eventually(lambda: len(trainer.reports) == 1, within_s=60)
@@ -179,7 +179,7 @@ async def test_alarms_do_not_start_rounds_when_drift_rounds_are_off(
         await _publish(kafka_settings, winnow_topics, _event("alarm"))
         await eventually(lambda: probe.alarms == 1)  # the alarm is there to be read
         await asyncio.sleep(QUIET_S)
-        assert trainer.reports == []
+        assert not trainer.reports
 
 
 async def test_an_alarm_from_before_the_start_does_not_start_a_round(
@@ -192,7 +192,7 @@ async def test_an_alarm_from_before_the_start_does_not_start_a_round(
     async with Trainer(make_settings()) as trainer:
         await _labels(kafka_settings, winnow_topics, digits, trainer, range(0, 4))
         await asyncio.sleep(QUIET_S)
-        assert trainer.reports == []
+        assert not trainer.reports
         assert trainer.drift_watch is not None and trainer.drift_watch.alarms == 0
 
 

@@ -80,7 +80,7 @@ async def test_a_few_labels_publish_a_signed_head_release_within_seconds(
     pngs, targets = digits
     async with Trainer(_settings(kafka_settings, group_id, tmp_path)) as trainer:
         cold = trainer.spec
-        assert cold is not None and trainer.head_reports == []
+        assert cold is not None and not trainer.head_reports
         ids = _learnable(range(50))[:3]
         started = time.monotonic()
         await feed(kafka_settings, winnow_topics, pngs, targets, ids)
@@ -125,7 +125,7 @@ async def test_the_unlearned_count_rises_with_labels_and_drops_to_zero_after_a_r
         await feed(kafka_settings, winnow_topics, pngs, targets, [*learnable[:2], held[0]])
         await eventually(lambda: trainer.store.untrained_count() == 3)
         await eventually(lambda: trainer.labels_unlearned == 2)  # the held-out label never counts
-        assert trainer.head_reports == [] and trainer.spec is cold
+        assert not trainer.head_reports and trainer.spec is cold
         await feed(kafka_settings, winnow_topics, pngs, targets, learnable[2:4])
         await eventually(lambda: len(trainer.head_reports) == 1)
         assert trainer.head_reports[0].released and trainer.labels_unlearned == 0

@@ -15,8 +15,9 @@ from schemas.labels import Label
 from tests.kafka_helpers import read_json
 from tests.trainer.helpers import digit_request, feed, loop_settings, manifests
 from trainer.evaluate import GateDecision, accuracy, is_holdout
-from trainer.loop import Trainer
+from trainer.loop import REPORTS_KEPT, Trainer
 from trainer.main import ensure_trainer_topics
+from trainer.refit import HeadReport
 from trainer.samples import decode_sample
 
 pytestmark = pytest.mark.slow
@@ -70,7 +71,7 @@ async def test_a_failed_publish_leaves_the_serving_model_and_the_labels(
     with pytest.raises(BrokerError):
         await trainer.run_round()
     assert trainer.model is model and trainer.spec == spec and _unchanged(model, weights)
-    assert trainer.store.untrained_count() == 40 and trainer.reports == []
+    assert trainer.store.untrained_count() == 40 and not trainer.reports
     assert trainer.prequential.count == 0
     monkeypatch.undo()
     report = await trainer.run_round()  # the round again, published this time
@@ -211,3 +212,21 @@ async def test_topics_are_created_when_missing(kafka_settings, tmp_path: Path) -
     topics = settings.kafka.topics
     wanted = {topics.label_requests, topics.labels, topics.models, topics.dead_letter}
     assert wanted <= existing
+
+
+def test_a_trainer_keeps_only_its_latest_reports(kafka_settings, group_id, tmp_path: Path) -> None:
+    """The failure it catches: a long-running trainer's report lists growing without end
+    (a soak's trainer made 550 releases an hour); the metrics still count every refit."""
+    trainer = Trainer(loop_settings(kafka_settings, group_id, tmp_path))
+    for i in range(REPORTS_KEPT + 5):
+        report = HeadReport(f"v{i}", True, i, 0, None, None, 0.0, "released")
+        trainer._account_head(report, 0.0)
+    assert len(trainer.head_reports) == REPORTS_KEPT
+    assert [trainer.head_reports[0].version, trainer.head_reports[-1].version] == [
+        "v5",
+        f"v{REPORTS_KEPT + 4}",
+    ]
+    exposition = generate_latest(trainer.metrics.registry).decode()
+    assert f'winnow_trainer_head_refits_total{{result="released"}} {REPORTS_KEPT + 5}.0' in (
+        exposition
+    )
