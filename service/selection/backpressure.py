@@ -17,9 +17,10 @@ While behind, requests are allowed at the answer rate ``r_a`` (scaled down by
 token bucket; and the policy's budget is scaled by ``allowed / demand`` (``demand``:
 the budget times the frame rate) so the threshold rises and the frames still asked
 for are the most informative ones at the time they can be labeled. When the team
-keeps up again the allowed rate doubles every ``window_s`` until it meets the demand,
-and the throttle lifts. At least one request per ``window_s`` is always allowed, so
-a team that comes back finds something to answer.
+keeps up again the allowed rate doubles every ``window_s`` (every tenth of it while no
+request waits: the team is idle) until it meets the demand, and the throttle lifts.
+At least one request per ``window_s`` is always allowed, so a team that comes back
+finds something to answer.
 
 Nothing is throttled until the first answer arrives: a deployment whose labels do
 not come back on ``winnow.labels`` is not held back. Answers are matched to the
@@ -37,6 +38,7 @@ _BEHIND_RATIO = 0.8
 _MIN_ANSWERS = 5
 _ABANDON_FACTOR = 4.0
 _ABANDON_DEFAULT_S = 3600.0
+_IDLE_LIFT = 10.0
 
 
 class Backpressure:
@@ -179,7 +181,10 @@ class Backpressure:
                 self._tokens = min(self._tokens, 1.0)
             self.allowed_rate = max(rate, floor)
         elif self.allowed_rate is not None:
-            self.allowed_rate *= math.pow(2.0, elapsed / self.window_s)
+            # an idle team (nothing waits) takes more at once: the throttle lifts ten
+            # times as fast then, so labelers do not wait out windows for work
+            period = self.window_s if self._waiting else self.window_s / _IDLE_LIFT
+            self.allowed_rate *= math.pow(2.0, elapsed / period)
             if demand <= 0 or self.allowed_rate >= demand:
                 self.allowed_rate = None
         if self.allowed_rate is None:

@@ -114,3 +114,22 @@ def test_answers_that_trail_a_burst_of_requests_do_not_throttle() -> None:
     # The same shortfall, once the requests are well past the grace, is behind.
     now[0] = 200.0
     assert pressure.behind(now[0])
+
+
+def test_an_idle_team_gets_work_again_within_minutes() -> None:
+    """Catches the slow lift: with the throttle doubling once per 10-minute window, a team
+    that had been slow and then kept up got the budget's rate back after 16 minutes in
+    this stream (3 with the idle lift); in a 60-minute soak the requests grew from about
+    3 to about 100 a minute over 40 minutes while the team could take 120."""
+    now = [0.0]
+    settings = PolicySettings(name="quantile", utility="entropy", budget=BUDGET, window=2000)
+    policy = QueryPolicy.from_settings(
+        settings.model_copy(update={"seed": 0}), clock=lambda: now[0]
+    )
+    team, rng = _Team(policy), np.random.default_rng(2)
+    _run(policy, team, now, 1800, 0.2, rng)  # slow: throttled to about 0.2 requests a second
+    assert policy.state().backpressure.throttled  # type: ignore[union-attr]
+    fast_times, _ = _run(policy, team, now, 600, 5.0, rng)  # then fast: the queue empties
+    late = [t for t in fast_times if t > now[0] - 300]
+    assert len(late) / 300 > 0.8  # back to about the budget's 1/s within 5 of 10 minutes
+    assert not policy.state().backpressure.throttled  # type: ignore[union-attr]
