@@ -349,8 +349,7 @@ def _epoch_order(n: int, batch_size: int, gen: torch.Generator) -> list[Tensor]:
     twice in a batch. One batch shape matters on the CPU: oneDNN compiles and keeps
     kernels for each input shape it meets (up to 1,024 of them), and with a last batch of
     whatever was left over a trainer met a new shape nearly every round and its memory
-    grew with the labels: 17 KB a label over a soak trainer's labels 180 to 1,080 (a head
-    refit every 3 labels, a round every 21, digits at 16x16), 6.9 KB with full batches.
+    grew with the labels.
     """
     order = torch.randperm(n, generator=gen)
     if n > batch_size:
