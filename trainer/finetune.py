@@ -337,24 +337,18 @@ def _make_optimizer(model: nn.Module, config: FinetuneConfig) -> torch.optim.Opt
 
 
 def _batches_per_epoch(n: int, batch_size: int) -> int:
-    return max(1, math.ceil(n / batch_size))
+    full, rest = divmod(n, batch_size)
+    # A last batch of one sample is dropped (BatchNorm cannot train on it)
+    # unless it is the only batch there is.
+    return max(1, full + (1 if rest >= 2 else 0))
 
 
 def _epoch_order(n: int, batch_size: int, gen: torch.Generator) -> list[Tensor]:
-    """An epoch's batches: a random order of the ``n`` samples in batches of exactly
-    ``batch_size`` (one batch of all ``n`` when there are no more).
-
-    A short last batch is topped up with the epoch's first samples, as PyTorch's
-    ``DistributedSampler`` pads, so each sample is seen once or twice an epoch and never
-    twice in a batch. One batch shape matters on the CPU: oneDNN compiles and keeps
-    kernels for each input shape it meets (up to 1,024 of them), and with a last batch of
-    whatever was left over a trainer met a new shape nearly every round and its memory
-    grew with the labels.
-    """
     order = torch.randperm(n, generator=gen)
-    if n > batch_size:
-        order = torch.cat([order, order[: -n % batch_size]])
-    return list(order.split(batch_size))
+    chunks = list(order.split(batch_size))
+    if len(chunks) > 1 and len(chunks[-1]) < 2:
+        chunks.pop()
+    return chunks
 
 
 def _step(
