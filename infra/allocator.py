@@ -12,8 +12,8 @@ live memory (0.14 to 0.45 GB, no upward trend) and the trainer's grew 0.3 %.
 
 A role that trains (``winnow train``) pays for the small mmap threshold: torch's
 activations and gradients of a few hundred KB each are then mapped and unmapped on
-every step, page faults included (the trainer's work at 16x16 took 1.4 to 1.7 times as
-long). ``tune_for_training`` raises its mmap threshold to 32 MiB (glibc's own ceiling),
+every step, page faults included (a scratch loop of the trainer's work at 16x16 took
+1.6 times as long). ``tune_for_training`` raises its mmap threshold to 32 MiB (glibc's own ceiling),
 and the trainer calls ``release_free_memory`` (``malloc_trim``) after each round and
 head refit instead: RSS as low, at the faster speed.
 
