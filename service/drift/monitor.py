@@ -42,6 +42,7 @@ from service.drift.calibrate import calibrated
 from service.drift.detectors import Detector, Rows
 from service.drift.heads import HEAD_DETECTORS, LinearHead, with_head
 from service.metrics import ScorerMetrics
+from service.model.inference import run_rows
 from service.pipeline.batching import Batch
 
 log = logging.getLogger(__name__)
@@ -354,7 +355,8 @@ class DriftMonitor(Component):
         assert self._anchor is not None
         try:
             probabilities, embeddings = await asyncio.to_thread(
-                self._model.run,  # type: ignore[attr-defined]
+                run_rows,
+                self._model,  # type: ignore[arg-type]
                 self._anchor,
             )
         except Exception as error:  # e.g. a new model with another input size

@@ -33,7 +33,7 @@ from infra.kafka.delivery import Delivery, InFlight
 from infra.kafka.producer import create_producer
 from service.config import Settings
 from service.metrics import ScorerMetrics
-from service.model.inference import OnnxModel
+from service.model.inference import OnnxModel, run_rows
 from service.pipeline import blas
 from service.pipeline.accounting import Accounting
 from service.pipeline.batching import Batch, collect_batch
@@ -51,7 +51,6 @@ log = logging.getLogger(__name__)
 
 _QUEUE_DEPTH = 1
 _ACK_DEPTH = 4  # batches sent and waiting for acks: overlaps broker round trips with work
-_REEMBED_BATCH = 64  # exemplars per model run when a new model re-embeds them
 
 BatchObserver = Callable[[Batch], None]
 """Sees each scored batch (probabilities, embeddings, scores, decisions, inputs) on the event
@@ -287,7 +286,7 @@ class Scorer(Component):
             return
         loop = asyncio.get_running_loop()
         probabilities, embeddings = await loop.run_in_executor(
-            self._infer_pool, _run_all, model, kept
+            self._infer_pool, run_rows, model, kept
         )
         self.policy.rebase(embeddings, probabilities)
 
@@ -335,10 +334,3 @@ class Scorer(Component):
                 await self._checkpoint.commit(more_coming=not inbox.empty())
             finally:
                 self._checkpoint.settled()
-
-
-def _run_all(model: OnnxModel, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The model's probabilities and embeddings of ``inputs``, a few rows per run."""
-    step = _REEMBED_BATCH
-    outputs = [model.run(inputs[i : i + step]) for i in range(0, len(inputs), step)]
-    return np.concatenate([p for p, _ in outputs]), np.concatenate([e for _, e in outputs])

@@ -15,6 +15,7 @@ from service.drift.detectors import Rows
 from service.drift.heads import LinearHead, with_head
 from service.drift.monitor import DriftMonitor
 from service.metrics import ScorerMetrics
+from service.model.inference import RUN_ROWS
 from service.pipeline.batching import Batch, InboundFrame
 from service.runtime import boost_on_alarm
 from service.selection.policy import QueryPolicy
@@ -228,7 +229,12 @@ class _Headed(_Model):
 
     weight: np.ndarray = field(default_factory=lambda: linear_head(0)[0])
     bias: np.ndarray = field(default_factory=lambda: linear_head(0)[1])
-    runs: int = 0
+    rows: list[int] = field(default_factory=list)  # frames in each run
+
+    @property
+    def rescored(self) -> int:
+        """Frames this model re-scored in all (the anchor's 200 once: 200)."""
+        return sum(self.rows)
 
     @property
     def metadata(self) -> dict[str, str]:
@@ -238,7 +244,7 @@ class _Headed(_Model):
         return LinearHead(self.weight, self.bias).probabilities(embeddings)
 
     def run(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        self.runs += 1
+        self.rows.append(len(inputs))
         return self.probabilities(inputs), inputs
 
 
@@ -266,14 +272,17 @@ async def _stream(
     return fed
 
 
+ANCHOR = 200  # anchor frames (the warm-up) in the tests of the default path
+
+
 def _anchored(**overrides: object) -> DriftSettings:
     """The default path: no release reference, the anchor frames re-scored on each backbone."""
-    return _settings(**{"use_release_reference": False, "warmup_frames": 200, **overrides})
+    return _settings(**{"use_release_reference": False, "warmup_frames": ANCHOR, **overrides})
 
 
 async def _first_alarm(swap_at: int | None, rng_seed: int = 7) -> tuple[int, int, int]:
     """Frames of a shifted stream until the first alarm, with a head-only swap after
-    ``swap_at`` of them (or none); and the re-scoring runs of each model."""
+    ``swap_at`` of them (or none); and the frames each model re-scored."""
     rng = np.random.default_rng(rng_seed)
     async with DriftMonitor(
         _anchored(detectors=["embedding"], per_source=False), None, ScorerMetrics()
@@ -291,17 +300,17 @@ async def _first_alarm(swap_at: int | None, rng_seed: int = 7) -> tuple[int, int
             await _stream(monitor, serving, rng, 4, per_batch=4, shift=0.3)
             shifted += 4
         assert monitor.alarms >= 1 and monitor.events[0].model_version == serving.version
-        return shifted, first.runs, head.runs
+        return shifted, first.rescored, head.rescored
 
 
 async def test_a_head_only_swap_keeps_the_evidence_of_a_shift_under_way() -> None:
-    alone, runs, _ = await _first_alarm(None)
+    alone, rescored, _ = await _first_alarm(None)
     window = _anchored().embedding_window
-    assert alone > 2 * window and runs == 1  # the shift takes a while to show
+    assert alone > 2 * window and rescored == ANCHOR  # the shift takes a while to show
     swap_at = alone - window // 2  # a reset detector would need a full window after it
-    with_swap, runs, head_runs = await _first_alarm(swap_at)
+    with_swap, rescored, head_rescored = await _first_alarm(swap_at)
     assert with_swap == alone  # the same frame: the window and threshold went on as they were
-    assert runs == 1 and head_runs == 0  # and the anchor frames were not re-scored
+    assert rescored == ANCHOR and head_rescored == 0  # and the anchor was not re-scored
 
 
 def _thresholds(monitor: DriftMonitor) -> dict[str, float | None]:
@@ -323,7 +332,7 @@ async def test_the_head_detectors_follow_a_new_head_on_the_anchor_embeddings() -
         await _stream(monitor, biased, rng, 100)  # due 100 frames after the last calibration
         after = monitor.head_reference
         assert monitor.reference is before and after is not before
-        assert monitor.calibrations == 2 and first.runs == 1 and biased.runs == 0
+        assert monitor.calibrations == 2 and first.rescored == ANCHOR and biased.rescored == 0
         # the new head's outputs on the anchor frames, as a full re-arm would have built them
         probabilities = biased.probabilities(anchor)
         built = DriftReference.build(anchor, probabilities, seed=settings.seed, origin="warmup")
@@ -343,7 +352,8 @@ async def test_the_head_detectors_follow_a_new_head_on_the_anchor_embeddings() -
         second = _headed("v2", seed=2)  # a full release: a new backbone
         monitor.on_swap(second)
         await monitor.idle()
-        assert monitor.status().detectors == [] and second.runs == 1  # the anchor, re-scored
+        assert monitor.status().detectors == [] and second.rescored == ANCHOR  # the anchor
+        assert max(second.rows) <= RUN_ROWS  # a few rows a run: the arena stays small
         assert monitor.calibrations == 3 and monitor.reference is not before
         assert monitor.head_reference is monitor.reference
 
@@ -366,7 +376,7 @@ async def test_a_burst_of_head_swaps_costs_one_calibration_per_setting_frames() 
         assert monitor.processed == 650
         assert monitor.calibrations == 1 + 2  # at 330 and 650 frames: one per 300 at most
         assert followed.index(2) == 6 and followed.index(3) == 14
-        assert all(h.runs == 0 for h in heads) and first.runs == 1
+        assert all(h.rescored == 0 for h in heads) and first.rescored == ANCHOR
         last, reference = heads[-1], monitor.reference
         assert reference is not None
         expected = with_head(reference, anchor, LinearHead(last.weight, last.bias), 0)
@@ -395,7 +405,7 @@ async def test_a_head_swap_takes_the_release_reference_for_the_head_detectors() 
         assert after["embedding"] == before["embedding"]  # threshold, statistic, frames
         assert after["prediction"].frames == 0
         assert after["prediction"].threshold != before["prediction"].threshold
-        assert monitor.calibrations == 2 and first.runs == head.runs == 0
+        assert monitor.calibrations == 2 and first.rescored == head.rescored == 0
 
 
 async def test_after_an_alarm_a_head_swap_takes_a_new_reference() -> None:
@@ -412,4 +422,4 @@ async def test_after_an_alarm_a_head_swap_takes_a_new_reference() -> None:
         status = monitor.status()
         assert status.detectors == [] and status.warmup_frames_left == 200
         await _stream(monitor, head, rng, 200, shift=2.0)
-        assert head.runs == 1 and monitor.status().reference_frames == 200
+        assert head.rescored == ANCHOR and monitor.status().reference_frames == ANCHOR
