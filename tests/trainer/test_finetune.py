@@ -128,6 +128,21 @@ def test_the_sample_cache_reads_each_image_once(spec: ModelSpec) -> None:
         cache.samples([("f0", 10)], spec, read)
 
 
+def test_the_sample_cache_holds_pixels_not_inputs(spec: ModelSpec) -> None:
+    """The cache lives as long as the trainer and holds every labeled frame: it keeps
+    one byte a pixel, not the four of the float32 input (602 KB a frame at 224 RGB),
+    and the samples it gives are exactly the decoded inputs."""
+    rng = np.random.default_rng(0)
+    images = {f"f{i}": _png(rng.integers(0, 256, (8, 8), dtype=np.uint8)) for i in range(20)}
+    cache = SampleCache()
+    samples = cache.samples([(f, 1) for f in images], spec, lambda ids: images)
+    assert cache.nbytes == 20 * 16 * 16  # 16 x 16 pixels, one channel, one byte each
+    for sample in samples:
+        decoded = decode_sample(sample.frame_id, images[sample.frame_id], 1, spec).inputs
+        assert sample.inputs.dtype == np.float32
+        np.testing.assert_array_equal(sample.inputs, decoded)
+
+
 def test_stack(digits: tuple[list[Sample], list[Sample]]) -> None:
     train, _ = digits
     inputs, labels = stack(train[:5])
