@@ -18,7 +18,8 @@ and the trainer calls ``release_free_memory`` (``malloc_trim``) after each round
 head refit instead: RSS as low, at the faster speed.
 
 Each setting is left alone where the environment sets it (``MALLOC_ARENA_MAX``,
-``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``: the operator's word wins).
+``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``, ``ONEDNN_PRIMITIVE_CACHE_CAPACITY``:
+the operator's word wins).
 Other C libraries (musl, macOS) are left as they are.
 """
 
@@ -42,6 +43,16 @@ DEFAULTS: dict[str, tuple[int, int]] = {
 
 
 TRAINING_MMAP_THRESHOLD = 32 * 1024 * 1024
+
+ONEDNN_CACHE_CAPACITY = 256
+"""Layer primitives oneDNN (torch's CPU kernels) keeps, instead of its 1,024. Each new
+input shape of a layer (a round's last, shorter batch; an evaluation over a holdout of
+another size) adds primitives, and a trainer meets new shapes as its labels grow: at
+1,024 entries a small CNN's cache held 24 MB more than at 256 (600 shapes of two conv
+layers). Measured cost where one shape's primitives no longer all fit, batches of 32
+and 7 alternating at 96 px: ResNet-18 +7 % time, EfficientNet-Lite0 +2 % (64 entries:
++16 % and +21 %)."""
+ONEDNN_CACHE_VARIABLES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "DNNL_PRIMITIVE_CACHE_CAPACITY")
 
 
 @functools.cache
@@ -77,8 +88,12 @@ def tune_allocator() -> dict[str, int]:
 
 
 def tune_for_training() -> bool:
-    """Raises the mmap threshold to 32 MiB for a role that trains (see the module's doc);
-    whether it was set (not where the environment sets it, nor outside glibc)."""
+    """Raises the mmap threshold to 32 MiB for a role that trains (see the module's doc)
+    and caps oneDNN's primitive cache (``ONEDNN_CACHE_CAPACITY``); call it before torch
+    runs its first layer. Whether the threshold was set (not where the environment sets
+    it, nor outside glibc)."""
+    if not any(name in os.environ for name in ONEDNN_CACHE_VARIABLES):
+        os.environ[ONEDNN_CACHE_VARIABLES[0]] = str(ONEDNN_CACHE_CAPACITY)
     libc = _glibc()
     return libc is not None and _set(
         libc, "MALLOC_MMAP_THRESHOLD_", M_MMAP_THRESHOLD, TRAINING_MMAP_THRESHOLD

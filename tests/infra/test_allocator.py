@@ -52,7 +52,9 @@ print(json.dumps({"raised": raised, "held_mb": held, "trimmed": trimmed, "after_
 
 
 def _probe(probe: str = PROBE, **env: str) -> dict:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    clean = {
+        k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "ONEDNN_", "DNNL_"))
+    }
     out = subprocess.run(
         [sys.executable, "-c", probe],
         env={**clean, **env, "OPENBLAS_NUM_THREADS": "1"},
@@ -96,6 +98,40 @@ def test_a_training_role_takes_arrays_from_the_heap_and_trimming_returns_them() 
     # where the operator set the threshold, it stays: the arrays are unmapped when freed
     kept = _probe(TRAINING_PROBE, MALLOC_MMAP_THRESHOLD_="131072")
     assert kept["raised"] is False and kept["held_mb"] < 10, kept
+
+
+ONEDNN_PROBE = """
+import json
+from infra.allocator import release_free_memory, tune_allocator, tune_for_training
+tune_allocator()
+tune_for_training()
+import torch
+torch.set_num_threads(1)
+def rss():
+    return int(open('/proc/self/status').read().split('VmRSS:')[1].split()[0]) / 1024
+net = torch.nn.Sequential(torch.nn.Conv2d(1, 32, 3), torch.nn.ReLU(), torch.nn.Conv2d(32, 32, 3))
+with torch.no_grad():
+    net(torch.zeros(2, 1, 8, 8))
+    release_free_memory()
+    before = rss()
+    for width in range(8, 608):  # 600 input shapes: 1,200 primitives
+        net(torch.zeros(2, 1, 8, width))
+release_free_memory()
+print(json.dumps({"grown_mb": rss() - before, "enabled": torch.backends.mkldnn.is_available()}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RSS from /proc")
+def test_a_training_role_caps_the_layer_primitives_it_keeps() -> None:
+    """The failure it catches: ``tune_for_training`` not capping oneDNN's primitive cache,
+    so a trainer's RSS grows with each new layer shape its rounds meet, up to 1,024
+    entries (measured 55 MB here against 37 MB at the cap)."""
+    capped = _probe(ONEDNN_PROBE)
+    if not capped["enabled"]:
+        pytest.skip("torch without oneDNN")
+    # the operator's word wins: oneDNN's own capacity where the environment sets it
+    full = _probe(ONEDNN_PROBE, ONEDNN_PRIMITIVE_CACHE_CAPACITY="1024")
+    assert capped["grown_mb"] < full["grown_mb"] - 10, (capped, full)
 
 
 def test_every_winnow_command_tunes_the_allocator_first(monkeypatch) -> None:
