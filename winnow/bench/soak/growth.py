@@ -75,6 +75,25 @@ def role_growth(
     }
 
 
+def kb_per_label(
+    times: Sequence[float],
+    rss_mb: Sequence[float],
+    labels: Sequence[float],
+    warmup_s: float,
+) -> float | None:
+    """RSS grown after warm-up per label answered meanwhile, in KB, from the same edges as
+    the growth (medians of the first and last 10 % of the samples): what a role keeps for
+    each label, where its memory follows the labels rather than the time (the trainer
+    keeps every labeled frame). None without two samples or without a new label."""
+    kept = [i for i, t in enumerate(times) if t >= warmup_s]
+    count = max(EDGE_SAMPLES, int(EDGE_FRACTION * len(kept)))
+    rss = edges([rss_mb[i] for i in kept], count)
+    answered = edges([labels[i] for i in kept], count)
+    if rss is None or answered is None or answered[1] <= answered[0]:
+        return None
+    return (rss[1] - rss[0]) * 1024 / (answered[1] - answered[0])
+
+
 def verdict(
     growths: dict[str, float | None], frames_lost: int, duration_s: float
 ) -> dict[str, object]:

@@ -2,7 +2,7 @@
 
 from typing import Any
 
-from winnow.bench.soak.growth import role_growth, verdict
+from winnow.bench.soak.growth import kb_per_label, role_growth, verdict
 from winnow.bench.soak.roles import ROLES
 
 READINGS = ("rss_mb", "fds", "threads", "asyncio_tasks")
@@ -24,6 +24,7 @@ def role_summary(samples: list[dict[str, Any]], name: str, warmup_s: float) -> d
         "samples_after_warmup": len(after),
     }
     out.update(role_growth([t for t, _ in live], [r["rss_mb"] for _, r in live], warmup_s))
+    out["rss_kb_per_label_after_warmup"] = _per_label(samples, name, warmup_s)
     for key in ("fds", "threads", "asyncio_tasks"):
         start, end = out["start"], out["end"]
         known = start and end and start.get(key) is not None and end.get(key) is not None
@@ -31,6 +32,17 @@ def role_summary(samples: list[dict[str, Any]], name: str, warmup_s: float) -> d
         values = [r[key] for _, r in after if r.get(key) is not None]
         out[f"{key}_max_after_warmup"] = max(values) if values else None
     return out
+
+
+def _per_label(samples: list[dict[str, Any]], name: str, warmup_s: float) -> float | None:
+    rows = [s for s in samples if s["roles"].get(name) is not None and "labels_answered" in s]
+    found = kb_per_label(
+        [s["t"] for s in rows],
+        [s["roles"][name]["rss_mb"] for s in rows],
+        [s["labels_answered"] for s in rows],
+        warmup_s,
+    )
+    return None if found is None else round(found, 2)
 
 
 def lag_summary(samples: list[dict[str, Any]], warmup_s: float) -> dict[str, Any]:
@@ -78,11 +90,12 @@ def _cell(reading: dict[str, Any] | None, key: str) -> str:
 
 
 def format_table(result: dict[str, Any]) -> str:
-    head = ["role", "RSS MB start", "end", "growth", "MB/h", "fds", "threads", "tasks"]
+    head = ["role", "RSS MB start", "end", "growth", "MB/h", "KB/label", "fds", "threads", "tasks"]
     rows = [head]
     for name, r in result["roles"].items():
         growth = r["rss_growth_after_warmup"]
         slope = r["rss_slope_mb_per_hour"]
+        per_label = r.get("rss_kb_per_label_after_warmup")
         rows.append(
             [
                 name,
@@ -90,6 +103,7 @@ def format_table(result: dict[str, Any]) -> str:
                 _cell(r["end"], "rss_mb"),
                 "-" if growth is None else f"{growth:+.1%}",
                 "-" if slope is None else f"{slope:+.1f}",
+                "-" if per_label is None else f"{per_label:+.1f}",
                 *(
                     f"{_cell(r['start'], key)}->{_cell(r['end'], key)}"
                     for key in ("fds", "threads", "asyncio_tasks")

@@ -6,7 +6,7 @@ import random
 import numpy as np
 import pytest
 
-from winnow.bench.soak.growth import growth, role_growth, verdict, warmup_seconds
+from winnow.bench.soak.growth import growth, kb_per_label, role_growth, verdict, warmup_seconds
 
 HOUR_S = 3600.0
 
@@ -46,6 +46,19 @@ def test_warm_up_and_noise_are_not_a_leak() -> None:
     assert found["rss_goal_met"] is True
     assert abs(found["rss_growth_after_warmup"]) < 0.02  # type: ignore[arg-type]
     assert growth(rss) > 0.9  # type: ignore[operator]  # the same samples with warm-up: doubled
+
+
+def test_memory_kept_for_each_label_is_reported_per_label() -> None:
+    """Would catch a per-label figure off the labels' pace: a trainer keeping 12 KB for
+    each of 2 labels a second grows 84 MB over the hour after warm-up, 12 KB a label;
+    a role that keeps nothing reads about 0; without new labels there is no figure."""
+    times = _times()
+    labels = [2.0 * t for t in times]
+    rss = [800 + 12 * n / 1024 + e for n, e in zip(labels, _noise(len(times)), strict=True)]
+    assert kb_per_label(times, rss, labels, warmup_seconds(HOUR_S)) == pytest.approx(12, abs=1)
+    flat = [200 + e for e in _noise(len(times))]
+    assert abs(kb_per_label(times, flat, labels, warmup_seconds(HOUR_S)) or 99) < 1
+    assert kb_per_label(times, rss, [5.0] * len(times), warmup_seconds(HOUR_S)) is None
 
 
 def test_one_spike_at_the_end_is_not_growth() -> None:
