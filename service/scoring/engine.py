@@ -21,6 +21,7 @@ from typing import Literal, Protocol
 import numpy as np
 
 from service.config import PolicySettings
+from service.model.inference import Runnable
 from service.scoring.aift import AIFT_UTILITIES, ViewMaker, ViewSpec, aift_utilities
 from service.scoring.committee import (
     COMMITTEE_UTILITIES,
@@ -33,13 +34,11 @@ from service.scoring.committee import (
 from service.scoring.uncertainty import score_batch
 
 
-class ScoringModel(Protocol):
+class ScoringModel(Runnable, Protocol):
     """What the engine needs of a model (``service.model.inference.OnnxModel``)."""
 
     @property
     def metadata(self) -> Mapping[str, str]: ...
-
-    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
 
 
 @dataclass(slots=True)

@@ -60,13 +60,18 @@ def slope_per_hour(times: Sequence[float], values: Sequence[float]) -> float | N
     return covariance / spread * 3600.0
 
 
+def edge_count(samples: int) -> int:
+    """Samples in each edge median of a run's ``samples`` after warm-up (see EDGE_FRACTION)."""
+    return max(EDGE_SAMPLES, int(EDGE_FRACTION * samples))
+
+
 def role_growth(
     times: Sequence[float], rss_mb: Sequence[float], warmup_s: float
 ) -> dict[str, float | bool | None]:
     """RSS growth of one role after warm-up: relative growth, slope, and whether under goal."""
     kept_t = [t for t in times if t >= warmup_s]
     kept = after_warmup(times, rss_mb, warmup_s)
-    rel = growth(kept, max(EDGE_SAMPLES, int(EDGE_FRACTION * len(kept))))
+    rel = growth(kept, edge_count(len(kept)))
     slope = slope_per_hour(kept_t, kept)
     return {
         "rss_growth_after_warmup": None if rel is None else round(rel, 4),
@@ -85,10 +90,10 @@ def kb_per_label(
     the growth (medians of the first and last 10 % of the samples): what a role keeps for
     each label, where its memory follows the labels rather than the time (the trainer
     keeps every labeled frame). None without two samples or without a new label."""
-    kept = [i for i, t in enumerate(times) if t >= warmup_s]
-    count = max(EDGE_SAMPLES, int(EDGE_FRACTION * len(kept)))
-    rss = edges([rss_mb[i] for i in kept], count)
-    answered = edges([labels[i] for i in kept], count)
+    rss_kept = after_warmup(times, rss_mb, warmup_s)
+    count = edge_count(len(rss_kept))
+    rss = edges(rss_kept, count)
+    answered = edges(after_warmup(times, labels, warmup_s), count)
     if rss is None or answered is None or answered[1] <= answered[0]:
         return None
     return (rss[1] - rss[0]) * 1024 / (answered[1] - answered[0])
