@@ -95,7 +95,9 @@ def test_sampler_finds_a_thread_decoding() -> None:
     sampler.start()
     decoder.start()
     sampler.resume()
-    time.sleep(0.3)
+    deadline = time.monotonic() + 10  # samples, not wall time: the decoder holds the GIL
+    while sampler.samples <= 40 and time.monotonic() < deadline:
+        time.sleep(0.05)
     sampler.pause()
     stop.set()
     decoder.join()
