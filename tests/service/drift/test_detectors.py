@@ -193,3 +193,34 @@ def test_a_head_recalibration_at_default_settings_keeps_its_arrays_small(referen
     # streams x length as int64 (the bootstrap index) and float64 (each trajectory, its
     # running maximum) is 11.5 MB an array; a few of them at once, not a block of classes
     assert peak < 64 * 2**20, f"{peak / 2**20:.0f} MiB"
+
+
+def test_a_backbone_recalibration_keeps_the_embedding_arrays_small(reference) -> None:
+    """A new backbone recalibrates the embedding detector: 48 streams of 30,000 frames, each
+    frame 128 Fourier features. Fails if a block holds a whole stream's features (30,000 x 128
+    float64 three times over: 85 MiB at its peak) instead of a slice of the features."""
+    settings = DriftSettings()
+    tracemalloc.start()
+    try:
+        detectors, _ = calibrated(reference, settings, ["embedding"])
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert [d.name for d in detectors] == ["embedding"]
+    assert peak < 48 * 2**20, f"{peak / 2**20:.0f} MiB"
+
+
+@pytest.mark.parametrize("name", ["embedding", "prediction"])
+def test_trajectories_in_slices_of_features_equal_them_whole(reference, name, monkeypatch) -> None:
+    """The window statistics are sums over features, so a block may take a few features at a
+    time. Fails if a slice's part is computed against the wrong features' reference (mean or
+    class probabilities) or the parts are not added up."""
+    (detector,) = build_detectors(reference, [name], embedding_window=16, class_window=40)
+    pool = Rows.reference_pool(reference)
+    index = np.random.default_rng(5).integers(len(pool), size=(6, 400))
+    whole = detector.trajectories(pool, index, reference.frames)
+    monkeypatch.setattr("service.drift.detectors._CHUNK_CELLS", 400 * 3)  # 3 features a block
+    sliced = detector.trajectories(pool, index, reference.frames)
+    finite = np.isfinite(whole)
+    assert (np.isfinite(sliced) == finite).all()
+    np.testing.assert_allclose(sliced[finite], whole[finite], rtol=1e-9, atol=1e-12)
