@@ -8,6 +8,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from infra.kafka.admin import topic_partitions
 from infra.kafka.connection import client_kwargs
+from infra.kafka.consumer import log_end_offsets
 from infra.kafka.settings import KafkaSettings
 
 Record = tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]
@@ -62,7 +63,10 @@ async def end_offsets(settings: KafkaSettings, topic: str) -> dict[int, int]:
     consumer = AIOKafkaConsumer(group_id=None, **client_kwargs(settings))
     await consumer.start()
     try:
-        ends = await consumer.end_offsets(partitions) if partitions else {}
+        if not partitions:
+            return {}
+        consumer.assign(partitions)
+        ends = await log_end_offsets(consumer, partitions)
         return {tp.partition: offset for tp, offset in ends.items()}
     finally:
         await consumer.stop()

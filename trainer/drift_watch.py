@@ -21,7 +21,7 @@ from infra.component import Component
 from infra.errors import BrokerError
 from infra.kafka.admin import topic_partitions
 from infra.kafka.closing import stop_client
-from infra.kafka.consumer import create_consumer
+from infra.kafka.consumer import create_consumer, log_end_offsets
 from infra.kafka.settings import KafkaSettings
 from schemas.drift import DriftEvent
 from trainer.metrics import TrainerMetrics
@@ -135,9 +135,12 @@ class DriftWatch(Component):
             return False
         new = [tp for tp in partitions if tp not in self._positions]
         if new:
-            # end offsets only on the first look: later partitions hold nothing older than us
-            start_at = consumer.beginning_offsets if self._looked else consumer.end_offsets
-            self._positions.update(await start_at(new))
+            # the end only on the first look: later partitions hold nothing older than us
+            if self._looked:
+                self._positions.update(await consumer.beginning_offsets(new))
+            else:
+                consumer.assign(new)
+                self._positions.update(await log_end_offsets(consumer, new))
         self._looked = True
         consumer.assign(partitions)
         for tp in partitions:

@@ -1,5 +1,7 @@
-"""The consumer every online component uses, and its lag."""
+"""The consumer every online component uses, its lag, and where a log really ends."""
 
+import asyncio
+from collections.abc import Collection
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -75,3 +77,41 @@ async def consumer_lag(consumer: AIOKafkaConsumer) -> dict[TopicPartition, int]:
             continue
         lag[tp] = max(0, highwater - position)
     return lag
+
+
+async def log_end_offsets(
+    consumer: AIOKafkaConsumer, partitions: Collection[TopicPartition], timeout_s: float = 10.0
+) -> dict[TopicPartition, int]:
+    """The offset after the last record of each partition, read from the log.
+
+    Kafka's ``end_offsets`` is that offset. Tansu, the embedded broker, answers its last
+    batch's first offset + 1, short of the end when that batch holds several records (a
+    producer's linger batches them). So each partition's last batch is read, from the
+    answered end - 1 on, and the position after it taken: right on both.
+
+    Args:
+        consumer: a started consumer with ``partitions`` assigned; their positions move,
+            so seek afterwards.
+        partitions: the partitions to look at.
+        timeout_s: longest wait for the last batches.
+
+    Returns:
+        The end offset of each partition.
+
+    Raises:
+        TimeoutError: a last batch could not be read within ``timeout_s``.
+    """
+    ends = await consumer.end_offsets(list(partitions))
+    starts = await consumer.beginning_offsets(list(partitions))
+    left = {tp: end for tp, end in ends.items() if end > starts[tp]}
+    for tp, end in left.items():
+        consumer.seek(tp, end - 1)
+    async with asyncio.timeout(timeout_s):
+        while left:
+            await consumer.getmany(*left, timeout_ms=200)
+            for tp in list(left):
+                position = await consumer.position(tp)
+                if position >= left[tp]:
+                    ends[tp] = position
+                    del left[tp]
+    return ends

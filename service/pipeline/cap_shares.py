@@ -128,11 +128,12 @@ class CapShares:
                     reader.seek(tp, start)
                     left[tp] = ends[tp]
             while left:
+                # every record read counts, also past ``ends``: Tansu answers the end offset
+                # with its last batch's first offset + 1, so its last batch ends further on
                 batches = await reader.getmany(*left, timeout_ms=200)
-                for tp, records in batches.items():
+                for records in batches.values():
                     for record in records:
-                        if record.offset < left.get(tp, 0):
-                            _charge(record.value, ages)
+                        _charge(record.value, ages)
                 for tp in list(left):
                     if await reader.position(tp) >= left[tp]:
                         del left[tp]

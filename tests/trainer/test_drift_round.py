@@ -188,7 +188,10 @@ async def test_an_alarm_from_before_the_start_does_not_start_a_round(
     digits: Digits,
     make_settings: Callable[..., TrainerSettings],
 ) -> None:
-    await _publish(kafka_settings, winnow_topics, _event("alarm"))
+    """The failure it catches: old alarms read as new. Three alarms sent together make one
+    batch, whose end Tansu answers as its first offset + 1: a watcher starting at that answer
+    took the other two as new."""
+    await _publish(kafka_settings, winnow_topics, *[_event("alarm") for _ in range(3)])
     async with Trainer(make_settings()) as trainer:
         await _labels(kafka_settings, winnow_topics, digits, trainer, range(0, 4))
         await asyncio.sleep(QUIET_S)

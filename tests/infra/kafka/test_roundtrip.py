@@ -4,7 +4,7 @@ import asyncio
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
-from infra.kafka.consumer import consumer_lag, create_consumer
+from infra.kafka.consumer import consumer_lag, create_consumer, log_end_offsets
 from infra.kafka.producer import create_producer
 from infra.kafka.settings import KafkaSettings
 from schemas.topics import TopicNames
@@ -109,3 +109,28 @@ async def test_consumer_lag_counts_what_is_left_to_read(
         TopicPartition(topic, p): n for p, n in per_partition.items() if n
     }
     assert sum(lag.values()) == 20
+
+
+async def test_the_log_end_offset_counts_a_last_batch_of_several_records(
+    kafka_settings: KafkaSettings, winnow_topics: TopicNames
+) -> None:
+    """The failure it catches: taking the broker's ``end_offsets`` as where the log ends.
+    Tansu answers its last batch's first offset + 1, so whoever reads "up to the end" misses
+    the rest of a batch (the cap's history lost requests that way)."""
+    topic = winnow_topics.drift
+    producer = create_producer(kafka_settings, linger_ms=200)
+    await producer.start()
+    try:
+        await producer.send_and_wait(topic, b"alone", partition=0)
+        sent = [await producer.send(topic, f"{i}".encode(), partition=0) for i in range(5)]
+        await asyncio.gather(*sent)
+    finally:
+        await producer.stop()
+    consumer = create_consumer(kafka_settings, group_id=None)
+    await consumer.start()
+    try:
+        tp = TopicPartition(topic, 0)
+        consumer.assign([tp])
+        assert await log_end_offsets(consumer, [tp]) == {tp: 6}
+    finally:
+        await consumer.stop()

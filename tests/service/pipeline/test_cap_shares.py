@@ -59,6 +59,33 @@ async def test_a_new_owner_counts_the_requests_charged_to_its_partitions_in_the_
     assert 2 not in ages
 
 
+async def test_requests_in_the_last_batch_all_count(kafka_settings, winnow_topics) -> None:
+    """The failure it catches: reading the history only up to the end offset the broker
+    answers. Tansu answers its last batch's first offset + 1, so a last batch of several
+    requests (a scorer's producer batches them) lost all but its first: a newcomer in the
+    three-replica test counted 3 of 4 charges and asked again."""
+    now = time.time()
+    producer = AIOKafkaProducer(**client_kwargs(kafka_settings), acks="all", linger_ms=200)
+    await producer.start()
+    try:
+        await producer.send_and_wait(
+            kafka_settings.topics.label_requests, _request("a", 1, now - 60), partition=0
+        )
+        batch = [  # one batch: sent together, awaited together
+            await producer.send(
+                kafka_settings.topics.label_requests, _request(f"b{i}", 1, now), partition=0
+            )
+            for i in range(4)
+        ]
+        for delivered in batch:
+            await delivered
+    finally:
+        await producer.stop()
+    policy = QueryPolicy("random", budget=1.0, window=10, labels_per_hour=12)
+    ages = await CapShares(kafka_settings, policy)._history({1})
+    assert len(ages[1]) == 5
+
+
 async def test_first_since_finds_the_hour_by_timestamps_where_the_broker_does_not(
     kafka_settings, winnow_topics
 ) -> None:
