@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from trainer.finetune import predict_proba
-from trainer.samples import Sample, stack
+from trainer.forward import predicted_classes
+from trainer.samples import Sample
 
 
 class Prequential:
@@ -64,8 +64,7 @@ def accuracy(model: nn.Module, samples: Sequence[Sample], device: torch.device) 
     """Top-1 accuracy of ``model`` on ``samples``; NaN for none."""
     if not samples:
         return math.nan
-    inputs, labels = stack(samples)
-    predicted = predict_proba(model, inputs, device).argmax(axis=1)
+    predicted, labels = predicted_classes(model, samples, device)
     return float(np.mean(predicted == labels))
 
 
@@ -85,8 +84,8 @@ def correct(model: nn.Module, samples: Sequence[Sample], device: torch.device) -
     """Per sample, whether ``model``'s top-1 class is the label: a boolean (N,) array."""
     if not samples:
         return np.zeros(0, dtype=bool)
-    inputs, labels = stack(samples)
-    return np.asarray(predict_proba(model, inputs, device).argmax(axis=1) == labels)
+    predicted, labels = predicted_classes(model, samples, device)
+    return np.asarray(predicted == labels)
 
 
 def mcnemar_worse_p(candidate: np.ndarray, incumbent: np.ndarray) -> float:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from trainer.errors import DeviceError
-from trainer.forward import forward_eval
+from trainer.forward import forward_eval, predicted_classes
 from trainer.samples import Sample, stack
 
 log = logging.getLogger(__name__)
@@ -198,8 +198,8 @@ def select_replay(
     candidates = np.arange(len(pool))
     if len(pool) > config.replay_candidates:
         candidates = rng.choice(len(pool), size=config.replay_candidates, replace=False)
-    inputs, labels = stack([pool[int(i)] for i in candidates])
-    wrong = predict_proba(model, inputs, device).argmax(axis=1) != labels
+    predicted, labels = predicted_classes(model, [pool[int(i)] for i in candidates], device)
+    wrong = predicted != labels
     weights = np.where(wrong, config.hard_replay_weight, 1.0)
     count = min(count, len(candidates))
     picked = rng.choice(len(candidates), size=count, replace=False, p=weights / weights.sum())

@@ -26,13 +26,16 @@ import torch
 from schemas.model_spec import ModelSpec
 from trainer.architectures import WinnowNet
 from trainer.errors import SampleError
-from trainer.forward import forward_eval
-from trainer.samples import Sample, decode_inputs, stack
+from trainer.forward import forward_eval, forward_samples
+from trainer.samples import Sample, decode_inputs
 
 log = logging.getLogger(__name__)
 
 DEFAULT_L2 = 1.0
 """Strength of the pull towards the current head, per label (scikit-learn's ``C = 1``)."""
+
+EMBED_BATCH = 256
+"""Frames the embedding cache decodes and embeds at a time."""
 
 
 @dataclass(frozen=True)
@@ -243,8 +246,7 @@ def refit_head(
     Raises:
         ValueError: no samples.
     """
-    inputs, labels = stack(samples)
-    embeddings = embed(model, inputs, device or torch.device("cpu"))
+    (embeddings,), labels = forward_samples(model.backbone, samples, device or torch.device("cpu"))
     head = fit_head(embeddings, labels, model.num_classes, prior=head_of(model), l2=l2)
     return with_head(model, head)
 
@@ -271,7 +273,7 @@ class EmbeddingCache:
         frame_ids: Sequence[str],
         read_images: Callable[[list[str]], Mapping[str, bytes]],
         device: torch.device,
-        decoded: Mapping[str, np.ndarray] | None = None,
+        decoded: Mapping[str, Sample] | None = None,
     ) -> dict[str, np.ndarray]:
         """The embeddings of ``frame_ids`` under ``model``'s backbone (those that decode).
 
@@ -280,10 +282,10 @@ class EmbeddingCache:
             spec: the preprocessing of new frames.
             backbone_version: the full release the backbone belongs to.
             frame_ids: the frames wanted.
-            read_images: the encoded images of the given frame ids (called once,
-                with the frames not embedded before).
+            read_images: the encoded images of the given frame ids (called with the
+                frames not embedded before, ``EMBED_BATCH`` at a time).
             device: where the backbone runs.
-            decoded: model inputs already decoded, by frame id: their images are not read.
+            decoded: samples already decoded, by frame id: their images are not read.
         """
         if backbone_version != self.version:
             self.version, self._vectors = backbone_version, {}
@@ -299,22 +301,26 @@ class EmbeddingCache:
         frame_ids: list[str],
         read_images: Callable[[list[str]], Mapping[str, bytes]],
         device: torch.device,
-        known: Mapping[str, np.ndarray],
+        known: Mapping[str, Sample],
     ) -> None:
-        decoded = {f: known[f] for f in frame_ids if f in known}
-        unread = [f for f in frame_ids if f not in known]
-        images = read_images(unread) if unread else {}
-        for frame_id in unread:
-            image = images.get(frame_id)
-            if image is None:
-                continue  # not stored (yet): asked again next time
-            try:
-                decoded[frame_id] = decode_inputs(frame_id, image, spec)
-            except SampleError as error:
-                log.warning("skipping frame %s: %s", frame_id, error)
-                self._vectors[frame_id] = None
-        if not decoded:
-            return
-        vectors = embed(model, np.stack(list(decoded.values())), device)
-        self._vectors.update(zip(decoded, vectors, strict=True))
-        self.embedded += len(decoded)
+        # a batch at a time: after a new backbone every label is embedded again, and all
+        # their inputs at once would grow the trainer's memory with each label
+        for start in range(0, len(frame_ids), EMBED_BATCH):
+            chunk = frame_ids[start : start + EMBED_BATCH]
+            decoded = {f: known[f].inputs for f in chunk if f in known}
+            unread = [f for f in chunk if f not in known]
+            images = read_images(unread) if unread else {}
+            for frame_id in unread:
+                image = images.get(frame_id)
+                if image is None:
+                    continue  # not stored (yet): asked again next time
+                try:
+                    decoded[frame_id] = decode_inputs(frame_id, image, spec)
+                except SampleError as error:
+                    log.warning("skipping frame %s: %s", frame_id, error)
+                    self._vectors[frame_id] = None
+            if not decoded:
+                continue
+            vectors = embed(model, np.stack(list(decoded.values())), device, EMBED_BATCH)
+            self._vectors.update(zip(decoded, vectors, strict=True))
+            self.embedded += len(decoded)

@@ -323,7 +323,7 @@ class Trainer(Component):
             # Every label there is now, those that came while the backbone trained too, so
             # the release knows them all; the round's frames are decoded already.
             now, spec = self.store.trainable(), start.spec
-            known = {s.frame_id: s.inputs for s in (*split.train, *split.holdout)}
+            known = {s.frame_id: s for s in (*split.train, *split.holdout)}
             built = build_head(
                 candidate,
                 spec,

@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from schemas.drift import DriftReference
-from trainer.forward import forward_eval
-from trainer.samples import Sample, stack
+from trainer.forward import forward_eval, forward_samples
+from trainer.samples import Sample
 
 MIN_HOLDOUT = 200
 
@@ -44,6 +44,6 @@ def reference_for(
     samples = list(holdout) if len(holdout) >= MIN_HOLDOUT else [*train, *holdout]
     if len(samples) < 2:
         return None
-    inputs, _ = stack(samples)
-    probabilities, embeddings = model_outputs(model, inputs, device)
+    model.to(device)
+    (probabilities, embeddings), _ = forward_samples(model, samples, device)
     return DriftReference.build(embeddings, probabilities, seed=seed)

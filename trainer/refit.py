@@ -31,6 +31,7 @@ from trainer.evaluate import is_holdout, release_gate
 from trainer.head import DEFAULT_L2, EmbeddingCache, LinearHead, fit_head, head_of, with_head
 from trainer.reference import MIN_HOLDOUT
 from trainer.rounds import RoundSettings, generation
+from trainer.samples import Sample
 from trainer.store import TrainItem
 
 log = logging.getLogger(__name__)
@@ -93,7 +94,7 @@ def build_head(
     settings: RoundSettings,
     device: torch.device,
     l2: float = DEFAULT_L2,
-    decoded: Mapping[str, np.ndarray] | None = None,
+    decoded: Mapping[str, Sample] | None = None,
 ) -> BuiltHead | None:
     """Refits the serving model's head on every label; None when no label can train.
 
@@ -107,7 +108,7 @@ def build_head(
         settings: holdout and gate settings.
         device: where the backbone embeds new frames.
         l2: the pull towards the serving head, per label.
-        decoded: model inputs already decoded, by frame id (their images are not read).
+        decoded: samples already decoded, by frame id (their images are not read).
     """
     started = time.perf_counter()
     labels = {i.frame_id: i.label for i in items if i.label in spec.classes}

@@ -28,9 +28,10 @@ import torch
 from schemas.model_spec import ModelSpec
 from trainer.architectures import WinnowNet
 from trainer.evaluate import Prequential, correct, is_holdout, release_gate
-from trainer.finetune import FinetuneConfig, RoundStats, finetune_round, predict_proba
+from trainer.finetune import FinetuneConfig, RoundStats, finetune_round
+from trainer.forward import predicted_classes
 from trainer.reference import reference_for
-from trainer.samples import Sample, SampleCache, stack
+from trainer.samples import Sample, SampleCache
 from trainer.store import TrainItem
 
 log = logging.getLogger(__name__)
@@ -268,8 +269,7 @@ def scored(
     """
     out = copy.deepcopy(prequential)
     if new:
-        inputs, labels = stack(new)
-        predicted = predict_proba(model, inputs, device).argmax(axis=1)
+        predicted, labels = predicted_classes(model, new, device)
         for right in (predicted == labels).tolist():
             out.update(bool(right))
     return out
