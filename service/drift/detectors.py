@@ -30,7 +30,7 @@ frames while heads come in, so their size is the scorer's memory swing. Measured
 default settings (ERT 10,000, 10 classes): 4,000,000 made a head recalibration peak at 156
 MiB of arrays, 500,000 at 36 MiB, for the same thresholds and no more CPU (0.95 and 0.87 s).
 A block also takes a slice of the features when a single run is larger (a backbone's
-embedding detector: 30,000 frames x 128 features): 16 features at a time cut its calibration
+embedding detector: 30,000 frames x 64 features): 16 features at a time cut its calibration
 peak from 85 to 26 MiB of arrays and its CPU from 2.8 to 1.6 s, thresholds equal."""
 
 

@@ -197,8 +197,8 @@ def test_a_head_recalibration_at_default_settings_keeps_its_arrays_small(referen
 
 def test_a_backbone_recalibration_keeps_the_embedding_arrays_small(reference) -> None:
     """A new backbone recalibrates the embedding detector: 48 streams of 30,000 frames, each
-    frame 128 Fourier features. Fails if a block holds a whole stream's features (30,000 x 128
-    float64 three times over: 85 MiB at its peak) instead of a slice of the features."""
+    frame 64 Fourier features. Fails if a block holds a whole stream's features (30,000 x 64
+    float64, several copies: 96 MiB at the peak here) instead of a slice of the features."""
     settings = DriftSettings()
     tracemalloc.start()
     try:
