@@ -66,7 +66,7 @@ async def end_offsets(settings: KafkaSettings, topic: str) -> dict[int, int]:
         if not partitions:
             return {}
         consumer.assign(partitions)
-        ends = await log_end_offsets(consumer, partitions)
+        ends = await log_end_offsets(consumer, partitions, timeout_s=30)
         return {tp.partition: offset for tp, offset in ends.items()}
     finally:
         await consumer.stop()
