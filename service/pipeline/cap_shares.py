@@ -87,10 +87,12 @@ class CapShares:
         self._policy.assign_partitions(sorted(owned), total, ages, sorted(unknown))
         self._owned = owned
         log.info(
-            "cap share: partitions %s of %d, %s labels per hour, %d charged in the last hour",
+            "cap share: partitions %s of %d, %s labels per hour, %d charged in the last hour "
+            "(%d read for the partitions new here)",
             sorted(owned),
             total,
             self._policy.labels_per_hour_share,
+            self._policy.state().cap_charged_last_hour,
             sum(len(a) for a in ages.values()),
         )
 
