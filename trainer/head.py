@@ -246,6 +246,8 @@ def refit_head(
     Raises:
         ValueError: no samples.
     """
+    if not samples:
+        raise ValueError("cannot refit a head on zero samples")
     (embeddings,), labels = forward_samples(model.backbone, samples, device or torch.device("cpu"))
     head = fit_head(embeddings, labels, model.num_classes, prior=head_of(model), l2=l2)
     return with_head(model, head)

@@ -98,3 +98,8 @@ def test_a_pass_over_every_label_holds_a_batch_of_inputs_not_all(
     everything = LABELS * 3 * SIDE * SIDE * 4 / 2**20
     peak = _peak(runs[work])
     assert peak < everything / 2, f"{peak:.1f} MiB at the peak; all inputs are {everything:.0f}"
+
+
+def test_a_head_refit_on_no_samples_says_so() -> None:
+    with pytest.raises(ValueError, match="zero samples"):
+        refit_head(build_model("small-cnn", 10, 3), [], CPU)
