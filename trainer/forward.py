@@ -12,7 +12,7 @@ batch, and the padding rows are dropped.
 Over labeled samples (:func:`forward_samples`) the inputs are stacked a batch at a
 time: a round scores up to 8,192 replay candidates, the holdout and, for a new
 backbone's head, every label, whose float32 inputs at once grew the trainer's memory
-with each label (12 KB a label at 3 x 32 x 32, 590 KB at 3 x 224 x 224).
+with each label (12 KB a label at 3 x 32 x 32, 602 KB at 3 x 224 x 224).
 """
 
 from collections.abc import Sequence

@@ -10,6 +10,7 @@ from pathlib import Path
 from infra.kafka.settings import KafkaSettings
 from schemas.frames import FrameOrigin
 from schemas.label_requests import LabelRequest
+from schemas.model_spec import ModelSpec
 from schemas.scores import Decision, Scores
 from schemas.topics import TopicNames
 from tests.kafka_helpers import produce
@@ -20,6 +21,20 @@ DIGIT_CLASSES = [str(d) for d in range(10)]
 
 REQUEST_CLASSES = ["cat", "dog", "bird"]
 """The classes of :func:`make_request`'s requests."""
+
+
+def digit_spec(version: str, side: int = 16, channels: int = 1, std: float = 0.5) -> ModelSpec:
+    """The spec of a small CNN over the ten digits, ``side`` x ``side`` pixels."""
+    return ModelSpec(
+        version=version,
+        arch="small-cnn",
+        classes=DIGIT_CLASSES,
+        input_size=(side, side),
+        channels=channels,
+        mean=[0.5] * channels,
+        std=[std] * channels,
+        embedding_dim=128,
+    )
 
 
 def make_request(

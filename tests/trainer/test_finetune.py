@@ -16,6 +16,7 @@ from sklearn.datasets import load_digits
 
 from schemas.model_spec import ModelSpec
 from schemas.pixels import image_to_input
+from tests.trainer.helpers import digit_spec
 from trainer.architectures import WinnowNet, build_model
 from trainer.errors import DeviceError, SampleError, TrainerError
 from trainer.evaluate import accuracy
@@ -33,16 +34,7 @@ CPU = torch.device("cpu")
 
 @pytest.fixture(scope="module")
 def spec() -> ModelSpec:
-    return ModelSpec(
-        version="test",
-        arch="small-cnn",
-        classes=[str(d) for d in range(10)],
-        input_size=(16, 16),
-        channels=1,
-        mean=[0.5],
-        std=[0.5],
-        embedding_dim=128,
-    )
+    return digit_spec("test")
 
 
 def _png(pixels: np.ndarray) -> bytes:

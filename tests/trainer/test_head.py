@@ -13,6 +13,7 @@ from PIL import Image
 from schemas.model_spec import ModelSpec
 from schemas.models import HeadArtifact
 from schemas.pixels import image_to_input
+from tests.trainer.helpers import digit_spec
 from trainer.architectures import WinnowNet, build_model
 from trainer.evaluate import accuracy
 from trainer.head import EmbeddingCache, LinearHead, embed, fit_head, head_of, refit_head
@@ -27,16 +28,7 @@ Digits = tuple[list[bytes], np.ndarray]
 
 @pytest.fixture(scope="module")
 def spec() -> ModelSpec:
-    return ModelSpec(
-        version="base-1",
-        arch="small-cnn",
-        classes=[str(d) for d in range(10)],
-        input_size=(16, 16),
-        channels=1,
-        mean=[0.5],
-        std=[0.5],
-        embedding_dim=128,
-    )
+    return digit_spec("base-1")
 
 
 @pytest.fixture(scope="module")

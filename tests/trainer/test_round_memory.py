@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from schemas.model_spec import ModelSpec
+from tests.trainer.helpers import digit_spec
 from trainer.architectures import build_model
 from trainer.evaluate import correct
 from trainer.finetune import FinetuneConfig, select_replay
@@ -25,16 +26,7 @@ SIDE = 32
 
 @pytest.fixture(scope="module")
 def spec() -> ModelSpec:
-    return ModelSpec(
-        version="base-1",
-        arch="small-cnn",
-        classes=[str(d) for d in range(10)],
-        input_size=(SIDE, SIDE),
-        channels=3,
-        mean=[0.5, 0.5, 0.5],
-        std=[0.25, 0.25, 0.25],
-        embedding_dim=128,
-    )
+    return digit_spec("base-1", SIDE, channels=3, std=0.25)
 
 
 @pytest.fixture(scope="module")
