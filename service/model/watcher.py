@@ -197,8 +197,8 @@ class ModelReleases(Component):
         if release is None or release.info.status == "rejected":
             why = "never seen" if release is None else f"rejected ({release.info.reason})"
             raise ReleaseError("unknown", f"version {version!r} is not a verified release: {why}")
-        artifact = self.catalog.artifact(version)
-        if artifact is None or not self.catalog.pinnable(version):
+        artifact, manifest = self.catalog.artifact(version), self.catalog.manifest(version)
+        if artifact is None or manifest is None or not self.catalog.pinnable(version):
             base = self.catalog.base_of(version)
             what = f"version {version!r}" if artifact is None else f"its base {base!r}"
             raise ReleaseError(
@@ -208,11 +208,11 @@ class ModelReleases(Component):
             )
         async with self._swap_lock:
             try:
-                model = await self._load(release.manifest, artifact)
+                model = await self._load(manifest, artifact)
             except ReleaseError as exc:
-                self._reject(release.manifest, exc)
+                self._reject(manifest, exc)
                 raise
-            await self._hand_over(model, release.manifest, result="pinned")
+            await self._hand_over(model, manifest, result="pinned")
             self._pinned = version
         return model
 
@@ -233,8 +233,9 @@ class ModelReleases(Component):
 
     async def _run(self, ends: dict[TopicPartition, int]) -> None:
         assert self._consumer is not None
-        backlog = await self._catch_up(self._consumer, ends)
+        await self._catch_up(self._consumer, ends)
         async with self._swap_lock:
+            backlog = self.catalog.verified()  # what the catch-up accepted and kept
             fresh = backlog and backlog[-1].version != self.catalog.active
             if fresh and self._pinned is None:
                 await self._serve_newest(backlog)
@@ -250,21 +251,18 @@ class ModelReleases(Component):
                     except Exception:  # e.g. on_model failed: keep watching, old model serves
                         log.exception("handling release %s failed", manifest.version)
 
-    async def _catch_up(
-        self, consumer: AIOKafkaConsumer, ends: dict[TopicPartition, int]
-    ) -> list[ModelManifest]:
-        """Reads up to ``ends``; returns the verified releases found, oldest first."""
-        verified: list[ModelManifest] = []
+    async def _catch_up(self, consumer: AIOKafkaConsumer, ends: dict[TopicPartition, int]) -> None:
+        """Reads up to ``ends``, verifying the releases found into the catalog (not a list of
+        every manifest: a models topic of a long run holds thousands)."""
         while True:
             # Some brokers (Tansu) report the last batch's base offset + 1 as the end:
             # past the reported end, read on until a poll comes back empty.
             reached = await self._reached(consumer, ends)
             batches = await self._fetch(consumer, _DRAIN_MS if reached else _POLL_MS)
             for manifest, artifact in self._assemble(batches):
-                if self._accept(manifest, artifact):
-                    verified.append(manifest)
+                self._accept(manifest, artifact)
             if reached and not batches:
-                return verified
+                return
 
     async def _reached(self, consumer: AIOKafkaConsumer, ends: dict[TopicPartition, int]) -> bool:
         for tp, end in ends.items():
@@ -391,7 +389,7 @@ class ModelReleases(Component):
         if base is None:
             return
         known = self.catalog.get(base)
-        if known is None or known.info.status == "rejected" or known.manifest.base_version:
+        if known is None or known.info.status == "rejected" or known.base_version:
             why = "never seen" if known is None else "not a verified full release"
             raise ReleaseError(
                 "base", f"head-only release {manifest.version} is for {base!r}: {why} here"
