@@ -9,7 +9,7 @@ served, or pinned back, only while the artifact of its base is kept.
 A manifest is kept only beside its artifact (it is what loading needs), and kept as
 compressed JSON: its drift reference (400 sampled embeddings and the PCA) is about
 6,800 Python objects, 220 KB parsed, so a history of 100 parsed manifests held 22 MB
-that grew with the labels until the reference sample was full. History entries keep
+that moved with the labels (the sample's size follows the holdout). History entries keep
 what ``GET /v1/model`` and the checks need.
 """
 

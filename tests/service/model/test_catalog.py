@@ -114,7 +114,7 @@ def test_a_kept_manifest_comes_back_equal_and_verified_lists_only_kept_ones() ->
 def test_a_long_history_does_not_hold_parsed_manifests() -> None:
     """The failure it catches: every history entry holding its parsed manifest, whose
     drift reference is about 6,800 Python objects: 100 head releases held 22 MB in a soak
-    and grew with the labels (the reference sample fills up as the holdout grows)."""
+    and moved with the labels (the reference sample's size follows the holdout)."""
     records = [_with_reference(_manifest("v0"), 0).model_dump_json()] + [
         _with_reference(_manifest(f"h{i}", base="v0"), i).model_dump_json() for i in range(1, 101)
     ]
