@@ -12,13 +12,13 @@ the ERT is an expectation over streams and references alike.
 """
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
 from schemas.drift import DriftReference
 from service.config import DriftSettings
-from service.drift.detectors import Detector, Rows, build_detectors
+from service.drift.detectors import Block, Detector, Rows, build_detectors
 
 DEFAULT_CELLS = 1_200_000
 
@@ -33,18 +33,46 @@ class FirstAlarms:
     """
 
     def __init__(self, trajectories: np.ndarray, fill: int = 1) -> None:
-        self.runs, self.length = trajectories.shape
-        peak = np.maximum.accumulate(trajectories, axis=1)
-        rises = np.ones_like(peak, dtype=bool)
-        rises[:, 1:] = peak[:, 1:] > peak[:, :-1]
-        run, self._time = np.nonzero(rises)  # grouped by run, in time order
-        self._value = peak[run, self._time]
-        self._starts = np.searchsorted(run, np.arange(self.runs))  # each run has t = 0
+        """``trajectories``: R x L statistics (``from_blocks`` for them in parts)."""
+        self._build(trajectories.shape, [Block(0, 0, trajectories)], fill)
+
+    @classmethod
+    def from_blocks(
+        cls, blocks: Iterable[Block], shape: tuple[int, int], fill: int = 1
+    ) -> "FirstAlarms":
+        """From R x L statistics given in parts (``Detector.trajectory_blocks``; each
+        stream's parts in time order): only the records are kept, so the statistics are
+        never all held at once."""
+        alarms = cls.__new__(cls)
+        alarms._build(shape, blocks, fill)
+        return alarms
+
+    def _build(self, shape: tuple[int, int], blocks: Iterable[Block], fill: int) -> None:
+        self.runs, self.length = shape
+        self.fill = fill
+        reached = np.full(self.runs, -np.inf)  # each run's maximum before the block
+        runs, times, values = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [np.zeros(0)]
+        for block in blocks:
+            count = len(block.values)
+            before = reached[block.first : block.first + count]
+            peak = np.maximum.accumulate(block.values, axis=1)
+            np.maximum(peak, before[:, None], out=peak)
+            rises = np.empty(peak.shape, dtype=bool)
+            rises[:, 0] = peak[:, 0] > before if block.start else True  # each run has t = 0
+            rises[:, 1:] = peak[:, 1:] > peak[:, :-1]
+            run, time = np.nonzero(rises)
+            runs.append(run + block.first)
+            times.append(time + block.start)
+            values.append(peak[run, time])
+            before[:] = peak[:, -1]
+        run, time = np.concatenate(runs), np.concatenate(times)
+        order = np.lexsort((time, run))  # by run, each in time order
+        run, self._time, self._value = run[order], time[order], np.concatenate(values)[order]
+        self._starts = np.searchsorted(run, np.arange(self.runs))
         self._ends = np.append(self._starts[1:], len(run))
         finite = self._value[np.isfinite(self._value)]
         self.lowest = float(finite.min()) if finite.size else math.inf
         self.highest = float(finite.max()) if finite.size else math.inf
-        self.fill = fill
 
     def at(self, threshold: float) -> np.ndarray:
         """Frames before the first alarm in each run (the run's length where none)."""
@@ -122,10 +150,13 @@ class Simulation:
         self.detectors = list(detectors)
         length = int(max(3 * ert, 4 * max(d.fill for d in self.detectors), 256))
         rng = np.random.default_rng(seed)
-        index = rng.integers(len(pool), size=(int(max(48, cells // length)), length))
+        runs = int(max(48, cells // length))
+        # int32 rows (a pool is a reference sample): half the memory of the default int64
+        index = rng.integers(len(pool), size=(runs, length), dtype=np.int32)
         frames = reference_frames or len(pool)
         self._first = [
-            FirstAlarms(d.trajectories(pool, index, frames), d.fill) for d in self.detectors
+            FirstAlarms.from_blocks(d.trajectory_blocks(pool, index, frames), index.shape, d.fill)
+            for d in self.detectors
         ]
 
     def thresholds(self, ert: float) -> list[float]:

@@ -14,7 +14,7 @@ bootstrap streams at once, vectorized).
 import copy
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from statistics import NormalDist
 
@@ -23,19 +23,35 @@ import numpy as np
 from schemas.drift import DriftReference, fourier_features
 
 _NORMAL = NormalDist()
-_CHUNK_CELLS = 500_000
-"""Floats per vectorized block in ``trajectories()``. A block's arrays live only during a
-calibration, but the scorer recalibrates its head detectors every ``head_rearm_frames``
-frames while heads come in, so their size is the scorer's memory swing. Measured with the
-default settings (ERT 10,000, 10 classes): 4,000,000 made a head recalibration peak at 156
-MiB of arrays, 500,000 at 36 MiB, for the same thresholds and no more CPU (0.95 and 0.87 s).
-A block also takes a slice of the features when a single run is larger (a backbone's
-embedding detector: 30,000 frames x 64 features): 16 features at a time cut its calibration
-peak from 85 to 26 MiB of arrays and its CPU from 2.8 to 1.6 s, thresholds equal."""
+_CHUNK_CELLS = 250_000
+"""Floats per vectorized block in ``trajectory_blocks()``. A block's arrays live only during
+a calibration, but the scorer recalibrates its head detectors every ``head_rearm_frames``
+frames while heads come in, so their size is the scorer's memory swing: in a soak with a
+head release every few seconds the scorer spent half its samples inside a calibration.
+Measured with the default settings (ERT 10,000: 48 streams of 30,000 frames, 10 classes):
+4,000,000 made a head recalibration peak at 156 MiB of arrays, 500,000 at 36 MiB. With
+the statistics read a block at a time (``FirstAlarms.from_blocks``) instead of held whole
+(R x L float64, 11.5 MB, and as much again for their running maximum) and an int32 bootstrap
+index: 38 MiB before, 21 to 25 at 500,000 and 12 to 15 at 250,000; thresholds equal, CPU
+about equal (head detectors 0.13 to 0.16 s; a backbone's embedding detector 0.9 to 1.2 s,
+noisy). A block also takes a slice of the features when a single run is larger (a
+backbone's embedding detector: 30,000 frames x 64 features): 16 features at a time cut its
+calibration peak from 85 to 26 MiB of arrays and its CPU from 2.8 to 1.6 s, thresholds
+equal."""
 
 
 Columns = Callable[[slice], np.ndarray]
 """The features of a block of runs, a slice of features at a time (r x L x that many)."""
+
+
+@dataclass(frozen=True)
+class Block:
+    """Part of the statistics of R simulated streams: ``values`` (r x c) are streams
+    ``first`` to ``first + r`` at frames ``start`` to ``start + c``."""
+
+    first: int
+    start: int
+    values: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -85,7 +101,6 @@ class Detector(ABC):
         self.statistic = math.nan
         self.frames = 0  # since the last reset
 
-    @abstractmethod
     def trajectories(
         self, pool: Rows, index: np.ndarray, reference_frames: int | None = None
     ) -> np.ndarray:
@@ -98,6 +113,19 @@ class Detector(ABC):
         stream gets its own offset, drawn as the error of a reference estimated from
         ``reference_frames`` frames: the live stream is off the reference by that much.
         """
+        out = np.empty(index.shape, dtype=np.float64)
+        for block in self.trajectory_blocks(pool, index, reference_frames):
+            rows, cols = block.values.shape
+            out[block.first : block.first + rows, block.start : block.start + cols] = block.values
+        return out
+
+    @abstractmethod
+    def trajectory_blocks(
+        self, pool: Rows, index: np.ndarray, reference_frames: int | None = None
+    ) -> Iterator[Block]:
+        """``trajectories`` a block at a time (about ``_CHUNK_CELLS`` floats each; each
+        stream's frames in time order), so that a calibration never holds every stream's
+        statistics at once."""
 
     @abstractmethod
     def _statistics(self, rows: Rows) -> np.ndarray:
@@ -177,9 +205,9 @@ class _Windowed(Detector):
     def expected(self) -> np.ndarray:
         """The reference's mean per-frame feature."""
 
-    def trajectories(
+    def trajectory_blocks(
         self, pool: Rows, index: np.ndarray, reference_frames: int | None = None
-    ) -> np.ndarray:
+    ) -> Iterator[Block]:
         feats = self.features(pool).astype(np.float64)
         offsets = np.zeros((len(index), feats.shape[1]))
         if reference_frames is not None:
@@ -195,26 +223,27 @@ class _Windowed(Detector):
 
     def _window_stats(
         self, block: Callable[[slice], Columns], runs: int, length: int, offsets: np.ndarray
-    ) -> np.ndarray:
-        """Window statistics of the runs ``rows``, whose r x L x F features ``block(rows)``
-        gives a slice of features at a time; ``offsets`` (runs x F) shift every window mean."""
+    ) -> Iterator[Block]:
+        """Window statistics of the runs, a block of runs at a time: ``block(rows)`` gives
+        their r x L x F features a slice of features at a time; ``offsets`` (runs x F) shift
+        every window mean."""
         width = offsets.shape[1]
-        out = np.zeros((runs, length), dtype=np.float64)
         span = min(max(1, width), max(1, _CHUNK_CELLS // length))  # features per block
         step = max(1, _CHUNK_CELLS // (length * span))  # runs per block
         w = self.window
         for first in range(0, runs, step):
             rows = slice(first, first + step)
             columns = block(rows)
+            out = np.zeros((len(offsets[rows]), length), dtype=np.float64)
             for start in range(0, width, span):
                 features = slice(start, start + span)
                 cs = np.cumsum(columns(features), axis=1, dtype=np.float64)
                 sums = cs.copy()
                 sums[:, w:] -= cs[:, :-w]
                 sums += w * offsets[rows, None, features]
-                out[rows] += self.from_sums(sums, features)
-        out[:, : w - 1] = -np.inf
-        return out
+                out += self.from_sums(sums, features)
+            out[:, : w - 1] = -np.inf
+            yield Block(first, 0, out)
 
 
 class EmbeddingMMD(_Windowed):
@@ -273,15 +302,15 @@ class ClassMixDrift(_Windowed):
     def expected(self) -> np.ndarray:
         return self._p
 
-    def trajectories(
+    def trajectory_blocks(
         self, pool: Rows, index: np.ndarray, reference_frames: int | None = None
-    ) -> np.ndarray:
+    ) -> Iterator[Block]:
         """With ``reference_frames`` (calibration), classes are drawn from the smoothed
         reference mix, perturbed per run by the error of a mix estimated from that many
         frames, instead of from the pool: a class the pool lacks still has its (small)
         reference probability, so a one-class reference does not give a zero threshold."""
         if reference_frames is None:
-            return super().trajectories(pool, index, None)
+            return super().trajectory_blocks(pool, index, None)
         runs, length = index.shape
         rng = np.random.default_rng(int(index[0, 0]) + 13 * runs)
         # each run's mix is off the (smoothed) reference mix by the error of a mix counted
@@ -358,25 +387,28 @@ class EntropyCusum(Detector):
         self.frames += len(x)
         return out
 
-    def trajectories(
+    def trajectory_blocks(
         self, pool: Rows, index: np.ndarray, reference_frames: int | None = None
-    ) -> np.ndarray:
-        x = self._x(pool.entropy)
+    ) -> Iterator[Block]:
+        scores = self._x(pool.entropy)
         offsets = np.zeros(len(index))
         if reference_frames is not None:
-            x = x - x.mean()
-            offsets = _reference_error(x[:, None], len(index), reference_frames, index)[:, 0]
-        x = x[index] + offsets[:, None]  # R x L
-        out = np.empty_like(x)
-        up = np.zeros(len(x))
-        down = np.zeros(len(x))
+            scores = scores - scores.mean()
+            offsets = _reference_error(scores[:, None], len(index), reference_frames, index)[:, 0]
+        # all streams at once (the loop over frames is Python), a span of frames at a time
+        step = max(1, _CHUNK_CELLS // max(1, len(index)))
+        up = np.zeros(len(index))
+        down = np.zeros(len(index))
         k = self._k
-        for t in range(x.shape[1]):
-            col = x[:, t]
-            np.maximum(up + col - k, 0.0, out=up)
-            np.maximum(down - col - k, 0.0, out=down)
-            np.maximum(up, down, out=out[:, t])
-        return out
+        for start in range(0, index.shape[1], step):
+            x = scores[index[:, start : start + step]] + offsets[:, None]  # R x span
+            out = np.empty_like(x)
+            for t in range(x.shape[1]):
+                col = x[:, t]
+                np.maximum(up + col - k, 0.0, out=up)
+                np.maximum(down - col - k, 0.0, out=down)
+                np.maximum(up, down, out=out[:, t])
+            yield Block(0, start, out)
 
 
 def _reference_error(

@@ -179,9 +179,11 @@ def test_the_cusum_sees_skewed_undrifted_entropy_as_standard_normal_scores(refer
 
 def test_a_head_recalibration_at_default_settings_keeps_its_arrays_small(reference) -> None:
     """The scorer recalibrates the head detectors every ``head_rearm_frames`` frames while
-    heads come in, so their calibration's arrays are the scorer's memory swing. Fails if
-    ``trajectories()`` works in blocks as large as before (156 MiB at its peak) or holds
-    an R x L x classes array whole."""
+    heads come in, so their calibration's arrays are the scorer's memory swing: in a soak
+    the scorer spent half its samples inside one, 38 MB higher. Fails if the simulation
+    holds every stream's statistics (R x L float64, 11.5 MB, and their running maximum) or
+    the bootstrap index as int64 (38 MiB at the peak), or works in blocks as large as
+    before (156 MiB) or holds an R x L x classes array whole."""
     settings = DriftSettings()  # ERT 10,000: 48 streams of 30,000 frames
     tracemalloc.start()
     try:
@@ -190,15 +192,15 @@ def test_a_head_recalibration_at_default_settings_keeps_its_arrays_small(referen
     finally:
         tracemalloc.stop()
     assert [d.name for d in detectors] == ["prediction", "uncertainty"]
-    # streams x length as int64 (the bootstrap index) and float64 (each trajectory, its
-    # running maximum) is 11.5 MB an array; a few of them at once, not a block of classes
-    assert peak < 64 * 2**20, f"{peak / 2**20:.0f} MiB"
+    # the int32 index (5.8 MB) and a block's arrays, never a whole R x L array
+    assert peak < 20 * 2**20, f"{peak / 2**20:.0f} MiB"
 
 
 def test_a_backbone_recalibration_keeps_the_embedding_arrays_small(reference) -> None:
     """A new backbone recalibrates the embedding detector: 48 streams of 30,000 frames, each
     frame 64 Fourier features. Fails if a block holds a whole stream's features (30,000 x 64
-    float64, several copies: 96 MiB at the peak here) instead of a slice of the features."""
+    float64, several copies: 96 MiB at the peak here) instead of a slice of the features,
+    or if the simulation holds every stream's statistics at once (37 MiB)."""
     settings = DriftSettings()
     tracemalloc.start()
     try:
@@ -207,7 +209,28 @@ def test_a_backbone_recalibration_keeps_the_embedding_arrays_small(reference) ->
     finally:
         tracemalloc.stop()
     assert [d.name for d in detectors] == ["embedding"]
-    assert peak < 48 * 2**20, f"{peak / 2**20:.0f} MiB"
+    assert peak < 20 * 2**20, f"{peak / 2**20:.0f} MiB"
+
+
+@pytest.mark.parametrize("name", ["embedding", "prediction", "uncertainty"])
+def test_first_alarms_from_blocks_equal_them_from_the_whole_array(
+    reference, name, monkeypatch
+) -> None:
+    """Calibration reads the first alarms off the statistics a block at a time: blocks of
+    streams (windowed detectors) or spans of frames (the CUSUM). Fails if a block's records
+    lose the running maximum reached before it (a span would restart each stream's
+    maximum), or if records end up out of stream or time order."""
+    monkeypatch.setattr("service.drift.detectors._CHUNK_CELLS", 700)  # many small blocks
+    (detector,) = build_detectors(reference, [name], embedding_window=16, class_window=40)
+    pool = Rows.reference_pool(reference)
+    index = np.random.default_rng(3).integers(len(pool), size=(7, 500))
+    blocks = list(detector.trajectory_blocks(pool, index, reference.frames))
+    assert len(blocks) > 3
+    whole = FirstAlarms(detector.trajectories(pool, index, reference.frames), detector.fill)
+    parts = FirstAlarms.from_blocks(iter(blocks), index.shape, detector.fill)
+    for h in np.quantile(whole._value[np.isfinite(whole._value)], [0.1, 0.5, 0.9, 0.99]):
+        np.testing.assert_array_equal(parts.at(h), whole.at(h))
+    assert parts.threshold(200) == whole.threshold(200)
 
 
 @pytest.mark.parametrize("name", ["embedding", "prediction"])
