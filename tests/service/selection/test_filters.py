@@ -159,16 +159,16 @@ def test_a_rare_class_near_the_boundary_is_asked_for_early_and_labels_are_balanc
 
 def test_the_dedup_memory_keeps_row_copies_within_its_window_and_only_when_dedup_is_on() -> None:
     """The filter remembers each selected frame's embedding for the dedup window. Fails if it
-    keeps views into the batches (each pins its batch's N x 128 float64 embeddings: 9.6 MB
-    for these 300 batches), keeps rows past the window, or keeps them while dedup is off
+    keeps views into the batches (each pins its batch's N x 128 float64 embeddings: 8.1 MiB
+    held here when they were views), keeps rows past the window, or keeps them while dedup is off
     (the default filters are ``rare`` alone)."""
-    rng = np.random.default_rng(0)
-    batches = [rng.normal(size=(32, 128)) for _ in range(300)]
     for names, most in ((["rare"], 0), (["dedup"], 64)):
+        rng = np.random.default_rng(0)
         filters = StreamFilters(names)
         tracemalloc.start()
         try:
-            for embeddings in batches:
+            for _ in range(300):
+                embeddings = rng.normal(size=(32, 128))  # traced: what is kept of it counts
                 sources = ["a", "b"] * 16
                 filters.begin(np.zeros(32), DecisionContext(embeddings, None, sources))
                 for index in range(32):
@@ -180,5 +180,5 @@ def test_the_dedup_memory_keeps_row_copies_within_its_window_and_only_when_dedup
         kept = [row for recent in filters._recent.values() for _, row in recent]
         assert len(kept) <= 2 * (most // 16 + 1), names  # a source sees 16 frames a batch
         assert all(row.base is None and row.nbytes == 128 * 8 for row in kept)
-        # the density reservoir's few batches, not 600 of them (19 MB)
+        # the density reservoir's last few batches and the copies (0.3 MiB), not 256 batches
         assert held < 2 * 2**20, f"{names}: {held / 2**20:.1f} MiB"
