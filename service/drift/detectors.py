@@ -24,20 +24,14 @@ from schemas.drift import DriftReference, fourier_features
 
 _NORMAL = NormalDist()
 _CHUNK_CELLS = 250_000
-"""Floats per vectorized block in ``trajectory_blocks()``. A block's arrays live only during
-a calibration, but the scorer recalibrates its head detectors every ``head_rearm_frames``
-frames while heads come in, so their size is the scorer's memory swing: in a soak with a
-head release every few seconds the scorer spent half its samples inside a calibration.
-Measured with the default settings (ERT 10,000: 48 streams of 30,000 frames, 10 classes):
-4,000,000 made a head recalibration peak at 156 MiB of arrays, 500,000 at 36 MiB. With
-the statistics read a block at a time (``FirstAlarms.from_blocks``) instead of held whole
-(R x L float64, 11.5 MB, and as much again for their running maximum) and an int32 bootstrap
-index: 38 MiB before, 21 to 25 at 500,000 and 12 to 15 at 250,000; thresholds equal, CPU
-about equal (head detectors 0.13 to 0.16 s; a backbone's embedding detector 0.9 to 1.2 s,
-noisy). A block also takes a slice of the features when a single run is larger (a
-backbone's embedding detector: 30,000 frames x 64 features): 16 features at a time cut its
-calibration peak from 85 to 26 MiB of arrays and its CPU from 2.8 to 1.6 s, thresholds
-equal."""
+"""Floats per vectorized block in ``trajectory_blocks()``: the size of a calibration's
+arrays, and so the scorer's memory swing (it recalibrates its head detectors for each head
+release, seconds apart in a soak). At the default settings (ERT 10,000: 48 streams of
+30,000 frames; 10 classes) a calibration peaks at 14 to 15.4 MiB of arrays under
+``tracemalloc``: 37 to 38 MiB when the statistics were held whole (``FirstAlarms`` now
+reads them a block at a time), 156 MiB at 4,000,000 floats a block; thresholds equal, CPU
+about equal. A block takes a slice of the features when one stream is larger (a
+backbone's embedding detector: 30,000 frames x 64 features)."""
 
 
 Columns = Callable[[slice], np.ndarray]
