@@ -228,7 +228,7 @@ class _Windowed(Detector):
         for first in range(0, runs, step):
             rows = slice(first, first + step)
             columns = block(rows)
-            out = np.zeros((len(offsets[rows]), length), dtype=np.float64)
+            out = np.zeros((min(step, runs - first), length), dtype=np.float64)
             for start in range(0, width, span):
                 features = slice(start, start + span)
                 cs = np.cumsum(columns(features), axis=1, dtype=np.float64)
