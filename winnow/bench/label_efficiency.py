@@ -7,7 +7,8 @@ Protocol (the parts live in ``winnow.bench.efficiency``):
   strategies of one seed differ only in which frames they ask for.
 - The learner is the trainer's: ``finetune_round`` every ``--round-labels``
   labels and, where the trainer has them, head refits on frozen embeddings in
-  between; random sampling gets the same learner.
+  between; random sampling gets the same learner. ``--pseudo-labels`` adds
+  labels spread over the unlabeled frames seen (``trainer.pseudo``).
 - The full-data measure is the same learner given every training label; the
   targets are 90/95/98% of it.
 - Per seed, labels-to-target is read off the isotonic (monotone) fit of the
@@ -252,6 +253,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
                 refit_labels=args.refit_labels or refit_default or 1,
                 min_steps=args.min_steps,
                 full_steps=args.full_steps,
+                pseudo=args.pseudo_labels,
             ),
             head_refits=refits,
         ),
@@ -268,6 +270,16 @@ def _serve_budget() -> float:
     from service.config import PolicySettings
 
     return float(PolicySettings.model_fields["budget"].default)
+
+
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -336,6 +348,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=_serve_budget(),
         help="fraction of frames that may be asked for "
         "(default the scorer's, WINNOW_POLICY_BUDGET)",
+    )
+    p.add_argument(
+        "--pseudo-labels",
+        type=_non_negative,
+        default=0.0,
+        metavar="PER_LABEL",
+        help="rounds and refits also learn from up to PER_LABEL pseudo-labels per label, "
+        "spread from the labels over the frames seen (trainer.pseudo; the trainer does "
+        "not collect unlabeled frames yet); default 0, off",
     )
     p.add_argument("--window", type=int, default=200, help="frames of the budget window")
     p.add_argument("--batch", type=int, default=32, help="frames per scoring batch")

@@ -12,6 +12,12 @@ does. The model is measured on the test split after each change, so the curve
 has a point per round and per refit. The cadence defaults to the trainer's
 own settings (:func:`trainer_cadence`).
 
+With pseudo-labels (``LearnerConfig.pseudo``), every round and refit also
+learns from the unlabeled frames the stream has shown so far, labeled by
+``trainer.pseudo`` (label spreading on the current backbone's embeddings).
+The trainer does not collect unlabeled frames yet, so this is the learner it
+would be; it is off unless asked for.
+
 The full-data reference is the same learner given every training label at
 once: one long round, ended by the refit.
 """
@@ -91,12 +97,14 @@ class LearnerConfig:
         min_steps: optimizer steps per round, at least; None: the trainer's default for
             the architecture (``FinetuneConfig.for_arch``).
         full_steps: steps of the full-data run (None: at least 600, 10 epochs).
+        pseudo: pseudo-labels per label from the unlabeled frames seen (0: none).
     """
 
     round_labels: int = 20
     refit_labels: int = 3
     min_steps: int | None = None
     full_steps: int | None = None
+    pseudo: float = 0.0
 
 
 def forward(model: Any, inputs: np.ndarray, batch: int = 512) -> tuple[np.ndarray, np.ndarray]:
@@ -168,6 +176,8 @@ class Learner:
         self._trained: list[Any] = []
         self._pending: list[Any] = []
         self._refit_at = 0
+        self.unlabeled: list[Any] = []  # frames seen, oldest first (labels ignored)
+        self.pseudo_labels = 0  # pseudo-labels the latest change learned from
         self.rounds = 0
         self.refits = 0
         self.labels_learned = 0
@@ -209,10 +219,22 @@ class Learner:
         probs, _ = self.run(inputs)
         return confusion(labels, probs.argmax(axis=1), probs.shape[1])
 
+    def _pseudo(self) -> list[Any]:
+        """Pseudo-labeled unlabeled frames for the next change (none when off)."""
+        if self._config.pseudo <= 0:
+            return []
+        from trainer.pseudo import SpreadConfig, pseudo_samples
+
+        config = SpreadConfig(per_label=self._config.pseudo)
+        extra = pseudo_samples(self.model, self.samples, self.unlabeled, config, self._device)
+        self.pseudo_labels = len(extra)
+        return extra
+
     def _round(self) -> None:
         from trainer.finetune import finetune_round
 
-        finetune_round(self.model, self._pending, self._trained, self._finetune, self._device)
+        replay = [*self._trained, *self._pseudo()]
+        finetune_round(self.model, self._pending, replay, self._finetune, self._device)
         self._trained.extend(self._pending)
         self._pending.clear()
         self.rounds += 1
@@ -222,7 +244,7 @@ class Learner:
 
     def _refit_head(self) -> None:
         assert self._refit is not None
-        self.model = self._refit(self.model, self.samples)
+        self.model = self._refit(self.model, [*self.samples, *self._pseudo()])
         self.model.eval()
         self._refit_at = self.answered
         self.refits += 1

@@ -242,8 +242,10 @@ def table(result: Mapping[str, Any]) -> str:
     """The printed summary: one line per strategy, then the measure at equal label counts."""
     measure = result["measure"]
     targets = result["targets"]
+    pseudo = result.get("config", {}).get("run", {}).get("learner", {}).get("pseudo", 0)
+    learner = f" pseudo-labels={pseudo:g}/label" if pseudo else ""
     lines = [
-        f"dataset={result['stream']['name']} video={result['video']} measure={measure} "
+        f"dataset={result['stream']['name']} video={result['video']}{learner} measure={measure} "
         f"full={result['full']['mean']:.4f} targets 90/95/98%: "
         + "/".join(f"{targets[str(r)]:.4f}" for r in RATIOS),
         f"{'strategy':<28}{'final':>14}{'AULC':>8}{'labels→95%':>12}{'cens.':>7}"

@@ -177,6 +177,7 @@ class _StreamRun:
     def _batch(self, chunk: np.ndarray) -> None:
         """Scores and decides one batch; the oracle answers each frame asked for."""
         from service.selection.filters import DecisionContext
+        from trainer.pseudo import UNLABELED
         from trainer.samples import Sample
 
         data, learner, policy = self.data, self.learner, self.policy
@@ -191,6 +192,10 @@ class _StreamRun:
             probs, emb = learner.run(x)
             picked = self.peer.query(probs, emb, learner.samples, learner.run)
         self.result.frames_seen += len(x)
+        if self.config.learner.pseudo > 0:
+            learner.unlabeled.extend(
+                Sample(str(int(i)), data.inputs[int(i)], UNLABELED) for i in chunk
+            )
         self.selected.extend(int(chunk[i]) for i in picked)
         for i in picked:
             if learner.answered >= self.config.max_labels:

@@ -59,3 +59,27 @@ def test_head_refits_asked_for_without_the_trainers_say_so(
         resolve_head_refit(True)
     assert resolve_head_refit(None) is None
     assert resolve_head_refit(False) is None
+
+
+def test_pseudo_labels_come_from_the_unlabeled_frames_only_when_asked_for() -> None:
+    from trainer.pseudo import UNLABELED
+
+    data = _data(60)
+    seen = [Sample(str(i), data.inputs[i], UNLABELED) for i in range(60)]
+    learned: list[list[str]] = []
+
+    def refit(model: Any, samples: Sequence[Sample]) -> Any:
+        learned.append([s.frame_id for s in samples])
+        return model
+
+    for pseudo, expected in ((0.0, 0), (2.0, 8)):
+        learned.clear()
+        config = LearnerConfig(round_labels=4, refit_labels=2, min_steps=2, pseudo=pseudo)
+        learner = Learner(data, config, 0, refit)
+        learner.unlabeled.extend(seen)
+        for i in range(4):
+            learner.add(Sample(str(i), data.inputs[i], int(data.labels[i])))
+        assert learner.pseudo_labels == expected
+        extra = [ids[len(ids) - expected :] for ids in learned][-1] if expected else []
+        assert len(learned[-1]) == 4 + expected
+        assert not set(extra) & {"0", "1", "2", "3"}
