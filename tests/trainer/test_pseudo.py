@@ -13,7 +13,15 @@ from tests.trainer.helpers import digit_spec
 from trainer.architectures import build_model
 from trainer.finetune import FinetuneConfig, finetune_round
 from trainer.model_init import seed_everything
-from trainer.pseudo import UNLABELED, SpreadConfig, pick, pseudo_samples, spread
+from trainer.pseudo import (
+    UNLABELED,
+    SpreadConfig,
+    label_graph,
+    pick,
+    pseudo_labeled,
+    pseudo_samples,
+    spread,
+)
 from trainer.samples import Sample
 
 CPU = torch.device("cpu")
@@ -94,3 +102,30 @@ def test_digits_get_mostly_right_pseudo_labels_balanced_and_capped(digits) -> No
     correct = np.mean([s.label == truth[s.frame_id] for s in picked])
     assert correct >= 0.9, correct
     assert pseudo_samples(model, labeled, unlabeled, SpreadConfig(per_label=0)) == []
+
+
+def test_one_graph_serves_later_labels_and_keeps_labeled_frames_given_last() -> None:
+    x = _blobs(per=40)
+    truth = np.repeat(np.arange(3), 40)
+    frames = [Sample(f"f{i}", x[i][None, None, :], UNLABELED) for i in range(120)]
+
+    class Flat(torch.nn.Module):
+        def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+            return inputs.flatten(1)
+
+    seed_everything(0)
+    model = build_model("small-cnn", 3, 1)
+    model.backbone = Flat()
+    model.embedding_dim = 8
+    labeled = [Sample(f"f{i}", x[i][None, None, :], int(truth[i])) for i in (0, 41, 85)]
+    # 100 frames at most: f0 is among the oldest, but given again as labeled it is kept.
+    config = SpreadConfig(per_label=4, max_frames=100)
+    graph = label_graph(model, [*frames, *labeled], config)
+    assert len(graph) == 100 and "f0" in graph.rows and "f1" not in graph.rows
+    picked = pseudo_labeled(graph, labeled, 3, config)
+    assert len(picked) == 12
+    assert all(s.label == truth[int(s.frame_id[1:])] for s in picked)
+    # A label the graph does not hold counts towards the number taken but cannot spread.
+    later = [*labeled[:2], Sample("new", x[90][None, None, :], 2)]
+    picked = pseudo_labeled(graph, later, 3, config)
+    assert {s.label for s in picked} == {0, 1} and len(picked) == 8

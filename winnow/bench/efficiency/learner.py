@@ -178,6 +178,8 @@ class Learner:
         self._refit_at = 0
         self.unlabeled: list[Any] = []  # frames seen, oldest first (labels ignored)
         self.pseudo_labels = 0  # pseudo-labels the latest change learned from
+        self._graph: Any = None  # trainer.pseudo.LabelGraph of the frames seen
+        self._graph_rounds = -1  # the rounds it was built after
         self.rounds = 0
         self.refits = 0
         self.labels_learned = 0
@@ -219,21 +221,30 @@ class Learner:
         probs, _ = self.run(inputs)
         return confusion(labels, probs.argmax(axis=1), probs.shape[1])
 
-    def _pseudo(self) -> list[Any]:
-        """Pseudo-labeled unlabeled frames for the next change (none when off)."""
+    def _pseudo(self, fresh: bool = False) -> list[Any]:
+        """Pseudo-labeled unlabeled frames for the next change (none when off).
+
+        The graph of the frames seen is built once per backbone (the embeddings
+        change with rounds only) and again at the start of a round (``fresh``),
+        so head refits spread labels over the frames seen up to the last round.
+        """
         if self._config.pseudo <= 0:
             return []
-        from trainer.pseudo import SpreadConfig, pseudo_samples
+        from trainer.pseudo import SpreadConfig, label_graph, pseudo_labeled
 
         config = SpreadConfig(per_label=self._config.pseudo)
-        extra = pseudo_samples(self.model, self.samples, self.unlabeled, config, self._device)
+        if fresh or self._graph is None or self._graph_rounds != self.rounds:
+            frames = [*self.unlabeled, *self.samples]
+            self._graph = label_graph(self.model, frames, config, self._device)
+            self._graph_rounds = self.rounds
+        extra = pseudo_labeled(self._graph, self.samples, self.model.num_classes, config)
         self.pseudo_labels = len(extra)
         return extra
 
     def _round(self) -> None:
         from trainer.finetune import finetune_round
 
-        replay = [*self._trained, *self._pseudo()]
+        replay = [*self._trained, *self._pseudo(fresh=True)]
         finetune_round(self.model, self._pending, replay, self._finetune, self._device)
         self._trained.extend(self._pending)
         self._pending.clear()
