@@ -20,6 +20,30 @@ log = logging.getLogger(__name__)
 stop_log = logging.getLogger(f"{__name__}.stop")
 
 
+ORPHAN_COMMIT = "GroupCoordinator._do_commit_offsets"
+"""aiokafka runs each commit request in a task of its own, behind ``asyncio.shield``."""
+
+
+def _read_orphaned_commits() -> None:
+    """Reads the error of aiokafka's commit tasks whose waiter was cancelled.
+
+    ``asyncio.shield`` lets the request run on when a stop or a timeout cancels
+    the commit, and stops watching it; if the broker is away the request then
+    fails with nobody to read the error, and asyncio logs "Task exception was
+    never retrieved" with a traceback during the stop. The error changes
+    nothing (the offsets stay uncommitted and are read again), so it is read
+    and logged at debug level.
+    """
+    for task in asyncio.all_tasks():
+        if getattr(task.get_coro(), "__qualname__", "") == ORPHAN_COMMIT:
+            task.add_done_callback(_read_commit_error)
+
+
+def _read_commit_error(task: "asyncio.Task[object]") -> None:
+    if not task.cancelled() and (error := task.exception()) is not None:
+        log.debug("a cancelled offset commit failed afterwards: %r", error)
+
+
 class OffsetTracker:
     """Tracks consumed and done offsets of each partition (records arrive in order).
 
@@ -101,6 +125,9 @@ class OffsetTracker:
             return {}
         try:
             await consumer.commit(offsets)
+        except asyncio.CancelledError:
+            _read_orphaned_commits()
+            raise
         except KafkaError as error:  # CommitFailedError is a KafkaError too
             log.warning(
                 "%s: offset commit failed, records after the last commit will be redelivered: %r",
