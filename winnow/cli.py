@@ -234,6 +234,17 @@ def _bench_throughput(args: argparse.Namespace) -> int:
     return run_throughput_bench(args)
 
 
+def _counts(text: str) -> tuple[int, ...]:
+    """Comma-separated positive whole numbers, e.g. ``1,4,8``."""
+    try:
+        counts = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers like 1,4,8, not {text!r}") from None
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive numbers like 1,4,8, not {text!r}")
+    return counts
+
+
 def _size(text: str) -> tuple[int, int]:
     try:
         width, height = (int(part) for part in text.lower().split("x"))
@@ -419,6 +430,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--cases", default="camera,digits", help="comma-separated: camera,digits")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument(
+        "--batch-sizes",
+        type=_counts,
+        default=(16, 64),
+        help="comma-separated: the scorer measured again at each (default 16,64)",
+    )
+    p.add_argument(
+        "--workers",
+        type=_counts,
+        default=(1,),
+        help="comma-separated scorer process counts, e.g. 1,4,8 (default 1); the first is "
+        "the main run's",
+    )
+    p.add_argument(
+        "--frame-size",
+        type=_size,
+        default=None,
+        help="the camera case's frames as WxH, e.g. 1920x1080 (default: crops of 640x427)",
+    )
+    p.add_argument("--no-naive", action="store_true", help="skip the one-record-at-a-time loop")
     _command(p, _bench_throughput, "bench")
 
     p = bench.add_parser("drift", help="drift detectors vs River baselines at one ERT")

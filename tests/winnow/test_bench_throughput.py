@@ -3,6 +3,7 @@
 Checks the shape and consistency of what the benchmark writes, never its speed.
 """
 
+import io
 import json
 import math
 import os
@@ -116,4 +117,73 @@ def _assert_host_cost(run: dict[str, Any]) -> None:
 def test_unknown_case_is_refused_before_any_work(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown case 'webcam'"):
         main(["bench", "throughput", "--json", str(tmp_path / "x.json"), "--cases", "webcam"])
+    assert not (tmp_path / "x.json").exists()
+
+
+@pytest.mark.slow
+def test_bench_throughput_measures_every_worker_count_without_the_naive_loop(
+    kafka_broker: EmbeddedBroker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("WINNOW_KAFKA_BOOTSTRAP", kafka_broker.bootstrap)
+    out = tmp_path / "throughput.json"
+
+    code = main(
+        [
+            "bench",
+            "throughput",
+            "--json",
+            str(out),
+            "--cases",
+            "digits",
+            "--frames",
+            "200",
+            "--batch-size",
+            "8",
+            "--batch-sizes",
+            "8,16",
+            "--workers",
+            "2,1",
+            "--no-naive",
+            "--device",
+            "cpu",
+        ]
+    )
+
+    assert code == 0
+    [case] = json.loads(out.read_text())["cases"]
+    assert case["naive_fps"] is None and case["speedup_vs_naive"] is None
+    assert case["partitions"] >= 2  # one at least for each scorer process
+    grid = {(run["workers"], run["batch_size"]): run for run in case["by_workers"]}
+    assert sorted(grid) == [(1, 8), (1, 16), (2, 8), (2, 16)]
+    for (_, size), run in grid.items():
+        _assert_host_cost(run)
+        assert run["gpu"] is None  # no CUDA here
+        if size == 8:  # latency at half of each worker count's speed, at the main batch size
+            assert 0 < run["p50_ms"] <= run["p99_ms"], run
+            assert run["latency_rate_fps"] == pytest.approx(run["scorer_fps"] / 2, rel=0.01)
+        else:
+            assert "p99_ms" not in run
+    # The main run is the first worker count's, at the main batch size.
+    assert case["scorer_fps"] == grid[(2, 8)]["scorer_fps"]
+    assert [run["batch_size"] for run in case["by_batch_size"]] == [8, 16]
+    assert all(run["workers"] == 2 for run in case["by_batch_size"])
+
+
+def test_camera_frames_at_a_size_cycle_through_distinct_frames() -> None:
+    from PIL import Image
+
+    from winnow.bench.throughput import DISTINCT_SIZED_FRAMES, camera_frames
+
+    frames = camera_frames(DISTINCT_SIZED_FRAMES + 2, size=(96, 64))
+
+    assert len(frames) == DISTINCT_SIZED_FRAMES + 2
+    assert frames[DISTINCT_SIZED_FRAMES] == frames[0] and frames[1] != frames[0]
+    assert len(set(frames)) == DISTINCT_SIZED_FRAMES
+    assert Image.open(io.BytesIO(frames[1])).size == (96, 64)
+
+
+@pytest.mark.parametrize("text", ["0", "1,-2", "a", ""])
+def test_worker_counts_must_be_positive_numbers(text: str, tmp_path: Path) -> None:
+    with pytest.raises(SystemExit):
+        main(["bench", "throughput", "--json", str(tmp_path / "x.json"), "--workers", text])
     assert not (tmp_path / "x.json").exists()

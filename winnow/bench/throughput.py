@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -38,7 +39,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any
 
 import numpy as np
 from pydantic import SecretStr
@@ -49,17 +50,15 @@ from infra.kafka.consumer import create_consumer
 from infra.kafka.producer import create_producer
 from infra.kafka.settings import KafkaSettings
 from schemas.predictions import Prediction
-from service.config import PolicySettings, ScorerSettings, Settings
+from service.config import PolicySettings
 from service.model.inference import OnnxModel
 from service.pipeline import blas
 from service.pipeline.batching import Batch, InboundFrame
 from service.pipeline.decode import DecodeLimits, decode_and_preprocess, prepare_batch
 from service.pipeline.records import batch_records
-from service.pipeline.scorer import Scorer
 from service.scoring.engine import ScoringEngine
 from service.selection.policy import QueryPolicy
 from winnow.bench.host_cost import STAGES
-from winnow.bench.scorer_process import BENCH_FETCH_MAX_WAIT_MS
 
 CASES = ("camera", "digits")
 DEFAULT_FRAMES = {"camera": 320, "digits": 6000}
@@ -82,6 +81,8 @@ CASE_KEYS = (
     "notes",
 )
 BARE_MIN_SECONDS = 2.0
+BARE_FRAMES = 1024
+"""Frames decoded for bare ONNX Runtime (its batches repeat), so a large run decodes no more."""
 LATENCY_SECONDS = 5.0
 WAIT_TIMEOUT_S = 600.0
 _JOIN_TIMEOUT_S = 60.0
@@ -108,6 +109,13 @@ class BenchConfig:
     batch_sizes: Sequence[int] = (16, 64)
     """Batch sizes the scorer's speed and host cost are measured at too (``by_batch_size``)."""
     device: str = "auto"
+    workers: Sequence[int] = (1,)
+    """Scorer processes in one consumer group (``winnow serve --workers``); the first count is
+    the main run's, every count is measured at every batch size (``by_workers``)."""
+    frame_size: tuple[int, int] | None = None
+    """The camera case's frames resized to (width, height); None: crops of the photos."""
+    naive: bool = True
+    """Whether to measure the one-record-at-a-time loop (slow for large frames)."""
     partitions: int = 3
     latency_seconds: float = LATENCY_SECONDS
     bare_min_seconds: float = BARE_MIN_SECONDS
@@ -119,20 +127,29 @@ class BenchConfig:
 # -- frames -----------------------------------------------------------------------------------
 
 
-def camera_frames(count: int, seed: int = 0) -> list[bytes]:
-    """Distinct JPEG frames (quality 90) cut from scikit-learn's two 640x427 photos.
+DISTINCT_SIZED_FRAMES = 128
+"""Distinct frames made at a ``--frame-size``; the stream cycles through them (every frame
+keeps its own id and is decided; only the selection filters see repeats)."""
+
+
+def camera_frames(count: int, seed: int = 0, size: tuple[int, int] | None = None) -> list[bytes]:
+    """JPEG frames (quality 90) cut from scikit-learn's two 640x427 photos.
 
     Each frame is a random crop (60-100 % of each side), maybe mirrored, with
-    its brightness scaled by 0.7-1.3.
+    its brightness scaled by 0.7-1.3. With ``size`` (width, height) each crop is
+    resized to it, and at most :data:`DISTINCT_SIZED_FRAMES` distinct frames are
+    made and cycled (encoding a 1920x1080 frame takes tens of milliseconds).
     """
+    from PIL import Image
     from sklearn.datasets import load_sample_images
 
     from winnow.datasets import encode_jpeg
 
     photos = load_sample_images().images
     rng = np.random.default_rng(seed)
+    distinct = count if size is None else min(count, DISTINCT_SIZED_FRAMES)
     out = []
-    for i in range(count):
+    for i in range(distinct):
         photo = photos[i % len(photos)]
         height, width = photo.shape[:2]
         h = int(height * rng.uniform(0.6, 1.0))
@@ -143,8 +160,10 @@ def camera_frames(count: int, seed: int = 0) -> list[bytes]:
         if rng.random() < 0.5:
             crop = crop[:, ::-1]
         crop = np.clip(crop * rng.uniform(0.7, 1.3), 0, 255).astype(np.uint8)
+        if size is not None:
+            crop = np.asarray(Image.fromarray(np.ascontiguousarray(crop)).resize(size))
         out.append(encode_jpeg(np.ascontiguousarray(crop), quality=90))
-    return out
+    return [out[i % distinct] for i in range(count)]
 
 
 def digits_frames(count: int) -> list[bytes]:
@@ -156,9 +175,13 @@ def digits_frames(count: int) -> list[bytes]:
     return [encode_png(images[i % len(images)]) for i in range(count)]
 
 
-def case_spec(name: str) -> CaseSpec:
+def case_spec(name: str, frame_size: tuple[int, int] | None = None) -> CaseSpec:
     if name == "camera":
-        return CaseSpec("camera", "resnet18", 224, 3, ["a", "b", "c"], camera_frames, "image/jpeg")
+
+        def frames(count: int) -> list[bytes]:
+            return camera_frames(count, size=frame_size)
+
+        return CaseSpec("camera", "resnet18", 224, 3, ["a", "b", "c"], frames, "image/jpeg")
     if name == "digits":
         return CaseSpec(
             "digits", "small-cnn", 16, 1, [str(d) for d in range(10)], digits_frames, "image/png"
@@ -289,19 +312,6 @@ async def _wait_assigned(assigned: Callable[[], Any], watch: "asyncio.Task[Any] 
         await asyncio.sleep(0.002)
 
 
-def _scorer_settings(kafka: KafkaSettings, batch_size: int, device: str) -> Settings:
-    return Settings(
-        device=cast(Literal["auto", "cpu", "cuda"], device),
-        kafka=kafka,
-        scorer=ScorerSettings(
-            max_batch_size=batch_size,
-            group_id=f"bench-{uuid.uuid4().hex[:10]}",
-            fetch_max_wait_ms=BENCH_FETCH_MAX_WAIT_MS,
-        ),
-        policy=PolicySettings(),
-    )
-
-
 # -- the three measurements -------------------------------------------------------------------
 
 
@@ -338,13 +348,23 @@ class ScorerRun:
     stages_cpu_s: dict[str, float]
     threads_cpu_s: dict[str, float]
     samples: int
+    workers: int = 1
+    all_joined_s: float = 0.0
+    """From the first scorer process owning partitions to the last one owning them."""
+    steady_fps: float | None = None
+    """Decisions a second between 10 % and 90 % of the frames read back."""
+    gpu: dict[str, float] | None = None
 
     def host_cost(self, frames: int) -> dict[str, Any]:
         """The JSON figures of this run: speed, CPU time per frame, and its stages."""
         per_frame = 1000 / frames
         return {
             "batch_size": self.batch_size,
+            "workers": self.workers,
             "scorer_fps": round(self.fps, 2),
+            "scorer_fps_steady": None if self.steady_fps is None else round(self.steady_fps, 2),
+            "all_joined_s": round(self.all_joined_s, 3),
+            "gpu": self.gpu,
             "scorer_cpu_ms_per_frame": round(self.cpu_s * per_frame, 4),
             "scorer_cpu_cores": round(self.cpu_s * self.fps / frames, 3),
             "stages_cpu_ms_per_frame": {
@@ -424,6 +444,132 @@ class _ScorerProcess:
         self._log.close()
 
 
+class GpuMonitor:
+    """The GPU's utilisation while a run lasts, sampled by ``nvidia-smi`` every 100 ms.
+
+    Started only where the model runs on CUDA and ``nvidia-smi`` is on the PATH;
+    :meth:`summary` is None otherwise.
+    """
+
+    def __init__(self, enabled: bool) -> None:
+        self._command = shutil.which("nvidia-smi") if enabled else None
+        self._process: asyncio.subprocess.Process | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.samples: list[tuple[float, float, float]] = []  # (perf_counter, util %, MiB used)
+
+    async def start(self) -> None:
+        if self._command is None:
+            return
+        self._process = await asyncio.create_subprocess_exec(
+            self._command,
+            "--query-gpu=utilization.gpu,memory.used",
+            "--format=csv,noheader,nounits",
+            "-lms",
+            "100",
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        self._task = asyncio.create_task(self._read(), name="bench-gpu-monitor")
+
+    async def _read(self) -> None:
+        assert self._process is not None and self._process.stdout is not None
+        async for line in self._process.stdout:
+            parts = line.decode(errors="replace").split(",")
+            try:
+                self.samples.append((time.perf_counter(), float(parts[0]), float(parts[1])))
+            except (ValueError, IndexError):
+                continue  # a header or a note, not a sample
+
+    async def stop(self) -> None:
+        if self._process is None:
+            return
+        if self._process.returncode is None:
+            self._process.terminate()
+        await self._process.wait()
+        if self._task is not None:
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    def summary(self, begin: float, end: float) -> dict[str, float] | None:
+        """Mean and highest utilisation, and the most memory used, between two clock readings."""
+        window = [(util, mib) for at, util, mib in self.samples if begin <= at <= end]
+        if not window:
+            return None
+        utils = [util for util, _ in window]
+        return {
+            "util_percent_mean": round(float(np.mean(utils)), 1),
+            "util_percent_max": round(max(utils), 1),
+            "memory_mib_max": round(max(mib for _, mib in window), 1),
+            "samples": len(window),
+        }
+
+
+def _steady_fps(arrivals: list[tuple[float, float, bytes]], count: int) -> float | None:
+    """Decisions a second between the 10th and the 90th percentile of ``count`` read back."""
+    first, last = int(count * 0.1), int(count * 0.9) - 1
+    if last <= first:
+        return None
+    elapsed = arrivals[last][0] - arrivals[first][0]
+    return (last - first) / elapsed if elapsed > 0 else None
+
+
+def _child_args(model_path: Path, batch_size: int, device: str, group: str, sample_ms: float):
+    return [
+        "--model",
+        str(model_path),
+        "--batch-size",
+        str(batch_size),
+        "--device",
+        device,
+        "--group-id",
+        group,
+        "--sample-ms",
+        str(sample_ms),
+    ]
+
+
+async def _start_children(
+    model_path: Path,
+    kafka: KafkaSettings,
+    batch_size: int,
+    device: str,
+    workers: int,
+    sample_ms: float,
+) -> tuple[list["_ScorerProcess"], float, float, float]:
+    """``workers`` scorer processes in one new group; returns them, when the first began
+    joining, when the first owned partitions and when the last did."""
+    group = f"bench-{uuid.uuid4().hex[:10]}"
+    args = _child_args(model_path, batch_size, device, group, sample_ms)
+    children = [await _ScorerProcess.spawn(args, _kafka_env(kafka)) for _ in range(workers)]
+
+    async def joined(child: "_ScorerProcess") -> tuple[float, float]:
+        await child.event("starting")
+        began = time.perf_counter()
+        await child.event("assigned")
+        return began, time.perf_counter()
+
+    try:
+        times = await asyncio.gather(*(joined(child) for child in children))
+    except BaseException:
+        await asyncio.gather(*(child.close() for child in children), return_exceptions=True)
+        raise
+    return (
+        children,
+        min(began for began, _ in times),
+        min(at for _, at in times),
+        max(at for _, at in times),
+    )
+
+
+async def _stop_children(children: list["_ScorerProcess"]) -> list[dict[str, Any]]:
+    """Asks every child for its result and waits for it to exit."""
+    try:
+        for child in children:
+            await child.tell_stop()
+        return [await child.event("result") for child in children]
+    finally:
+        await asyncio.gather(*(child.close() for child in children), return_exceptions=True)
+
+
 async def measure_scorer(
     base: KafkaSettings,
     model_path: Path,
@@ -433,63 +579,85 @@ async def measure_scorer(
     partitions: int,
     device: str,
     sample_ms: float = 2.0,
+    workers: int = 1,
+    gpu: bool = False,
 ) -> ScorerRun:
     """The whole scorer on a preloaded frames topic, until every decision is read back.
 
-    The scorer runs in a process of its own (``winnow.bench.scorer_process``), which
-    reports its CPU time over the same window and a profile of it by stage.
+    The scorer runs in processes of its own (``winnow.bench.scorer_process``), ``workers``
+    of them in one consumer group, which report their CPU time over the same window and
+    a profile of it by stage; their figures are summed. The clock starts when the first
+    of them owns partitions, so the others' joins (and the group's rebalances) count.
     """
     kafka = await _fresh_topics(base, partitions, f"{spec.name}-scorer")
     await _preload(kafka, frames, spec.content_type, "s")
     reader = PredictionReader(kafka, kafka.topics.predictions)
     await reader.start()
-    child = await _ScorerProcess.spawn(
-        [
-            "--model",
-            str(model_path),
-            "--batch-size",
-            str(batch_size),
-            "--device",
-            device,
-            "--group-id",
-            f"bench-{uuid.uuid4().hex[:10]}",
-            "--sample-ms",
-            str(sample_ms),
-        ],
-        _kafka_env(kafka),
-    )
+    monitor = GpuMonitor(gpu)
+    await monitor.start()
     try:
-        await child.event("starting")
-        started = time.perf_counter()
-        await child.event("assigned")
-        assigned = time.perf_counter()
-        try:
-            await reader.wait_for(len(frames), child.exited)
-        except RuntimeError:
-            if child.exited.done():
-                await child.event("result")  # raises, with the child's log
-            raise
-        finished = reader.arrivals[len(frames) - 1][0]
-        await child.tell_stop()
-        result = await child.event("result")
+        children, started, assigned, all_assigned = await _start_children(
+            model_path, kafka, batch_size, device, workers, sample_ms
+        )
+        await _wait_decided(reader, len(frames), children)
+        results = await _stop_children(children)
     finally:
-        await child.close()
+        await monitor.stop()
         await reader.stop()
+    finished = reader.arrivals[len(frames) - 1][0]
     ids = {p["frame_id"] for p in reader.predictions()}
     return ScorerRun(
         batch_size=batch_size,
         fps=len(frames) / (finished - assigned),
         fps_with_join=len(frames) / (finished - started),
         join_s=assigned - started,
-        hook_count=result["delivered"],
+        hook_count=sum(r["delivered"] for r in results),
         topic_count=len(reader.arrivals),
         distinct=len(ids),
-        cpu_s=result["cpu_s"],
-        profiler_cpu_s=result["profiler_cpu_s"],
-        stages_cpu_s=result["stages_cpu_s"],
-        threads_cpu_s=result["threads_cpu_s"],
-        samples=result["samples"],
+        cpu_s=sum(r["cpu_s"] for r in results),
+        profiler_cpu_s=sum(r["profiler_cpu_s"] for r in results),
+        stages_cpu_s={s: sum(r["stages_cpu_s"][s] for r in results) for s in STAGES},
+        threads_cpu_s=_summed([r["threads_cpu_s"] for r in results]),
+        samples=sum(r["samples"] for r in results),
+        workers=workers,
+        all_joined_s=all_assigned - assigned,
+        steady_fps=_steady_fps(reader.arrivals, len(frames)),
+        gpu=monitor.summary(assigned, finished),
     )
+
+
+def _summed(parts: list[dict[str, float]]) -> dict[str, float]:
+    total: dict[str, float] = {}
+    for part in parts:
+        for key, value in part.items():
+            total[key] = total.get(key, 0.0) + value
+    return total
+
+
+async def _wait_decided(
+    reader: PredictionReader, count: int, children: list["_ScorerProcess"]
+) -> None:
+    """Waits for ``count`` decisions; a child that exits first fails the run with its log.
+
+    On any failure every child is closed (killed if it does not exit).
+    """
+    watch = asyncio.ensure_future(
+        asyncio.wait([child.exited for child in children], return_when=asyncio.FIRST_COMPLETED)
+    )
+    try:
+        try:
+            await reader.wait_for(count, watch)
+        except RuntimeError:
+            for child in children:
+                if child.exited.done():
+                    await child.event("result")  # raises, with the child's log
+            raise
+    except BaseException:
+        await asyncio.gather(*(child.close() for child in children), return_exceptions=True)
+        raise
+    finally:
+        watch.cancel()
+        await asyncio.gather(watch, return_exceptions=True)
 
 
 async def measure_naive(
@@ -561,6 +729,8 @@ async def measure_naive(
 class LatencyRun:
     rate: float
     sent: int
+    sent_fps: float
+    """The rate the producer kept (below ``rate`` where one producer cannot keep up)."""
     p50_ms: float
     p99_ms: float
     p50_decided_ms: float
@@ -569,7 +739,7 @@ class LatencyRun:
 
 async def measure_latency(
     base: KafkaSettings,
-    model: OnnxModel,
+    model_path: Path,
     frames: list[bytes],
     spec: CaseSpec,
     batch_size: int,
@@ -577,13 +747,15 @@ async def measure_latency(
     device: str,
     rate: float,
     seconds: float,
+    workers: int = 1,
 ) -> LatencyRun:
     """Frames produced at ``rate`` while the scorer runs; capture-to-decision per frame.
 
-    ``captured-at`` is stamped when each frame is handed to the producer
-    (linger 0); a frame's decision time is when its prediction was read back
-    from the predictions topic (``p50_decided_ms``: the prediction's own
-    ``decided_at``).
+    The scorer runs as in :func:`measure_scorer` (``workers`` processes of its own, no
+    profiler), all of them owning partitions before the first frame is sent.
+    ``captured-at`` is stamped when each frame is handed to the producer (linger 0); a
+    frame's decision time is when its prediction was read back from the predictions topic
+    (``p50_decided_ms``: the prediction's own ``decided_at``).
     """
     kafka = await _fresh_topics(base, partitions, f"{spec.name}-latency")
     count = max(10, int(rate * seconds))
@@ -591,13 +763,12 @@ async def measure_latency(
     await reader.start()
     producer = create_producer(kafka, linger_ms=0)
     await producer.start()
-    scorer = Scorer(_scorer_settings(kafka, batch_size, device), model)
     try:
-        await scorer.start()
-        watch = asyncio.create_task(scorer.wait(), name="scorer")
+        children, _, _, _ = await _start_children(
+            model_path, kafka, batch_size, device, workers, sample_ms=0
+        )
         try:
-            await _wait_assigned(lambda: scorer.assigned, watch)
-            await asyncio.sleep(0.2)  # let the first fetch settle
+            await asyncio.sleep(0.5)  # let the group settle and the first fetches begin
             futures, begin = [], time.perf_counter()
             for i in range(count):
                 delay = begin + i / rate - time.perf_counter()
@@ -611,13 +782,14 @@ async def measure_latency(
                         headers=_frame_headers(f"l-{i}", spec.content_type),
                     )
                 )
+            sent_s = time.perf_counter() - begin
             await asyncio.gather(*futures)
-            await reader.wait_for(count, watch)
-        finally:
-            watch.cancel()
-            await asyncio.gather(watch, return_exceptions=True)
+        except BaseException:
+            await asyncio.gather(*(child.close() for child in children), return_exceptions=True)
+            raise
+        await _wait_decided(reader, count, children)
+        await _stop_children(children)
     finally:
-        await scorer.stop()
         await producer.stop()
         await reader.stop()
     read_back, decided = [], []
@@ -631,6 +803,7 @@ async def measure_latency(
     return LatencyRun(
         rate=rate,
         sent=count,
+        sent_fps=count / sent_s if sent_s > 0 else rate,
         p50_ms=float(np.percentile(read_back, 50)),
         p99_ms=float(np.percentile(read_back, 99)),
         p50_decided_ms=float(np.percentile(decided, 50)),
@@ -657,22 +830,32 @@ async def run_case(name: str, config: BenchConfig, kafka: KafkaSettings) -> dict
 async def _run_case(
     name: str, config: BenchConfig, kafka: KafkaSettings, directory: Path
 ) -> dict[str, Any]:
-    spec = case_spec(name)
+    spec = case_spec(name, config.frame_size if name == "camera" else None)
     say = config.progress
     count = config.frames or DEFAULT_FRAMES[name]
     batch = config.batch_size
+    workers = list(dict.fromkeys(config.workers))
+    main_workers = workers[0]
+    partitions = max(config.partitions, max(workers))
+    sizes = sorted(set(config.batch_sizes) | {batch})
+    size_text = (
+        ""
+        if spec.name != "camera" or config.frame_size is None
+        else (f" at {config.frame_size[0]}x{config.frame_size[1]}")
+    )
     say(
         f"[{name}] building {spec.arch} ({spec.channels}x{spec.input_size}x{spec.input_size}, "
-        f"{len(spec.classes)} classes) and {count} frames"
+        f"{len(spec.classes)} classes) and {count} frames{size_text}"
     )
     model_path = directory / f"{spec.name}-{spec.arch}.onnx"
     model = await asyncio.to_thread(build_model, spec, model_path, config.device)
+    gpu = model.provider == "CUDAExecutionProvider"
     frames = await asyncio.to_thread(spec.make_frames, count)
     limits = DecodeLimits(max_bytes=20 * 1024 * 1024, max_pixels=50_000_000)
-    items = [(f, spec.content_type) for f in frames]
+    items = [(f, spec.content_type) for f in frames[:BARE_FRAMES]]
     decode_started = time.perf_counter()
     inputs, _, poison = await asyncio.to_thread(prepare_batch, items, model.spec, limits)
-    decode_fps = count / (time.perf_counter() - decode_started)
+    decode_fps = len(items) / (time.perf_counter() - decode_started)
     if poison:
         raise RuntimeError(f"[{name}] {len(poison)} generated frames do not decode: {poison[0]}")
     model.warm_up(batch)
@@ -680,67 +863,103 @@ async def _run_case(
     say(f"[{name}] bare ONNX Runtime, batches of {batch}")
     bare = await asyncio.to_thread(measure_bare, model, inputs, batch, config.bare_min_seconds)
     say(f"[{name}] bare {bare:.1f} fps; scorer through the broker ({count} frames)")
-    scorer = await measure_scorer(
-        kafka, model_path, frames, spec, batch, config.partitions, config.device
-    )
+
+    async def scorer_run(size: int, n: int) -> ScorerRun:
+        return await measure_scorer(
+            kafka, model_path, frames, spec, size, partitions, config.device, workers=n, gpu=gpu
+        )
+
+    scorer = await scorer_run(batch, main_workers)
     say(
         f"[{name}] scorer {scorer.fps:.1f} fps, {scorer.cpu_s * 1000 / count:.3f} ms CPU a "
-        f"frame; naive loop ({count} frames)"
+        f"frame" + (f"; naive loop ({count} frames)" if config.naive else "")
     )
-    naive, naive_join = await measure_naive(kafka, model, frames, spec, config.partitions)
+    naive: float | None = None
+    naive_join = 0.0
+    if config.naive:
+        naive, naive_join = await measure_naive(kafka, model, frames, spec, partitions)
     rate = scorer.fps / 2
+    naive_text = "" if naive is None else f"naive {naive:.1f} fps; "
     say(
-        f"[{name}] naive {naive:.1f} fps; paced latency run at {rate:.1f} fps "
-        f"for {config.latency_seconds:g} s"
+        f"[{name}] {naive_text}paced latency run at {rate:.1f} fps for {config.latency_seconds:g} s"
     )
     latency = await measure_latency(
         kafka,
-        model,
+        model_path,
         frames,
         spec,
         batch,
-        config.partitions,
+        partitions,
         config.device,
         rate,
         config.latency_seconds,
+        workers=main_workers,
     )
     say(f"[{name}] p50 {latency.p50_ms:.1f} ms, p99 {latency.p99_ms:.1f} ms; bare again")
     bare_after = await asyncio.to_thread(
         measure_bare, model, inputs, batch, config.bare_min_seconds
     )
     bare_before, bare = bare, max(bare, bare_after)
-    by_batch = {batch: (bare, scorer)}
-    for size in sorted(set(config.batch_sizes) - {batch}):
-        say(f"[{name}] batches of {size}: bare ONNX Runtime, then the scorer")
-        bare_size = await asyncio.to_thread(
-            measure_bare, model, inputs, size, config.bare_min_seconds
+    bare_by_size = {batch: bare}
+    runs: dict[tuple[int, int], ScorerRun] = {(main_workers, batch): scorer}
+    latencies: dict[int, LatencyRun] = {main_workers: latency}
+    for size in sizes:
+        if size not in bare_by_size:
+            bare_by_size[size] = await asyncio.to_thread(
+                measure_bare, model, inputs, size, config.bare_min_seconds
+            )
+        for n in workers:
+            if (n, size) in runs:
+                continue
+            say(f"[{name}] batches of {size}, {n} scorer process(es)")
+            runs[(n, size)] = run = await scorer_run(size, n)
+            say(
+                f"[{name}] batch {size}, workers {n}: scorer {run.fps:.1f} fps, "
+                f"bare {bare_by_size[size]:.1f} fps"
+            )
+    for n in workers:
+        if n in latencies:
+            continue
+        half = runs[(n, batch)].fps / 2
+        say(f"[{name}] workers {n}: paced latency run at {half:.1f} fps")
+        latencies[n] = await measure_latency(
+            kafka,
+            model_path,
+            frames,
+            spec,
+            batch,
+            partitions,
+            config.device,
+            half,
+            config.latency_seconds,
+            workers=n,
         )
-        run = await measure_scorer(
-            kafka, model_path, frames, spec, size, config.partitions, config.device
-        )
-        say(f"[{name}] batch {size}: scorer {run.fps:.1f} fps, bare {bare_size:.1f} fps")
-        by_batch[size] = (bare_size, run)
-    for run in (r for _, r in by_batch.values()):
+    for run in runs.values():
         if run.hook_count < count or run.distinct != count:
             raise RuntimeError(
-                f"[{name}] decisions missing at batch {run.batch_size}: {count} frames, "
-                f"{run.hook_count} through the hook, {run.distinct} distinct on the topic"
+                f"[{name}] decisions missing at batch {run.batch_size}, workers {run.workers}: "
+                f"{count} frames, {run.hook_count} through the hook, {run.distinct} distinct "
+                f"on the topic"
             )
+    by_batch = {size: (bare_by_size[size], runs[(main_workers, size)]) for size in sizes}
     notes = [
-        f"bare_fps: OnnxModel.run on {count} frames decoded and preprocessed beforehand, in "
+        f"bare_fps: OnnxModel.run on {len(inputs)} frames decoded and preprocessed beforehand, in "
         f"batches of {batch}, after warm-up, repeated for at least {config.bare_min_seconds:g} s; "
         f"measured before the scorer runs ({bare_before:.1f} fps) and after them "
         f"({bare_after:.1f} fps), the better one is reported (the ceiling; a gap between the "
         f"two means something else was using the CPU).",
-        f"scorer_fps: {count} frames preloaded into a fresh frames topic ({config.partitions} "
-        f"partitions), then Scorer(max_batch_size={batch}) started; the clock stops when a "
+        f"scorer_fps: {count} frames preloaded into a fresh frames topic ({partitions} "
+        f"partitions), then Scorer(max_batch_size={batch}) started in {main_workers} "
+        f"process(es) of one consumer group; the clock stops when a "
         f"separate consumer has read the last of the {count} decisions back from the "
         f"predictions topic (the on_predictions hook counted {scorer.hook_count} and is only a "
         f"cross-check: it fires before downstream can see the record). The consumer-group "
         f"join ({scorer.join_s:.2f} s, from start() until partitions were assigned) is "
-        f"excluded: the clock starts at assignment, so fetching committed offsets and the "
-        f"first fetch are included. With the join: {scorer.fps_with_join:.1f} fps. The "
-        f"scorer runs in a process of its own (winnow.bench.scorer_process).",
+        f"excluded: the clock starts when the first process owns partitions, so fetching "
+        f"committed offsets, the first fetch and the other processes' joins are included. "
+        f"With the join: {scorer.fps_with_join:.1f} fps. scorer_fps_steady: between 10 % and "
+        f"90 % of the decisions read back. The scorer runs in processes of its own "
+        f"(winnow.bench.scorer_process); their figures are summed.",
         f"scorer_cpu_ms_per_frame: that process's user + system time (getrusage) over the "
         f"same window (assignment to the last decision read back), per frame; the broker, the "
         f"frames' producer and the reader run in other processes. stages_cpu_ms_per_frame "
@@ -749,16 +968,25 @@ async def _run_case(
         f"own threads count as infer. The profiler's thread "
         f"({scorer.profiler_cpu_s * 1000 / count:.3f} ms a frame) is left out. by_batch_size: "
         f"bare and scorer again at each of {', '.join(map(str, sorted(by_batch)))}.",
-        f"naive_fps: getone, decode, run a batch of one, score and decide, produce the "
-        f"prediction with linger 0 and await its ack, commit that offset; own topic and "
-        f"group; clock starts at partition assignment (join {naive_join:.2f} s excluded); "
-        f"BLAS limited to one thread as in the scorer (service.pipeline.blas).",
-        f"p50_ms/p99_ms: a second scorer run, paced at {rate:.1f} fps (half of scorer_fps) "
+        (
+            f"naive_fps: getone, decode, run a batch of one, score and decide, produce the "
+            f"prediction with linger 0 and await its ack, commit that offset; own topic and "
+            f"group; clock starts at partition assignment (join {naive_join:.2f} s excluded); "
+            f"BLAS limited to one thread as in the scorer (service.pipeline.blas)."
+            if naive is not None
+            else "naive_fps: not measured (--no-naive)."
+        ),
+        f"p50_ms/p99_ms: a second scorer run, paced at {rate:.1f} fps (half of scorer_fps; "
+        f"the producer kept {latency.sent_fps:.1f}) "
         f"for {config.latency_seconds:g} s ({latency.sent} frames), so latency is not the "
         f"queueing of a preloaded backlog; from the captured-at header (stamped at produce "
         f"time) to the decision being read back from the predictions topic. To the "
         f"prediction's decided_at instead: p50 {latency.p50_decided_ms:.1f} ms, "
         f"p99 {latency.p99_decided_ms:.1f} ms.",
+        f"by_workers: the scorer at every batch size in "
+        f"{', '.join(map(str, workers))} process(es), with p50/p99 at half of each count's "
+        f"speed at batch {batch}; efficiency against one bare session."
+        + (" gpu: nvidia-smi's utilisation every 100 ms over the scorer's window." if gpu else ""),
     ]
     return {
         "case": name,
@@ -768,21 +996,25 @@ async def _run_case(
         "provider": model.provider,
         "batch_size": batch,
         "frames": count,
-        "partitions": config.partitions,
+        "partitions": partitions,
+        "frame_size": list(config.frame_size)
+        if spec.name == "camera" and config.frame_size
+        else None,
         "bare_fps": round(bare, 2),
         "bare_fps_before_after": [round(bare_before, 2), round(bare_after, 2)],
         "decode_fps_one_thread": round(decode_fps, 2),
         "scorer_fps": round(scorer.fps, 2),
         "scorer_fps_with_join": round(scorer.fps_with_join, 2),
         "scorer_join_s": round(scorer.join_s, 3),
-        "naive_fps": round(naive, 2),
+        "naive_fps": _rounded(naive),
         "efficiency": round(scorer.fps, 2) / round(bare, 2),
-        "speedup_vs_naive": round(scorer.fps, 2) / round(naive, 2),
+        "speedup_vs_naive": _ratio(scorer.fps, naive),
         "p50_ms": round(latency.p50_ms, 2),
         "p99_ms": round(latency.p99_ms, 2),
         "p50_decided_ms": round(latency.p50_decided_ms, 2),
         "p99_decided_ms": round(latency.p99_decided_ms, 2),
         "latency_rate_fps": round(latency.rate, 2),
+        "latency_sent_fps": round(latency.sent_fps, 2),
         **{
             key: value
             for key, value in scorer.host_cost(count).items()
@@ -793,12 +1025,39 @@ async def _run_case(
                 **run.host_cost(count),
                 "bare_fps": round(bare_size, 2),
                 "efficiency": round(run.fps, 2) / round(bare_size, 2),
-                "speedup_vs_naive": round(run.fps, 2) / round(naive, 2),
+                "speedup_vs_naive": _ratio(run.fps, naive),
             }
             for size, (bare_size, run) in sorted(by_batch.items())
         ],
+        "by_workers": [
+            {
+                **run.host_cost(count),
+                "bare_fps": round(bare_by_size[size], 2),
+                "efficiency": round(run.fps, 2) / round(bare_by_size[size], 2),
+                **(
+                    {
+                        "p50_ms": round(latencies[n].p50_ms, 2),
+                        "p99_ms": round(latencies[n].p99_ms, 2),
+                        "latency_rate_fps": round(latencies[n].rate, 2),
+                        "latency_sent_fps": round(latencies[n].sent_fps, 2),
+                    }
+                    if size == batch
+                    else {}
+                ),
+            }
+            for (n, size), run in sorted(runs.items())
+        ],
         "notes": " ".join(notes),
     }
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 2)
+
+
+def _ratio(fps: float, naive: float | None) -> float | None:
+    """The speed-up over the naive loop, as the table shows it (None: not measured)."""
+    return None if naive is None else round(fps, 2) / round(naive, 2)
 
 
 def machine_info(providers: Sequence[str] = ()) -> dict[str, Any]:
@@ -841,6 +1100,8 @@ async def run_bench(config: BenchConfig) -> dict[str, Any]:
     for case in cases:
         if case["case"] in GOALS:
             metric, target = GOALS[case["case"]]
+            if case[metric] is None:
+                continue  # not measured in this run (--no-naive)
             case["goal"] = {"metric": metric, "target": target, "met": case[metric] >= target}
             goals.append({"case": case["case"], **case["goal"], "value": case[metric]})
     return {
@@ -871,7 +1132,7 @@ def format_table(result: dict[str, Any]) -> str:
     ]
     rows = [[title for title, _, _ in columns]]
     for case in result["cases"]:
-        rows.append([fmt.format(case[key]) for _, key, fmt in columns])
+        rows.append([_cell(fmt, case[key]) for _, key, fmt in columns])
     lines = _aligned(rows)
     lines.append("")
     lines.append("scorer CPU time, ms a frame (its own process), and its stages from a profile:")
@@ -884,12 +1145,39 @@ def format_table(result: dict[str, Any]) -> str:
                     case["case"],
                     str(run["batch_size"]),
                     f"{run['scorer_fps']:.1f}",
-                    f"{run['speedup_vs_naive']:.1f}x",
+                    _cell("{:.1f}x", run["speedup_vs_naive"]),
                     f"{run['scorer_cpu_ms_per_frame']:.3f}",
                     *(f"{stages[stage]:.3f}" for stage in STAGES),
                 ]
             )
     lines.extend(_aligned(cost))
+    if any(len({run["workers"] for run in case["by_workers"]}) > 1 for case in result["cases"]):
+        lines.append("")
+        lines.append("scorer processes (--workers), p50/p99 at half of each one's speed:")
+        grid = [
+            [
+                *["case", "workers", "batch", "scorer fps", "steady fps", "efficiency", "cpu ms"],
+                *["p50 ms", "p99 ms", "gpu util %"],
+            ]
+        ]
+        for case in result["cases"]:
+            for run in case["by_workers"]:
+                gpu = run["gpu"]
+                grid.append(
+                    [
+                        case["case"],
+                        str(run["workers"]),
+                        str(run["batch_size"]),
+                        f"{run['scorer_fps']:.1f}",
+                        _cell("{:.1f}", run["scorer_fps_steady"]),
+                        f"{run['efficiency']:.2f}",
+                        f"{run['scorer_cpu_ms_per_frame']:.3f}",
+                        _cell("{:.1f}", run.get("p50_ms")),
+                        _cell("{:.1f}", run.get("p99_ms")),
+                        _cell("{:.0f}", None if gpu is None else gpu["util_percent_mean"]),
+                    ]
+                )
+        lines.extend(_aligned(grid))
     machine = result["machine"]
     lines.append("")
     lines.append(
@@ -904,6 +1192,11 @@ def format_table(result: dict[str, Any]) -> str:
             f">= {goal['target']:g}: {verdict}"
         )
     return "\n".join(lines)
+
+
+def _cell(fmt: str, value: Any) -> str:
+    """``value`` formatted, or a dash where it was not measured."""
+    return "-" if value is None else fmt.format(value)
 
 
 def _aligned(rows: list[list[str]]) -> list[str]:
@@ -925,6 +1218,10 @@ def run_throughput_bench(args: argparse.Namespace) -> int:
         frames=args.frames,
         batch_size=args.batch_size,
         device=args.device,
+        workers=args.workers,
+        batch_sizes=args.batch_sizes,
+        frame_size=args.frame_size,
+        naive=not args.no_naive,
         progress=progress,
     )
     quiet = (
