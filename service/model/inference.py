@@ -36,6 +36,13 @@ class Runnable(Protocol):
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 
+CUDA_OPTIONS = {"cudnn_conv_algo_search": "HEURISTIC"}
+"""The CUDA provider's options. ONNX Runtime's default search, EXHAUSTIVE, benchmarks every
+cuDNN convolution algorithm on the first run of each new input shape. Measured on an H200
+(ResNet-18, onnxruntime-gpu 1.31): 90 to 195 ms for each new batch size, against 35 ms with
+HEURISTIC and the same speed afterwards (batch 64: 9,484 and 10,660 frames/s). The scorer's
+batches take every size up to its largest, so EXHAUSTIVE stalled it again and again."""
+
 RUN_ROWS = 64
 """Rows per run when many frames are scored at once (the scorer's exemplars, the drift
 monitor's anchor frames): an ONNX Runtime session's memory arena grows to the largest
@@ -68,6 +75,20 @@ def select_providers(device: Device) -> list[str]:
     return [CPU]
 
 
+def provider_entries(providers: list[str]) -> list[str | tuple[str, dict[str, str]]]:
+    """``providers`` as ONNX Runtime takes them, CUDA with :data:`CUDA_OPTIONS`."""
+    return [(name, dict(CUDA_OPTIONS)) if name == CUDA else name for name in providers]
+
+
+def padded_rows(rows: int) -> int:
+    """The batch size a CUDA run pads ``rows`` to: the next power of two.
+
+    A handful of input shapes instead of one per batch size, each warmed up once
+    (:meth:`OnnxModel.warm_up`), so no batch in the stream pays for a new shape.
+    """
+    return 1 if rows <= 1 else 1 << (rows - 1).bit_length()
+
+
 @functools.cache
 def cuda_usable() -> tuple[bool, str]:
     """Whether the CUDA provider really runs here, and if not, why."""
@@ -85,7 +106,7 @@ def cuda_usable() -> tuple[bool, str]:
         log.debug("onnxruntime.preload_dlls failed: %s", exc)
     try:
         session = ort.InferenceSession(
-            _probe_model(), _session_options(None), providers=[CUDA, CPU]
+            _probe_model(), _session_options(None), providers=provider_entries([CUDA, CPU])
         )
     except Exception as exc:  # onnxruntime raises its own pybind error kinds
         return False, f"a probe session failed: {exc}"
@@ -97,11 +118,16 @@ def cuda_usable() -> tuple[bool, str]:
 class OnnxModel:
     """A loaded ONNX model, its spec, and the provider that runs it."""
 
-    def __init__(self, session: ort.InferenceSession, spec: ModelSpec) -> None:
+    def __init__(
+        self, session: ort.InferenceSession, spec: ModelSpec, pad_batches: bool | None = None
+    ) -> None:
+        """``pad_batches``: run batches padded to :func:`padded_rows`; None: on CUDA only
+        (on the CPU the padding would cost as much as the frames)."""
         self._session = session
         self._spec = spec
         self._provider = session.get_providers()[0]
         self._metadata = dict(session.get_modelmeta().custom_metadata_map)
+        self._pad = self._provider == CUDA if pad_batches is None else pad_batches
 
     @classmethod
     def load(
@@ -127,7 +153,7 @@ class OnnxModel:
         providers = select_providers(device)
         try:
             session = ort.InferenceSession(
-                data, _session_options(intra_op_threads), providers=providers
+                data, _session_options(intra_op_threads), providers=provider_entries(providers)
             )
         except Exception as exc:  # onnxruntime raises its own pybind error kinds
             raise ModelError(f"onnxruntime cannot load the model {name}: {exc}") from exc
@@ -181,16 +207,34 @@ class OnnxModel:
                 np.empty((0, len(spec.classes)), dtype=np.float32),
                 np.empty((0, spec.embedding_dim), dtype=np.float32),
             )
-        feed = np.ascontiguousarray(batch, dtype=np.float32)
+        rows = batch.shape[0]
+        size = padded_rows(rows) if self._pad else rows
+        if size == rows:
+            feed = np.ascontiguousarray(batch, dtype=np.float32)
+        else:
+            feed = np.empty((size, *batch.shape[1:]), dtype=np.float32)
+            feed[:rows] = batch
+            feed[rows:] = 0.0
         probabilities, embedding = self._session.run(
             [OUTPUT_PROBABILITIES, OUTPUT_EMBEDDING], {INPUT_NAME: feed}
         )
-        return probabilities, embedding
+        return probabilities[:rows], embedding[:rows]
 
     def warm_up(self, batch_size: int = 1) -> None:
-        """Runs one batch of zeros so that the first real batch is not slow."""
+        """Runs batches of zeros so that the first real batches are not slow.
+
+        On the CPU one batch of ``batch_size``; where batches are padded (CUDA), one of
+        every padded size up to that of ``max(batch_size, RUN_ROWS)``, since each new
+        shape costs the CUDA provider its setup once.
+        """
         spec = self._spec
-        self.run(np.zeros((batch_size, spec.channels, *spec.input_size), dtype=np.float32))
+        shape = (spec.channels, *spec.input_size)
+        sizes = [batch_size]
+        if self._pad:
+            largest = padded_rows(max(batch_size, RUN_ROWS))
+            sizes = [1 << i for i in range(largest.bit_length())]
+        for size in sizes:
+            self.run(np.zeros((size, *shape), dtype=np.float32))
 
 
 def run_rows(

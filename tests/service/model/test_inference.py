@@ -1,14 +1,26 @@
 """Loading ONNX models against the contract, and running them."""
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 
 from schemas.model_spec import SPEC_KEY, ModelSpec
 from service.errors import ModelError
-from service.model.inference import RUN_ROWS, OnnxModel, cuda_usable, run_rows, select_providers
+from service.model.inference import (
+    CPU,
+    CUDA,
+    RUN_ROWS,
+    OnnxModel,
+    cuda_usable,
+    padded_rows,
+    provider_entries,
+    run_rows,
+    select_providers,
+)
 
 
 def _with_metadata(path: Path, spec_json: str | None) -> bytes:
@@ -128,3 +140,89 @@ def test_runs_on_cuda_like_on_cpu(digits_model_path: Path) -> None:
     batch = np.random.default_rng(0).normal(size=(8, 1, 16, 16)).astype(np.float32)
     for on_gpu, on_cpu in zip(gpu.run(batch), cpu.run(batch), strict=True):
         np.testing.assert_allclose(on_gpu, on_cpu, atol=1e-3)
+
+
+def _seen_shapes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, ...]]:
+    """The input shapes every ONNX Runtime session runs from now on."""
+    seen: list[tuple[int, ...]] = []
+    real_run = ort.InferenceSession.run
+
+    def run(self: ort.InferenceSession, outputs: Any, feed: dict[str, np.ndarray], *a: Any) -> Any:
+        seen.extend(tuple(value.shape) for value in feed.values())
+        return real_run(self, outputs, feed, *a)
+
+    monkeypatch.setattr(ort.InferenceSession, "run", run)
+    return seen
+
+
+def test_padded_rows_are_powers_of_two() -> None:
+    assert [padded_rows(n) for n in (0, 1, 2, 3, 5, 8, 33, 64, 65)] == [
+        1,
+        1,
+        2,
+        4,
+        8,
+        8,
+        64,
+        64,
+        128,
+    ]
+
+
+def test_padded_batches_give_the_frames_own_results(
+    digits_model_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where batches are padded (CUDA), a batch of 5 runs as 8 and answers for its 5."""
+    plain = OnnxModel.load(digits_model_path, device="cpu", intra_op_threads=1)
+    padded = OnnxModel(plain._session, plain.spec, pad_batches=True)
+    batch = np.random.default_rng(2).normal(size=(5, 1, 16, 16)).astype(np.float32)
+    expected = plain.run(batch)
+    seen = _seen_shapes(monkeypatch)
+
+    probabilities, embedding = padded.run(batch)
+
+    assert [shape[0] for shape in seen] == [8]
+    assert probabilities.shape == (5, 10) and embedding.shape == (5, plain.spec.embedding_dim)
+    np.testing.assert_allclose(probabilities, expected[0], atol=1e-5)
+    np.testing.assert_allclose(embedding, expected[1], atol=1e-5)
+    assert padded.run(batch[:0])[0].shape == (0, 10)
+
+
+def test_warm_up_runs_every_padded_size_where_batches_are_padded(
+    digits_model_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    plain = OnnxModel.load(digits_model_path, device="cpu", intra_op_threads=1)
+    padded = OnnxModel(plain._session, plain.spec, pad_batches=True)
+    seen = _seen_shapes(monkeypatch)
+
+    plain.warm_up(3)
+    assert [shape[0] for shape in seen] == [3]  # the CPU: one batch, as asked
+    seen.clear()
+    padded.warm_up(3)
+    assert [shape[0] for shape in seen] == [1, 2, 4, 8, 16, 32, RUN_ROWS]
+    seen.clear()
+    padded.warm_up(100)
+    assert [shape[0] for shape in seen][-2:] == [64, 128]
+
+
+def test_cpu_models_are_not_padded_and_cuda_gets_its_options(
+    digits_model_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CUDA provider is asked for HEURISTIC cuDNN search (no GPU here: the session is
+    made on the CPU and only the arguments are checked)."""
+    import service.model.inference as inference
+
+    assert not OnnxModel.load(digits_model_path, device="cpu")._pad
+    asked: list[Any] = []
+    real_init = ort.InferenceSession.__init__
+
+    def init(self: ort.InferenceSession, data: Any, options: Any, providers: Any) -> None:
+        asked.append(providers)
+        real_init(self, data, options, providers=[CPU])
+
+    monkeypatch.setattr(inference, "select_providers", lambda device: [CUDA, CPU])
+    monkeypatch.setattr(ort.InferenceSession, "__init__", init)
+    OnnxModel.load(digits_model_path, device="auto")
+
+    assert asked == [[(CUDA, {"cudnn_conv_algo_search": "HEURISTIC"}), CPU]]
+    assert provider_entries([CPU]) == [CPU]
