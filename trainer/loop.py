@@ -21,10 +21,13 @@ dropped, not published.
 """
 
 import asyncio
+import functools
 import logging
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaProducer
 
@@ -69,6 +72,14 @@ log = logging.getLogger(__name__)
 
 __all__ = ["HeadReport", "RoundReport", "RoundTrigger", "Trainer"]
 
+
+T = TypeVar("T")
+
+TORCH_THREADS = ("rounds", "heads")
+"""The trainer's torch work runs on two threads of its own, one for backbone rounds (and the
+releases and checkpoints they make) and one for head refits, so a refit need not wait for a
+round. Through asyncio's default executor it landed on whichever of up to six threads was
+free, each of which then kept its own OpenMP team, allocator arena and oneDNN caches."""
 
 REPORTS_KEPT = 1_000
 """Round and head-refit reports a trainer keeps: the latest, not its whole history (a
@@ -127,6 +138,7 @@ class Trainer(Component):
         self._round_wake = asyncio.Event()
         self._head_wake = asyncio.Event()
         self._triggers = RoundTriggers(settings, self.drift_watch)
+        self._torch: dict[str, ThreadPoolExecutor] = {}
 
     async def _start(self) -> None:
         """Loads or creates the model (publishing a cold-start release), then starts intake."""
@@ -138,15 +150,19 @@ class Trainer(Component):
 
     async def _start_parts(self) -> None:
         self._checkpoints.mkdir(parents=True, exist_ok=True)
+        self._torch = {
+            name: ThreadPoolExecutor(1, thread_name_prefix=f"winnow-{name}")
+            for name in TORCH_THREADS
+        }
         self._producer = create_producer(self.settings.kafka)
         await self._producer.start()
-        model, spec, fresh = await asyncio.to_thread(initial_model, self.settings)
+        model, spec, fresh = await self._on("rounds", initial_model, self.settings)
         served = spec
         if fresh:
             served = spec = spec.model_copy(update={"labels_unlearned": await self._unlearned({})})
             await self._release(model, spec)
         else:
-            model, served = await asyncio.to_thread(restore_head, self._checkpoints, model, spec)
+            model, served = await self._on("rounds", restore_head, self._checkpoints, model, spec)
         self.model, self.spec, self.base = model, served, spec
         self.metrics.labels_trained.set(served.labels_trained)
         await self.intake.start()
@@ -173,6 +189,14 @@ class Trainer(Component):
             await self._producer.stop()
             self._producer = None
         self.store.close()
+        for pool in self._torch.values():  # a round cut short is redone on the next start
+            pool.shutdown(wait=False, cancel_futures=True)
+        self._torch = {}
+
+    async def _on(self, thread: str, work: Callable[..., T], *args: Any) -> T:
+        """``work(*args)`` on one of the trainer's torch threads (``TORCH_THREADS``)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._torch[thread], functools.partial(work, *args))
 
     @property
     def _gate(self) -> RoundSettings:
@@ -241,7 +265,8 @@ class Trainer(Component):
             model, spec, base = self.model, self.spec, self.base
             assert model is not None and spec is not None and base is not None
             items = await asyncio.to_thread(self.store.trainable)
-            built = await asyncio.to_thread(
+            built = await self._on(
+                "heads",
                 build_head,
                 model,
                 spec,
@@ -302,7 +327,7 @@ class Trainer(Component):
             unreleased = set(await asyncio.to_thread(self.store.trained_unreleased))
             assert self.model is not None and self.spec is not None and self.base is not None
             start = RoundInputs(self.model, self.spec, self.base, self.prequential, unreleased)
-            built = await asyncio.to_thread(self._build_round, items, start, trigger)
+            built = await self._on("rounds", self._build_round, items, start, trigger)
             async with self._adopt_lock:
                 released = await self._adopt_round(built, items)
                 await asyncio.to_thread(self.store.mark_trained, new_items, released)
@@ -364,9 +389,9 @@ class Trainer(Component):
 
     async def _release(self, model: WinnowNet, spec: ModelSpec) -> None:
         """Exports, checks parity, publishes, then saves the checkpoint."""
-        artifact = await asyncio.to_thread(onnx_artifact, model, spec)
+        artifact = await self._on("rounds", onnx_artifact, model, spec)
         await self._publish(artifact, spec)
-        await asyncio.to_thread(save_checkpoint, self._checkpoints, model, spec)
+        await self._on("rounds", save_checkpoint, self._checkpoints, model, spec)
         self._released(spec)
         log.info("published model %s (%d labels)", spec.version, spec.labels_trained)
 

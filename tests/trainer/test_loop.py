@@ -1,6 +1,7 @@
 """The training loop on the real broker: cold start, rounds, releases, restarts."""
 
 import asyncio
+import threading
 from collections import Counter
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
@@ -119,6 +120,27 @@ async def test_a_round_reads_each_image_once(
     _store_labels(trainer, digits, range(40, 60))
     await trainer.run_round()  # decodes the new frames only, and replays the others
     assert reads == Counter(f"f{i}" for i in range(60))
+
+
+async def test_torch_work_runs_on_the_trainers_own_two_threads(
+    trainer: Trainer, digits: Digits, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rounds on one thread, head refits on another, whatever asyncio's executor holds."""
+    readers: list[str] = []
+    images = trainer.store.images
+
+    def recorded(frame_ids: Iterable[str]) -> dict[str, bytes]:
+        readers.append(threading.current_thread().name)
+        return images(frame_ids)
+
+    monkeypatch.setattr(trainer.store, "images", recorded)
+    _store_labels(trainer, digits, range(30))
+    await trainer.run_round()
+    assert readers and {name.rsplit("_", 1)[0] for name in readers} == {"winnow-rounds"}
+    readers.clear()
+    _store_labels(trainer, digits, range(30, 36))
+    assert await trainer.refit_head() is not None
+    assert readers and {name.rsplit("_", 1)[0] for name in readers} == {"winnow-heads"}
 
 
 async def test_cold_start_release_then_rounds_that_learn(
