@@ -13,6 +13,8 @@ trainer exports it) and ``QueryPolicy``; peers through :mod:`.peers`. An
 oracle answers every selected frame.
 """
 
+import os
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -107,12 +109,35 @@ _DATA: StreamData | None = None
 
 
 def init_worker(data: StreamData) -> None:
-    """Pool initializer: the stream once per process, one torch thread each."""
+    """Pool initializer: the stream once per process, one torch thread each, and an exit
+    when the benchmark that started it is gone (:func:`exit_with_parent`)."""
     import torch
 
     global _DATA
     _DATA = data
     torch.set_num_threads(1)
+    exit_with_parent()
+
+
+PARENT_POLL_S = 1.0
+
+
+def exit_with_parent() -> None:
+    """Ends this process soon after its parent dies.
+
+    A pool's workers outlive a benchmark killed by a signal it cannot handle (SIGKILL,
+    or an OOM kill): they go on running their streams for up to an hour, on the CPU the
+    next run measures with. A daemon thread checks every ``PARENT_POLL_S`` whether this
+    process has been handed to another parent, and exits if so.
+    """
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_POLL_S)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="winnow-parent-watch", daemon=True).start()
 
 
 def run_one(job: tuple[str, StrategySpec, int, RunConfig]) -> RunResult:
