@@ -2,7 +2,8 @@
 # The GPU check of `winnow bench throughput` (issue 15): on a machine with an NVIDIA GPU and
 # the project's packages importable, the camera case on the CUDA provider at 640x480 and
 # 1920x1080, scorer processes 1, 4 and 8, batches 32 and 64. JSON and logs go to the folder
-# given (default ./gpu-check). About five minutes on a 16-core host with one H100/H200.
+# given (default ./gpu-check). On a 16-core host with one H200 the 640x480 half took
+# 5 minutes with 12,000 frames; give the whole check 10 minutes.
 #
 #   bash scripts/gpu-check.sh [OUT_DIR]
 #
