@@ -869,6 +869,20 @@ async def _run_case(
             kafka, model_path, frames, spec, size, partitions, config.device, workers=n, gpu=gpu
         )
 
+    async def latency_run(rate: float, n: int) -> LatencyRun:
+        return await measure_latency(
+            kafka,
+            model_path,
+            frames,
+            spec,
+            batch,
+            partitions,
+            config.device,
+            rate,
+            config.latency_seconds,
+            workers=n,
+        )
+
     scorer = await scorer_run(batch, main_workers)
     say(
         f"[{name}] scorer {scorer.fps:.1f} fps, {scorer.cpu_s * 1000 / count:.3f} ms CPU a "
@@ -883,18 +897,7 @@ async def _run_case(
     say(
         f"[{name}] {naive_text}paced latency run at {rate:.1f} fps for {config.latency_seconds:g} s"
     )
-    latency = await measure_latency(
-        kafka,
-        model_path,
-        frames,
-        spec,
-        batch,
-        partitions,
-        config.device,
-        rate,
-        config.latency_seconds,
-        workers=main_workers,
-    )
+    latency = await latency_run(rate, main_workers)
     say(f"[{name}] p50 {latency.p50_ms:.1f} ms, p99 {latency.p99_ms:.1f} ms; bare again")
     bare_after = await asyncio.to_thread(
         measure_bare, model, inputs, batch, config.bare_min_seconds
@@ -922,18 +925,7 @@ async def _run_case(
             continue
         half = runs[(n, batch)].fps / 2
         say(f"[{name}] workers {n}: paced latency run at {half:.1f} fps")
-        latencies[n] = await measure_latency(
-            kafka,
-            model_path,
-            frames,
-            spec,
-            batch,
-            partitions,
-            config.device,
-            half,
-            config.latency_seconds,
-            workers=n,
-        )
+        latencies[n] = await latency_run(half, n)
     for run in runs.values():
         if run.hook_count < count or run.distinct != count:
             raise RuntimeError(
