@@ -512,7 +512,9 @@ def _steady_fps(arrivals: list[tuple[float, float, bytes]], count: int) -> float
     return (last - first) / elapsed if elapsed > 0 else None
 
 
-def _child_args(model_path: Path, batch_size: int, device: str, group: str, sample_ms: float):
+def _child_args(
+    model_path: Path, batch_size: int, device: str, group: str, sample_ms: float
+) -> list[str]:
     return [
         "--model",
         str(model_path),
