@@ -49,6 +49,10 @@ AUDIT = "audit"
 _MIN_RESERVOIR = 32
 _PENDING = 4096  # unanswered requests whose predicted class is kept
 _RECENT_MAX = 256  # selected frames a source's dedup memory keeps at most, whatever the window
+_SOURCES_MAX = 4096
+"""Sources whose dedup memory (frame count and selected rows) is kept: the most recently seen.
+A source seen again after it fell out starts afresh, as after a restart, so a stream whose
+source ids keep changing (a key per session or per device boot) cannot grow the filter."""
 
 
 @dataclass(frozen=True)
@@ -87,7 +91,7 @@ class StreamFilters:
         self.configure(names, params or {})
         self._reservoir: deque[np.ndarray] = deque(maxlen=int(self.params["density_reservoir"]))
         self._recent: dict[str | None, deque[tuple[int, np.ndarray]]] = {}
-        self._frames: dict[str | None, int] = {}
+        self._frames: dict[str | None, int] = {}  # per source, oldest seen first; dedup only
         self._classes: deque[int] = deque(maxlen=int(self.params["balance_window"]))
         self._batch: _BatchView | None = None
         self._labels = np.zeros(0)  # labels received per class
@@ -200,12 +204,13 @@ class StreamFilters:
         batch = self._batch
         if batch is None:
             return
-        source = batch.source(index)
-        self._frames[source] = frame = self._frames.get(source, 0) + 1
+        if "dedup" in self.names:
+            source = batch.source(index)
+            frame = self._count(source)
+            if selected and batch.raw is not None:
+                self._remember(source, frame, batch.raw[index])
         if not selected:
             return
-        if batch.raw is not None and "dedup" in self.names:
-            self._remember(source, frame, batch.raw[index])
         if batch.predicted is not None:
             predicted = int(batch.predicted[index])
             self._classes.append(predicted)
@@ -234,6 +239,17 @@ class StreamFilters:
     def _unit(x: np.ndarray) -> np.ndarray:
         norm = np.linalg.norm(x, axis=-1, keepdims=True)
         return x / np.where(norm > 0, norm, 1.0)
+
+    def _count(self, source: str | None) -> int:
+        """Counts a frame of ``source``; returns its number. Forgets the source seen longest
+        ago once more than ``_SOURCES_MAX`` are known."""
+        frames = self._frames
+        frames[source] = frame = frames.pop(source, 0) + 1  # re-inserted: now the newest
+        if len(frames) > _SOURCES_MAX:
+            oldest = next(iter(frames))
+            del frames[oldest]
+            self._recent.pop(oldest, None)
+        return frame
 
     def _remember(self, source: str | None, frame: int, embedding: np.ndarray) -> None:
         """Keeps a selected frame's embedding for the dedup filter while later frames of its

@@ -182,3 +182,35 @@ def test_the_dedup_memory_keeps_row_copies_within_its_window_and_only_when_dedup
         assert all(row.base is None and row.nbytes == 128 * 8 for row in kept)
         # the density reservoir's last few batches and the copies (0.3 MiB), not 256 batches
         assert held < 2 * 2**20, f"{names}: {held / 2**20:.1f} MiB"
+
+
+def test_the_dedup_memory_keeps_the_most_recent_sources_only() -> None:
+    """A stream whose source ids keep changing must not grow the filter: it keeps the dedup
+    memory of the ``_SOURCES_MAX`` sources seen most recently and nothing per source with
+    dedup off. Fails if per-source state has no bound, is kept while dedup is off, or drops a
+    source that is still sending (its near-duplicate would no longer be suppressed)."""
+    from service.selection import filters as module
+
+    rng = np.random.default_rng(0)
+    scene = rng.normal(size=8) * 3
+    for names in (["rare"], ["dedup"]):
+        filters = StreamFilters(names)
+        filters.begin(np.ones(1), DecisionContext(scene[None], None, ["kept"]))
+        filters.record(0, selected=True)
+        filters.end()
+        for start in range(0, 3 * module._SOURCES_MAX, 500):  # ever-new sources, and "kept"
+            embeddings = rng.normal(size=(501, 8))
+            sources = ["kept"] + [f"s{start + i}" for i in range(500)]
+            filters.begin(np.ones(501), DecisionContext(embeddings, None, sources))
+            for index in range(501):
+                filters.record(index, selected=index % 7 == 1)
+            filters.end()
+        if names == ["rare"]:
+            assert not filters._frames and not filters._recent
+            continue
+        assert len(filters._frames) == module._SOURCES_MAX
+        assert set(filters._recent) <= set(filters._frames)
+        assert "s0" not in filters._frames
+        near = scene + rng.normal(0, 0.01, 8)
+        filters.begin(np.ones(1), DecisionContext(near[None], None, ["kept"]))
+        assert filters._is_duplicate(0)
