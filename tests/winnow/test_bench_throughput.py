@@ -28,6 +28,12 @@ POSITIVE = (
 )
 
 
+def _bench_digits(out: Path, *extra: str) -> int:
+    """``winnow bench throughput`` on 200 digits frames at batch 8 on the CPU, JSON to ``out``."""
+    common = ["--cases", "digits", "--frames", "200", "--batch-size", "8", "--device", "cpu"]
+    return main(["bench", "throughput", "--json", str(out), *common, *extra])
+
+
 @pytest.mark.slow
 def test_bench_throughput_writes_complete_json(
     kafka_broker: EmbeddedBroker,
@@ -38,22 +44,7 @@ def test_bench_throughput_writes_complete_json(
     monkeypatch.setenv("WINNOW_KAFKA_BOOTSTRAP", kafka_broker.bootstrap)
     out = tmp_path / "bench" / "throughput.json"
 
-    code = main(
-        [
-            "bench",
-            "throughput",
-            "--json",
-            str(out),
-            "--cases",
-            "digits",
-            "--frames",
-            "200",
-            "--batch-size",
-            "8",
-            "--device",
-            "cpu",
-        ]
-    )
+    code = _bench_digits(out)
 
     assert code == 0
     result = json.loads(out.read_text())
@@ -127,27 +118,7 @@ def test_bench_throughput_measures_every_worker_count_without_the_naive_loop(
     monkeypatch.setenv("WINNOW_KAFKA_BOOTSTRAP", kafka_broker.bootstrap)
     out = tmp_path / "throughput.json"
 
-    code = main(
-        [
-            "bench",
-            "throughput",
-            "--json",
-            str(out),
-            "--cases",
-            "digits",
-            "--frames",
-            "200",
-            "--batch-size",
-            "8",
-            "--batch-sizes",
-            "8,16",
-            "--workers",
-            "2,1",
-            "--no-naive",
-            "--device",
-            "cpu",
-        ]
-    )
+    code = _bench_digits(out, "--batch-sizes", "8,16", "--workers", "2,1", "--no-naive")
 
     assert code == 0
     [case] = json.loads(out.read_text())["cases"]
