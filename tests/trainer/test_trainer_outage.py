@@ -99,6 +99,8 @@ async def test_trainer_rides_out_an_outage_and_stops_cleanly_in_one(
         healed_at = time.monotonic()
         await feed(kafka, kafka.topics, pngs, targets, range(60, 90))
         back_after = await until(lambda: len(_stored(data_dir)) == 90, 90)
+        # The broker watch says so on its next probe, which may come after the labels are in.
+        await until(lambda: any("reachable again after" in x for x in log.since(mark)), 20)
         outage = loud(log.since(mark))
         print(
             f"trainer: {len(outage)} loud lines for a {healed_at - cut_at:.0f} s outage; "
