@@ -6,13 +6,13 @@ them. Nothing is built at import time: ``Settings()`` is called in ``main()``
 or by a test.
 """
 
-import os
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from infra.cpus import available_cpus, cpu_limit
 from infra.kafka.settings import KafkaSettings
 from schemas.api import ColdStartName, FilterName, PolicyName, SelectorName, UtilityName
 
@@ -34,10 +34,18 @@ class ScorerSettings(BaseSettings):
         "broker (Tansu) answers a short wait with nothing once a partition holds ~100,000 "
         "one-record batches, so long runs on it need 500 (the soak sets it)",
     )
+    cpu_threads: int = Field(
+        default=0,
+        ge=0,
+        description="threads of ONNX Runtime's pool for one inference; 0: the CPUs this process "
+        "may use (affinity mask and cgroup CPU quota), which `serve --workers N` divides among "
+        "its N processes",
+    )
     decode_workers: int = Field(
-        default_factory=lambda: max(1, min(4, (os.cpu_count() or 2) // 2)),
-        ge=1,
-        description="decode threads; half the cores (at most 4) leaves the rest to inference",
+        default=0,
+        ge=0,
+        description="decode threads; 0: half the CPUs this process may use (at most 4), leaving "
+        "the rest to inference",
     )
     max_frame_bytes: int = Field(default=20 * 1024 * 1024, gt=0)
     max_pixels: int = Field(default=50_000_000, gt=0, description="checked before full decode")
@@ -53,6 +61,21 @@ class ScorerSettings(BaseSettings):
         description="no frame decided for this long while frames wait and the broker answers: "
         "the scorer stops so that it is restarted (0: never)",
     )
+
+    @property
+    def inference_threads(self) -> int | None:
+        """ONNX Runtime's intra-op threads: ``cpu_threads``, else the CPUs this process may
+        use where an affinity mask or a cgroup quota limits them, else None (ONNX Runtime's
+        own default, one thread per physical core)."""
+        return self.cpu_threads or cpu_limit()
+
+    @property
+    def decode_threads(self) -> int:
+        """Decode threads: ``decode_workers``, or half the CPUs this process may use (1 to 4).
+
+        Not divided among ``--workers`` processes: on a GPU host decoding is the CPUs' work.
+        """
+        return self.decode_workers or max(1, min(4, available_cpus() // 2))
 
 
 def _default_filters() -> list[FilterName]:

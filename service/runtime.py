@@ -172,7 +172,11 @@ async def run_scorer(
 def _load_model(settings: Settings) -> OnnxModel | None:
     if settings.scorer.model_path is None:
         return None
-    return OnnxModel.load(settings.scorer.model_path, device=settings.device)
+    return OnnxModel.load(
+        settings.scorer.model_path,
+        device=settings.device,
+        intra_op_threads=settings.scorer.inference_threads,
+    )
 
 
 async def _first_release(releases: ModelReleases, settings: Settings) -> OnnxModel:

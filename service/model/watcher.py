@@ -427,7 +427,12 @@ class ModelReleases(Component):
                 raise ReleaseError("evicted", f"the base {manifest.base_version!r} is not kept")
             artifact = await asyncio.to_thread(with_head, base, manifest, artifact)
         try:
-            model = await asyncio.to_thread(load_and_warm, artifact, self._settings.device)
+            model = await asyncio.to_thread(
+                load_and_warm,
+                artifact,
+                self._settings.device,
+                self._settings.scorer.inference_threads,
+            )
         except Exception as exc:  # onnxruntime raises its own kinds; ModelError too
             raise ReleaseError("load", str(exc)) from exc
         if model.spec != manifest.spec:
@@ -481,9 +486,9 @@ class ModelReleases(Component):
         )
 
 
-def load_and_warm(artifact: bytes, device: Any) -> OnnxModel:
+def load_and_warm(artifact: bytes, device: Any, intra_op_threads: int | None = None) -> OnnxModel:
     """Loads a model from its bytes and runs it once, so the first batch pays no setup."""
-    model = OnnxModel.load(artifact, device=device)
+    model = OnnxModel.load(artifact, device=device, intra_op_threads=intra_op_threads)
     model.warm_up()
     return model
 

@@ -111,7 +111,7 @@ class Scorer(Component):
         self._on_batch, self._on_swap = tuple(on_batch), tuple(on_swap)
         scorer = settings.scorer
         limits = DecodeLimits(max_bytes=scorer.max_frame_bytes, max_pixels=scorer.max_pixels)
-        self._decoder = BatchDecoder(limits, scorer.decode_workers)
+        self._decoder = BatchDecoder(limits, scorer.decode_threads)
         self._infer_pool = ThreadPoolExecutor(1, "winnow-infer")
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import uvicorn
 
+from infra.cpus import share_of_cpus
 from service.config import Settings
 from service.http.serve import exit_cleanly, start_embedded_broker
 from service.workers.fanout import AdminFanOut
@@ -81,9 +82,16 @@ def worker_command(index: int, socket: Path, settings: Settings, *, verbose: boo
 
 
 def worker_env(settings: Settings, environ: dict[str, str] | None = None) -> dict[str, str]:
-    """The workers' environment: the supervisor's, with the broker it resolved."""
+    """The workers' environment: the supervisor's, with the broker it resolved.
+
+    Each worker gets its share of the CPUs for inference (``WINNOW_SCORER_CPU_THREADS``),
+    unless one was set: N sessions each sized to every core would run N times as many
+    threads as there are CPUs.
+    """
     env = dict(os.environ if environ is None else environ)
     env["WINNOW_WORKERS"] = "1"
+    share = settings.scorer.cpu_threads or share_of_cpus(settings.workers)
+    env["WINNOW_SCORER_CPU_THREADS"] = str(share)
     if settings.kafka.bootstrap is not None:
         env["WINNOW_KAFKA_BOOTSTRAP"] = settings.kafka.bootstrap
     return env

@@ -67,8 +67,6 @@ async def _first(*awaitables: "asyncio.Future[Any]") -> None:
 
 
 async def run(args: argparse.Namespace) -> None:
-    model = OnnxModel.load(Path(args.model), args.device)
-    model.warm_up(args.batch_size)
     settings = Settings(
         device=args.device,
         kafka=KafkaSettings(),
@@ -79,6 +77,10 @@ async def run(args: argparse.Namespace) -> None:
         ),
         policy=PolicySettings(),
     )
+    model = OnnxModel.load(  # WINNOW_SCORER_CPU_THREADS sizes its pool, as in a worker
+        Path(args.model), args.device, intra_op_threads=settings.scorer.inference_threads
+    )
+    model.warm_up(args.batch_size)
     delivered = 0
 
     def count(predictions: list[dict[str, Any]]) -> None:

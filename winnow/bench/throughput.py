@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 from pydantic import SecretStr
 
+from infra.cpus import share_of_cpus
 from infra.kafka.admin import ensure_topics, topic_partitions
 from infra.kafka.broker import EmbeddedBroker
 from infra.kafka.consumer import create_consumer
@@ -390,6 +391,14 @@ def _kafka_env(kafka: KafkaSettings) -> dict[str, str]:
     return env
 
 
+def _cpu_env(workers: int) -> dict[str, str]:
+    """Each of several scorer processes' share of the CPUs, as ``winnow serve --workers``
+    gives it (``service.workers.serve.worker_env``), unless the environment sets one."""
+    if workers <= 1 or "WINNOW_SCORER_CPU_THREADS" in os.environ:
+        return {}
+    return {"WINNOW_SCORER_CPU_THREADS": str(share_of_cpus(workers))}
+
+
 class _ScorerProcess:
     """``winnow.bench.scorer_process`` as a child: its events on stdout, its log in a file."""
 
@@ -541,7 +550,8 @@ async def _start_children(
     joining, when the first owned partitions and when the last did."""
     group = f"bench-{uuid.uuid4().hex[:10]}"
     args = _child_args(model_path, batch_size, device, group, sample_ms)
-    children = [await _ScorerProcess.spawn(args, _kafka_env(kafka)) for _ in range(workers)]
+    env = {**_kafka_env(kafka), **_cpu_env(workers)}
+    children = [await _ScorerProcess.spawn(args, env) for _ in range(workers)]
 
     async def joined(child: "_ScorerProcess") -> tuple[float, float]:
         await child.event("starting")

@@ -146,9 +146,9 @@ async def test_a_late_watcher_loads_only_the_newest_release(
     loads: list[bytes] = []
     real = watcher_module.load_and_warm
 
-    def counting(artifact: bytes, device: str) -> OnnxModel:
+    def counting(artifact: bytes, device: str, threads: int | None = None) -> OnnxModel:
         loads.append(artifact)
-        return real(artifact, device)
+        return real(artifact, device, threads)
 
     monkeypatch.setattr(watcher_module, "load_and_warm", counting)
     calls = _Calls()

@@ -1,0 +1,50 @@
+"""Scorer processes on one machine share its CPUs instead of each sizing to all of them."""
+
+from pathlib import Path
+
+import pytest
+
+from infra.cpus import available_cpus
+from service.config import ScorerSettings, Settings
+from service.model.watcher import load_and_warm
+from service.runtime import _load_model
+from service.workers.serve import worker_env
+
+
+def _intra_op_threads(model: object) -> int:
+    return model._session.get_session_options().intra_op_num_threads  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("workers", [2, 3, 64])
+def test_each_worker_gets_its_share_of_the_cpus(workers: int) -> None:
+    env = worker_env(Settings(workers=workers), environ={})
+    assert env["WINNOW_SCORER_CPU_THREADS"] == str(max(1, available_cpus() // workers))
+    assert env["WINNOW_WORKERS"] == "1"
+
+
+def test_threads_the_operator_set_are_kept() -> None:
+    settings = Settings(workers=4, scorer=ScorerSettings(cpu_threads=3))
+    env = worker_env(settings, environ={"WINNOW_SCORER_CPU_THREADS": "3"})
+    assert env["WINNOW_SCORER_CPU_THREADS"] == "3"
+
+
+def test_the_scorer_sizes_onnx_runtime_and_decoding_from_its_settings(
+    digits_model_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("WINNOW_SCORER_CPU_THREADS", "1")
+    settings = Settings(device="cpu", scorer=ScorerSettings(model_path=digits_model_path))
+    assert settings.scorer.inference_threads == 1
+    model = _load_model(settings)
+    assert model is not None and _intra_op_threads(model) == 1
+    release = load_and_warm(digits_model_path.read_bytes(), "cpu", 1)
+    assert _intra_op_threads(release) == 1
+
+
+def test_decode_threads_default_to_half_the_cpus_at_most_four() -> None:
+    assert ScorerSettings().decode_threads == max(1, min(4, available_cpus() // 2))
+    assert ScorerSettings(decode_workers=7).decode_threads == 7
+
+
+def test_negative_thread_counts_are_refused() -> None:
+    with pytest.raises(ValueError, match="cpu_threads"):
+        ScorerSettings(cpu_threads=-1)
