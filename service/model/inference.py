@@ -167,7 +167,11 @@ class OnnxModel:
         _check_graph(session, spec, name)
         model = cls(session, spec)
         log.info(
-            "model loaded version=%s arch=%s provider=%s", spec.version, spec.arch, model.provider
+            "model loaded version=%s arch=%s provider=%s cpu_threads=%s",
+            spec.version,
+            spec.arch,
+            model.provider,
+            intra_op_threads or "onnxruntime-default",
         )
         return model
 

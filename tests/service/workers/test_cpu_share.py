@@ -1,5 +1,6 @@
 """Scorer processes on one machine share its CPUs instead of each sizing to all of them."""
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -29,13 +30,15 @@ def test_threads_the_operator_set_are_kept() -> None:
 
 
 def test_the_scorer_sizes_onnx_runtime_and_decoding_from_its_settings(
-    digits_model_path: Path, monkeypatch: pytest.MonkeyPatch
+    digits_model_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setenv("WINNOW_SCORER_CPU_THREADS", "1")
     settings = Settings(device="cpu", scorer=ScorerSettings(model_path=digits_model_path))
     assert settings.scorer.inference_threads == 1
-    model = _load_model(settings)
+    with caplog.at_level(logging.INFO, logger="service.model.inference"):
+        model = _load_model(settings)
     assert model is not None and _intra_op_threads(model) == 1
+    assert "cpu_threads=1" in caplog.text  # the operator sees what was chosen
     release = load_and_warm(digits_model_path.read_bytes(), "cpu", 1)
     assert _intra_op_threads(release) == 1
 
