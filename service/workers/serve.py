@@ -17,7 +17,7 @@ from pathlib import Path
 import uvicorn
 
 from infra.cpus import share_of_cpus
-from service.config import Settings
+from service.config import ScorerSettings, Settings
 from service.http.serve import exit_cleanly, start_embedded_broker
 from service.workers.fanout import AdminFanOut
 from service.workers.gateway import create_gateway
@@ -81,6 +81,12 @@ def worker_command(index: int, socket: Path, settings: Settings, *, verbose: boo
     ]
 
 
+def worker_cpu_threads(scorer: ScorerSettings, workers: int) -> int:
+    """ONNX Runtime's threads in each of ``workers`` scorer processes: the operator's
+    ``cpu_threads``, else the process's share of the CPUs."""
+    return scorer.cpu_threads or share_of_cpus(workers)
+
+
 def worker_env(settings: Settings, environ: dict[str, str] | None = None) -> dict[str, str]:
     """The workers' environment: the supervisor's, with the broker it resolved.
 
@@ -90,8 +96,7 @@ def worker_env(settings: Settings, environ: dict[str, str] | None = None) -> dic
     """
     env = dict(os.environ if environ is None else environ)
     env["WINNOW_WORKERS"] = "1"
-    share = settings.scorer.cpu_threads or share_of_cpus(settings.workers)
-    env["WINNOW_SCORER_CPU_THREADS"] = str(share)
+    env["WINNOW_SCORER_CPU_THREADS"] = str(worker_cpu_threads(settings.scorer, settings.workers))
     if settings.kafka.bootstrap is not None:
         env["WINNOW_KAFKA_BOOTSTRAP"] = settings.kafka.bootstrap
     return env

@@ -44,14 +44,13 @@ from typing import Any
 import numpy as np
 from pydantic import SecretStr
 
-from infra.cpus import share_of_cpus
 from infra.kafka.admin import ensure_topics, topic_partitions
 from infra.kafka.broker import EmbeddedBroker
 from infra.kafka.consumer import create_consumer
 from infra.kafka.producer import create_producer
 from infra.kafka.settings import KafkaSettings
 from schemas.predictions import Prediction
-from service.config import PolicySettings
+from service.config import PolicySettings, ScorerSettings
 from service.model.inference import OnnxModel
 from service.pipeline import blas
 from service.pipeline.batching import Batch, InboundFrame
@@ -59,6 +58,7 @@ from service.pipeline.decode import DecodeLimits, decode_and_preprocess, prepare
 from service.pipeline.records import batch_records
 from service.scoring.engine import ScoringEngine
 from service.selection.policy import QueryPolicy
+from service.workers.serve import worker_cpu_threads
 from winnow.bench.host_cost import STAGES
 
 CASES = ("camera", "digits")
@@ -392,11 +392,11 @@ def _kafka_env(kafka: KafkaSettings) -> dict[str, str]:
 
 
 def _cpu_env(workers: int) -> dict[str, str]:
-    """Each of several scorer processes' share of the CPUs, as ``winnow serve --workers``
-    gives it (``service.workers.serve.worker_env``), unless the environment sets one."""
-    if workers <= 1 or "WINNOW_SCORER_CPU_THREADS" in os.environ:
+    """Several scorer processes' ONNX Runtime threads, as ``winnow serve --workers`` sets
+    them (the environment's ``WINNOW_SCORER_CPU_THREADS``, else each one's share)."""
+    if workers <= 1:
         return {}
-    return {"WINNOW_SCORER_CPU_THREADS": str(share_of_cpus(workers))}
+    return {"WINNOW_SCORER_CPU_THREADS": str(worker_cpu_threads(ScorerSettings(), workers))}
 
 
 class _ScorerProcess:
