@@ -84,9 +84,13 @@ def roles(kafka_settings, winnow_topics, tmp_path: Path) -> Iterator[dict[str, s
                 cwd=ROOT, env=env, stdout=logs[role], stderr=subprocess.STDOUT,
             )  # fmt: skip
         urls = {role: f"http://127.0.0.1:{port}" for role, port in ports.items()}
+        # the supervisor answers /metrics before its workers run; its /readyz only once
+        # every worker is up (otherwise one worker may decide every frame while the other
+        # is still joining, and the scrape lacks its series)
+        ready = {"trainer": "/metrics", "scorer": "/readyz", "label-app": "/metrics"}
         for role, url in urls.items():
             try:
-                wait_for(f"{url}/metrics", processes[role], 180)
+                wait_for(f"{url}{ready[role]}", processes[role], 180)
             except (TimeoutError, AssertionError) as error:
                 output = (tmp_path / f"{role}.log").read_text()[-3000:]
                 raise AssertionError(f"{role} did not serve metrics: {error}\n{output}") from error
