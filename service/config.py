@@ -16,6 +16,11 @@ from infra.cpus import available_cpus, cpu_limit
 from infra.kafka.settings import KafkaSettings
 from schemas.api import ColdStartName, FilterName, PolicyName, SelectorName, UtilityName
 
+MAX_CONCURRENT_BATCHES = 4
+"""The most batches the scorer infers at once on the CPU (``cpu_parallelism`` ``batches``): each
+run holds its own activations (about 60 MB for ResNet-18 at 224 and batch 32), so a many-core
+machine runs several operators' threads per batch rather than dozens of batches."""
+
 
 class ScorerSettings(BaseSettings):
     """The scorer's hot path: batching, decoding limits, routing."""
@@ -41,6 +46,14 @@ class ScorerSettings(BaseSettings):
         "may use (affinity mask and cgroup CPU quota), which `serve --workers N` divides among "
         "its N processes",
     )
+    cpu_parallelism: Literal["batches", "operators"] = Field(
+        default="batches",
+        description="how inference on the CPU uses its threads: `batches` runs up to "
+        "4 batches at once, each on its share of the threads (no thread waits inside an "
+        "operator for one that decoding or the Kafka client delayed); `operators` runs one "
+        "batch at a time across all of them (a batch's latency is lower, its throughput is "
+        "not); on CUDA one batch runs at a time either way",
+    )
     decode_workers: int = Field(
         default=0,
         ge=0,
@@ -64,10 +77,26 @@ class ScorerSettings(BaseSettings):
 
     @property
     def inference_threads(self) -> int | None:
-        """ONNX Runtime's intra-op threads: ``cpu_threads``, else the CPUs this process may
-        use where an affinity mask or a cgroup quota limits them, else None (ONNX Runtime's
-        own default, one thread per physical core)."""
-        return self.cpu_threads or cpu_limit()
+        """ONNX Runtime's intra-op threads for one batch. ``operators``: ``cpu_threads``, else
+        the CPUs this process may use where an affinity mask or a cgroup quota limits them,
+        else None (ONNX Runtime's own default, one thread per physical core). ``batches``: the
+        threads (``cpu_threads``, else the CPUs this process may use) divided among the
+        :attr:`concurrent_batches`."""
+        if self.cpu_parallelism == "operators":
+            return self.cpu_threads or cpu_limit()
+        return max(1, self._cpu_threads_total // self.concurrent_batches)
+
+    @property
+    def concurrent_batches(self) -> int:
+        """Batches inferred at once on the CPU: one for ``operators``; for ``batches`` one per
+        thread, at most :data:`MAX_CONCURRENT_BATCHES` (each holds its own activations)."""
+        if self.cpu_parallelism == "operators":
+            return 1
+        return min(MAX_CONCURRENT_BATCHES, self._cpu_threads_total)
+
+    @property
+    def _cpu_threads_total(self) -> int:
+        return self.cpu_threads or available_cpus()
 
     @property
     def decode_threads(self) -> int:

@@ -1,11 +1,15 @@
 """The scorer: consume, decode, batch, score, decide, route, commit.
 
-Five stages run as supervised tasks joined by small queues, so decoding batch
+Six stages run as supervised tasks joined by small queues, so decoding batch
 n+1 overlaps inference of batch n and delivery of batch n-1. CPU work (decode,
 ONNX Runtime and the scores) runs in thread pools; the event loop only moves
-bytes and decides. Offsets are committed only after every record produced for
-a batch is acknowledged (at-least-once from frame to decision): records go
-through ``infra.kafka.delivery`` and offsets through ``infra.kafka.offsets``.
+bytes and decides. On the CPU several batches may be inferred at once
+(``WINNOW_SCORER_CPU_PARALLELISM``): the forward stage starts each batch's model
+run as soon as a thread is free, and the decide stage takes the runs' outputs
+in stream order, so decisions, records and commits keep the stream's order.
+Offsets are committed only after every record produced for a batch is
+acknowledged (at-least-once from frame to decision): records go through
+``infra.kafka.delivery`` and offsets through ``infra.kafka.offsets``.
 
 The scorer keeps the stages, the Kafka clients, model swaps and rebalances.
 The rest comes through the constructor: the policy decides (and says which
@@ -33,7 +37,7 @@ from infra.kafka.delivery import Delivery, InFlight
 from infra.kafka.producer import create_producer
 from service.config import Settings
 from service.metrics import ScorerMetrics
-from service.model.inference import OnnxModel, run_rows
+from service.model.inference import CPU, OnnxModel, run_rows
 from service.pipeline import blas
 from service.pipeline.accounting import Accounting
 from service.pipeline.batching import Batch, collect_batch
@@ -43,7 +47,8 @@ from service.pipeline.decode import BatchDecoder, DecodeLimits
 from service.pipeline.exemplars import Exemplars
 from service.pipeline.records import batch_records
 from service.pipeline.watchdog import ProgressWatchdog
-from service.scoring.engine import Scored, ScoringEngine
+from service.scoring.committee import COMMITTEE_UTILITIES
+from service.scoring.engine import Forward, Scored, ScoringEngine
 from service.selection.filters import DecisionContext
 from service.selection.policy import QueryPolicy
 
@@ -57,6 +62,14 @@ BatchObserver = Callable[[Batch], None]
 loop; must return at once (hand heavy work to a task or thread), e.g. the drift monitor."""
 SwapListener = Callable[[OnnxModel], None]
 """Told of every model the scorer serves, the first one included, on the event loop."""
+
+
+@dataclass(slots=True)
+class _Running:
+    """A batch whose model run has started (None: no frame of it decoded)."""
+
+    batch: Batch
+    run: "asyncio.Future[Forward] | None"
 
 
 @dataclass(slots=True)
@@ -112,7 +125,10 @@ class Scorer(Component):
         scorer = settings.scorer
         limits = DecodeLimits(max_bytes=scorer.max_frame_bytes, max_pixels=scorer.max_pixels)
         self._decoder = BatchDecoder(limits, scorer.decode_threads)
-        self._infer_pool = ThreadPoolExecutor(1, "winnow-infer")
+        # Model runs, up to this many batches at once (one on CUDA: the GPU parallelizes).
+        self._concurrency = scorer.concurrent_batches if model.provider == CPU else 1
+        self._infer_pool = ThreadPoolExecutor(self._concurrency, "winnow-infer")
+        self._score_pool = ThreadPoolExecutor(1, "winnow-score")  # committees, in stream order
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
         self._delivery: Delivery | None = None
@@ -167,11 +183,14 @@ class Scorer(Component):
         await self._consumer.start()
         decode_q: asyncio.Queue[Batch | None] = asyncio.Queue(_QUEUE_DEPTH)
         infer_q: asyncio.Queue[Batch | None] = asyncio.Queue(_QUEUE_DEPTH)
+        # batches whose run started, in stream order; at most one waits beyond those running
+        decide_q: asyncio.Queue[_Running | None] = asyncio.Queue(1)
         deliver_q: asyncio.Queue[Batch | None] = asyncio.Queue(_QUEUE_DEPTH)
         ack_q: asyncio.Queue[_Sent | None] = asyncio.Queue(_ACK_DEPTH)
         self.supervise(self._fetch_stage(decode_q), "scorer-fetch")
         self.supervise(self._stage(decode_q, infer_q, self._decode), "scorer-decode")
-        self.supervise(self._stage(infer_q, deliver_q, self._infer), "scorer-infer")
+        self.supervise(self._forward_stage(infer_q, decide_q), "scorer-forward")
+        self.supervise(self._decide_stage(decide_q, deliver_q), "scorer-decide")
         self.supervise(self._deliver_stage(deliver_q, ack_q), "scorer-deliver")
         self.supervise(self._ack_stage(ack_q), "scorer-ack")
         if scorer.stall_timeout_s > 0:
@@ -184,11 +203,12 @@ class Scorer(Component):
             )
             self.supervise(self._watchdog.run(self._stopping), "scorer-watchdog")
         log.info(
-            "scorer started: topic=%s group=%s model=%s provider=%s",
+            "scorer started: topic=%s group=%s model=%s provider=%s batches_at_once=%d",
             kafka.topics.frames,
             scorer.group_id,
             self.model.version,
             self.model.provider,
+            self._concurrency,
         )
 
     async def _stop(self) -> None:
@@ -209,6 +229,7 @@ class Scorer(Component):
                 await stop_client(self._producer, "the scorer's producer")
             self._decoder.close()
             self._infer_pool.shutdown(wait=False, cancel_futures=True)
+            self._score_pool.shutdown(wait=False, cancel_futures=True)
             blas.release()
         log.info("scorer stopped: counts=%s", self.accounting.counts)
 
@@ -247,26 +268,61 @@ class Scorer(Component):
         batch.inputs, batch.good, batch.poison = await self._decoder.decode(items, batch.model.spec)
         self.metrics.decode_seconds.observe(time.perf_counter() - started)
 
-    async def _infer(self, batch: Batch) -> None:
+    async def _forward_stage(
+        self, inbox: "asyncio.Queue[Batch | None]", out: "asyncio.Queue[_Running | None]"
+    ) -> None:
+        """Starts each batch's model run in the infer pool as soon as one of its
+        ``concurrency`` threads is free, and passes the batch on with its run."""
+        slots = asyncio.Semaphore(self._concurrency)
+        while (batch := await inbox.get()) is not None:
+            run = None
+            if batch.good:
+                await slots.acquire()
+                run = asyncio.ensure_future(self._forward(batch, slots))
+            await out.put(_Running(batch, run))
+        await out.put(None)
+
+    async def _forward(self, batch: Batch, slots: asyncio.Semaphore) -> Forward:
         assert batch.model is not None and batch.inputs is not None
-        if batch.good:
+        loop = asyncio.get_running_loop()
+        try:
             started = time.perf_counter()
-            scored = await self._score(batch.model, batch.inputs)
+            forward = await loop.run_in_executor(
+                self._infer_pool, self._engine.forward, batch.model, batch.inputs, self.policy.needs
+            )
             self.metrics.inference_seconds.observe(time.perf_counter() - started)
-            self.metrics.batch_size.observe(len(batch.good))
-            batch.probabilities, batch.embeddings = scored.probabilities, scored.embeddings
-            batch.scores = scored.scores
-            sources = [batch.frames[i].source_id for i in batch.good]
-            context = DecisionContext(scored.embeddings, scored.probabilities, sources)
-            await self._rebase(batch.model, batch.inputs)
-            batch.decisions = self.policy.decide(scored.scores, context)
-            selected = [i for i, row in enumerate(batch.decisions) if row["selected"]]
-            self._exemplars.resize(self.policy.memory)  # a live change may switch strategy
-            if selected:
-                self._exemplars.add(batch.inputs[selected])
-            for observer in self._on_batch:
-                observer(batch)
-        batch.inputs = None  # the pixels are no longer needed; free them early
+            return forward
+        finally:
+            slots.release()
+
+    async def _decide_stage(
+        self, inbox: "asyncio.Queue[_Running | None]", out: "asyncio.Queue[Batch | None]"
+    ) -> None:
+        """Takes the batches in stream order, each once its run is done, and decides them."""
+        while (running := await inbox.get()) is not None:
+            batch = running.batch
+            if running.run is not None:
+                await self._decide(batch, await running.run)
+            batch.inputs = None  # the pixels are no longer needed; free them early
+            await out.put(batch)
+        await out.put(None)
+
+    async def _decide(self, batch: Batch, forward: Forward) -> None:
+        assert batch.model is not None and batch.inputs is not None
+        scored = await self._score(batch.model, batch.inputs, forward)
+        self.metrics.batch_size.observe(len(batch.good))
+        batch.probabilities, batch.embeddings = scored.probabilities, scored.embeddings
+        batch.scores = scored.scores
+        sources = [batch.frames[i].source_id for i in batch.good]
+        context = DecisionContext(scored.embeddings, scored.probabilities, sources)
+        await self._rebase(batch.model, batch.inputs)
+        batch.decisions = self.policy.decide(scored.scores, context)
+        selected = [i for i, row in enumerate(batch.decisions) if row["selected"]]
+        self._exemplars.resize(self.policy.memory)  # a live change may switch strategy
+        if selected:
+            self._exemplars.add(batch.inputs[selected])
+        for observer in self._on_batch:
+            observer(batch)
 
     async def _rebase(self, model: OnnxModel, inputs: np.ndarray) -> None:
         """Before the first batch of a new backbone is decided: the frames asked for so far are
@@ -290,17 +346,24 @@ class Scorer(Component):
         )
         self.policy.rebase(embeddings, probabilities)
 
-    async def _score(self, model: OnnxModel, inputs: np.ndarray) -> Scored:
-        """The engine's answer, from the infer thread. Scored again in the rare case that the
-        policy's needs changed meanwhile (a live update, or a swap ending cold start)."""
+    async def _score(self, model: OnnxModel, inputs: np.ndarray, forward: Forward) -> Scored:
+        """The engine's scores of a batch whose model run is done. Run again in the rare case
+        that the policy's needs changed meanwhile (a live update, or a swap ending cold start)
+        to ones the run did not cover (AIFT's views)."""
         loop = asyncio.get_running_loop()
         while True:
             needs = self.policy.needs
-            scored = await loop.run_in_executor(
-                self._infer_pool, self._engine.score, model, inputs, needs
-            )
+            if any(name in COMMITTEE_UTILITIES for name in needs):  # other models' runs
+                scored = await loop.run_in_executor(
+                    self._score_pool, self._engine.finish, model, inputs, forward, needs
+                )
+            else:  # a few array operations: cheaper here than a thread's round trip
+                scored = self._engine.finish(model, inputs, forward, needs)
             if self.policy.needs.issubset(scored.scores):
                 return scored
+            forward = await loop.run_in_executor(
+                self._infer_pool, self._engine.forward, model, inputs, self.policy.needs
+            )
 
     async def _deliver_stage(
         self, inbox: "asyncio.Queue[Batch | None]", acks: "asyncio.Queue[_Sent | None]"

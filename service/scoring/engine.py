@@ -1,7 +1,10 @@
 """The scoring engine: a model and a batch of inputs in; probabilities, embeddings and scores out.
 
-One call per batch, in the scorer's inference thread, computes exactly the
-scores the policy asks for (``QueryPolicy.needs``):
+Each batch takes two steps, both off the event loop: :meth:`ScoringEngine.forward`
+runs the model (it keeps nothing between calls, so several batches may run it at
+once on different threads), then :meth:`ScoringEngine.finish`, one batch at a time
+in stream order, computes exactly the scores the policy asks for
+(``QueryPolicy.needs``); :meth:`ScoringEngine.score` is the two in one call:
 
 - the probability utilities of :mod:`service.scoring.uncertainty`, always:
   every prediction record carries them;
@@ -39,6 +42,21 @@ class ScoringModel(Runnable, Protocol):
 
     @property
     def metadata(self) -> Mapping[str, str]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Forward:
+    """One batch's model outputs, before the scores.
+
+    Attributes:
+        probabilities: (N, C) class probabilities of the frames.
+        embeddings: (N, D) their embeddings.
+        views: (N, m, C) probabilities of AIFT's views, or None where they were not run.
+    """
+
+    probabilities: np.ndarray
+    embeddings: np.ndarray
+    views: np.ndarray | None
 
 
 @dataclass(slots=True)
@@ -109,31 +127,47 @@ class ScoringEngine:
 
     def score(self, model: ScoringModel, inputs: np.ndarray, needs: Collection[str]) -> Scored:
         """Runs ``model`` on ``inputs`` and computes the scores in ``needs`` (and the
-        probability utilities, which are always computed).
+        probability utilities, which are always computed): :meth:`forward`, then
+        :meth:`finish`.
 
         Args:
             model: the model of the batch.
             inputs: (N, C, H, W) model input.
             needs: utility names the policy compares (``QueryPolicy.needs``).
         """
-        if any(name in AIFT_UTILITIES for name in needs):
-            return self._score_with_views(model, inputs)
-        probabilities, embeddings = model.run(inputs)
-        scores = score_batch(probabilities)
-        if any(name in COMMITTEE_UTILITIES for name in needs):
-            samples = self._committee_samples(model, inputs, probabilities, embeddings, needs)
-            scores.update(committee_utilities(samples))
-        return Scored(probabilities, embeddings, scores)
+        return self.finish(model, inputs, self.forward(model, inputs, needs), needs)
 
-    def _score_with_views(self, model: ScoringModel, inputs: np.ndarray) -> Scored:
+    def forward(self, model: ScoringModel, inputs: np.ndarray, needs: Collection[str]) -> Forward:
+        """The model's outputs on ``inputs``, with AIFT's views when ``needs`` has one of
+        its utilities (N·(1+m) rows in one run). Safe on several threads at once: it
+        changes nothing of the engine's."""
+        if not any(name in AIFT_UTILITIES for name in needs):
+            probabilities, embeddings = model.run(inputs)
+            return Forward(probabilities, embeddings, None)
         n = len(inputs)
         rows = np.concatenate([inputs, self._views(inputs)])
         all_probabilities, all_embeddings = model.run(rows)
-        probabilities, embeddings = all_probabilities[:n], all_embeddings[:n]
         views = all_probabilities[n:].reshape(n, self._views.count, -1)
-        scores = score_batch(probabilities)
-        scores.update(aift_utilities(views, self._aift_alpha, self._aift_majority))
-        return Scored(probabilities, embeddings, scores)
+        return Forward(all_probabilities[:n], all_embeddings[:n], views)
+
+    def finish(
+        self, model: ScoringModel, inputs: np.ndarray, forward: Forward, needs: Collection[str]
+    ) -> Scored:
+        """The scores of one batch from its :meth:`forward`. Batches must come in stream
+        order, one at a time: the MC-dropout masks are drawn from the engine's generator.
+
+        A score in ``needs`` that ``forward`` was not run for (AIFT's, when the views were
+        not run) is missing from the answer; the caller scores the batch again.
+        """
+        scores = score_batch(forward.probabilities)
+        if forward.views is not None:
+            scores.update(aift_utilities(forward.views, self._aift_alpha, self._aift_majority))
+        if any(name in COMMITTEE_UTILITIES for name in needs):
+            samples = self._committee_samples(
+                model, inputs, forward.probabilities, forward.embeddings, needs
+            )
+            scores.update(committee_utilities(samples))
+        return Scored(forward.probabilities, forward.embeddings, scores)
 
     def _committee_samples(
         self,

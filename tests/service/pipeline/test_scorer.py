@@ -3,6 +3,7 @@
 import asyncio
 import io
 import struct
+import threading
 import time
 import zlib
 from collections import Counter
@@ -20,7 +21,7 @@ from schemas.predictions import Prediction
 from service.config import PolicySettings, Settings
 from service.model.inference import OnnxModel
 from service.pipeline.scorer import Scorer
-from service.scoring.engine import Scored, ScoringEngine
+from service.scoring.engine import Forward, ScoringEngine
 from service.selection.policy import QueryPolicy
 from tests.kafka_helpers import committed_offsets, end_offsets, produce, read_json
 
@@ -247,21 +248,23 @@ async def test_a_new_model_re_embeds_the_frames_asked_for(digits_model_path) -> 
 
 
 async def test_a_policy_change_during_inference_is_scored_again(digits_model_path) -> None:
-    """A live PUT /v1/policy to a utility the batch in flight was not scored for."""
+    """A live PUT /v1/policy, while the batch's model run is under way, to a utility that run
+    did not cover (AIFT's views): the batch is run again for it before it is decided."""
     model = OnnxModel.load(digits_model_path, device="cpu")
     policy = QueryPolicy.from_settings(PolicySettings(utility="entropy", cold_start_random=False))
     asked: list[set[str]] = []
 
     class _Engine(ScoringEngine):
-        def score(self, model: Any, inputs: np.ndarray, needs: Collection[str]) -> Scored:
+        def forward(self, model: Any, inputs: np.ndarray, needs: Collection[str]) -> Forward:
             asked.append(set(needs))
-            if len(asked) == 1:
-                policy.update(PolicyUpdate(utility="aift"))
-            return super().score(model, inputs, needs)
+            return super().forward(model, inputs, needs)
 
-    scorer = Scorer(Settings(), model, policy=policy, engine=_Engine())
+    engine = _Engine()
+    scorer = Scorer(Settings(), model, policy=policy, engine=engine)
     inputs = np.zeros((3, model.spec.channels, *model.spec.input_size), dtype=np.float32)
-    scored = await scorer._score(model, inputs)
+    forward = engine.forward(model, inputs, policy.needs)
+    policy.update(PolicyUpdate(utility="aift"))
+    scored = await scorer._score(model, inputs, forward)
     assert asked == [{"entropy"}, {"aift"}] and "aift" in scored.scores
     assert len(policy.decide(scored.scores)) == 3
 
@@ -294,3 +297,56 @@ async def test_a_crashed_stage_fails_the_scorer_and_stop_does_not_wait_for_a_dra
         settings.kafka, winnow_topics.frames, settings.scorer.group_id
     )
     assert set(committed.values()) == {0}, "nothing undelivered is committed"
+
+
+@pytest.mark.parametrize(("parallelism", "at_once"), [("batches", 2), ("operators", 1)])
+async def test_batches_inferred_at_once_are_decided_in_stream_order(
+    scorer_settings, digits_model_path, digit_pngs, winnow_topics, parallelism: str, at_once: int
+) -> None:
+    """On the CPU with two threads, ``batches`` runs two batches' models at once and
+    ``operators`` one; runs that end out of order (the first made slow) are still decided,
+    sent and committed in stream order, every frame once."""
+    base = scorer_settings(name="random", budget=0.2, window=300)
+    scorer_part = base.scorer.model_copy(
+        update={"max_batch_size": 4, "cpu_threads": 2, "cpu_parallelism": parallelism}
+    )
+    settings = base.model_copy(update={"scorer": scorer_part})
+    running, most = 0, 0
+    lock = threading.Lock()
+    delays = iter([0.4] + [0.02] * 1000)  # the first run outlasts the ones after it
+
+    class _Engine(ScoringEngine):
+        def forward(self, model: Any, inputs: np.ndarray, needs: Collection[str]) -> Forward:
+            nonlocal running, most
+            with lock:
+                running += 1
+                most = max(most, running)
+                delay = next(delays)
+            time.sleep(delay)
+            try:
+                return super().forward(model, inputs, needs)
+            finally:
+                with lock:
+                    running -= 1
+
+    decided: list[tuple[int, int]] = []  # (partition, offset) in the order batches are decided
+    frames = [(b"cam", png, _headers(f"f{i}")) for i, png in enumerate(digit_pngs[:40])]
+    await produce(settings.kafka, winnow_topics.frames, frames)
+    model = OnnxModel.load(digits_model_path, device="cpu", intra_op_threads=1)
+
+    def observer(batch: Any) -> None:
+        decided.extend((f.origin.partition, f.origin.offset) for f in batch.frames)
+
+    async with Scorer(settings, model, engine=_Engine(), on_batch=[observer]) as scorer:
+        predictions = await read_json(
+            settings.kafka, winnow_topics.predictions, lambda out: len(out) >= 40
+        )
+        assert scorer._concurrency == at_once
+    assert most == at_once
+    assert sorted(decided) == sorted(set(decided)) and len(decided) == 40
+    assert decided == sorted(decided)  # one key: one partition, decided in offset order
+    assert [p["frame_id"] for p in predictions] == [f"f{i}" for i in range(40)]
+    committed = await committed_offsets(
+        settings.kafka, winnow_topics.frames, settings.scorer.group_id
+    )
+    assert sum(committed.values()) == 40

@@ -51,3 +51,30 @@ def test_decode_threads_default_to_half_the_cpus_at_most_four() -> None:
 def test_negative_thread_counts_are_refused() -> None:
     with pytest.raises(ValueError, match="cpu_threads"):
         ScorerSettings(cpu_threads=-1)
+
+
+@pytest.mark.parametrize(
+    ("threads", "at_once", "each"), [(1, 1, 1), (2, 2, 1), (4, 4, 1), (8, 4, 2), (64, 4, 16)]
+)
+def test_batches_at_once_share_the_threads(threads: int, at_once: int, each: int) -> None:
+    """``batches`` (the default): one batch per thread, at most four at once."""
+    scorer = ScorerSettings(cpu_threads=threads)
+    assert (scorer.concurrent_batches, scorer.inference_threads) == (at_once, each)
+
+
+def test_unset_threads_count_the_cpus_the_process_may_use(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("service.config.available_cpus", lambda: 6)
+    scorer = ScorerSettings()
+    assert (scorer.concurrent_batches, scorer.inference_threads) == (4, 1)
+
+
+def test_operators_run_one_batch_across_every_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WINNOW_SCORER_CPU_PARALLELISM", "operators")
+    assert ScorerSettings(cpu_threads=8).concurrent_batches == 1
+    assert ScorerSettings(cpu_threads=8).inference_threads == 8
+    monkeypatch.setattr("service.config.cpu_limit", lambda: None)  # no mask, no quota
+    assert ScorerSettings().inference_threads is None  # ONNX Runtime's own default
+    with pytest.raises(ValueError, match="cpu_parallelism"):
+        ScorerSettings(cpu_parallelism="cores")  # type: ignore[arg-type]
