@@ -85,7 +85,8 @@ class ScorerSettings(BaseSettings):
         :attr:`concurrent_batches`."""
         if self.cpu_parallelism == "operators":
             return self.cpu_threads or cpu_limit()
-        return max(1, self._cpu_threads_total // self.concurrent_batches)
+        # at least 1: never more batches than threads
+        return self._cpu_threads_total // self.concurrent_batches
 
     @property
     def concurrent_batches(self) -> int:

@@ -1,10 +1,10 @@
 """The scoring engine: a model and a batch of inputs in; probabilities, embeddings and scores out.
 
-Each batch takes two steps, both off the event loop: :meth:`ScoringEngine.forward`
-runs the model (it keeps nothing between calls, so several batches may run it at
-once on different threads), then :meth:`ScoringEngine.finish`, one batch at a time
-in stream order, computes exactly the scores the policy asks for
-(``QueryPolicy.needs``); :meth:`ScoringEngine.score` is the two in one call:
+Each batch takes two steps: :meth:`ScoringEngine.forward` runs the model on a
+scorer thread (it keeps nothing between calls, so several batches may run it at
+once), then :meth:`ScoringEngine.finish`, one batch at a time in stream order,
+computes exactly the scores the policy asks for (``QueryPolicy.needs``);
+:meth:`ScoringEngine.score` is the two in one call:
 
 - the probability utilities of :mod:`service.scoring.uncertainty`, always:
   every prediction record carries them;
