@@ -4,7 +4,9 @@ The trainer writes a ``ModelSpec`` as JSON into the ONNX metadata under
 ``winnow.spec``; the scorer reads it to know the input size, channels,
 normalization and class names. The graph has one input, ``image``
 (float32, N x C x H x W, values normalized as ``(x / 255 - mean) / std``), and
-two outputs, ``probabilities`` (N x classes) and ``embedding`` (N x D).
+two outputs, ``probabilities`` (N x classes) and ``embedding`` (N x D), float32 too.
+Inside the graph the arithmetic is float32 or, with ``precision`` fp16, float16 (half the
+file, and tensor cores on a GPU); the input and outputs stay float32 either way.
 """
 
 import json
@@ -22,6 +24,9 @@ export and read by the scorer for MC-dropout committees."""
 INPUT_NAME = "image"
 OUTPUT_PROBABILITIES = "probabilities"
 OUTPUT_EMBEDDING = "embedding"
+
+Precision = Literal["fp32", "fp16"]
+"""The arithmetic inside a model's graph (:attr:`ModelSpec.precision`)."""
 
 
 class ModelSpec(BaseModel):
@@ -48,6 +53,11 @@ class ModelSpec(BaseModel):
         ge=0,
         description="answered labels (the holdout excluded) the trainer held when it published "
         "this version and this version had not learned from; null when not counted",
+    )
+    precision: Precision = Field(
+        default="fp32",
+        description="the arithmetic inside the graph (weights and activations); its input and "
+        "outputs are float32 either way",
     )
     metrics: dict[str, float] = Field(default_factory=dict)
     reference: DriftReference | None = Field(

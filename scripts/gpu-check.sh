@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The GPU check of `winnow bench throughput` (issue 15): on a machine with an NVIDIA GPU and
 # the project's packages importable, the camera case on the CUDA provider at 640x480 and
-# 1920x1080, scorer processes 1, 4 and 8, batches 32 and 64. JSON and logs go to the folder
-# given (default ./gpu-check). On a 16-core host with one H200 the 640x480 half took
-# 5 minutes with 12,000 frames; give the whole check 10 minutes.
+# 1920x1080, scorer processes 1, 4 and 8, batches 32 and 64, then the 640x480 case again with
+# an fp16 model (WINNOW_TRAINER_PRECISION=fp16), 1 and 4 processes at batch 64. JSON and logs
+# go to the folder given (default ./gpu-check). On a 16-core host with one H200 the 640x480
+# part took 5 minutes with 12,000 frames; give the whole check 12 minutes.
 #
 #   bash scripts/gpu-check.sh [OUT_DIR]
 #
@@ -31,4 +32,7 @@ winnow bench throughput --cases camera --device cuda --frame-size 640x480 \
 winnow bench throughput --cases camera --device cuda --frame-size 1920x1080 \
   --frames "$large" --batch-size 64 --batch-sizes 64 --workers 1,4,8 --no-naive \
   --json "$out/throughput-1920x1080.json" 2>&1 | tee "$out/throughput-1920x1080.log" || status=1
+winnow bench throughput --cases camera --device cuda --frame-size 640x480 --precision fp16 \
+  --frames "$small" --batch-size 64 --batch-sizes 64 --workers 1,4 --no-naive \
+  --json "$out/throughput-640x480-fp16.json" 2>&1 | tee "$out/throughput-640x480-fp16.log" || status=1
 exit $status

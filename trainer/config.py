@@ -14,6 +14,7 @@ from pydantic import AliasChoices, Field, SecretStr, field_validator, model_vali
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from infra.kafka.settings import KafkaSettings
+from schemas.model_spec import Precision
 from trainer.arch_defaults import (
     ARCHITECTURES,
     PRETRAINED_ARCHITECTURES,
@@ -114,6 +115,12 @@ class TrainerSettings(BaseSettings):
     )
     init_checkpoint: Path | None = Field(
         default=None, description="a trainer checkpoint (.pt) to start from instead"
+    )
+    precision: Precision = Field(
+        default="fp32",
+        description="the arithmetic inside each full release's ONNX graph: fp16 halves the "
+        "file and suits GPU scorers (tensor cores); on a CPU scorer fp32 is faster. Applies "
+        "from the next full release; head-only releases keep their base's",
     )
     model_name: str = "winnow"
     seed: int = 0

@@ -60,6 +60,7 @@ def initial_model(settings: TrainerSettings) -> tuple[WinnowNet, ModelSpec, bool
         mean=list(mean),
         std=list(std),
         embedding_dim=model.embedding_dim,
+        precision=settings.precision,
         metrics={"generation": 0.0},
     )
     return model, spec, True

@@ -375,6 +375,7 @@ class Trainer(Component):
                 # a head-only release may have come out while the round trained
                 "parent_version": self.spec.version,
                 "labels_unlearned": await self._unlearned(learned),
+                "precision": self.settings.precision,  # a changed setting takes effect here
             }
         )
         await self._release(built.model, spec)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from schemas.model_spec import ModelSpec
+from schemas.model_spec import ModelSpec, Precision
 from trainer.architectures import INPUT_NORMALIZATION, build_model
 from trainer.errors import ModelBuildError
 from trainer.export import check_parity, export_onnx
@@ -57,6 +57,7 @@ def init_model(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     pretrained: bool = False,
+    precision: Precision = "fp32",
 ) -> ModelSpec:
     """Builds a fresh model, exports it to ``out`` and checks ONNX parity.
 
@@ -76,6 +77,8 @@ def init_model(
         std: per-channel std; the default depends on ``channels`` and ``arch``.
         pretrained: load the ImageNet weights packaged for ``arch`` into the
             backbone (``efficientnet_lite0``); not together with ``weights``.
+        precision: the arithmetic inside the graph (``trainer.export``); fp16 is
+            checked against the float32 model with wider tolerances.
 
     Returns:
         The spec written into the file's metadata.
@@ -101,6 +104,7 @@ def init_model(
         "std": [float(v) for v in (std if std is not None else default_std)],
         "embedding_dim": model.embedding_dim,
         "labels_trained": 0,
+        "precision": precision,
     }
     try:
         draft = ModelSpec.model_validate({"version": "0-init", **spec_fields})

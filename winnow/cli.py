@@ -164,7 +164,7 @@ def _label_studio_bridge(args: argparse.Namespace) -> int:
 
 def _model_init(args: argparse.Namespace) -> int:
     from trainer.arch_defaults import default_arch, default_pretrained
-    from trainer.errors import ModelBuildError
+    from trainer.errors import ModelBuildError, ModelExportError
     from trainer.model_init import init_model
 
     classes = [c.strip() for c in args.classes.split(",") if c.strip()]
@@ -190,14 +190,16 @@ def _model_init(args: argparse.Namespace) -> int:
             weights=args.weights,
             seed=args.seed,
             pretrained=pretrained,
+            precision=args.precision,
         )
-    except ModelBuildError as error:
+    except (ModelBuildError, ModelExportError) as error:
         print(f"winnow model init: {error}", file=sys.stderr)
         return 2
     origin = "ImageNet-pretrained" if pretrained else "local weights" if args.weights else "random"
     print(
         f"wrote {args.out}: {spec.arch} ({origin}), {len(spec.classes)} classes, input "
-        f"{spec.channels}x{spec.input_size[0]}x{spec.input_size[1]}, version {spec.version}"
+        f"{spec.channels}x{spec.input_size[0]}x{spec.input_size[1]}, {spec.precision}, "
+        f"version {spec.version}"
     )
     return 0
 
@@ -357,6 +359,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="load the packaged ImageNet weights (efficientnet_lite0 only; its default)",
     )
     p.add_argument("--weights", type=Path, help="a local torchvision checkpoint (pretrained)")
+    p.add_argument(
+        "--precision",
+        choices=["fp32", "fp16"],
+        default="fp32",
+        help="arithmetic inside the graph; fp16 halves the file and suits GPUs (input and "
+        "outputs stay float32)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True)
     _command(p, _model_init, "trainer")
@@ -450,6 +459,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="the camera case's frames as WxH, e.g. 1920x1080 (default: crops of 640x427)",
     )
     p.add_argument("--no-naive", action="store_true", help="skip the one-record-at-a-time loop")
+    p.add_argument(
+        "--precision",
+        choices=["fp32", "fp16"],
+        default="fp32",
+        help="arithmetic inside the models' graphs (as WINNOW_TRAINER_PRECISION)",
+    )
     _command(p, _bench_throughput, "bench")
 
     p = bench.add_parser("drift", help="drift detectors vs River baselines at one ERT")

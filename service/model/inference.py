@@ -167,12 +167,15 @@ class OnnxModel:
         _check_graph(session, spec, name)
         model = cls(session, spec)
         log.info(
-            "model loaded version=%s arch=%s provider=%s cpu_threads=%s",
+            "model loaded version=%s arch=%s precision=%s provider=%s cpu_threads=%s",
             spec.version,
             spec.arch,
+            spec.precision,
             model.provider,
             intra_op_threads or "onnxruntime-default",
         )
+        if spec.precision == "fp16" and model.provider == CPU:
+            _warn_fp16_on_cpu()
         return model
 
     @property
@@ -239,6 +242,16 @@ class OnnxModel:
             sizes = [1 << i for i in range(largest.bit_length())]
         for size in sizes:
             self.run(np.zeros((size, *shape), dtype=np.float32))
+
+
+@functools.cache
+def _warn_fp16_on_cpu() -> None:
+    """Once per process (not at every swap): fp16 graphs run slower on the CPU provider."""
+    log.warning(
+        "an fp16 model runs on the CPU, where ONNX Runtime computes float16 slower than "
+        "float32 (ResNet-18: 30 against 42 frames/s on one thread); fp16 is meant for GPUs: "
+        "set WINNOW_TRAINER_PRECISION=fp32 for CPU scorers"
+    )
 
 
 def run_rows(

@@ -7,12 +7,15 @@ from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from prometheus_client import generate_latest
 
 from infra.errors import BrokerError
 from schemas.labels import Label
+from schemas.models import ModelChunk
+from service.model.inference import OnnxModel
 from tests.kafka_helpers import read_json
 from tests.trainer.helpers import digit_request, feed, loop_settings, manifests
 from trainer.evaluate import GateDecision, accuracy, is_holdout
@@ -215,6 +218,42 @@ async def test_labels_survive_a_restart_and_train_in_the_next_round(
         await read_json(kafka_settings, winnow_topics.models, lambda out: len(manifests(out)) >= 2)
     )
     assert [m["spec"]["labels_trained"] for m in models] == [0, report.labels_trained]
+
+
+async def test_a_changed_precision_takes_effect_at_the_next_full_release(
+    kafka_settings, group_id, winnow_topics, digits, tmp_path: Path
+) -> None:
+    """The failure it catches: ``WINNOW_TRAINER_PRECISION`` ignored by a trainer that resumes
+    from a checkpoint, or a release whose spec says fp16 while its graph computes in float32."""
+    pngs, targets = digits
+    settings = loop_settings(kafka_settings, group_id, tmp_path, round_min_labels=10_000)
+    async with Trainer(settings) as trainer:
+        await feed(kafka_settings, winnow_topics, pngs, targets, range(0, 40))
+        async with asyncio.timeout(60):
+            while trainer.store.untrained_count() < 40:  # noqa: ASYNC110 - polls the store
+                await asyncio.sleep(0.1)
+        assert trainer.spec.precision == "fp32"
+    async with Trainer(settings.model_copy(update={"precision": "fp16"})) as again:
+        assert again.spec.precision == "fp32"  # the checkpoint's, until the next release
+        report = await again.run_round()
+        assert report is not None and report.released
+        assert again.spec.precision == "fp16"
+        version = again.spec.version
+    records = await read_json(
+        kafka_settings, winnow_topics.models, lambda out: len(manifests(out)) >= 2
+    )
+    manifest = manifests(records)[-1]
+    assert (manifest["version"], manifest["spec"]["precision"]) == (version, "fp16")
+    chunks = sorted(
+        (ModelChunk.model_validate(r) for r in records if r.get("kind") == "chunk"),
+        key=lambda c: c.index,
+    )
+    artifact = b"".join(c.data for c in chunks if c.version == version)
+    weights = onnx.load_from_string(artifact).graph.initializer
+    assert {w.data_type for w in weights if np.prod(w.dims) > 16} == {onnx.TensorProto.FLOAT16}
+    model = OnnxModel.load(artifact, "cpu")
+    probabilities, _ = model.run(np.zeros((2, 1, 16, 16), dtype=np.float32))
+    assert probabilities.dtype == np.float32 and model.spec.precision == "fp16"
 
 
 async def test_topics_are_created_when_missing(kafka_settings, tmp_path: Path) -> None:

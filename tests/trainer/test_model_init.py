@@ -183,3 +183,77 @@ def test_cli_refuses_pretrained_where_it_cannot_be(
     assert cli.main([*argv, "--pretrained", "--weights", str(tmp_path / "w.pth")]) == 2
     assert "not both" in capsys.readouterr().err
     assert not (tmp_path / "m.onnx").exists()
+
+
+def _initializer_types(path: Path) -> set[int]:
+    """The element types of the graph's weights larger than a handful of values."""
+    proto = onnx.load(str(path))
+    return {t.data_type for t in proto.graph.initializer if np.prod(t.dims) > 16}
+
+
+@pytest.mark.parametrize(("arch", "channels", "size"), [("small-cnn", 1, 16), ("resnet18", 3, 32)])
+def test_fp16_computes_in_half_behind_a_float32_interface(
+    tmp_path: Path, arch: str, channels: int, size: int
+) -> None:
+    """The failure it catches: an fp16 export that keeps float32 weights (nothing gained),
+    changes the contract's float32 input or outputs, or drifts from the float32 model."""
+    classes = ["a", "b", "c"]
+    full = init_model(classes, size, arch, tmp_path / "fp32.onnx", channels=channels, seed=3)
+    half = init_model(
+        classes, size, arch, tmp_path / "fp16.onnx", channels=channels, seed=3, precision="fp16"
+    )
+    assert (full.precision, half.precision) == ("fp32", "fp16")
+    assert _spec_of(tmp_path / "fp16.onnx") == half
+    assert _initializer_types(tmp_path / "fp16.onnx") == {onnx.TensorProto.FLOAT16}
+    assert _initializer_types(tmp_path / "fp32.onnx") == {onnx.TensorProto.FLOAT}
+    ratio = (tmp_path / "fp16.onnx").stat().st_size / (tmp_path / "fp32.onnx").stat().st_size
+    assert 0.45 < ratio < 0.6
+    x = np.random.default_rng(0).normal(size=(5, channels, size, size)).astype(np.float32)
+    got = _session(tmp_path / "fp16.onnx").run(None, {INPUT_NAME: x})
+    want = _session(tmp_path / "fp32.onnx").run(None, {INPUT_NAME: x})
+    assert all(o.dtype == np.float32 for o in got)
+    np.testing.assert_allclose(got[0], want[0], atol=export.FP16_TOLERANCE)
+    assert np.abs(got[1] - want[1]).max() <= export.FP16_TOLERANCE * np.abs(want[1]).max()
+    assert not np.array_equal(got[0], want[0])  # it really computed in half precision
+
+
+def test_fp16_parity_refuses_a_model_that_overflows_in_half(tmp_path: Path) -> None:
+    """The failure it catches: a release whose float16 activations overflow (65,504 is
+    float16's largest value) served with NaN probabilities instead of refused at export."""
+    torch.manual_seed(0)
+    model = build_model("small-cnn", 2, 1).eval()
+    with torch.no_grad():
+        first = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+        first.weight.mul_(1e7)
+    spec = ModelSpec(
+        version="v1",
+        arch="small-cnn",
+        classes=["a", "b"],
+        input_size=(16, 16),
+        channels=1,
+        mean=[0.5],
+        std=[0.5],
+        embedding_dim=model.embedding_dim,
+    )
+    export_onnx(model, spec, tmp_path / "fp32.onnx")
+    x = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        _, want = model(x)
+    _, got = _session(tmp_path / "fp32.onnx").run(None, {INPUT_NAME: x.numpy()})
+    assert np.abs(got - want.numpy()).max() <= 1e-5 * np.abs(want.numpy()).max()  # fp32 is fine
+    assert np.abs(want.numpy()).max() > 65504  # beyond float16's range
+    half = spec.model_copy(update={"precision": "fp16"})
+    export_onnx(model, half, tmp_path / "fp16.onnx")
+    with pytest.raises(ModelExportError, match="does not keep its accuracy in float16"):
+        check_parity(model, tmp_path / "fp16.onnx", half)
+
+
+def test_cli_writes_fp16_when_asked(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from winnow import cli
+
+    argv = ["model", "init", "--classes", "a,b", "--input-size", "16", "--channels", "1"]
+    assert cli.main([*argv, "--precision", "fp16", "--out", str(tmp_path / "m.onnx")]) == 0
+    assert ", fp16, version" in capsys.readouterr().out
+    assert _spec_of(tmp_path / "m.onnx").precision == "fp16"
+    assert cli.main([*argv, "--out", str(tmp_path / "d.onnx")]) == 0
+    assert _spec_of(tmp_path / "d.onnx").precision == "fp32"

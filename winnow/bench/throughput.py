@@ -49,6 +49,7 @@ from infra.kafka.broker import EmbeddedBroker
 from infra.kafka.consumer import create_consumer
 from infra.kafka.producer import create_producer
 from infra.kafka.settings import KafkaSettings
+from schemas.model_spec import Precision
 from schemas.predictions import Prediction
 from service.config import PolicySettings, ScorerSettings
 from service.model.inference import OnnxModel
@@ -117,6 +118,8 @@ class BenchConfig:
     """The camera case's frames resized to (width, height); None: crops of the photos."""
     naive: bool = True
     """Whether to measure the one-record-at-a-time loop (slow for large frames)."""
+    precision: Precision = "fp32"
+    """The arithmetic inside the models' graphs (``trainer.export``), bare and scorer alike."""
     partitions: int = 3
     latency_seconds: float = LATENCY_SECONDS
     bare_min_seconds: float = BARE_MIN_SECONDS
@@ -826,11 +829,21 @@ async def measure_latency(
 # -- a case -----------------------------------------------------------------------------------
 
 
-def build_model(spec: CaseSpec, path: Path, device: str) -> OnnxModel:
+def build_model(
+    spec: CaseSpec, path: Path, device: str, precision: Precision = "fp32"
+) -> OnnxModel:
     """Writes the case's model (fixed seed) to ``path`` and loads it."""
     from trainer.model_init import init_model
 
-    init_model(spec.classes, spec.input_size, spec.arch, path, channels=spec.channels, seed=0)
+    init_model(
+        spec.classes,
+        spec.input_size,
+        spec.arch,
+        path,
+        channels=spec.channels,
+        seed=0,
+        precision=precision,
+    )
     return OnnxModel.load(path, device)  # type: ignore[arg-type]
 
 
@@ -860,7 +873,7 @@ async def _run_case(
         f"{len(spec.classes)} classes) and {count} frames{size_text}"
     )
     model_path = directory / f"{spec.name}-{spec.arch}.onnx"
-    model = await asyncio.to_thread(build_model, spec, model_path, config.device)
+    model = await asyncio.to_thread(build_model, spec, model_path, config.device, config.precision)
     gpu = model.provider == "CUDAExecutionProvider"
     frames = await asyncio.to_thread(spec.make_frames, count)
     limits = DecodeLimits(max_bytes=20 * 1024 * 1024, max_pixels=50_000_000)
@@ -996,6 +1009,7 @@ async def _run_case(
         "case": name,
         "model": f"{spec.arch} {spec.channels}x{spec.input_size}x{spec.input_size} "
         f"{len(spec.classes)} classes ({model.version})",
+        "precision": model.spec.precision,
         "device": "cuda" if model.provider == "CUDAExecutionProvider" else "cpu",
         "provider": model.provider,
         "batch_size": batch,
@@ -1226,6 +1240,7 @@ def run_throughput_bench(args: argparse.Namespace) -> int:
         batch_sizes=args.batch_sizes,
         frame_size=args.frame_size,
         naive=not args.no_naive,
+        precision=args.precision,
         progress=progress,
     )
     quiet = (

@@ -226,3 +226,27 @@ def test_cpu_models_are_not_padded_and_cuda_gets_its_options(
 
     assert asked == [[(CUDA, {"cudnn_conv_algo_search": "HEURISTIC"}), CPU]]
     assert provider_entries([CPU]) == [CPU]
+
+
+def test_an_fp16_model_on_the_cpu_is_served_with_one_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The failure it catches: an fp16 release (meant for GPUs) slowing a CPU scorer with no
+    word in its log, or that word repeated at every model swap."""
+    from service.model import inference
+    from trainer.model_init import init_model
+
+    inference._warn_fp16_on_cpu.cache_clear()
+    init_model(["a", "b"], 16, "small-cnn", tmp_path / "h.onnx", channels=1, precision="fp16")
+    init_model(["a", "b"], 16, "small-cnn", tmp_path / "f.onnx", channels=1)
+    with caplog.at_level("INFO", logger="service.model.inference"):
+        full = OnnxModel.load(tmp_path / "f.onnx", device="cpu")
+        assert "precision=fp32" in caplog.text and "fp16 model" not in caplog.text
+        for _ in range(3):  # swaps
+            half = OnnxModel.load(tmp_path / "h.onnx", device="cpu")
+    assert caplog.text.count("an fp16 model runs on the CPU") == 1
+    assert "precision=fp16" in caplog.text
+    batch = np.random.default_rng(0).normal(size=(3, 1, 16, 16)).astype(np.float32)
+    got, want = half.run(batch), full.run(batch)
+    assert got[0].dtype == got[1].dtype == np.float32
+    np.testing.assert_allclose(got[0], want[0], atol=1e-2)

@@ -7,6 +7,7 @@ WINNOW_TRAINER_GROUP_ID: {{ $t.groupId | quote }}
 WINNOW_TRAINER_METRICS_PORT: {{ int $t.metricsPort | quote }}
 WINNOW_TRAINER_CLASSES: {{ toJson $t.classes | quote }}
 WINNOW_TRAINER_INPUT_SIZE: {{ int $t.inputSize | quote }}
+WINNOW_TRAINER_PRECISION: {{ $t.precision | quote }}
 {{- if $t.arch }}
 WINNOW_TRAINER_ARCH: {{ $t.arch | quote }}
 {{- end }}
