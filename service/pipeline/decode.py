@@ -54,6 +54,7 @@ from schemas.frames import ContentType
 from schemas.media import ALIASES, other_format, sniff
 from schemas.model_spec import ModelSpec
 from schemas.pixels import image_pixels, normalize, normalize_batch
+from schemas.resize import batch_resizable, resize_bilinear
 from service.errors import PoisonRecord
 
 _PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"
@@ -110,17 +111,31 @@ def preprocess(image: Image.Image, spec: ModelSpec) -> np.ndarray:
 
 
 def _frame_pixels(
-    value: bytes | None, content_type: str | None, spec: ModelSpec, limits: DecodeLimits
+    value: bytes | None,
+    content_type: str | None,
+    spec: ModelSpec,
+    limits: DecodeLimits,
+    *,
+    defer_resize: bool = False,
 ) -> np.ndarray:
     """A frame's uint8 pixels at the input size (``image_pixels``): an intact 8-bit grey
-    or RGB PNG by libspng, without Pillow's ``Image.open``; anything else by Pillow."""
+    or RGB PNG by libspng, without Pillow's ``Image.open``; anything else by Pillow.
+
+    Args:
+        defer_resize: a libspng frame of the model's colours that ``schemas.resize``
+            resizes as Pillow does comes back at its own size, for the caller to resize
+            with the other frames of its batch (``resize_bilinear``).
+    """
     value, fmt, size = _check(value, content_type, limits)
     decoded = _spng_decode(value) if fmt == "PNG" else None
     if decoded is None:
         return _input_pixels(_open_checked(value, fmt, size, limits), spec, value)
     pixels, mode = decoded
-    if pixels.shape[:2] == spec.input_size and mode == _mode(spec):
-        return pixels
+    if mode == _mode(spec):
+        if pixels.shape[:2] == spec.input_size:
+            return pixels
+        if defer_resize and batch_resizable(pixels.shape[:2], spec.input_size):
+            return pixels
     return image_pixels(Image.fromarray(pixels, mode), spec)
 
 
@@ -240,14 +255,22 @@ def prepare_batch(
     pixels = np.empty((len(items), *shape), dtype=np.uint8)
     good: list[int] = []
     poison: list[tuple[int, PoisonRecord]] = []
+    small: dict[tuple[int, ...], list[tuple[int, np.ndarray]]] = {}  # by size: slot, pixels
     for index, (value, content_type) in enumerate(items):
         try:
-            frame = _frame_pixels(value, content_type, spec, limits)
+            frame = _frame_pixels(value, content_type, spec, limits, defer_resize=True)
         except PoisonRecord as exc:
             poison.append((index, exc))
-        else:
+            continue
+        if frame.shape[:2] == spec.input_size:
             pixels[len(good)] = frame.reshape(shape)
-            good.append(index)
+        else:
+            small.setdefault(frame.shape, []).append((len(good), frame))
+        good.append(index)
+    for frames in small.values():  # the batch's small frames, a resize per size
+        slots = [slot for slot, _ in frames]
+        resized = resize_bilinear(np.stack([frame for _, frame in frames]), spec.input_size)
+        pixels[slots] = resized.reshape(len(slots), *shape)
     return normalize_batch(pixels[: len(good)], spec), good, poison
 
 

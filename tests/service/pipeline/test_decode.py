@@ -11,6 +11,7 @@ from PIL import Image
 from schemas.model_spec import ModelSpec
 from schemas.pixels import image_pixels
 from service.errors import PoisonRecord
+from service.pipeline import decode
 from service.pipeline.decode import (
     DecodeLimits,
     decode_and_preprocess,
@@ -238,6 +239,35 @@ def test_prepare_batch_is_preprocess_frame_by_frame_bit_for_bit(
     assert inputs.dtype == expected.dtype and inputs.shape == expected.shape
     assert np.array_equal(inputs, expected)
     assert inputs.flags.c_contiguous
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_small_frames_of_several_sizes_resized_together_are_pillows(
+    channels: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The failure it catches: small PNGs resized a batch at a time (``schemas.resize``)
+    coming out other than Pillow makes them, or in the wrong slots of the batch, when sizes
+    mix: 8x8 and 12x10 frames grow to 16x16 in batches, a 16x16 one needs no resize, and
+    40x40 and 20x28 ones shrink both ways, which Pillow does itself."""
+    rng = np.random.default_rng(channels)
+    sizes = [(8, 8), (40, 40), (12, 10), (8, 8), (16, 16), (12, 10), (20, 28), (8, 8)]
+    shape = () if channels == 1 else (3,)
+    frames = [rng.integers(0, 256, (*size, *shape), dtype=np.uint8) for size in sizes]
+    values = [_encode(frame, "PNG") for frame in frames]
+    spec = _spec(channels, (16, 16))
+    resized: list[tuple[int, ...]] = []
+    original = decode.resize_bilinear
+
+    def spy(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+        resized.append(pixels.shape[:3])
+        return original(pixels, size)
+
+    monkeypatch.setattr(decode, "resize_bilinear", spy)
+    inputs, good, poison = prepare_batch([(v, "image/png") for v in values], spec, LIMITS)
+    assert good == list(range(len(values))) and not poison
+    assert sorted(resized) == [(2, 12, 10), (3, 8, 8)]  # one resize per size; the rest Pillow's
+    expected = np.stack([_per_frame(v, spec) for v in values])
+    assert np.array_equal(inputs, expected)
 
 
 def _per_frame(value: bytes, spec: ModelSpec) -> np.ndarray:

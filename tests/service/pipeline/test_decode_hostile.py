@@ -177,6 +177,9 @@ def test_libspng_and_pillow_agree_on_every_intact_png(
         assert caught.value.reason == error.reason
     else:
         assert np.array_equal(decode_and_preprocess(value, "image/png", spec, LIMITS), want)
+        # in a batch, where small frames are resized together (schemas.resize)
+        inputs, good, _ = prepare_batch([(value, "image/png")] * 2, spec, LIMITS)
+        assert good == [0, 1] and np.array_equal(inputs, np.stack([want, want]))
 
 
 @FAST
