@@ -14,6 +14,13 @@ the frame is asked for with probability ``p_t`` and then ``A ← A + g_t g_tᵀ`
 budget ``b`` while frames whose gradients point in directions the asked-for frames
 do not span are the likeliest to be asked for.
 
+With ``horizon`` H > 0, ``Σ̂`` and the running ``tr(Σ̂A⁻¹)`` weigh frame t by
+``1/min(t, H)`` instead of ``1/t``: the running mean until H frames, then an exponential
+average over about the last H frames. The paper's mean of every frame since the model
+changed (H = 0, the default) falls behind when the gradients shrink as the model learns:
+in ``winnow bench label-efficiency`` on digits VeSSAL asked for 1.5 to 2 % of the frames
+it saw against a budget of 5 %.
+
 Gradient embeddings of C classes and D features have C·D entries; above ``dim``
 they are projected to ``dim`` by a fixed Gaussian random projection (Johnson and
 Lindenstrauss), as the paper's code does for wide models. The ridge is ``λ =
@@ -47,6 +54,7 @@ class VeSSAL(EmbeddingStrategy):
         "dim": Param(256.0, 1.0, 4096.0, low_open=False, integer=True),
         "ridge": Param(0.01, 0.0, 1e6),
         "memory": Param(256.0, 1.0, 65536.0, low_open=False, integer=True),
+        "horizon": Param(0.0, 0.0, 1e9, low_open=False, integer=True),
     }
 
     def __init__(self, budget: float, params: Mapping[str, float] | None = None) -> None:
@@ -56,6 +64,21 @@ class VeSSAL(EmbeddingStrategy):
 
     def _apply_params(self) -> None:
         self.memory = int(self._values["memory"])
+        self.horizon = int(self._values["horizon"])
+
+    def _weight(self, t: int) -> float:
+        """Frame t's weight in the running averages: ``1/t``, or ``1/min(t, horizon)``."""
+        return 1.0 / (min(t, self.horizon) if self.horizon else t)
+
+    def _covariance_after(self, rows: np.ndarray) -> np.ndarray:
+        """``Σ̂`` once ``rows`` (the batch's first frames) joined it, frame by frame:
+        ``Σ̂ ← (1 - w_t) Σ̂ + w_t g gᵀ``, summed in closed form."""
+        assert self._covariance is not None
+        weights = np.array([self._weight(self._seen + i + 1) for i in range(len(rows))])
+        keep = np.cumprod((1.0 - weights)[::-1])[::-1]  # ∏_{j >= i} (1 - w_j)
+        after = np.append(keep[1:], 1.0)  # ∏_{j > i} (1 - w_j)
+        decay = float(keep[0]) if len(rows) else 1.0
+        return decay * self._covariance + (rows.T * (weights * after)) @ rows
 
     def _reset(self) -> None:
         self._inverse: np.ndarray | None = None  # A⁻¹
@@ -109,7 +132,7 @@ class VeSSAL(EmbeddingStrategy):
         leverage = float(g @ ag)
         t = self._seen + self._batch_seen + 1
         self._batch_seen += 1
-        self._trace += (leverage - self._trace) / t
+        self._trace += (leverage - self._trace) * self._weight(t)
         if self._trace <= 0:
             return 1.0
         return float(min(1.0, self.budget * leverage / self._trace))
@@ -133,19 +156,14 @@ class VeSSAL(EmbeddingStrategy):
         self._inverse -= np.outer(ag, ag) / (1.0 + leverage)
         self._ag = self._g @ self._inverse
         # Σ̂ up to this frame: the batch's frames so far join the running covariance
-        seen = self._g[: self._batch_seen]
-        t = self._seen + self._batch_seen
-        assert self._covariance is not None
-        covariance = (self._seen * self._covariance + seen.T @ seen) / max(t, 1)
+        covariance = self._covariance_after(self._g[: self._batch_seen])
         self._trace = float((covariance * self._inverse).sum())
 
     def end(self) -> None:
         if self._fallback or self._covariance is None:
             return
-        seen = self._g[: self._batch_seen]
-        t = self._seen + self._batch_seen
-        self._covariance = (self._seen * self._covariance + seen.T @ seen) / max(t, 1)
-        self._seen = t
+        self._covariance = self._covariance_after(self._g[: self._batch_seen])
+        self._seen += self._batch_seen
 
     def rebase(self, embeddings: np.ndarray, probabilities: np.ndarray | None) -> None:
         """A new model: ``A`` is rebuilt from the frames asked for, ``Σ̂`` starts over."""

@@ -71,3 +71,48 @@ def test_rebase_rebuilds_the_span_from_the_frames_asked_for() -> None:
     strategy.begin(np.zeros(64), DecisionContext(embeddings, probabilities), 0.0)
     scores = np.array([strategy.score(i) for i in range(64)])
     assert scores[32:].mean() > 5 * scores[:32].mean()
+
+
+def _rate_while_the_model_grows_confident(params: dict[str, float]) -> float:
+    """The share asked for over the last third of a stream whose gradient embeddings shrink
+    tenfold as the model grows confident (its top probability 0.55 → 0.95)."""
+    rng = np.random.default_rng(10)
+    policy = QueryPolicy("vessal", utility="margin", budget=0.05, seed=0, params=params)
+    selected = []
+    for step in range(300):
+        embeddings = rng.normal(size=(50, 16))
+        top = 0.55 + 0.4 * step / 299
+        probabilities = np.stack([np.full(50, top), np.full(50, 1 - top)], axis=1)
+        rows = policy.decide({"margin": np.zeros(50)}, DecisionContext(embeddings, probabilities))
+        if step >= 200:
+            selected += [row["selected"] for row in rows]
+    return float(np.mean(selected))
+
+
+def test_a_horizon_keeps_the_budget_while_the_gradients_shrink() -> None:
+    """The failure it catches: VeSSAL asking for a fraction of its budget once the model
+    learns (the mean of every gradient since the model changed outweighs today's smaller
+    ones), as it did on digits: 1.5 to 2 % of the frames against a budget of 5 %."""
+    everything = _rate_while_the_model_grows_confident({})
+    recent = _rate_while_the_model_grows_confident({"horizon": 500})
+    assert everything < 0.03
+    assert recent == pytest.approx(0.05, rel=0.3)
+
+
+def test_without_a_horizon_the_covariance_is_the_mean_of_every_frame() -> None:
+    rng = np.random.default_rng(11)
+    strategy = VeSSAL(0.05)
+    first, second = rng.normal(size=(7, 4)), rng.normal(size=(5, 4))
+    strategy._start(first)
+    strategy._seen, strategy._covariance = 0, np.zeros((4, 4))
+    strategy._covariance = strategy._covariance_after(first)
+    strategy._seen = 7
+    both = np.vstack([first, second])
+    np.testing.assert_allclose(strategy._covariance_after(second), both.T @ both / 12)
+    windowed = VeSSAL(0.05, {"horizon": 3})
+    windowed._covariance, windowed._seen = np.zeros((4, 4)), 0
+    one_by_one = np.zeros((4, 4))
+    for t, g in enumerate(both, start=1):
+        w = 1 / min(t, 3)
+        one_by_one = (1 - w) * one_by_one + w * np.outer(g, g)
+    np.testing.assert_allclose(windowed._covariance_after(both), one_by_one)
