@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The GPU check of `winnow bench throughput` (issue 15): on a machine with an NVIDIA GPU and
 # the project's packages importable, the camera case on the CUDA provider at 640x480 and
-# 1920x1080, scorer processes 1, 4 and 8, batches 32 and 64, then the 640x480 case again with
-# an fp16 model (WINNOW_TRAINER_PRECISION=fp16), 1 and 4 processes at batch 64. JSON and logs
-# go to the folder given (default ./gpu-check). On a 16-core host with one H200 the 640x480
+# 1920x1080, scorer processes 1, 4 and 8, batches 32 and 64 (after the tests marked gpu),
+# then the 640x480 case again with an fp16 model (WINNOW_TRAINER_PRECISION=fp16), 1 and 4
+# processes at batch 64. JSON and logs go to the folder given (default ./gpu-check). On a 16-core host with one H200 the 640x480
 # part took 5 minutes with 12,000 frames; give the whole check 12 minutes.
 #
 #   bash scripts/gpu-check.sh [OUT_DIR]
@@ -26,6 +26,10 @@ fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt"
 winnow() { "$python" -c 'import sys; from winnow.cli import main; sys.exit(main(sys.argv[1:]))' "$@"; }
 status=0
+# the tests that need a GPU (skipped everywhere else): ONNX Runtime on CUDA, and exports
+# of a model the trainer keeps on the GPU
+"$python" -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tee "$out/gpu-tests.log" \
+  || status=1
 winnow bench throughput --cases camera --device cuda --frame-size 640x480 \
   --frames "$small" --batch-size 64 --batch-sizes 32,64 --workers 1,4,8 --no-naive \
   --json "$out/throughput-640x480.json" 2>&1 | tee "$out/throughput-640x480.log" || status=1

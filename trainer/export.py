@@ -79,7 +79,8 @@ def export_onnx(model: nn.Module, spec: ModelSpec, path: Path) -> None:
     model.eval()
     try:
         with torch.no_grad():
-            traced = HalfPrecision(model) if spec.precision == "fp16" else model
+            traced = on_cpu(model)
+            traced = HalfPrecision(traced) if spec.precision == "fp16" else traced
             try:
                 proto = _export_torchscript(traced, example)
             except Exception as legacy:  # the exporter raises many kinds
@@ -109,6 +110,18 @@ def export_onnx(model: nn.Module, spec: ModelSpec, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(proto.SerializeToString())
     tmp.replace(path)  # readers never see half a file
+
+
+def on_cpu(model: nn.Module) -> nn.Module:
+    """``model`` itself when its weights are on the CPU, else a CPU copy of it.
+
+    A trainer on a GPU keeps its model there; the export traces and the parity check
+    runs on the CPU (the release must run on any scorer), and the copy leaves the
+    trainer's model where it is.
+    """
+    if all(p.device.type == "cpu" for p in model.parameters()):
+        return model
+    return copy.deepcopy(model).cpu()
 
 
 def head_metadata(model: nn.Module) -> str | None:
@@ -213,7 +226,7 @@ def check_parity(
     model.eval()
     try:
         with torch.no_grad():
-            expected = [t.numpy() for t in model(x)]
+            expected = [t.numpy() for t in on_cpu(model)(x)]
     finally:
         model.train(was_training)
     options = ort.SessionOptions()

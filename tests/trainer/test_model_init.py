@@ -257,3 +257,35 @@ def test_cli_writes_fp16_when_asked(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert _spec_of(tmp_path / "m.onnx").precision == "fp16"
     assert cli.main([*argv, "--out", str(tmp_path / "d.onnx")]) == 0
     assert _spec_of(tmp_path / "d.onnx").precision == "fp32"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device for torch")
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_a_model_trained_on_the_gpu_exports_and_passes_parity(
+    tmp_path: Path, precision: str
+) -> None:
+    """The failure it catches: a trainer on a GPU (``WINNOW_TRAINER_DEVICE=cuda``) whose
+    every full release fails, because the export traces a model on the GPU with an example
+    on the CPU; and an export that moves the trainer's own model off the GPU."""
+    torch.manual_seed(0)
+    model = build_model("small-cnn", 3, 1).cuda()
+    spec = ModelSpec(
+        version="v1",
+        arch="small-cnn",
+        classes=["a", "b", "c"],
+        input_size=(16, 16),
+        channels=1,
+        mean=[0.5],
+        std=[0.5],
+        embedding_dim=model.embedding_dim,
+        precision=precision,
+    )
+    export_onnx(model, spec, tmp_path / "m.onnx")
+    assert check_parity(model, tmp_path / "m.onnx", spec) <= export.FP16_TOLERANCE
+    assert next(model.parameters()).device.type == "cuda"
+
+
+def test_a_model_on_the_cpu_is_exported_as_it_is() -> None:
+    model = build_model("small-cnn", 2, 1)
+    assert export.on_cpu(model) is model
