@@ -116,3 +116,33 @@ def test_without_a_horizon_the_covariance_is_the_mean_of_every_frame() -> None:
         w = 1 / min(t, 3)
         one_by_one = (1 - w) * one_by_one + w * np.outer(g, g)
     np.testing.assert_allclose(windowed._covariance_after(both), one_by_one)
+
+
+def test_keep_budget_spends_the_budget_where_the_rate_is_cut_at_one() -> None:
+    """The failure it catches: ``keep_budget`` leaving VeSSAL under its budget on a stream
+    whose gradients shrink (as the plain rate does: the test above), or overshooting it."""
+    plain = _rate_while_the_model_grows_confident({})
+    kept = _rate_while_the_model_grows_confident({"keep_budget": 1})
+    assert plain < 0.03
+    assert kept == pytest.approx(0.05, rel=0.25)
+
+
+def test_keep_budget_still_prefers_new_directions() -> None:
+    rng = np.random.default_rng(8)
+    policy = QueryPolicy("vessal", utility="margin", budget=0.05, seed=0, params={"keep_budget": 1})
+    for _ in range(100):
+        embeddings, probabilities = _batch(rng, 50, 0)
+        policy.decide({"margin": np.zeros(50)}, DecisionContext(embeddings, probabilities))
+    asked: dict[int, list[bool]] = {0: [], 1: []}
+    for _ in range(20):
+        blocks = (rng.random(50) < 0.1).astype(int)
+        embeddings, probabilities = np.zeros((50, 16)), np.zeros((50, 2))
+        for block in (0, 1):
+            rows = blocks == block
+            embeddings[rows], probabilities[rows] = _batch(rng, int(rows.sum()), block)
+        decisions = policy.decide(
+            {"margin": np.zeros(50)}, DecisionContext(embeddings, probabilities)
+        )
+        for block, row in zip(blocks, decisions, strict=True):
+            asked[int(block)].append(row["selected"])
+    assert np.mean(asked[1]) > 3 * np.mean(asked[0])
