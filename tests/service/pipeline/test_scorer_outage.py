@@ -69,12 +69,20 @@ def _decided(predictions: list[dict]) -> set[str]:
     return {p["frame_id"] for p in predictions}
 
 
-async def _every_committed_frame_decided(kafka, topics, group: str) -> None:
-    """No committed offset is ahead of a delivered decision (else that frame is lost)."""
+async def _committed_and_delivered(
+    kafka, topics, group: str
+) -> tuple[dict[int, int], set[tuple[int, int]]]:
+    """The group's committed offset of each frames partition, and every (partition, offset)
+    with a delivered decision."""
     committed = await committed_offsets(kafka, topics.frames, group)
     written = sum((await end_offsets(kafka, topics.predictions)).values())
     predictions = await read_json(kafka, topics.predictions, lambda out: len(out) >= written, 60)
-    delivered = {(p["origin"]["partition"], p["origin"]["offset"]) for p in predictions}
+    return committed, {(p["origin"]["partition"], p["origin"]["offset"]) for p in predictions}
+
+
+async def _every_committed_frame_decided(kafka, topics, group: str) -> None:
+    """No committed offset is ahead of a delivered decision (else that frame is lost)."""
+    committed, delivered = await _committed_and_delivered(kafka, topics, group)
     for partition, offset in committed.items():
         missing = [o for o in range(offset) if (partition, o) not in delivered]
         assert not missing, f"partition {partition}: offsets {missing[:10]} committed, undecided"
@@ -152,7 +160,16 @@ async def test_scorer_rides_out_an_outage_and_stops_cleanly_in_one(
     assert stopped_in < DRAIN_TIMEOUT_S, text
     assert "Traceback" not in text and "shutdown failed" not in text, text
     said = [line for line in stop_lines if "stopping with the broker unreachable" in line]
-    assert len(said) == 1 and "decided again by the next owner" in said[0], text
+    if said:
+        assert len(said) == 1 and "decided again by the next owner" in said[0], text
+    else:
+        # The cut found the scorer between fetches with all it had fetched delivered and
+        # committed (on the embedded broker it waits on fetches most of the time, the more
+        # so as decoding got faster): nothing to say, so nothing delivered may lie past a
+        # committed offset. (tests/infra/kafka/test_outage.py checks the line itself.)
+        committed, delivered = await _committed_and_delivered(kafka, topics, group_id)
+        ahead = [(p, o) for p, o in delivered if o >= committed.get(p, 0)]
+        assert not ahead, f"decided but not committed, and no line said so: {ahead[:10]}\n{text}"
     assert len(loud(stop_lines)) <= 3, text
 
     # Nothing committed ahead of its decision; the next scorer decides every frame left.
