@@ -152,25 +152,38 @@ class OffsetTracker:
         and what their next owner does about it (``redone``: e.g. "their frames
         will be decided again").
 
+        Records consumed and not yet done (in flight when the stop came) are named the
+        same way, even when the commit of what was done went through.
+
         Returns:
-            Whether every delivered offset was committed.
+            Whether every consumed offset was committed.
         """
         try:
             committed = await asyncio.wait_for(self.commit(consumer), timeout_s)
         except TimeoutError:
             committed = None
-        if committed is not None:
-            return True
         assigned = consumer.assignment()
         partitions = sorted(
             (tp for tp in self.behind() if tp in assigned), key=lambda tp: (tp.topic, tp.partition)
         )
+        if committed is not None and not partitions:
+            return True
         names = ", ".join(f"{tp.topic}:{tp.partition}" for tp in partitions)
         count = (
             f"{len(partitions)} partitions' offsets"
             if len(partitions) != 1
             else "1 partition's offset"
         )
+        if committed is not None:  # the commit went through, but records were still in flight
+            stop_log.warning(
+                "%s: stopping with records in flight: %s not committed past them (%s); "
+                "%s by the next owner",
+                self.name,
+                count,
+                names,
+                redone,
+            )
+            return False
         stop_log.warning(
             "%s: stopping with the broker unreachable: %s not committed (%s); %s by the next owner",
             self.name,

@@ -246,3 +246,56 @@ async def test_the_broker_advertises_the_proxy_so_every_connection_can_be_cut(
     finally:
         await admin.close()
     assert {f"{b['host']}:{b['port']}" for b in cluster["brokers"]} == {fault_proxy.address}
+
+
+async def test_the_stop_commit_names_records_still_in_flight(
+    proxied_kafka_settings, group_id, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Catches a stop that commits what was done and says nothing of the records consumed
+    and not yet done (a scorer cut off mid-delivery): their next owner redoes them, and the
+    line says which partitions."""
+    topic = proxied_kafka_settings.topics.frames
+    await ensure_topics(proxied_kafka_settings, [topic])
+    await produce(proxied_kafka_settings, topic, [(b"k", b"v%d" % i, []) for i in range(6)])
+    consumer: AIOKafkaConsumer = create_consumer(proxied_kafka_settings, topic, group_id=group_id)
+    await consumer.start()
+    tracker = OffsetTracker("test")
+    try:
+        consumed: list = []
+        async with asyncio.timeout(30):
+            while len(consumed) < 6:
+                for tp, records in (await consumer.getmany(timeout_ms=200)).items():
+                    consumed += [(tp, r.offset) for r in records]
+        tracker.consumed_many(consumed)
+        tracker.done_many(consumed[:2])
+        assert await tracker.commit(consumer)  # the done prefix, committed before the stop
+        assert not await tracker.commit_before_stop(consumer, 5.0, "they will be read again")
+    finally:
+        await stop_client(consumer, "test consumer")
+    lines = [r.getMessage() for r in caplog.records if "stopping with" in r.message]
+    assert len(lines) == 1 and "records in flight" in lines[0], lines
+    assert f"{topic}:{consumed[2][0].partition}" in lines[0]
+    assert "they will be read again by the next owner" in lines[0]
+
+
+async def test_a_stop_with_everything_done_commits_and_says_nothing(
+    proxied_kafka_settings, group_id, caplog: pytest.LogCaptureFixture
+) -> None:
+    topic = proxied_kafka_settings.topics.frames
+    await ensure_topics(proxied_kafka_settings, [topic])
+    await produce(proxied_kafka_settings, topic, [(b"k", b"w%d" % i, []) for i in range(3)])
+    consumer: AIOKafkaConsumer = create_consumer(proxied_kafka_settings, topic, group_id=group_id)
+    await consumer.start()
+    tracker = OffsetTracker("test")
+    try:
+        consumed: list = []
+        async with asyncio.timeout(30):
+            while len(consumed) < 3:
+                for tp, records in (await consumer.getmany(timeout_ms=200)).items():
+                    consumed += [(tp, r.offset) for r in records]
+        tracker.consumed_many(consumed)
+        tracker.done_many(consumed)
+        assert await tracker.commit_before_stop(consumer, 5.0, "they will be read again")
+    finally:
+        await stop_client(consumer, "test consumer")
+    assert not [r for r in caplog.records if "stopping with" in r.message]
