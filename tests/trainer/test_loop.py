@@ -192,16 +192,23 @@ async def test_cold_start_release_then_rounds_that_learn(
     assert final_acc > initial_acc + 0.3, (initial_acc, final_acc)
 
 
+async def _fed_and_stored(
+    trainer: Trainer, kafka_settings, topics, digits: Digits, count: int
+) -> None:
+    """Labels for digits 0 to ``count`` on the broker, once the trainer has stored them all."""
+    pngs, targets = digits
+    await feed(kafka_settings, topics, pngs, targets, range(0, count))
+    async with asyncio.timeout(60):
+        while trainer.store.untrained_count() < count:  # noqa: ASYNC110 - polls the store
+            await asyncio.sleep(0.1)
+
+
 async def test_labels_survive_a_restart_and_train_in_the_next_round(
     kafka_settings, group_id, winnow_topics, digits, tmp_path: Path
 ) -> None:
-    pngs, targets = digits
     settings = loop_settings(kafka_settings, group_id, tmp_path, round_min_labels=10_000)
     async with Trainer(settings) as trainer:
-        await feed(kafka_settings, winnow_topics, pngs, targets, range(0, 40))
-        async with asyncio.timeout(60):
-            while trainer.store.untrained_count() < 40:  # noqa: ASYNC110 - polls the store
-                await asyncio.sleep(0.1)
+        await _fed_and_stored(trainer, kafka_settings, winnow_topics, digits, 40)
         cold_version = trainer.spec.version
     # a new trainer on the same data directory: same model lineage, labels still there
     async with Trainer(settings) as again:
@@ -225,13 +232,9 @@ async def test_a_changed_precision_takes_effect_at_the_next_full_release(
 ) -> None:
     """The failure it catches: ``WINNOW_TRAINER_PRECISION`` ignored by a trainer that resumes
     from a checkpoint, or a release whose spec says fp16 while its graph computes in float32."""
-    pngs, targets = digits
     settings = loop_settings(kafka_settings, group_id, tmp_path, round_min_labels=10_000)
     async with Trainer(settings) as trainer:
-        await feed(kafka_settings, winnow_topics, pngs, targets, range(0, 40))
-        async with asyncio.timeout(60):
-            while trainer.store.untrained_count() < 40:  # noqa: ASYNC110 - polls the store
-                await asyncio.sleep(0.1)
+        await _fed_and_stored(trainer, kafka_settings, winnow_topics, digits, 40)
         assert trainer.spec.precision == "fp32"
     async with Trainer(settings.model_copy(update={"precision": "fp16"})) as again:
         assert again.spec.precision == "fp32"  # the checkpoint's, until the next release

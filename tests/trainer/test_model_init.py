@@ -16,6 +16,7 @@ from schemas.model_spec import (
     SPEC_KEY,
     ModelSpec,
 )
+from tests.trainer.helpers import digit_spec
 from trainer import export
 from trainer.architectures import build_model
 from trainer.errors import ModelBuildError, ModelExportError, TrainerError
@@ -221,20 +222,11 @@ def test_fp16_parity_refuses_a_model_that_overflows_in_half(tmp_path: Path) -> N
     """The failure it catches: a release whose float16 activations overflow (65,504 is
     float16's largest value) served with NaN probabilities instead of refused at export."""
     torch.manual_seed(0)
-    model = build_model("small-cnn", 2, 1).eval()
+    model = build_model("small-cnn", 10, 1).eval()
     with torch.no_grad():
         first = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
         first.weight.mul_(1e7)
-    spec = ModelSpec(
-        version="v1",
-        arch="small-cnn",
-        classes=["a", "b"],
-        input_size=(16, 16),
-        channels=1,
-        mean=[0.5],
-        std=[0.5],
-        embedding_dim=model.embedding_dim,
-    )
+    spec = digit_spec("v1")
     export_onnx(model, spec, tmp_path / "fp32.onnx")
     x = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -269,18 +261,8 @@ def test_a_model_trained_on_the_gpu_exports_and_passes_parity(
     every full release fails, because the export traces a model on the GPU with an example
     on the CPU; and an export that moves the trainer's own model off the GPU."""
     torch.manual_seed(0)
-    model = build_model("small-cnn", 3, 1).cuda()
-    spec = ModelSpec(
-        version="v1",
-        arch="small-cnn",
-        classes=["a", "b", "c"],
-        input_size=(16, 16),
-        channels=1,
-        mean=[0.5],
-        std=[0.5],
-        embedding_dim=model.embedding_dim,
-        precision=precision,
-    )
+    model = build_model("small-cnn", 10, 1).cuda()
+    spec = digit_spec("v1").model_copy(update={"precision": precision})
     export_onnx(model, spec, tmp_path / "m.onnx")
     assert check_parity(model, tmp_path / "m.onnx", spec) <= export.FP16_TOLERANCE
     assert next(model.parameters()).device.type == "cuda"

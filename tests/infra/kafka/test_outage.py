@@ -248,6 +248,26 @@ async def test_the_broker_advertises_the_proxy_so_every_connection_can_be_cut(
     assert {f"{b['host']}:{b['port']}" for b in cluster["brokers"]} == {fault_proxy.address}
 
 
+async def _consumed(
+    settings, topic: str, group_id: str, prefix: bytes, count: int
+) -> tuple[AIOKafkaConsumer, list]:
+    """A started consumer that has read ``count`` new records, and their (partition, offset)."""
+    await ensure_topics(settings, [topic])
+    await produce(settings, topic, [(b"k", prefix + b"%d" % i, []) for i in range(count)])
+    consumer: AIOKafkaConsumer = create_consumer(settings, topic, group_id=group_id)
+    await consumer.start()
+    consumed: list = []
+    try:
+        async with asyncio.timeout(30):
+            while len(consumed) < count:
+                for tp, records in (await consumer.getmany(timeout_ms=200)).items():
+                    consumed += [(tp, r.offset) for r in records]
+    except BaseException:
+        await stop_client(consumer, "test consumer")
+        raise
+    return consumer, consumed
+
+
 async def test_the_stop_commit_names_records_still_in_flight(
     proxied_kafka_settings, group_id, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -255,17 +275,9 @@ async def test_the_stop_commit_names_records_still_in_flight(
     and not yet done (a scorer cut off mid-delivery): their next owner redoes them, and the
     line says which partitions."""
     topic = proxied_kafka_settings.topics.frames
-    await ensure_topics(proxied_kafka_settings, [topic])
-    await produce(proxied_kafka_settings, topic, [(b"k", b"v%d" % i, []) for i in range(6)])
-    consumer: AIOKafkaConsumer = create_consumer(proxied_kafka_settings, topic, group_id=group_id)
-    await consumer.start()
+    consumer, consumed = await _consumed(proxied_kafka_settings, topic, group_id, b"v", 6)
     tracker = OffsetTracker("test")
     try:
-        consumed: list = []
-        async with asyncio.timeout(30):
-            while len(consumed) < 6:
-                for tp, records in (await consumer.getmany(timeout_ms=200)).items():
-                    consumed += [(tp, r.offset) for r in records]
         tracker.consumed_many(consumed)
         tracker.done_many(consumed[:2])
         assert await tracker.commit(consumer)  # the done prefix, committed before the stop
@@ -282,17 +294,9 @@ async def test_a_stop_with_everything_done_commits_and_says_nothing(
     proxied_kafka_settings, group_id, caplog: pytest.LogCaptureFixture
 ) -> None:
     topic = proxied_kafka_settings.topics.frames
-    await ensure_topics(proxied_kafka_settings, [topic])
-    await produce(proxied_kafka_settings, topic, [(b"k", b"w%d" % i, []) for i in range(3)])
-    consumer: AIOKafkaConsumer = create_consumer(proxied_kafka_settings, topic, group_id=group_id)
-    await consumer.start()
+    consumer, consumed = await _consumed(proxied_kafka_settings, topic, group_id, b"w", 3)
     tracker = OffsetTracker("test")
     try:
-        consumed: list = []
-        async with asyncio.timeout(30):
-            while len(consumed) < 3:
-                for tp, records in (await consumer.getmany(timeout_ms=200)).items():
-                    consumed += [(tp, r.offset) for r in records]
         tracker.consumed_many(consumed)
         tracker.done_many(consumed)
         assert await tracker.commit_before_stop(consumer, 5.0, "they will be read again")
