@@ -175,7 +175,15 @@ async def test_label_app_rides_out_an_outage_and_stops_cleanly_in_one(
     assert code == 0, log.tail()
     assert stopped_in < STOP_WITHIN_S, text
     assert "Traceback" not in text and "shutdown failed" not in text, text
-    said = [line for line in stop_lines if "stopping with the broker unreachable" in line]
+    # "the broker unreachable" when the stop's commit could not go through; "records in
+    # flight" when the answered frame's offset was committed before the cut, so the stop
+    # had nothing new to commit but the leased frame was still behind. Either names it.
+    said = [
+        line
+        for line in stop_lines
+        if "stopping with the broker unreachable" in line
+        or "stopping with records in flight" in line
+    ]
     assert len(said) == 1 and "served again by the next owner" in said[0], text
     assert len(loud(stop_lines)) <= 3, text
     await _every_committed_request_labeled(kafka, group_id)
