@@ -15,12 +15,21 @@ Pillow 13 runs the vertical pass first for some shrinking resizes (where the hei
 shrinks, observed; its choice is not documented), so a resize that shrinks the height
 while it changes the width is left to Pillow (:func:`batch_resizable` says no), as is
 any resize whose dense products would cost more than Pillow's sparse loops.
-``tests/schemas/test_resize.py`` checks equality with the installed Pillow.
+``tests/schemas/test_resize.py`` checks equality with the installed Pillow (13.0.0 here).
+The project allows other Pillow versions, whose arithmetic or pass order may differ, so
+the scorer also asks :func:`agrees_with_pillow` before it resizes a batch: once a process
+for each pair of sizes, probe frames resized both ways must be equal, or that pair stays
+Pillow's, with a warning.
 """
 
 import functools
+import logging
 
 import numpy as np
+import PIL
+from PIL import Image
+
+log = logging.getLogger(__name__)
 
 PRECISION_BITS = 22
 """Fractional bits of Pillow's 8-bit resampling weights (``32 - 8 - 2``)."""
@@ -43,6 +52,41 @@ def batch_resizable(source: tuple[int, int], target: tuple[int, int]) -> bool:
     if out_height != height:
         products += out_height * height * out_width
     return products <= MAX_PRODUCTS
+
+
+@functools.lru_cache(maxsize=256)
+def agrees_with_pillow(source: tuple[int, int], target: tuple[int, int], channels: int) -> bool:
+    """Whether :func:`resize_bilinear` gives the installed Pillow's pixels for this resize
+    (``channels`` 1: grey, 3: RGB), on probe frames: random levels, black and white
+    squares, and a ramp. Checked once a process for each pair of sizes (a few ms at
+    most); False for a resize :func:`batch_resizable` refuses.
+    """
+    if not batch_resizable(source, target) or channels not in (1, 3):
+        return False
+    rng = np.random.default_rng(0)
+    shape = (*source, channels) if channels == 3 else source
+    noise = rng.integers(0, 256, (2, *shape), dtype=np.uint8)
+    ramp = (np.arange(np.prod(shape)) % 256).astype(np.uint8).reshape(shape)
+    probes = np.concatenate([noise, (noise[:1] // 128) * 255, ramp[None]])
+    mode = "RGB" if channels == 3 else "L"
+    height, width = target
+    pillow = np.stack(
+        [
+            np.asarray(Image.fromarray(p, mode).resize((width, height), Image.Resampling.BILINEAR))
+            for p in probes
+        ]
+    )
+    if np.array_equal(resize_bilinear(probes, target), pillow):
+        return True
+    log.warning(
+        "Pillow %s resizes %dx%d frames to %dx%d (%s) otherwise than schemas.resize; "
+        "such frames are resized by Pillow one at a time (slower, the same pixels)",
+        PIL.__version__,
+        *source,
+        *target,
+        mode,
+    )
+    return False
 
 
 def resize_bilinear(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:

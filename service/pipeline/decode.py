@@ -58,7 +58,7 @@ from schemas.frames import ContentType
 from schemas.media import ALIASES, other_format, sniff
 from schemas.model_spec import ModelSpec
 from schemas.pixels import image_pixels, normalize, normalize_batch
-from schemas.resize import batch_resizable, resize_bilinear
+from schemas.resize import agrees_with_pillow, resize_bilinear
 from service.errors import PoisonRecord
 
 _PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"
@@ -138,7 +138,7 @@ def _frame_pixels(
     if mode == _mode(spec):
         if pixels.shape[:2] == spec.input_size:
             return pixels
-        if defer_resize and batch_resizable(pixels.shape[:2], spec.input_size):
+        if defer_resize and agrees_with_pillow(pixels.shape[:2], spec.input_size, spec.channels):
             return pixels
     return image_pixels(Image.fromarray(pixels, mode), spec)
 

@@ -1,12 +1,16 @@
 """The batch resize of small frames against the installed Pillow, pixel for pixel."""
 
+import logging
+
 import numpy as np
+import PIL
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from schemas.resize import batch_resizable, resize_bilinear
+from schemas import resize
+from schemas.resize import agrees_with_pillow, batch_resizable, resize_bilinear
 
 
 def _pillow(frames: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -70,3 +74,37 @@ def test_large_or_ambiguous_resizes_are_left_to_pillow() -> None:
     assert not batch_resizable((64, 48), (32, 64))  # shrinks the height, changes the width
     assert batch_resizable((32, 48), (64, 24))  # grows the height: horizontal pass first
     assert not batch_resizable((0, 8), (16, 16))
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_the_installed_pillow_agrees_on_the_small_datasets_resizes(channels: int) -> None:
+    assert agrees_with_pillow((8, 8), (16, 16), channels)
+    assert agrees_with_pillow((28, 28), (32, 32), channels)
+    assert not agrees_with_pillow((64, 48), (32, 64), channels)  # refused by its sizes
+    assert not agrees_with_pillow((8, 8), (16, 16), 4)  # only grey and RGB
+
+
+def test_a_pillow_that_rounds_otherwise_is_found_and_named(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The failure it catches: another Pillow version whose arithmetic differs by one level
+    somewhere (simulated: one weight off by one unit of 2^-22 on this side) while the scorer
+    keeps resizing batches its own way."""
+    original = resize._weights
+
+    def off_by_one(size: int, out_size: int) -> np.ndarray:
+        weights = original(size, out_size).copy()
+        weights[out_size // 2, np.argmax(weights[out_size // 2])] += 1 << 20
+        return weights
+
+    monkeypatch.setattr(resize, "_weights", off_by_one)
+    agrees_with_pillow.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="schemas.resize"):
+            assert not agrees_with_pillow((8, 8), (16, 16), 1)
+            assert not agrees_with_pillow((8, 8), (16, 16), 1)  # asked again: no new line
+        lines = [r.getMessage() for r in caplog.records]
+        assert len(lines) == 1 and "8x8 frames to 16x16 (L)" in lines[0], lines
+        assert PIL.__version__ in lines[0]
+    finally:
+        agrees_with_pillow.cache_clear()

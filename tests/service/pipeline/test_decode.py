@@ -425,3 +425,20 @@ def test_a_png_damaged_in_transit_is_judged_by_pillow_not_decoded_to_garbage(
     assert len(expected_poison) > len(flipped) // 2
     assert len(good) == len(expected_good)
     assert all(np.array_equal(a, b) for a, b in zip(inputs, expected_good, strict=True))
+
+
+def test_sizes_the_installed_pillow_resizes_otherwise_are_left_to_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The failure it catches: the scorer resizing a batch its own way where the installed
+    Pillow (and so the trainer) makes other pixels (simulated: ``schemas.resize`` told that
+    Pillow disagrees on 8x8 to 16x16); every frame must then be Pillow's own resize."""
+    monkeypatch.setattr(decode, "agrees_with_pillow", lambda source, target, channels: False)
+    called: list[int] = []
+    monkeypatch.setattr(decode, "resize_bilinear", lambda pixels, size: called.append(1))
+    rng = np.random.default_rng(5)
+    values = [_encode(rng.integers(0, 256, (8, 8), dtype=np.uint8), "PNG") for _ in range(4)]
+    spec = _spec(1, (16, 16))
+    inputs, good, _ = prepare_batch([(v, "image/png") for v in values], spec, LIMITS)
+    assert good == [0, 1, 2, 3] and not called
+    assert np.array_equal(inputs, np.stack([_per_frame(v, spec) for v in values]))
