@@ -39,6 +39,7 @@ Per-frame cost: O(d²) with ``d = min(C·D, dim)`` (one matrix-vector product wi
 Memory O(d²).
 """
 
+import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, ClassVar
 
@@ -166,7 +167,7 @@ class VeSSAL(EmbeddingStrategy):
 
     def record(self, index: int, selected: bool) -> None:
         if self.keep_budget and self._allowed and not self._fallback:
-            step = np.exp(self.GAIN_RATE * (self.budget - float(selected)) / self.budget)
+            step = math.exp(self.GAIN_RATE * (self.budget - float(selected)) / self.budget)
             low, high = self.GAIN_RANGE
             self._gain = float(min(high, max(low, self._gain * step)))
         if not selected or self._fallback or self._inverse is None:
