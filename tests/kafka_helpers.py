@@ -28,19 +28,48 @@ async def produce(settings: KafkaSettings, topic: str, records: Iterable[Record]
 async def read_json(
     settings: KafkaSettings, topic: str, until: Callable[[list[dict]], bool], within: float = 60
 ) -> list[dict]:
-    """Reads a topic from the start until ``until(records)`` holds; records carry _key."""
+    """Reads a topic from the start until ``until(records)`` holds; records carry _key.
+
+    A reader that has fetched nothing new for ``STALL_S`` starts over with a fresh consumer
+    (a stuck fetch is the reader's problem, not the system's under test); when ``within``
+    runs out, the TimeoutError says how many records were read against the topic's end
+    offsets, so a record never written is told apart from one not read.
+    """
+    deadline = asyncio.get_running_loop().time() + within
+    out: list[dict] = []
+    while True:
+        out = await _read_from_start(settings, topic, until, deadline)
+        if until(out) or asyncio.get_running_loop().time() >= deadline:
+            break
+    if not until(out):
+        ends = await end_offsets(settings, topic)
+        raise TimeoutError(
+            f"{topic}: read {len(out)} records in {within:.0f} s and the condition does not "
+            f"hold; the broker's end offsets: {ends} ({sum(ends.values())} records)"
+        )
+    return out
+
+
+STALL_S = 10.0  # nothing new fetched for this long: read again with a fresh consumer
+
+
+async def _read_from_start(
+    settings: KafkaSettings, topic: str, until: Callable[[list[dict]], bool], deadline: float
+) -> list[dict]:
+    loop = asyncio.get_running_loop()
     consumer = AIOKafkaConsumer(
         topic, group_id=None, auto_offset_reset="earliest", **client_kwargs(settings)
     )
     await consumer.start()
     out: list[dict] = []
+    last_new = loop.time()
     try:
-        async with asyncio.timeout(within):
-            while not until(out):
-                batches = await consumer.getmany(timeout_ms=200)
-                for records in batches.values():
-                    for r in records:
-                        out.append({**json.loads(r.value), "_key": r.key})
+        while not until(out) and loop.time() < min(deadline, last_new + STALL_S):
+            batches = await consumer.getmany(timeout_ms=200)
+            for records in batches.values():
+                for r in records:
+                    out.append({**json.loads(r.value), "_key": r.key})
+                    last_new = loop.time()
     finally:
         await consumer.stop()
     return out

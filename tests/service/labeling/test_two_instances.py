@@ -169,7 +169,7 @@ async def test_two_instances_lose_no_frame_and_never_lease_one_frame_twice_at_on
                 instance.process.send_signal(signal.SIGTERM)
                 instance.process.wait(timeout=30)
     labels = await read_json(
-        kafka_settings, winnow_topics.labels, lambda out: len(out) >= len(answers), 30
+        kafka_settings, winnow_topics.labels, lambda out: len(out) >= len(answers), 60
     )
     assert {x["frame_id"] for x in labels} == {r.frame_id for r in requests}  # none lost
     by_frame: dict[str, list[Answer]] = {}
