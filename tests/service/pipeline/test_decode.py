@@ -442,3 +442,39 @@ def test_sizes_the_installed_pillow_resizes_otherwise_are_left_to_it(
     inputs, good, _ = prepare_batch([(v, "image/png") for v in values], spec, LIMITS)
     assert good == [0, 1, 2, 3] and not called
     assert np.array_equal(inputs, np.stack([_per_frame(v, spec) for v in values]))
+
+
+async def test_a_batch_of_small_frames_decodes_on_the_loop_and_large_ones_in_the_pool(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A hand-off to the pool costs more than decoding a few small frames (INLINE_BYTES);
+    either way the batch comes out the same."""
+    import threading
+
+    threads: list[str] = []
+    real = decode.prepare_batch
+
+    def recorded(*args, **kwargs):  # type: ignore[no-untyped-def]
+        threads.append(threading.current_thread().name)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(decode, "prepare_batch", recorded)
+    rng = np.random.default_rng(3)
+    items = [
+        (_encode(rng.integers(0, 256, (8, 8), dtype=np.uint8), "PNG"), "image/png")
+        for _ in range(16)
+    ]
+    items.append((b"not an image", "image/png"))  # poison, on the loop as in the pool
+    spec = _spec(1, (16, 16))
+    decoder = decode.BatchDecoder(LIMITS, workers=2)
+    try:
+        inline = await decoder.decode(items, spec)
+        assert threads == [threading.current_thread().name]
+        threads.clear()
+        monkeypatch.setattr(decode, "INLINE_BYTES", 1)  # the same batch through the pool
+        pooled = await decoder.decode(items, spec)
+        assert len(threads) == 2 and all(t.startswith("winnow-decode") for t in threads)
+    finally:
+        decoder.close()
+    assert np.array_equal(inline[0], pooled[0]) and inline[1] == pooled[1] == list(range(16))
+    assert [i for i, _ in inline[2]] == [i for i, _ in pooled[2]] == [16]
