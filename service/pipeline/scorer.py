@@ -21,7 +21,7 @@ scored batch and each model served.
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -46,6 +46,7 @@ from service.pipeline.checkpoint import DRAIN_TIMEOUT_S, Checkpoint
 from service.pipeline.decode import BatchDecoder, DecodeLimits
 from service.pipeline.exemplars import Exemplars
 from service.pipeline.records import batch_records
+from service.pipeline.run_place import RunPlace
 from service.pipeline.watchdog import ProgressWatchdog
 from service.scoring.committee import COMMITTEE_UTILITIES
 from service.scoring.engine import Forward, Scored, ScoringEngine
@@ -128,6 +129,7 @@ class Scorer(Component):
         # Model runs, up to this many batches at once (one on CUDA: the GPU parallelizes).
         self._concurrency = scorer.concurrent_batches if model.provider == CPU else 1
         self._infer_pool = ThreadPoolExecutor(self._concurrency, "winnow-infer")
+        self._run_place = RunPlace()  # a model that runs in a blink runs on the loop
         self._score_pool = ThreadPoolExecutor(1, "winnow-score")  # committees, in stream order
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
@@ -272,7 +274,8 @@ class Scorer(Component):
         self, inbox: "asyncio.Queue[Batch | None]", out: "asyncio.Queue[_Running | None]"
     ) -> None:
         """Starts each batch's model run in the infer pool as soon as one of its
-        ``concurrency`` threads is free, and passes the batch on with its run."""
+        ``concurrency`` threads is free (on the loop when the model runs in a blink:
+        :mod:`service.pipeline.run_place`), and passes the batch on with its run."""
         slots = asyncio.Semaphore(self._concurrency)
         while (batch := await inbox.get()) is not None:
             run = None
@@ -285,15 +288,28 @@ class Scorer(Component):
     async def _forward(self, batch: Batch, slots: asyncio.Semaphore) -> Forward:
         assert batch.model is not None and batch.inputs is not None
         loop = asyncio.get_running_loop()
+        model, inputs, needs = batch.model, batch.inputs, self.policy.needs
         try:
             started = time.perf_counter()
-            forward = await loop.run_in_executor(
-                self._infer_pool, self._engine.forward, batch.model, batch.inputs, self.policy.needs
-            )
+            if self._run_place.inline(model, len(inputs)):
+                forward, took = self._timed_forward(model, inputs, needs)
+            else:
+                forward, took = await loop.run_in_executor(
+                    self._infer_pool, self._timed_forward, model, inputs, needs
+                )
+            self._run_place.observe(model, len(inputs), took)
             self.metrics.inference_seconds.observe(time.perf_counter() - started)
             return forward
         finally:
             slots.release()
+
+    def _timed_forward(
+        self, model: OnnxModel, inputs: np.ndarray, needs: Collection[str]
+    ) -> tuple[Forward, float]:
+        """The run and its wall time on the thread that ran it (without the hand-off)."""
+        started = time.perf_counter()
+        forward = self._engine.forward(model, inputs, needs)
+        return forward, time.perf_counter() - started
 
     async def _decide_stage(
         self, inbox: "asyncio.Queue[_Running | None]", out: "asyncio.Queue[Batch | None]"

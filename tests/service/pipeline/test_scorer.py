@@ -350,3 +350,43 @@ async def test_batches_inferred_at_once_are_decided_in_stream_order(
         settings.kafka, winnow_topics.frames, settings.scorer.group_id
     )
     assert sum(committed.values()) == 40
+
+
+async def test_a_model_that_runs_in_a_blink_runs_on_the_event_loop_after_its_first_run(
+    scorer_settings, digits_model_path, digit_pngs, winnow_topics
+) -> None:
+    """The digits model's runs of 8 frames take well under INLINE_RUN_S: the first runs go
+    to the infer pool (nothing is known of the model yet), the rest run on the loop, every
+    frame decided once and in order; made slow (20 ms a run), its runs go back to the pool
+    after the first slow one."""
+    base = scorer_settings(name="random", budget=0.2, window=300)
+    settings = base.model_copy(
+        update={"scorer": base.scorer.model_copy(update={"max_batch_size": 8})}
+    )
+    threads: list[str] = []
+    slow = False
+
+    class _Engine(ScoringEngine):
+        def forward(self, model: Any, inputs: np.ndarray, needs: Collection[str]) -> Forward:
+            threads.append(threading.current_thread().name)
+            if slow:
+                time.sleep(0.02)
+            return super().forward(model, inputs, needs)
+
+    frames = [(b"cam", png, _headers(f"f{i}")) for i, png in enumerate(digit_pngs[:120])]
+    model = OnnxModel.load(digits_model_path, device="cpu", intra_op_threads=1)
+    async with Scorer(settings, model, engine=_Engine()):
+        await produce(settings.kafka, winnow_topics.frames, frames[:80])
+        await read_json(settings.kafka, winnow_topics.predictions, lambda out: len(out) >= 80)
+        fast, threads[:] = list(threads), []
+        slow = True
+        await produce(settings.kafka, winnow_topics.frames, frames[80:])
+        predictions = await read_json(
+            settings.kafka, winnow_topics.predictions, lambda out: len(out) >= 120
+        )
+    main = threading.current_thread().name
+    known = next(i for i, name in enumerate(fast) if name == main)  # the first run on the loop
+    assert known >= 1 and all(n.startswith("winnow-infer") for n in fast[:known]), fast
+    assert fast[known:].count(main) >= max(3, len(fast[known:]) - 1), fast  # a hiccup aside
+    assert len(threads) >= 3 and threads.count(main) <= 1, threads  # slow: back to the pool
+    assert [p["frame_id"] for p in predictions] == [f"f{i}" for i in range(120)]
