@@ -158,3 +158,46 @@ def test_worker_counts_must_be_positive_numbers(text: str, tmp_path: Path) -> No
     with pytest.raises(SystemExit):
         main(["bench", "throughput", "--json", str(tmp_path / "x.json"), "--workers", text])
     assert not (tmp_path / "x.json").exists()
+
+
+_BROKEN_ENGINE = """
+import service.scoring.engine as _engine
+
+
+def _broken(self, *args, **kwargs):
+    raise RuntimeError("injected inference failure")
+
+
+_engine.ScoringEngine.forward = _broken
+"""
+
+
+@pytest.mark.slow
+def test_a_scorer_that_fails_in_its_process_fails_the_bench_with_its_log(
+    kafka_broker: EmbeddedBroker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Catches a scorer process that hung once its scorer failed (the scorer's tasks were
+    left running, so the process never ended) and left the bench waiting 10 minutes for
+    predictions. The failure is injected into the child only, by a ``sitecustomize``."""
+    import threading
+
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(_BROKEN_ENGINE)
+    paths = [str(inject), os.environ.get("PYTHONPATH", "")]
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in paths if p))
+    monkeypatch.setenv("WINNOW_KAFKA_BOOTSTRAP", kafka_broker.bootstrap)
+    outcome: dict[str, Any] = {}
+
+    def bench() -> None:
+        try:
+            outcome["code"] = _bench_digits(tmp_path / "t.json", "--no-naive")
+        except Exception as error:  # what the bench raises is the assertion
+            outcome["error"] = error
+
+    thread = threading.Thread(target=bench, daemon=True)
+    thread.start()
+    thread.join(180)
+    assert not thread.is_alive(), "the bench still waits for a scorer process that failed"
+    message = str(outcome.get("error"))
+    assert "the scorer process exited" in message and "injected inference failure" in message

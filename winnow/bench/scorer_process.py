@@ -21,6 +21,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +96,18 @@ async def run(args: argparse.Namespace) -> None:
         sampler.start()
     _emit("starting")
     await scorer.start()
+    try:
+        await _measure(scorer, sampler, lambda: delivered)
+    finally:  # a scorer that failed is stopped too, so that the process ends and says why
+        if sampler is not None:
+            sampler.stop()
+        await scorer.stop()
+
+
+async def _measure(
+    scorer: Scorer, sampler: StageSampler | None, delivered: Callable[[], int]
+) -> None:
+    """From the scorer's start to the bench's stop: the measured window's result event."""
     watch = asyncio.create_task(scorer.wait(), name="scorer")
     try:
         deadline = time.monotonic() + JOIN_TIMEOUT_S
@@ -130,11 +143,8 @@ async def run(args: argparse.Namespace) -> None:
         stages_cpu_s={s: stages[s] for s in STAGES},
         threads_cpu_s=by_name,
         samples=sampler.samples if sampler is not None else 0,
-        delivered=delivered,
+        delivered=delivered(),
     )
-    if sampler is not None:
-        sampler.stop()
-    await scorer.stop()
 
 
 def main(argv: list[str] | None = None) -> int:
