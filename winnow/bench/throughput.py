@@ -291,9 +291,10 @@ class PredictionReader:
         for task in done:
             if task is not reached and not task.cancelled() and task.exception() is not None:
                 raise RuntimeError(f"{task.get_name()} failed") from task.exception()
-        raise RuntimeError(
-            f"only {len(self.arrivals)} of {count} predictions arrived in {WAIT_TIMEOUT_S:g} s"
-        )
+        arrived = f"only {len(self.arrivals)} of {count} predictions arrived"
+        if done:  # the reader or the scorer ended first, without an error of its own
+            raise RuntimeError(f"{arrived} before {', '.join(t.get_name() for t in done)} ended")
+        raise RuntimeError(f"{arrived} in {WAIT_TIMEOUT_S:g} s")
 
     def predictions(self) -> list[dict[str, Any]]:
         return [json.loads(value) for _, _, value in self.arrivals]
@@ -656,8 +657,9 @@ async def _wait_decided(
 
     On any failure every child is closed (killed if it does not exit).
     """
-    watch = asyncio.ensure_future(
-        asyncio.wait([child.exited for child in children], return_when=asyncio.FIRST_COMPLETED)
+    watch = asyncio.create_task(
+        asyncio.wait([child.exited for child in children], return_when=asyncio.FIRST_COMPLETED),
+        name="a scorer process",
     )
     try:
         try:
