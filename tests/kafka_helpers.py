@@ -35,12 +35,11 @@ async def read_json(
     runs out, the TimeoutError says how many records were read against the topic's end
     offsets, so a record never written is told apart from one not read.
     """
-    deadline = asyncio.get_running_loop().time() + within
-    out: list[dict] = []
-    while True:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    out = await _read_from_start(settings, topic, until, deadline)
+    while not until(out) and loop.time() < deadline:
         out = await _read_from_start(settings, topic, until, deadline)
-        if until(out) or asyncio.get_running_loop().time() >= deadline:
-            break
     if not until(out):
         ends = await end_offsets(settings, topic)
         raise TimeoutError(
