@@ -130,6 +130,7 @@ class Scorer(Component):
         self._concurrency = scorer.concurrent_batches if model.provider == CPU else 1
         self._infer_pool = ThreadPoolExecutor(self._concurrency, "winnow-infer")
         self._run_place = RunPlace()  # a model that runs in a blink runs on the loop
+        self._runs: set[asyncio.Future[Forward]] = set()  # started, not yet taken to decide
         self._score_pool = ThreadPoolExecutor(1, "winnow-score")  # committees, in stream order
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
@@ -221,6 +222,7 @@ class Scorer(Component):
             pending = await drain(self._supervised, DRAIN_TIMEOUT_S, self._broker_reachable)
             await cancel_all(pending)  # a stage may block in its finally: cancelled again
             await asyncio.gather(*self._supervised, return_exceptions=True)
+        await self._settle_runs()
         try:
             if self._checkpoint is not None:
                 await self._checkpoint.final_commit()
@@ -282,6 +284,7 @@ class Scorer(Component):
             if batch.good:
                 await slots.acquire()
                 run = asyncio.ensure_future(self._forward(batch, slots))
+                self._runs.add(run)
             await out.put(_Running(batch, run))
         await out.put(None)
 
@@ -303,6 +306,22 @@ class Scorer(Component):
         finally:
             slots.release()
 
+    async def _settle_runs(self) -> None:
+        """Cancels the model runs no stage will take any more (a stage crashed, or a stop cut
+        the drain short) and says in one warning how many of them had failed, instead of
+        asyncio's "Task exception was never retrieved" with a traceback each."""
+        runs, self._runs = self._runs, set()
+        for run in runs:
+            run.cancel()  # a run already done keeps its result or error
+        results = await asyncio.gather(*runs, return_exceptions=True)
+        errors = [r for r in results if isinstance(r, Exception)]
+        if errors:
+            log.warning(
+                "%d model run(s) left behind when the scorer stopped deciding failed as well: %r",
+                len(errors),
+                errors[0],
+            )
+
     def _timed_forward(
         self, model: OnnxModel, inputs: np.ndarray, needs: Collection[str]
     ) -> tuple[Forward, float]:
@@ -318,6 +337,7 @@ class Scorer(Component):
         while (running := await inbox.get()) is not None:
             batch = running.batch
             if running.run is not None:
+                self._runs.discard(running.run)
                 await self._decide(batch, await running.run)
             batch.inputs = None  # the pixels are no longer needed; free them early
             await out.put(batch)

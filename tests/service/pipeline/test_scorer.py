@@ -1,7 +1,9 @@
 """The scorer end to end on the real broker: predictions, requests, dead letters, commits."""
 
 import asyncio
+import gc
 import io
+import logging
 import struct
 import threading
 import time
@@ -297,6 +299,51 @@ async def test_a_crashed_stage_fails_the_scorer_and_stop_does_not_wait_for_a_dra
         settings.kafka, winnow_topics.frames, settings.scorer.group_id
     )
     assert set(committed.values()) == {0}, "nothing undelivered is committed"
+
+
+async def test_model_runs_a_failed_run_leaves_behind_are_settled_at_stop(
+    scorer_settings, digits_model_path, digit_pngs, winnow_topics, caplog
+) -> None:
+    """Two batches run at once and both runs fail: the scorer fails with the first, and the
+    second, which no stage takes any more, is settled at stop and said in one warning.
+    Catches asyncio's "Task exception was never retrieved" with a traceback at exit (the
+    second run's error, unread when its task was collected)."""
+    caplog.set_level(logging.INFO)
+    base = scorer_settings(name="random", budget=0.2, window=300)
+    scorer_part = base.scorer.model_copy(
+        update={"max_batch_size": 4, "cpu_threads": 2, "cpu_parallelism": "batches"}
+    )
+    settings = base.model_copy(update={"scorer": scorer_part})
+
+    class _Engine(ScoringEngine):
+        def forward(self, model: Any, inputs: np.ndarray, needs: Collection[str]) -> Forward:
+            time.sleep(0.2)  # long enough for the next batch's run to start beside it
+            raise RuntimeError("model run failed")
+
+    frames = [(b"cam", png, _headers(f"f{i}")) for i, png in enumerate(digit_pngs[:16])]
+    await produce(settings.kafka, winnow_topics.frames, frames)
+    model = OnnxModel.load(digits_model_path, device="cpu", intra_op_threads=1)
+    scorer = Scorer(settings, model, engine=_Engine())
+    await scorer.start()
+    try:
+        with pytest.raises(RuntimeError, match="model run failed"):
+            async with asyncio.timeout(60):
+                await scorer.wait()
+        await asyncio.sleep(0.5)  # the second run ends meanwhile, its error unread
+    finally:
+        await scorer.stop()
+    unread: list[str] = []
+    asyncio.get_running_loop().set_exception_handler(lambda _, ctx: unread.append(ctx["message"]))
+    del scorer  # its failed stage's traceback holds the queue with the second run
+    gc.collect()
+    await asyncio.sleep(0.05)
+    assert not unread, unread
+    messages = [r.getMessage() for r in caplog.records]
+    assert [m for m in messages if "left behind" in m and "model run failed" in m], messages
+    committed = await committed_offsets(
+        settings.kafka, winnow_topics.frames, settings.scorer.group_id
+    )
+    assert set(committed.values()) <= {0}, "nothing undecided is committed"
 
 
 @pytest.mark.parametrize(("parallelism", "at_once"), [("batches", 2), ("operators", 1)])
