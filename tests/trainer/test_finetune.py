@@ -26,7 +26,9 @@ from trainer.finetune import (
     predict_proba,
     select_device,
     select_replay,
+    shrink_perturb,
 )
+from trainer.head import refit_head
 from trainer.samples import Sample, SampleCache, decode_sample, stack
 
 CPU = torch.device("cpu")
@@ -148,6 +150,7 @@ def test_stack(digits: tuple[list[Sample], list[Sample]]) -> None:
 
 
 def test_rounds_of_labels_raise_accuracy(digits: tuple[list[Sample], list[Sample]]) -> None:
+    """Each round ends as the trainer's do, with the head refit on every label."""
     train, test = digits
     model = _model()
     before = accuracy(model, test, CPU)
@@ -159,11 +162,14 @@ def test_rounds_of_labels_raise_accuracy(digits: tuple[list[Sample], list[Sample
         stats = finetune_round(model, new, pool, config, CPU)
         assert stats.new == len(new) and stats.replayed == min(len(pool), 4 * len(new))
         pool += new
+        model = refit_head(model, pool)
         history.append(accuracy(model, test, CPU))
-    # Measured with seed 0: 0.10 at init, 0.85 / 0.93 / 0.95 after 50 / 100 / 200 labels.
+    # Measured with seed 0: 0.10 at init, 0.89 / 0.96 / 0.99 after 50 / 100 / 200 labels
+    # (0.89 / 0.94 / 0.98 without shrinking; before the refits the rounds alone read 0.82 /
+    # 0.94 / 0.85, and 0.86 / 0.85 / 0.87 without: the head a round leaves is not the best
+    # one for its backbone, more so after a shrink).
     assert before < 0.25
-    assert history[-1] > 0.75, history
-    assert history[-1] > before + 0.5
+    assert history[-1] > 0.9, history
 
 
 def test_a_round_continues_from_the_previous_weights(
@@ -205,6 +211,48 @@ def test_a_round_is_reproducible_for_a_seed(digits: tuple[list[Sample], list[Sam
         runs.append(_state(model))
     assert _same(runs[0], runs[1])
     assert not _same(runs[0], runs[2])
+
+
+def test_shrink_perturb_scales_every_weight_and_adds_seeded_noise() -> None:
+    model = _model()
+    before = _state(model)
+    shrink_perturb(model, 0.6, 0.0, seed=1)
+    after = _state(model)
+    params = {name for name, _ in model.named_parameters()}
+    for name, value in before.items():
+        expected = value * 0.6 if name in params else value  # BatchNorm's statistics stay
+        assert torch.equal(after[name], expected), name
+    noisy = [_model(), _model(), _model()]
+    for model_, seed in zip(noisy, (2, 2, 3), strict=True):
+        shrink_perturb(model_, 1.0, 0.01, seed=seed)
+    first, again, other = (_state(m) for m in noisy)
+    assert _same(first, again) and not _same(first, other)  # the seed decides the noise
+    noise = torch.cat([(first[n] - before[n]).flatten() for n in params])
+    assert 0.009 < float(noise.std()) < 0.011 and abs(float(noise.mean())) < 0.001
+
+
+def test_a_round_that_replays_every_earlier_label_is_shrunk_first(
+    digits: tuple[list[Sample], list[Sample]],
+) -> None:
+    """A step too small to move the weights shows what came before it: shrunk when the
+    round replays all of the pool (or there is none yet), as they were when it replays
+    only part of it."""
+    train, _ = digits
+    config = FinetuneConfig.for_arch(
+        "small-cnn", lr=1e-12, min_steps=1, max_steps=1, shrink=0.6, perturb=0.0
+    )
+    cases = [
+        (train[:40], config, True),
+        (train[:40], dataclasses.replace(config, replay_max=10), False),
+        ([], config, True),
+    ]
+    for pool, config_, shrunk in cases:
+        model = _model()
+        before = model.head.weight.detach().clone()
+        stats = finetune_round(model, train[40:50], pool, config_, CPU)
+        expected = before * 0.6 if shrunk else before
+        assert stats.shrunk is shrunk
+        assert torch.allclose(model.head.weight, expected, atol=1e-6), (len(pool), shrunk)
 
 
 def _half_wrong_pool(model: WinnowNet, samples: list[Sample]) -> tuple[list[Sample], set[str]]:
@@ -317,6 +365,12 @@ def test_config_for_arch() -> None:
     assert FinetuneConfig().replay_count(new=10, pool=5) == 5
     with pytest.raises(ValueError):
         FinetuneConfig(hard_replay_weight=0.0)
+    small, resnet = FinetuneConfig.for_arch("small-cnn"), FinetuneConfig.for_arch("resnet18")
+    assert (small.shrink, small.perturb) == (0.6, 0.01)
+    assert (resnet.shrink, resnet.perturb) == (1.0, 0.0)  # off: ImageNet features kept
+    for bad in ({"shrink": 0.0}, {"shrink": 1.5}, {"perturb": -0.1}):
+        with pytest.raises(ValueError):
+            FinetuneConfig(**bad)  # type: ignore[arg-type]
 
 
 def test_select_device() -> None:
