@@ -75,6 +75,18 @@ class TrainerSettings(BaseSettings):
         description="new labels (holdout excluded) that start a refit of the classification "
         "head on frozen embeddings and a head-only release; 0: backbone rounds only",
     )
+    shrink: float = Field(
+        default=1.0,
+        gt=0,
+        le=1,
+        description="before a backbone round on every label, multiply each weight by this "
+        "(shrink and perturb, Ash and Adams 2020); 1: off",
+    )
+    perturb: float = Field(
+        default=0.0,
+        ge=0,
+        description="and add Gaussian noise of this standard deviation; 0: none",
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     metrics_port: int = Field(default=9100, ge=0, le=65535)
     release_margin: float = Field(

@@ -134,10 +134,10 @@ class FinetuneConfig:
         it short of what its labels could teach it: on digits random sampling needed
         158 labels for 95% of full-data accuracy, 138 with 200 steps and full replay).
 
-        The small CNN is also shrunk and perturbed (0.6 and 0.01) before each round on
-        every label (module docstring). The torchvision backbones are not: they may carry
-        ImageNet features that shrinking would wear away round after round, and it was
-        not measured on them.
+        Shrink and perturb (module docstring) is off unless asked for (``shrink`` and
+        ``perturb``; the trainer's ``WINNOW_TRAINER_SHRINK`` and ``..._PERTURB``): it
+        helped the small CNN on digits and hurt it on PneumoniaMNIST as video, and on a
+        pretrained backbone it would wear the ImageNet features away round after round.
 
         Pretrained EfficientNet-Lite0 keeps its ImageNet BatchNorm statistics: its
         TensorFlow-style momentum (0.01) barely moves them on a few dozen labels,
@@ -147,8 +147,6 @@ class FinetuneConfig:
         fields: dict[str, object] = {"lr": lr, **overrides}
         if arch in _SMALL_ARCHS:
             fields.setdefault("min_steps", 200)
-            fields.setdefault("shrink", 0.6)
-            fields.setdefault("perturb", 0.01)
         if arch == "efficientnet_lite0":
             fields.setdefault("freeze_batchnorm", True)
         return cls(**fields)  # type: ignore[arg-type]

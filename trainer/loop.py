@@ -201,7 +201,9 @@ class Trainer(Component):
     @property
     def _gate(self) -> RoundSettings:
         s = self.settings
-        return RoundSettings(s.holdout_fraction, s.release_margin, s.release_alpha, s.seed)
+        return RoundSettings(
+            s.holdout_fraction, s.release_margin, s.release_alpha, s.seed, s.shrink, s.perturb
+        )
 
     # -- the loops -------------------------------------------------------------------------
 

@@ -121,6 +121,8 @@ class RoundSettings:
     release_margin: float
     release_alpha: float
     seed: int
+    shrink: float = 1.0
+    perturb: float = 0.0
 
 
 def split_items(
@@ -179,7 +181,7 @@ def build_round(
     """
     started, model, spec = time.perf_counter(), start.model, start.spec
     prequential = scored(start.prequential, model, split.unseen, device)
-    candidate, stats = _fit(model, spec, split, settings.seed, device)
+    candidate, stats = _fit(model, spec, split, settings, device)
     head_fit: dict[str, str] = {}
     if refit is not None:
         candidate, head_fit = refit(candidate)
@@ -243,15 +245,18 @@ def build_round(
 
 
 def _fit(
-    model: WinnowNet, spec: ModelSpec, split: Split, seed: int, device: torch.device
+    model: WinnowNet, spec: ModelSpec, split: Split, settings: RoundSettings, device: torch.device
 ) -> tuple[WinnowNet, RoundStats]:
     """A fine-tuned copy of ``model``; ``model`` itself is left as it is."""
     candidate = copy.deepcopy(model)
+    config = FinetuneConfig.for_arch(
+        spec.arch, seed=settings.seed, shrink=settings.shrink, perturb=settings.perturb
+    )
     stats = finetune_round(
         candidate,
         split.new,
         split.replay,
-        FinetuneConfig.for_arch(spec.arch, seed=seed),
+        config,
         device,
         progress=lambda p: log.debug(
             "round: epoch %d loss %.4f (%.1fs)", int(p["epoch"]), p["loss"], p["seconds"]

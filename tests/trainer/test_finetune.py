@@ -150,11 +150,12 @@ def test_stack(digits: tuple[list[Sample], list[Sample]]) -> None:
 
 
 def test_rounds_of_labels_raise_accuracy(digits: tuple[list[Sample], list[Sample]]) -> None:
-    """Each round ends as the trainer's do, with the head refit on every label."""
+    """Each round ends as the trainer's do, with the head refit on every label; shrunk and
+    perturbed first as WINNOW_TRAINER_SHRINK=0.6 and WINNOW_TRAINER_PERTURB=0.01 ask."""
     train, test = digits
     model = _model()
     before = accuracy(model, test, CPU)
-    config = FinetuneConfig.for_arch("small-cnn")
+    config = FinetuneConfig.for_arch("small-cnn", shrink=0.6, perturb=0.01)
     pool: list[Sample] = []
     history = []
     for total in (50, 100, 200):
@@ -365,9 +366,9 @@ def test_config_for_arch() -> None:
     assert FinetuneConfig().replay_count(new=10, pool=5) == 5
     with pytest.raises(ValueError):
         FinetuneConfig(hard_replay_weight=0.0)
-    small, resnet = FinetuneConfig.for_arch("small-cnn"), FinetuneConfig.for_arch("resnet18")
-    assert (small.shrink, small.perturb) == (0.6, 0.01)
-    assert (resnet.shrink, resnet.perturb) == (1.0, 0.0)  # off: ImageNet features kept
+    for arch in ("small-cnn", "resnet18", "efficientnet_lite0"):
+        config = FinetuneConfig.for_arch(arch)
+        assert (config.shrink, config.perturb) == (1.0, 0.0), arch  # off unless asked for
     for bad in ({"shrink": 0.0}, {"shrink": 1.5}, {"perturb": -0.1}):
         with pytest.raises(ValueError):
             FinetuneConfig(**bad)  # type: ignore[arg-type]

@@ -47,3 +47,47 @@ def test_full_and_head_releases_name_their_backbone(
     built = build_round(start, split, GATE, CPU, "manual")
     assert built.spec is not None  # a new backbone, from a head-only release
     assert built.spec.backbone_version == built.spec.version != cold.version
+
+
+def test_a_round_shrinks_and_perturbs_as_the_settings_say(
+    digits: tuple[list[bytes], np.ndarray], tmp_path: Path, monkeypatch
+) -> None:
+    """WINNOW_TRAINER_SHRINK and _PERTURB reach the round's fine-tuning; off by default.
+    Catches settings that are read but never applied."""
+    import trainer.rounds as rounds
+    from trainer.loop import Trainer
+
+    pngs, targets = digits
+    seen: list[tuple[float, float, bool]] = []
+    real = rounds.finetune_round
+
+    def spy(model, new, pool, config, *args, **kwargs):  # type: ignore[no-untyped-def]
+        stats = real(model, new, pool, config, *args, **kwargs)
+        seen.append((config.shrink, config.perturb, stats.shrunk))
+        return stats
+
+    monkeypatch.setattr(rounds, "finetune_round", spy)
+    items = [TrainItem(f"f{i}", str(targets[i]), i, True) for i in range(30)]
+
+    def images(ids: list[str]) -> dict[str, bytes]:
+        return {f: pngs[int(f[1:])] for f in ids}
+
+    for env, expected in (
+        ({}, (1.0, 0.0, False)),
+        ({"shrink": 0.6, "perturb": 0.01}, (0.6, 0.01, True)),
+    ):
+        settings = TrainerSettings(
+            data_dir=tmp_path / str(len(seen)),
+            classes=[str(d) for d in range(10)],
+            input_size=8,
+            channels=1,
+            **env,
+        )
+        model, cold, _ = initial_model(settings)
+        gate = Trainer._gate.fget(type("T", (), {"settings": settings})())  # type: ignore[attr-defined]
+        assert (gate.shrink, gate.perturb) == expected[:2]
+        split = split_items(items, cold, SampleCache(), images, 0.0)
+        build_round(
+            RoundInputs(model, cold, cold, Prequential(), set()), split, gate, CPU, "manual"
+        )
+        assert seen[-1] == expected

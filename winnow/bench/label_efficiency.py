@@ -254,6 +254,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
                 min_steps=args.min_steps,
                 full_steps=args.full_steps,
                 pseudo=args.pseudo_labels,
+                shrink=args.shrink,
+                perturb=args.perturb,
             ),
             head_refits=refits,
         ),
@@ -279,6 +281,13 @@ def _non_negative(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def _shrink(text: str) -> float:
+    value = _non_negative(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be above 0 and at most 1, got {text}")
     return value
 
 
@@ -357,6 +366,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="rounds and refits also learn from up to PER_LABEL pseudo-labels per label, "
         "spread from the labels over the frames seen (trainer.pseudo; the trainer does "
         "not collect unlabeled frames yet); default 0, off",
+    )
+    p.add_argument(
+        "--shrink",
+        type=_shrink,
+        default=1.0,
+        help="before each round on every label, each weight times this (shrink and perturb, "
+        "Ash and Adams 2020; the trainer's WINNOW_TRAINER_SHRINK); default 1, off",
+    )
+    p.add_argument(
+        "--perturb",
+        type=_non_negative,
+        default=0.0,
+        metavar="SIGMA",
+        help="and Gaussian noise of this standard deviation (WINNOW_TRAINER_PERTURB); default 0",
     )
     p.add_argument("--window", type=int, default=200, help="frames of the budget window")
     p.add_argument("--batch", type=int, default=32, help="frames per scoring batch")

@@ -98,6 +98,9 @@ class LearnerConfig:
             the architecture (``FinetuneConfig.for_arch``).
         full_steps: steps of the full-data run (None: at least 600, 10 epochs).
         pseudo: pseudo-labels per label from the unlabeled frames seen (0: none).
+        shrink, perturb: shrink and perturb before each round on every label
+            (``FinetuneConfig``; 1 and 0: off, the trainer's default), the full-data
+            run included.
     """
 
     round_labels: int = 20
@@ -105,6 +108,8 @@ class LearnerConfig:
     min_steps: int | None = None
     full_steps: int | None = None
     pseudo: float = 0.0
+    shrink: float = 1.0
+    perturb: float = 0.0
 
 
 def forward(model: Any, inputs: np.ndarray, batch: int = 512) -> tuple[np.ndarray, np.ndarray]:
@@ -170,7 +175,9 @@ class Learner:
         self.model = build(data, seed)
         self._config = config
         steps = {} if config.min_steps is None else {"min_steps": config.min_steps}
-        self._finetune = finetune_config(data, seed, **steps)
+        self._finetune = finetune_config(
+            data, seed, shrink=config.shrink, perturb=config.perturb, **steps
+        )
         self._device = torch.device("cpu")
         self._refit = refit
         self._trained: list[Any] = []
@@ -280,7 +287,14 @@ def full_data_confusion(
     train = [Sample(str(i), data.inputs[i], int(data.labels[i])) for i in data.images]
     steps = config.full_steps or max(600, 10 * len(train) // 32)
     finetune = finetune_config(
-        data, seed, epochs=10, max_steps=steps, min_steps=steps, replay_min=0
+        data,
+        seed,
+        epochs=10,
+        max_steps=steps,
+        min_steps=steps,
+        replay_min=0,
+        shrink=config.shrink,
+        perturb=config.perturb,
     )
     finetune_round(model, train, [], finetune, torch.device("cpu"))
     if refit is not None:

@@ -242,8 +242,12 @@ def table(result: Mapping[str, Any]) -> str:
     """The printed summary: one line per strategy, then the measure at equal label counts."""
     measure = result["measure"]
     targets = result["targets"]
-    pseudo = result.get("config", {}).get("run", {}).get("learner", {}).get("pseudo", 0)
+    config = result.get("config", {}).get("run", {}).get("learner", {})
+    pseudo = config.get("pseudo", 0)
     learner = f" pseudo-labels={pseudo:g}/label" if pseudo else ""
+    shrink, perturb = config.get("shrink", 1.0), config.get("perturb", 0.0)
+    if shrink != 1.0 or perturb:
+        learner += f" shrink={shrink:g} perturb={perturb:g}"
     lines = [
         f"dataset={result['stream']['name']} video={result['video']}{learner} measure={measure} "
         f"full={result['full']['mean']:.4f} targets 90/95/98%: "

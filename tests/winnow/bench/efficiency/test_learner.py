@@ -83,3 +83,31 @@ def test_pseudo_labels_come_from_the_unlabeled_frames_only_when_asked_for() -> N
         extra = [ids[len(ids) - expected :] for ids in learned][-1] if expected else []
         assert len(learned[-1]) == 4 + expected
         assert not set(extra) & {"0", "1", "2", "3"}
+
+
+def test_shrink_and_perturb_reach_the_rounds_and_the_full_data_run(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Catches --shrink/--perturb measured on a learner that never applies them."""
+    seen: list[tuple[float, float, int]] = []
+    from trainer import finetune
+
+    real = finetune.finetune_round
+
+    def spy(model: Any, new: Any, pool: Any, config: Any, *args: Any, **kw: Any) -> Any:
+        stats = real(model, new, pool, config, *args, **kw)
+        seen.append((config.shrink, config.perturb, int(stats.shrunk)))
+        return stats
+
+    monkeypatch.setattr(finetune, "finetune_round", spy)
+    data = _data()
+    config = LearnerConfig(round_labels=4, refit_labels=100, min_steps=2, shrink=0.5, perturb=0.01)
+    learner = Learner(data, config, 0, None)
+    for i in range(8):
+        learner.add(Sample(str(i), data.inputs[i], int(data.labels[i])))
+    learner_module.full_data_confusion(data, LearnerConfig(full_steps=2, shrink=0.7), 0, None)
+    assert seen == [(0.5, 0.01, 1), (0.5, 0.01, 1), (0.7, 0.0, 1)]
+    plain = Learner(data, LearnerConfig(round_labels=4, min_steps=2), 0, None)
+    for i in range(4):
+        plain.add(Sample(str(i), data.inputs[i], int(data.labels[i])))
+    assert seen[-1] == (1.0, 0.0, 0)  # off by default
