@@ -200,10 +200,7 @@ class Trainer(Component):
 
     @property
     def _gate(self) -> RoundSettings:
-        s = self.settings
-        return RoundSettings(
-            s.holdout_fraction, s.release_margin, s.release_alpha, s.seed, s.shrink, s.perturb
-        )
+        return RoundSettings.of(self.settings)
 
     # -- the loops -------------------------------------------------------------------------
 

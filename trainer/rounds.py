@@ -20,7 +20,7 @@ import secrets
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
@@ -33,6 +33,9 @@ from trainer.forward import predicted_classes
 from trainer.reference import reference_for
 from trainer.samples import Sample, SampleCache
 from trainer.store import TrainItem
+
+if TYPE_CHECKING:
+    from trainer.config import TrainerSettings
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +126,14 @@ class RoundSettings:
     seed: int
     shrink: float = 1.0
     perturb: float = 0.0
+
+    @classmethod
+    def of(cls, settings: "TrainerSettings") -> "RoundSettings":
+        """The round's part of the trainer's settings."""
+        s = settings
+        return cls(
+            s.holdout_fraction, s.release_margin, s.release_alpha, s.seed, s.shrink, s.perturb
+        )
 
 
 def split_items(

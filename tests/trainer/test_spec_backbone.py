@@ -55,7 +55,6 @@ def test_a_round_shrinks_and_perturbs_as_the_settings_say(
     """WINNOW_TRAINER_SHRINK and _PERTURB reach the round's fine-tuning; off by default.
     Catches settings that are read but never applied."""
     import trainer.rounds as rounds
-    from trainer.loop import Trainer
 
     pngs, targets = digits
     seen: list[tuple[float, float, bool]] = []
@@ -84,7 +83,7 @@ def test_a_round_shrinks_and_perturbs_as_the_settings_say(
             **env,
         )
         model, cold, _ = initial_model(settings)
-        gate = Trainer._gate.fget(type("T", (), {"settings": settings})())  # type: ignore[attr-defined]
+        gate = RoundSettings.of(settings)  # what Trainer._gate gives its rounds
         assert (gate.shrink, gate.perturb) == expected[:2]
         split = split_items(items, cold, SampleCache(), images, 0.0)
         build_round(
