@@ -75,17 +75,19 @@ class TrainerSettings(BaseSettings):
         description="new labels (holdout excluded) that start a refit of the classification "
         "head on frozen embeddings and a head-only release; 0: backbone rounds only",
     )
-    shrink: float = Field(
-        default=1.0,
+    shrink: float | None = Field(
+        default=None,
         gt=0,
         le=1,
         description="before a backbone round on every label, multiply each weight by this "
-        "(shrink and perturb, Ash and Adams 2020); 1: off",
+        "(shrink and perturb, Ash and Adams 2020); 1: off; unset: the architecture's "
+        "default (0.6 for the small CNN, off for torchvision backbones)",
     )
-    perturb: float = Field(
-        default=0.0,
+    perturb: float | None = Field(
+        default=None,
         ge=0,
-        description="and add Gaussian noise of this standard deviation; 0: none",
+        description="and add Gaussian noise of this standard deviation; 0: none; unset: the "
+        "architecture's default (0.01 for the small CNN, 0 for torchvision backbones)",
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     metrics_port: int = Field(default=9100, ge=0, le=65535)

@@ -124,8 +124,8 @@ class RoundSettings:
     release_margin: float
     release_alpha: float
     seed: int
-    shrink: float = 1.0
-    perturb: float = 0.0
+    shrink: float | None = None  # None: the architecture's default (FinetuneConfig.for_arch)
+    perturb: float | None = None
 
     @classmethod
     def of(cls, settings: "TrainerSettings") -> "RoundSettings":
@@ -260,8 +260,9 @@ def _fit(
 ) -> tuple[WinnowNet, RoundStats]:
     """A fine-tuned copy of ``model``; ``model`` itself is left as it is."""
     candidate = copy.deepcopy(model)
+    asked = {"shrink": settings.shrink, "perturb": settings.perturb}
     config = FinetuneConfig.for_arch(
-        spec.arch, seed=settings.seed, shrink=settings.shrink, perturb=settings.perturb
+        spec.arch, seed=settings.seed, **{k: v for k, v in asked.items() if v is not None}
     )
     stats = finetune_round(
         candidate,

@@ -150,12 +150,12 @@ def test_stack(digits: tuple[list[Sample], list[Sample]]) -> None:
 
 
 def test_rounds_of_labels_raise_accuracy(digits: tuple[list[Sample], list[Sample]]) -> None:
-    """Each round ends as the trainer's do, with the head refit on every label; shrunk and
-    perturbed first as WINNOW_TRAINER_SHRINK=0.6 and WINNOW_TRAINER_PERTURB=0.01 ask."""
+    """Each round ends as the trainer's do, with the head refit on every label, and with the
+    small CNN's defaults (shrunk and perturbed first, at least 400 steps)."""
     train, test = digits
     model = _model()
     before = accuracy(model, test, CPU)
-    config = FinetuneConfig.for_arch("small-cnn", shrink=0.6, perturb=0.01)
+    config = FinetuneConfig.for_arch("small-cnn")
     pool: list[Sample] = []
     history = []
     for total in (50, 100, 200):
@@ -304,7 +304,7 @@ def test_every_earlier_label_is_replayed_by_default_until_the_cap() -> None:
     config = FinetuneConfig()
     assert config.replay_count(20, 180) == 180
     assert config.replay_count(100, 10_000) == config.replay_max
-    assert FinetuneConfig.for_arch("small-cnn").min_steps == 200
+    assert FinetuneConfig.for_arch("small-cnn").min_steps == 400
     assert FinetuneConfig.for_arch("small-cnn", min_steps=5).min_steps == 5
     assert FinetuneConfig.for_arch("resnet18").min_steps == FinetuneConfig().min_steps
 
@@ -366,9 +366,14 @@ def test_config_for_arch() -> None:
     assert FinetuneConfig().replay_count(new=10, pool=5) == 5
     with pytest.raises(ValueError):
         FinetuneConfig(hard_replay_weight=0.0)
-    for arch in ("small-cnn", "resnet18", "efficientnet_lite0"):
+    # Shrink and perturb: on for the small CNN, off for backbones whose features it would
+    # wear away, and off when asked.
+    for arch, expected in (("small-cnn", (0.6, 0.01)), ("resnet18", (1.0, 0.0))):
         config = FinetuneConfig.for_arch(arch)
-        assert (config.shrink, config.perturb) == (1.0, 0.0), arch  # off unless asked for
+        assert (config.shrink, config.perturb) == expected, arch
+    assert FinetuneConfig.for_arch("efficientnet_lite0").shrink == 1.0
+    off = FinetuneConfig.for_arch("small-cnn", shrink=1.0, perturb=0.0)
+    assert (off.shrink, off.perturb, off.min_steps) == (1.0, 0.0, 400)
     for bad in ({"shrink": 0.0}, {"shrink": 1.5}, {"perturb": -0.1}):
         with pytest.raises(ValueError):
             FinetuneConfig(**bad)  # type: ignore[arg-type]

@@ -52,8 +52,9 @@ def test_full_and_head_releases_name_their_backbone(
 def test_a_round_shrinks_and_perturbs_as_the_settings_say(
     digits: tuple[list[bytes], np.ndarray], tmp_path: Path, monkeypatch
 ) -> None:
-    """WINNOW_TRAINER_SHRINK and _PERTURB reach the round's fine-tuning; off by default.
-    Catches settings that are read but never applied."""
+    """WINNOW_TRAINER_SHRINK and _PERTURB reach the round's fine-tuning; unset, the small
+    CNN's defaults (0.6 and 0.01) apply. Catches settings that are read but never applied,
+    and an unset setting that turns the architecture's default off."""
     import trainer.rounds as rounds
 
     pngs, targets = digits
@@ -72,8 +73,9 @@ def test_a_round_shrinks_and_perturbs_as_the_settings_say(
         return {f: pngs[int(f[1:])] for f in ids}
 
     for env, expected in (
-        ({}, (1.0, 0.0, False)),
-        ({"shrink": 0.6, "perturb": 0.01}, (0.6, 0.01, True)),
+        ({}, (0.6, 0.01, True)),
+        ({"shrink": 1.0, "perturb": 0.0}, (1.0, 0.0, False)),
+        ({"shrink": 0.8}, (0.8, 0.01, True)),
     ):
         settings = TrainerSettings(
             data_dir=tmp_path / str(len(seen)),
@@ -84,7 +86,7 @@ def test_a_round_shrinks_and_perturbs_as_the_settings_say(
         )
         model, cold, _ = initial_model(settings)
         gate = RoundSettings.of(settings)  # what Trainer._gate gives its rounds
-        assert (gate.shrink, gate.perturb) == expected[:2]
+        assert (gate.shrink, gate.perturb) == (env.get("shrink"), env.get("perturb"))
         split = split_items(items, cold, SampleCache(), images, 0.0)
         build_round(
             RoundInputs(model, cold, cold, Prequential(), set()), split, gate, CPU, "manual"

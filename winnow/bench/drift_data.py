@@ -80,7 +80,10 @@ def train_model(data: ImageDataset, seed: int) -> tuple[Any, Any, np.ndarray, np
         Sample(str(i), x, int(y))
         for i, x, y in zip(fit, inputs, data.train_labels[fit], strict=True)
     ]
-    config = FinetuneConfig.for_arch("small-cnn", epochs=8, max_steps=400, seed=seed)
+    # The model the drift figures were measured with: 200 steps, not shrunk.
+    config = FinetuneConfig.for_arch(
+        "small-cnn", epochs=8, max_steps=400, min_steps=200, shrink=1.0, perturb=0.0, seed=seed
+    )
     finetune_round(model, samples, [], config, torch.device("cpu"))
     rest = order[cut:][:3000]
     return model, spec, data.train_images[rest], data.train_labels[rest]

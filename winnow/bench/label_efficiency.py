@@ -370,16 +370,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--shrink",
         type=_shrink,
-        default=1.0,
+        default=None,
         help="before each round on every label, each weight times this (shrink and perturb, "
-        "Ash and Adams 2020; the trainer's WINNOW_TRAINER_SHRINK); default 1, off",
+        "Ash and Adams 2020; the trainer's WINNOW_TRAINER_SHRINK); 1: off; default the "
+        "trainer's for the architecture (0.6 for the small CNN)",
     )
     p.add_argument(
         "--perturb",
         type=_non_negative,
-        default=0.0,
+        default=None,
         metavar="SIGMA",
-        help="and Gaussian noise of this standard deviation (WINNOW_TRAINER_PERTURB); default 0",
+        help="and Gaussian noise of this standard deviation (WINNOW_TRAINER_PERTURB); default "
+        "the trainer's for the architecture (0.01 for the small CNN)",
     )
     p.add_argument("--window", type=int, default=200, help="frames of the budget window")
     p.add_argument("--batch", type=int, default=32, help="frames per scoring batch")

@@ -99,8 +99,8 @@ class LearnerConfig:
         full_steps: steps of the full-data run (None: at least 600, 10 epochs).
         pseudo: pseudo-labels per label from the unlabeled frames seen (0: none).
         shrink, perturb: shrink and perturb before each round on every label
-            (``FinetuneConfig``; 1 and 0: off, the trainer's default), the full-data
-            run included.
+            (``FinetuneConfig``; 1 and 0: off), the full-data run included; None: the
+            trainer's default for the architecture (on for the small CNN).
     """
 
     round_labels: int = 20
@@ -108,8 +108,13 @@ class LearnerConfig:
     min_steps: int | None = None
     full_steps: int | None = None
     pseudo: float = 0.0
-    shrink: float = 1.0
-    perturb: float = 0.0
+    shrink: float | None = None
+    perturb: float | None = None
+
+    def finetune_overrides(self) -> dict[str, float]:
+        """What this configuration asks of ``FinetuneConfig`` beyond the trainer's defaults."""
+        asked = {"min_steps": self.min_steps, "shrink": self.shrink, "perturb": self.perturb}
+        return {key: value for key, value in asked.items() if value is not None}
 
 
 def forward(model: Any, inputs: np.ndarray, batch: int = 512) -> tuple[np.ndarray, np.ndarray]:
@@ -147,13 +152,14 @@ def finetune_config(data: StreamData, seed: int, **overrides: Any) -> Any:
 
     Cached features cannot be shifted or zoomed, so augmentation is off for
     them; their rounds train the head alone, at the step the trainer uses for
-    a model trained from scratch.
+    a model trained from scratch, 200 steps a round and not shrunk (as a
+    pretrained backbone is not; the settings its figures were measured with).
     """
     from trainer.finetune import FinetuneConfig
 
     if data.features:
-        overrides = {"augment": False, **overrides}
-        return FinetuneConfig.for_arch("small-cnn", seed=seed, **overrides)
+        kept = {"augment": False, "min_steps": 200, "shrink": 1.0, "perturb": 0.0}
+        return FinetuneConfig.for_arch("small-cnn", seed=seed, **{**kept, **overrides})
     return FinetuneConfig.for_arch(data.arch, seed=seed, **overrides)
 
 
@@ -174,10 +180,7 @@ class Learner:
 
         self.model = build(data, seed)
         self._config = config
-        steps = {} if config.min_steps is None else {"min_steps": config.min_steps}
-        self._finetune = finetune_config(
-            data, seed, shrink=config.shrink, perturb=config.perturb, **steps
-        )
+        self._finetune = finetune_config(data, seed, **config.finetune_overrides())
         self._device = torch.device("cpu")
         self._refit = refit
         self._trained: list[Any] = []
@@ -293,8 +296,7 @@ def full_data_confusion(
         max_steps=steps,
         min_steps=steps,
         replay_min=0,
-        shrink=config.shrink,
-        perturb=config.perturb,
+        **{k: v for k, v in config.finetune_overrides().items() if k != "min_steps"},
     )
     finetune_round(model, train, [], finetune, torch.device("cpu"))
     if refit is not None:

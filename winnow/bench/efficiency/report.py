@@ -245,9 +245,10 @@ def table(result: Mapping[str, Any]) -> str:
     config = result.get("config", {}).get("run", {}).get("learner", {})
     pseudo = config.get("pseudo", 0)
     learner = f" pseudo-labels={pseudo:g}/label" if pseudo else ""
-    shrink, perturb = config.get("shrink", 1.0), config.get("perturb", 0.0)
-    if shrink != 1.0 or perturb:
-        learner += f" shrink={shrink:g} perturb={perturb:g}"
+    # Shown when asked for on the command line (None: the trainer's default).
+    for key in ("shrink", "perturb", "min_steps"):
+        if config.get(key) is not None:
+            learner += f" {key}={config[key]:g}"
     lines = [
         f"dataset={result['stream']['name']} video={result['video']}{learner} measure={measure} "
         f"full={result['full']['mean']:.4f} targets 90/95/98%: "

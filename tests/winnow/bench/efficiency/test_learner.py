@@ -1,5 +1,6 @@
 """The learner: a round every ``round_labels`` labels, head refits in between."""
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -9,7 +10,12 @@ import pytest
 from trainer.samples import Sample
 from winnow.bench.efficiency import learner as learner_module
 from winnow.bench.efficiency.errors import BenchConfigError
-from winnow.bench.efficiency.learner import Learner, LearnerConfig, resolve_head_refit
+from winnow.bench.efficiency.learner import (
+    Learner,
+    LearnerConfig,
+    finetune_config,
+    resolve_head_refit,
+)
 from winnow.bench.efficiency.stream import StreamData
 
 
@@ -106,8 +112,29 @@ def test_shrink_and_perturb_reach_the_rounds_and_the_full_data_run(
     for i in range(8):
         learner.add(Sample(str(i), data.inputs[i], int(data.labels[i])))
     learner_module.full_data_confusion(data, LearnerConfig(full_steps=2, shrink=0.7), 0, None)
-    assert seen == [(0.5, 0.01, 1), (0.5, 0.01, 1), (0.7, 0.0, 1)]
+    assert seen == [(0.5, 0.01, 1), (0.5, 0.01, 1), (0.7, 0.01, 1)]
     plain = Learner(data, LearnerConfig(round_labels=4, min_steps=2), 0, None)
     for i in range(4):
         plain.add(Sample(str(i), data.inputs[i], int(data.labels[i])))
-    assert seen[-1] == (1.0, 0.0, 0)  # off by default
+    assert seen[-1] == (0.6, 0.01, 1)  # the trainer's default for the small CNN
+    off = Learner(data, LearnerConfig(round_labels=4, min_steps=2, shrink=1, perturb=0), 0, None)
+    for i in range(4):
+        off.add(Sample(str(i), data.inputs[i], int(data.labels[i])))
+    assert seen[-1] == (1.0, 0.0, 0)
+
+
+def test_cached_features_train_their_head_as_measured() -> None:
+    """A pretrained backbone's cached features train the head alone: not shrunk (as the
+    trainer does not shrink a pretrained backbone), 200 steps, no augmentation. Catches the
+    small CNN's defaults (shrink and perturb, 400 steps) leaking into the pretrained runs."""
+    data = dataclasses.replace(_data(), features=True)
+    config = finetune_config(data, 0)
+    assert (config.shrink, config.perturb, config.min_steps, config.augment) == (
+        1.0,
+        0.0,
+        200,
+        False,
+    )
+    assert finetune_config(data, 0, shrink=0.5).shrink == 0.5  # asked for, it applies
+    images = finetune_config(_data(), 0)
+    assert (images.shrink, images.perturb, images.min_steps) == (0.6, 0.01, 400)
