@@ -151,9 +151,12 @@ class FinetuneConfig:
         Pretrained EfficientNet-Lite0 keeps its ImageNet BatchNorm statistics: its
         TensorFlow-style momentum (0.01) barely moves them on a few dozen labels,
         and frozen statistics measured better on held-out photo patches (1.0 vs 0.98).
+
+        An override of None means the architecture's default (a setting left unset).
         """
         lr = 1e-3 if arch in _SMALL_ARCHS else 1e-4
-        fields: dict[str, object] = {"lr": lr, **overrides}
+        given = {key: value for key, value in overrides.items() if value is not None}
+        fields: dict[str, object] = {"lr": lr, **given}
         if arch in _SMALL_ARCHS:
             fields.setdefault("min_steps", SMALL_CNN_MIN_STEPS)
             fields.setdefault("shrink", SMALL_CNN_SHRINK)

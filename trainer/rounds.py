@@ -260,9 +260,8 @@ def _fit(
 ) -> tuple[WinnowNet, RoundStats]:
     """A fine-tuned copy of ``model``; ``model`` itself is left as it is."""
     candidate = copy.deepcopy(model)
-    asked = {"shrink": settings.shrink, "perturb": settings.perturb}
     config = FinetuneConfig.for_arch(
-        spec.arch, seed=settings.seed, **{k: v for k, v in asked.items() if v is not None}
+        spec.arch, seed=settings.seed, shrink=settings.shrink, perturb=settings.perturb
     )
     stats = finetune_round(
         candidate,

@@ -374,6 +374,8 @@ def test_config_for_arch() -> None:
     assert FinetuneConfig.for_arch("efficientnet_lite0").shrink == 1.0
     off = FinetuneConfig.for_arch("small-cnn", shrink=1.0, perturb=0.0)
     assert (off.shrink, off.perturb, off.min_steps) == (1.0, 0.0, 400)
+    unset = FinetuneConfig.for_arch("small-cnn", shrink=None, min_steps=None)
+    assert (unset.shrink, unset.min_steps) == (0.6, 400)  # None: the architecture's default
     for bad in ({"shrink": 0.0}, {"shrink": 1.5}, {"perturb": -0.1}):
         with pytest.raises(ValueError):
             FinetuneConfig(**bad)  # type: ignore[arg-type]

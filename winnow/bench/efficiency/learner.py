@@ -111,11 +111,6 @@ class LearnerConfig:
     shrink: float | None = None
     perturb: float | None = None
 
-    def finetune_overrides(self) -> dict[str, float]:
-        """What this configuration asks of ``FinetuneConfig`` beyond the trainer's defaults."""
-        asked = {"min_steps": self.min_steps, "shrink": self.shrink, "perturb": self.perturb}
-        return {key: value for key, value in asked.items() if value is not None}
-
 
 def forward(model: Any, inputs: np.ndarray, batch: int = 512) -> tuple[np.ndarray, np.ndarray]:
     """Probabilities and embeddings in eval mode, in batches."""
@@ -159,7 +154,8 @@ def finetune_config(data: StreamData, seed: int, **overrides: Any) -> Any:
 
     if data.features:
         kept = {"augment": False, "min_steps": 200, "shrink": 1.0, "perturb": 0.0}
-        return FinetuneConfig.for_arch("small-cnn", seed=seed, **{**kept, **overrides})
+        unset = {key: value for key, value in kept.items() if overrides.get(key) is None}
+        return FinetuneConfig.for_arch("small-cnn", seed=seed, **{**overrides, **unset})
     return FinetuneConfig.for_arch(data.arch, seed=seed, **overrides)
 
 
@@ -180,7 +176,9 @@ class Learner:
 
         self.model = build(data, seed)
         self._config = config
-        self._finetune = finetune_config(data, seed, **config.finetune_overrides())
+        self._finetune = finetune_config(
+            data, seed, min_steps=config.min_steps, shrink=config.shrink, perturb=config.perturb
+        )
         self._device = torch.device("cpu")
         self._refit = refit
         self._trained: list[Any] = []
@@ -296,7 +294,8 @@ def full_data_confusion(
         max_steps=steps,
         min_steps=steps,
         replay_min=0,
-        **{k: v for k, v in config.finetune_overrides().items() if k != "min_steps"},
+        shrink=config.shrink,
+        perturb=config.perturb,
     )
     finetune_round(model, train, [], finetune, torch.device("cpu"))
     if refit is not None:
