@@ -3,8 +3,10 @@
 # the project's packages importable, the camera case on the CUDA provider at 640x480 and
 # 1920x1080, scorer processes 1, 4 and 8, batches 32 and 64 (after the tests marked gpu),
 # then the 640x480 case again with an fp16 model (WINNOW_TRAINER_PRECISION=fp16), 1 and 4
-# processes at batch 64. JSON and logs go to the folder given (default ./gpu-check). On a 16-core host with one H200 the 640x480
-# part took 5 minutes with 12,000 frames; give the whole check 12 minutes.
+# processes at batch 64, and with JPEGs decoded on the GPU by DALI (--decoder dali), 1 and 4.
+# JSON and logs go to the folder given (default ./gpu-check). On a 16-core host with one H200
+# the 640x480 part took 5 minutes with 12,000 frames; the check took about 12 minutes before
+# the DALI run (not yet timed) was added.
 #
 #   bash scripts/gpu-check.sh [OUT_DIR]
 #
@@ -39,4 +41,9 @@ winnow bench throughput --cases camera --device cuda --frame-size 1920x1080 \
 winnow bench throughput --cases camera --device cuda --frame-size 640x480 --precision fp16 \
   --frames "$small" --batch-size 64 --batch-sizes 64 --workers 1,4 --no-naive \
   --json "$out/throughput-640x480-fp16.json" 2>&1 | tee "$out/throughput-640x480-fp16.log" || status=1
+# the same 640x480 case with JPEG batches decoded on the GPU by NVIDIA DALI
+# (WINNOW_SCORER_DECODER=dali; needs winnow-stream[dali])
+winnow bench throughput --cases camera --device cuda --frame-size 640x480 --decoder dali \
+  --frames "$small" --batch-size 64 --batch-sizes 64 --workers 1,4 --no-naive \
+  --json "$out/throughput-640x480-dali.json" 2>&1 | tee "$out/throughput-640x480-dali.log" || status=1
 exit $status

@@ -61,6 +61,15 @@ class ScorerSettings(BaseSettings):
         description="decode threads; 0: half the CPUs this process may use (at most 4), leaving "
         "the rest to inference",
     )
+    decoder: Literal["cpu", "dali", "dali-cpu"] = Field(
+        default="cpu",
+        description="who turns JPEG frames into model input: `cpu` (libjpeg-turbo and Pillow in "
+        "`decode_workers` threads); `dali` decodes, resizes and normalizes JPEG batches on the "
+        "GPU with NVIDIA DALI where the model runs on CUDA (install winnow-stream[dali]; "
+        "elsewhere the scorer warns and uses `cpu`); `dali-cpu` runs DALI's pipeline on the "
+        "CPU, slower than `cpu`, to test that path without a GPU. PNG frames and whatever DALI "
+        "refuses are decoded by `cpu` either way",
+    )
     max_frame_bytes: int = Field(default=20 * 1024 * 1024, gt=0)
     max_pixels: int = Field(default=50_000_000, gt=0, description="checked before full decode")
     publish_predictions: bool = True

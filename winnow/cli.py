@@ -20,6 +20,8 @@ from infra.allocator import tune_allocator, tune_for_training
 if TYPE_CHECKING:
     from pydantic import ValidationError
 
+    from service.config import Settings
+
 # The modules that show a role's extra is installed: checked before its command imports them.
 EXTRA_MODULES: dict[str, tuple[str, ...]] = {
     "scorer": ("onnxruntime", "onnx", "fastapi", "uvicorn", "PIL"),
@@ -98,6 +100,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     try:
         check_tokens(settings)
+        _check_decoder(settings)
     except ConfigError as error:
         print(f"winnow serve: {error}", file=sys.stderr)
         return 2
@@ -110,6 +113,26 @@ def _serve(args: argparse.Namespace) -> int:
 
         return serve_workers(settings, verbose=args.verbose)
     return serve(settings)
+
+
+def _check_decoder(settings: "Settings") -> None:
+    """Refuses a DALI decoder that would be used where DALI is not installed (``dali`` on a
+    node whose model runs on the CPU falls back to the CPU decoder and needs no DALI).
+
+    Raises:
+        ConfigError: the decoder needs DALI and it cannot be imported.
+    """
+    from service.errors import ConfigError
+    from service.model.inference import cuda_usable
+    from service.pipeline.dali_decode import dali_available
+
+    decoder = settings.scorer.decoder
+    on_cuda = settings.device != "cpu" and cuda_usable()[0]
+    if decoder == "cpu" or (decoder == "dali" and not on_cuda):
+        return
+    usable, why = dali_available()
+    if not usable:
+        raise ConfigError(f"WINNOW_SCORER_DECODER={decoder}: {why}")
 
 
 def _invalid(error: "ValidationError") -> str:
@@ -464,6 +487,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["fp32", "fp16"],
         default="fp32",
         help="arithmetic inside the models' graphs (as WINNOW_TRAINER_PRECISION)",
+    )
+    p.add_argument(
+        "--decoder",
+        choices=["cpu", "dali", "dali-cpu"],
+        default="cpu",
+        help="the scorer's frame decoder (as WINNOW_SCORER_DECODER): dali decodes JPEG batches "
+        "on the GPU with NVIDIA DALI where the model runs on CUDA",
     )
     _command(p, _bench_throughput, "bench")
 

@@ -100,6 +100,18 @@ def decode_image(
     return image
 
 
+def check_frame(value: bytes | None, content_type: str | None, limits: DecodeLimits) -> str:
+    """Every check of a frame that needs no pixel decoded; Pillow's format name (``JPEG`` or
+    ``PNG``) when it passes.
+
+    Raises:
+        PoisonRecord: ``empty``, ``too_large``, ``unsupported_type``, ``undecodable`` (an
+            unknown signature or a broken header), ``truncated`` (cut short before its size,
+            or a PNG without its end) or ``too_many_pixels``.
+    """
+    return _check(value, content_type, limits)[1]
+
+
 def preprocess(image: Image.Image, spec: ModelSpec) -> np.ndarray:
     """Turns a frame into model input: float32 C x H x W, ``(x / 255 - mean) / std``.
 

@@ -43,7 +43,8 @@ from service.pipeline.accounting import Accounting
 from service.pipeline.batching import Batch, collect_batch
 from service.pipeline.cap_shares import CapShares
 from service.pipeline.checkpoint import DRAIN_TIMEOUT_S, Checkpoint
-from service.pipeline.decode import BatchDecoder, DecodeLimits
+from service.pipeline.dali_decode import batch_decoder
+from service.pipeline.decode import DecodeLimits
 from service.pipeline.exemplars import Exemplars
 from service.pipeline.records import batch_records
 from service.pipeline.run_place import RunPlace
@@ -125,7 +126,7 @@ class Scorer(Component):
         self._on_batch, self._on_swap = tuple(on_batch), tuple(on_swap)
         scorer = settings.scorer
         limits = DecodeLimits(max_bytes=scorer.max_frame_bytes, max_pixels=scorer.max_pixels)
-        self._decoder = BatchDecoder(limits, scorer.decode_threads)
+        self._decoder = batch_decoder(scorer, limits, model.provider)
         # Model runs, up to this many batches at once (one on CUDA: the GPU parallelizes).
         self._concurrency = scorer.concurrent_batches if model.provider == CPU else 1
         self._infer_pool = ThreadPoolExecutor(self._concurrency, "winnow-infer")

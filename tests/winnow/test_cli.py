@@ -111,6 +111,25 @@ def test_serve_without_a_model_or_releases_says_how_to_get_one(monkeypatch, caps
 
 
 @pytest.mark.usefixtures("frozen_settings")
+def test_serve_refuses_a_dali_decoder_without_dali(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """DALI's decoder where it would run and is not installed: one line naming the extra, not
+    a traceback from the scorer's first batch; ``dali`` on a CPU node falls back instead."""
+    from service.pipeline import dali_decode
+
+    calls = _capture(monkeypatch, "service.http.serve.serve")
+    monkeypatch.setattr(dali_decode, "dali_available", lambda: (False, "pip install it[dali]"))
+    model = str(tmp_path / "m.onnx")
+    monkeypatch.setenv("WINNOW_SCORER_DECODER", "dali-cpu")
+    assert cli.main(["serve", "--model", model, "--device", "cpu"]) == 2
+    assert "WINNOW_SCORER_DECODER=dali-cpu: pip install it[dali]" in capsys.readouterr().err
+    monkeypatch.setenv("WINNOW_SCORER_DECODER", "dali")
+    assert cli.main(["serve", "--model", model, "--device", "cpu"]) == 0
+    assert len(calls) == 1
+
+
+@pytest.mark.usefixtures("frozen_settings")
 def test_train_options_override_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("WINNOW_TRAINER_ROUND_MIN_LABELS", "5")
     calls = _capture(monkeypatch, "trainer.main.run_trainer")

@@ -34,7 +34,16 @@ event loop itself, the scorer's stage glue, garbage collection, threads that end
 
 # (stage, path fragments): the innermost frame on a stack that matches names its stage.
 _RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("decode", ("/service/pipeline/decode.py", "/schemas/pixels.py", "/PIL/")),
+    (
+        "decode",
+        (
+            "/service/pipeline/decode.py",
+            "/service/pipeline/dali_decode.py",
+            "/schemas/pixels.py",
+            "/PIL/",
+            "/nvidia/dali/",
+        ),
+    ),
     ("infer", ("/service/model/inference.py", "/service/scoring/", "/onnxruntime/")),
     ("decide", ("/service/selection/", "/service/pipeline/exemplars.py")),
     (
@@ -192,6 +201,16 @@ class StageSampler:
             time.sleep(self._interval_s)
 
 
+def _native_stage(tid: int) -> str:
+    """The stage of a thread Python did not start: NVIDIA DALI's workers (named ``[DALI]...``)
+    decode; the rest are onnxruntime's own thread pool."""
+    try:
+        name = Path(f"/proc/self/task/{tid}/comm").read_text()
+    except OSError:
+        return "infer"  # ended meanwhile: most such threads are onnxruntime's
+    return "decode" if name.startswith("[DALI]") else "infer"
+
+
 def stage_breakdown(
     per_thread_s: dict[int, float], counts: dict[int, Counter[str]], process_s: float
 ) -> dict[str, float]:
@@ -209,7 +228,7 @@ def stage_breakdown(
         busy = {s: n for s, n in counts.get(tid, Counter()).items() if s != "idle"}
         total = sum(busy.values())
         if tid not in python_threads:
-            stages["infer"] += seconds  # onnxruntime's own thread pool
+            stages[_native_stage(tid)] += seconds
         elif total == 0:
             stages["other"] += seconds
         else:

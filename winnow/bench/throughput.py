@@ -120,6 +120,8 @@ class BenchConfig:
     """Whether to measure the one-record-at-a-time loop (slow for large frames)."""
     precision: Precision = "fp32"
     """The arithmetic inside the models' graphs (``trainer.export``), bare and scorer alike."""
+    decoder: str = "cpu"
+    """The scorer's ``WINNOW_SCORER_DECODER`` (``cpu``, ``dali``, ``dali-cpu``)."""
     partitions: int = 3
     latency_seconds: float = LATENCY_SECONDS
     bare_min_seconds: float = BARE_MIN_SECONDS
@@ -549,12 +551,13 @@ async def _start_children(
     device: str,
     workers: int,
     sample_ms: float,
+    decoder: str = "cpu",
 ) -> tuple[list["_ScorerProcess"], float, float, float]:
     """``workers`` scorer processes in one new group; returns them, when the first began
     joining, when the first owned partitions and when the last did."""
     group = f"bench-{uuid.uuid4().hex[:10]}"
     args = _child_args(model_path, batch_size, device, group, sample_ms)
-    env = {**_kafka_env(kafka), **_cpu_env(workers)}
+    env = {**_kafka_env(kafka), **_cpu_env(workers), "WINNOW_SCORER_DECODER": decoder}
     children = [await _ScorerProcess.spawn(args, env) for _ in range(workers)]
 
     async def joined(child: "_ScorerProcess") -> tuple[float, float]:
@@ -597,6 +600,7 @@ async def measure_scorer(
     sample_ms: float = 2.0,
     workers: int = 1,
     gpu: bool = False,
+    decoder: str = "cpu",
 ) -> ScorerRun:
     """The whole scorer on a preloaded frames topic, until every decision is read back.
 
@@ -613,7 +617,7 @@ async def measure_scorer(
     await monitor.start()
     try:
         children, started, assigned, all_assigned = await _start_children(
-            model_path, kafka, batch_size, device, workers, sample_ms
+            model_path, kafka, batch_size, device, workers, sample_ms, decoder
         )
         await _wait_decided(reader, len(frames), children)
         results = await _stop_children(children)
@@ -765,6 +769,7 @@ async def measure_latency(
     rate: float,
     seconds: float,
     workers: int = 1,
+    decoder: str = "cpu",
 ) -> LatencyRun:
     """Frames produced at ``rate`` while the scorer runs; capture-to-decision per frame.
 
@@ -782,7 +787,7 @@ async def measure_latency(
     await producer.start()
     try:
         children, _, _, _ = await _start_children(
-            model_path, kafka, batch_size, device, workers, sample_ms=0
+            model_path, kafka, batch_size, device, workers, sample_ms=0, decoder=decoder
         )
         try:
             await asyncio.sleep(0.5)  # let the group settle and the first fetches begin
@@ -893,7 +898,16 @@ async def _run_case(
 
     async def scorer_run(size: int, n: int) -> ScorerRun:
         return await measure_scorer(
-            kafka, model_path, frames, spec, size, partitions, config.device, workers=n, gpu=gpu
+            kafka,
+            model_path,
+            frames,
+            spec,
+            size,
+            partitions,
+            config.device,
+            workers=n,
+            gpu=gpu,
+            decoder=config.decoder,
         )
 
     async def latency_run(rate: float, n: int) -> LatencyRun:
@@ -908,6 +922,7 @@ async def _run_case(
             rate,
             config.latency_seconds,
             workers=n,
+            decoder=config.decoder,
         )
 
     scorer = await scorer_run(batch, main_workers)
@@ -1012,6 +1027,7 @@ async def _run_case(
         "model": f"{spec.arch} {spec.channels}x{spec.input_size}x{spec.input_size} "
         f"{len(spec.classes)} classes ({model.version})",
         "precision": model.spec.precision,
+        "decoder": config.decoder,
         "device": "cuda" if model.provider == "CUDAExecutionProvider" else "cpu",
         "provider": model.provider,
         "batch_size": batch,
@@ -1243,6 +1259,7 @@ def run_throughput_bench(args: argparse.Namespace) -> int:
         frame_size=args.frame_size,
         naive=not args.no_naive,
         precision=args.precision,
+        decoder=args.decoder,
         progress=progress,
     )
     quiet = (

@@ -4,6 +4,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -118,3 +119,35 @@ def test_stage_breakdown_shares_each_threads_time_by_its_busy_samples() -> None:
     assert stages["infer"] == pytest.approx(0.2)
     assert stages["other"] == pytest.approx(0.1)  # a thread that ended
     assert sum(stages.values()) == pytest.approx(0.7)
+
+
+def test_dalis_own_threads_count_as_decode() -> None:
+    """NVIDIA DALI decodes in native threads of its own (``[DALI]...``): counted as
+    onnxruntime's, the decoder's cost would show up as inference."""
+    pytest.importorskip("nvidia.dali")
+    from schemas.model_spec import ModelSpec
+    from service.pipeline.dali_decode import DaliBatchDecoder
+    from service.pipeline.decode import DecodeLimits
+    from winnow.bench.throughput import camera_frames
+
+    spec = ModelSpec(
+        version="t",
+        arch="resnet18",
+        classes=["a", "b"],
+        input_size=(64, 64),
+        channels=3,
+        mean=[0.5] * 3,
+        std=[0.5] * 3,
+        embedding_dim=8,
+    )
+    decoder = DaliBatchDecoder(DecodeLimits(10**7, 10**8), 2, 4, device="cpu")
+    decoder.decode_now([(frame, None) for frame in camera_frames(4)], spec)
+    python_threads = {t.native_id for t in threading.enumerate()}
+    native = [tid for tid in CpuClock.snapshot().threads_s if tid not in python_threads]
+    names = {tid: Path(f"/proc/self/task/{tid}/comm").read_text() for tid in native}
+    dali = [tid for tid in native if names[tid].startswith("[DALI]")]
+    stages = stage_breakdown(dict.fromkeys(native, 0.1), {}, process_s=0.1 * len(native))
+    decoder.close()
+    assert dali, names
+    assert stages["decode"] == pytest.approx(0.1 * len(dali))
+    assert stages["infer"] == pytest.approx(0.1 * (len(native) - len(dali)))  # BLAS, ORT

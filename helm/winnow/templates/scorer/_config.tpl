@@ -16,6 +16,7 @@ WINNOW_SCORER_MAX_BATCH_SIZE: {{ int $s.maxBatchSize | quote }}
 WINNOW_SCORER_MAX_WAIT_MS: {{ int $s.maxWaitMs | quote }}
 WINNOW_SCORER_STALL_TIMEOUT_S: {{ $s.stallTimeoutS | quote }}
 WINNOW_SCORER_DECODE_WORKERS: {{ int $s.decodeWorkers | quote }}
+WINNOW_SCORER_DECODER: {{ $s.decoder | quote }}
 WINNOW_SCORER_CPU_PARALLELISM: {{ $s.cpuParallelism | quote }}
 WINNOW_WORKERS: {{ int $s.workers | quote }}
 WINNOW_SCORER_PUBLISH_PREDICTIONS: {{ $s.publishPredictions | quote }}
