@@ -20,9 +20,10 @@ the CPU path decodes a large JPEG at a reduced DCT scale before Pillow's bilinea
 DALI decodes it whole and resizes with antialiasing (the test bounds the difference).
 
 ``device="cpu"`` (``WINNOW_SCORER_DECODER=dali-cpu``) runs the same pipeline on DALI's
-CPU backend: slower than the CPU path here (6.2 against 3.9 ms a 640x427 frame, 9.9
-against 2.8 ms at 640x480 on one thread, 2-core machine under other load), it exists so
-that the DALI path is tested where there is no GPU.
+CPU backend: slower than the CPU path (one thread each, 64 frames, the 2-core machine
+quiet, two runs: 3.7-4.6 against 2.1-2.8 ms a 640x427 frame, 5.7-6.4 against 1.7-2.1 at
+640x480, 11.8-12.2 against 4.2 at 1920x1080), it exists so that the DALI path is tested
+where there is no GPU.
 """
 
 import asyncio
