@@ -123,12 +123,12 @@ def _check_decoder(settings: "Settings") -> None:
         ConfigError: the decoder needs DALI and it cannot be imported.
     """
     from service.errors import ConfigError
-    from service.model.inference import cuda_usable
-    from service.pipeline.dali_decode import dali_available
+    from service.model.inference import CPU, CUDA, cuda_usable
+    from service.pipeline.dali_decode import dali_available, dali_device
 
     decoder = settings.scorer.decoder
-    on_cuda = settings.device != "cpu" and cuda_usable()[0]
-    if decoder == "cpu" or (decoder == "dali" and not on_cuda):
+    provider = CUDA if settings.device != "cpu" and cuda_usable()[0] else CPU
+    if dali_device(decoder, provider) is None:
         return
     usable, why = dali_available()
     if not usable:

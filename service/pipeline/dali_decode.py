@@ -62,19 +62,28 @@ def batch_decoder(
         ConfigError: DALI would be used and it is not installed.
     """
     threads = settings.decode_threads
-    if settings.decoder == "cpu":
+    device = dali_device(settings.decoder, provider)
+    if device is None:
+        if settings.decoder == "dali":
+            log.warning(
+                "WINNOW_SCORER_DECODER=dali needs the model on CUDA, but it runs on %s; "
+                "decoding on the CPU instead",
+                provider,
+            )
         return BatchDecoder(limits, threads)
-    if settings.decoder == "dali" and provider != CUDA:
-        log.warning(
-            "WINNOW_SCORER_DECODER=dali needs the model on CUDA, but it runs on %s; "
-            "decoding on the CPU instead",
-            provider,
-        )
-        return BatchDecoder(limits, threads)
-    device: DaliDevice = "gpu" if settings.decoder == "dali" else "cpu"
     decoder = DaliBatchDecoder(limits, threads, settings.max_batch_size, device)
     log.info("frames decoded by DALI on the %s (%d threads)", device.upper(), threads)
     return decoder
+
+
+def dali_device(decoder: str, provider: str) -> DaliDevice | None:
+    """Where ``WINNOW_SCORER_DECODER=decoder`` runs DALI for a model on ``provider``; None
+    where the CPU path decodes (``cpu``, or ``dali`` with the model off CUDA)."""
+    if decoder == "dali-cpu":
+        return "cpu"
+    if decoder == "dali" and provider == CUDA:
+        return "gpu"
+    return None
 
 
 def dali_available() -> tuple[bool, str]:

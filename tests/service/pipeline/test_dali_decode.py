@@ -17,28 +17,12 @@ from service.config import ScorerSettings
 from service.model.inference import CPU, CUDA, OnnxModel, cuda_usable
 from service.pipeline import dali_decode
 from service.pipeline.dali_decode import DaliBatchDecoder, batch_decoder
-from service.pipeline.decode import BatchDecoder, DecodeLimits, Item, prepare_batch
+from service.pipeline.decode import BatchDecoder, Item, prepare_batch
 from service.pipeline.scorer import Scorer
 from tests.kafka_helpers import committed_offsets, produce, read_json
+from tests.service.pipeline.test_decode import LIMITS, _spec
 
 pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed (winnow-stream[dali])")
-
-LIMITS = DecodeLimits(max_bytes=5_000_000, max_pixels=20_000_000)
-
-
-def _spec(channels: int, size: tuple[int, int]) -> ModelSpec:
-    mean, std = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]) if channels == 3 else ([0.5], [0.5])
-    return ModelSpec(
-        version="t",
-        arch="resnet18",
-        classes=["a", "b"],
-        input_size=size,
-        channels=channels,
-        mean=mean,
-        std=std,
-        embedding_dim=8,
-    )
-
 
 RGB_224 = _spec(3, (224, 224))
 

@@ -125,22 +125,12 @@ def test_dalis_own_threads_count_as_decode() -> None:
     """NVIDIA DALI decodes in native threads of its own (``[DALI]...``): counted as
     onnxruntime's, the decoder's cost would show up as inference."""
     pytest.importorskip("nvidia.dali")
-    from schemas.model_spec import ModelSpec
     from service.pipeline.dali_decode import DaliBatchDecoder
-    from service.pipeline.decode import DecodeLimits
+    from tests.service.pipeline.test_decode import LIMITS, _spec
     from winnow.bench.throughput import camera_frames
 
-    spec = ModelSpec(
-        version="t",
-        arch="resnet18",
-        classes=["a", "b"],
-        input_size=(64, 64),
-        channels=3,
-        mean=[0.5] * 3,
-        std=[0.5] * 3,
-        embedding_dim=8,
-    )
-    decoder = DaliBatchDecoder(DecodeLimits(10**7, 10**8), 2, 4, device="cpu")
+    spec = _spec(3, (64, 64))
+    decoder = DaliBatchDecoder(LIMITS, 2, 4, device="cpu")
     decoder.decode_now([(frame, None) for frame in camera_frames(4)], spec)
     python_threads = {t.native_id for t in threading.enumerate()}
     native = [tid for tid in CpuClock.snapshot().threads_s if tid not in python_threads]
