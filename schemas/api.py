@@ -28,7 +28,7 @@ CommitteeUtilityName = Literal["bald", "vote_entropy", "average_kl"]
 """Utilities over a committee or MC-dropout passes (``service.scoring.committee``)."""
 UtilityName = Literal[ProbabilityUtilityName, AiftUtilityName, CommitteeUtilityName]
 """Every utility a policy may compare; the fields of ``schemas.scores.Scores``."""
-FilterName = Literal["dedup", "density", "balance", "audit", "rare"]
+FilterName = Literal["dedup", "density", "balance", "audit", "rare", "pal"]
 """Stream filters (``service.selection.filters``)."""
 SelectorName = Literal["none", "coreset", "badge"]
 """Windowed selectors (``service.selection.diversity``); ``none`` for frame by frame."""

@@ -29,6 +29,15 @@ compares it, using the frame's embedding, predicted class and source:
   factor is the expected rarity of the frame's true class under the model: a frame
   that may well belong to a class few labels have is kept, and among uncertain
   frames (near a boundary) those near a rare class's boundary win. O(C) per frame.
+- ``pal`` — probabilistic active learning (Kottke et al. 2015; ``service.selection.pal``):
+  the utility becomes PAL's expected gain from the model's probabilities ``p`` and
+  ``n``, the RBF kernel count of the frames asked for near the frame (the latest
+  ``pal_memory`` of them, unit embeddings, width by the mean criterion), with
+  ``prior = pal_prior`` and up to ``pal_labels`` hypothetical labels: an uncertain
+  frame where few frames were asked for wins over one where many were. Frames asked
+  for earlier in the batch count at once. O((M + B)·D + L·C) per frame (M remembered,
+  B the batch, L the labellings). Its memory lives in the model's embedding space: a
+  new backbone re-embeds it (``rebase``).
 
 Duplicate similarities are computed on embeddings centred by the reservoir mean once it
 holds 32 frames (raw post-ReLU embeddings are all alike). Every filter is optional and needs only
@@ -43,6 +52,7 @@ from typing import ClassVar, get_args
 import numpy as np
 
 from schemas.api import FilterName
+from service.selection.pal import expected_gain, mean_gamma
 
 FILTERS: tuple[FilterName, ...] = get_args(FilterName)
 AUDIT = "audit"
@@ -83,6 +93,9 @@ class StreamFilters:
         "audit_fraction": 0.01,
         "audit_utility": 0.1,
         "rare_power": 1.0,
+        "pal_prior": 1e-3,
+        "pal_labels": 2.0,
+        "pal_memory": 256.0,
     }
 
     def __init__(self, names: Sequence[str] = (), params: Mapping[str, float] | None = None):
@@ -97,6 +110,24 @@ class StreamFilters:
         self._labels = np.zeros(0)  # labels received per class
         self._pending: deque[int] = deque(maxlen=_PENDING)  # predicted class of each request
         self._pending_counts = np.zeros(0)
+        self._asked: deque[np.ndarray] = deque(maxlen=self.memory or 1)  # unit rows; pal only
+        self._asked_rows: np.ndarray | None = None  # the memory stacked, None once it changed
+        self._asked_gamma = 1.0
+
+    @property
+    def memory(self) -> int:
+        """Frames asked for whose embeddings the filters keep (``pal``'s), 0 for none: the
+        scorer keeps as many inputs to re-embed them under a new backbone."""
+        return int(self.params["pal_memory"]) if "pal" in self.names else 0
+
+    def rebase(self, embeddings: np.ndarray) -> None:
+        """A new backbone: ``embeddings`` are the latest frames asked for (oldest first) in
+        its space; the filters' memory of them is replaced."""
+        rows = np.asarray(embeddings, dtype=np.float64)
+        self._asked = deque(maxlen=self.memory or 1)
+        self._asked_rows = None
+        if rows.ndim == 2 and len(rows) and self.memory:
+            self._asked.extend(self._unit(rows)[-self.memory :])
 
     @classmethod
     def check(cls, names: Sequence[str], params: Mapping[str, float]) -> None:
@@ -109,6 +140,10 @@ class StreamFilters:
         for key, value in params.items():
             if value < 0 or (key == "audit_fraction" and value > 1):
                 raise ValueError(f"filter param {key!r} out of range: {value}")
+            if key in ("pal_prior", "pal_labels", "pal_memory") and value <= 0:
+                raise ValueError(f"filter param {key!r} must be positive: {value}")
+            if key == "pal_labels" and value > 4:
+                raise ValueError(f"filter param 'pal_labels' above 4 costs too much: {value}")
 
     def configure(self, names: Sequence[str], params: Mapping[str, float]) -> None:
         self.check(names, params)
@@ -117,6 +152,8 @@ class StreamFilters:
         if hasattr(self, "_classes"):
             self._classes = deque(self._classes, maxlen=int(self.params["balance_window"]))
             self._reservoir = deque(self._reservoir, maxlen=int(self.params["density_reservoir"]))
+            self._asked = deque(self._asked, maxlen=self.memory or 1)
+            self._asked_rows = None
 
     @property
     def active(self) -> bool:
@@ -129,6 +166,8 @@ class StreamFilters:
         context = context or DecisionContext()
         self._batch = _BatchView(context, self._center(context.embeddings), len(utilities))
         out = utilities.copy()
+        if "pal" in self.names and self._batch.unit_raw is not None:
+            self._batch.pal_base = self._pal_counts(self._batch.unit_raw)
         if "density" in self.names and self._batch.raw is not None and self._reservoir:
             reservoir = np.stack(self._reservoir)
             raw = self._batch.raw
@@ -142,6 +181,7 @@ class StreamFilters:
             if reference > 0:
                 weight = np.minimum(1.0, density / reference) ** self.params["density_beta"]
                 out *= weight
+                self._batch.weight = weight
         return out
 
     def adjust(self, index: int, utility: float) -> float:
@@ -152,6 +192,8 @@ class StreamFilters:
         if "dedup" in self.names and batch.unit is not None and self._is_duplicate(index):
             batch.suppressed.add(index)
             return 0.0
+        if "pal" in self.names and batch.pal_base is not None and batch.probabilities is not None:
+            utility = self._pal(index) * float(batch.weight[index])
         if "balance" in self.names and batch.predicted is not None and self._classes:
             share = self._classes.count(int(batch.predicted[index])) / len(self._classes)
             fair = 1.0 / batch.n_classes
@@ -211,6 +253,10 @@ class StreamFilters:
                 self._remember(source, frame, batch.raw[index])
         if not selected:
             return
+        if "pal" in self.names and batch.unit_raw is not None:
+            self._asked.append(batch.unit_raw[index])
+            self._asked_rows = None
+            batch.asked.append(index)
         if batch.predicted is not None:
             predicted = int(batch.predicted[index])
             self._classes.append(predicted)
@@ -227,6 +273,39 @@ class StreamFilters:
             self._reservoir.extend(batch.raw)
 
     # -- helpers ------------------------------------------------------------------------------
+
+    def _pal_counts(self, rows: np.ndarray) -> np.ndarray:
+        """The kernel count of the remembered frames near each of ``rows`` (unit); sets the
+        kernel width for the batch. Zero while nothing was asked for."""
+        batch = self._batch
+        assert batch is not None
+        if not self._asked:
+            batch.pal_gamma = 1.0 / max(rows.shape[1], 1)
+            return np.zeros(len(rows))
+        if self._asked_rows is None:  # stacked once per change of the memory
+            self._asked_rows = np.stack(self._asked)
+            self._asked_gamma = mean_gamma(self._asked_rows)
+        batch.pal_gamma = self._asked_gamma
+        squared = np.maximum(2.0 - 2.0 * (rows @ self._asked_rows.T), 0.0)
+        return np.exp(-batch.pal_gamma * squared).sum(axis=1)
+
+    def _pal(self, index: int) -> float:
+        """PAL's gain of frame ``index``, counting the frames asked for earlier in the batch
+        (computed for the whole batch at once until one is)."""
+        batch = self._batch
+        assert batch is not None and batch.pal_base is not None
+        assert batch.unit_raw is not None and batch.probabilities is not None
+        prior, labels = self.params["pal_prior"], int(self.params["pal_labels"])
+        if not batch.asked:
+            if batch.pal_gain is None:
+                k = batch.pal_base[:, None] * batch.probabilities
+                batch.pal_gain = expected_gain(k, prior, labels)
+            return float(batch.pal_gain[index])
+        near = batch.unit_raw[batch.asked] @ batch.unit_raw[index]
+        count = float(batch.pal_base[index])
+        count += float(np.exp(-batch.pal_gamma * np.maximum(2.0 - 2.0 * near, 0.0)).sum())
+        k = count * batch.probabilities[index]
+        return float(expected_gain(k[None, :], prior, labels)[0])
 
     def _center(self, embeddings: np.ndarray | None) -> np.ndarray | None:
         if embeddings is None:
@@ -288,6 +367,12 @@ class _BatchView:
         self.raw = None if context.embeddings is None else np.asarray(context.embeddings, float)
         self.mean = mean if mean is not None else 0.0
         self.unit = None if self.raw is None else StreamFilters._unit(self.raw - self.mean)
+        self.unit_raw = None if self.raw is None else StreamFilters._unit(self.raw)
+        self.weight = np.ones(n)  # the batch-wide (density) weighting
+        self.pal_base: np.ndarray | None = None  # kernel counts against the memory
+        self.pal_gamma = 1.0
+        self.pal_gain: np.ndarray | None = None  # the gains before any frame is asked for
+        self.asked: list[int] = []  # frames of this batch asked for so far (pal)
         p = context.probabilities
         self.probabilities = None if p is None else np.asarray(p, dtype=np.float64)
         self.predicted = None if p is None else np.asarray(p).argmax(axis=1)

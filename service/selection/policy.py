@@ -219,10 +219,11 @@ class QueryPolicy:
 
     @property
     def memory(self) -> int:
-        """How many frames asked for the embedding strategies remember (0 for none): the
-        scorer keeps as many inputs to re-embed them when the model changes (:meth:`rebase`)."""
+        """How many frames asked for the embedding strategies and the ``pal`` filter remember
+        (0 for none): the scorer keeps as many inputs to re-embed them when the model changes
+        (:meth:`rebase`)."""
         sizes = [s.memory for s in (self._strategy, self._cold) if isinstance(s, EmbeddingStrategy)]
-        return max(sizes, default=0)
+        return max([*sizes, self._filters.memory])
 
     @property
     def blend(self) -> float:
@@ -292,6 +293,7 @@ class QueryPolicy:
                 gradient embeddings need them).
         """
         embeddings = np.asarray(embeddings, dtype=np.float64)
+        self._filters.rebase(embeddings)
         done: list[BaseStrategy] = []
         for strategy in (self._strategy, self._cold):
             if isinstance(strategy, EmbeddingStrategy) and strategy not in done:

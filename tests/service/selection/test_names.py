@@ -33,6 +33,7 @@ _AGGRESSIVE = {
     "balance": {"balance_power": 4.0},
     "audit": {"audit_fraction": 1.0, "audit_utility": 1.0},
     "rare": {"rare_power": 4.0},
+    "pal": {"pal_prior": 1.0},
 }
 
 
