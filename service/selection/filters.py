@@ -37,7 +37,9 @@ compares it, using the frame's embedding, predicted class and source:
   frame where few frames were asked for wins over one where many were. Frames asked
   for earlier in the batch count at once. O((M + B)·D + L·C) per frame (M remembered,
   B the batch, L the labellings). Its memory lives in the model's embedding space: a
-  new backbone re-embeds it (``rebase``).
+  new backbone re-embeds it (``rebase``). It replaces only an uncertainty: while an
+  embedding strategy decides (a coverage cold start, say), its score stands and
+  ``pal`` only remembers the frames asked for.
 
 Duplicate similarities are computed on embeddings centred by the reservoir mean once it
 holds 32 frames (raw post-ReLU embeddings are all alike). Every filter is optional and needs only
@@ -161,12 +163,20 @@ class StreamFilters:
 
     # -- per batch ----------------------------------------------------------------------------
 
-    def begin(self, utilities: np.ndarray, context: DecisionContext | None) -> np.ndarray:
-        """Prepares a batch; returns the utilities after the batch-wide (density) weighting."""
+    def begin(
+        self, utilities: np.ndarray, context: DecisionContext | None, uncertainty: bool = True
+    ) -> np.ndarray:
+        """Prepares a batch; returns the utilities after the batch-wide (density) weighting.
+
+        Args:
+            uncertainty: whether the utility is an uncertainty (a threshold strategy's), which
+                ``pal`` replaces; an embedding strategy's own score is left to it (its coverage
+                already counts the frames asked for), and ``pal`` only remembers them.
+        """
         context = context or DecisionContext()
         self._batch = _BatchView(context, self._center(context.embeddings), len(utilities))
         out = utilities.copy()
-        if "pal" in self.names and self._batch.unit_raw is not None:
+        if "pal" in self.names and uncertainty and self._batch.unit_raw is not None:
             self._batch.pal_base = self._pal_counts(self._batch.unit_raw)
         if "density" in self.names and self._batch.raw is not None and self._reservoir:
             reservoir = np.stack(self._reservoir)

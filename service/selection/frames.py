@@ -96,7 +96,9 @@ def decide_frames(
     weights = None
     if filters is not None:
         # density weighting is batch-wide: for an embedding strategy it weighs its own score
-        weights = filters.begin(np.ones(n) if embedding else values, context)
+        weights = filters.begin(
+            np.ones(n) if embedding else values, context, uncertainty=embedding is None
+        )
     if embedding is not None:
         embedding.begin(values, context, blend)
     decide_one = strategy.decide

@@ -123,3 +123,26 @@ def test_the_policy_keeps_and_rebases_the_filter_memory() -> None:
         "variable", cold_start="none", filters=["pal"], filter_params={"pal_memory": 8}
     )
     assert small.memory == 8
+
+
+def test_an_embedding_strategy_keeps_its_own_score_and_pal_remembers_its_choices() -> None:
+    def run(filters: list[str]) -> tuple[list[bool], QueryPolicy]:
+        rng = np.random.default_rng(0)
+        policy = QueryPolicy(
+            "herding", utility="margin", budget=0.1, window=200, seed=0, cold_start="none",
+            filters=filters,  # type: ignore[arg-type]
+        )  # fmt: skip
+        policy.on_model(10, classes=["a", "b", "c"])
+        out: list[bool] = []
+        for _ in range(10):
+            p = rng.dirichlet(np.ones(3), 32)
+            top = np.sort(p, axis=1)
+            context = DecisionContext(rng.normal(size=(32, 8)), p, None)
+            rows = policy.decide({"margin": 1 - (top[:, -1] - top[:, -2])}, context)
+            out += [row["selected"] for row in rows]
+        return out, policy
+
+    plain, _ = run([])
+    with_pal, policy = run(["pal"])
+    assert with_pal == plain and sum(plain) > 5
+    assert len(policy._filters._asked) == sum(plain)
