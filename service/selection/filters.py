@@ -264,9 +264,13 @@ class StreamFilters:
         if not selected:
             return
         if "pal" in self.names and batch.unit_raw is not None:
-            self._asked.append(batch.unit_raw[index])
+            row = batch.unit_raw[index]
+            self._asked.append(row)
             self._asked_rows = None
-            batch.asked.append(index)
+            if batch.pal_base is not None:  # the frames after it count it at once
+                squared = np.maximum(2.0 - 2.0 * (batch.unit_raw @ row), 0.0)
+                batch.pal_base = batch.pal_base + np.exp(-batch.pal_gamma * squared)
+                batch.pal_gain = None
         if batch.predicted is not None:
             predicted = int(batch.predicted[index])
             self._classes.append(predicted)
@@ -300,22 +304,16 @@ class StreamFilters:
         return np.exp(-batch.pal_gamma * squared).sum(axis=1)
 
     def _pal(self, index: int) -> float:
-        """PAL's gain of frame ``index``, counting the frames asked for earlier in the batch
-        (computed for the whole batch at once until one is)."""
+        """PAL's gain of frame ``index``: computed for the whole batch at once, and again after
+        each frame of the batch asked for (it counts at once)."""
         batch = self._batch
         assert batch is not None and batch.pal_base is not None
-        assert batch.unit_raw is not None and batch.probabilities is not None
-        prior, labels = self.params["pal_prior"], int(self.params["pal_labels"])
-        if not batch.asked:
-            if batch.pal_gain is None:
-                k = batch.pal_base[:, None] * batch.probabilities
-                batch.pal_gain = expected_gain(k, prior, labels)
-            return float(batch.pal_gain[index])
-        near = batch.unit_raw[batch.asked] @ batch.unit_raw[index]
-        count = float(batch.pal_base[index])
-        count += float(np.exp(-batch.pal_gamma * np.maximum(2.0 - 2.0 * near, 0.0)).sum())
-        k = count * batch.probabilities[index]
-        return float(expected_gain(k[None, :], prior, labels)[0])
+        assert batch.probabilities is not None
+        if batch.pal_gain is None:
+            k = batch.pal_base[:, None] * batch.probabilities
+            prior, labels = self.params["pal_prior"], int(self.params["pal_labels"])
+            batch.pal_gain = expected_gain(k, prior, labels)
+        return float(batch.pal_gain[index])
 
     def _center(self, embeddings: np.ndarray | None) -> np.ndarray | None:
         if embeddings is None:
@@ -379,10 +377,9 @@ class _BatchView:
         self.unit = None if self.raw is None else StreamFilters._unit(self.raw - self.mean)
         self.unit_raw = None if self.raw is None else StreamFilters._unit(self.raw)
         self.weight = np.ones(n)  # the batch-wide (density) weighting
-        self.pal_base: np.ndarray | None = None  # kernel counts against the memory
+        self.pal_base: np.ndarray | None = None  # kernel counts of the frames asked for
         self.pal_gamma = 1.0
-        self.pal_gain: np.ndarray | None = None  # the gains before any frame is asked for
-        self.asked: list[int] = []  # frames of this batch asked for so far (pal)
+        self.pal_gain: np.ndarray | None = None  # the gains for those counts; None: stale
         p = context.probabilities
         self.probabilities = None if p is None else np.asarray(p, dtype=np.float64)
         self.predicted = None if p is None else np.asarray(p).argmax(axis=1)

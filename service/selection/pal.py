@@ -34,9 +34,10 @@ _DELTA = math.sqrt(2) * 1e-6  # the mean criterion's tolerance
 
 
 @cache
-def labellings(n_classes: int, m_max: int) -> tuple[np.ndarray, np.ndarray]:
-    """Every labelling of 1..m_max labels over ``n_classes``: ``(L, C)`` counts and the log of
-    each one's multinomial coefficient ``m! / Π l_i!``."""
+def labellings(n_classes: int, m_max: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every labelling of 1..m_max labels over ``n_classes``: ``(L, C)`` counts, the log of
+    each one's multinomial coefficient ``m! / Π l_i!``, and ``(m_max, L, C)`` indicators of
+    ``l_i = r`` for r = 1 .. m_max (to sum log rising factorials by matrix products)."""
     rows = []
     for m in range(1, m_max + 1):
         for classes in combinations_with_replacement(range(n_classes), m):
@@ -48,7 +49,8 @@ def labellings(n_classes: int, m_max: int) -> tuple[np.ndarray, np.ndarray]:
             for row in counts.tolist()
         ]
     )
-    return counts, log_coef
+    indicators = np.stack([(counts == r).astype(np.float64) for r in range(1, m_max + 1)])
+    return counts, log_coef, indicators
 
 
 def expected_gain(k: np.ndarray, prior: float = 1e-3, m_max: int = 2) -> np.ndarray:
@@ -61,26 +63,24 @@ def expected_gain(k: np.ndarray, prior: float = 1e-3, m_max: int = 2) -> np.ndar
     n, c = k.shape
     if prior <= 0 or m_max < 1 or c < 2:
         raise ValueError("PAL needs a positive prior, m_max >= 1 and at least two classes")
-    counts, log_coef = labellings(c, int(m_max))
+    counts, log_coef, indicators = labellings(c, int(m_max))
     alpha = k + prior
     total = alpha.sum(axis=1)
-    # log rising factorials log α^(r) for r = 0 .. m_max + 1, per frame and class
-    steps = np.log(alpha[:, :, None] + np.arange(m_max + 1)[None, None, :])
-    rising = np.concatenate([np.zeros((n, c, 1)), np.cumsum(steps, axis=2)], axis=2)
-    rows = np.arange(n)[:, None]
-    # the decision after each labelling (argmax of k + l; the first class on ties, as argmin of
-    # the 0-1 cost is)
+    steps = np.log(alpha[:, :, None] + np.arange(m_max + 1))  # log(α + t), t = 0 .. m_max
+    rising = np.cumsum(steps, axis=2)  # log α^(r) for r = 1 .. m_max + 1
+    # Σ_i log α_i^(l_i) for every labelling, then one more factor at the decided class
+    log_prod = sum(rising[:, :, r - 1] @ indicators[r - 1].T for r in range(1, m_max + 1))
+    # the decision after each labelling: argmax of k + l (the first class on ties, as the
+    # argmin of the 0-1 cost is)
     decided = np.argmax(k[:, None, :] + counts[None, :, :], axis=2)  # (N, L)
-    chosen = counts[np.arange(len(counts))[None, :], decided]  # l at the decided class
-    log_prod = rising[rows[:, :, None], np.arange(c)[None, None, :], counts[None, :, :]].sum(axis=2)
-    log_prod += rising[rows, decided, chosen + 1] - rising[rows, decided, chosen]
+    chosen = counts[np.arange(len(counts))[None, :], decided]
+    log_prod = log_prod + steps[np.arange(n)[:, None], decided, chosen]
     m = counts.sum(axis=1)
-    log_total = np.log(total[:, None] + np.arange(m_max + 1)[None, :])
-    log_total_rising = np.cumsum(log_total, axis=1)  # log A^(r) for r = 1 .. m_max + 1
-    terms = np.exp(log_coef[None, :] + log_prod - log_total_rising[:, m])
+    log_total = np.cumsum(np.log(total[:, None] + np.arange(m_max + 1)), axis=1)  # log A^(r+1)
+    terms = np.exp(log_coef[None, :] + log_prod - log_total[:, m])
+    by_size = terms @ (m[:, None] == np.arange(1, m_max + 1)[None, :]).astype(np.float64)
     now = alpha[np.arange(n), np.argmax(k, axis=1)] / total
-    gains = np.stack([terms[:, m == r].sum(axis=1) - now for r in range(1, m_max + 1)], axis=1)
-    best = (gains / np.arange(1, m_max + 1)[None, :]).max(axis=1)
+    best = ((by_size - now[:, None]) / np.arange(1, m_max + 1)[None, :]).max(axis=1)
     return np.clip(best / (1.0 - 1.0 / c), 0.0, 1.0)
 
 
