@@ -119,7 +119,7 @@ class ScorerSettings(BaseSettings):
 
 
 def _default_filters() -> list[FilterName]:
-    return ["rare"]
+    return ["pal", "rare"]
 
 
 class PolicySettings(BaseSettings):
@@ -128,9 +128,10 @@ class PolicySettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="WINNOW_POLICY_", extra="ignore", frozen=True)
 
     name: PolicyName = Field(
-        default="variable",
-        description="the query strategy once the cold start hands over; variable: the "
-        "uncertainty against a threshold that adapts to spend the budget",
+        default="quantile",
+        description="the query strategy once the cold start hands over; quantile: the "
+        "utility against the top budget quantile of the recent ones, balanced to spend the "
+        "budget",
     )
     utility: UtilityName = Field(
         default="margin", description="the uncertainty compared (blended with coverage)"
@@ -173,7 +174,8 @@ class PolicySettings(BaseSettings):
     )
     filters: list[FilterName] = Field(
         default_factory=_default_filters,
-        description="stream filters: dedup, density, balance, audit, rare (class-aware)",
+        description="stream filters: dedup, density, balance, audit, rare (class-aware), "
+        "pal (the utility becomes PAL's expected gain)",
     )
     filter_params: dict[str, float] = Field(
         default_factory=dict,

@@ -18,10 +18,13 @@ has learned from labels, a coverage cold start keeps leading until the model has
 learned from ``cold_start_per_class`` labels per class (7 by default), now weighing
 uncertainty against coverage by the model's measured accuracy on the answers to its
 requests (``service.selection.competence``), with the stream filters on; then the
-configured strategy takes over (by default the variable threshold on the margin:
-on digits, coverage led by 0.88 against 0.75 for random at 50 labels, and the
-threshold on the margin reached 95% of full-data accuracy sooner than herding did).
-The embedding strategies, when configured as the strategy, keep that blend for good.
+configured strategy takes over (by default the balanced quantile filter on the margin
+turned into PAL's expected gain by the ``pal`` filter, which counts the frames already
+asked for near each frame: on digits, coverage led by 0.88 against 0.75 for random at
+50 labels, and after the hand-over the PAL gain kept the default level with
+scikit-activeml's StreamProbabilisticAL where the variable threshold on the margin fell
+behind it). The embedding strategies, when configured as the strategy, keep that blend
+for good.
 """
 
 import math
