@@ -129,7 +129,7 @@ class StreamFilters:
         self._asked = deque(maxlen=self.memory or 1)
         self._asked_rows = None
         if rows.ndim == 2 and len(rows) and self.memory:
-            self._asked.extend(self._unit(rows)[-self.memory :])
+            self._asked.extend(row.copy() for row in self._unit(rows)[-self.memory :])
 
     @classmethod
     def check(cls, names: Sequence[str], params: Mapping[str, float]) -> None:
@@ -265,7 +265,7 @@ class StreamFilters:
             return
         if "pal" in self.names and batch.unit_raw is not None:
             row = batch.unit_raw[index]
-            self._asked.append(row)
+            self._asked.append(row.copy())  # a view would keep the whole batch alive
             self._asked_rows = None
             if batch.pal_base is not None:  # the frames after it count it at once
                 squared = np.maximum(2.0 - 2.0 * (batch.unit_raw @ row), 0.0)
