@@ -174,9 +174,10 @@ class StreamFilters:
                 already counts the frames asked for), and ``pal`` only remembers them.
         """
         context = context or DecisionContext()
-        self._batch = _BatchView(context, self._center(context.embeddings), len(utilities))
+        pal = "pal" in self.names
+        self._batch = _BatchView(context, self._center(context.embeddings), len(utilities), pal)
         out = utilities.copy()
-        if "pal" in self.names and uncertainty and self._batch.unit_raw is not None:
+        if pal and uncertainty and self._batch.unit_raw is not None:
             self._batch.pal_base = self._pal_counts(self._batch.unit_raw)
         if "density" in self.names and self._batch.raw is not None and self._reservoir:
             reservoir = np.stack(self._reservoir)
@@ -371,11 +372,14 @@ class StreamFilters:
 class _BatchView:
     """One batch's context, prepared once."""
 
-    def __init__(self, context: DecisionContext, mean: np.ndarray | None, n: int) -> None:
+    def __init__(
+        self, context: DecisionContext, mean: np.ndarray | None, n: int, pal: bool = False
+    ) -> None:
         self.raw = None if context.embeddings is None else np.asarray(context.embeddings, float)
         self.mean = mean if mean is not None else 0.0
         self.unit = None if self.raw is None else StreamFilters._unit(self.raw - self.mean)
-        self.unit_raw = None if self.raw is None else StreamFilters._unit(self.raw)
+        # pal's unit rows (not centred), only when pal is on: the scorer's path pays nothing else
+        self.unit_raw = None if self.raw is None or not pal else StreamFilters._unit(self.raw)
         self.weight = np.ones(n)  # the batch-wide (density) weighting
         self.pal_base: np.ndarray | None = None  # kernel counts of the frames asked for
         self.pal_gamma = 1.0
