@@ -286,6 +286,12 @@ def _bench_label_efficiency(args: argparse.Namespace) -> int:
     return run_label_efficiency_bench(args)
 
 
+def _bench_decision(args: argparse.Namespace) -> int:
+    from winnow.bench.decision import run_decision_bench
+
+    return run_decision_bench(args)
+
+
 def _bench_drift(args: argparse.Namespace) -> int:
     from winnow.bench.drift import run_drift_bench_command
 
@@ -528,6 +534,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(p)
     _command(p, _bench_label_efficiency, "bench")
+
+    p = bench.add_parser("decision", help="CPU time of the query decision a frame, per strategy")
+    from winnow.bench.decision import add_arguments as add_decision_arguments
+
+    add_decision_arguments(p)
+    _command(p, _bench_decision, "bench")
 
     p = bench.add_parser(
         "soak", help="scorer, trainer and label app under steady load: RSS, fds, tasks, lag"

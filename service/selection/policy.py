@@ -204,6 +204,12 @@ class QueryPolicy:
         return self._cold_start
 
     @property
+    def warming(self) -> bool:
+        """True while a model serves but has learned from fewer than ``cold_start_per_class``
+        labels per class: the cold-start strategy still leads, with the filters on."""
+        return self._warming
+
+    @property
     def needs(self) -> frozenset[UtilityName]:
         """The scores :meth:`decide` compares now: none during cold start, else the utility.
 
