@@ -363,18 +363,18 @@ class Scorer(Component):
 
     async def _rebase(self, model: OnnxModel, inputs: np.ndarray) -> None:
         """Before the first batch of a new backbone is decided: the frames asked for so far are
-        re-embedded by it (in the infer thread), so the embedding strategies keep their memory.
-        A head-only release keeps the backbone, hence the embeddings: nothing to redo."""
+        re-embedded by it (in the infer thread), so the embedding strategies keep their memory,
+        and the filters drop what they kept of the old space (``QueryPolicy.rebase``, called
+        with none when the policy remembers no frame). A head-only release keeps the backbone,
+        hence the embeddings: nothing to redo."""
         previous = self._space_model
         if model is previous:
             return
         self._space_model = model
         if previous is None or model.spec.backbone == previous.spec.backbone:
             return
-        if not self.policy.memory:
-            return
-        kept = self._exemplars.stacked(inputs.shape[1:])
-        if kept is None:
+        kept = self._exemplars.stacked(inputs.shape[1:]) if self.policy.memory else None
+        if kept is None:  # nothing to re-embed; the filters still drop the old space's rows
             self.policy.rebase(np.zeros((0, 0)), None)
             return
         loop = asyncio.get_running_loop()

@@ -124,7 +124,13 @@ class StreamFilters:
 
     def rebase(self, embeddings: np.ndarray) -> None:
         """A new backbone: ``embeddings`` are the latest frames asked for (oldest first) in
-        its space; the filters' memory of them is replaced."""
+        its space; ``pal``'s memory of them is replaced. The density reservoir (whose mean
+        also centres the duplicate similarities) and the frames ``dedup`` remembers per
+        source were embedded by the old backbone, whose space the new one does not share:
+        they are dropped and refill from the next batch (density weighting and centring
+        wait for 32 frames; ``dedup`` compares with the frames selected from then on)."""
+        self._reservoir.clear()
+        self._recent.clear()  # the frame counts per source (the dedup windows) stay
         rows = np.asarray(embeddings, dtype=np.float64)
         self._asked = deque(maxlen=self.memory or 1)
         self._asked_rows = None

@@ -249,6 +249,32 @@ async def test_a_new_model_re_embeds_the_frames_asked_for(digits_model_path) -> 
     assert len(rebased) == 1
 
 
+async def test_a_new_backbone_reaches_a_policy_that_remembers_no_frame(digits_model_path) -> None:
+    """A policy whose strategies keep no frame (memory 0) is still told of a new backbone, so
+    its filters drop the rows they kept of the old embedding space (dedup, density)."""
+    model = OnnxModel.load(digits_model_path, device="cpu")
+    trained = OnnxModel.load(digits_model_path, device="cpu")
+    trained._spec = trained.spec.model_copy(update={"labels_trained": 50, "version": "trained"})
+    rebased: list[tuple[int, ...]] = []
+
+    class _Recorded(QueryPolicy):
+        def rebase(self, embeddings: np.ndarray, probabilities: np.ndarray | None = None) -> None:
+            rebased.append(embeddings.shape)
+            super().rebase(embeddings, probabilities)
+
+    settings = PolicySettings(
+        name="variable", filters=["dedup", "density"], cold_start="random", seed=0
+    )
+    policy = _Recorded.from_settings(settings)
+    assert policy.memory == 0
+    scorer = Scorer(Settings(), model, policy=policy)
+    inputs = np.random.default_rng(0).normal(size=(6, 1, 16, 16)).astype(np.float32)
+    await scorer._rebase(model, inputs)
+    scorer.swap_model(trained)
+    await scorer._rebase(trained, inputs)
+    assert rebased == [(0, 0)]
+
+
 async def test_a_policy_change_during_inference_is_scored_again(digits_model_path) -> None:
     """A live PUT /v1/policy, while the batch's model run is under way, to a utility that run
     did not cover (AIFT's views): the batch is run again for it before it is decided."""

@@ -214,3 +214,26 @@ def test_the_dedup_memory_keeps_the_most_recent_sources_only() -> None:
         near = scene + rng.normal(0, 0.01, 8)
         filters.begin(np.ones(1), DecisionContext(near[None], None, ["kept"]))
         assert filters._is_duplicate(0)
+
+
+def test_a_new_backbone_drops_what_the_filters_kept_of_the_old_space() -> None:
+    """A frame selected under the old backbone and a later frame whose new-space embedding
+    happens to equal the old row are unrelated: the dedup memory and the density reservoir
+    (old space) are dropped on rebase, the per-source frame counts kept. Fails if the old rows
+    still suppress the frame or still weigh the density."""
+    rng = np.random.default_rng(2)
+    policy = QueryPolicy("fixed", budget=1.0, window=100, filters=["dedup", "density"], seed=0)
+    fillers = rng.normal(size=(40, 8))  # fills the density reservoir past its 32-frame minimum
+    policy.decide({"entropy": np.zeros(40)}, DecisionContext(fillers, None, ["b"] * 40))
+    row = rng.normal(size=(1, 8)) * 3
+    first = policy.decide({"entropy": np.array([0.9])}, DecisionContext(row, None, ["a"]))
+    assert first[0]["selected"]
+    twin = policy.decide({"entropy": np.array([0.9])}, DecisionContext(row, None, ["a"]))
+    assert not twin[0]["selected"]  # same space: a duplicate
+    filters = policy._filters
+    assert filters._reservoir and filters._recent
+    policy.rebase(np.zeros((0, 0)))
+    assert not filters._reservoir and not filters._recent
+    assert filters._frames["a"] == 2  # the dedup window still counts a's frames
+    again = policy.decide({"entropy": np.array([0.9])}, DecisionContext(row, None, ["a"]))
+    assert again[0]["selected"] and again[0]["utility"] == pytest.approx(0.9)

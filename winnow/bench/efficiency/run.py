@@ -244,10 +244,10 @@ class _StreamRun:
         new_backbone = learner.rounds != self.backbone_rounds and not data.features
         self.backbone_rounds = learner.rounds
         memory = policy.memory
-        if self.peer is not None or not new_backbone or not memory:
+        if self.peer is not None or not new_backbone:
             return
-        kept = self.selected[-memory:]
-        if not kept:
+        kept = self.selected[-memory:] if memory else []
+        if not kept:  # nothing to re-embed; the filters still drop the old space's rows
             policy.rebase(np.zeros((0, 0)), None)
             return
         probs, emb = learner.run(data.inputs[kept])
