@@ -89,6 +89,14 @@ class TrainerSettings(BaseSettings):
         description="and add Gaussian noise of this standard deviation; 0: none; unset: the "
         "architecture's default (0.01 for the small CNN, 0 for torchvision backbones)",
     )
+    class_balance: float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description="weigh each class in the loss by (mean count / its count) ** this, in "
+        "backbone rounds and head refits alike; 0: unweighted; 1: every class weighs as much "
+        "in total, for a stream where a rare class matters as much as the common one",
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     metrics_port: int = Field(default=9100, ge=0, le=65535)
     release_margin: float = Field(

@@ -91,6 +91,10 @@ class FinetuneConfig:
         shrink: before a round on every label (each earlier one replayed), each
             weight is multiplied by this (1: not shrunk); see the module docstring.
         perturb: and gets Gaussian noise of this standard deviation (0: none).
+        class_balance: the loss weighs each class by ``(n̄ / n_k) ** class_balance``,
+            ``n_k`` its samples in the round and ``n̄`` their mean over the classes present
+            (0: unweighted; 1: every class weighs as much in total, which is what balanced
+            accuracy asks of an imbalanced stream).
         seed: with the round's sizes, seeds replay choice, shuffling,
             augmentation and dropout; a fixed seed gives the same weights on
             CPU.
@@ -119,6 +123,7 @@ class FinetuneConfig:
     freeze_batchnorm: bool = False
     shrink: float = 1.0
     perturb: float = 0.0
+    class_balance: float = 0.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -130,6 +135,8 @@ class FinetuneConfig:
             raise ValueError("hard_replay_weight must be positive and replay_ratio not negative")
         if not 0 < self.shrink <= 1 or self.perturb < 0:
             raise ValueError("shrink must be in (0, 1] and perturb not negative")
+        if not 0 <= self.class_balance <= 1:
+            raise ValueError("class_balance must be in [0, 1]")
 
     @classmethod
     def for_arch(cls, arch: str, **overrides: object) -> "FinetuneConfig":
@@ -321,6 +328,9 @@ def finetune_round(
     inputs, labels = stack(samples)
     x_all = torch.from_numpy(inputs)
     y_all = torch.from_numpy(labels)
+    classes = model.num_classes  # a WinnowNet
+    weights = class_weights(labels, int(classes), config.class_balance)  # type: ignore[arg-type]
+    class_weight = None if weights is None else torch.from_numpy(weights).to(device)
     gen = torch.Generator().manual_seed(torch_seed)
     optimizer = _make_optimizer(model, config)
     batches = _batches_per_epoch(len(samples), config.batch_size)
@@ -340,7 +350,9 @@ def finetune_round(
                 x, y = x_all[index], y_all[index]
                 if config.augment:
                     x = augment_batch(x, config, gen)
-                losses.append(_step(model, optimizer, x.to(device), y.to(device), config))
+                losses.append(
+                    _step(model, optimizer, x.to(device), y.to(device), config, class_weight)
+                )
                 steps += 1
             if not losses:
                 break
@@ -375,6 +387,19 @@ def finetune_round(
         stats.seconds,
     )
     return stats
+
+
+def class_weights(labels: np.ndarray, num_classes: int, power: float) -> np.ndarray | None:
+    """Per-class loss weights ``(n̄ / n_k) ** power`` (float32, ``num_classes`` of them) for
+    samples with these labels; a class without a sample gets 1. None when ``power`` is 0 or
+    every present class has as many samples (the weights would all be 1)."""
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes)
+    present = counts > 0
+    if power == 0 or not present.any() or counts[present].min() == counts[present].max():
+        return None
+    weights = np.ones(num_classes)
+    weights[present] = (counts[present].mean() / counts[present]) ** power
+    return weights.astype(np.float32)
 
 
 def shrink_perturb(model: nn.Module, shrink: float, perturb: float, seed: int) -> None:
@@ -420,13 +445,14 @@ def _step(
     x: Tensor,
     y: Tensor,
     config: FinetuneConfig,
+    class_weight: Tensor | None = None,
 ) -> float:
     model.train()
     if config.freeze_batchnorm or len(x) < 2:
         _batchnorm_eval(model)
     optimizer.zero_grad(set_to_none=True)
     logits, _ = model.logits(x)  # type: ignore[operator]
-    loss = F.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
+    loss = F.cross_entropy(logits, y, weight=class_weight, label_smoothing=config.label_smoothing)
     loss.backward()
     if config.max_grad_norm is not None:
         nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)

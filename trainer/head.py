@@ -26,6 +26,7 @@ import torch
 from schemas.model_spec import ModelSpec
 from trainer.architectures import WinnowNet
 from trainer.errors import SampleError
+from trainer.finetune import class_weights
 from trainer.forward import forward_eval, forward_samples
 from trainer.samples import Sample, decode_inputs
 
@@ -112,6 +113,7 @@ def fit_head(
     prior: LinearHead | None = None,
     l2: float = DEFAULT_L2,
     max_iter: int = 500,
+    sample_weight: np.ndarray | None = None,
 ) -> LinearHead:
     """Multinomial logistic regression on frozen embeddings, pulled towards ``prior``.
 
@@ -131,6 +133,8 @@ def fit_head(
         prior: the head to stay close to; None: zeros (plain L2).
         l2: how strongly, per label (``1 / C`` in scikit-learn's terms).
         max_iter: L-BFGS iterations at most.
+        sample_weight: (N,) positive frequency weights (a sample of weight 2 counts as two
+            samples: the mean and ``n`` are over the weights); None: 1 each.
 
     Returns:
         The fitted head, float32.
@@ -147,6 +151,10 @@ def fit_head(
     if l2 <= 0:
         raise ValueError(f"l2 must be positive, got {l2}")
     n, dim = x.shape
+    w = np.ones(n) if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
+    if w.shape != (n,) or not np.all(np.isfinite(w)) or w.min() <= 0:
+        raise ValueError(f"sample weights must be N = {n} positive numbers")
+    total = float(w.sum())
     w0 = np.zeros((num_classes, dim)) if prior is None else np.asarray(prior.weight, np.float64)
     b0 = np.zeros(num_classes) if prior is None else np.asarray(prior.bias, np.float64)
     if w0.shape != (num_classes, dim):
@@ -154,12 +162,12 @@ def fit_head(
     # Centred and scaled by one global factor, so the penalty means the same whatever the
     # backbone's output scale (a random backbone's embeddings are tiny); one factor, not
     # one per dimension, so that near-constant dimensions are not blown up into noise.
-    centre = x.mean(axis=0)
-    scale = float(np.sqrt(((x - centre) ** 2).mean())) or 1.0
+    centre = w @ x / total
+    scale = float(np.sqrt(w @ ((x - centre) ** 2).mean(axis=1) / total)) or 1.0
     z = (x - centre) / scale
     z_w0 = w0 * scale
     onehot = np.eye(num_classes)[y]
-    penalty = l2 / (2 * n)
+    penalty = l2 / (2 * total)
 
     def objective(theta: np.ndarray) -> tuple[float, np.ndarray]:
         weight, bias = theta[:-num_classes].reshape(num_classes, dim), theta[-num_classes:]
@@ -167,8 +175,8 @@ def fit_head(
         logits -= logits.max(axis=1, keepdims=True)
         log_p = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
         diff = weight - z_w0
-        loss = -float((onehot * log_p).sum()) / n + penalty * float((diff**2).sum())
-        residual = (np.exp(log_p) - onehot) / n
+        loss = -float(w @ (onehot * log_p).sum(axis=1)) / total + penalty * float((diff**2).sum())
+        residual = (np.exp(log_p) - onehot) * (w / total)[:, None]
         grad_w = residual.T @ z + 2 * penalty * diff
         return loss, np.concatenate([grad_w.ravel(), residual.sum(axis=0)])
 
@@ -230,6 +238,7 @@ def refit_head(
     device: torch.device | None = None,
     *,
     l2: float = DEFAULT_L2,
+    class_balance: float = 0.0,
 ) -> WinnowNet:
     """A copy of ``model`` whose head is refit on ``samples`` with the backbone frozen.
 
@@ -242,6 +251,8 @@ def refit_head(
         samples: the labeled samples to learn from (the holdout left out).
         device: where the backbone runs; the CPU if None.
         l2: the pull towards the current head, per label.
+        class_balance: class weights of the fit, as a round's
+            (``trainer.finetune.class_weights``); 0: none.
 
     Raises:
         ValueError: no samples.
@@ -249,7 +260,15 @@ def refit_head(
     if not samples:
         raise ValueError("cannot refit a head on zero samples")
     (embeddings,), labels = forward_samples(model.backbone, samples, device or torch.device("cpu"))
-    head = fit_head(embeddings, labels, model.num_classes, prior=head_of(model), l2=l2)
+    weights = class_weights(labels, model.num_classes, class_balance)
+    head = fit_head(
+        embeddings,
+        labels,
+        model.num_classes,
+        prior=head_of(model),
+        l2=l2,
+        sample_weight=None if weights is None else weights[labels],
+    )
     return with_head(model, head)
 
 

@@ -28,6 +28,7 @@ from schemas.model_spec import ModelSpec
 from schemas.models import HeadArtifact
 from trainer.architectures import WinnowNet
 from trainer.evaluate import is_holdout, release_gate
+from trainer.finetune import class_weights
 from trainer.head import DEFAULT_L2, EmbeddingCache, LinearHead, fit_head, head_of, with_head
 from trainer.reference import MIN_HOLDOUT
 from trainer.rounds import RoundSettings, generation
@@ -124,7 +125,9 @@ def build_head(
     x = np.stack([vectors[f] for f in train])
     y = np.array([index[labels[f]] for f in train], dtype=np.int64)
     serving = head_of(model)
-    head = fit_head(x, y, len(spec.classes), prior=serving, l2=l2)
+    weights = class_weights(y, len(spec.classes), settings.class_balance)
+    sample_weight = None if weights is None else weights[y]
+    head = fit_head(x, y, len(spec.classes), prior=serving, l2=l2, sample_weight=sample_weight)
     hx = np.stack([vectors[f] for f in holdout]) if holdout else x[:0]
     hy = np.array([index[labels[f]] for f in holdout], dtype=np.int64)
     gate = release_gate(

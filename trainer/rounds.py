@@ -126,13 +126,20 @@ class RoundSettings:
     seed: int
     shrink: float | None = None  # None: the architecture's default (FinetuneConfig.for_arch)
     perturb: float | None = None
+    class_balance: float = 0.0  # the loss's class weights, rounds and head refits alike
 
     @classmethod
     def of(cls, settings: "TrainerSettings") -> "RoundSettings":
         """The round's part of the trainer's settings."""
         s = settings
         return cls(
-            s.holdout_fraction, s.release_margin, s.release_alpha, s.seed, s.shrink, s.perturb
+            s.holdout_fraction,
+            s.release_margin,
+            s.release_alpha,
+            s.seed,
+            s.shrink,
+            s.perturb,
+            s.class_balance,
         )
 
 
@@ -261,7 +268,11 @@ def _fit(
     """A fine-tuned copy of ``model``; ``model`` itself is left as it is."""
     candidate = copy.deepcopy(model)
     config = FinetuneConfig.for_arch(
-        spec.arch, seed=settings.seed, shrink=settings.shrink, perturb=settings.perturb
+        spec.arch,
+        seed=settings.seed,
+        shrink=settings.shrink,
+        perturb=settings.perturb,
+        class_balance=settings.class_balance,
     )
     stats = finetune_round(
         candidate,

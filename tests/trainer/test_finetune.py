@@ -22,6 +22,7 @@ from trainer.errors import DeviceError, SampleError, TrainerError
 from trainer.evaluate import accuracy
 from trainer.finetune import (
     FinetuneConfig,
+    class_weights,
     finetune_round,
     predict_proba,
     select_device,
@@ -387,3 +388,40 @@ def test_select_device() -> None:
     if not torch.cuda.is_available():
         with pytest.raises(DeviceError):
             select_device("cuda")
+
+
+def test_class_weights_even_out_the_classes_of_a_round() -> None:
+    weights = class_weights(np.array([0, 0, 0, 1]), 3, 1.0)
+    assert weights is not None and weights.dtype == np.float32
+    # n̄ = 2 over the two classes present; the absent class keeps 1
+    assert weights.tolist() == pytest.approx([2 / 3, 2.0, 1.0])
+    assert class_weights(np.array([0, 0, 0, 1]), 3, 0.5) == pytest.approx(
+        [(2 / 3) ** 0.5, 2**0.5, 1.0]
+    )
+    assert class_weights(np.array([0, 0, 0, 1]), 3, 0.0) is None  # off
+    assert class_weights(np.array([0, 1, 2, 2, 1, 0]), 3, 1.0) is None  # already even
+    with pytest.raises(ValueError, match="class_balance"):
+        FinetuneConfig(class_balance=1.5)
+
+
+def test_a_balanced_loss_finds_the_rare_class(digits: tuple[list[Sample], list[Sample]]) -> None:
+    """A hundred 1s and three 7s, 60 steps: unweighted, the round learns to say 1 (measured:
+    recall of the 7s 0.0); weighted by class it finds the 7s (1.0) and keeps the 1s (1.0).
+    Fails if the weights do not reach the loss."""
+    train, test = digits
+    rare = [s for s in train if s.label == 1][:100] + [s for s in train if s.label == 7][:3]
+    x, y = stack([s for s in test if s.label in (1, 7)])
+    recall = {}
+    for power in (0.0, 1.0):
+        model = _model(3)
+        config = dataclasses.replace(
+            FinetuneConfig.for_arch("small-cnn", seed=3), class_balance=power, min_steps=60
+        )
+        finetune_round(model, rare, [], config, CPU)
+        predicted = predict_proba(model, x, CPU).argmax(1)
+        recall[power] = (
+            float(np.mean(predicted[y == 7] == 7)),
+            float(np.mean(predicted[y == 1] == 1)),
+        )
+    assert recall[0.0][0] < 0.3 and recall[1.0][0] > 0.8, recall
+    assert recall[1.0][1] > 0.9, recall

@@ -151,3 +151,23 @@ def test_unlearned_leaves_out_the_holdout_and_what_the_head_learned() -> None:
         if not is_holdout(item.frame_id, 0.2) and covered.get(item.frame_id) != "a"
     )
     assert unlearned(items, covered, 0.2) == expected < 200 - held
+
+
+def test_a_sample_weight_counts_as_copies_of_the_sample() -> None:
+    """Frequency weights: weight 3 on a sample fits the same head as three copies of it (the
+    mean, the centring and the penalty's n all count it three times). Fails if a weight is
+    ignored or normalised away."""
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(30, 6))
+    y = rng.integers(0, 3, 30)
+    weights = np.ones(30)
+    weights[:4] = 3.0
+    copies = np.concatenate([x, x[:4], x[:4]]), np.concatenate([y, y[:4], y[:4]])
+    weighted = fit_head(x, y, 3, sample_weight=weights)
+    repeated = fit_head(*copies, 3)
+    plain = fit_head(x, y, 3)
+    np.testing.assert_allclose(weighted.weight, repeated.weight, atol=1e-4)
+    np.testing.assert_allclose(weighted.bias, repeated.bias, atol=1e-4)
+    assert np.abs(weighted.weight - plain.weight).max() > 1e-2
+    with pytest.raises(ValueError, match="sample weights"):
+        fit_head(x, y, 3, sample_weight=np.zeros(30))

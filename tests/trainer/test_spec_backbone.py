@@ -92,3 +92,51 @@ def test_a_round_shrinks_and_perturbs_as_the_settings_say(
             RoundInputs(model, cold, cold, Prequential(), set()), split, gate, CPU, "manual"
         )
         assert seen[-1] == expected
+
+
+def test_class_balance_reaches_the_rounds_and_the_head_refits(
+    digits: tuple[list[bytes], np.ndarray], tmp_path: Path, monkeypatch
+) -> None:
+    """WINNOW_TRAINER_CLASS_BALANCE weighs the classes in a backbone round's loss and in a head
+    refit's fit alike; unset, neither is weighted. Catches a setting read but never applied."""
+    import trainer.refit as refit
+    import trainer.rounds as rounds
+
+    pngs, targets = digits
+    powers: list[float] = []
+    weighted: list[bool] = []
+    real_round, real_fit = rounds.finetune_round, refit.fit_head
+
+    def spy_round(model, new, pool, config, *args, **kwargs):  # type: ignore[no-untyped-def]
+        powers.append(config.class_balance)
+        return real_round(model, new, pool, config, *args, **kwargs)
+
+    def spy_fit(*args, sample_weight=None, **kwargs):  # type: ignore[no-untyped-def]
+        weighted.append(sample_weight is not None)
+        return real_fit(*args, sample_weight=sample_weight, **kwargs)
+
+    monkeypatch.setattr(rounds, "finetune_round", spy_round)
+    monkeypatch.setattr(refit, "fit_head", spy_fit)
+    # 25 of class 0 and 5 of class 1: uneven, so weights exist when asked for
+    order = [i for i in range(len(targets)) if targets[i] == 0][:25]
+    order += [i for i in range(len(targets)) if targets[i] == 1][:5]
+    items = [TrainItem(f"f{i}", str(targets[i]), n, True) for n, i in enumerate(order)]
+
+    def images(ids: list[str]) -> dict[str, bytes]:
+        return {f: pngs[int(f[1:])] for f in ids}
+
+    for env in ({}, {"class_balance": 1.0}):
+        settings = TrainerSettings(
+            data_dir=tmp_path / str(len(powers)),
+            classes=[str(d) for d in range(10)],
+            input_size=8,
+            channels=1,
+            **env,
+        )
+        model, cold, _ = initial_model(settings)
+        gate = RoundSettings.of(settings)
+        split = split_items(items, cold, SampleCache(), images, 0.0)
+        build_round(RoundInputs(model, cold, cold, Prequential(), set()), split, gate, CPU, "x")
+        build_head(model, cold, cold, items, EmbeddingCache(), images, gate, CPU)
+    assert powers == [0.0, 1.0]
+    assert weighted[0] is False and weighted[-1] is True

@@ -125,7 +125,7 @@ def _full_one(job: tuple[int, LearnerConfig, bool]) -> tuple[int, list[list[int]
 
     seed, learner, refits = job
     assert run._DATA is not None
-    refit = trainer_head_refit() if refits else None
+    refit = trainer_head_refit(learner.class_balance) if refits else None
     return seed, full_data_confusion(run._DATA, learner, seed, refit).tolist()
 
 
@@ -256,6 +256,9 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
                 pseudo=args.pseudo_labels,
                 shrink=args.shrink,
                 perturb=args.perturb,
+                class_balance=(
+                    _trainer_class_balance() if args.class_balance is None else args.class_balance
+                ),
             ),
             head_refits=refits,
         ),
@@ -274,6 +277,13 @@ def _serve_budget() -> float:
     return float(PolicySettings.model_fields["budget"].default)
 
 
+def _trainer_class_balance() -> float:
+    """The trainer's class weighting unless told otherwise (``TrainerSettings``' default)."""
+    from trainer.config import TrainerSettings
+
+    return float(TrainerSettings.model_fields["class_balance"].default)
+
+
 def _non_negative(text: str) -> float:
     try:
         value = float(text)
@@ -281,6 +291,13 @@ def _non_negative(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def _unit_interval(text: str) -> float:
+    value = _non_negative(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"must be at most 1, got {text}")
     return value
 
 
@@ -382,6 +399,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="SIGMA",
         help="and Gaussian noise of this standard deviation (WINNOW_TRAINER_PERTURB); default "
         "the trainer's for the architecture (0.01 for the small CNN)",
+    )
+    p.add_argument(
+        "--class-balance",
+        type=_unit_interval,
+        default=None,
+        metavar="POWER",
+        help="weigh each class in the loss by (mean count / its count) ** POWER in rounds, "
+        "refits and the full-data run (WINNOW_TRAINER_CLASS_BALANCE); default the trainer's",
     )
     p.add_argument("--window", type=int, default=200, help="frames of the budget window")
     p.add_argument("--batch", type=int, default=32, help="frames per scoring batch")

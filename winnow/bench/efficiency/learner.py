@@ -41,8 +41,9 @@ class HeadRefitUnavailable(BenchConfigError):
     """Head refits were asked for but the trainer does not have them yet."""
 
 
-def trainer_head_refit() -> HeadRefit | None:
-    """The trainer's head refit, or None while ``trainer.head.refit_head`` does not exist."""
+def trainer_head_refit(class_balance: float = 0.0) -> HeadRefit | None:
+    """The trainer's head refit (with the rounds' class weights), or None while
+    ``trainer.head.refit_head`` does not exist."""
     try:
         module = importlib.import_module("trainer.head")
     except ImportError:
@@ -54,18 +55,18 @@ def trainer_head_refit() -> HeadRefit | None:
     def run(model: Any, samples: Sequence[Any]) -> Any:
         import torch
 
-        return refit(model, samples, torch.device("cpu"))
+        return refit(model, samples, torch.device("cpu"), class_balance=class_balance)
 
     return run
 
 
-def resolve_head_refit(wanted: bool | None) -> HeadRefit | None:
+def resolve_head_refit(wanted: bool | None, class_balance: float = 0.0) -> HeadRefit | None:
     """The refit a run uses: None (default) means on when the trainer has it.
 
     Raises:
         HeadRefitUnavailable: refits were asked for explicitly and do not exist.
     """
-    refit = trainer_head_refit() if wanted is not False else None
+    refit = trainer_head_refit(class_balance) if wanted is not False else None
     if wanted and refit is None:
         raise HeadRefitUnavailable(
             "--head-refits: the trainer's head refit (trainer.head.refit_head) is not "
@@ -101,6 +102,8 @@ class LearnerConfig:
         shrink, perturb: shrink and perturb before each round on every label
             (``FinetuneConfig``; 1 and 0: off), the full-data run included; None: the
             trainer's default for the architecture (on for the small CNN).
+        class_balance: the loss's class weights (``WINNOW_TRAINER_CLASS_BALANCE``) in
+            rounds, refits and the full-data run.
     """
 
     round_labels: int = 20
@@ -110,6 +113,7 @@ class LearnerConfig:
     pseudo: float = 0.0
     shrink: float | None = None
     perturb: float | None = None
+    class_balance: float = 0.0
 
 
 def forward(model: Any, inputs: np.ndarray, batch: int = 512) -> tuple[np.ndarray, np.ndarray]:
@@ -177,7 +181,12 @@ class Learner:
         self.model = build(data, seed)
         self._config = config
         self._finetune = finetune_config(
-            data, seed, min_steps=config.min_steps, shrink=config.shrink, perturb=config.perturb
+            data,
+            seed,
+            min_steps=config.min_steps,
+            shrink=config.shrink,
+            perturb=config.perturb,
+            class_balance=config.class_balance,
         )
         self._device = torch.device("cpu")
         self._refit = refit
@@ -296,6 +305,7 @@ def full_data_confusion(
         replay_min=0,
         shrink=config.shrink,
         perturb=config.perturb,
+        class_balance=config.class_balance,
     )
     finetune_round(model, train, [], finetune, torch.device("cpu"))
     if refit is not None:

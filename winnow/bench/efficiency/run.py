@@ -170,7 +170,7 @@ class _StreamRun:
         settings = spec.policy_settings(budget=config.budget, window=config.window, seed=seed)
         self.policy = QueryPolicy.from_settings(settings)
         self.engine = ScoringEngine.from_settings(settings)
-        refit = trainer_head_refit() if config.head_refits else None
+        refit = trainer_head_refit(config.learner.class_balance) if config.head_refits else None
         self.learner = Learner(data, config.learner, seed, refit)
         self.peer = Peer(spec.peer, config.budget, seed, len(data.classes)) if spec.peer else None
         self.policy.on_model(labels_trained=0, classes=data.classes)
