@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, ClassVar
 import numpy as np
 
 from service.selection.base import EmbeddingStrategy, Param
+from service.selection.memory import RowRing
 from service.selection.strategies import RANDOM, BalancedQuantileFilter
 
 if TYPE_CHECKING:
@@ -106,9 +107,7 @@ class EmbeddingSpace:
         self._utility = np.empty(0)
         self.size = 0
         self.seen = 0
-        self._memory: np.ndarray | None = None
-        self.remembered = 0
-        self._memory_next = 0
+        self._asked = RowRing(self.memory_capacity)
         self.scale: float | None = None
         self._scale_size = 0
         self._inserted = 0
@@ -119,17 +118,16 @@ class EmbeddingSpace:
     @property
     def memory(self) -> np.ndarray:
         """The remembered unit embeddings (order not kept once the memory wrapped)."""
-        if self._memory is None:
-            return np.empty((0, 0))
-        return self._memory[: self.remembered]
+        return self._asked.rows
+
+    @property
+    def remembered(self) -> int:
+        """Frames asked for that are remembered."""
+        return self._asked.size
 
     def remember(self, row: np.ndarray) -> None:
         """Adds one frame asked for; the oldest is overwritten once the memory is full."""
-        if self._memory is None:
-            self._memory = np.zeros((self.memory_capacity, len(row)))
-        self._memory[self._memory_next] = row
-        self._memory_next = (self._memory_next + 1) % self.memory_capacity
-        self.remembered = min(self.remembered + 1, self.memory_capacity)
+        self._asked.add(row)
 
     def rebase(self, embeddings: np.ndarray) -> None:
         """A new embedding space: the reservoir starts over, the memory holds ``embeddings``
@@ -139,20 +137,17 @@ class EmbeddingSpace:
         if rows is not None and self._same_space(rows):
             return
         self.clear()
-        for row in () if rows is None else rows:
-            self.remember(row)
+        if rows is not None:
+            self._asked.replace(rows)
 
     def _same_space(self, rows: np.ndarray) -> bool:
-        if self._memory is None or len(rows) != self.remembered or rows.shape[1] != self.dim:
+        if not self.remembered or len(rows) != self.remembered or rows.shape[1] != self.dim:
             return False
-        ordered = self._memory[: self.remembered]
-        if self.remembered == self.memory_capacity:  # wrapped: the oldest is at the next slot
-            ordered = np.roll(self._memory, -self._memory_next, axis=0)
-        return bool(np.abs(ordered - rows).max() <= _SAME_SPACE)
+        return bool(np.abs(self._asked.ordered() - rows).max() <= _SAME_SPACE)
 
     @property
     def dim(self) -> int:
-        return 0 if self._memory is None else self._memory.shape[1]
+        return self._asked.dim
 
     def nearest_asked(self, rows: np.ndarray) -> np.ndarray:
         """``d²(x, S)`` for each of ``rows``; ``inf`` while nothing was asked for."""

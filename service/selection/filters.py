@@ -54,6 +54,7 @@ from typing import ClassVar, get_args
 import numpy as np
 
 from schemas.api import FilterName
+from service.selection.memory import RowRing
 from service.selection.pal import expected_gain, mean_gamma
 
 FILTERS: tuple[FilterName, ...] = get_args(FilterName)
@@ -112,9 +113,8 @@ class StreamFilters:
         self._labels = np.zeros(0)  # labels received per class
         self._pending: deque[int] = deque(maxlen=_PENDING)  # predicted class of each request
         self._pending_counts = np.zeros(0)
-        self._asked: deque[np.ndarray] = deque(maxlen=self.memory or 1)  # unit rows; pal only
-        self._asked_rows: np.ndarray | None = None  # the memory stacked, None once it changed
-        self._asked_gamma = 1.0
+        self._asked = RowRing(self.memory or 1)  # unit rows of the frames asked for; pal only
+        self._asked_gamma = (0, 1.0)  # the kernel width, and the memory version it is of
 
     @property
     def memory(self) -> int:
@@ -132,10 +132,9 @@ class StreamFilters:
         self._reservoir.clear()
         self._recent.clear()  # the frame counts per source (the dedup windows) stay
         rows = np.asarray(embeddings, dtype=np.float64)
-        self._asked = deque(maxlen=self.memory or 1)
-        self._asked_rows = None
+        self._asked.clear()
         if rows.ndim == 2 and len(rows) and self.memory:
-            self._asked.extend(row.copy() for row in self._unit(rows)[-self.memory :])
+            self._asked.replace(self._unit(rows))
 
     @classmethod
     def check(cls, names: Sequence[str], params: Mapping[str, float]) -> None:
@@ -160,8 +159,8 @@ class StreamFilters:
         if hasattr(self, "_classes"):
             self._classes = deque(self._classes, maxlen=int(self.params["balance_window"]))
             self._reservoir = deque(self._reservoir, maxlen=int(self.params["density_reservoir"]))
-            self._asked = deque(self._asked, maxlen=self.memory or 1)
-            self._asked_rows = None
+            self._asked = self._asked.resized(self.memory or 1)
+            self._asked_gamma = (0, 1.0)
 
     @property
     def active(self) -> bool:
@@ -272,8 +271,7 @@ class StreamFilters:
             return
         if "pal" in self.names and batch.unit_raw is not None:
             row = batch.unit_raw[index]
-            self._asked.append(row.copy())  # a view would keep the whole batch alive
-            self._asked_rows = None
+            self._asked.add(row)  # copied in: a view would keep the whole batch alive
             if batch.pal_base is not None:  # the frames after it count it at once
                 squared = np.maximum(2.0 - 2.0 * (batch.unit_raw @ row), 0.0)
                 batch.pal_base = batch.pal_base + np.exp(-batch.pal_gamma * squared)
@@ -303,11 +301,11 @@ class StreamFilters:
         if not self._asked:
             batch.pal_gamma = 1.0 / max(rows.shape[1], 1)
             return np.zeros(len(rows))
-        if self._asked_rows is None:  # stacked once per change of the memory
-            self._asked_rows = np.stack(self._asked)
-            self._asked_gamma = mean_gamma(self._asked_rows)
-        batch.pal_gamma = self._asked_gamma
-        squared = np.maximum(2.0 - 2.0 * (rows @ self._asked_rows.T), 0.0)
+        asked = self._asked.rows
+        if self._asked_gamma[0] != self._asked.version:  # once per change of the memory
+            self._asked_gamma = (self._asked.version, mean_gamma(asked))
+        batch.pal_gamma = self._asked_gamma[1]
+        squared = np.maximum(2.0 - 2.0 * (rows @ asked.T), 0.0)
         return np.exp(-batch.pal_gamma * squared).sum(axis=1)
 
     def _pal(self, index: int) -> float:
