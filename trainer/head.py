@@ -117,9 +117,10 @@ def fit_head(
 ) -> LinearHead:
     """Multinomial logistic regression on frozen embeddings, pulled towards ``prior``.
 
-    Minimizes ``mean cross-entropy + l2 / (2 n) * ||W - W_prior||^2`` over the
-    weight and bias with L-BFGS (Nocedal and Wright, *Numerical Optimization*,
-    algorithm 7.4, with a backtracking Armijo line search), on the embeddings
+    Minimizes ``mean cross-entropy + l2 / (2 n) * ||W - W_prior||^2`` (the mean and
+    ``n`` over ``sample_weight`` when given) over the weight and bias with L-BFGS
+    (Nocedal and Wright, *Numerical Optimization*, algorithm 7.4, with a
+    backtracking Armijo line search), on the embeddings
     centred and divided by one global scale (folded back into the result). The
     objective is strictly convex in ``W``, so the result depends on the data
     and the prior alone. It runs in numpy: a few hundred tiny steps that torch
