@@ -138,3 +138,48 @@ def test_cached_features_train_their_head_as_measured() -> None:
     assert finetune_config(data, 0, shrink=0.5).shrink == 0.5  # asked for, it applies
     images = finetune_config(_data(), 0)
     assert (images.shrink, images.perturb, images.min_steps) == (0.6, 0.01, 400)
+
+
+def test_class_balance_reaches_the_rounds_the_refits_and_the_full_data_run(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Catches --class-balance measured on a learner that never applies it, and a default
+    that is not the trainer's."""
+    import argparse
+
+    from trainer import finetune, head
+    from winnow.bench.label_efficiency import add_arguments, config_from_args
+
+    rounds: list[float] = []
+    refits: list[float] = []
+    real_round, real_refit = finetune.finetune_round, head.refit_head
+
+    def spy_round(model: Any, new: Any, pool: Any, config: Any, *args: Any, **kw: Any) -> Any:
+        rounds.append(config.class_balance)
+        return real_round(model, new, pool, config, *args, **kw)
+
+    def spy_refit(model: Any, samples: Any, *args: Any, class_balance: float = 0.0) -> Any:
+        refits.append(class_balance)
+        return real_refit(model, samples, *args, class_balance=class_balance)
+
+    monkeypatch.setattr(finetune, "finetune_round", spy_round)
+    monkeypatch.setattr(head, "refit_head", spy_refit)
+    data = _data()
+    config = LearnerConfig(round_labels=4, refit_labels=2, min_steps=2, class_balance=1.0)
+    learner = Learner(data, config, 0, resolve_head_refit(True, config.class_balance))
+    for i in range(4):
+        learner.add(Sample(str(i), data.inputs[i], int(data.labels[i])))
+    full = LearnerConfig(full_steps=2, class_balance=0.5)
+    learner_module.full_data_confusion(data, full, 0, resolve_head_refit(True, 0.5))
+    assert rounds == [1.0, 0.5] and refits == [1.0, 1.0, 0.5]
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    from trainer.config import TrainerSettings
+
+    default = config_from_args(parser.parse_args([])).run.learner.class_balance
+    assert default == TrainerSettings.model_fields["class_balance"].default
+    given = config_from_args(parser.parse_args(["--class-balance", "0.5"]))
+    assert given.run.learner.class_balance == 0.5
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--class-balance", "2"])
