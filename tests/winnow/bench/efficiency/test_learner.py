@@ -60,7 +60,7 @@ def test_the_same_seed_gives_the_same_initial_model() -> None:
 def test_head_refits_asked_for_without_the_trainers_say_so(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(learner_module, "trainer_head_refit", lambda: None)
+    monkeypatch.setattr(learner_module, "trainer_head_refit", lambda class_balance=0.0: None)
     with pytest.raises(BenchConfigError, match="not available yet"):
         resolve_head_refit(True)
     assert resolve_head_refit(None) is None
