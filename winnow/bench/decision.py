@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from winnow.bench.efficiency.errors import BenchConfigError
-from winnow.bench.efficiency.specs import STRATEGIES, StrategySpec, load_specs, parse_spec
+from winnow.bench.efficiency.specs import STRATEGIES, StrategySpec, given_specs
 
 log = logging.getLogger(__name__)
 
@@ -214,12 +214,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _strategies(args: argparse.Namespace) -> dict[str, StrategySpec]:
     from service.selection.registry import STRATEGIES as POLICY_NAMES
 
-    extra: dict[str, StrategySpec] = {}
-    if args.strategy_specs is not None:
-        extra.update(load_specs(args.strategy_specs))
-    for text in args.strategy_spec:
-        name, spec = parse_spec(text)
-        extra[name] = spec
+    extra = given_specs(args.strategy_specs, args.strategy_spec)
     names = args.strategies.split(",") if args.strategies else [*DEFAULT_STRATEGIES, *extra]
     if left := [n for n in extra if n not in names]:
         log.warning("given but not named in --strategies, so not run: %s", ", ".join(left))

@@ -46,8 +46,7 @@ from winnow.bench.efficiency.specs import (
     VIDEO_DEFAULT_STRATEGIES,
     SpecError,
     StrategySpec,
-    load_specs,
-    parse_spec,
+    given_specs,
     resolve,
 )
 from winnow.bench.efficiency.stream import StreamConfig, StreamData, prepare
@@ -207,12 +206,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         BenchConfigError: an unknown strategy, a spec that cannot be parsed, or
             head refits asked for where the trainer has none.
     """
-    extra: dict[str, StrategySpec] = {}
-    if args.strategy_specs is not None:
-        extra.update(load_specs(args.strategy_specs))
-    for text in args.strategy_spec or ():
-        name, spec = parse_spec(text)
-        extra[name] = spec
+    extra = given_specs(args.strategy_specs, args.strategy_spec)
     names = (
         [n.strip() for n in args.strategies.split(",") if n.strip()] if args.strategies else None
     )

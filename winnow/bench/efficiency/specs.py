@@ -215,6 +215,20 @@ def load_specs(path: Path) -> dict[str, StrategySpec]:
     return specs
 
 
+def given_specs(path: Path | None, texts: Sequence[str] | None) -> dict[str, StrategySpec]:
+    """The strategies a command line gives: ``--strategy-specs`` (a file), then each
+    ``--strategy-spec`` (a later one of the same name wins).
+
+    Raises:
+        SpecError: a file or a spec that cannot be read.
+    """
+    specs = load_specs(path) if path is not None else {}
+    for text in texts or ():
+        name, spec = parse_spec(text)
+        specs[name] = spec
+    return specs
+
+
 def resolve(
     names: Sequence[str] | None,
     extra: Mapping[str, StrategySpec],
