@@ -95,12 +95,16 @@ class TrainerSettings(BaseSettings):
         le=1,
         description="weigh each class in the loss by (mean count / its count) ** this, in "
         "backbone rounds and head refits alike; 0: unweighted; 1: every class weighs as much "
-        "in total, for a stream where a rare class matters as much as the common one",
+        "in total, for a stream where a rare class matters as much as the common one; the "
+        "release gate then weighs the held-out frames the same way",
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     metrics_port: int = Field(default=9100, ge=0, le=65535)
     release_margin: float = Field(
-        default=0.02, ge=0, description="how much lower a candidate's holdout accuracy may be"
+        default=0.02,
+        ge=0,
+        description="how much lower a candidate's holdout accuracy (class-weighted when "
+        "class_balance is on) may be",
     )
     release_alpha: float = Field(
         default=0.05,

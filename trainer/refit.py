@@ -27,7 +27,7 @@ from schemas.drift import DriftReference
 from schemas.model_spec import ModelSpec
 from schemas.models import HeadArtifact
 from trainer.architectures import WinnowNet
-from trainer.evaluate import is_holdout, release_gate
+from trainer.evaluate import holdout_weights, is_holdout, release_gate
 from trainer.finetune import class_weights
 from trainer.head import DEFAULT_L2, EmbeddingCache, LinearHead, fit_head, head_of, with_head
 from trainer.reference import MIN_HOLDOUT
@@ -135,6 +135,7 @@ def build_head(
         serving.predict(hx) == hy if holdout else None,
         settings.release_margin,
         alpha=settings.release_alpha,
+        weights=holdout_weights(hy, settings.class_balance),
     )
     finite = bool(np.isfinite(head.weight).all() and np.isfinite(head.bias).all())
     accepted = gate.accepted and finite

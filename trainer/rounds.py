@@ -27,7 +27,7 @@ import torch
 
 from schemas.model_spec import ModelSpec
 from trainer.architectures import WinnowNet
-from trainer.evaluate import Prequential, correct, is_holdout, release_gate
+from trainer.evaluate import Prequential, correct, holdout_weights, is_holdout, release_gate
 from trainer.finetune import FinetuneConfig, RoundStats, finetune_round
 from trainer.forward import predicted_classes
 from trainer.reference import reference_for
@@ -207,7 +207,11 @@ def build_round(
     candidate_right = correct(candidate, holdout, device) if holdout else None
     incumbent_right = correct(model, holdout, device) if holdout else None
     gate = release_gate(
-        candidate_right, incumbent_right, settings.release_margin, alpha=settings.release_alpha
+        candidate_right,
+        incumbent_right,
+        settings.release_margin,
+        alpha=settings.release_alpha,
+        weights=holdout_weights(np.array([s.label for s in holdout]), settings.class_balance),
     )
     candidate_acc = None if math.isnan(gate.candidate) else gate.candidate
     incumbent_acc = None if math.isnan(gate.incumbent) else gate.incumbent

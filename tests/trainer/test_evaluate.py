@@ -7,7 +7,15 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from trainer.evaluate import Prequential, accuracy, is_holdout, mcnemar_worse_p, release_gate
+from trainer.evaluate import (
+    Prequential,
+    accuracy,
+    holdout_weights,
+    is_holdout,
+    mcnemar_worse_p,
+    release_gate,
+    weighted_worse_p,
+)
 from trainer.samples import Sample
 
 
@@ -116,3 +124,84 @@ def test_mcnemar_is_the_exact_binomial_tail_on_disagreements() -> None:
     assert mcnemar_worse_p(*_paired(20, 0, 6, 2)) == 37 / 256
     with pytest.raises(ValueError):
         mcnemar_worse_p(np.ones(3, bool), np.ones(4, bool))
+
+
+def test_the_weighted_test_with_equal_weights_is_the_exact_mcnemar_test() -> None:
+    for outcomes in (_paired(20, 0, 3, 0), _paired(20, 0, 6, 2), _paired(30, 10, 4, 9)):
+        assert weighted_worse_p(*outcomes, np.full(len(outcomes[0]), 0.7)) == pytest.approx(
+            mcnemar_worse_p(*outcomes), abs=1e-12
+        )
+    assert weighted_worse_p(*_paired(10, 10, 0, 0), np.ones(10)) == 1.0
+    # A frame of weight 0 carries no evidence.
+    candidate, incumbent = _paired(4, 0, 1, 0)
+    assert weighted_worse_p(candidate, incumbent, np.array([0.0, 1, 1, 1])) == 1.0
+    with pytest.raises(ValueError):
+        weighted_worse_p(np.ones(3, bool), np.ones(3, bool), np.ones(4))
+    with pytest.raises(ValueError):
+        weighted_worse_p(np.ones(3, bool), np.ones(3, bool), np.array([1.0, -1, 1]))
+
+
+def test_the_weighted_test_enumerates_the_signed_sums() -> None:
+    # Only the incumbent is right on a frame of weight 3; only the candidate on two of weight 1.
+    # Observed sum 3 - 1 - 1 = 1; of the 8 sign patterns (+-3 +-1 +-1) the four with +3
+    # reach it (5, 3, 3, 1), none with -3 -> 1/2. Unweighted (McNemar: 1 of 3) it is 7/8.
+    candidate = np.array([False, True, True])
+    incumbent = np.array([True, False, False])
+    assert weighted_worse_p(candidate, incumbent, np.array([3.0, 1, 1])) == 1 / 2
+    assert mcnemar_worse_p(candidate, incumbent) == 7 / 8
+
+
+def test_the_sampled_weighted_test_agrees_with_the_exact_one() -> None:
+    # 10 classes, about 24 disagreements each: some 25 ** 10 sums, past the exact enumeration.
+    rng = np.random.default_rng(3)
+    labels = np.repeat(np.arange(10), 40)
+    steps = 3 + labels  # integer weights, so the reference below can count sums exactly
+    incumbent = rng.random(400) < 0.5
+    candidate = incumbent.copy()
+    flip = rng.random(400) < 0.6
+    candidate[flip] = ~incumbent[flip]
+    sampled = weighted_worse_p(candidate, incumbent, steps / 3.0)
+    # Reference: the exact distribution of the signed sum, by counting over integer sums.
+    disagree = candidate != incumbent
+    observed = int(np.where(incumbent[disagree], 1, -1) @ steps[disagree])
+    total = int(steps[disagree].sum())
+    counts = np.zeros(2 * total + 1)
+    counts[total] = 1.0
+    for step in steps[disagree]:
+        counts = 0.5 * (np.roll(counts, step) + np.roll(counts, -step))
+    exact = float(counts[observed + total :].sum())
+    assert 0.01 < exact < 0.99
+    assert sampled == pytest.approx(exact, abs=0.005)
+    assert weighted_worse_p(candidate, incumbent, steps / 3.0) == sampled  # seeded
+
+
+def test_holdout_weights_make_the_weighted_accuracy_balanced() -> None:
+    labels = np.array([0] * 8 + [1] * 2)
+    weights = holdout_weights(labels, 1.0)
+    assert weights is not None
+    right = np.array([True] * 8 + [True, False])  # recall 1.0 and 0.5
+    assert np.average(right, weights=weights) == pytest.approx(0.75)
+    assert holdout_weights(labels, 0.0) is None
+    assert holdout_weights(np.array([0, 1, 1, 0]), 1.0) is None  # already balanced
+    assert holdout_weights(np.array([], dtype=np.int64), 1.0) is None
+
+
+def test_a_class_weighted_gate_judges_the_rare_class_as_the_loss_does() -> None:
+    """Without the weights the gate would refuse a class-balanced candidate for what its
+    loss asked of it: a few more errors on the common class, the rare class found."""
+    labels = np.array([0] * 380 + [1] * 20)
+    incumbent = np.ones(400, bool)
+    incumbent[380:] = False  # never finds the rare class: plain 0.95, balanced 0.5
+    candidate = np.ones(400, bool)
+    candidate[:40] = False  # 40 common-class errors, the rare class found but 3 frames
+    candidate[380:383] = False
+    plain = release_gate(candidate, incumbent, 0.02)
+    assert not plain.accepted  # 0.8925 against 0.95 and significantly
+    weights = holdout_weights(labels, 1.0)
+    weighted = release_gate(candidate, incumbent, 0.02, weights=weights)
+    assert weighted.accepted and "class-weighted accuracy" in weighted.reason
+    assert weighted.candidate == pytest.approx((340 / 380 + 17 / 20) / 2)
+    assert weighted.incumbent == pytest.approx(0.5)
+    # And a candidate that loses the rare class is refused by the weighted gate.
+    lost = release_gate(incumbent, candidate, 0.02, weights=weights)
+    assert not lost.accepted and "weighted sign-flip test" in lost.reason

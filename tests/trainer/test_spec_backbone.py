@@ -98,7 +98,8 @@ def test_class_balance_reaches_the_rounds_and_the_head_refits(
     digits: tuple[list[bytes], np.ndarray], tmp_path: Path, monkeypatch
 ) -> None:
     """WINNOW_TRAINER_CLASS_BALANCE weighs the classes in a backbone round's loss and in a head
-    refit's fit alike; unset, neither is weighted. Catches a setting read but never applied."""
+    refit's fit alike, and the release gate of each weighs the held-out frames by class
+    (balanced accuracy); unset, none is weighted. Catches a setting read but never applied."""
     import trainer.refit as refit
     import trainer.rounds as rounds
 
@@ -115,8 +116,19 @@ def test_class_balance_reaches_the_rounds_and_the_head_refits(
         weighted.append(sample_weight is not None)
         return real_fit(*args, sample_weight=sample_weight, **kwargs)
 
+    gated: list[bool] = []  # whether each gate weighed the held-out frames by class
+
+    def spy_gate(gate):  # type: ignore[no-untyped-def]
+        def spy(*args, weights=None, **kwargs):  # type: ignore[no-untyped-def]
+            gated.append(weights is not None)
+            return gate(*args, weights=weights, **kwargs)
+
+        return spy
+
     monkeypatch.setattr(rounds, "finetune_round", spy_round)
     monkeypatch.setattr(refit, "fit_head", spy_fit)
+    monkeypatch.setattr(rounds, "release_gate", spy_gate(rounds.release_gate))
+    monkeypatch.setattr(refit, "release_gate", spy_gate(refit.release_gate))
     # 25 of class 0 and 5 of class 1: uneven, so weights exist when asked for
     order = [i for i in range(len(targets)) if targets[i] == 0][:25]
     order += [i for i in range(len(targets)) if targets[i] == 1][:5]
@@ -131,12 +143,16 @@ def test_class_balance_reaches_the_rounds_and_the_head_refits(
             classes=[str(d) for d in range(10)],
             input_size=8,
             channels=1,
+            holdout_fraction=0.5,
             **env,
         )
         model, cold, _ = initial_model(settings)
         gate = RoundSettings.of(settings)
-        split = split_items(items, cold, SampleCache(), images, 0.0)
+        split = split_items(items, cold, SampleCache(), images, 0.5)
+        assert {s.label for s in split.holdout} == {0, 1}  # uneven classes held out too
         build_round(RoundInputs(model, cold, cold, Prequential(), set()), split, gate, CPU, "x")
         build_head(model, cold, cold, items, EmbeddingCache(), images, gate, CPU)
     assert powers == [0.0, 1.0]
     assert weighted[0] is False and weighted[-1] is True
+    # and the release gate judges the held-out frames as the loss weighs them
+    assert gated == [False, False, True, True]
