@@ -148,7 +148,7 @@ class PolicySettings(BaseSettings):
         "or none (the configured strategy from the start)",
     )
     cold_start_per_class: float = Field(
-        default=7.0,
+        default=5.0,
         ge=0,
         description="labels per class the model must have learned from before the configured "
         "strategy takes over from the cold start (0: the first model that learned from any)",

@@ -15,7 +15,7 @@ stream (stream MaxHerding, ``cold_start="herding"``), as coverage beats random a
 uncertainty at tiny budgets (Hacohen et al., ICML 2022); ``random`` samples at
 random, ``none`` runs the configured strategy from the first frame. Once a model
 has learned from labels, a coverage cold start keeps leading until the model has
-learned from ``cold_start_per_class`` labels per class (7 by default), now weighing
+learned from ``cold_start_per_class`` labels per class (5 by default), now weighing
 uncertainty against coverage by the model's measured accuracy on the answers to its
 requests (``service.selection.competence``), with the stream filters on; then the
 configured strategy takes over (by default the balanced quantile filter on the margin
