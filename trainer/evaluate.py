@@ -161,7 +161,7 @@ def weighted_worse_p(candidate: np.ndarray, incumbent: np.ndarray, weights: np.n
         probs = np.ones(1)
         for value, m in zip(values, counts, strict=True):
             k = np.arange(m + 1)
-            pmf = np.array([math.comb(int(m), int(i)) for i in k], dtype=np.float64) / 2.0**m
+            pmf = _half_binomial(int(m))  # in logs: comb(m, k) / 2**m overflows past m = 1,029
             sums = (sums[:, None] + value * (2 * k - m)[None, :]).ravel()
             probs = (probs[:, None] * pmf[None, :]).ravel()
         return float(min(1.0, probs[sums >= observed - tolerance].sum()))
@@ -170,6 +170,13 @@ def weighted_worse_p(candidate: np.ndarray, incumbent: np.ndarray, weights: np.n
     for value, m in zip(values, counts, strict=True):
         draws += value * (2 * rng.binomial(int(m), 0.5, size=_DRAWS) - int(m))
     return float((draws >= observed - tolerance).mean())
+
+
+def _half_binomial(m: int) -> np.ndarray:
+    """The Binomial(m, 1/2) probabilities of 0..m, computed in logs."""
+    base = math.lgamma(m + 1) - m * math.log(2.0)
+    logs = [base - math.lgamma(i + 1) - math.lgamma(m - i + 1) for i in range(m + 1)]
+    return np.exp(np.array(logs))
 
 
 def holdout_weights(labels: np.ndarray, power: float) -> np.ndarray | None:

@@ -147,7 +147,7 @@ def test_the_weighted_test_enumerates_the_signed_sums() -> None:
     # reach it (5, 3, 3, 1), none with -3 -> 1/2. Unweighted (McNemar: 1 of 3) it is 7/8.
     candidate = np.array([False, True, True])
     incumbent = np.array([True, False, False])
-    assert weighted_worse_p(candidate, incumbent, np.array([3.0, 1, 1])) == 1 / 2
+    assert weighted_worse_p(candidate, incumbent, np.array([3.0, 1, 1])) == pytest.approx(1 / 2)
     assert mcnemar_worse_p(candidate, incumbent) == 7 / 8
 
 
@@ -173,6 +173,28 @@ def test_the_sampled_weighted_test_agrees_with_the_exact_one() -> None:
     assert 0.01 < exact < 0.99
     assert sampled == pytest.approx(exact, abs=0.005)
     assert weighted_worse_p(candidate, incumbent, steps / 3.0) == sampled  # seeded
+
+
+def test_the_weighted_test_takes_a_large_holdout() -> None:
+    # 1,500 disagreements of one weight and one of another: exact enumeration (3,002 sums), where
+    # comb(1500, k) / 2 ** 1500 would overflow a float.
+    candidate = np.zeros(1501, bool)
+    incumbent = np.zeros(1501, bool)
+    incumbent[:780] = True  # 780 frames only the incumbent gets right, 720 only the candidate
+    candidate[780:1500] = True
+    incumbent[1500] = True
+    weights = np.ones(1501)
+    weights[1500] = 2.0
+    p = weighted_worse_p(candidate, incumbent, weights)
+    # The same sum by counting over integers (weights 1 and 2), as in the test above.
+    steps = weights.astype(int)
+    observed, total = 780 - 720 + 2, 1502
+    counts = np.zeros(2 * total + 1)
+    counts[total] = 1.0
+    for step in steps:
+        counts = 0.5 * (np.roll(counts, step) + np.roll(counts, -step))
+    assert p == pytest.approx(float(counts[observed + total :].sum()), rel=1e-9)
+    assert 0.05 < p < 0.1
 
 
 def test_holdout_weights_make_the_weighted_accuracy_balanced() -> None:
