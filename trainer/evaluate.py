@@ -112,7 +112,7 @@ def mcnemar_worse_p(candidate: np.ndarray, incumbent: np.ndarray) -> float:
     if n == 0:
         return 1.0
     tail = sum(math.comb(n, k) for k in range(b, n + 1))
-    return min(1.0, tail / 2.0**n)
+    return min(1.0, tail / (1 << n))  # integers: 2.0**n overflows a float past n = 1,023
 
 
 _EXACT_MAX = 200_000  # sums the exact weighted test enumerates at most

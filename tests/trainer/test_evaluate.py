@@ -124,6 +124,12 @@ def test_mcnemar_is_the_exact_binomial_tail_on_disagreements() -> None:
     assert mcnemar_worse_p(*_paired(20, 0, 6, 2)) == 37 / 256
     with pytest.raises(ValueError):
         mcnemar_worse_p(np.ones(3, bool), np.ones(4, bool))
+    # A holdout with more than 1,023 disagreements (2.0 ** n overflowed): 560 of 1,100 against
+    # the candidate, P(X >= 560) for Binomial(1100, 1/2), by the normal approximation ~0.28.
+    p = mcnemar_worse_p(*_paired(1100, 0, 560, 540))
+    assert p == pytest.approx(
+        0.5 * math.erfc((559.5 - 550) / math.sqrt(275) / math.sqrt(2)), abs=0.005
+    )
 
 
 def test_the_weighted_test_with_equal_weights_is_the_exact_mcnemar_test() -> None:
