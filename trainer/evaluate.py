@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from trainer.finetune import class_weights
 from trainer.forward import predicted_classes
 from trainer.samples import Sample
 
@@ -183,15 +184,13 @@ def holdout_weights(labels: np.ndarray, power: float) -> np.ndarray | None:
     """Per held-out frame, its class's weight ``(n̄ / n_k) ** power`` over the holdout's
     class counts: the gate's weighted accuracy with power 1 is the balanced accuracy (the
     mean recall of the classes present). None when ``power`` is 0 or every class present
-    has as many frames (plain accuracy then)."""
+    has as many frames (plain accuracy then): the loss's :func:`~trainer.finetune.class_weights`
+    over the holdout, a frame at a time."""
     labels = np.asarray(labels, dtype=np.int64)
-    if power == 0 or len(labels) == 0:
+    if len(labels) == 0:
         return None
-    counts = np.bincount(labels)
-    present = counts[counts > 0]
-    if present.min() == present.max():
-        return None
-    return ((present.mean() / counts[labels]) ** power).astype(np.float64)
+    weights = class_weights(labels, int(labels.max()) + 1, power)
+    return None if weights is None else weights[labels].astype(np.float64)
 
 
 @dataclass(frozen=True)
