@@ -136,3 +136,51 @@ def test_an_unknown_peer_is_refused_before_any_work(
     code = main(["--strategy-specs", str(specs), "--json", str(tmp_path / "x.json")])
     assert code == 2
     assert "no 'NoSuchStrategy'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_further_seeds_pool_with_an_earlier_run_into_the_run_over_all(tmp_path: Path) -> None:
+    """``--first-seed`` keeps the full-data reference on seed 0, so two runs over seeds 0-1
+    and 2 merge (``--merge``) into what one run over seeds 0-2 gives, but for wall times."""
+    tiny = [
+        "--strategies", "margin",
+        "--max-labels", "12",
+        "--round-labels", "6",
+        "--refit-labels", "3",
+        "--min-steps", "3",
+        "--workers", "1",
+        "--full-steps", "10",
+        "--full-seeds", "1",
+        "--resamples", "50",
+    ]  # fmt: skip
+    paths = {name: tmp_path / f"{name}.json" for name in ("whole", "first", "more", "merged")}
+    assert main([*tiny, "--seeds", "3", "--json", str(paths["whole"])]) == 0
+    assert main([*tiny, "--seeds", "2", "--json", str(paths["first"])]) == 0
+    more = [*tiny, "--seeds", "1", "--first-seed", "2", "--json", str(paths["more"])]
+    assert main(more) == 0
+    merge = ["--merge", str(paths["first"]), str(paths["more"]), "--json", str(paths["merged"])]
+    assert main(merge) == 0
+    whole, more_result, merged = (
+        json.loads(paths[n].read_text()) for n in ("whole", "more", "merged")
+    )
+    assert more_result["config"]["seeds"] == [2]
+    assert more_result["full"] == whole["full"]  # the reference stayed on seed 0
+    assert merged["config"]["seeds"] == [0, 1, 2]
+
+    def timeless(value: object) -> object:
+        if isinstance(value, dict):
+            return {k: timeless(v) for k, v in value.items() if k != "seconds"}
+        if isinstance(value, list):
+            return [timeless(v) for v in value]
+        return value
+
+    assert timeless(merged["strategies"]) == timeless(whole["strategies"])
+    # a run over the same seed again is refused, with the files named
+    again = ["--merge", str(paths["first"]), str(paths["whole"]), "--json", str(paths["merged"])]
+    assert main(again) == 2
+
+
+def test_no_seed_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--seeds", "0"]) == 2
+    assert "--seeds must be at least 1" in capsys.readouterr().err
+    assert main(["--first-seed", "-1"]) == 2

@@ -76,7 +76,10 @@ class BenchConfig:
         run: budget, batches, label budget and the learner.
         strategies: name to spec, random first.
         seeds: the paired seeds.
-        full_seeds: full-data runs (the first seeds), averaged into the reference.
+        full_seeds: full-data runs, averaged into the reference: on seeds 0, 1, ... (at most
+            as many as ``seeds``) whichever the paired seeds are, so that a run over further
+            seeds of the same stream (``--first-seed``) has the same targets and its seeds
+            can be pooled with an earlier run's.
         workers: processes, one torch thread each.
         resamples: bootstrap draws.
     """
@@ -146,7 +149,9 @@ def run_bench(config: BenchConfig, data: StreamData | None = None) -> dict[str, 
     jobs = [
         (name, spec, seed, run) for seed in config.seeds for name, spec in config.strategies.items()
     ]
-    full_jobs = [(seed, run.learner, refits) for seed in config.seeds[: config.full_seeds]]
+    full_jobs = [
+        (seed, run.learner, refits) for seed in range(min(config.full_seeds, len(config.seeds)))
+    ]
     results: dict[str, list[RunResult]] = {name: [] for name in config.strategies}
     fulls: list[tuple[int, list[list[int]]]] = []
     context = multiprocessing.get_context("spawn")
@@ -177,6 +182,7 @@ def run_bench(config: BenchConfig, data: StreamData | None = None) -> dict[str, 
         "config": _config_record(config, run),
         "full": {
             "mean": round(full, 4),
+            "exact": full,  # the targets' base, unrounded, for --merge
             "per_seed": [round(v, 4) for v in full_values],
             "seeds": [seed for seed, _ in sorted(fulls)],
         },
@@ -204,8 +210,13 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
 
     Raises:
         BenchConfigError: an unknown strategy, a spec that cannot be parsed, or
-            head refits asked for where the trainer has none.
+            head refits asked for where the trainer has none, or no seed.
     """
+    if args.seeds < 1 or args.first_seed < 0:
+        raise BenchConfigError(
+            f"--seeds must be at least 1 and --first-seed not negative "
+            f"(got {args.seeds} and {args.first_seed})"
+        )
     extra = given_specs(args.strategy_specs, args.strategy_spec)
     names = (
         [n.strip() for n in args.strategies.split(",") if n.strip()] if args.strategies else None
@@ -257,7 +268,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
             head_refits=refits,
         ),
         strategies=resolve(names, extra, default),
-        seeds=tuple(range(args.seeds)),
+        seeds=tuple(range(args.first_seed, args.first_seed + args.seeds)),
         full_seeds=args.full_seeds,
         workers=args.workers,
         resamples=args.resamples,
@@ -306,6 +317,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """The command's options (``winnow bench label-efficiency``)."""
     p.add_argument("--dataset", default="digits", help="digits, or a MedMNIST-layout .npz")
     p.add_argument("--json", type=Path, default=Path("label-efficiency.json"))
+    p.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        default=None,
+        metavar="RESULT",
+        help="run nothing: pool the seeds of these JSONs (runs of the same benchmark over "
+        "other seeds, see --first-seed) into --json, every summary computed again",
+    )
     p.add_argument("--plot", type=Path, default=None)
     p.add_argument("--video", action="store_true", help="bursts of near-copies per image")
     p.add_argument("--burst", type=int, default=5, help="frames per video burst")
@@ -329,6 +349,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--input-size", type=int, default=None, help="model input side")
     p.add_argument("--seeds", type=int, default=10, help="paired seeds")
+    p.add_argument(
+        "--first-seed",
+        type=int,
+        default=0,
+        help="the first paired seed (10 with --seeds 10 runs seeds 10 to 19; the full-data "
+        "reference stays on seeds 0, 1, 2, so the targets match a run from 0)",
+    )
     p.add_argument(
         "--strategies",
         default=None,
@@ -419,6 +446,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_label_efficiency_bench(args: argparse.Namespace) -> int:
     """Runs the command: prints the table, writes the JSON (and the plot)."""
+    if args.merge is not None:
+        return _merge(args)
     if args.dataset != "digits" and not Path(args.dataset).exists():
         print(f"dataset {args.dataset} not found; skipped")
         return 0
@@ -427,6 +456,23 @@ def run_label_efficiency_bench(args: argparse.Namespace) -> int:
         result = run_bench(config)
     except BenchConfigError as error:
         print(f"winnow bench label-efficiency: {error}", file=sys.stderr)
+        return 2
+    print(table(result))
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=1))
+    if args.plot is not None:
+        plot(result, args.plot)
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from winnow.bench.efficiency.merge import merge_results
+
+    try:
+        results = [json.loads(path.read_text()) for path in args.merge]
+        result = merge_results(results, [str(path) for path in args.merge])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        print(f"winnow bench label-efficiency --merge: {error}", file=sys.stderr)
         return 2
     print(table(result))
     args.json.parent.mkdir(parents=True, exist_ok=True)
