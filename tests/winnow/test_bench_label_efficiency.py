@@ -184,3 +184,15 @@ def test_no_seed_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--seeds", "0"]) == 2
     assert "--seeds must be at least 1" in capsys.readouterr().err
     assert main(["--first-seed", "-1"]) == 2
+
+
+def test_merge_names_what_it_cannot_read(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    other, missing = tmp_path / "other.json", tmp_path / "missing.json"
+    other.write_text(json.dumps({"dataset": "digits"}))
+    assert main(["--merge", str(other), str(other), "--json", str(tmp_path / "m.json")]) == 2
+    assert "not a label-efficiency result" in capsys.readouterr().err
+    assert main(["--merge", str(other), str(missing), "--json", str(tmp_path / "m.json")]) == 2
+    assert "missing.json" in capsys.readouterr().err
+    assert not (tmp_path / "m.json").exists()

@@ -457,6 +457,11 @@ def run_label_efficiency_bench(args: argparse.Namespace) -> int:
     except BenchConfigError as error:
         print(f"winnow bench label-efficiency: {error}", file=sys.stderr)
         return 2
+    return _report(result, args)
+
+
+def _report(result: dict[str, Any], args: argparse.Namespace) -> int:
+    """Prints the table, writes the JSON (and the plot)."""
     print(table(result))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=1))
@@ -471,15 +476,16 @@ def _merge(args: argparse.Namespace) -> int:
     try:
         results = [json.loads(path.read_text()) for path in args.merge]
         result = merge_results(results, [str(path) for path in args.merge])
-    except (OSError, ValueError, KeyError, TypeError) as error:
+    except KeyError as error:
+        print(
+            f"winnow bench label-efficiency --merge: not a label-efficiency result (no {error})",
+            file=sys.stderr,
+        )
+        return 2
+    except (OSError, ValueError, TypeError) as error:
         print(f"winnow bench label-efficiency --merge: {error}", file=sys.stderr)
         return 2
-    print(table(result))
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=1))
-    if args.plot is not None:
-        plot(result, args.plot)
-    return 0
+    return _report(result, args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
