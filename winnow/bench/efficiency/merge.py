@@ -37,23 +37,22 @@ def _run_of(name: str, seed: Mapping[str, Any]) -> RunResult:
     )
 
 
+def _benchmark(result: Mapping[str, Any]) -> dict[str, Any]:
+    """What makes two results runs of one benchmark, by the name to report it under."""
+    config = result.get("config", {})
+    full = {k: v for k, v in result.get("full", {}).items() if k != "exact"}  # added later
+    stream = {k: v for k, v in config.get("stream", {}).items() if k != "workers"}
+    return (
+        {k: result.get(k) for k in SAME}
+        | {"full": full}
+        | {f"config.{k}": config.get(k) for k in SAME_CONFIG}
+        | {"config.stream": stream}  # how many processes ran it does not change a curve
+    )
+
+
 def _differences(first: Mapping[str, Any], other: Mapping[str, Any]) -> list[str]:
-    keys = [k for k in SAME if first.get(k) != other.get(k)]
-    full, other_full = dict(first.get("full", {})), dict(other.get("full", {}))
-    if full.get("mean") != other_full.get("mean") or full.get("per_seed") != other_full.get(
-        "per_seed"
-    ):  # the unrounded mean came later: results before 2026-12-06 lack it
-        keys.append("full")
-    config, other_config = first.get("config", {}), other.get("config", {})
-    stream, other_stream = dict(config.get("stream", {})), dict(other_config.get("stream", {}))
-    stream.pop("workers", None)  # how many processes ran it does not change a curve
-    other_stream.pop("workers", None)
-    if stream != other_stream:
-        keys.append("config.stream")
-    keys += [
-        f"config.{k}" for k in SAME_CONFIG if k != "stream" and config.get(k) != other_config.get(k)
-    ]
-    return keys
+    mine, theirs = _benchmark(first), _benchmark(other)
+    return [k for k in mine if mine[k] != theirs[k]]
 
 
 def merge_results(results: Sequence[Mapping[str, Any]], names: Sequence[str]) -> dict[str, Any]:
