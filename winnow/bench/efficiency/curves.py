@@ -15,10 +15,13 @@ target early by chance.
 
 Censoring. A seed whose smoothed curve never reaches the target within the
 labels of the run is censored: its labels-to-target is only known to exceed
-the last label count. Ratios then use that count as a bound: where random is
-censored the ratio is understated (conservative for the strategy), where the
-strategy is censored the ratio is at most 1 anyway, and where both are it is 1.
-The number of censored seeds is reported next to every ratio.
+the last label count its run reached. Ratios use a bound in its place, always
+on the side that understates the strategy's saving: random's last label count
+(``--max-labels``, or fewer where the stream ran out first: the run is known to
+need more than it reached, not more than the budget) and, for the strategy,
+``--max-labels`` (its ratio is then at most what it would be). Where both are
+censored the ratio is 1. The number of censored seeds is reported next to every
+ratio.
 """
 
 import math
@@ -122,26 +125,36 @@ def aulc(labels: Sequence[float], values: Sequence[float], max_labels: float) ->
 
 
 def savings_ratios(
-    random: Sequence[float | None], strategy: Sequence[float | None], bound: float
+    random: Sequence[float | None],
+    strategy: Sequence[float | None],
+    bound: float,
+    random_reached: Sequence[float] | None = None,
 ) -> tuple[list[float], int, int]:
-    """Per seed, random's labels-to-target over the strategy's, censored values at ``bound``.
+    """Per seed, random's labels-to-target over the strategy's, censored values bounded.
 
     Args:
         random: random's labels-to-target per seed (None: censored).
         strategy: the strategy's, for the same seeds in the same order.
-        bound: the label count a censored seed is known to exceed (``--max-labels``).
+        bound: the run's label budget (``--max-labels``): a censored strategy
+            seed counts as needing this many.
+        random_reached: per seed, the labels random's run reached; a censored
+            random seed counts as needing this many (``bound`` where not given).
+            A stream that ran out before the budget leaves random short of
+            ``bound``, and counting it at ``bound`` would overstate the saving.
 
     Returns:
         The ratios (1 where both are censored), how many seeds random left
         censored and how many the strategy did.
     """
+    reached = [bound] * len(random) if random_reached is None else list(random_reached)
     ratios: list[float] = []
-    for r, s in zip(random, strategy, strict=True):
+    for r, s, r_bound in zip(random, strategy, reached, strict=True):
         if r is None and s is None:
             ratios.append(1.0)
             continue
         # A target met before the first label (an untrained model) counts as one label.
-        ratios.append(max(bound if r is None else r, 1.0) / max(bound if s is None else s, 1.0))
+        r_labels = min(r_bound, bound) if r is None else r
+        ratios.append(max(r_labels, 1.0) / max(bound if s is None else s, 1.0))
     censored_random = sum(r is None for r in random)
     censored_strategy = sum(s is None for s in strategy)
     return ratios, censored_random, censored_strategy

@@ -8,8 +8,9 @@ Per strategy, over the paired seeds:
   every measured one, so it is null when the middle seed is censored) and the
   number censored.
 - ``savings``: per target, the geometric mean over seeds of random's labels
-  over the strategy's (censored values at ``max_labels``, see
-  :mod:`.curves`), its percentile-bootstrap interval over seeds and the share
+  over the strategy's (censored values bounded on the side that understates
+  the saving: random's at the labels its run reached, the strategy's at
+  ``max_labels``; see :mod:`.curves`), its percentile-bootstrap interval over seeds and the share
   of seeds at 2x or more; ``savings_vs_random``, ``savings_ci`` and
   ``share_2x`` repeat the 95% target's.
 - ``aulc``: the mean over seeds of the normalised area under the raw curve.
@@ -120,6 +121,7 @@ def _savings(
         [s["labels_to_target"][key] for s in random],
         [s["labels_to_target"][key] for s in seeds],
         max_labels,
+        random_reached=[max(s["labels"], default=0) for s in random],
     )
     low, high = curves.bootstrap_ci(ratios, curves.geometric_mean, resamples)
     return {

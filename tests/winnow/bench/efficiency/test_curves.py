@@ -60,6 +60,18 @@ def test_savings_ratios_bound_censored_seeds_by_max_labels() -> None:
     assert (censored_random, censored_strategy) == (2, 2)
 
 
+def test_savings_ratios_bound_censored_random_by_the_labels_its_run_reached() -> None:
+    # Random's stream ran out at 150 labels on the second seed: it is known to need
+    # more than 150, not more than 200, so the ratio is 150/25, not 200/25.
+    ratios, censored_random, _ = curves.savings_ratios(
+        [100, None, None], [50, 25, 25], bound=200, random_reached=[200, 150, 200]
+    )
+    assert ratios == [2.0, 6.0, 8.0]
+    assert censored_random == 2
+    # a run can overshoot the budget by a batch; the bound stays the budget
+    assert curves.savings_ratios([None], [25], bound=200, random_reached=[210])[0] == [8.0]
+
+
 def test_geometric_mean_of_ratios() -> None:
     assert curves.geometric_mean([2, 0.5]) == pytest.approx(1.0)
     assert curves.geometric_mean([2, 8]) == pytest.approx(4.0)

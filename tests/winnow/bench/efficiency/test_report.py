@@ -11,7 +11,7 @@ LABELS = [0, 10, 20, 30, 40]
 
 def _run(name: str, seed: int, values: list[float]) -> RunResult:
     run = RunResult(name, seed)
-    for count, value in zip(LABELS, values, strict=True):
+    for count, value in zip(LABELS[: len(values)], values, strict=True):
         right = round(value * 100)
         # two classes, 100 test frames each: class 1 always right, class 0 at 2v - 1, so
         # accuracy and balanced accuracy are both v
@@ -68,6 +68,17 @@ def test_the_interval_widens_when_seeds_disagree() -> None:
     low, high = good["savings_ci"]
     assert low < good["savings_vs_random"] < high == 2.0
     assert good["share_2x"] == 0.75
+
+
+def test_random_censored_where_its_stream_ran_out_counts_the_labels_it_reached() -> None:
+    runs = _runs([GOOD] * 2)
+    # the stream ran out for random at 30 labels, short of the 40 of the budget and of
+    # the target: it is known to need more than 30 labels, not more than 40
+    runs["random"][0] = _run("random", 0, RANDOM[:4])
+    out = summarize(runs, {"peer"}, 1.0, "accuracy", 40, resamples=500)
+    savings = out["good"]["savings"]["0.95"]
+    assert savings["censored_random"] == 1
+    assert savings["per_seed"] == [1.5, 2.0]
 
 
 def test_balanced_accuracy_is_the_measure_when_asked() -> None:
