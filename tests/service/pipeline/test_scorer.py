@@ -1,6 +1,7 @@
 """The scorer end to end on the real broker: predictions, requests, dead letters, commits."""
 
 import asyncio
+import functools
 import gc
 import io
 import logging
@@ -22,6 +23,8 @@ from schemas.label_requests import LabelRequest
 from schemas.predictions import Prediction
 from service.config import PolicySettings, Settings
 from service.model.inference import OnnxModel
+from service.pipeline import scorer as scorer_module
+from service.pipeline.run_place import RunPlace
 from service.pipeline.scorer import Scorer
 from service.scoring.engine import Forward, ScoringEngine
 from service.selection.policy import QueryPolicy
@@ -426,12 +429,18 @@ async def test_batches_inferred_at_once_are_decided_in_stream_order(
 
 
 async def test_a_model_that_runs_in_a_blink_runs_on_the_event_loop_after_its_first_run(
-    scorer_settings, digits_model_path, digit_pngs, winnow_topics
+    scorer_settings, digits_model_path, digit_pngs, winnow_topics, monkeypatch
 ) -> None:
-    """The digits model's runs of 8 frames take well under INLINE_RUN_S: the first runs go
+    """The digits model's runs of 8 frames take well under the limit: the first runs go
     to the infer pool (nothing is known of the model yet), the rest run on the loop, every
-    frame decided once and in order; made slow (20 ms a run), its runs go back to the pool
-    after the first slow one."""
+    frame decided once and in order; made slow (10 times the limit a run), its runs go back
+    to the pool after the first slow one.
+
+    The limit is 20 ms here instead of the scorer's 2 ms (``INLINE_RUN_S``), the slow runs
+    200 ms instead of 20: the same proportions, so the same choices, but a run of 8 digits
+    (about 0.3 ms) preempted on a busy machine (the suite beside benchmarks on 2 cores
+    failed this at 2 ms) still counts as fast."""
+    monkeypatch.setattr(scorer_module, "RunPlace", functools.partial(RunPlace, limit_s=0.02))
     base = scorer_settings(name="random", budget=0.2, window=300)
     settings = base.model_copy(
         update={"scorer": base.scorer.model_copy(update={"max_batch_size": 8})}
@@ -443,7 +452,7 @@ async def test_a_model_that_runs_in_a_blink_runs_on_the_event_loop_after_its_fir
         def forward(self, model: Any, inputs: np.ndarray, needs: Collection[str]) -> Forward:
             threads.append(threading.current_thread().name)
             if slow:
-                time.sleep(0.02)
+                time.sleep(0.2)
             return super().forward(model, inputs, needs)
 
     frames = [(b"cam", png, _headers(f"f{i}")) for i, png in enumerate(digit_pngs[:120])]
