@@ -15,11 +15,12 @@ target early by chance.
 
 Censoring. A seed whose smoothed curve never reaches the target within the
 labels of the run is censored: its labels-to-target is only known to exceed
-the last label count its run reached. Ratios use a bound in its place, always
-on the side that understates the strategy's saving: random's last label count
-(``--max-labels``, or fewer where the stream ran out first: the run is known to
-need more than it reached, not more than the budget) and, for the strategy,
-``--max-labels`` (its ratio is then at most what it would be). Where both are
+the last label count its run reached. Ratios use a bound in its place. Random's
+is its last label count (``--max-labels``, or fewer where the stream ran out
+first: the run is known to need more than it reached, not more than the
+budget), which understates the strategy's saving. The strategy's is
+``--max-labels``, which may overstate that seed's ratio, but the ratio is at most
+1 there anyway (random's measured count is within the budget). Where both are
 censored the ratio is 1. The number of censored seeds is reported next to every
 ratio.
 """

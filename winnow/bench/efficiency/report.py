@@ -8,10 +8,10 @@ Per strategy, over the paired seeds:
   every measured one, so it is null when the middle seed is censored) and the
   number censored.
 - ``savings``: per target, the geometric mean over seeds of random's labels
-  over the strategy's (censored values bounded on the side that understates
-  the saving: random's at the labels its run reached, the strategy's at
-  ``max_labels``; see :mod:`.curves`), its percentile-bootstrap interval over seeds and the share
-  of seeds at 2x or more; ``savings_vs_random``, ``savings_ci`` and
+  over the strategy's (a censored random seed counted at the labels its run
+  reached, a censored strategy seed at ``max_labels``; see :mod:`.curves`),
+  its percentile-bootstrap interval over seeds and the share of seeds at 2x or
+  more; ``savings_vs_random``, ``savings_ci`` and
   ``share_2x`` repeat the 95% target's.
 - ``aulc``: the mean over seeds of the normalised area under the raw curve.
 - ``at_labels``: the measure at equal label counts (a quarter, half and all of
