@@ -129,7 +129,7 @@ def savings_ratios(
     random: Sequence[float | None],
     strategy: Sequence[float | None],
     bound: float,
-    random_reached: Sequence[float] | None = None,
+    random_reached: Sequence[float],
 ) -> tuple[list[float], int, int]:
     """Per seed, random's labels-to-target over the strategy's, censored values bounded.
 
@@ -139,7 +139,7 @@ def savings_ratios(
         bound: the run's label budget (``--max-labels``): a censored strategy
             seed counts as needing this many.
         random_reached: per seed, the labels random's run reached; a censored
-            random seed counts as needing this many (``bound`` where not given).
+            random seed counts as needing this many (at most ``bound``).
             A stream that ran out before the budget leaves random short of
             ``bound``, and counting it at ``bound`` would overstate the saving.
 
@@ -147,9 +147,8 @@ def savings_ratios(
         The ratios (1 where both are censored), how many seeds random left
         censored and how many the strategy did.
     """
-    reached = [bound] * len(random) if random_reached is None else list(random_reached)
     ratios: list[float] = []
-    for r, s, r_bound in zip(random, strategy, reached, strict=True):
+    for r, s, r_bound in zip(random, strategy, random_reached, strict=True):
         if r is None and s is None:
             ratios.append(1.0)
             continue

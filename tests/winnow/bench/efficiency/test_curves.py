@@ -54,7 +54,7 @@ def test_aulc_is_the_mean_measure_over_the_label_range() -> None:
 
 def test_savings_ratios_bound_censored_seeds_by_max_labels() -> None:
     ratios, censored_random, censored_strategy = curves.savings_ratios(
-        [100, None, 50, None], [50, 25, None, None], bound=200
+        [100, None, 50, None], [50, 25, None, None], bound=200, random_reached=[200] * 4
     )
     assert ratios == [2.0, 8.0, 0.25, 1.0]
     assert (censored_random, censored_strategy) == (2, 2)
