@@ -59,6 +59,10 @@ class FinetuneConfig:
         lr: learning rate; ``for_arch`` picks 1e-3 for the small CNN trained
             from scratch and 1e-4 for torchvision backbones, whose (possibly
             pretrained) features a large step would destroy.
+        lr_schedule: ``constant`` keeps ``lr`` for the whole round; ``cosine`` lowers
+            it from ``lr`` to 0 over the round's steps (half a cosine), so that a
+            round ends where its last steps settle rather than wherever its last
+            few batches happened to push the weights.
         weight_decay: decoupled for AdamW, L2 for the others.
         batch_size: samples per step.
         epochs: passes over (new + replay) per round.
@@ -102,6 +106,7 @@ class FinetuneConfig:
 
     optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
     lr: float = 1e-3
+    lr_schedule: Literal["constant", "cosine"] = "constant"
     weight_decay: float = 1e-2
     batch_size: int = 32
     epochs: int = 3
@@ -129,6 +134,10 @@ class FinetuneConfig:
     def __post_init__(self) -> None:
         if self.lr <= 0 or self.batch_size < 1 or self.epochs < 1:
             raise ValueError("lr must be positive, batch_size and epochs at least 1")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(
+                f"lr_schedule must be 'constant' or 'cosine', not {self.lr_schedule!r}"
+            )
         if self.min_steps < 0 or self.max_steps < 1:
             raise ValueError("min_steps must be 0 or more and max_steps at least 1")
         if self.hard_replay_weight <= 0 or self.replay_ratio < 0:
@@ -335,6 +344,7 @@ def finetune_round(
     optimizer = _make_optimizer(model, config)
     batches = _batches_per_epoch(len(samples), config.batch_size)
     epochs = max(config.epochs, math.ceil(config.min_steps / batches))
+    schedule = _schedule(optimizer, config, min(config.max_steps, epochs * batches))
     steps, loss = 0, math.nan
     devices = [device] if device.type == "cuda" else []
     # Dropout draws from torch's global generator: fork it so a round is
@@ -354,6 +364,8 @@ def finetune_round(
                     _step(model, optimizer, x.to(device), y.to(device), config, class_weight)
                 )
                 steps += 1
+                if schedule is not None:
+                    schedule.step()
             if not losses:
                 break
             loss = float(np.mean(losses))
@@ -422,6 +434,19 @@ def _make_optimizer(model: nn.Module, config: FinetuneConfig) -> torch.optim.Opt
     if config.optimizer == "adam":
         return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
     return torch.optim.SGD(params, lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
+
+
+def _schedule(
+    optimizer: torch.optim.Optimizer, config: FinetuneConfig, total: int
+) -> torch.optim.lr_scheduler.LambdaLR | None:
+    """The round's learning-rate schedule over its ``total`` steps (None: constant)."""
+    if config.lr_schedule == "constant":
+        return None
+
+    def factor(step: int) -> float:
+        return 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def _batches_per_epoch(n: int, batch_size: int) -> int:

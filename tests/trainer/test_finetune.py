@@ -6,6 +6,7 @@ through the scorer's own preprocessing.
 
 import dataclasses
 import io
+import itertools
 import math
 
 import numpy as np
@@ -13,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 from sklearn.datasets import load_digits
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from schemas.model_spec import ModelSpec
 from schemas.pixels import image_to_input
@@ -425,3 +427,34 @@ def test_a_balanced_loss_finds_the_rare_class(digits: tuple[list[Sample], list[S
         )
     assert recall[0.0][0] < 0.3 and recall[1.0][0] > 0.8, recall
     assert recall[1.0][1] > 0.9, recall
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_the_learning_rate_follows_the_rounds_schedule(
+    digits: tuple[list[Sample], list[Sample]], schedule: str
+) -> None:
+    train, _ = digits
+    seen: list[float] = []
+
+    def record(optimizer: torch.optim.Optimizer, *_: object) -> None:
+        seen.append(optimizer.param_groups[0]["lr"])
+
+    config = FinetuneConfig(min_steps=20, max_steps=20, lr_schedule=schedule)  # type: ignore[arg-type]
+    handle = register_optimizer_step_pre_hook(record)
+    try:
+        stats = finetune_round(_model(), train[:64], [], config, CPU)
+    finally:
+        handle.remove()
+    assert stats.steps == len(seen) == 20
+    if schedule == "constant":
+        assert seen == [config.lr] * 20
+    else:  # from lr down towards 0 along half a cosine, the last step nearly still
+        assert seen[0] == pytest.approx(config.lr)
+        assert all(later < earlier for earlier, later in itertools.pairwise(seen))
+        assert seen[10] == pytest.approx(config.lr / 2)
+        assert 0 < seen[-1] < config.lr / 100
+
+
+def test_an_unknown_learning_rate_schedule_is_refused() -> None:
+    with pytest.raises(ValueError, match="lr_schedule must be 'constant' or 'cosine'"):
+        FinetuneConfig(lr_schedule="linear")  # type: ignore[arg-type]

@@ -261,6 +261,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
                 pseudo=args.pseudo_labels,
                 shrink=args.shrink,
                 perturb=args.perturb,
+                lr_schedule=args.lr_schedule,
                 class_balance=(
                     _trainer_class_balance() if args.class_balance is None else args.class_balance
                 ),
@@ -420,6 +421,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="SIGMA",
         help="and Gaussian noise of this standard deviation (WINNOW_TRAINER_PERTURB); default "
         "the trainer's for the architecture (0.01 for the small CNN)",
+    )
+    p.add_argument(
+        "--lr-schedule",
+        choices=("constant", "cosine"),
+        default=None,
+        help="the rounds' learning rate: constant, or lowered to 0 over each round along half "
+        "a cosine (WINNOW_TRAINER_LR_SCHEDULE); default the trainer's",
     )
     p.add_argument(
         "--class-balance",

@@ -104,6 +104,8 @@ class LearnerConfig:
             trainer's default for the architecture (on for the small CNN).
         class_balance: the loss's class weights (``WINNOW_TRAINER_CLASS_BALANCE``) in
             rounds, refits and the full-data run.
+        lr_schedule: the rounds' learning-rate schedule (``FinetuneConfig``), the
+            full-data run included; None: the trainer's default.
     """
 
     round_labels: int = 20
@@ -114,6 +116,7 @@ class LearnerConfig:
     shrink: float | None = None
     perturb: float | None = None
     class_balance: float = 0.0
+    lr_schedule: str | None = None
 
 
 def forward(model: Any, inputs: np.ndarray, batch: int = 512) -> tuple[np.ndarray, np.ndarray]:
@@ -187,6 +190,7 @@ class Learner:
             shrink=config.shrink,
             perturb=config.perturb,
             class_balance=config.class_balance,
+            lr_schedule=config.lr_schedule,
         )
         self._device = torch.device("cpu")
         self._refit = refit
@@ -306,6 +310,7 @@ def full_data_confusion(
         shrink=config.shrink,
         perturb=config.perturb,
         class_balance=config.class_balance,
+        lr_schedule=config.lr_schedule,
     )
     finetune_round(model, train, [], finetune, torch.device("cpu"))
     if refit is not None:

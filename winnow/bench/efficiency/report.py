@@ -251,6 +251,8 @@ def table(result: Mapping[str, Any]) -> str:
     for key in ("shrink", "perturb", "min_steps"):
         if config.get(key) is not None:
             learner += f" {key}={config[key]:g}"
+    if config.get("lr_schedule") is not None:
+        learner += f" lr_schedule={config['lr_schedule']}"
     lines = [
         f"dataset={result['stream']['name']} video={result['video']}{learner} measure={measure} "
         f"full={result['full']['mean']:.4f} targets 90/95/98%: "

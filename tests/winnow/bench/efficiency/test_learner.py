@@ -183,3 +183,31 @@ def test_class_balance_reaches_the_rounds_the_refits_and_the_full_data_run(
     assert given.run.learner.class_balance == 0.5
     with pytest.raises(SystemExit):
         parser.parse_args(["--class-balance", "2"])
+
+
+def test_the_learning_rate_schedule_reaches_the_rounds_and_the_full_data_run(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Catches --lr-schedule measured on a learner that never applies it."""
+    seen: list[str] = []
+    from trainer import finetune
+
+    real = finetune.finetune_round
+
+    def spy(model: Any, new: Any, pool: Any, config: Any, *args: Any, **kw: Any) -> Any:
+        seen.append(config.lr_schedule)
+        return real(model, new, pool, config, *args, **kw)
+
+    monkeypatch.setattr(finetune, "finetune_round", spy)
+    data = _data()
+    learner = Learner(
+        data, LearnerConfig(round_labels=4, min_steps=2, lr_schedule="cosine"), 0, None
+    )
+    for i in range(4):
+        learner.add(Sample(str(i), data.inputs[i], int(data.labels[i])))
+    full = LearnerConfig(full_steps=2, lr_schedule="cosine")
+    learner_module.full_data_confusion(data, full, 0, None)
+    plain = Learner(data, LearnerConfig(round_labels=4, min_steps=2), 0, None)
+    for i in range(4):
+        plain.add(Sample(str(i), data.inputs[i], int(data.labels[i])))
+    assert seen == ["cosine", "cosine", finetune.FinetuneConfig().lr_schedule]

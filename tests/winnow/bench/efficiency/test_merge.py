@@ -118,3 +118,14 @@ def test_a_seed_in_two_runs_is_refused() -> None:
 def test_one_run_is_not_a_merge() -> None:
     with pytest.raises(BenchConfigError, match="at least two"):
         merge_results([_result([0, 1])], ["a.json"])
+
+
+def test_a_learner_setting_added_later_merges_at_its_default_only() -> None:
+    old, new = _result([0, 1]), _result([2, 3])
+    old["config"]["run"]["learner"] = {"round_labels": 20}  # written before lr_schedule
+    new["config"]["run"]["learner"] = {"round_labels": 20, "lr_schedule": None}
+    merged = merge_results([old, new], ["old", "new"])
+    assert merged["config"]["seeds"] == [0, 1, 2, 3]
+    new["config"]["run"]["learner"]["lr_schedule"] = "cosine"
+    with pytest.raises(BenchConfigError, match=r"new is not a run .*config\.run"):
+        merge_results([old, new], ["old", "new"])
