@@ -89,6 +89,11 @@ class TrainerSettings(BaseSettings):
         description="and add Gaussian noise of this standard deviation; 0: none; unset: the "
         "architecture's default (0.01 for the small CNN, 0 for torchvision backbones)",
     )
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        default="constant",
+        description="the learning rate over a backbone round: constant, or lowered to 0 along "
+        "half a cosine so that the round ends where its last steps settle",
+    )
     class_balance: float = Field(
         default=0.0,
         ge=0,

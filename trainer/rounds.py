@@ -127,6 +127,7 @@ class RoundSettings:
     shrink: float | None = None  # None: the architecture's default (FinetuneConfig.for_arch)
     perturb: float | None = None
     class_balance: float = 0.0  # the loss's class weights, rounds and head refits alike
+    lr_schedule: Literal["constant", "cosine"] = "constant"
 
     @classmethod
     def of(cls, settings: "TrainerSettings") -> "RoundSettings":
@@ -140,6 +141,7 @@ class RoundSettings:
             s.shrink,
             s.perturb,
             s.class_balance,
+            s.lr_schedule,
         )
 
 
@@ -277,6 +279,7 @@ def _fit(
         shrink=settings.shrink,
         perturb=settings.perturb,
         class_balance=settings.class_balance,
+        lr_schedule=settings.lr_schedule,
     )
     stats = finetune_round(
         candidate,
