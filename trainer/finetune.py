@@ -25,10 +25,11 @@ labels on; with 400 steps a round (``for_arch``) the loss went and the gain stay
 the README's Benchmarks).
 """
 
+import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -349,7 +350,7 @@ def finetune_round(
     devices = [device] if device.type == "cuda" else []
     # Dropout draws from torch's global generator: fork it so a round is
     # reproducible without changing the caller's random state.
-    with torch.random.fork_rng(devices=devices):
+    with channels_last(model, device) as layout, torch.random.fork_rng(devices=devices):
         torch.manual_seed(torch_seed)
         for epoch in range(epochs):
             epoch_started = time.perf_counter()
@@ -360,6 +361,8 @@ def finetune_round(
                 x, y = x_all[index], y_all[index]
                 if config.augment:
                     x = augment_batch(x, config, gen)
+                if layout is not None:
+                    x = x.contiguous(memory_format=layout)
                 losses.append(
                     _step(model, optimizer, x.to(device), y.to(device), config, class_weight)
                 )
@@ -399,6 +402,27 @@ def finetune_round(
         stats.seconds,
     )
     return stats
+
+
+@contextlib.contextmanager
+def channels_last(model: nn.Module, device: torch.device) -> Iterator[torch.memory_format | None]:
+    """On the CPU, ``model``'s 4-d weights channels last inside the block (the default
+    layout again after it); yields the layout its image inputs should take, or None
+    (another device: the model is left as it is).
+
+    oneDNN's pooling and BatchNorm kernels run several times faster on this layout: a
+    training step of the small CNN on a batch of 32 PneumoniaMNIST images took 20 ms of
+    one core instead of 25 to 38 (``winnow bench label-efficiency``: a strategy and seed
+    there 100 s instead of 131). The values are the same up to rounding.
+    """
+    if device.type != "cpu":
+        yield None
+        return
+    model.to(memory_format=torch.channels_last)
+    try:
+        yield torch.channels_last
+    finally:
+        model.to(memory_format=torch.contiguous_format)
 
 
 def class_weights(labels: np.ndarray, num_classes: int, power: float) -> np.ndarray | None:

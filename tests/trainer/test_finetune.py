@@ -24,6 +24,7 @@ from trainer.errors import DeviceError, SampleError, TrainerError
 from trainer.evaluate import accuracy
 from trainer.finetune import (
     FinetuneConfig,
+    channels_last,
     class_weights,
     finetune_round,
     predict_proba,
@@ -458,3 +459,40 @@ def test_the_learning_rate_follows_the_rounds_schedule(
 def test_an_unknown_learning_rate_schedule_is_refused() -> None:
     with pytest.raises(ValueError, match="lr_schedule must be 'constant' or 'cosine'"):
         FinetuneConfig(lr_schedule="linear")  # type: ignore[arg-type]
+
+
+def _in_layout(model: torch.nn.Module, layout: torch.memory_format) -> bool:
+    """Every 4-d weight of ``model`` is laid out as ``layout`` says."""
+    return all(p.is_contiguous(memory_format=layout) for p in model.parameters() if p.dim() == 4)
+
+
+def test_a_cpu_model_is_channels_last_only_inside_the_block() -> None:
+    model = _model()
+    before = _state(model)
+    plain, last = torch.contiguous_format, torch.channels_last
+    assert _in_layout(model, plain) and not _in_layout(model, last)
+    with channels_last(model, CPU) as layout:
+        assert layout is last and _in_layout(model, last) and not _in_layout(model, plain)
+    assert _in_layout(model, plain) and _same(before, _state(model))
+    with pytest.raises(RuntimeError, match="inside"), channels_last(model, CPU):
+        raise RuntimeError("inside")
+    assert _in_layout(model, plain)  # restored on the way out of an error too
+    with channels_last(model, torch.device("meta")) as layout:  # another device: untouched
+        assert layout is None and _in_layout(model, plain)
+
+
+def test_a_round_trains_channels_last_and_leaves_the_default_layout(
+    digits: tuple[list[Sample], list[Sample]],
+) -> None:
+    """The export traces the model after a round: its weights must be back in the default
+    layout. Catches a round that trains channels last and leaves them so, or one that
+    never switches (the layout the fast CPU kernels need)."""
+    train, _ = digits
+    model, seen = _model(), []
+    hook = model.backbone[4].register_forward_pre_hook(  # the second conv: 32 channels in
+        lambda _m, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last))
+    )
+    finetune_round(model, train[:64], [], FinetuneConfig(min_steps=3, max_steps=3), CPU)
+    hook.remove()
+    assert len(seen) >= 3 and all(seen)
+    assert _in_layout(model, torch.contiguous_format)

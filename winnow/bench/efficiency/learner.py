@@ -120,13 +120,20 @@ class LearnerConfig:
 
 
 def forward(model: Any, inputs: np.ndarray, batch: int = 512) -> tuple[np.ndarray, np.ndarray]:
-    """Probabilities and embeddings in eval mode, in batches."""
+    """Probabilities and embeddings in eval mode, in batches; images channels last on
+    the CPU, as the rounds train (``trainer.finetune.channels_last``: faster there)."""
     import torch
 
+    from trainer.finetune import channels_last
+
     probs, embs = [], []
-    with torch.inference_mode():
+    images = inputs.ndim == 4
+    with channels_last(model, torch.device("cpu")) as layout, torch.inference_mode():
         for start in range(0, len(inputs), batch):
-            p, e = model(torch.from_numpy(np.ascontiguousarray(inputs[start : start + batch])))
+            x = torch.from_numpy(np.ascontiguousarray(inputs[start : start + batch]))
+            if images and layout is not None:
+                x = x.contiguous(memory_format=layout)
+            p, e = model(x)
             probs.append(p.numpy())
             embs.append(e.numpy())
     return np.concatenate(probs), np.concatenate(embs)
