@@ -122,10 +122,12 @@ def test_one_run_is_not_a_merge() -> None:
 
 def test_a_learner_setting_added_later_merges_at_its_default_only() -> None:
     old, new = _result([0, 1]), _result([2, 3])
-    old["config"]["run"]["learner"] = {"round_labels": 20}  # written before lr_schedule
-    new["config"]["run"]["learner"] = {"round_labels": 20, "lr_schedule": None}
+    old["config"]["run"]["learner"] = {"round_labels": 20}  # before both settings
+    learner = {"round_labels": 20, "class_balance": 0.0, "lr_schedule": None}
+    new["config"]["run"]["learner"] = learner
     merged = merge_results([old, new], ["old", "new"])
     assert merged["config"]["seeds"] == [0, 1, 2, 3]
-    new["config"]["run"]["learner"]["lr_schedule"] = "cosine"
-    with pytest.raises(BenchConfigError, match=r"new is not a run .*config\.run"):
-        merge_results([old, new], ["old", "new"])
+    for changed in ({"lr_schedule": "cosine"}, {"class_balance": 0.5}):
+        new["config"]["run"]["learner"] = learner | changed
+        with pytest.raises(BenchConfigError, match=r"new is not a run .*config\.run"):
+            merge_results([old, new], ["old", "new"])
