@@ -361,7 +361,7 @@ def finetune_round(
                 x, y = x_all[index], y_all[index]
                 if config.augment:
                     x = augment_batch(x, config, gen)
-                if layout is not None:
+                if layout is not None and x.dim() == 4:
                     x = x.contiguous(memory_format=layout)
                 losses.append(
                     _step(model, optimizer, x.to(device), y.to(device), config, class_weight)

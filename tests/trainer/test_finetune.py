@@ -496,3 +496,14 @@ def test_a_round_trains_channels_last_and_leaves_the_default_layout(
     hook.remove()
     assert len(seen) >= 3 and all(seen)
     assert _in_layout(model, torch.contiguous_format)
+
+
+def test_a_round_on_feature_vectors_trains_in_their_own_layout() -> None:
+    """Cached features (N x D, a head over an identity backbone) have no channels to lay
+    out last. Catches a round that lays out every batch channels last."""
+    torch.manual_seed(0)
+    model = WinnowNet(torch.nn.Identity(), 16, 3, 0.0)
+    rng = np.random.default_rng(0)
+    samples = [Sample(str(i), rng.normal(size=16).astype(np.float32), i % 3) for i in range(48)]
+    config = FinetuneConfig(min_steps=4, max_steps=4, augment=False)
+    assert finetune_round(model, samples, [], config, CPU).steps == 4

@@ -42,9 +42,13 @@ async def test_scorer_publishes_drift_statistics_on_the_drift_topic(
             records = await read_json(
                 settings.kafka,
                 winnow_topics.drift,
+                # every source and every detector: on a busy machine one detector's first
+                # statistic can come a batch after the others'
                 lambda out: (
                     {r["source_id"] for r in out if r["kind"] == "statistic"}
                     >= {None, "cam-0", "cam-1"}
+                    and {r["detector"] for r in out if r["kind"] == "statistic"}
+                    >= {"embedding", "prediction", "uncertainty"}
                 ),
             )
             status = m.status()
