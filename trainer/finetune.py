@@ -411,9 +411,10 @@ def channels_last(model: nn.Module, device: torch.device) -> Iterator[torch.memo
     (another device: the model is left as it is).
 
     oneDNN's pooling and BatchNorm kernels run several times faster on this layout: a
-    training step of the small CNN on a batch of 32 PneumoniaMNIST images took 20 ms of
-    one core instead of 25 to 38 (``winnow bench label-efficiency``: a strategy and seed
-    there 100 s instead of 131). The values are the same up to rounding.
+    training step of the small CNN on a batch of 32 28x28 images took 21 to 23 ms of one
+    core instead of 30 to 38, and a PneumoniaMNIST strategy and seed in ``winnow bench
+    label-efficiency`` 91 to 94 s instead of 125 to 128 (docs/benchmarks.md, "Channels
+    last"). The values are the same up to rounding.
     """
     if device.type != "cpu":
         yield None
