@@ -46,16 +46,15 @@ def _benchmark(result: Mapping[str, Any]) -> dict[str, Any]:
     config = result.get("config", {})
     full = {k: v for k, v in result.get("full", {}).items() if k != "exact"}  # added later
     stream = {k: v for k, v in config.get("stream", {}).items() if k != "workers"}
-    run = dict(config.get("run") or {})
-    if isinstance(run.get("learner"), Mapping):
-        # Settings added later: a result without one ran with the trainer's default.
-        run["learner"] = {**LEARNER_ADDED, **run["learner"]}
+    run = dict(config.get("run", {}))
+    if "learner" in run:  # settings added later: a result without one ran at LEARNER_ADDED
+        run["learner"] = LEARNER_ADDED | run["learner"]
     return (
         {k: result.get(k) for k in SAME}
         | {"full": full}
         | {f"config.{k}": config.get(k) for k in SAME_CONFIG}
         | {"config.stream": stream}  # how many processes ran it does not change a curve
-        | {"config.run": run or config.get("run")}
+        | {"config.run": run}
     )
 
 
