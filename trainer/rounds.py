@@ -128,6 +128,7 @@ class RoundSettings:
     perturb: float | None = None
     class_balance: float = 0.0  # the loss's class weights, rounds and head refits alike
     lr_schedule: Literal["constant", "cosine"] = "constant"
+    train_precision: Literal["auto", "fp32", "bf16"] = "auto"
 
     @classmethod
     def of(cls, settings: "TrainerSettings") -> "RoundSettings":
@@ -142,6 +143,7 @@ class RoundSettings:
             s.perturb,
             s.class_balance,
             s.lr_schedule,
+            s.train_precision,
         )
 
 
@@ -280,6 +282,7 @@ def _fit(
         perturb=settings.perturb,
         class_balance=settings.class_balance,
         lr_schedule=settings.lr_schedule,
+        train_precision=settings.train_precision,
     )
     stats = finetune_round(
         candidate,

@@ -31,6 +31,7 @@ from trainer.finetune import (
     select_device,
     select_replay,
     shrink_perturb,
+    training_dtype,
 )
 from trainer.head import refit_head
 from trainer.samples import Sample, SampleCache, decode_sample, stack
@@ -459,6 +460,62 @@ def test_the_learning_rate_follows_the_rounds_schedule(
 def test_an_unknown_learning_rate_schedule_is_refused() -> None:
     with pytest.raises(ValueError, match="lr_schedule must be 'constant' or 'cosine'"):
         FinetuneConfig(lr_schedule="linear")  # type: ignore[arg-type]
+
+
+def test_a_bfloat16_round_trains_in_bfloat16_and_leaves_float32_weights(
+    digits: tuple[list[Sample], list[Sample]],
+) -> None:
+    """The export and evaluation run the weights in float32 whatever the steps used.
+    Catches a precision setting that never reaches the steps, and one that leaves the
+    weights or the model's outputs in bfloat16."""
+    train, test = digits
+    for precision, expected in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        model, seen = _model(), list[torch.dtype]()
+        hook = model.backbone[4].register_forward_hook(  # the second conv's output
+            lambda _m, _args, out, seen=seen: seen.append(out.dtype)
+        )
+        config = FinetuneConfig(min_steps=3, max_steps=3, train_precision=precision)  # type: ignore[arg-type]
+        finetune_round(model, train[:64], [], config, CPU)
+        hook.remove()
+        assert len(seen) >= 3 and all(dtype == expected for dtype in seen), (precision, seen)
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        assert predict_proba(model, stack(test[:8])[0], CPU).dtype == np.float32
+
+
+def test_bfloat16_rounds_learn_as_float32_ones(digits: tuple[list[Sample], list[Sample]]) -> None:
+    """Catches bfloat16 steps that stop a round from learning (a loss computed in bfloat16,
+    gradients lost to rounding). Measured with seed 0 after 200 labels in three rounds:
+    0.980 in float32 and 0.977 in bfloat16 (a head refit after each)."""
+    train, test = digits
+    final = {}
+    for precision in ("fp32", "bf16"):
+        model = _model()
+        config = FinetuneConfig.for_arch("small-cnn", train_precision=precision)
+        pool: list[Sample] = []
+        for total in (50, 100, 200):
+            new = train[len(pool) : total]
+            finetune_round(model, new, pool, config, CPU)
+            pool += new
+            model = refit_head(model, pool)
+        final[precision] = accuracy(model, test, CPU)
+    assert final["bf16"] > 0.9 and final["bf16"] > final["fp32"] - 0.03, final
+
+
+def test_auto_precision_is_bfloat16_only_on_a_cpu_with_amx(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Catches ``auto`` turning bfloat16 on where it would not pay (no AMX: emulated or at
+    float32's speed) or on CUDA, where it is not measured."""
+    import trainer.finetune as finetune
+
+    for amx, expected in ((True, torch.bfloat16), (False, None)):
+        monkeypatch.setattr(finetune, "cpu_has_amx_bf16", lambda amx=amx: amx)
+        assert training_dtype("auto", CPU) == expected
+        assert training_dtype("auto", torch.device("cuda")) is None
+        assert training_dtype("fp32", CPU) is None
+        assert training_dtype("bf16", torch.device("cuda")) == torch.bfloat16
+    with pytest.raises(ValueError, match="train_precision must be one of auto, fp32, bf16"):
+        FinetuneConfig(train_precision="fp16")  # type: ignore[arg-type]
 
 
 def _in_layout(model: torch.nn.Module, layout: torch.memory_format) -> bool:

@@ -52,18 +52,27 @@ def test_full_and_head_releases_name_their_backbone(
 def test_a_round_shrinks_and_perturbs_as_the_settings_say(
     digits: tuple[list[bytes], np.ndarray], tmp_path: Path, monkeypatch
 ) -> None:
-    """WINNOW_TRAINER_SHRINK, _PERTURB and _LR_SCHEDULE reach the round's fine-tuning; unset,
-    the small CNN's defaults (0.6 and 0.01, a constant rate) apply. Catches settings that are
+    """WINNOW_TRAINER_SHRINK, _PERTURB, _LR_SCHEDULE and _TRAIN_PRECISION reach the round's
+    fine-tuning; unset, the small CNN's defaults (0.6 and 0.01, a constant rate) and ``auto``
+    precision apply. Catches settings that are
     read but never applied, and an unset setting that turns the architecture's default off."""
     import trainer.rounds as rounds
 
     pngs, targets = digits
-    seen: list[tuple[float, float, bool, str]] = []
+    seen: list[tuple[float, float, bool, str, str]] = []
     real = rounds.finetune_round
 
     def spy(model, new, pool, config, *args, **kwargs):  # type: ignore[no-untyped-def]
         stats = real(model, new, pool, config, *args, **kwargs)
-        seen.append((config.shrink, config.perturb, stats.shrunk, config.lr_schedule))
+        seen.append(
+            (
+                config.shrink,
+                config.perturb,
+                stats.shrunk,
+                config.lr_schedule,
+                config.train_precision,
+            )
+        )
         return stats
 
     monkeypatch.setattr(rounds, "finetune_round", spy)
@@ -73,9 +82,12 @@ def test_a_round_shrinks_and_perturbs_as_the_settings_say(
         return {f: pngs[int(f[1:])] for f in ids}
 
     for env, expected in (
-        ({}, (0.6, 0.01, True, "constant")),
-        ({"shrink": 1.0, "perturb": 0.0}, (1.0, 0.0, False, "constant")),
-        ({"shrink": 0.8, "lr_schedule": "cosine"}, (0.8, 0.01, True, "cosine")),
+        ({}, (0.6, 0.01, True, "constant", "auto")),
+        ({"shrink": 1.0, "perturb": 0.0}, (1.0, 0.0, False, "constant", "auto")),
+        (
+            {"shrink": 0.8, "lr_schedule": "cosine", "train_precision": "fp32"},
+            (0.8, 0.01, True, "cosine", "fp32"),
+        ),
     ):
         settings = TrainerSettings(
             data_dir=tmp_path / str(len(seen)),

@@ -262,6 +262,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
                 shrink=args.shrink,
                 perturb=args.perturb,
                 lr_schedule=args.lr_schedule,
+                train_precision=_train_precision(args.train_precision),
                 class_balance=(
                     _trainer_class_balance() if args.class_balance is None else args.class_balance
                 ),
@@ -288,6 +289,18 @@ def _trainer_class_balance() -> float:
     from trainer.config import TrainerSettings
 
     return float(TrainerSettings.model_fields["class_balance"].default)
+
+
+def _train_precision(asked: str | None) -> str:
+    """The rounds' arithmetic that ``asked`` (None: the trainer's default) means on this
+    machine's CPU, where the benchmark trains: ``fp32`` or ``bf16``."""
+    import torch
+
+    from trainer.config import TrainerSettings
+    from trainer.finetune import training_dtype
+
+    precision = asked or str(TrainerSettings.model_fields["train_precision"].default)
+    return "fp32" if training_dtype(precision, torch.device("cpu")) is None else "bf16"
 
 
 def _non_negative(text: str) -> float:
@@ -421,6 +434,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="SIGMA",
         help="and Gaussian noise of this standard deviation (WINNOW_TRAINER_PERTURB); default "
         "the trainer's for the architecture (0.01 for the small CNN)",
+    )
+    p.add_argument(
+        "--train-precision",
+        choices=("auto", "fp32", "bf16"),
+        default=None,
+        help="the rounds' arithmetic (WINNOW_TRAINER_TRAIN_PRECISION): bf16 autocast or "
+        "fp32; default the trainer's (auto: bf16 on a CPU with AMX, fp32 elsewhere); the "
+        "result records which one ran",
     )
     p.add_argument(
         "--lr-schedule",

@@ -106,6 +106,9 @@ class LearnerConfig:
             rounds, refits and the full-data run.
         lr_schedule: the rounds' learning-rate schedule (``FinetuneConfig``), the
             full-data run included; None: the trainer's default.
+        train_precision: the rounds' arithmetic, ``fp32`` or ``bf16`` (``FinetuneConfig``;
+            the command line resolves the trainer's ``auto`` on this machine, so that a
+            result says which one ran), the full-data run included.
     """
 
     round_labels: int = 20
@@ -117,6 +120,7 @@ class LearnerConfig:
     perturb: float | None = None
     class_balance: float = 0.0
     lr_schedule: str | None = None
+    train_precision: str = "fp32"
 
 
 def forward(model: Any, inputs: np.ndarray, batch: int = 512) -> tuple[np.ndarray, np.ndarray]:
@@ -198,6 +202,7 @@ class Learner:
             perturb=config.perturb,
             class_balance=config.class_balance,
             lr_schedule=config.lr_schedule,
+            train_precision=config.train_precision,
         )
         self._device = torch.device("cpu")
         self._refit = refit
@@ -318,6 +323,7 @@ def full_data_confusion(
         perturb=config.perturb,
         class_balance=config.class_balance,
         lr_schedule=config.lr_schedule,
+        train_precision=config.train_precision,
     )
     finetune_round(model, train, [], finetune, torch.device("cpu"))
     if refit is not None:

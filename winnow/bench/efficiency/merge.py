@@ -21,9 +21,9 @@ SAME = ("dataset", "stream", "video", "imbalance", "measure", "targets")
 SAME_CONFIG = ("stream", "run", "strategies", "full_seeds", "resamples")
 """Keys of a result's ``config`` that every merged run must share."""
 
-LEARNER_ADDED = {"class_balance": 0.0, "lr_schedule": None}
+LEARNER_ADDED = {"class_balance": 0.0, "lr_schedule": None, "train_precision": "fp32"}
 """Learner settings added after the first results, with what a result without one ran
-(an unweighted loss; the trainer's rate schedule)."""
+(an unweighted loss; the trainer's rate schedule; float32 rounds)."""
 
 
 def _run_of(name: str, seed: Mapping[str, Any]) -> RunResult:

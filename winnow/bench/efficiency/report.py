@@ -253,6 +253,8 @@ def table(result: Mapping[str, Any]) -> str:
             learner += f" {key}={config[key]:g}"
     if config.get("lr_schedule") is not None:
         learner += f" lr_schedule={config['lr_schedule']}"
+    if config.get("train_precision", "fp32") != "fp32":
+        learner += f" train_precision={config['train_precision']}"
     lines = [
         f"dataset={result['stream']['name']} video={result['video']}{learner} measure={measure} "
         f"full={result['full']['mean']:.4f} targets 90/95/98%: "

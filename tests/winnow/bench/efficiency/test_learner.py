@@ -185,6 +185,49 @@ def test_class_balance_reaches_the_rounds_the_refits_and_the_full_data_run(
         parser.parse_args(["--class-balance", "2"])
 
 
+def test_the_precision_reaches_the_rounds_and_the_full_data_run(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Catches --precision measured on a learner that never applies it, and an ``auto``
+    recorded as such instead of what it ran on this machine."""
+    import argparse
+
+    from trainer import finetune
+    from winnow.bench.label_efficiency import add_arguments, config_from_args
+
+    seen: list[str] = []
+    real = finetune.finetune_round
+
+    def spy(model: Any, new: Any, pool: Any, config: Any, *args: Any, **kw: Any) -> Any:
+        seen.append(config.train_precision)
+        return real(model, new, pool, config, *args, **kw)
+
+    monkeypatch.setattr(finetune, "finetune_round", spy)
+    data = _data()
+    learner = Learner(
+        data, LearnerConfig(round_labels=4, min_steps=2, train_precision="bf16"), 0, None
+    )
+    for i in range(4):
+        learner.add(Sample(str(i), data.inputs[i], int(data.labels[i])))
+    learner_module.full_data_confusion(
+        data, LearnerConfig(full_steps=2, train_precision="bf16"), 0, None
+    )
+    assert seen == ["bf16", "bf16"]
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    for amx, auto in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(finetune, "cpu_has_amx_bf16", lambda amx=amx: amx)
+        for given, expected in (([], auto), (["--train-precision", "auto"], auto)):
+            config = config_from_args(parser.parse_args(given))
+            assert config.run.learner.train_precision == expected, (amx, given)
+        for asked in ("fp32", "bf16"):
+            config = config_from_args(parser.parse_args(["--train-precision", asked]))
+            assert config.run.learner.train_precision == asked
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--train-precision", "float16"])
+
+
 def test_the_learning_rate_schedule_reaches_the_rounds_and_the_full_data_run(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

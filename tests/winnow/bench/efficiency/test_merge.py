@@ -123,11 +123,16 @@ def test_one_run_is_not_a_merge() -> None:
 def test_a_learner_setting_added_later_merges_at_its_default_only() -> None:
     old, new = _result([0, 1]), _result([2, 3])
     old["config"]["run"]["learner"] = {"round_labels": 20}  # before both settings
-    learner = {"round_labels": 20, "class_balance": 0.0, "lr_schedule": None}
+    learner = {
+        "round_labels": 20,
+        "class_balance": 0.0,
+        "lr_schedule": None,
+        "train_precision": "fp32",
+    }
     new["config"]["run"]["learner"] = learner
     merged = merge_results([old, new], ["old", "new"])
     assert merged["config"]["seeds"] == [0, 1, 2, 3]
-    for changed in ({"lr_schedule": "cosine"}, {"class_balance": 0.5}):
+    for changed in ({"lr_schedule": "cosine"}, {"class_balance": 0.5}, {"train_precision": "bf16"}):
         new["config"]["run"]["learner"] = learner | changed
         with pytest.raises(BenchConfigError, match=r"new is not a run .*config\.run"):
             merge_results([old, new], ["old", "new"])
