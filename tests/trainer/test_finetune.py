@@ -384,6 +384,18 @@ def test_config_for_arch() -> None:
     for bad in ({"shrink": 0.0}, {"shrink": 1.5}, {"perturb": -0.1}):
         with pytest.raises(ValueError):
             FinetuneConfig(**bad)  # type: ignore[arg-type]
+    # bfloat16 where it speeds a round up (auto); depthwise networks, which it slows down on
+    # the CPU, in float32 unless asked.
+    for arch, expected in (
+        ("small-cnn", "auto"),
+        ("resnet18", "auto"),
+        ("efficientnet_lite0", "fp32"),
+        ("mobilenet_v3_small", "fp32"),
+    ):
+        assert FinetuneConfig.for_arch(arch).train_precision == expected, arch
+        assert FinetuneConfig.for_arch(arch, train_precision=None).train_precision == expected
+    asked = FinetuneConfig.for_arch("efficientnet_lite0", train_precision="bf16")
+    assert asked.train_precision == "bf16"
 
 
 def test_select_device() -> None:

@@ -297,9 +297,12 @@ def _train_precision(asked: str | None) -> str:
     import torch
 
     from trainer.config import TrainerSettings
-    from trainer.finetune import training_dtype
+    from trainer.finetune import FinetuneConfig, training_dtype
 
     precision = asked or str(TrainerSettings.model_fields["train_precision"].default)
+    # Every learner of the benchmark trains with the small CNN's configuration (the head
+    # over cached features too: learner.finetune_config).
+    precision = FinetuneConfig.for_arch("small-cnn", train_precision=precision).train_precision
     return "fp32" if training_dtype(precision, torch.device("cpu")) is None else "bf16"
 
 
