@@ -51,7 +51,8 @@ SMALL_CNN_PERTURB = 0.01
 TRAIN_PRECISIONS = ("auto", "fp32", "bf16")
 BF16_ARCHS = frozenset({"small-cnn", "resnet18"})
 """Architectures whose rounds ``auto`` trains in bfloat16 on a CPU with AMX: a step on 32
-images, one core, took 9.7 to 10.0 ms instead of 18.5 to 20.4 for the small CNN at 28x28,
+images on one thread (a scratch loop, 8 steps after 3, twice each; beside a two-worker
+benchmark for the 96x96 ones) took 9.7 to 10.0 ms instead of 18.5 to 20.4 for the small CNN at 28x28,
 and 537 to 558 ms instead of 1,026 to 1,082 for ResNet-18 at 96x96. Depthwise convolutions
 run slower in bfloat16 there: EfficientNet-Lite0 1,375 to 1,434 ms instead of 923 to 968,
 MobileNetV3-Small 455 to 473 instead of 219 to 245, so those stay float32."""
