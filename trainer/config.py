@@ -98,8 +98,9 @@ class TrainerSettings(BaseSettings):
         default="auto",
         description="the arithmetic of a backbone round's training steps (the weights and "
         "evaluation stay float32; the export's is `precision`): bf16 autocast, fp32, or auto "
-        "(bf16 on a CPU with AMX, where the small CNN trains about twice as fast at 28x28; "
-        "fp32 elsewhere, CUDA included)",
+        "(bf16 on a CPU with AMX for the small CNN and ResNet-18, which train about twice as "
+        "fast there; fp32 elsewhere: depthwise networks such as EfficientNet-Lite0 train "
+        "slower in bf16 on the CPU, and CUDA is not measured yet)",
     )
     class_balance: float = Field(
         default=0.0,

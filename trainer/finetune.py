@@ -50,12 +50,13 @@ SMALL_CNN_SHRINK = 0.6
 SMALL_CNN_PERTURB = 0.01
 TRAIN_PRECISIONS = ("auto", "fp32", "bf16")
 BF16_ARCHS = frozenset({"small-cnn", "resnet18"})
-"""Architectures whose rounds ``auto`` trains in bfloat16 on a CPU with AMX: a step on 32
+"""Architectures whose rounds ``auto`` trains in bfloat16 on a CPU with AMX. A step on 32
 images on one thread (a scratch loop, 8 steps after 3, twice each; beside a two-worker
-benchmark for the 96x96 ones) took 9.7 to 10.0 ms instead of 18.5 to 20.4 for the small CNN at 28x28,
-and 537 to 558 ms instead of 1,026 to 1,082 for ResNet-18 at 96x96. Depthwise convolutions
-run slower in bfloat16 there: EfficientNet-Lite0 1,375 to 1,434 ms instead of 923 to 968,
-MobileNetV3-Small 455 to 473 instead of 219 to 245, so those stay float32."""
+benchmark for the 96x96 ones) took 9.7 to 10.0 ms instead of 18.5 to 20.4 for the small
+CNN at 28x28, and 537 to 558 ms instead of 1,026 to 1,082 for ResNet-18 at 96x96.
+Depthwise convolutions run slower in bfloat16 there: EfficientNet-Lite0 1,375 to 1,434 ms
+instead of 923 to 968, MobileNetV3-Small 455 to 473 instead of 219 to 245, so those stay
+float32 (docs/benchmarks.md, "Training in bfloat16")."""
 
 
 @dataclass(frozen=True)
@@ -447,11 +448,10 @@ def training_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     or None for float32.
 
     ``auto`` is bfloat16 on a CPU with AMX (:func:`cpu_has_amx_bf16`) and float32
-    elsewhere, CUDA included (bfloat16 there is not measured yet: ask for ``bf16``). Measured on
-    the small CNN, one core with AMX, a step on 32 images (forward, backward, AdamW):
-    28x28 9.7 to 10.0 ms against 18.5 to 20.4 in float32; 16x16 5.2 against 6.3; 8x8 3.2
-    against 3.3 (too small for the tiles to pay). Label efficiency with it is in
-    docs/benchmarks.md ("Training in bfloat16").
+    elsewhere, CUDA included (bfloat16 there is not measured yet: ask for ``bf16``);
+    ``FinetuneConfig.for_arch`` has already made it ``fp32`` for the architectures
+    bfloat16 slows down (:data:`BF16_ARCHS`). On the small CNN at 8x8 (digits) a step is
+    no faster (3.2 against 3.3 ms): the tiles do not pay at that size.
     """
     if precision == "fp32":
         return None
