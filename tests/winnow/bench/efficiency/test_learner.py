@@ -188,7 +188,7 @@ def test_class_balance_reaches_the_rounds_the_refits_and_the_full_data_run(
 def test_the_precision_reaches_the_rounds_and_the_full_data_run(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Catches --precision measured on a learner that never applies it, and an ``auto``
+    """Catches --train-precision measured on a learner that never applies it, and an ``auto``
     recorded as such instead of what it ran on this machine."""
     import argparse
 
