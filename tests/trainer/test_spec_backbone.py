@@ -54,8 +54,8 @@ def test_a_round_shrinks_and_perturbs_as_the_settings_say(
 ) -> None:
     """WINNOW_TRAINER_SHRINK, _PERTURB, _LR_SCHEDULE and _TRAIN_PRECISION reach the round's
     fine-tuning; unset, the small CNN's defaults (0.6 and 0.01, a constant rate) and ``auto``
-    precision apply. Catches settings that are
-    read but never applied, and an unset setting that turns the architecture's default off."""
+    precision apply. Catches settings that are read but never applied, and an unset setting
+    that turns the architecture's default off."""
     import trainer.rounds as rounds
 
     pngs, targets = digits

@@ -185,6 +185,29 @@ def test_class_balance_reaches_the_rounds_the_refits_and_the_full_data_run(
         parser.parse_args(["--class-balance", "2"])
 
 
+def _seen_by_rounds(monkeypatch: pytest.MonkeyPatch, field: str, value: Any) -> list[Any]:
+    """``field`` of every ``FinetuneConfig`` that ``finetune_round`` gets from now on (the
+    list keeps growing), after a learner's round and a full-data run with ``field`` set
+    to ``value``."""
+    from trainer import finetune
+
+    seen: list[Any] = []
+    real = finetune.finetune_round
+
+    def spy(model: Any, new: Any, pool: Any, config: Any, *args: Any, **kw: Any) -> Any:
+        seen.append(getattr(config, field))
+        return real(model, new, pool, config, *args, **kw)
+
+    monkeypatch.setattr(finetune, "finetune_round", spy)
+    data = _data()
+    learner = Learner(data, LearnerConfig(round_labels=4, min_steps=2, **{field: value}), 0, None)
+    for i in range(4):
+        learner.add(Sample(str(i), data.inputs[i], int(data.labels[i])))
+    full = LearnerConfig(full_steps=2, **{field: value})
+    learner_module.full_data_confusion(data, full, 0, None)
+    return seen
+
+
 def test_the_precision_reaches_the_rounds_and_the_full_data_run(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -195,23 +218,7 @@ def test_the_precision_reaches_the_rounds_and_the_full_data_run(
     from trainer import finetune
     from winnow.bench.label_efficiency import add_arguments, config_from_args
 
-    seen: list[str] = []
-    real = finetune.finetune_round
-
-    def spy(model: Any, new: Any, pool: Any, config: Any, *args: Any, **kw: Any) -> Any:
-        seen.append(config.train_precision)
-        return real(model, new, pool, config, *args, **kw)
-
-    monkeypatch.setattr(finetune, "finetune_round", spy)
-    data = _data()
-    learner = Learner(
-        data, LearnerConfig(round_labels=4, min_steps=2, train_precision="bf16"), 0, None
-    )
-    for i in range(4):
-        learner.add(Sample(str(i), data.inputs[i], int(data.labels[i])))
-    learner_module.full_data_confusion(
-        data, LearnerConfig(full_steps=2, train_precision="bf16"), 0, None
-    )
+    seen = _seen_by_rounds(monkeypatch, "train_precision", "bf16")
     assert seen == ["bf16", "bf16"]
 
     parser = argparse.ArgumentParser()
@@ -232,24 +239,10 @@ def test_the_learning_rate_schedule_reaches_the_rounds_and_the_full_data_run(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Catches --lr-schedule measured on a learner that never applies it."""
-    seen: list[str] = []
     from trainer import finetune
 
-    real = finetune.finetune_round
-
-    def spy(model: Any, new: Any, pool: Any, config: Any, *args: Any, **kw: Any) -> Any:
-        seen.append(config.lr_schedule)
-        return real(model, new, pool, config, *args, **kw)
-
-    monkeypatch.setattr(finetune, "finetune_round", spy)
+    seen = _seen_by_rounds(monkeypatch, "lr_schedule", "cosine")
     data = _data()
-    learner = Learner(
-        data, LearnerConfig(round_labels=4, min_steps=2, lr_schedule="cosine"), 0, None
-    )
-    for i in range(4):
-        learner.add(Sample(str(i), data.inputs[i], int(data.labels[i])))
-    full = LearnerConfig(full_steps=2, lr_schedule="cosine")
-    learner_module.full_data_confusion(data, full, 0, None)
     plain = Learner(data, LearnerConfig(round_labels=4, min_steps=2), 0, None)
     for i in range(4):
         plain.add(Sample(str(i), data.inputs[i], int(data.labels[i])))

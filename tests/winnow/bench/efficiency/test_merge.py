@@ -122,7 +122,7 @@ def test_one_run_is_not_a_merge() -> None:
 
 def test_a_learner_setting_added_later_merges_at_its_default_only() -> None:
     old, new = _result([0, 1]), _result([2, 3])
-    old["config"]["run"]["learner"] = {"round_labels": 20}  # before both settings
+    old["config"]["run"]["learner"] = {"round_labels": 20}  # before these settings
     learner = {
         "round_labels": 20,
         "class_balance": 0.0,
