@@ -111,6 +111,14 @@ class TrainerSettings(BaseSettings):
         "in total, for a stream where a rare class matters as much as the common one; the "
         "release gate then weighs the held-out frames the same way",
     )
+    round_worker_rounds: int = Field(
+        default=20,
+        ge=0,
+        description="backbone rounds a child process trains before a fresh one replaces it, "
+        "so that the memory training leaves behind goes back with the process (the trainer "
+        "keeps evaluation, head refits and exports); 0: rounds train in the trainer's own "
+        "process",
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     metrics_port: int = Field(default=9100, ge=0, le=65535)
     release_margin: float = Field(

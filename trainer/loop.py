@@ -55,6 +55,7 @@ from trainer.refit import (
     unlearned,
 )
 from trainer.release import publish_release
+from trainer.round_worker import RoundWorker
 from trainer.rounds import (
     BuiltRound,
     RoundInputs,
@@ -139,6 +140,8 @@ class Trainer(Component):
         self._head_wake = asyncio.Event()
         self._triggers = RoundTriggers(settings, self.drift_watch)
         self._torch: dict[str, ThreadPoolExecutor] = {}
+        self.round_worker: RoundWorker | None = None
+        """Trains backbone rounds in a child process (``round_worker_rounds``); None: here."""
 
     async def _start(self) -> None:
         """Loads or creates the model (publishing a cold-start release), then starts intake."""
@@ -154,6 +157,8 @@ class Trainer(Component):
             name: ThreadPoolExecutor(1, thread_name_prefix=f"winnow-{name}")
             for name in TORCH_THREADS
         }
+        if self.settings.round_worker_rounds > 0:
+            self.round_worker = RoundWorker(self.settings.round_worker_rounds)
         self._producer = create_producer(self.settings.kafka)
         await self._producer.start()
         model, spec, fresh = await self._on("rounds", initial_model, self.settings)
@@ -189,6 +194,8 @@ class Trainer(Component):
             await self._producer.stop()
             self._producer = None
         self.store.close()
+        if self.round_worker is not None:  # a round training in it fails; redone next start
+            await asyncio.to_thread(self.round_worker.close)
         for pool in self._torch.values():  # a round cut short is redone on the next start
             pool.shutdown(wait=False, cancel_futures=True)
         self._torch = {}
@@ -361,7 +368,9 @@ class Trainer(Component):
             )
             return (built.model, built.fit) if built and built.model else (candidate, {})
 
-        return build_round(start, split, self._gate, self.device, trigger, refit)
+        worker = self.round_worker
+        finetune = None if worker is None else worker.finetune  # None: in this thread
+        return build_round(start, split, self._gate, self.device, trigger, refit, finetune)
 
     async def _adopt_round(self, built: BuiltRound, items: list[TrainItem]) -> str | None:
         """Publishes and serves the round's candidate; its version, or None when refused."""

@@ -18,12 +18,13 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import numpy as np
 import torch
+from torch import nn
 
 from schemas.model_spec import ModelSpec
 from trainer.architectures import WinnowNet
@@ -93,6 +94,21 @@ class BuiltRound:
 
 HeadRefit = Callable[[WinnowNet], tuple[WinnowNet, dict[str, str]]]
 """Refits a candidate's head on its own backbone: the model, and the frames and labels fit."""
+
+
+class Finetune(Protocol):
+    """Trains a model in place as :func:`trainer.finetune.finetune_round` does: that
+    function, or :meth:`trainer.round_worker.RoundWorker.finetune` (in a child process)."""
+
+    def __call__(
+        self,
+        model: nn.Module,
+        new: Sequence[Sample],
+        replay_pool: Sequence[Sample],
+        config: FinetuneConfig,
+        device: torch.device,
+        progress: Callable[[dict[str, float]], None] | None = None,
+    ) -> RoundStats: ...
 
 
 @dataclass(frozen=True)
@@ -190,6 +206,7 @@ def build_round(
     device: torch.device,
     trigger: RoundTrigger,
     refit: HeadRefit | None = None,
+    finetune: Finetune | None = None,
 ) -> BuiltRound:
     """Fine-tunes a copy of the serving model, refits its head, gates it and specs it.
 
@@ -200,10 +217,12 @@ def build_round(
         device: where to train.
         trigger: what started the round.
         refit: refits the fine-tuned candidate's head; None keeps the fine-tuned head.
+        finetune: trains the candidate: a :class:`~trainer.round_worker.RoundWorker`'s
+            in a child process; None: :func:`finetune_round` in this thread.
     """
     started, model, spec = time.perf_counter(), start.model, start.spec
     prequential = scored(start.prequential, model, split.unseen, device)
-    candidate, stats = _fit(model, spec, split, settings, device)
+    candidate, stats = _fit(model, spec, split, settings, device, finetune)
     head_fit: dict[str, str] = {}
     if refit is not None:
         candidate, head_fit = refit(candidate)
@@ -271,7 +290,12 @@ def build_round(
 
 
 def _fit(
-    model: WinnowNet, spec: ModelSpec, split: Split, settings: RoundSettings, device: torch.device
+    model: WinnowNet,
+    spec: ModelSpec,
+    split: Split,
+    settings: RoundSettings,
+    device: torch.device,
+    finetune: Finetune | None,
 ) -> tuple[WinnowNet, RoundStats]:
     """A fine-tuned copy of ``model``; ``model`` itself is left as it is."""
     candidate = copy.deepcopy(model)
@@ -284,7 +308,7 @@ def _fit(
         lr_schedule=settings.lr_schedule,
         train_precision=settings.train_precision,
     )
-    stats = finetune_round(
+    stats = (finetune or finetune_round)(
         candidate,
         split.new,
         split.replay,

@@ -13,6 +13,7 @@ import pytest
 from tests.kafka_helpers import read_json
 from tests.trainer.helpers import DIGIT_CLASSES, feed, manifests
 from trainer.store import SampleStore
+from winnow.bench.soak.probe import descendants
 
 pytestmark = pytest.mark.slow
 
@@ -103,9 +104,24 @@ def _full(manifest: dict) -> bool:
 
 
 def _cpu_seconds(pid: int) -> float:
-    """User plus system CPU time of a process so far (Linux ``/proc``)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User plus system CPU time of a process and its children so far (Linux ``/proc``):
+    a round trains in the trainer's round worker."""
+    total = 0.0
+    for each in (pid, *descendants(pid)):
+        try:
+            fields = Path(f"/proc/{each}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # exited meanwhile
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie is gone, waiting for init to reap it
 
 
 async def test_sigkill_during_a_round_loses_no_label_and_the_next_release_learns_all(
@@ -117,8 +133,8 @@ async def test_sigkill_during_a_round_loses_no_label_and_the_next_release_learns
 ) -> None:
     """The failures it catches: labels marked trained (or dropped) by a round that never
     finished, so a trainer killed mid-round and restarted never learns them; labels lost from
-    the store by the kill; a restarted trainer that publishes a release from fewer labels than
-    it holds."""
+    the store by the kill; a round worker training on after its trainer was killed; a
+    restarted trainer that publishes a release from fewer labels than it holds."""
     pngs, targets = digits
     log, data_dir = tmp_path / "trainer.log", tmp_path / "data"
     first = _start(kafka_settings, group_id, data_dir, 30, log)
@@ -141,9 +157,14 @@ async def test_sigkill_during_a_round_loses_no_label_and_the_next_release_learns
                 if _cpu_seconds(first.pid) - busy_from >= 1.0:
                     break
                 await asyncio.sleep(0.05)
+        workers = descendants(first.pid)
+        assert workers, "the round trains in the trainer's round worker"
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=30)
+    async with asyncio.timeout(10):  # the round worker does not outlive its trainer
+        while any(_alive(pid) for pid in workers):  # noqa: ASYNC110 (polling /proc)
+            await asyncio.sleep(0.05)
     assert "round (trigger" not in log.read_text(), "the round ended before the kill"
     store = SampleStore(data_dir / "samples.sqlite3")
     try:
