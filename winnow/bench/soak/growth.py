@@ -66,17 +66,19 @@ def edge_count(samples: int) -> int:
 
 
 def role_growth(
-    times: Sequence[float], rss_mb: Sequence[float], warmup_s: float
+    times: Sequence[float], rss_mb: Sequence[float], warmup_s: float, measure: str = "rss"
 ) -> dict[str, float | bool | None]:
-    """RSS growth of one role after warm-up: relative growth, slope, and whether under goal."""
+    """Memory growth of one role after warm-up: relative growth, slope, and whether under
+    goal, as ``{measure}_growth_after_warmup``, ``{measure}_slope_mb_per_hour`` and
+    ``{measure}_goal_met`` (``rss``: the process's own; ``tree_pss``: with its children)."""
     kept_t = [t for t in times if t >= warmup_s]
     kept = after_warmup(times, rss_mb, warmup_s)
     rel = growth(kept, edge_count(len(kept)))
     slope = slope_per_hour(kept_t, kept)
     return {
-        "rss_growth_after_warmup": None if rel is None else round(rel, 4),
-        "rss_slope_mb_per_hour": None if slope is None else round(slope, 2),
-        "rss_goal_met": None if rel is None else rel < GOAL_RSS_GROWTH,
+        f"{measure}_growth_after_warmup": None if rel is None else round(rel, 4),
+        f"{measure}_slope_mb_per_hour": None if slope is None else round(slope, 2),
+        f"{measure}_goal_met": None if rel is None else rel < GOAL_RSS_GROWTH,
     }
 
 
@@ -102,14 +104,18 @@ def kb_per_label(
 def verdict(
     growths: dict[str, float | None], frames_lost: int, duration_s: float
 ) -> dict[str, object]:
-    """The run's verdict: no frame lost, and every role's RSS growth under the goal."""
+    """The run's verdict: no frame lost, and every role's memory growth under the goal
+    (``growths``: each role's larger of its own RSS growth and that of its PSS with its
+    children, so that nothing a role moves into a child process goes uncounted)."""
     grown = sorted(role for role, g in growths.items() if g is not None and g >= GOAL_RSS_GROWTH)
     unknown = sorted(role for role, g in growths.items() if g is None)
     problems = []
     if frames_lost != 0:
         problems.append(f"{frames_lost} frames lost")
     if grown:
-        problems.append(f"RSS grew {GOAL_RSS_GROWTH:.0%} or more after warm-up: {', '.join(grown)}")
+        problems.append(
+            f"memory grew {GOAL_RSS_GROWTH:.0%} or more after warm-up: {', '.join(grown)}"
+        )
     if unknown:
         problems.append(f"too few samples after warm-up: {', '.join(unknown)}")
     minutes = duration_s / 60

@@ -5,7 +5,7 @@ from typing import Any
 from winnow.bench.soak.growth import kb_per_label, role_growth, verdict
 from winnow.bench.soak.roles import ROLES
 
-READINGS = ("rss_mb", "fds", "threads", "asyncio_tasks")
+READINGS = ("rss_mb", "children_rss_mb", "tree_pss_mb", "fds", "threads", "asyncio_tasks")
 
 
 def role_summary(samples: list[dict[str, Any]], name: str, warmup_s: float) -> dict[str, Any]:
@@ -24,7 +24,12 @@ def role_summary(samples: list[dict[str, Any]], name: str, warmup_s: float) -> d
         "samples_after_warmup": len(after),
     }
     out.update(role_growth([t for t, _ in live], [r["rss_mb"] for _, r in live], warmup_s))
-    out["rss_kb_per_label_after_warmup"] = _per_label(samples, name, warmup_s)
+    out["rss_kb_per_label_after_warmup"] = _per_label(samples, name, warmup_s, "rss_mb")
+    # With its children (the trainer's round worker), each shared page counted once.
+    tree = [(t, r["tree_pss_mb"]) for t, r in live if r.get("tree_pss_mb") is not None]
+    out.update(role_growth([t for t, _ in tree], [v for _, v in tree], warmup_s, "tree_pss"))
+    out["tree_pss_kb_per_label_after_warmup"] = _per_label(samples, name, warmup_s, "tree_pss_mb")
+    out["children_rss_mb_max"] = max((r.get("children_rss_mb", 0.0) for _, r in live), default=None)
     for key in ("fds", "threads", "asyncio_tasks"):
         start, end = out["start"], out["end"]
         known = start and end and start.get(key) is not None and end.get(key) is not None
@@ -34,11 +39,19 @@ def role_summary(samples: list[dict[str, Any]], name: str, warmup_s: float) -> d
     return out
 
 
-def _per_label(samples: list[dict[str, Any]], name: str, warmup_s: float) -> float | None:
-    rows = [s for s in samples if s["roles"].get(name) is not None and "labels_answered" in s]
+def _per_label(
+    samples: list[dict[str, Any]], name: str, warmup_s: float, reading: str
+) -> float | None:
+    rows = [
+        s
+        for s in samples
+        if s["roles"].get(name) is not None
+        and s["roles"][name].get(reading) is not None
+        and "labels_answered" in s
+    ]
     found = kb_per_label(
         [s["t"] for s in rows],
-        [s["roles"][name]["rss_mb"] for s in rows],
+        [s["roles"][name][reading] for s in rows],
         [s["labels_answered"] for s in rows],
         warmup_s,
     )
@@ -64,7 +77,7 @@ def summarize(run: dict[str, Any]) -> dict[str, Any]:
     roles = {name: role_summary(samples, name, warmup_s) for name in ROLES}
     for name, code in run.get("exit_codes", {}).items():
         roles[name]["exit_code"] = code
-    growths = {name: r["rss_growth_after_warmup"] for name, r in roles.items()}
+    growths = {name: _worse_growth(r) for name, r in roles.items()}
     run["roles"] = roles
     run["lag"] = lag_summary(samples, warmup_s)
     run["verdict"] = verdict(growths, run["frames"]["lost"], run["config"]["duration_s"])
@@ -82,15 +95,32 @@ def summarize(run: dict[str, Any]) -> dict[str, Any]:
     return run
 
 
+def _worse_growth(role: dict[str, Any]) -> float | None:
+    """The larger of a role's own RSS growth and its tree PSS growth (None: unknown)."""
+    own, tree = role["rss_growth_after_warmup"], role.get("tree_pss_growth_after_warmup")
+    if own is None:
+        return None
+    return own if tree is None else max(own, tree)
+
+
 def _cell(reading: dict[str, Any] | None, key: str) -> str:
     if reading is None or reading.get(key) is None:
         return "-"
     value = reading[key]
-    return f"{value:.0f}" if key == "rss_mb" else str(value)
+    return f"{value:.0f}" if key.endswith("_mb") else str(value)
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{value:+.1%}"
+
+
+def _signed(value: float | None) -> str:
+    return "-" if value is None else f"{value:+.1f}"
 
 
 def format_table(result: dict[str, Any]) -> str:
-    head = ["role", "RSS MB start", "end", "growth", "MB/h", "KB/label", "fds", "threads", "tasks"]
+    head = ["role", "RSS MB start", "end", "growth", "MB/h", "KB/label"]
+    head += ["+children PSS MB", "growth", "MB/h", "fds", "threads", "tasks"]
     rows = [head]
     for name, r in result["roles"].items():
         growth = r["rss_growth_after_warmup"]
@@ -101,9 +131,12 @@ def format_table(result: dict[str, Any]) -> str:
                 name,
                 _cell(r["start"], "rss_mb"),
                 _cell(r["end"], "rss_mb"),
-                "-" if growth is None else f"{growth:+.1%}",
-                "-" if slope is None else f"{slope:+.1f}",
+                _percent(growth),
+                _signed(slope),
                 "-" if per_label is None else f"{per_label:+.1f}",
+                f"{_cell(r['start'], 'tree_pss_mb')}->{_cell(r['end'], 'tree_pss_mb')}",
+                _percent(r.get("tree_pss_growth_after_warmup")),
+                _signed(r.get("tree_pss_slope_mb_per_hour")),
                 *(
                     f"{_cell(r['start'], key)}->{_cell(r['end'], key)}"
                     for key in ("fds", "threads", "asyncio_tasks")

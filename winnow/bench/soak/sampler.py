@@ -28,6 +28,8 @@ def sample_roles(roles: dict[str, Role], frames_topic: str) -> SampleDict:
         tasks = metrics[name].get("winnow_asyncio_tasks")
         out["roles"][name] = {
             "rss_mb": process.rss_mb,
+            "children_rss_mb": process.children_rss_mb,
+            "tree_pss_mb": process.tree_pss_mb,
             "fds": process.fds,
             "threads": process.threads,
             "asyncio_tasks": None if tasks is None else int(tasks),
