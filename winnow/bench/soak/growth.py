@@ -70,7 +70,8 @@ def role_growth(
 ) -> dict[str, float | bool | None]:
     """Memory growth of one role after warm-up: relative growth, slope, and whether under
     goal, as ``{measure}_growth_after_warmup``, ``{measure}_slope_mb_per_hour`` and
-    ``{measure}_goal_met`` (``rss``: the process's own; ``tree_pss``: with its children)."""
+    ``{measure}_goal_met`` (``rss``: the process's own; ``tree_anon``: the anonymous
+    memory of it and its children)."""
     kept_t = [t for t in times if t >= warmup_s]
     kept = after_warmup(times, rss_mb, warmup_s)
     rel = growth(kept, edge_count(len(kept)))
@@ -105,8 +106,9 @@ def verdict(
     growths: dict[str, float | None], frames_lost: int, duration_s: float
 ) -> dict[str, object]:
     """The run's verdict: no frame lost, and every role's memory growth under the goal
-    (``growths``: each role's larger of its own RSS growth and that of its PSS with its
-    children, so that nothing a role moves into a child process goes uncounted)."""
+    (``growths``: each role's larger of its own RSS growth and that of the anonymous
+    memory of it and its children, so that nothing a role moves into a child process goes
+    uncounted)."""
     grown = sorted(role for role, g in growths.items() if g is not None and g >= GOAL_RSS_GROWTH)
     unknown = sorted(role for role, g in growths.items() if g is None)
     problems = []

@@ -19,17 +19,19 @@ class ProcessReading:
         threads: its threads.
         children_rss_mb: the resident memory of its descendants (the trainer's round
             worker), summed; 0 without any.
-        tree_pss_mb: the proportional set size of the process and its descendants
-            together: what the role holds, each page it shares with them (or with other
-            processes) counted once among them, so a child's imported libraries are not
-            counted twice; None where ``/proc/<pid>/smaps_rollup`` cannot be read.
+        tree_anon_mb: the anonymous resident memory (``RssAnon``: heaps, arenas, tensors;
+            not the pages of libraries and files) of the process and its descendants,
+            summed. What a leak grows, wherever in the role it is; no page is counted
+            twice (children are started with exec, so they share no anonymous pages), and
+            unlike a proportional set size it does not move when another process maps
+            the same libraries. None where the kernel has no ``RssAnon`` (before 4.5).
     """
 
     rss_mb: float
     fds: int
     threads: int
     children_rss_mb: float = 0.0
-    tree_pss_mb: float | None = None
+    tree_anon_mb: float | None = None
 
 
 def read_process(pid: int) -> ProcessReading:
@@ -40,29 +42,29 @@ def read_process(pid: int) -> ProcessReading:
             lines; the soak's 60-minute run crashed on one).
         OSError: the process is gone (or this is not Linux).
     """
-    fields: dict[str, str] = {}
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            name, _, value = line.partition(":")
-            fields[name] = value.strip()
+    fields = _status(pid)
     if "VmRSS" not in fields:
         raise ProcessLookupError(f"process {pid} has exited (state {fields.get('State')})")
     rss_kb = int(fields["VmRSS"].split()[0])
     fds = len(os.listdir(f"/proc/{pid}/fd"))
-    children_kb, pss_kb = 0, _pss_kb(pid)
+    anon_kb = _kb(fields.get("RssAnon"))
+    children_kb = 0
     for child in descendants(pid):
         try:
-            children_kb += _rss_kb(child)
-            child_pss = _pss_kb(child)
+            child_fields = _status(child)
         except OSError:  # exited meanwhile (the round worker is replaced now and then)
             continue
-        pss_kb = None if pss_kb is None or child_pss is None else pss_kb + child_pss
+        if "VmRSS" not in child_fields:  # exited, not reaped yet: it holds no memory
+            continue
+        children_kb += _kb(child_fields.get("VmRSS")) or 0
+        child_anon = _kb(child_fields.get("RssAnon"))
+        anon_kb = None if anon_kb is None or child_anon is None else anon_kb + child_anon
     return ProcessReading(
         rss_mb=round(rss_kb / 1024, 2),
         fds=fds,
         threads=int(fields["Threads"]),
         children_rss_mb=round(children_kb / 1024, 2),
-        tree_pss_mb=None if pss_kb is None else round(pss_kb / 1024, 2),
+        tree_anon_mb=None if anon_kb is None else round(anon_kb / 1024, 2),
     )
 
 
@@ -86,27 +88,18 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def _rss_kb(pid: int) -> int:
+def _status(pid: int) -> dict[str, str]:
+    fields: dict[str, str] = {}
     with open(f"/proc/{pid}/status") as status:
         for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise ProcessLookupError(f"process {pid} has exited")
+            name, _, value = line.partition(":")
+            fields[name] = value.strip()
+    return fields
 
 
-def _pss_kb(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as rollup:
-            for line in rollup:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1])
-    except PermissionError:
-        return None
-    except FileNotFoundError:
-        if os.path.exists(f"/proc/{pid}"):
-            return None  # a kernel without smaps_rollup (before 4.14)
-        raise
-    return None
+def _kb(value: str | None) -> int | None:
+    """``"1234 kB"`` -> 1234; None for a field the kernel does not have (or a zombie)."""
+    return None if value is None else int(value.split()[0])
 
 
 def scrape(url: str, timeout: float = 10.0) -> dict[str, float]:

@@ -5,7 +5,7 @@ from typing import Any
 from winnow.bench.soak.growth import kb_per_label, role_growth, verdict
 from winnow.bench.soak.roles import ROLES
 
-READINGS = ("rss_mb", "children_rss_mb", "tree_pss_mb", "fds", "threads", "asyncio_tasks")
+READINGS = ("rss_mb", "children_rss_mb", "tree_anon_mb", "fds", "threads", "asyncio_tasks")
 
 
 def role_summary(samples: list[dict[str, Any]], name: str, warmup_s: float) -> dict[str, Any]:
@@ -25,10 +25,10 @@ def role_summary(samples: list[dict[str, Any]], name: str, warmup_s: float) -> d
     }
     out.update(role_growth([t for t, _ in live], [r["rss_mb"] for _, r in live], warmup_s))
     out["rss_kb_per_label_after_warmup"] = _per_label(samples, name, warmup_s, "rss_mb")
-    # With its children (the trainer's round worker), each shared page counted once.
-    tree = [(t, r["tree_pss_mb"]) for t, r in live if r.get("tree_pss_mb") is not None]
-    out.update(role_growth([t for t, _ in tree], [v for _, v in tree], warmup_s, "tree_pss"))
-    out["tree_pss_kb_per_label_after_warmup"] = _per_label(samples, name, warmup_s, "tree_pss_mb")
+    # Its anonymous memory with its children's (the trainer's round worker): what a leak grows.
+    tree = [(t, r["tree_anon_mb"]) for t, r in live if r.get("tree_anon_mb") is not None]
+    out.update(role_growth([t for t, _ in tree], [v for _, v in tree], warmup_s, "tree_anon"))
+    out["tree_anon_kb_per_label_after_warmup"] = _per_label(samples, name, warmup_s, "tree_anon_mb")
     out["children_rss_mb_max"] = max((r.get("children_rss_mb", 0.0) for _, r in live), default=None)
     for key in ("fds", "threads", "asyncio_tasks"):
         start, end = out["start"], out["end"]
@@ -96,8 +96,9 @@ def summarize(run: dict[str, Any]) -> dict[str, Any]:
 
 
 def _worse_growth(role: dict[str, Any]) -> float | None:
-    """The larger of a role's own RSS growth and its tree PSS growth (None: unknown)."""
-    own, tree = role["rss_growth_after_warmup"], role.get("tree_pss_growth_after_warmup")
+    """The larger of a role's own RSS growth and the growth of the anonymous memory of it
+    and its children (None: unknown)."""
+    own, tree = role["rss_growth_after_warmup"], role.get("tree_anon_growth_after_warmup")
     if own is None:
         return None
     return own if tree is None else max(own, tree)
@@ -120,7 +121,7 @@ def _signed(value: float | None) -> str:
 
 def format_table(result: dict[str, Any]) -> str:
     head = ["role", "RSS MB start", "end", "growth", "MB/h", "KB/label"]
-    head += ["+children PSS MB", "growth", "MB/h", "fds", "threads", "tasks"]
+    head += ["anon+children MB", "growth", "MB/h", "fds", "threads", "tasks"]
     rows = [head]
     for name, r in result["roles"].items():
         growth = r["rss_growth_after_warmup"]
@@ -134,9 +135,9 @@ def format_table(result: dict[str, Any]) -> str:
                 _percent(growth),
                 _signed(slope),
                 "-" if per_label is None else f"{per_label:+.1f}",
-                f"{_cell(r['start'], 'tree_pss_mb')}->{_cell(r['end'], 'tree_pss_mb')}",
-                _percent(r.get("tree_pss_growth_after_warmup")),
-                _signed(r.get("tree_pss_slope_mb_per_hour")),
+                f"{_cell(r['start'], 'tree_anon_mb')}->{_cell(r['end'], 'tree_anon_mb')}",
+                _percent(r.get("tree_anon_growth_after_warmup")),
+                _signed(r.get("tree_anon_slope_mb_per_hour")),
                 *(
                     f"{_cell(r['start'], key)}->{_cell(r['end'], key)}"
                     for key in ("fds", "threads", "asyncio_tasks")

@@ -6,10 +6,11 @@ import json
 import os
 import platform
 import secrets
+import signal
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -380,6 +381,18 @@ async def _until(condition: Callable[[], bool], within: float) -> None:
         await asyncio.sleep(0.2)
 
 
+async def _stoppable(run: Coroutine[Any, Any, dict[str, Any]]) -> dict[str, Any]:
+    """``run``, cancelled on SIGTERM so that its roles are stopped on the way out (killed
+    with the soak, they ran on, orphaned, on the CPU and the ports of the next run)."""
+    task = asyncio.ensure_future(run)
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, task.cancel)
+    try:
+        return await task
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
+
+
 def run_soak_command(args: argparse.Namespace) -> int:
     """The ``winnow bench soak`` command."""
 
@@ -401,7 +414,11 @@ def run_soak_command(args: argparse.Namespace) -> int:
         role_env=tuple(args.role_env),
         say=say,
     )
-    result = asyncio.run(run_soak(config))
+    try:
+        result = asyncio.run(_stoppable(run_soak(config)))
+    except asyncio.CancelledError:
+        say("stopped by SIGTERM: the roles are stopped; no result written")
+        return 143
     print(format_table(result))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2) + "\n")

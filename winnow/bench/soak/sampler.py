@@ -29,7 +29,7 @@ def sample_roles(roles: dict[str, Role], frames_topic: str) -> SampleDict:
         out["roles"][name] = {
             "rss_mb": process.rss_mb,
             "children_rss_mb": process.children_rss_mb,
-            "tree_pss_mb": process.tree_pss_mb,
+            "tree_anon_mb": process.tree_anon_mb,
             "fds": process.fds,
             "threads": process.threads,
             "asyncio_tasks": None if tasks is None else int(tasks),
@@ -72,7 +72,9 @@ def progress_line(sample: SampleDict, say: Callable[[str], None]) -> None:
             parts.append(f"{name} GONE")
             continue
         tasks = "?" if r["asyncio_tasks"] is None else r["asyncio_tasks"]
-        parts.append(f"{name} {r['rss_mb']:.0f} MB {r['fds']} fds {r['threads']} thr {tasks} tasks")
+        children = r.get("children_rss_mb") or 0
+        memory = f"{r['rss_mb']:.0f} MB" + (f" (+{children:.0f} children)" if children else "")
+        parts.append(f"{name} {memory} {r['fds']} fds {r['threads']} thr {tasks} tasks")
     say(
         f"[{sample['t']:6.0f}s {sample['phase']}] produced {sample['produced']} decided "
         f"{sample['decided']} lag {sample['lag']} | releases {sample['swaps_ok']} | alarms "

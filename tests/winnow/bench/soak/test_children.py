@@ -29,25 +29,25 @@ def test_a_grandchilds_memory_is_read_with_its_role() -> None:
             time.sleep(0.1)
         reading = read_process(parent.pid)
         assert len(found) == 1 and reading.children_rss_mb >= 64 > reading.rss_mb
-        assert reading.tree_pss_mb is not None and reading.tree_pss_mb >= 64
+        assert reading.tree_anon_mb is not None and reading.tree_anon_mb >= 64
     finally:
         for pid in descendants(parent.pid):
             subprocess.run(["kill", str(pid)], check=False)
         parent.wait(30)
 
 
-def _run(trainer_pss: list[float]) -> dict:
+def _run(trainer_anon: list[float]) -> dict:
     samples = [
         {
             "t": 10.0 * i,
             "lag": 0,
             "roles": {
-                "scorer": {"rss_mb": 100.0, "tree_pss_mb": 90.0},
-                "trainer": {"rss_mb": 800.0, "tree_pss_mb": pss},
-                "label-app": {"rss_mb": 70.0, "tree_pss_mb": 60.0},
+                "scorer": {"rss_mb": 100.0, "tree_anon_mb": 90.0},
+                "trainer": {"rss_mb": 800.0, "tree_anon_mb": anon},
+                "label-app": {"rss_mb": 70.0, "tree_anon_mb": 60.0},
             },
         }
-        for i, pss in enumerate(trainer_pss)
+        for i, anon in enumerate(trainer_anon)
     ]
     run = {
         "samples": samples,
@@ -63,7 +63,7 @@ def test_memory_grown_in_a_child_fails_the_verdict_though_the_role_itself_holds(
     assert flat["verdict"]["result"] == "pass", flat["verdict"]
     grown = _run([1_000.0 + 2.0 * i for i in range(60)])  # +10 % over the run
     assert grown["roles"]["trainer"]["rss_growth_after_warmup"] == 0
-    assert grown["roles"]["trainer"]["tree_pss_growth_after_warmup"] == pytest.approx(
+    assert grown["roles"]["trainer"]["tree_anon_growth_after_warmup"] == pytest.approx(
         0.09, abs=0.02
     )
     assert grown["verdict"]["result"] == "fail"

@@ -1,11 +1,18 @@
 """``winnow bench soak`` end to end in its short form: 30 s of load on the suite's broker."""
 
+import contextlib
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from infra.kafka.broker import EmbeddedBroker
+from winnow.bench.soak.probe import descendants
 from winnow.bench.soak.report import format_table
 from winnow.cli import build_parser, main
 
@@ -83,3 +90,64 @@ def test_role_settings_are_winnow_pairs(capsys: pytest.CaptureFixture[str]) -> N
     with pytest.raises(SystemExit):
         build_parser().parse_args(["bench", "soak", "--role-env", "PATH=/tmp"])
     assert "expected WINNOW_NAME=VALUE" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_soak_stopped_by_sigterm_stops_its_roles(
+    kafka_broker: EmbeddedBroker, tmp_path: Path
+) -> None:
+    """Catches: a soak killed with SIGTERM (``kill``, a CI timeout) leaving its trainer,
+    scorer and label app running, orphaned, on the CPU and ports of the next run."""
+    env = {
+        **os.environ,
+        "WINNOW_KAFKA_BOOTSTRAP": kafka_broker.bootstrap,
+        "WINNOW_KAFKA_SESSION_TIMEOUT_MS": "2000",
+        "WINNOW_KAFKA_HEARTBEAT_INTERVAL_MS": "500",
+    }
+    soak = subprocess.Popen(
+        [sys.executable, "-m", "winnow.cli", "bench", "soak", "--minutes", "5", "--rate", "50",
+         "--device", "cpu", "--json", str(tmp_path / "soak.json")],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        roles: list[int] = []
+        everything: list[int] = []
+        while len(roles) < 3:
+            assert soak.poll() is None and time.monotonic() < deadline, "the roles did not start"
+            roles = [pid for pid in descendants(soak.pid) if _is_role(pid)]
+            time.sleep(0.5)
+        everything = descendants(soak.pid)  # the roles, and a round worker if one runs
+        soak.send_signal(signal.SIGTERM)
+        _, err = soak.communicate(timeout=120)
+        assert soak.returncode == 143, err[-2000:]
+        assert "stopped by SIGTERM" in err
+        assert not [pid for pid in everything if _alive(pid)]
+        assert not (tmp_path / "soak.json").exists()
+    finally:
+        left = descendants(soak.pid) if soak.poll() is None else []
+        for pid in left + everything:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        if soak.poll() is None:
+            soak.kill()
+            soak.wait()
+
+
+def _is_role(pid: int) -> bool:
+    try:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return b"winnow.cli" in command and b"bench" not in command
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
