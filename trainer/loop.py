@@ -158,7 +158,11 @@ class Trainer(Component):
             for name in TORCH_THREADS
         }
         if self.settings.round_worker_rounds > 0:
-            self.round_worker = RoundWorker(self.settings.round_worker_rounds)
+            started = self.metrics.round_workers
+            self.round_worker = RoundWorker(
+                self.settings.round_worker_rounds,
+                on_start=lambda reason: started.labels(reason=reason).inc(),
+            )
         self._producer = create_producer(self.settings.kafka)
         await self._producer.start()
         model, spec, fresh = await self._on("rounds", initial_model, self.settings)

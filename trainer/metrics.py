@@ -77,6 +77,13 @@ class TrainerMetrics:
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60),
             registry=r,
         )
+        self.round_workers = Counter(
+            "winnow_trainer_round_workers_started",
+            "Round worker processes started, by reason: first, recycled (after "
+            "WINNOW_TRAINER_ROUND_WORKER_ROUNDS rounds), died (one exited mid-round)",
+            ["reason"],
+            registry=r,
+        )
         # Every known label value from 0 on: a series born at 1 hides its first event from
         # increase(), and the alert rules count these events.
         for counter, values in (
@@ -84,6 +91,7 @@ class TrainerMetrics:
             (self.rounds_triggered, ("labels", "timer", "drift", "manual")),
             (self.releases, ("published", "rejected")),
             (self.head_refits, ("released", "rejected", "stale")),
+            (self.round_workers, ("first", "recycled", "died")),
         ):
             for value in values:
                 counter.labels(value)

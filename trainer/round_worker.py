@@ -41,6 +41,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from typing import Literal
 
 import numpy as np
 import torch
@@ -53,6 +54,10 @@ from trainer.samples import Sample
 log = logging.getLogger(__name__)
 
 Progress = Callable[[dict[str, float]], None]
+
+StartReason = Literal["first", "recycled", "died"]
+"""Why a child started: the worker's first, one replacing a child that trained its
+rounds, or one replacing a child that died."""
 
 MODULE = "trainer.round_worker"
 """What the child runs (``python -m``); this module."""
@@ -103,11 +108,18 @@ class RoundWorker:
     :meth:`close` may come from any thread.
     """
 
-    def __init__(self, rounds_per_process: int, threads: int | None = None) -> None:
+    def __init__(
+        self,
+        rounds_per_process: int,
+        threads: int | None = None,
+        on_start: Callable[[StartReason], None] | None = None,
+    ) -> None:
         """
         Args:
             rounds_per_process: rounds a child trains before a fresh one replaces it.
             threads: torch's intra-op threads in the child; None: this process's count.
+            on_start: called with the reason each time a child starts (the trainer's
+                ``winnow_trainer_round_workers_started_total``).
         """
         if rounds_per_process < 1:
             raise ValueError(f"rounds_per_process must be at least 1, not {rounds_per_process}")
@@ -115,6 +127,8 @@ class RoundWorker:
         self.threads = threads
         self.started = 0
         """Child processes started so far."""
+        self._on_start = on_start
+        self._next_reason: StartReason = "first"
         self._child: subprocess.Popen[bytes] | None = None
         self._conn: Connection | None = None
         self._held: set[str] = set()
@@ -184,6 +198,7 @@ class RoundWorker:
                 stats, weights = self._train(model, new, replay_pool, config, device, progress)
             except WorkerDied as died:
                 self._discard()
+                self._next_reason = "died"
                 if attempt == 2 or self._closed:
                     raise
                 log.warning("round worker died (%s); training the round in a fresh one", died)
@@ -195,6 +210,7 @@ class RoundWorker:
             self._rounds += 1
             if self._rounds >= self.rounds_per_process:
                 self._discard()
+                self._next_reason = "recycled"
                 self._ensure_child()  # it imports while the trainer gates and exports
             return stats
         raise AssertionError("unreachable")
@@ -229,7 +245,10 @@ class RoundWorker:
             self._child, self._conn = child, Connection(ours.detach())
             self._held, self._rounds = set(), 0
             self.started += 1
-            log.debug("round worker started: pid %d", child.pid)
+            reason, self._next_reason = self._next_reason, "first"
+        log.debug("round worker started (%s): pid %d", reason, child.pid)
+        if self._on_start is not None:
+            self._on_start(reason)
 
     def _discard(self) -> None:
         """Closes the socket (the child exits when it reads its end) and reaps the child."""

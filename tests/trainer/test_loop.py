@@ -123,6 +123,10 @@ async def test_a_round_reads_each_image_once(
     _store_labels(trainer, digits, range(40, 60))
     await trainer.run_round()  # decodes the new frames only, and replays the others
     assert reads == Counter(f"f{i}" for i in range(60))
+    # Both rounds trained in one round worker (a child process), counted on /metrics.
+    assert trainer.round_worker is not None and trainer.round_worker.started == 1
+    started = trainer.metrics.registry.get_sample_value
+    assert started("winnow_trainer_round_workers_started_total", {"reason": "first"}) == 1
 
 
 async def test_torch_work_runs_on_the_trainers_own_two_threads(

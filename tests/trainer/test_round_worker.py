@@ -99,7 +99,8 @@ def test_a_round_in_the_worker_trains_the_weights_a_round_here_does(
 def test_a_fresh_child_takes_over_after_rounds_per_process(samples: list[Sample]) -> None:
     """Fails if the worker kept one process for ever (the memory it is there to shed),
     or left the old one running."""
-    worker = RoundWorker(rounds_per_process=2)
+    reasons: list[str] = []
+    worker = RoundWorker(rounds_per_process=2, on_start=reasons.append)
     try:
         model, pids, after = _model(), [], []  # the children that trained each round
         for start in range(0, 90, 30):
@@ -112,6 +113,7 @@ def test_a_fresh_child_takes_over_after_rounds_per_process(samples: list[Sample]
         assert pids[0] == pids[1] != pids[2] and all(len(p) == 1 for p in pids)
         # The second child started as the first retired, ready before the next round.
         assert {after[1]} == pids[2] and worker.started == 2
+        assert reasons == ["first", "recycled"]
         with pytest.raises(ProcessLookupError):
             os.kill(next(iter(pids[0])), 0)  # reaped, not a zombie: the pid is free
         # The replacement had not seen the frames: they were sent again, and it trained.
@@ -130,6 +132,8 @@ def test_a_child_killed_mid_round_is_replaced_and_the_round_trained_again(
     """Fails if a child that dies (the OOM killer, a stray signal) failed the trainer, or
     if the retry started from a half-trained model."""
     killed: list[int] = []
+    reasons: list[str] = []
+    worker._on_start = reasons.append
 
     def kill_once(_: dict[str, float]) -> None:
         if not killed and worker.pid is not None:
@@ -140,6 +144,7 @@ def test_a_child_killed_mid_round_is_replaced_and_the_round_trained_again(
     worker.finetune(model, samples[:40], [], CONFIG, CPU, progress=kill_once)
     finetune_round(expected, samples[:40], [], CONFIG, CPU)
     assert killed and worker.pid != killed[0] and worker.started == 2
+    assert reasons == ["first", "died"]  # what winnow_trainer_round_workers_started counts
     assert _same_weights(model, expected)
 
 
