@@ -123,10 +123,34 @@ async def test_a_round_reads_each_image_once(
     _store_labels(trainer, digits, range(40, 60))
     await trainer.run_round()  # decodes the new frames only, and replays the others
     assert reads == Counter(f"f{i}" for i in range(60))
-    # Both rounds trained in one round worker (a child process), counted on /metrics.
-    assert trainer.round_worker is not None and trainer.round_worker.started == 1
-    started = trainer.metrics.registry.get_sample_value
-    assert started("winnow_trainer_round_workers_started_total", {"reason": "first"}) == 1
+
+
+async def test_rounds_train_in_a_round_worker_when_asked(
+    kafka_settings, group_id, winnow_topics, digits: Digits, tmp_path: Path
+) -> None:
+    """WINNOW_TRAINER_ROUND_WORKER_ROUNDS: rounds train in a child process, replaced after
+    that many rounds, counted on /metrics; off by default. Catches the setting not reaching
+    the rounds, and a worker that is never replaced."""
+    assert loop_settings(kafka_settings, group_id, tmp_path).round_worker_rounds == 0
+    settings = loop_settings(
+        kafka_settings,
+        group_id,
+        tmp_path,
+        round_min_labels=10_000,
+        round_max_seconds=3600,
+        drift_rounds=False,
+        round_worker_rounds=2,
+    )
+    async with Trainer(settings) as trainer:
+        assert trainer.round_worker is not None
+        for start in (0, 30, 40):
+            _store_labels(trainer, digits, range(start, start + 30 if start == 0 else start + 10))
+            report = await trainer.run_round()
+            assert report is not None and report.new_labels == (30 if start == 0 else 10)
+        assert trainer.round_worker.started == 2  # the first, and one after two rounds
+        started = trainer.metrics.registry.get_sample_value
+        name = "winnow_trainer_round_workers_started_total"
+        assert started(name, {"reason": "first"}) == started(name, {"reason": "recycled"}) == 1
 
 
 async def test_torch_work_runs_on_the_trainers_own_two_threads(

@@ -18,7 +18,9 @@ from winnow.bench.soak.probe import descendants
 pytestmark = pytest.mark.slow
 
 
-def _start(kafka_settings, group_id: str, data_dir: Path, min_labels: int, log: Path):
+def _start(
+    kafka_settings, group_id: str, data_dir: Path, min_labels: int, log: Path, **settings: str
+):
     env = {
         **os.environ,
         "WINNOW_KAFKA_BOOTSTRAP": kafka_settings.bootstrap,
@@ -28,6 +30,7 @@ def _start(kafka_settings, group_id: str, data_dir: Path, min_labels: int, log: 
         "WINNOW_TRAINER_GROUP_ID": group_id,
         "WINNOW_TRAINER_ROUND_MIN_LABELS": str(min_labels),
         "WINNOW_TRAINER_HOLDOUT_FRACTION": "0",
+        **{f"WINNOW_TRAINER_{name.upper()}": value for name, value in settings.items()},
     }
     command = [
         sys.executable,
@@ -137,7 +140,7 @@ async def test_sigkill_during_a_round_loses_no_label_and_the_next_release_learns
     restarted trainer that publishes a release from fewer labels than it holds."""
     pngs, targets = digits
     log, data_dir = tmp_path / "trainer.log", tmp_path / "data"
-    first = _start(kafka_settings, group_id, data_dir, 30, log)
+    first = _start(kafka_settings, group_id, data_dir, 30, log, round_worker_rounds="20")
     try:
         await read_json(
             kafka_settings, winnow_topics.models, lambda out: len(manifests(out)) >= 1, within=60
