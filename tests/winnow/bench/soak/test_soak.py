@@ -38,7 +38,9 @@ def test_a_short_soak_samples_every_role_and_loses_no_frame(
 
     code = main(
         ["bench", "soak", "--minutes", "0.5", "--rate", "100", "--sample-seconds", "3",
-         "--device", "cpu", "--json", str(out)]
+         "--device", "cpu", "--json", str(out),
+         # the round worker on, so that a role's child process is read as well
+         "--role-env", "WINNOW_TRAINER_ROUND_WORKER_ROUNDS=20"]
     )  # fmt: skip
 
     result = json.loads(out.read_text())
@@ -66,8 +68,9 @@ def test_a_short_soak_samples_every_role_and_loses_no_frame(
         assert role["samples_after_warmup"] >= 4
         assert isinstance(role["rss_growth_after_warmup"], float)
         assert role["exit_code"] == 0, name
-    if max(s["rounds"] for s in result["samples"]) > 0:  # the round worker was read too
-        assert result["roles"]["trainer"]["children_rss_mb_max"] > 100
+    # A round trained in the trainer's round worker, and the worker was read with its role.
+    assert max(s["rounds"] for s in result["samples"]) >= 1
+    assert result["roles"]["trainer"]["children_rss_mb_max"] > 100
     assert result["roles"]["scorer"]["children_rss_mb_max"] == 0
     assert result["releases"]["scorer_swaps_ok"] >= 1
     assert result["labels"]["answered"] >= 1
