@@ -11,6 +11,12 @@ that churns the heap most (a scratch loop of the soak trainer's work: rounds alo
 else (evaluation, the head refit, the gate, the export), which only runs forward
 passes.
 
+Measured, it did not pay: in the tenth 60-minute soak (docs/benchmarks.md, "Soak") the
+trainer's own process, no longer training, grew as fast as before (69 MB an hour), the
+worker held about 400 MB more, and its rounds slowed beside the head refits on two cores.
+So ``WINNOW_TRAINER_ROUND_WORKER_ROUNDS`` is 0 (off) by default; this module is what it
+turns on.
+
 What it costs: the child imports torch (about 3 s of CPU on the 2-core machine,
 started right after the previous child's last round, so the next round finds it
 ready), each round pickles the model in and its weights out (the small CNN a few
