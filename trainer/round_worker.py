@@ -200,8 +200,9 @@ class RoundWorker:
     ) -> RoundStats:
         for attempt in (1, 2):
             self._ensure_child()
+            job = self._job(model, new, replay_pool, config, device)  # what this child lacks
             try:
-                stats, weights = self._train(model, new, replay_pool, config, device, progress)
+                stats, weights = self._train(job, progress)
             except WorkerDied as died:
                 self._discard()
                 self._next_reason = "died"
@@ -251,7 +252,7 @@ class RoundWorker:
             self._child, self._conn = child, Connection(ours.detach())
             self._held, self._rounds = set(), 0
             self.started += 1
-            reason, self._next_reason = self._next_reason, "first"
+            reason = self._next_reason  # "first" until a child retires or dies
         log.debug("round worker started (%s): pid %d", reason, child.pid)
         if self._on_start is not None:
             self._on_start(reason)
@@ -273,19 +274,10 @@ class RoundWorker:
 
     # -- one round -------------------------------------------------------------------------
 
-    def _train(
-        self,
-        model: nn.Module,
-        new: Sequence[Sample],
-        replay_pool: Sequence[Sample],
-        config: FinetuneConfig,
-        device: torch.device,
-        progress: Progress | None,
-    ) -> tuple[RoundStats, bytes]:
+    def _train(self, job: RoundJob, progress: Progress | None) -> tuple[RoundStats, bytes]:
         conn, child = self._conn, self._child
         if conn is None or child is None:
             raise WorkerDied("the round worker was stopped")
-        job = self._job(model, new, replay_pool, config, device)
         try:
             conn.send(("round", job))
             while True:

@@ -34,16 +34,21 @@ async def trainer(
     kafka_settings, group_id, winnow_topics, tmp_path: Path
 ) -> AsyncIterator[Trainer]:
     """A started trainer whose rounds run only when the test calls ``run_round``."""
-    settings = loop_settings(
+    async with Trainer(_manual_rounds(kafka_settings, group_id, tmp_path)) as started:
+        yield started
+
+
+def _manual_rounds(kafka_settings, group_id: str, data_dir: Path, **kw: object):
+    """Settings of a trainer whose rounds run only when the test calls ``run_round``."""
+    return loop_settings(
         kafka_settings,
         group_id,
-        tmp_path,
+        data_dir,
         round_min_labels=10_000,
         round_max_seconds=3600,
         drift_rounds=False,
+        **kw,
     )
-    async with Trainer(settings) as started:
-        yield started
 
 
 def _store_labels(trainer: Trainer, digits: Digits, ids: Iterable[int]) -> None:
@@ -132,15 +137,7 @@ async def test_rounds_train_in_a_round_worker_when_asked(
     that many rounds, counted on /metrics; off by default. Catches the setting not reaching
     the rounds, and a worker that is never replaced."""
     assert loop_settings(kafka_settings, group_id, tmp_path).round_worker_rounds == 0
-    settings = loop_settings(
-        kafka_settings,
-        group_id,
-        tmp_path,
-        round_min_labels=10_000,
-        round_max_seconds=3600,
-        drift_rounds=False,
-        round_worker_rounds=2,
-    )
+    settings = _manual_rounds(kafka_settings, group_id, tmp_path, round_worker_rounds=2)
     async with Trainer(settings) as trainer:
         assert trainer.round_worker is not None
         for start in (0, 30, 40):
