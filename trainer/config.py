@@ -75,6 +75,14 @@ class TrainerSettings(BaseSettings):
         description="new labels (holdout excluded) that start a refit of the classification "
         "head on frozen embeddings and a head-only release; 0: backbone rounds only",
     )
+    head_refit_share: float = Field(
+        default=0.01,
+        ge=0,
+        le=1,
+        description="and at least this share of the labels the last refit learned from: "
+        "each refit fits every label, so refits at a fixed count would cost more and more "
+        "as labels grow; 0: every head_refit_labels whatever the count",
+    )
     shrink: float | None = Field(
         default=None,
         gt=0,

@@ -2,9 +2,10 @@
 
 The loop of AIFT (Zhou et al., CVPR 2017) on live streams, at two speeds. The
 intake joins label requests with labels in a crash-safe store. After every
-``head_refit_labels`` new labels the trainer refits the classification head
-on the frozen embeddings of every label and publishes a small head-only
-release (seconds; :mod:`trainer.refit`). After ``round_min_labels`` new labels
+``head_refit_labels`` new labels (or ``head_refit_share`` of those learned,
+when more) the trainer refits the classification head on the frozen
+embeddings of every label and publishes a small head-only release (seconds;
+:mod:`trainer.refit`). After ``round_min_labels`` new labels
 or ``round_max_seconds`` (whichever comes first), or as soon as a drift alarm
 from the scorer finds ``drift_round_min_labels``, a backbone round starts from
 the current model (continuous fine-tuning, never from scratch), trains on the
@@ -50,6 +51,7 @@ from trainer.refit import (
     HeadReport,
     build_head,
     head_artifact,
+    refit_wait,
     restore_head,
     save_head,
     unlearned,
@@ -250,11 +252,17 @@ class Trainer(Component):
             await self._head_wake.wait()
 
     async def _refit_due(self) -> bool:
-        """Updates the unlearned count; whether ``head_refit_labels`` came since the last refit."""
+        """Updates the unlearned count; whether enough new labels came since the last refit.
+
+        Enough: ``head_refit_labels``, or ``head_refit_share`` of the labels the
+        last refit fit when that is more (:func:`~trainer.refit.refit_wait`).
+        """
         pending = await asyncio.to_thread(self.store.pending)
-        fraction, needed = self.settings.holdout_fraction, self.settings.head_refit_labels
+        settings = self.settings
+        fraction, every = settings.holdout_fraction, settings.head_refit_labels
         self._set_unlearned(unlearned(pending, self._covered, fraction))
-        return needed > 0 and unlearned(pending, self._attempted, fraction) >= needed
+        needed = refit_wait(len(self._attempted), every, settings.head_refit_share)
+        return every > 0 and unlearned(pending, self._attempted, fraction) >= needed
 
     # -- head refits -----------------------------------------------------------------------
 

@@ -214,6 +214,22 @@ def _shortest(values: np.ndarray) -> list[float]:
     return [float(str(v)) for v in np.asarray(values, dtype=np.float32)]
 
 
+def refit_wait(learned: int, every: int, share: float) -> int:
+    """New labels a head refit waits for: ``every``, or ``share`` of what the last one learned.
+
+    A refit fits every label, so its cost grows with the labels; waiting for a
+    share of them keeps the refits' total cost in step with the labels (each
+    label is refit about ``1 / share`` times over its life) instead of growing
+    with their square, and the labels not yet learned stay under that share.
+
+    Args:
+        learned: the labels the last refit (or round) learned from.
+        every: the fewest new labels (``head_refit_labels``).
+        share: the share of ``learned`` (``head_refit_share``).
+    """
+    return max(every, math.ceil(share * learned))
+
+
 def unlearned(
     pending: Iterable[TrainItem], covered: Mapping[str, str], holdout_fraction: float
 ) -> int:

@@ -18,7 +18,7 @@ from trainer.architectures import WinnowNet, build_model
 from trainer.evaluate import accuracy
 from trainer.head import EmbeddingCache, LinearHead, embed, fit_head, head_of, refit_head
 from trainer.model_init import seed_everything
-from trainer.refit import head_artifact, restore_head, save_head, unlearned
+from trainer.refit import head_artifact, refit_wait, restore_head, save_head, unlearned
 from trainer.samples import Sample, stack
 from trainer.store import TrainItem
 
@@ -171,3 +171,15 @@ def test_a_sample_weight_counts_as_copies_of_the_sample() -> None:
     assert np.abs(weighted.weight - plain.weight).max() > 1e-2
     with pytest.raises(ValueError, match="sample weights"):
         fit_head(x, y, 3, sample_weight=np.zeros(30))
+
+
+def test_refits_wait_for_a_share_of_the_labels_so_their_total_cost_stays_linear() -> None:
+    """Catches a refit cadence that ignores the labels learned: refits every 3 labels, each
+    over every label, would fit about N² / 6 labels in all by N labels."""
+    assert [refit_wait(n, 3, 0.01) for n in (0, 300, 301, 1_000, 5_000)] == [3, 3, 4, 10, 50]
+    assert refit_wait(5_000, 3, 0.0) == 3
+    learned, fitted, refits = 0, 0, 0
+    while learned < 6_000:
+        learned += refit_wait(learned, 3, 0.01)
+        fitted, refits = fitted + learned, refits + 1
+    assert refits < 500 and fitted < 120 * 6_000  # each label about 1 / 0.01 times

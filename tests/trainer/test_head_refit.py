@@ -148,6 +148,33 @@ async def test_the_unlearned_count_rises_with_labels_and_drops_to_zero_after_a_r
     assert [m["base_version"] for m, _ in releases] == [cold.version, full.version]
 
 
+async def test_refits_wait_for_a_share_of_the_labels_as_they_grow(
+    kafka_settings, group_id, winnow_topics, digits: Digits, tmp_path: Path
+) -> None:
+    """Catches head refits at a fixed count of new labels whatever the labels learned: each
+    refit fits every label, so their cost would grow with the square of the labels (a long
+    run's trainer spent a core on them)."""
+    pngs, targets = digits
+    learnable = _learnable(range(100))
+    settings = _settings(
+        kafka_settings, group_id, tmp_path, head_refit_labels=2, head_refit_share=1.0
+    )
+    async with Trainer(settings) as trainer:
+        await feed(kafka_settings, winnow_topics, pngs, targets, learnable[:2])
+        await eventually(lambda: len(trainer.head_reports) == 1)
+        await feed(kafka_settings, winnow_topics, pngs, targets, learnable[2:4])
+        await eventually(lambda: len(trainer.head_reports) == 2)
+        assert trainer.spec.labels_trained == 4
+        # 4 learned: the next refit waits for 4 new labels, not 2
+        await feed(kafka_settings, winnow_topics, pngs, targets, learnable[4:7])
+        await eventually(lambda: trainer.labels_unlearned == 3)
+        await asyncio.sleep(1.0)
+        assert len(trainer.head_reports) == 2
+        await feed(kafka_settings, winnow_topics, pngs, targets, learnable[7:8])
+        await eventually(lambda: len(trainer.head_reports) == 3)
+        assert trainer.labels_unlearned == 0 and trainer.spec.labels_trained == 8
+
+
 async def test_the_scorer_serves_the_head_release_exactly_as_the_trainer_computed_it(
     kafka_settings, group_id, winnow_topics, digits: Digits, tmp_path: Path
 ) -> None:

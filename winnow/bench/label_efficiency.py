@@ -217,11 +217,13 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
             f"--seeds must be at least 1 and --first-seed not negative "
             f"(got {args.seeds} and {args.first_seed})"
         )
+    if args.refit_share is not None and not 0 <= args.refit_share <= 1:
+        raise BenchConfigError(f"--refit-share must be in [0, 1] (got {args.refit_share})")
     extra = given_specs(args.strategy_specs, args.strategy_spec)
     names = (
         [n.strip() for n in args.strategies.split(",") if n.strip()] if args.strategies else None
     )
-    round_default, refit_default = trainer_cadence()
+    round_default, refit_default, share_default = trainer_cadence()
     # Unsaid, refits are on where the trainer refits by default and has the function.
     wanted = (
         args.head_refits if args.head_refits is not None else (None if refit_default else False)
@@ -256,6 +258,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
             learner=LearnerConfig(
                 round_labels=args.round_labels or round_default,
                 refit_labels=args.refit_labels or refit_default or 1,
+                refit_share=share_default if args.refit_share is None else args.refit_share,
                 min_steps=args.min_steps,
                 full_steps=args.full_steps,
                 pseudo=args.pseudo_labels,
@@ -399,6 +402,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         help="labels per head refit (default the trainer's head_refit_labels)",
+    )
+    p.add_argument(
+        "--refit-share",
+        type=float,
+        default=None,
+        help="a head refit also waits for this share of the labels so far (default the "
+        "trainer's head_refit_share; 0: every --refit-labels)",
     )
     p.add_argument(
         "--head-refits",

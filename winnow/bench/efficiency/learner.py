@@ -7,10 +7,11 @@ as the trainer builds it), exactly as a trainer round does; there is no
 release gate, each round's model is the next one. With head refits, the
 trainer's head refit (``trainer.head.refit_head``: the linear head on frozen
 embeddings of every label so far, pulled towards the current head) ends each
-round and runs every ``refit_labels`` labels between rounds, as the trainer
-does. The model is measured on the test split after each change, so the curve
-has a point per round and per refit. The cadence defaults to the trainer's
-own settings (:func:`trainer_cadence`).
+round and runs every ``refit_labels`` labels between rounds (or
+``refit_share`` of the labels so far, when more), as the trainer does. The
+model is measured on the test split after each change, so the curve has a
+point per round and per refit. The cadence defaults to the trainer's own
+settings (:func:`trainer_cadence`).
 
 With pseudo-labels (``LearnerConfig.pseudo``), every round and refit also
 learns from the unlabeled frames the stream has shown so far, labeled by
@@ -75,17 +76,20 @@ def resolve_head_refit(wanted: bool | None, class_balance: float = 0.0) -> HeadR
     return refit
 
 
-def trainer_cadence() -> tuple[int, int]:
-    """The trainer's defaults: labels per backbone round and per head refit (0: none).
+def trainer_cadence() -> tuple[int, int, float]:
+    """The trainer's defaults: labels per backbone round, per head refit (0: none), and
+    the share of the labels learned that a refit also waits for.
 
     Read from ``TrainerSettings``' field defaults (``round_min_labels``,
-    ``head_refit_labels``), so the bench follows the trainer when they change.
+    ``head_refit_labels``, ``head_refit_share``), so the bench follows the trainer
+    when they change.
     """
     from trainer.config import TrainerSettings
 
     fields = TrainerSettings.model_fields
-    refit = fields["head_refit_labels"].default if "head_refit_labels" in fields else 0
-    return int(fields["round_min_labels"].default), int(refit)
+    refit = fields["head_refit_labels"].default
+    share = fields["head_refit_share"].default
+    return int(fields["round_min_labels"].default), int(refit), float(share)
 
 
 @dataclass(frozen=True)
@@ -95,6 +99,8 @@ class LearnerConfig:
     Attributes:
         round_labels: labels that start a fine-tuning round.
         refit_labels: labels between head refits (with a refit).
+        refit_share: and at least this share of the labels the last refit learned
+            from (``trainer.refit.refit_wait``, the trainer's ``head_refit_share``).
         min_steps: optimizer steps per round, at least; None: the trainer's default for
             the architecture (``FinetuneConfig.for_arch``).
         full_steps: steps of the full-data run (None: at least 600, 10 epochs).
@@ -113,6 +119,7 @@ class LearnerConfig:
 
     round_labels: int = 20
     refit_labels: int = 3
+    refit_share: float = 0.01
     min_steps: int | None = None
     full_steps: int | None = None
     pseudo: float = 0.0
@@ -233,10 +240,16 @@ class Learner:
         if len(self._pending) >= self._config.round_labels:
             self._round()
             return True
-        if self._refit is not None and self.answered - self._refit_at >= self._config.refit_labels:
+        if self._refit is not None and self.answered - self._refit_at >= self._refit_wait():
             self._refit_head()
             return True
         return False
+
+    def _refit_wait(self) -> int:
+        from trainer.refit import refit_wait
+
+        config = self._config
+        return refit_wait(self._refit_at, config.refit_labels, config.refit_share)
 
     def flush(self) -> bool:
         """A last round on labels not trained on yet; True when there were any."""

@@ -48,6 +48,22 @@ def test_rounds_and_refits_come_when_their_label_counts_are_reached() -> None:
     assert not learner.flush()
 
 
+def test_refits_also_wait_for_a_share_of_the_labels_as_the_trainer_does() -> None:
+    """Catches a bench learner that refits more often than the trainer once labels grow."""
+    data = _data()
+    refits: list[int] = []
+
+    def refit(model: Any, samples: Sequence[Sample]) -> Any:
+        refits.append(len(samples))
+        return model
+
+    config = LearnerConfig(round_labels=100, refit_labels=2, refit_share=0.5, min_steps=2)
+    learner = Learner(data, config, 0, refit)
+    for i in range(20):
+        learner.add(Sample(str(i), data.inputs[i], int(data.labels[i])))
+    assert refits == [2, 4, 6, 9, 14]  # waits of 2, 2, 2, 3 (half of 6), 5 (half of 9)
+
+
 def test_the_same_seed_gives_the_same_initial_model() -> None:
     data = _data()
     a = Learner(data, LearnerConfig(), 3, None).run(data.test_inputs)[0]
