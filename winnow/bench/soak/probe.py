@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from prometheus_client.parser import text_string_to_metric_families
 
 _PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024 if hasattr(os, "sysconf") else 4
+_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,10 @@ class ProcessReading:
             twice (children are started with exec, so they share no anonymous pages), and
             unlike a proportional set size it does not move when another process maps
             the same libraries. None where the kernel has no ``RssAnon`` (before 4.5).
+        cpu_seconds: the processor time (user and system) the process and its
+            descendants have used so far, those it has reaped included (round workers
+            replaced); its rise between two readings over their interval is the cores the
+            role kept busy.
     """
 
     rss_mb: float
@@ -32,6 +37,7 @@ class ProcessReading:
     threads: int
     children_rss_mb: float = 0.0
     tree_anon_mb: float | None = None
+    cpu_seconds: float = 0.0
 
 
 def read_process(pid: int) -> ProcessReading:
@@ -48,14 +54,17 @@ def read_process(pid: int) -> ProcessReading:
     rss_kb = int(fields["VmRSS"].split()[0])
     fds = len(os.listdir(f"/proc/{pid}/fd"))
     anon_kb = _kb(fields.get("RssAnon"))
+    cpu = cpu_seconds(pid)
     children_kb = 0
     for child in descendants(pid):
         try:
             child_fields = _status(child)
+            child_cpu = cpu_seconds(child)
         except OSError:  # exited meanwhile (the round worker is replaced now and then)
             continue
         if "VmRSS" not in child_fields:  # exited, not reaped yet: it holds no memory
             continue
+        cpu += child_cpu
         children_kb += _kb(child_fields.get("VmRSS")) or 0
         child_anon = _kb(child_fields.get("RssAnon"))
         anon_kb = None if anon_kb is None or child_anon is None else anon_kb + child_anon
@@ -65,7 +74,17 @@ def read_process(pid: int) -> ProcessReading:
         threads=int(fields["Threads"]),
         children_rss_mb=round(children_kb / 1024, 2),
         tree_anon_mb=None if anon_kb is None else round(anon_kb / 1024, 2),
+        cpu_seconds=round(cpu, 2),
     )
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system time of ``pid`` and of the children it has reaped (``/proc/<pid>/stat``
+    fields 14 to 17), in seconds."""
+    with open(f"/proc/{pid}/stat") as stat:
+        # the command name is in parentheses and may hold spaces: split after its end
+        fields = stat.read().rpartition(")")[2].split()
+    return sum(int(v) for v in fields[11:15]) / _TICKS
 
 
 def descendants(pid: int) -> list[int]:

@@ -2,10 +2,18 @@
 
 from typing import Any
 
-from winnow.bench.soak.growth import kb_per_label, role_growth, verdict
+from winnow.bench.soak.growth import edge_count, kb_per_label, role_growth, verdict
 from winnow.bench.soak.roles import ROLES
 
-READINGS = ("rss_mb", "children_rss_mb", "tree_anon_mb", "fds", "threads", "asyncio_tasks")
+READINGS = (
+    "rss_mb",
+    "children_rss_mb",
+    "tree_anon_mb",
+    "cpu_seconds",
+    "fds",
+    "threads",
+    "asyncio_tasks",
+)
 
 
 def role_summary(samples: list[dict[str, Any]], name: str, warmup_s: float) -> dict[str, Any]:
@@ -30,6 +38,9 @@ def role_summary(samples: list[dict[str, Any]], name: str, warmup_s: float) -> d
     out.update(role_growth([t for t, _ in tree], [v for _, v in tree], warmup_s, "tree_anon"))
     out["tree_anon_kb_per_label_after_warmup"] = _per_label(samples, name, warmup_s, "tree_anon_mb")
     out["children_rss_mb_max"] = max((r.get("children_rss_mb", 0.0) for _, r in live), default=None)
+    cpu = [(t, r["cpu_seconds"]) for t, r in after if r.get("cpu_seconds") is not None]
+    out["cpu_cores_after_warmup"] = _cores(cpu)
+    out["cpu_cores_at_end"] = _cores(cpu[-edge_count(len(cpu)) :])
     for key in ("fds", "threads", "asyncio_tasks"):
         start, end = out["start"], out["end"]
         known = start and end and start.get(key) is not None and end.get(key) is not None
@@ -37,6 +48,14 @@ def role_summary(samples: list[dict[str, Any]], name: str, warmup_s: float) -> d
         values = [r[key] for _, r in after if r.get(key) is not None]
         out[f"{key}_max_after_warmup"] = max(values) if values else None
     return out
+
+
+def _cores(readings: list[tuple[float, float]]) -> float | None:
+    """The cores kept busy between the first and last (time, CPU seconds) readings."""
+    if len(readings) < 2 or readings[-1][0] <= readings[0][0]:
+        return None
+    (t0, cpu0), (t1, cpu1) = readings[0], readings[-1]
+    return round((cpu1 - cpu0) / (t1 - t0), 3)
 
 
 def _per_label(
@@ -119,9 +138,16 @@ def _signed(value: float | None) -> str:
     return "-" if value is None else f"{value:+.1f}"
 
 
+def _cores_cell(mean: float | None, end: float | None) -> str:
+    """Cores busy after warm-up, and at the end: ``0.45 (end 0.80)``."""
+    if mean is None:
+        return "-"
+    return f"{mean:.2f}" + ("" if end is None else f" (end {end:.2f})")
+
+
 def format_table(result: dict[str, Any]) -> str:
     head = ["role", "RSS MB start", "end", "growth", "MB/h", "KB/label"]
-    head += ["anon+children MB", "growth", "MB/h", "fds", "threads", "tasks"]
+    head += ["anon+children MB", "growth", "MB/h", "CPU cores", "fds", "threads", "tasks"]
     rows = [head]
     for name, r in result["roles"].items():
         growth = r["rss_growth_after_warmup"]
@@ -138,6 +164,7 @@ def format_table(result: dict[str, Any]) -> str:
                 f"{_cell(r['start'], 'tree_anon_mb')}->{_cell(r['end'], 'tree_anon_mb')}",
                 _percent(r.get("tree_anon_growth_after_warmup")),
                 _signed(r.get("tree_anon_slope_mb_per_hour")),
+                _cores_cell(r.get("cpu_cores_after_warmup"), r.get("cpu_cores_at_end")),
                 *(
                     f"{_cell(r['start'], key)}->{_cell(r['end'], key)}"
                     for key in ("fds", "threads", "asyncio_tasks")

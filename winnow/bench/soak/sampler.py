@@ -30,6 +30,7 @@ def sample_roles(roles: dict[str, Role], frames_topic: str) -> SampleDict:
             "rss_mb": process.rss_mb,
             "children_rss_mb": process.children_rss_mb,
             "tree_anon_mb": process.tree_anon_mb,
+            "cpu_seconds": process.cpu_seconds,
             "fds": process.fds,
             "threads": process.threads,
             "asyncio_tasks": None if tasks is None else int(tasks),

@@ -27,10 +27,10 @@ def test_a_short_soak_samples_every_role_and_loses_no_frame(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """Would catch a soak that reads the wrong processes or none (a role's RSS, fds, threads
-    or asyncio tasks missing: the three roles run as processes of their own), a frame that
-    was acknowledged and never decided, a run without samples after warm-up (so no growth
-    figure), and a JSON missing what the note reads."""
+    """Would catch a soak that reads the wrong processes or none (a role's RSS, fds, threads,
+    asyncio tasks or processor time missing: the three roles run as processes of their
+    own), a frame that was acknowledged and never decided, a run without samples after
+    warm-up (so no growth figure), and a JSON missing what the note reads."""
     monkeypatch.setenv("WINNOW_KAFKA_BOOTSTRAP", kafka_broker.bootstrap)
     monkeypatch.setenv("WINNOW_KAFKA_SESSION_TIMEOUT_MS", "2000")  # Tansu joins in half of it
     monkeypatch.setenv("WINNOW_KAFKA_HEARTBEAT_INTERVAL_MS", "500")
@@ -72,6 +72,8 @@ def test_a_short_soak_samples_every_role_and_loses_no_frame(
     assert max(s["rounds"] for s in result["samples"]) >= 1
     assert result["roles"]["trainer"]["children_rss_mb_max"] > 100
     assert result["roles"]["scorer"]["children_rss_mb_max"] == 0
+    for name in ("scorer", "trainer"):  # the processor time of each role is read
+        assert result["roles"][name]["cpu_cores_after_warmup"] > 0.01, name
     assert result["releases"]["scorer_swaps_ok"] >= 1
     assert result["labels"]["answered"] >= 1
     assert result["drift"]["shift_t"] == pytest.approx(15, abs=4)
