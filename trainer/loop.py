@@ -32,6 +32,7 @@ from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaProducer
 
+from infra import blas
 from infra.allocator import release_free_memory
 from infra.component import Component
 from infra.kafka.producer import create_producer
@@ -142,6 +143,7 @@ class Trainer(Component):
         self._head_wake = asyncio.Event()
         self._triggers = RoundTriggers(settings, self.drift_watch)
         self._torch: dict[str, ThreadPoolExecutor] = {}
+        self._blas = False  # holds infra.blas's one-thread limit
         self.round_worker: RoundWorker | None = None
         """Trains backbone rounds in a child process (``round_worker_rounds``); None: here."""
 
@@ -154,6 +156,8 @@ class Trainer(Component):
             raise
 
     async def _start_parts(self) -> None:
+        blas.acquire()  # released in _stop, which runs even when a start fails
+        self._blas = True
         self._checkpoints.mkdir(parents=True, exist_ok=True)
         self._torch = {
             name: ThreadPoolExecutor(1, thread_name_prefix=f"winnow-{name}")
@@ -205,6 +209,9 @@ class Trainer(Component):
         for pool in self._torch.values():  # a round cut short is redone on the next start
             pool.shutdown(wait=False, cancel_futures=True)
         self._torch = {}
+        if self._blas:
+            blas.release()
+            self._blas = False
 
     async def _on(self, thread: str, work: Callable[..., T], *args: Any) -> T:
         """``work(*args)`` on one of the trainer's torch threads (``TORCH_THREADS``)."""

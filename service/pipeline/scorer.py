@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from infra import blas
 from infra.component import Component
 from infra.kafka.closing import cancel_all, drain, stop_client
 from infra.kafka.consumer import create_consumer
@@ -38,7 +39,6 @@ from infra.kafka.producer import create_producer
 from service.config import Settings
 from service.metrics import ScorerMetrics
 from service.model.inference import CPU, OnnxModel, run_rows
-from service.pipeline import blas
 from service.pipeline.accounting import Accounting
 from service.pipeline.batching import Batch, collect_batch
 from service.pipeline.cap_shares import CapShares

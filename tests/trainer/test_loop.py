@@ -319,3 +319,22 @@ def test_a_trainer_keeps_only_its_latest_reports(kafka_settings, group_id, tmp_p
     assert f'winnow_trainer_head_refits_total{{result="released"}} {REPORTS_KEPT + 5}.0' in (
         exposition
     )
+
+
+async def test_blas_runs_one_thread_while_a_trainer_runs(
+    kafka_settings, group_id, winnow_topics, tmp_path: Path
+) -> None:
+    """Catches a trainer whose head refits run numpy's products on every core: beside a busy
+    scorer that made them several times slower, and each BLAS thread's buffer kept pages
+    in step with the labels (``infra/blas.py``)."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    def threads() -> set[int]:
+        return {lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"}
+
+    if not threads():
+        pytest.skip("numpy has no BLAS that threadpoolctl can see")
+    with threadpool_limits(limits=2, user_api="blas"):
+        async with Trainer(_manual_rounds(kafka_settings, group_id, tmp_path)):
+            assert threads() == {1}
+        assert threads() == {2}  # the limit found before, back after the stop

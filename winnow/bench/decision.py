@@ -234,7 +234,7 @@ def _strategies(args: argparse.Namespace) -> dict[str, StrategySpec]:
 
 def run_decision_bench(args: argparse.Namespace) -> int:
     """The command: every strategy through the phases, a table on stdout, JSON to ``--json``."""
-    from service.pipeline import blas
+    from infra import blas
 
     try:
         config = DecisionConfig(

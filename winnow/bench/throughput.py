@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 from pydantic import SecretStr
 
+from infra import blas
 from infra.kafka.admin import ensure_topics, topic_partitions
 from infra.kafka.broker import EmbeddedBroker
 from infra.kafka.consumer import create_consumer
@@ -53,7 +54,6 @@ from schemas.model_spec import Precision
 from schemas.predictions import Prediction
 from service.config import PolicySettings, ScorerSettings
 from service.model.inference import OnnxModel
-from service.pipeline import blas
 from service.pipeline.batching import Batch, InboundFrame
 from service.pipeline.decode import DecodeLimits, decode_and_preprocess, prepare_batch
 from service.pipeline.records import batch_records
@@ -1006,7 +1006,7 @@ async def _run_case(
             f"naive_fps: getone, decode, run a batch of one, score and decide, produce the "
             f"prediction with linger 0 and await its ack, commit that offset; own topic and "
             f"group; clock starts at partition assignment (join {naive_join:.2f} s excluded); "
-            f"BLAS limited to one thread as in the scorer (service.pipeline.blas)."
+            f"BLAS limited to one thread as in the scorer (infra.blas)."
             if naive is not None
             else "naive_fps: not measured (--no-naive)."
         ),

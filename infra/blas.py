@@ -1,4 +1,4 @@
-"""One BLAS thread while a scorer runs.
+"""One BLAS thread while a scorer or a trainer runs.
 
 numpy's OpenBLAS starts a thread per core and, after each call, keeps those
 threads spinning for a while in case another call follows. The scorer's matrix
@@ -10,8 +10,16 @@ scorer's CPU time and slowed every other stage (``winnow bench throughput``,
 ``threads_cpu_ms_per_frame``: the ``native`` threads); one thread computes
 these products at once.
 
+The trainer's head refits are the same kind of product, larger: every label's
+embedding against the head, a few hundred times a fit. Beside a busy scorer two
+BLAS threads made them several times slower than one (300 products of 5,000 ×
+128 by 128 × 10: 3.0 s against 0.45 s), and each thread's OpenBLAS buffer kept
+pages in step with the labels and never gave them back: head refits every 3 labels
+on one backbone grew a process 4.3 KB a label from 300 to 2,400 labels with two
+threads, 2.3 KB with one. One thread gives the same head to the bit.
+
 The limit is process-wide (``threadpoolctl``); it is set while at least one
-scorer runs and the earlier limit is restored after the last one stops.
+scorer or trainer runs and the earlier limit is restored after the last one stops.
 """
 
 import threading

@@ -3,7 +3,7 @@
 import pytest
 from threadpoolctl import threadpool_info, threadpool_limits
 
-from service.pipeline import blas
+from infra import blas
 
 
 def _blas_threads() -> list[int]:
