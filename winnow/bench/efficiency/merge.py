@@ -21,9 +21,15 @@ SAME = ("dataset", "stream", "video", "imbalance", "measure", "targets")
 SAME_CONFIG = ("stream", "run", "strategies", "full_seeds", "resamples")
 """Keys of a result's ``config`` that every merged run must share."""
 
-LEARNER_ADDED = {"class_balance": 0.0, "lr_schedule": None, "train_precision": "fp32"}
+LEARNER_ADDED = {
+    "class_balance": 0.0,
+    "lr_schedule": None,
+    "train_precision": "fp32",
+    "refit_share": 0.0,
+}
 """Learner settings added after the first results, with what a result without one ran
-(an unweighted loss; the trainer's rate schedule; float32 rounds)."""
+(an unweighted loss; the trainer's rate schedule; float32 rounds; a head refit every
+``refit_labels`` whatever the count, so ``--refit-share 0`` runs more seeds of it)."""
 
 
 def _run_of(name: str, seed: Mapping[str, Any]) -> RunResult:

@@ -128,11 +128,17 @@ def test_a_learner_setting_added_later_merges_at_its_default_only() -> None:
         "class_balance": 0.0,
         "lr_schedule": None,
         "train_precision": "fp32",
+        "refit_share": 0.0,
     }
     new["config"]["run"]["learner"] = learner
     merged = merge_results([old, new], ["old", "new"])
     assert merged["config"]["seeds"] == [0, 1, 2, 3]
-    for changed in ({"lr_schedule": "cosine"}, {"class_balance": 0.5}, {"train_precision": "bf16"}):
+    for changed in (
+        {"lr_schedule": "cosine"},
+        {"class_balance": 0.5},
+        {"train_precision": "bf16"},
+        {"refit_share": 0.01},  # refits at a share of the labels came after the old run
+    ):
         new["config"]["run"]["learner"] = learner | changed
         with pytest.raises(BenchConfigError, match=r"new is not a run .*config\.run"):
             merge_results([old, new], ["old", "new"])
