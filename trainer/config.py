@@ -83,6 +83,13 @@ class TrainerSettings(BaseSettings):
         "each refit fits every label, so refits at a fixed count would cost more and more "
         "as labels grow; 0: every head_refit_labels whatever the count",
     )
+    torch_threads: int = Field(
+        default=0,
+        ge=0,
+        description="torch's threads within one operation (rounds, refits, and the round "
+        "worker's child); 0: torch's default, one per core. On a machine whose cores the "
+        "scorer shares, 1 can be much faster: idle threads spin at every operation's end",
+    )
     shrink: float | None = Field(
         default=None,
         gt=0,

@@ -17,6 +17,19 @@ from trainer.metrics import TrainerMetrics
 log = logging.getLogger(__name__)
 
 
+def apply_torch_threads(settings: TrainerSettings) -> None:
+    """Sets torch's intra-op threads for the process (``torch_threads``; 0 leaves torch's).
+
+    Process-wide, so the command sets it, not the ``Trainer`` (tests run several in one
+    process); the round worker's child takes the same count.
+    """
+    if settings.torch_threads > 0:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
+        log.info("torch runs %d thread(s) per operation", settings.torch_threads)
+
+
 def run_trainer(settings: TrainerSettings) -> int:
     """Blocks until a signal (exit 0) or a failure of the round loop (exit 1).
 
@@ -36,6 +49,7 @@ def run_trainer(settings: TrainerSettings) -> int:
             "no WINNOW_KAFKA_BOOTSTRAP: using %s (`winnow serve`/`winnow broker` default)",
             embedded,
         )
+    apply_torch_threads(settings)
     try:
         return asyncio.run(_run(settings))
     except Exception as error:
