@@ -5,16 +5,6 @@ from typing import Any
 from winnow.bench.soak.growth import edge_count, kb_per_label, role_growth, verdict
 from winnow.bench.soak.roles import ROLES
 
-READINGS = (
-    "rss_mb",
-    "children_rss_mb",
-    "tree_anon_mb",
-    "cpu_seconds",
-    "fds",
-    "threads",
-    "asyncio_tasks",
-)
-
 
 def role_summary(samples: list[dict[str, Any]], name: str, warmup_s: float) -> dict[str, Any]:
     """One role: its readings at the first sample, after warm-up and at the end; growth."""

@@ -28,14 +28,20 @@ def _data(n: int = 40) -> StreamData:
     )
 
 
-def test_rounds_and_refits_come_when_their_label_counts_are_reached() -> None:
-    data = _data()
+def _recording_refit() -> tuple[list[int], Any]:
+    """A head refit that leaves the model and records how many samples each call had."""
     refits: list[int] = []
 
     def refit(model: Any, samples: Sequence[Sample]) -> Any:
         refits.append(len(samples))
         return model
 
+    return refits, refit
+
+
+def test_rounds_and_refits_come_when_their_label_counts_are_reached() -> None:
+    data = _data()
+    refits, refit = _recording_refit()
     learner = Learner(data, LearnerConfig(round_labels=4, refit_labels=2, min_steps=2), 0, refit)
     changed = [learner.add(Sample(str(i), data.inputs[i], int(data.labels[i]))) for i in range(7)]
     # refit at 2, round ended by a refit at 4, refit at 6: each on every label so far
@@ -51,12 +57,7 @@ def test_rounds_and_refits_come_when_their_label_counts_are_reached() -> None:
 def test_refits_also_wait_for_a_share_of_the_labels_as_the_trainer_does() -> None:
     """Catches a bench learner that refits more often than the trainer once labels grow."""
     data = _data()
-    refits: list[int] = []
-
-    def refit(model: Any, samples: Sequence[Sample]) -> Any:
-        refits.append(len(samples))
-        return model
-
+    refits, refit = _recording_refit()
     config = LearnerConfig(round_labels=100, refit_labels=2, refit_share=0.5, min_steps=2)
     learner = Learner(data, config, 0, refit)
     for i in range(20):
