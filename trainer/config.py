@@ -87,8 +87,9 @@ class TrainerSettings(BaseSettings):
         default=0,
         ge=0,
         description="torch's threads within one operation (rounds, refits, and the round "
-        "worker's child); 0: torch's default, one per core. On a machine whose cores the "
-        "scorer shares, 1 can be much faster: idle threads spin at every operation's end",
+        "worker's child); 0: the CPUs a cgroup quota or affinity mask leaves the process, "
+        "else torch's default (one per core). On a machine whose cores the scorer shares, 1 "
+        "can be much faster: idle threads spin at every operation's end",
     )
     shrink: float | None = Field(
         default=None,

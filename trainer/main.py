@@ -7,6 +7,7 @@ import signal
 from prometheus_client import start_http_server
 
 from infra.asyncio_tasks import track_asyncio_tasks
+from infra.cpus import cpu_limit
 from infra.errors import WinnowError
 from infra.kafka.admin import ensure_topics
 from infra.kafka.outage import BrokerWatch, describe_fatal, is_fatal
@@ -17,17 +18,28 @@ from trainer.metrics import TrainerMetrics
 log = logging.getLogger(__name__)
 
 
+def torch_thread_count(settings: TrainerSettings) -> int | None:
+    """``torch_threads``; with 0 the CPUs a cgroup quota or affinity mask leaves the process,
+    where that is below the machine's cores; None: torch's own default.
+
+    torch counts the machine's cores, so a pod limited to 2 CPUs on a 64-core node would run
+    64 threads that spin and get throttled.
+    """
+    return settings.torch_threads or cpu_limit()
+
+
 def apply_torch_threads(settings: TrainerSettings) -> None:
-    """Sets torch's intra-op threads for the process (``torch_threads``; 0 leaves torch's).
+    """Sets torch's intra-op threads for the process (:func:`torch_thread_count`).
 
     Process-wide, so the command sets it, not the ``Trainer`` (tests run several in one
     process); the round worker's child takes the same count.
     """
-    if settings.torch_threads > 0:
+    threads = torch_thread_count(settings)
+    if threads is not None:
         import torch
 
-        torch.set_num_threads(settings.torch_threads)
-        log.info("torch runs %d thread(s) per operation", settings.torch_threads)
+        torch.set_num_threads(threads)
+        log.info("torch runs %d thread(s) per operation", threads)
 
 
 def run_trainer(settings: TrainerSettings) -> int:

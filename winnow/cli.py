@@ -566,7 +566,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="WINNOW_X=VALUE",
-        help="a setting for every role, e.g. WINNOW_POLICY_BACKPRESSURE_WAITING=0 (repeatable)",
+        help="a setting for every role, e.g. WINNOW_POLICY_BACKPRESSURE_WAITING=0 (repeatable); "
+        "the soak's own default: WINNOW_TRAINER_TORCH_THREADS=1",
     )
     _command(p, _bench_soak, "bench")
     return parser

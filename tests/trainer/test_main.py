@@ -68,12 +68,13 @@ def test_a_winnow_error_exits_1_with_one_line(
     assert line == "trainer stopped: the label store at /data is not writable"
 
 
-def test_the_torch_threads_setting_reaches_torch_and_0_leaves_its_default(
+def test_the_torch_threads_setting_reaches_torch_and_0_follows_the_cpu_limit(
     tmp_path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Catches ``WINNOW_TRAINER_TORCH_THREADS`` read and never applied: beside a busy scorer
+    """Catches ``WINNOW_TRAINER_TORCH_THREADS`` read and never applied (beside a busy scorer
     on 2 cores a round of the soak's model took 57 to 71 CPU-seconds with torch's two
-    threads, 4.1 with one."""
+    threads, 4.1 with one), and 0 ignoring a CPU quota (torch counts the node's cores) or
+    overriding torch's default where there is none."""
     import torch
 
     before = torch.get_num_threads()
@@ -84,10 +85,14 @@ def test_the_torch_threads_setting_reaches_torch_and_0_leaves_its_default(
         assert settings.torch_threads == 1
         trainer.main.apply_torch_threads(settings)
         assert torch.get_num_threads() == 1
+
+        auto = _settings(tmp_path).model_copy(update={"torch_threads": 0})
         torch.set_num_threads(2)
-        trainer.main.apply_torch_threads(
-            _settings(tmp_path).model_copy(update={"torch_threads": 0})
-        )
+        monkeypatch.setattr(trainer.main, "cpu_limit", lambda: None)  # no quota, no mask
+        trainer.main.apply_torch_threads(auto)
         assert torch.get_num_threads() == 2
+        monkeypatch.setattr(trainer.main, "cpu_limit", lambda: 1)  # a pod limited to 1 CPU
+        trainer.main.apply_torch_threads(auto)
+        assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)

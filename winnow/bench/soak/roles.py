@@ -52,6 +52,11 @@ class RoleOptions:
 SOAK_FETCH_MAX_WAIT_MS = 500
 """The scorer's fetch wait in a soak: with a shorter one the embedded broker starves the
 scorer once its partition is large (``tests/service/pipeline/test_fetch_wait.py``)."""
+ROLE_DEFAULTS = {"WINNOW_TRAINER_TORCH_THREADS": "1"}
+"""Settings the soak gives the roles unless ``--role-env`` says otherwise. The three roles
+share one machine's cores, and a trainer running torch's default (a thread per core) beside
+the busy scorer spins: on 2 cores one round took 57 to 71 CPU-seconds with two threads and
+4.1 with one (docs/benchmarks.md, "Torch threads")."""
 MAX_RESTARTS = 3
 """Restarts of one role the soak makes, as an orchestrator would, before it gives up."""
 
@@ -115,6 +120,7 @@ class Roles:
             "WINNOW_TRAINER_ROUND_MAX_SECONDS": str(self.options.round_seconds),
             "WINNOW_POLICY_SEED": "0",
             "WINNOW_SCORER_FETCH_MAX_WAIT_MS": str(SOAK_FETCH_MAX_WAIT_MS),
+            **ROLE_DEFAULTS,
             **dict(self.options.env),
         }
         o = self.options

@@ -29,7 +29,8 @@ def test_a_short_soak_samples_every_role_and_loses_no_frame(
 ) -> None:
     """Would catch a soak that reads the wrong processes or none (a role's RSS, fds, threads,
     asyncio tasks or processor time missing: the three roles run as processes of their
-    own), a frame that was acknowledged and never decided, a run without samples after
+    own), a trainer left at torch's thread per core beside the scorer, a frame that was
+    acknowledged and never decided, a run without samples after
     warm-up (so no growth figure), and a JSON missing what the note reads."""
     monkeypatch.setenv("WINNOW_KAFKA_BOOTSTRAP", kafka_broker.bootstrap)
     monkeypatch.setenv("WINNOW_KAFKA_SESSION_TIMEOUT_MS", "2000")  # Tansu joins in half of it
@@ -50,6 +51,12 @@ def test_a_short_soak_samples_every_role_and_loses_no_frame(
     config = result["config"]
     assert config["rate_fps"] == 100 and config["rate_source"] == "given (--rate)"
     assert config["capacity"] is None and config["warmup_s"] == 15
+    # The trainer shares the cores: one torch thread unless --role-env says otherwise.
+    assert config["role_env"] == {
+        "WINNOW_TRAINER_TORCH_THREADS": "1", "WINNOW_TRAINER_ROUND_WORKER_ROUNDS": "20"
+    }  # fmt: skip
+    trainer_log = (Path(result["logs"]) / "trainer.log").read_text()
+    assert "torch runs 1 thread(s) per operation" in trainer_log
 
     frames = result["frames"]
     assert frames["produced"] > 1000 and frames["send_failures"] == 0
