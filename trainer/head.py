@@ -287,6 +287,12 @@ class EmbeddingCache:
         self.embedded = 0
         """Forward passes made since the cache was built, for tests and logs."""
 
+    def under(self, backbone_version: str) -> "EmbeddingCache":
+        """This cache, now keyed to ``backbone_version``: a round's candidate embeds before
+        its release has a version, and its embeddings are that release's."""
+        self.version = backbone_version
+        return self
+
     def embeddings(
         self,
         model: WinnowNet,

@@ -352,9 +352,9 @@ class Trainer(Component):
             unreleased = set(await asyncio.to_thread(self.store.trained_unreleased))
             assert self.model is not None and self.spec is not None and self.base is not None
             start = RoundInputs(self.model, self.spec, self.base, self.prequential, unreleased)
-            built = await self._on("rounds", self._build_round, items, start, trigger)
+            built, embeddings = await self._on("rounds", self._build_round, items, start, trigger)
             async with self._adopt_lock:
-                released = await self._adopt_round(built, items)
+                released = await self._adopt_round(built, items, embeddings)
                 await asyncio.to_thread(self.store.mark_trained, new_items, released)
             self.prequential = built.prequential
             self._account(built.report)
@@ -364,10 +364,16 @@ class Trainer(Component):
 
     def _build_round(
         self, items: list[TrainItem], start: RoundInputs, trigger: RoundTrigger
-    ) -> BuiltRound:
-        """The CPU/GPU part of a round, in a worker thread: builds a candidate, adopts nothing."""
+    ) -> tuple[BuiltRound, EmbeddingCache]:
+        """The CPU/GPU part of a round, in a worker thread: builds a candidate, adopts nothing.
+
+        Also returns the embeddings the round's head refit made with the candidate's
+        backbone: if the candidate serves, the next refits start from them instead of
+        embedding every label again.
+        """
         fraction = self.settings.holdout_fraction
         split = split_items(items, start.spec, self._samples, self.store.images, fraction)
+        embeddings = EmbeddingCache()
 
         def refit(candidate: WinnowNet) -> tuple[WinnowNet, dict[str, str]]:
             # Every label there is now, those that came while the backbone trained too, so
@@ -379,7 +385,7 @@ class Trainer(Component):
                 spec,
                 spec,
                 now,
-                EmbeddingCache(),
+                embeddings,
                 self.store.images,
                 self._gate,
                 self.device,
@@ -389,10 +395,17 @@ class Trainer(Component):
 
         worker = self.round_worker
         finetune = None if worker is None else worker.finetune  # None: in this thread
-        return build_round(start, split, self._gate, self.device, trigger, refit, finetune)
+        built = build_round(start, split, self._gate, self.device, trigger, refit, finetune)
+        return built, embeddings
 
-    async def _adopt_round(self, built: BuiltRound, items: list[TrainItem]) -> str | None:
-        """Publishes and serves the round's candidate; its version, or None when refused."""
+    async def _adopt_round(
+        self, built: BuiltRound, items: list[TrainItem], embeddings: EmbeddingCache
+    ) -> str | None:
+        """Publishes and serves the round's candidate; its version, or None when refused.
+
+        ``embeddings``: the round's head refit's, made with the candidate's backbone; they
+        become the head refits' cache under the new version.
+        """
         if built.model is None or built.spec is None:
             return None
         assert self.spec is not None
@@ -411,6 +424,7 @@ class Trainer(Component):
         # The new backbone learned every label the round saw, its head those that came
         # since too: head refits start over on it from there.
         self._covered, self._attempted = dict(built.head_fit), dict(built.head_fit)
+        self._embeddings = embeddings.under(spec.version)
         return spec.version
 
     # -- releases --------------------------------------------------------------------------

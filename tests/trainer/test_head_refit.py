@@ -112,7 +112,9 @@ async def test_the_unlearned_count_rises_with_labels_and_drops_to_zero_after_a_r
     kafka_settings, group_id, winnow_topics, digits: Digits, tmp_path: Path, monkeypatch
 ) -> None:
     """Also: the trainer gives freed memory back after each refit and round (without it
-    the heap keeps what they freed: see ``infra/allocator.py``)."""
+    the heap keeps what they freed: see ``infra/allocator.py``), and the first refit after
+    a round embeds only the labels that came since (without the round's embeddings every
+    label again: a long run's refit after each round re-embedded thousands)."""
     trims: list[bool] = []
     monkeypatch.setattr(
         trainer_loop, "release_free_memory", lambda: trims.append(release_free_memory())
@@ -139,11 +141,15 @@ async def test_the_unlearned_count_rises_with_labels_and_drops_to_zero_after_a_r
         full = trainer.spec
         assert trainer.base is full and full.parent_version == head.version
         assert full.labels_trained == 4 and full.labels_unlearned == 0
+        embedded = trainer._embeddings.embedded
         await feed(kafka_settings, winnow_topics, pngs, targets, learnable[4:7])
         await eventually(lambda: trainer.labels_unlearned == 3)
         await feed(kafka_settings, winnow_topics, pngs, targets, learnable[7:8])
         await eventually(lambda: len(trainer.head_reports) == 2)
         assert trainer.labels_unlearned == 0 and trainer.spec.labels_trained == 8
+        # The round's refit embedded its labels with the new backbone: this refit embeds
+        # only the 4 that came since, not all 9 again.
+        assert trainer._embeddings.embedded - embedded == 4
     releases = await _head_releases(kafka_settings, winnow_topics.models, 2)
     assert [m["base_version"] for m, _ in releases] == [cold.version, full.version]
 
