@@ -48,6 +48,12 @@ class RoleOptions:
     env: tuple[tuple[str, str], ...] = ()
     """More ``WINNOW_*`` settings for every role (``--role-env``), applied last."""
 
+    @property
+    def settings(self) -> dict[str, str]:
+        """The settings every role gets beyond the soak's own: :data:`ROLE_DEFAULTS`, then
+        ``env``."""
+        return {**ROLE_DEFAULTS, **dict(self.env)}
+
 
 SOAK_FETCH_MAX_WAIT_MS = 500
 """The scorer's fetch wait in a soak: with a shorter one the embedded broker starves the
@@ -120,8 +126,7 @@ class Roles:
             "WINNOW_TRAINER_ROUND_MAX_SECONDS": str(self.options.round_seconds),
             "WINNOW_POLICY_SEED": "0",
             "WINNOW_SCORER_FETCH_MAX_WAIT_MS": str(SOAK_FETCH_MAX_WAIT_MS),
-            **ROLE_DEFAULTS,
-            **dict(self.options.env),
+            **self.options.settings,
         }
         o = self.options
         ports = {role: free_port() for role in ROLES}

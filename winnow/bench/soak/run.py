@@ -23,7 +23,7 @@ from winnow.bench.soak.growth import warmup_seconds
 from winnow.bench.soak.labelers import AppLabelers
 from winnow.bench.soak.load import Decisions, Frames, Producer, parse_frame_id
 from winnow.bench.soak.report import format_table, summarize
-from winnow.bench.soak.roles import MAX_RESTARTS, ROLE_DEFAULTS, RoleOptions, Roles
+from winnow.bench.soak.roles import MAX_RESTARTS, RoleOptions, Roles
 from winnow.bench.soak.sampler import alarms_by_detector, progress_line, sample_roles
 from winnow.datasets import ImageDataset, load_dataset
 
@@ -184,7 +184,7 @@ async def _phases(run: _Run) -> None:
         "round_labels": config.round_labels,
         "round_seconds": config.round_seconds,
         "device": config.device,
-        "role_env": {**ROLE_DEFAULTS, **dict(config.role_env)},
+        "role_env": run.roles.options.settings,
         "started_at": datetime.now(UTC).isoformat(),
     }
     failure = await _steady(run, rate, duration)
