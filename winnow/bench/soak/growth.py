@@ -3,7 +3,7 @@
 Pure functions over plain numbers, so a seeded leak can be checked on synthetic samples.
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from statistics import median
 
 GOAL_RSS_GROWTH = 0.05
@@ -19,6 +19,12 @@ EDGE_FRACTION = 0.10
 whose live memory swings with its work (the scorer's drift calibration) is compared by its
 typical level at each end, not by where the swing happened to be."""
 
+FLOOR_NOTE = (
+    "floor: the lowest reading of each edge, what a role holds between bursts of work; "
+    "a leak raises it as much as the median, memory that a batch, a round or a model swap "
+    "holds for a moment does not"
+)
+
 
 def warmup_seconds(duration_s: float) -> float:
     """The warm-up: the first 10 % of the run, at least 2 minutes, at most half of it."""
@@ -30,18 +36,27 @@ def after_warmup(times: Sequence[float], values: Sequence[float], warmup_s: floa
     return [v for t, v in zip(times, values, strict=True) if t >= warmup_s]
 
 
-def edges(values: Sequence[float], count: int = EDGE_SAMPLES) -> tuple[float, float] | None:
-    """(start, end): medians of the first and last ``count`` values; None if there are
-    fewer than two values (nothing to compare)."""
+def edges(
+    values: Sequence[float],
+    count: int = EDGE_SAMPLES,
+    level: Callable[[Sequence[float]], float] = median,
+) -> tuple[float, float] | None:
+    """(start, end): ``level`` (the median) of the first and last ``count`` values; None
+    if there are fewer than two values (nothing to compare)."""
     if len(values) < 2:
         return None
     n = max(1, min(count, len(values) // 2))
-    return float(median(values[:n])), float(median(values[-n:]))
+    return float(level(values[:n])), float(level(values[-n:]))
 
 
-def growth(values: Sequence[float], count: int = EDGE_SAMPLES) -> float | None:
-    """Relative growth from start to end (0.05: 5 % more at the end); None when unknown."""
-    ends = edges(values, count)
+def growth(
+    values: Sequence[float],
+    count: int = EDGE_SAMPLES,
+    level: Callable[[Sequence[float]], float] = median,
+) -> float | None:
+    """Relative growth from start to end (0.05: 5 % more at the end) of ``level`` (the
+    median) of each edge; None when unknown."""
+    ends = edges(values, count, level)
     if ends is None or ends[0] <= 0:
         return None
     return (ends[1] - ends[0]) / ends[0]
@@ -71,13 +86,17 @@ def role_growth(
     """Memory growth of one role after warm-up: relative growth, slope, and whether under
     goal, as ``{measure}_growth_after_warmup``, ``{measure}_slope_mb_per_hour`` and
     ``{measure}_goal_met`` (``rss``: the process's own; ``tree_anon``: the anonymous
-    memory of it and its children)."""
+    memory of it and its children); and ``{measure}_floor_growth_after_warmup``, the
+    growth of the lowest reading in each edge (see :data:`FLOOR_NOTE`), which the goal
+    does not use."""
     kept_t = [t for t in times if t >= warmup_s]
     kept = after_warmup(times, rss_mb, warmup_s)
     rel = growth(kept, edge_count(len(kept)))
+    floor = growth(kept, edge_count(len(kept)), min)
     slope = slope_per_hour(kept_t, kept)
     return {
         f"{measure}_growth_after_warmup": None if rel is None else round(rel, 4),
+        f"{measure}_floor_growth_after_warmup": None if floor is None else round(floor, 4),
         f"{measure}_slope_mb_per_hour": None if slope is None else round(slope, 2),
         f"{measure}_goal_met": None if rel is None else rel < GOAL_RSS_GROWTH,
     }

@@ -2,7 +2,7 @@
 
 from typing import Any
 
-from winnow.bench.soak.growth import edge_count, kb_per_label, role_growth, verdict
+from winnow.bench.soak.growth import FLOOR_NOTE, edge_count, kb_per_label, role_growth, verdict
 from winnow.bench.soak.roles import ROLES
 
 
@@ -136,8 +136,8 @@ def _cores_cell(mean: float | None, end: float | None) -> str:
 
 
 def format_table(result: dict[str, Any]) -> str:
-    head = ["role", "RSS MB start", "end", "growth", "MB/h", "KB/label"]
-    head += ["anon+children MB", "growth", "MB/h", "CPU cores", "fds", "threads", "tasks"]
+    head = ["role", "RSS MB start", "end", "growth", "floor", "MB/h", "KB/label"]
+    head += ["anon+children MB", "growth", "floor", "MB/h", "CPU cores", "fds", "threads", "tasks"]
     rows = [head]
     for name, r in result["roles"].items():
         growth = r["rss_growth_after_warmup"]
@@ -149,10 +149,12 @@ def format_table(result: dict[str, Any]) -> str:
                 _cell(r["start"], "rss_mb"),
                 _cell(r["end"], "rss_mb"),
                 _percent(growth),
+                _percent(r.get("rss_floor_growth_after_warmup")),
                 _signed(slope),
                 "-" if per_label is None else f"{per_label:+.1f}",
                 f"{_cell(r['start'], 'tree_anon_mb')}->{_cell(r['end'], 'tree_anon_mb')}",
                 _percent(r.get("tree_anon_growth_after_warmup")),
+                _percent(r.get("tree_anon_floor_growth_after_warmup")),
                 _signed(r.get("tree_anon_slope_mb_per_hour")),
                 _cores_cell(r.get("cpu_cores_after_warmup"), r.get("cpu_cores_at_end")),
                 *(
@@ -184,5 +186,7 @@ def format_table(result: dict[str, Any]) -> str:
         f"verdict: {v['result']}"
         + (f" ({'; '.join(v['problems'])})" if v["problems"] else "")
         + f"; {v['note']}",
+        f"growth compares the median of the first and last 10 % of the readings after "
+        f"warm-up; {FLOOR_NOTE}",
     ]
     return "\n".join(lines)

@@ -98,3 +98,27 @@ def test_memory_that_swings_with_the_work_is_compared_by_its_level_at_each_end()
     times = [10.0 * i for i in range(len(rss))]
     found = role_growth(times, rss, 0)
     assert found["rss_goal_met"], found
+
+
+def test_the_floor_follows_a_leak_but_not_memory_held_for_a_moment() -> None:
+    """Would catch a floor figure that hides a leak, or one that moves with transients: a
+    role at a 100 MB floor whose readings catch a 20 MB burst of work in 10 % of the
+    samples at the start and 70 % at the end grows by the median (the goal's measure) but
+    not by the floor; the same role leaking 10 MB over the hour grows by both alike."""
+    rng = random.Random(1)
+    times = _times(every_s=30)
+    warmup = warmup_seconds(HOUR_S)
+
+    def readings(leak_mb: float) -> list[float]:
+        busy = [0.1 + 0.6 * t / HOUR_S for t in times]  # share of samples mid-burst
+        return [
+            100.0 + leak_mb * t / HOUR_S + (20.0 if rng.random() < b else 0.0)
+            for t, b in zip(times, busy, strict=True)
+        ]
+
+    swinging = role_growth(times, readings(0.0), warmup)
+    assert swinging["rss_growth_after_warmup"] == pytest.approx(0.2, abs=0.01)
+    assert swinging["rss_floor_growth_after_warmup"] == pytest.approx(0.0, abs=1e-9)
+
+    leaking = role_growth(times, readings(10.0), warmup)
+    assert leaking["rss_floor_growth_after_warmup"] == pytest.approx(0.08, abs=0.02)

@@ -74,6 +74,7 @@ def test_a_short_soak_samples_every_role_and_loses_no_frame(
             assert all(value > 0 for value in read.values()), (name, key, role[key])
         assert role["samples_after_warmup"] >= 4
         assert isinstance(role["rss_growth_after_warmup"], float)
+        assert isinstance(role["tree_anon_floor_growth_after_warmup"], float)
         assert role["exit_code"] == 0, name
     # A round trained in the trainer's round worker, and the worker was read with its role.
     assert max(s["rounds"] for s in result["samples"]) >= 1
