@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from trainer.errors import DeviceError
-from trainer.forward import forward_eval, predicted_classes
+from trainer.forward import EVAL_BATCH, forward_eval, predicted_classes
 from trainer.samples import Sample, stack
 
 log = logging.getLogger(__name__)
@@ -254,7 +254,7 @@ def select_device(pref: Literal["auto", "cpu", "cuda"] = "auto") -> torch.device
 
 
 def predict_proba(
-    model: nn.Module, inputs: np.ndarray, device: torch.device, batch_size: int = 256
+    model: nn.Module, inputs: np.ndarray, device: torch.device, batch_size: int = EVAL_BATCH
 ) -> np.ndarray:
     """Class probabilities (N x classes) in eval mode; restores the model's mode."""
     model.to(device)

@@ -5,8 +5,8 @@ them. A trainer that embeds "the frames new since the last refit" or
 evaluates "the holdout as it is now" would ask for a new batch size nearly
 every time, and its memory would grow with each one until that cache is full
 (tens of MB over an hour of labels). Each batch here is padded to the next
-power of two (at most ``batch_size``), so a model sees at most nine batch
-sizes; in eval mode a sample's output does not depend on the others in its
+power of two (at most ``batch_size``, by default :data:`EVAL_BATCH`), so a model sees
+at most seven batch sizes; in eval mode a sample's output does not depend on the others in its
 batch, and the padding rows are dropped.
 
 Over labeled samples (:func:`forward_samples`) the inputs are stacked a batch at a
@@ -23,6 +23,15 @@ from torch import nn
 
 from trainer.samples import Sample, stack
 
+EVAL_BATCH = 64
+"""Rows a forward pass in eval mode runs at once. A pass holds its batch's activations at
+its peak, and the heap of the thread that ran it keeps room for the largest peak: the
+small CNN at 16x16 held 24 MB more at 256 rows than between passes, 10 MB at 64 and 6 MB
+at 32, at the same speed (600 frames, one thread, ``RssAnon`` read every 2 ms). In the
+60-minute soak the trainer's round thread's heap grew by 20 MB in one step while it
+evaluated 256 rows at a time; 64 keeps the small CNN's batches efficient and a camera
+model's (ResNet-18 at 224: about 3 MB of activations a frame) within a few hundred MB."""
+
 
 def bucket(n: int, batch_size: int) -> int:
     """The padded size of a batch of ``n``: the next power of two, at most ``batch_size``."""
@@ -30,7 +39,7 @@ def bucket(n: int, batch_size: int) -> int:
 
 
 def forward_eval(
-    module: nn.Module, inputs: np.ndarray, device: torch.device, batch_size: int = 256
+    module: nn.Module, inputs: np.ndarray, device: torch.device, batch_size: int = EVAL_BATCH
 ) -> list[np.ndarray]:
     """Each of ``module``'s outputs on ``inputs`` (N x ...) as float32 arrays of N rows.
 
@@ -58,7 +67,7 @@ def forward_eval(
 
 
 def forward_samples(
-    module: nn.Module, samples: Sequence[Sample], device: torch.device, batch_size: int = 256
+    module: nn.Module, samples: Sequence[Sample], device: torch.device, batch_size: int = EVAL_BATCH
 ) -> tuple[list[np.ndarray], np.ndarray]:
     """:func:`forward_eval` of ``samples``, stacked ``batch_size`` at a time (the same
     batches, so the same outputs), with their labels (N,)."""

@@ -27,7 +27,7 @@ from schemas.model_spec import ModelSpec
 from trainer.architectures import WinnowNet
 from trainer.errors import SampleError
 from trainer.finetune import class_weights
-from trainer.forward import forward_eval, forward_samples
+from trainer.forward import EVAL_BATCH, forward_eval, forward_samples
 from trainer.samples import Sample, decode_inputs
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,8 @@ DEFAULT_L2 = 1.0
 """Strength of the pull towards the current head, per label (scikit-learn's ``C = 1``)."""
 
 EMBED_BATCH = 256
-"""Frames the embedding cache decodes and embeds at a time."""
+"""Frames the embedding cache reads and decodes at a time (embedded ``EVAL_BATCH`` at a
+time)."""
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,7 @@ def with_head(model: WinnowNet, head: LinearHead) -> WinnowNet:
 
 
 def embed(
-    model: WinnowNet, inputs: np.ndarray, device: torch.device, batch_size: int = 256
+    model: WinnowNet, inputs: np.ndarray, device: torch.device, batch_size: int = EVAL_BATCH
 ) -> np.ndarray:
     """(N, D) float32 embeddings of preprocessed inputs, the backbone in eval mode.
 
@@ -349,6 +350,6 @@ class EmbeddingCache:
                     self._vectors[frame_id] = None
             if not decoded:
                 continue
-            vectors = embed(model, np.stack(list(decoded.values())), device, EMBED_BATCH)
+            vectors = embed(model, np.stack(list(decoded.values())), device)
             self._vectors.update(zip(decoded, vectors, strict=True))
             self.embedded += len(decoded)

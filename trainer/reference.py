@@ -17,14 +17,14 @@ import torch
 from torch import nn
 
 from schemas.drift import DriftReference
-from trainer.forward import forward_eval, forward_samples
+from trainer.forward import EVAL_BATCH, forward_eval, forward_samples
 from trainer.samples import Sample
 
 MIN_HOLDOUT = 200
 
 
 def model_outputs(
-    model: nn.Module, inputs: np.ndarray, device: torch.device, batch_size: int = 256
+    model: nn.Module, inputs: np.ndarray, device: torch.device, batch_size: int = EVAL_BATCH
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(probabilities N x C, embeddings N x D)`` in eval mode; restores the model's mode."""
     model.to(device)

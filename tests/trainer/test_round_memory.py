@@ -14,8 +14,8 @@ from tests.trainer.helpers import digit_spec
 from trainer.architectures import build_model
 from trainer.evaluate import correct
 from trainer.finetune import FinetuneConfig, select_replay
-from trainer.forward import forward_eval, forward_samples
-from trainer.head import refit_head
+from trainer.forward import EVAL_BATCH, forward_eval, forward_samples
+from trainer.head import EmbeddingCache, refit_head
 from trainer.reference import reference_for
 from trainer.samples import Sample, stack
 
@@ -90,6 +90,40 @@ def test_a_pass_over_every_label_holds_a_batch_of_inputs_not_all(
     everything = LABELS * 3 * SIDE * SIDE * 4 / 2**20
     peak = _peak(runs[work])
     assert peak < everything / 2, f"{peak:.1f} MiB at the peak; all inputs are {everything:.0f}"
+
+
+@pytest.mark.parametrize("work", ["holdout", "replay", "reference", "head", "embeddings"])
+def test_every_pass_over_many_samples_runs_at_most_the_eval_batch_at_once(
+    samples: list[Sample], spec: ModelSpec, work: str
+) -> None:
+    """The failure it catches: a pass that runs 256 rows at once (the earlier default).
+    Its activations are what it holds at its peak (the small CNN at 16x16: 24 MB at 256
+    rows, 10 MB at 64), and the round thread's heap keeps room for the largest peak: in
+    the 60-minute soak the trainer's memory grew in one 20 MB step."""
+    torch.manual_seed(0)
+    model = build_model("small-cnn", 10, 3)
+    rows: set[int] = set()
+    model.backbone[0].register_forward_pre_hook(lambda _m, args: rows.add(args[0].shape[0]))
+    some = samples[:300]
+    runs: dict[str, Callable[[], object]] = {
+        "holdout": lambda: correct(model, some, CPU),
+        "replay": lambda: select_replay(
+            model, some, 100, FinetuneConfig(), CPU, np.random.default_rng(0)
+        ),
+        "reference": lambda: reference_for(model, some, [], CPU),
+        "head": lambda: refit_head(model, some, CPU),
+        "embeddings": lambda: EmbeddingCache().embeddings(
+            model,
+            spec,
+            "base-1",
+            [s.frame_id for s in some],
+            lambda _ids: {},
+            CPU,
+            decoded={s.frame_id: s for s in some},
+        ),
+    }
+    runs[work]()
+    assert rows and max(rows) == EVAL_BATCH <= 64, sorted(rows)
 
 
 def test_a_head_refit_on_no_samples_says_so() -> None:
