@@ -8,6 +8,7 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from schemas.model_spec import ModelSpec
 from tests.trainer.helpers import digit_spec
@@ -70,6 +71,20 @@ def test_passes_over_samples_a_batch_at_a_time_give_the_outputs_of_one_pass(
     assert labels.tolist() == [s.label for s in some]
 
 
+def _passes(
+    model: nn.Module, samples: list[Sample], replayed: int
+) -> dict[str, Callable[[], object]]:
+    """The round's passes over many labels, by name, each over ``samples``."""
+    return {
+        "holdout": lambda: correct(model, samples, CPU),
+        "replay": lambda: select_replay(
+            model, samples, replayed, FinetuneConfig(), CPU, np.random.default_rng(0)
+        ),
+        "reference": lambda: reference_for(model, samples, [], CPU),
+        "head": lambda: refit_head(model, samples, CPU),
+    }
+
+
 @pytest.mark.parametrize("work", ["holdout", "replay", "reference", "head"])
 def test_a_pass_over_every_label_holds_a_batch_of_inputs_not_all(
     samples: list[Sample], work: str
@@ -79,14 +94,7 @@ def test_a_pass_over_every_label_holds_a_batch_of_inputs_not_all(
     trainer's memory with each label."""
     torch.manual_seed(0)
     model = build_model("small-cnn", 10, 3)
-    runs: dict[str, Callable[[], object]] = {
-        "holdout": lambda: correct(model, samples, CPU),
-        "replay": lambda: select_replay(
-            model, samples, 500, FinetuneConfig(), CPU, np.random.default_rng(0)
-        ),
-        "reference": lambda: reference_for(model, samples, [], CPU),
-        "head": lambda: refit_head(model, samples, CPU),
-    }
+    runs = _passes(model, samples, replayed=500)
     everything = LABELS * 3 * SIDE * SIDE * 4 / 2**20
     peak = _peak(runs[work])
     assert peak < everything / 2, f"{peak:.1f} MiB at the peak; all inputs are {everything:.0f}"
@@ -105,23 +113,16 @@ def test_every_pass_over_many_samples_runs_at_most_the_eval_batch_at_once(
     rows: set[int] = set()
     model.backbone[0].register_forward_pre_hook(lambda _m, args: rows.add(args[0].shape[0]))
     some = samples[:300]
-    runs: dict[str, Callable[[], object]] = {
-        "holdout": lambda: correct(model, some, CPU),
-        "replay": lambda: select_replay(
-            model, some, 100, FinetuneConfig(), CPU, np.random.default_rng(0)
-        ),
-        "reference": lambda: reference_for(model, some, [], CPU),
-        "head": lambda: refit_head(model, some, CPU),
-        "embeddings": lambda: EmbeddingCache().embeddings(
-            model,
-            spec,
-            "base-1",
-            [s.frame_id for s in some],
-            lambda _ids: {},
-            CPU,
-            decoded={s.frame_id: s for s in some},
-        ),
-    }
+    runs = _passes(model, some, replayed=100)
+    runs["embeddings"] = lambda: EmbeddingCache().embeddings(
+        model,
+        spec,
+        "base-1",
+        [s.frame_id for s in some],
+        lambda _ids: {},
+        CPU,
+        decoded={s.frame_id: s for s in some},
+    )
     runs[work]()
     assert rows and max(rows) == EVAL_BATCH <= 64, sorted(rows)
 

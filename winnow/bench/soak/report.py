@@ -2,7 +2,14 @@
 
 from typing import Any
 
-from winnow.bench.soak.growth import FLOOR_NOTE, edge_count, kb_per_label, role_growth, verdict
+from winnow.bench.soak.growth import (
+    EDGE_FRACTION,
+    FLOOR_NOTE,
+    edge_count,
+    kb_per_label,
+    role_growth,
+    verdict,
+)
 from winnow.bench.soak.roles import ROLES
 
 
@@ -186,7 +193,7 @@ def format_table(result: dict[str, Any]) -> str:
         f"verdict: {v['result']}"
         + (f" ({'; '.join(v['problems'])})" if v["problems"] else "")
         + f"; {v['note']}",
-        f"growth compares the median of the first and last 10 % of the readings after "
-        f"warm-up; {FLOOR_NOTE}",
+        f"growth compares the median of the first and last {EDGE_FRACTION:.0%} of the "
+        f"readings after warm-up; {FLOOR_NOTE}",
     ]
     return "\n".join(lines)
