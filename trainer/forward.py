@@ -29,9 +29,11 @@ its peak, and the heap of the thread that ran it keeps room for the largest peak
 small CNN at 16x16 held 24 MB more at 256 rows than between passes, 10 MB at 64 and 6 MB
 at 32, at the same speed (600 frames, one thread, ``RssAnon`` read every 2 ms). In the
 60-minute soak the trainer's round thread's heap grew by 20 MB in one step while it
-evaluated 256 rows at a time. 64 keeps the small CNN's batches as fast, and bounds a camera
-model's: ResNet-18's first convolution at 224 alone outputs 64 x 112 x 112 float32 values,
-3.2 MB a frame (arithmetic, not measured)."""
+evaluated 256 rows at a time; a later 60-minute soak at 64 rows grew about as much over the
+hour (docs/benchmarks.md, "Soak"), so that step is not these passes alone. 64 keeps the
+small CNN's batches as fast, and bounds a camera model's: ResNet-18's first convolution
+at 224 alone outputs 64 x 112 x 112 float32 values, 3.2 MB a frame (arithmetic, not
+measured)."""
 
 
 def bucket(n: int, batch_size: int) -> int:
