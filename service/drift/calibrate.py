@@ -151,8 +151,10 @@ class Simulation:
         length = int(max(3 * ert, 4 * max(d.fill for d in self.detectors), 256))
         rng = np.random.default_rng(seed)
         runs = int(max(48, cells // length))
-        # int32 rows (a pool is a reference sample): half the memory of the default int64
-        index = rng.integers(len(pool), size=(runs, length), dtype=np.int32)
+        # the smallest type that holds a row of the pool (a reference sample of a few
+        # hundred rows: 2 bytes a cell, a quarter of the default int64)
+        dtype = np.min_scalar_type(max(0, len(pool) - 1))
+        index = rng.integers(len(pool), size=(runs, length), dtype=dtype)
         frames = reference_frames or len(pool)
         self._first = [
             FirstAlarms.from_blocks(d.trajectory_blocks(pool, index, frames), index.shape, d.fill)

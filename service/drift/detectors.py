@@ -23,19 +23,23 @@ import numpy as np
 from schemas.drift import DriftReference, fourier_features
 
 _NORMAL = NormalDist()
-_CHUNK_CELLS = 250_000
-"""Floats per vectorized block in ``trajectory_blocks()``: the size of a calibration's
-arrays, and so the scorer's memory swing (it recalibrates its head detectors for each head
-release, seconds apart in a soak). At the default settings (ERT 10,000: 48 streams of
-30,000 frames; 10 classes) a calibration peaks at 14 to 15.4 MiB of arrays under
-``tracemalloc``: 37 to 38 MiB when the statistics were held whole (``FirstAlarms`` now
-reads them a block at a time), 156 MiB at 4,000,000 floats a block; thresholds equal, CPU
-about equal. A block takes a slice of the features when one stream is larger (a
-backbone's embedding detector: 30,000 frames x 64 features)."""
+_CHUNK_CELLS = 32_768
+"""Floats per vectorized block in ``trajectory_blocks()`` (256 KiB of float64): the size of
+a calibration's work arrays, and so the scorer's memory swing (it recalibrates its
+detectors for each backbone release and its head detectors for head releases, seconds
+apart in a soak). At the default settings (ERT 10,000: 48 streams of 30,000 frames; 64
+Fourier features, 10 classes) a calibration peaks at 5.0 MiB of arrays under
+``tracemalloc``, 2.9 of them the bootstrap index, and takes 1.4 s of CPU with the scorer's
+allocator settings; at 250,000 floats a block, with a fresh array for every step and an
+int32 index, it peaked at 15.4 MiB and took 3.4 s; 37 to 38 MiB when the statistics were
+held whole (``FirstAlarms`` reads them a block at a time).
+Thresholds are equal at every block size. A block takes a slice of the features when one
+stream is larger (a backbone's embedding detector: 30,000 frames, one feature a block)."""
 
 
-Columns = Callable[[slice], np.ndarray]
-"""The features of a block of runs, a slice of features at a time (r x L x that many)."""
+Columns = Callable[[slice, np.ndarray], None]
+"""Writes the features of a block of runs, a slice of features at a time, into the r x L x
+(that many) array it is given."""
 
 
 @dataclass(frozen=True)
@@ -173,9 +177,14 @@ class _Windowed(Detector):
     def features(self, rows: Rows) -> np.ndarray: ...
 
     @abstractmethod
+    def terms(self, sums: np.ndarray, features: slice = slice(None)) -> np.ndarray:
+        """Turns window sums (... x F, or only the ``features`` of F) into the statistic's
+        term for each feature, in place (the statistic is their sum); returns ``sums``."""
+
     def from_sums(self, sums: np.ndarray, features: slice = slice(None)) -> np.ndarray:
         """Statistic from window sums (... x F), or its part over ``features`` when ``sums``
-        holds only those (the statistic is a sum over features)."""
+        holds only those; overwrites ``sums``."""
+        return np.asarray(self.terms(sums, features).sum(axis=-1))
 
     def reset(self) -> None:
         self._tail = None
@@ -211,31 +220,48 @@ class _Windowed(Detector):
         runs, length = index.shape
 
         def block(rows: slice) -> Columns:
-            return lambda features: feats[index[rows], features]
+            picked = index[rows]
+
+            def columns(features: slice, out: np.ndarray) -> None:
+                np.take(feats[:, features], picked, axis=0, out=out, mode="clip")  # valid rows
+
+            return columns
 
         return self._window_stats(block, runs, length, offsets)
 
     def _window_stats(
         self, block: Callable[[slice], Columns], runs: int, length: int, offsets: np.ndarray
     ) -> Iterator[Block]:
-        """Window statistics of the runs, a block of runs at a time: ``block(rows)`` gives
+        """Window statistics of the runs, a block of runs at a time: ``block(rows)`` writes
         their r x L x F features a slice of features at a time; ``offsets`` (runs x F) shift
-        every window mean."""
+        every window mean.
+
+        Every block works in the same three arrays, allocated once: a fresh array per step
+        would cost page faults on each (the scorer maps every array over 128 KiB afresh,
+        see ``infra.allocator``), which took more CPU than the arithmetic."""
         width = offsets.shape[1]
         span = min(max(1, width), max(1, _CHUNK_CELLS // length))  # features per block
         step = max(1, _CHUNK_CELLS // (length * span))  # runs per block
         w = self.window
+        cumulative = np.empty((min(step, runs), length, span), dtype=np.float64)
+        sums = np.empty_like(cumulative)
+        total = np.empty(cumulative.shape[:2], dtype=np.float64)
         for first in range(0, runs, step):
             rows = slice(first, first + step)
+            r = min(step, runs - first)
             columns = block(rows)
-            out = np.zeros((min(step, runs - first), length), dtype=np.float64)
+            out = np.zeros((r, length), dtype=np.float64)
             for start in range(0, width, span):
-                features = slice(start, start + span)
-                cs = np.cumsum(columns(features), axis=1, dtype=np.float64)
-                sums = cs.copy()
-                sums[:, w:] -= cs[:, :-w]
-                sums += w * offsets[rows, None, features]
-                out += self.from_sums(sums, features)
+                features = slice(start, min(start + span, width))
+                f = features.stop - start
+                cs, part, added = cumulative[:r, :, :f], sums[:r, :, :f], total[:r]
+                columns(features, cs)
+                np.cumsum(cs, axis=1, out=cs)
+                part[:, :w] = cs[:, :w]
+                np.subtract(cs[:, w:], cs[:, :-w], out=part[:, w:])
+                part += w * offsets[rows, None, features]
+                np.sum(self.terms(part, features), axis=-1, out=added)
+                out += added
             out[:, : w - 1] = -np.inf
             yield Block(first, 0, out)
 
@@ -271,9 +297,10 @@ class EmbeddingMMD(_Windowed):
     def expected(self) -> np.ndarray:
         return self._mean
 
-    def from_sums(self, sums: np.ndarray, features: slice = slice(None)) -> np.ndarray:
-        diff = sums / self.window - self._mean[features]
-        return np.asarray((diff * diff).sum(axis=-1))
+    def terms(self, sums: np.ndarray, features: slice = slice(None)) -> np.ndarray:
+        sums /= self.window
+        sums -= self._mean[features]
+        return np.square(sums, out=sums)
 
 
 class ClassMixDrift(_Windowed):
@@ -312,19 +339,26 @@ class ClassMixDrift(_Windowed):
         mixes = rng.multinomial(reference_frames, self._p, size=runs) / reference_frames
         cdf = np.cumsum(mixes, axis=1)
         cdf[:, -1] = 1.0
-        eye = np.eye(self._classes, dtype=np.float32)
+        eye = np.eye(self._classes, dtype=np.float64)
 
         def block(rows: slice) -> Columns:  # the classes drawn once, one-hot per slice
             u = rng.random((len(cdf[rows]), length))
             classes = np.stack([np.searchsorted(c, x) for c, x in zip(cdf[rows], u, strict=True)])
             classes = np.minimum(classes, self._classes - 1)
-            return lambda features: eye[:, features][classes]
+
+            def columns(features: slice, out: np.ndarray) -> None:
+                np.take(eye[:, features], classes, axis=0, out=out, mode="clip")  # valid rows
+
+            return columns
 
         return self._window_stats(block, runs, length, np.zeros((runs, self._classes)))
 
-    def from_sums(self, sums: np.ndarray, features: slice = slice(None)) -> np.ndarray:
+    def terms(self, sums: np.ndarray, features: slice = slice(None)) -> np.ndarray:
         expected = self.window * self._p[features]
-        return np.asarray((((sums - expected) ** 2) / expected).sum(axis=-1))
+        sums -= expected
+        np.square(sums, out=sums)
+        sums /= expected
+        return sums
 
 
 class EntropyCusum(Detector):
