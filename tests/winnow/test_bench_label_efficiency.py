@@ -44,6 +44,11 @@ def test_tiny_bench_pairs_seeds_and_writes_every_key(tmp_path: Path) -> None:
         assert [s["seed"] for s in entry["seeds"]] == [0, 1]
         assert all(0.0 <= v <= 1.0 for v in entry["measure_mean"])
         assert len(entry["seeds"][0]["recall"][-1]) == 10
+        for seed in entry["seeds"]:  # each point's labels, by true class
+            assert [sum(c) for c in seed["label_counts"]] == seed["labels"]
+            assert all(len(c) == 10 for c in seed["label_counts"])
+        share = entry["at_labels"]["20"]["label_share"]
+        assert len(share) == 10 and abs(sum(share) - 1) < 1e-3
     assert strategies["margin"]["vs_peers"]["skal-split"]["20"]["diff"] is not None
     assert "goals" in strategies["mine"] and "goals" not in strategies["skal-split"]
     # Pairing: per seed every strategy starts from the same weights, and those with a

@@ -40,6 +40,7 @@ def _run_of(name: str, seed: Mapping[str, Any]) -> RunResult:
         accuracy=list(seed["accuracy"]),
         balanced_accuracy=list(seed["balanced_accuracy"]),
         recall=[list(r) for r in seed["recall"]],
+        label_counts=[list(c) for c in seed.get("label_counts", [])],  # added later
         frames_seen=int(seed["frames_seen"]),
         rounds=int(seed["rounds"]),
         refits=int(seed["refits"]),

@@ -15,7 +15,8 @@ Per strategy, over the paired seeds:
   ``share_2x`` repeat the 95% target's.
 - ``aulc``: the mean over seeds of the normalised area under the raw curve.
 - ``at_labels``: the measure at equal label counts (a quarter, half and all of
-  ``max_labels``), with per-class recall.
+  ``max_labels``), with per-class recall and each class's share of the labels learned
+  from (``label_share``: what the strategy sent for labeling, by true class).
 - ``vs_peers``: for a Winnow strategy, the paired difference to each
   scikit-activeml peer in the run at those counts and in AULC, with intervals.
 - ``goals``: the issue's two tests, as booleans.
@@ -61,6 +62,7 @@ def _seed_entry(
         "accuracy": run.accuracy,
         "balanced_accuracy": run.balanced_accuracy,
         "recall": run.recall,
+        "label_counts": run.label_counts,
         "labels_to_target": {
             str(r): _round(curves.labels_to_target(run.labels, values, t), 1)
             for r, t in targets.items()
@@ -100,13 +102,26 @@ def _at_labels(seeds: list[dict[str, Any]], counts: Sequence[int]) -> dict[str, 
             recall.append(
                 [np.interp(count, s["labels"], per_class[:, c]) for c in range(per_class.shape[1])]
             )
+        shares = [share for s in seeds if (share := _label_share(s, count)) is not None]
         out[str(count)] = {
             "mean": _round(float(np.mean(values))) if values else None,
             "std": _round(float(np.std(values))) if values else None,
             "seeds": len(values),
             "recall": np.nanmean(recall, axis=0).round(4).tolist() if recall else None,
+            "label_share": np.mean(shares, axis=0).round(4).tolist() if shares else None,
         }
     return out
+
+
+def _label_share(seed: dict[str, Any], count: int) -> list[float] | None:
+    """Each class's share of the labels of the seed's last point at or under ``count``
+    labels; None where the seed has no such point with labels, or predates the counts."""
+    points = seed.get("label_counts") or []
+    kept = [c for x, c in zip(seed["labels"], points, strict=False) if x <= count and sum(c)]
+    if not kept:
+        return None
+    last = np.asarray(kept[-1], dtype=np.float64)
+    return (last / last.sum()).tolist()
 
 
 def _savings(
@@ -289,12 +304,19 @@ def table(result: Mapping[str, Any]) -> str:
             at = entry["at_labels"][c]
             cells.append(f"{at['mean']:.3f}±{at['std']:.3f}" if at["mean"] is not None else "-")
         lines.append(f"  {name:<26}" + "".join(f"{cell:>16}" for cell in cells))
+    last = counts[-1]
     if result["measure"] == "balanced_accuracy":
-        last = counts[-1]
         lines.append(f"per-class recall at {last} labels:")
         for name, entry in result["strategies"].items():
             recall = entry["at_labels"][last]["recall"] or []
             lines.append(f"  {name:<26}" + " ".join(f"{r:.3f}" for r in recall))
+    lines.append(f"share of each class in the labels, at {counts[0]} and {last} labels:")
+    for name, entry in result["strategies"].items():
+        cells = []
+        for c in (counts[0], last):
+            share = entry["at_labels"][c].get("label_share")
+            cells.append(" ".join(f"{v:.2f}" for v in share) if share else "-")
+        lines.append(f"  {name:<26}" + " | ".join(cells))
     return "\n".join(lines)
 
 

@@ -16,6 +16,7 @@ oracle answers every selected frame.
 import os
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -62,6 +63,8 @@ class RunResult:
         accuracy: test accuracy at each point.
         balanced_accuracy: test balanced accuracy at each point.
         recall: per-class test recall at each point.
+        label_counts: at each point, the labels of each class the model had learned from
+            (what the strategy sent for labeling, by true class).
         frames_seen: frames the strategy was shown.
         rounds: fine-tuning rounds.
         refits: head refits.
@@ -74,16 +77,21 @@ class RunResult:
     accuracy: list[float] = field(default_factory=list)
     balanced_accuracy: list[float] = field(default_factory=list)
     recall: list[list[float]] = field(default_factory=list)
+    label_counts: list[list[int]] = field(default_factory=list)
     frames_seen: int = 0
     rounds: int = 0
     refits: int = 0
     seconds: float = 0.0
 
-    def record(self, labels: int, counts: np.ndarray) -> None:
+    def record(self, labels: int, counts: np.ndarray, learned: Sequence[int] = ()) -> None:
+        """A point: ``labels`` learned from, the test confusion ``counts`` (C x C) and the
+        true class of each label learned from (``learned``)."""
         self.labels.append(labels)
         self.accuracy.append(round(accuracy(counts), 5))
         self.balanced_accuracy.append(round(balanced_accuracy(counts), 5))
         self.recall.append([round(float(r), 4) for r in recalls(counts)])
+        classes = np.bincount(np.asarray(learned, dtype=np.int64), minlength=len(counts))
+        self.label_counts.append([int(n) for n in classes])
 
 
 class _Served:
@@ -236,7 +244,9 @@ class _StreamRun:
         """A new model: measure it, tell the policy, re-embed the policy's memory."""
         data, learner, policy = self.data, self.learner, self.policy
         self.result.record(
-            learner.labels_learned, learner.confusion(data.test_inputs, data.test_labels)
+            learner.labels_learned,
+            learner.confusion(data.test_inputs, data.test_labels),
+            [s.label for s in learner.samples[: learner.labels_learned]],
         )
         self.served = _Served(learner)
         policy.on_model(labels_trained=learner.labels_learned, classes=data.classes)

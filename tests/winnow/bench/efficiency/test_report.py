@@ -105,3 +105,26 @@ def test_the_table_names_every_strategy() -> None:
     assert "2.00x [2.00, 2.00]" in text
     for name in ("random", "good", "peer"):
         assert name in text
+
+
+def test_the_share_of_each_class_in_the_labels_is_averaged_over_seeds() -> None:
+    """What a strategy sent for labeling, by true class, at equal label counts: each seed's
+    last point at or under the count. Fails if the shares are taken from a later point
+    than the count, or pooled as counts instead of averaged per seed."""
+    counts = np.array([[50, 50], [0, 100]])
+    runs = {name: [RunResult(name, 0), RunResult(name, 1)] for name in ("random", "good")}
+    for run in runs["random"] + runs["good"]:
+        run.record(0, counts)
+    runs["random"][0].record(10, counts, [0] * 5 + [1] * 5)
+    runs["random"][1].record(10, counts, [0] * 2 + [1] * 8)
+    runs["random"][0].record(40, counts, [0] * 40)  # after 10 and 20: not read there
+    runs["random"][1].record(40, counts, [1] * 40)
+    for run in runs["good"]:
+        run.record(10, counts, [0] * 10)
+        run.record(40, counts, [0] * 30 + [1] * 10)
+    out = summarize(runs, set(), 1.0, "accuracy", 40, resamples=100)
+    assert out["random"]["at_labels"]["10"]["label_share"] == [0.35, 0.65]
+    assert out["random"]["at_labels"]["20"]["label_share"] == [0.35, 0.65]
+    assert out["random"]["at_labels"]["40"]["label_share"] == [0.5, 0.5]
+    assert out["good"]["at_labels"]["40"]["label_share"] == [0.75, 0.25]
+    assert out["random"]["seeds"][0]["label_counts"][1] == [5, 5]
