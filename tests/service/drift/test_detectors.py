@@ -183,9 +183,9 @@ def test_a_head_recalibration_at_default_settings_keeps_its_arrays_small(referen
     the scorer spent half its samples inside one, 38 MB higher. Fails if the simulation
     holds every stream's statistics (R x L float64, 11.5 MB, and their running maximum) or
     the bootstrap index as int64 (38 MiB at the peak) or int32 (15.4 MiB with the blocks
-    of 250,000 floats of before, 8 with today's), or works in blocks as large as that (12.7
-    MiB) or larger (156 MiB at 4,000,000 floats), or holds an R x L x classes array whole.
-    Today: 5.0 MiB, 2.9 of them the index."""
+    of 250,000 floats of before, 7.7 with today's), or works in blocks as large as that
+    (12.6 MiB) or larger (156 MiB at 4,000,000 floats), or holds an R x L x classes array
+    whole. Today: 5.0 MiB, 2.9 of them the index."""
     settings = DriftSettings()  # ERT 10,000: 48 streams of 30,000 frames
     tracemalloc.start()
     try:
@@ -203,8 +203,8 @@ def test_a_backbone_recalibration_keeps_the_embedding_arrays_small(reference) ->
     frame 64 Fourier features. Fails if a block holds a whole stream's features (30,000 x 64
     float64, several copies: 96 MiB at the peak here) instead of a slice of the features,
     if the simulation holds every stream's statistics at once (37 MiB), or if the blocks
-    or the index grow back to their former size (250,000 floats, int32: 14.1 MiB). Today:
-    4.7 MiB."""
+    or the index grow back to their former size (250,000 floats: 7.9 MiB; an int32 index:
+    7.4; both: 14.1). Today: 4.7 MiB."""
     settings = DriftSettings()
     tracemalloc.start()
     try:
