@@ -5,7 +5,11 @@ event loop; it only enqueues. One task takes the batches in order and runs the
 detectors in a worker thread; on an alarm it counts it, publishes a
 ``DriftEvent`` on ``winnow.drift`` and tells ``on_alarm`` (the root wires it to the
 labeling budget's boost). Every
-``statistic_every`` frames a detector's statistic is published too.
+``statistic_every`` frames a detector's statistic is published too. A detector
+alarms once per reference on each track: a shift that stays is one change, not
+one alarm each time the detector's window refills. After the first alarm the
+next ``warmup_frames`` frames become the anchor of the new regime, and the
+detectors re-arm on them (or the next swap takes them).
 
 On a swap to a new backbone (a full release) the detectors reset: with the
 release's reference when it carries one (and ``use_release_reference``), else
@@ -75,6 +79,9 @@ class _Track:
 
     detectors: list[Detector]
     alarms: dict[str, int] = field(default_factory=dict)
+    # Detectors that alarmed against the current reference: quiet until it is replaced
+    # (a shift that stays would otherwise alarm again each time a window refills).
+    alarmed: set[str] = field(default_factory=set)
     last_alarm: dict[str, datetime] = field(default_factory=dict)
     since_statistic: dict[str, int] = field(default_factory=dict)
 
@@ -119,7 +126,7 @@ class DriftMonitor(Component):
         # The anchor: the input tensors of the frames that made the last warm-up reference.
         # Each new model re-scores them, so the reference stays in the regime it was taken
         # from across swaps (frequent releases would otherwise keep re-learning a drifted
-        # stream as "normal"). After an alarm the next model warms up on the stream anew.
+        # stream as "normal"). After an alarm the anchor is taken anew from the stream.
         self._anchor: np.ndarray | None = None
         self._anchor_parts: list[np.ndarray] = []
         self._anchor_count = 0
@@ -427,8 +434,27 @@ class DriftMonitor(Component):
             return
         self._anchor = _bounded(np.concatenate(self._anchor_parts))
         self._anchor_parts, self._collecting_anchor = [], False
-        if self._model is not None and not self._paused and self._reference is None:
+        if self._model is None or self._paused:
+            return
+        if self._reference is None:
             await self._arm_from_anchor()
+        elif self._rebase:
+            await self._rearm_after_alarm()
+
+    async def _rearm_after_alarm(self) -> None:
+        """The anchor frames of the regime after an alarm are in, and no new backbone came
+        meanwhile (a swap would have taken them): the detectors re-arm on them with the
+        model served now, so that they watch for the next change instead of staying quiet
+        about this one (each detector alarms once per reference)."""
+        latest = self._pending or _Swap(self._head_version or "", None, head=self._head)
+        self._head, self._head_version, self._pending = latest.head, latest.version, None
+        if await self._arm_from_anchor():
+            self._rebase = False
+            log.info(
+                "drift: model %s, reference from the %d frames after the alarm",
+                self._version,
+                len(self._anchor) if self._anchor is not None else 0,
+            )
 
     async def _warm(self, item: _Observed) -> None:
         self._warmup.append(item)
@@ -477,8 +503,9 @@ class DriftMonitor(Component):
         for detector in track.detectors:
             alarms = detector.update(rows)
             name = detector.name
-            for _, statistic in alarms:
-                events.append(self._event("alarm", detector, source, statistic))
+            if alarms and name not in track.alarmed:  # one alarm a detector per reference
+                track.alarmed.add(name)
+                events.append(self._event("alarm", detector, source, alarms[0][1]))
                 track.alarms[name] = track.alarms.get(name, 0) + 1
                 track.last_alarm[name] = self._clock()
             seen = track.since_statistic.get(name, 0) + len(rows)
@@ -508,8 +535,9 @@ class DriftMonitor(Component):
             self.metrics.drift_score.labels(detector=event.detector).set(event.statistic)
         if event.kind == "alarm":
             self.alarms += 1
-            self._reset_anchor()  # the reference moves to the new regime once it is collected
-            self._rebase = True  # at the next swap, head-only or not
+            if not self._rebase:  # the first alarm against this reference
+                self._reset_anchor()  # the reference moves to the new regime once collected
+            self._rebase = True  # then, or at the next swap (head-only or not) before it
             self.metrics.drift_alarms.labels(detector=event.detector).inc()
             self.events = [*self.events[-99:], event]
             log.warning(

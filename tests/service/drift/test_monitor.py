@@ -423,3 +423,55 @@ async def test_after_an_alarm_a_head_swap_takes_a_new_reference() -> None:
         assert status.detectors == [] and status.warmup_frames_left == 200
         await _stream(monitor, head, rng, 200, shift=2.0)
         assert head.rescored == ANCHOR and monitor.status().reference_frames == ANCHOR
+
+
+async def test_a_shift_that_stays_alarms_once_per_detector_and_source(reference) -> None:
+    """Caught: each detector alarming again every time its window refilled while a shift
+    stayed and no new model came: 379 alarms in these 6,000 shifted frames (63 a thousand,
+    5 a second at 80 fps, every one logged, published, boosting the budget and starting
+    a round), where the change was one; 3 now."""
+    async with DriftMonitor(_settings(ert=10_000), None, ScorerMetrics()) as monitor:
+        model = _Model(_Spec("v1", reference))
+        monitor.on_swap(model)
+        rng = np.random.default_rng(1)
+        await _feed(monitor, model, rng, 1000)
+        before = monitor.alarms
+        for _ in range(6):
+            await _feed(monitor, model, rng, 1000, shift=2.0)
+        assert monitor.alarms > before  # the shift is seen...
+        raised = [(e.detector, e.source_id) for e in monitor.events]
+        assert len(raised) == len(set(raised)) == monitor.alarms  # ...once by each
+        status = monitor.status()
+        assert all(d.alarms <= 1 for d in status.detectors)
+        assert all(d.frames > 0 for d in status.detectors)  # and each keeps watching
+
+
+async def test_after_an_alarm_the_new_regime_becomes_the_reference_without_a_swap() -> None:
+    """Caught: a monitor that, once it has alarmed, never compares with anything but the
+    old regime while no model comes (a trainer down, or no labels): it would stay quiet
+    through every later change, or alarm on and on about the first."""
+    rng = np.random.default_rng(5)
+    settings = _anchored(per_source=False, ert=20_000)  # a false alarm in 500 frames: 7 %
+    async with DriftMonitor(settings, None, ScorerMetrics()) as monitor:
+        first = _headed("v1")
+        monitor.on_swap(first)
+        await _stream(monitor, first, rng, 400)  # the anchor, then the first regime
+        assert monitor.calibrations == 1 and monitor.alarms == 0
+        shifted = 0
+        while monitor.alarms == 0 and shifted < 1000:
+            await _stream(monitor, first, rng, 50, shift=2.0)
+            shifted += 50
+        assert monitor.alarms >= 1
+        for _ in range(ANCHOR // 50 + 1):  # one at a time, as a scorer sends them
+            await _stream(monitor, first, rng, 50, shift=2.0)
+        assert monitor.calibrations == 2 and first.rescored == 2 * ANCHOR
+        status = monitor.status()
+        assert status.reference == "warmup" and status.reference_frames == ANCHOR
+        alarms = monitor.alarms
+        await _stream(monitor, first, rng, 500, shift=2.0)  # the new regime is normal now
+        assert monitor.alarms == alarms
+        back = 0
+        while monitor.alarms == alarms and back < 1000:  # and a change from it is seen
+            await _stream(monitor, first, rng, 50)
+            back += 50
+        assert monitor.alarms > alarms
