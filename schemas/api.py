@@ -240,6 +240,12 @@ class DetectorState(BaseModel):
     frames: int = Field(ge=0, description="frames since its last reset")
     alarms: int = Field(ge=0)
     last_alarm: datetime | None = None
+    alarmed: bool = Field(
+        default=False,
+        description="true once it has alarmed against the current reference: it raises no "
+        "other alarm until the reference is taken anew (from the frames after the alarm, or "
+        "at a swap)",
+    )
 
 
 class DriftStatus(BaseModel):

@@ -595,6 +595,7 @@ class DriftMonitor(Component):
                         frames=d.frames,
                         alarms=track.alarms.get(d.name, 0),
                         last_alarm=track.last_alarm.get(d.name),
+                        alarmed=d.name in track.alarmed,
                     )
                 )
         reference = self._reference

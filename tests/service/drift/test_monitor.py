@@ -443,6 +443,7 @@ async def test_a_shift_that_stays_alarms_once_per_detector_and_source(reference)
         assert len(raised) == len(set(raised)) == monitor.alarms  # ...once by each
         status = monitor.status()
         assert all(d.alarms <= 1 for d in status.detectors)
+        assert {(d.detector, d.source_id) for d in status.detectors if d.alarmed} == set(raised)
         assert all(d.frames > 0 for d in status.detectors)  # and each keeps watching
 
 
@@ -467,6 +468,7 @@ async def test_after_an_alarm_the_new_regime_becomes_the_reference_without_a_swa
         assert monitor.calibrations == 2 and first.rescored == 2 * ANCHOR
         status = monitor.status()
         assert status.reference == "warmup" and status.reference_frames == ANCHOR
+        assert not any(d.alarmed for d in status.detectors)
         alarms = monitor.alarms
         await _stream(monitor, first, rng, 500, shift=2.0)  # the new regime is normal now
         assert monitor.alarms == alarms
