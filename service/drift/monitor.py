@@ -446,14 +446,17 @@ class DriftMonitor(Component):
         meanwhile (a swap would have taken them): the detectors re-arm on them with the
         model served now, so that they watch for the next change instead of staying quiet
         about this one (each detector alarms once per reference)."""
-        latest = self._pending or _Swap(self._head_version or "", None, head=self._head)
-        self._head, self._head_version, self._pending = latest.head, latest.version, None
+        assert self._anchor is not None
+        frames = len(self._anchor)
+        if self._pending is not None:  # the head served now, not yet followed
+            self._head, self._head_version = self._pending.head, self._pending.version
+            self._pending = None
         if await self._arm_from_anchor():
             self._rebase = False
             log.info(
                 "drift: model %s, reference from the %d frames after the alarm",
                 self._version,
-                len(self._anchor) if self._anchor is not None else 0,
+                frames,
             )
 
     async def _warm(self, item: _Observed) -> None:
