@@ -26,6 +26,11 @@ TRAINER_CLIENT_ID = "winnow-trainer"
 """The trainer's Kafka client id unless ``WINNOW_KAFKA_CLIENT_ID`` sets one."""
 
 
+SAMPLE_CACHE_MB = 1024
+"""The trainer's default budget for decoded pixels (``WINNOW_TRAINER_SAMPLE_CACHE_MB``):
+about 7,000 frames at 224 x 224 RGB, 1.3 million at 28 x 28 gray."""
+
+
 def with_trainer_client_id(kafka: KafkaSettings) -> KafkaSettings:
     """``kafka``, with the trainer's client id if no client id was set explicitly.
 
@@ -135,6 +140,14 @@ class TrainerSettings(BaseSettings):
         "process (the trainer keeps evaluation, head refits and exports); it costs about "
         "400 MB (the child's torch) and did not lower the trainer's own growth in the "
         "60-minute soak; 0 (the default): rounds train in the trainer's own process",
+    )
+    sample_cache_mb: float = Field(
+        default=SAMPLE_CACHE_MB,
+        ge=0,
+        description="memory for decoded labeled frames, which every round reads (about "
+        "150 KB a frame at 224 x 224 RGB, 0.8 KB at 28 x 28 gray); frames past it are read "
+        "from the store and decoded again each time a round uses them, so the trainer's "
+        "memory stops growing with the labels; keep it well under the memory limit",
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     metrics_port: int = Field(default=9100, ge=0, le=65535)

@@ -28,7 +28,7 @@ from trainer.architectures import WinnowNet
 from trainer.errors import SampleError
 from trainer.finetune import class_weights
 from trainer.forward import EVAL_BATCH, forward_eval, forward_samples
-from trainer.samples import Sample, decode_inputs
+from trainer.samples import Sample, decode_inputs, inputs_of
 
 log = logging.getLogger(__name__)
 
@@ -336,7 +336,8 @@ class EmbeddingCache:
         # their inputs at once would grow the trainer's memory with each label
         for start in range(0, len(frame_ids), EMBED_BATCH):
             chunk = frame_ids[start : start + EMBED_BATCH]
-            decoded = {f: known[f].inputs for f in chunk if f in known}
+            held = [known[f] for f in chunk if f in known]
+            decoded = dict(zip((s.frame_id for s in held), inputs_of(held), strict=True))
             unread = [f for f in chunk if f not in known]
             images = read_images(unread) if unread else {}
             for frame_id in unread:

@@ -131,7 +131,7 @@ class Trainer(Component):
         self.incumbent_accuracy: float | None = None
         self.labels_unlearned = 0
         self._checkpoints = settings.data_dir / "checkpoints"
-        self._samples = SampleCache()
+        self._samples = SampleCache(int(settings.sample_cache_mb * 2**20))
         self._embeddings = EmbeddingCache()
         self._covered: dict[str, str] = {}  # what the serving head-only release learned from
         self._attempted: dict[str, str] = {}  # what the last refit on this backbone fit
@@ -470,6 +470,7 @@ class Trainer(Component):
     def _account(self, report: RoundReport) -> None:
         self.reports.append(report)
         self.metrics.round_done(report, self.incumbent_accuracy)
+        self.metrics.sample_cache(self._samples.nbytes, self._samples.decoded_again)
 
     def _account_head(self, report: HeadReport, seconds: float) -> None:
         self.head_reports.append(report)

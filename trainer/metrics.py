@@ -14,6 +14,7 @@ class TrainerMetrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
+        self._decoded_again = 0
         r = self.registry
         self.labels_received = Counter(
             "winnow_trainer_labels_received", "Labels that joined a requested frame", registry=r
@@ -84,6 +85,17 @@ class TrainerMetrics:
             ["reason"],
             registry=r,
         )
+        self.sample_cache_bytes = Gauge(
+            "winnow_trainer_sample_cache_bytes",
+            "Decoded labeled frames held in memory, at most WINNOW_TRAINER_SAMPLE_CACHE_MB",
+            registry=r,
+        )
+        self.frames_decoded_again = Counter(
+            "winnow_trainer_frames_decoded_again",
+            "Labeled frames read from the store and decoded again because the sample "
+            "cache's budget did not hold them",
+            registry=r,
+        )
         # Every known label value from 0 on: a series born at 1 hides its first event from
         # increase(), and the alert rules count these events.
         for counter, values in (
@@ -95,6 +107,12 @@ class TrainerMetrics:
         ):
             for value in values:
                 counter.labels(value)
+
+    def sample_cache(self, held_bytes: int, decoded_again: int) -> None:
+        """The sample cache's bytes now and its frames decoded again in all."""
+        self.sample_cache_bytes.set(held_bytes)
+        self.frames_decoded_again.inc(max(0, decoded_again - self._decoded_again))
+        self._decoded_again = max(self._decoded_again, decoded_again)
 
     def round_done(self, report: "RoundReport", holdout_accuracy: float | None) -> None:
         """Counts a backbone round; ``holdout_accuracy``: the serving model's after it."""

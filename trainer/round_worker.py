@@ -55,7 +55,7 @@ from torch import nn
 
 from schemas.model_spec import ModelSpec
 from trainer.finetune import FinetuneConfig, RoundStats, finetune_round
-from trainer.samples import Sample
+from trainer.samples import Sample, arrays
 
 log = logging.getLogger(__name__)
 
@@ -311,11 +311,11 @@ class RoundWorker:
         spec = samples[0].spec if samples else None
         if spec is not None and any(s.spec is not spec for s in samples):
             spec = None  # mixed preprocessing: send normalized inputs (rounds never do)
-        sources = {}
-        for sample in samples:
-            if spec is not None and sample.frame_id in self._held:
-                continue
-            sources[sample.frame_id] = sample.source if spec is not None else sample.inputs
+        if spec is not None:  # pixels, those the child has not been sent yet
+            todo = [s for s in samples if s.frame_id not in self._held]
+            sources = dict(zip((s.frame_id for s in todo), arrays(todo), strict=True))
+        else:
+            sources = {s.frame_id: s.inputs for s in samples}
         if spec is None:
             self._held = set()  # the child's cache holds pixels only under a spec
         buffer = io.BytesIO()

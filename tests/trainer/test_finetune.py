@@ -142,6 +142,94 @@ def test_the_sample_cache_holds_pixels_not_inputs(spec: ModelSpec) -> None:
         np.testing.assert_array_equal(sample.inputs, decoded)
 
 
+def _reader(images: dict[str, bytes], reads: list[list[str]]):  # type: ignore[no-untyped-def]
+    def read(frame_ids: list[str]) -> dict[str, bytes]:
+        reads.append(list(frame_ids))
+        return {f: images[f] for f in frame_ids if f in images}
+
+    return read
+
+
+def test_the_sample_cache_stays_within_its_budget_and_decodes_the_rest_again(
+    spec: ModelSpec,
+) -> None:
+    """Without a budget the cache grows with the labels (150 KB a label at 224 x 224 RGB)
+    until the trainer meets its memory limit. With one it holds the first frames that fit;
+    the others are read and decoded again each time they are used, and the samples and
+    their stacked inputs are exactly the decoded ones either way."""
+    rng = np.random.default_rng(1)
+    images = {f"f{i}": _png(rng.integers(0, 256, (8, 8), dtype=np.uint8)) for i in range(40)}
+    frame = 16 * 16  # bytes of one frame's pixels under the spec
+    reads: list[list[str]] = []
+    cache = SampleCache(budget_bytes=10 * frame + frame // 2)
+    samples = cache.samples([(f, 3) for f in images], spec, _reader(images, reads))
+    assert reads == [list(images)]  # every frame read once on first sight
+    assert cache.nbytes == 10 * frame and cache.frames == (10, 40)
+    assert all(s.source is None for s in samples)  # the samples hold no pixels of their own
+    inputs, labels = stack(samples)
+    expected = np.stack([decode_sample(f, images[f], 3, spec).inputs for f in images])
+    np.testing.assert_array_equal(inputs, expected)
+    assert labels.tolist() == [3] * 40
+    assert reads[1:] == [[f"f{i}" for i in range(10, 40)]]  # one read for the batch
+    assert cache.decoded_again == 30 and cache.nbytes == 10 * frame
+    np.testing.assert_array_equal(samples[25].inputs, expected[25])
+    assert cache.decoded_again == 31
+
+    # frames no longer asked for leave and make room for those decoded again
+    kept = cache.samples([(f"f{i}", 3) for i in range(5, 40)], spec, _reader(images, reads))
+    assert cache.frames == (5, 35)
+    stack(kept[:20])  # f5 to f24: f10 to f14 come back and are held
+    assert cache.frames == (10, 35) and cache.nbytes == 10 * frame
+    assert cache.decoded_again == 31 + 15
+
+
+def test_a_sample_cache_of_no_bytes_decodes_every_use(spec: ModelSpec) -> None:
+    images = {f"f{i}": _png(np.full((8, 8), 20 * i, np.uint8)) for i in range(6)}
+    reads: list[list[str]] = []
+    cache = SampleCache(budget_bytes=0)
+    samples = cache.samples([(f, 1) for f in images], spec, _reader(images, reads))
+    assert cache.nbytes == 0 and cache.frames == (0, 6)
+    for _ in range(2):
+        inputs, _labels = stack(samples)
+        expected = [decode_sample(f, images[f], 1, spec).inputs for f in images]
+        np.testing.assert_array_equal(inputs, np.stack(expected))
+    assert cache.decoded_again == 12 and len(reads) == 3
+    with pytest.raises(ValueError, match="0 or more"):
+        SampleCache(budget_bytes=-1)
+
+
+def test_a_frame_gone_from_the_store_is_a_clear_sample_error(spec: ModelSpec) -> None:
+    images = {f"f{i}": _png(np.full((8, 8), 20 * i, np.uint8)) for i in range(3)}
+    cache = SampleCache(budget_bytes=0)
+    samples = cache.samples([(f, 1) for f in images], spec, _reader(images, []))
+    del images["f1"]
+    with pytest.raises(SampleError, match="frame f1: its image is gone from the store"):
+        stack(samples)
+
+
+def test_a_round_from_a_small_sample_cache_trains_exactly_as_from_a_large_one(
+    spec: ModelSpec,
+) -> None:
+    """The budget changes where the pixels come from, not what a round learns: the
+    same frames through a cache that holds a tenth of them and through one that holds
+    all give the same weights."""
+    data = load_digits()
+    pixels = (data.images[:120] * 255 / 16).astype(np.uint8)
+    images = {f"d{i}": _png(image) for i, image in enumerate(pixels)}
+    labeled = [(f"d{i}", int(label)) for i, label in enumerate(data.target[:120])]
+    config = FinetuneConfig(epochs=1, min_steps=20, max_steps=20)
+    weights = []
+    for budget in (12 * 16 * 16, 2**30):
+        cache = SampleCache(budget_bytes=budget)
+        samples = cache.samples(labeled, spec, _reader(images, []))
+        model = _model(seed=3)
+        finetune_round(model, samples[100:], samples[:100], config, CPU)
+        weights.append({k: v.clone() for k, v in model.state_dict().items()})
+        assert (cache.decoded_again > 0) == (budget < 2**30)
+    for name, value in weights[0].items():
+        torch.testing.assert_close(value, weights[1][name], rtol=0, atol=0)
+
+
 def test_stack(digits: tuple[list[Sample], list[Sample]]) -> None:
     train, _ = digits
     inputs, labels = stack(train[:5])

@@ -130,6 +130,27 @@ async def test_a_round_reads_each_image_once(
     assert reads == Counter(f"f{i}" for i in range(60))
 
 
+async def test_a_round_past_the_sample_cache_budget_decodes_the_rest_again(
+    kafka_settings, group_id, winnow_topics, digits: Digits, tmp_path: Path
+) -> None:
+    """``WINNOW_TRAINER_SAMPLE_CACHE_MB`` bounds the decoded frames the trainer holds
+    (unbounded they grow with the labels, 150 KB each at 224 x 224 RGB, until the pod's
+    memory limit). Catches the setting not reaching the cache, and the metrics not
+    showing it."""
+    frame = 16 * 16  # bytes of a frame's pixels under loop_settings' model
+    budget_mb = 10.5 * frame / 2**20
+    settings = _manual_rounds(kafka_settings, group_id, tmp_path, sample_cache_mb=budget_mb)
+    async with Trainer(settings) as trainer:
+        assert trainer.spec is not None and tuple(trainer.spec.input_size) == (16, 16)
+        _store_labels(trainer, digits, range(40))
+        report = await trainer.run_round()
+        assert report is not None and report.new_labels == 40
+        value = trainer.metrics.registry.get_sample_value
+        assert value("winnow_trainer_sample_cache_bytes") == 10 * frame
+        again = value("winnow_trainer_frames_decoded_again_total")
+        assert again is not None and again >= 30  # each frame past the budget at least once
+
+
 async def test_rounds_train_in_a_round_worker_when_asked(
     kafka_settings, group_id, winnow_topics, digits: Digits, tmp_path: Path
 ) -> None:

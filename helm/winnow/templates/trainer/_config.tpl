@@ -8,6 +8,7 @@ WINNOW_TRAINER_METRICS_PORT: {{ int $t.metricsPort | quote }}
 WINNOW_TRAINER_CLASSES: {{ toJson $t.classes | quote }}
 WINNOW_TRAINER_INPUT_SIZE: {{ int $t.inputSize | quote }}
 WINNOW_TRAINER_PRECISION: {{ $t.precision | quote }}
+WINNOW_TRAINER_SAMPLE_CACHE_MB: {{ $t.sampleCacheMB | quote }}
 {{- if $t.arch }}
 WINNOW_TRAINER_ARCH: {{ $t.arch | quote }}
 {{- end }}
