@@ -8,7 +8,8 @@ not answer it logs one WARNING when the outage starts, a summary every
 ``summary_interval_s`` and one line when the broker answers again. Its
 :class:`OutageLogFilter`, on aiokafka's loggers and on Winnow's own retry
 loggers, turns their per-attempt lines into the retry count of that summary.
-Readiness reads :attr:`BrokerWatch.reachable`.
+Readiness reads :attr:`BrokerWatch.reachable`. :class:`ConnectionLeftoverFilter` keeps
+the errors that broken connections leave on futures nobody reads out of the log.
 
 An error no retry can cure (authentication or authorization refused, a
 protocol the broker does not speak) is *fatal*: :func:`is_fatal` says which,
@@ -157,6 +158,36 @@ def _connection_noise(record: logging.LogRecord) -> bool:
     return any(word.lower() in text.lower() for word in _CONNECTION_WORDS)
 
 
+class ConnectionLeftoverFilter(logging.Filter):
+    """Drops asyncio's "exception was never retrieved" for a connection error.
+
+    A connection that breaks (the broker cut off, a reset) leaves its error on futures
+    nobody waits for any more: the stream's closed-future, a request's. When they are
+    collected, asyncio logs each at ERROR with a traceback, often after the role has
+    stopped, so a clean stop during an outage ends in a traceback. The errors aiokafka
+    itself treats as a broken connection (``OSError``, ``EOFError``, its
+    ``KafkaConnectionError``) are logged at DEBUG instead; any other error still reaches
+    the log as asyncio writes it.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("winnow-connection-leftovers")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if not isinstance(error, OSError | EOFError | kafka_errors.KafkaConnectionError):
+            return True
+        if "exception was never retrieved" not in str(record.msg):
+            return True
+        log.debug("a closed connection's error that nobody read: %r", error)
+        return False
+
+
+CONNECTION_LEFTOVERS = ConnectionLeftoverFilter()
+"""On the ``asyncio`` logger from a watch's start for the process's life: the leftovers
+show when they are collected, which may be after every component has stopped."""
+
+
 class BrokerWatch(Component):
     """Probes the bootstrap servers; logs an outage once, then a summary, then the recovery.
 
@@ -228,6 +259,7 @@ class BrokerWatch(Component):
     async def _start(self) -> None:
         for name in self._filtered:
             logging.getLogger(name).addFilter(self._filter)
+        logging.getLogger("asyncio").addFilter(CONNECTION_LEFTOVERS)  # once; never removed
         self.supervise(self._run(), name=f"{self.role}-broker-watch")
 
     async def _stop(self) -> None:

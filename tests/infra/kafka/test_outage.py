@@ -1,6 +1,7 @@
 """Broker outages: fatal vs transient errors, the watch's log lines, stopping clients in a cut."""
 
 import asyncio
+import gc
 import logging
 import time
 
@@ -15,7 +16,7 @@ from infra.kafka.connection import client_kwargs
 from infra.kafka.consumer import create_consumer
 from infra.kafka.delivery import is_retriable
 from infra.kafka.offsets import OffsetTracker
-from infra.kafka.outage import BrokerWatch, describe_fatal, is_fatal
+from infra.kafka.outage import CONNECTION_LEFTOVERS, BrokerWatch, describe_fatal, is_fatal
 from tests.kafka_helpers import produce
 from tests.kafka_proxy import FaultProxy
 
@@ -76,6 +77,53 @@ async def _until(condition, within: float, step: float = 0.05) -> None:
     async with asyncio.timeout(within):
         while not condition():  # noqa: ASYNC110 - polls a flag another task sets
             await asyncio.sleep(step)
+
+
+def _dropped_future(error: BaseException) -> None:
+    """A future that fails with ``error`` and is collected unread, as a broken
+    connection's closed-future is: asyncio logs it when it is collected."""
+    loop = asyncio.new_event_loop()
+    try:
+        future = loop.create_future()
+        future.set_exception(error)
+        del future
+        gc.collect()
+    finally:
+        loop.close()
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        ConnectionResetError(104, "Connection reset by peer"),
+        BrokenPipeError(32, "Broken pipe"),
+        kafka_errors.KafkaConnectionError("Connection at localhost:9092 closed"),
+    ],
+)
+def test_a_broken_connections_unread_error_is_not_an_error_line(
+    error: BaseException, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The failure it catches: a trainer stopped while the broker was cut off ended its log
+    with asyncio's "Future exception was never retrieved" and a ConnectionResetError
+    traceback, logged at ERROR when the connection's closed-future was collected after the
+    stop. Other errors stay in the log."""
+    asyncio_log = logging.getLogger("asyncio")
+    asyncio_log.addFilter(CONNECTION_LEFTOVERS)
+    try:
+        with caplog.at_level(logging.DEBUG):
+            _dropped_future(error)
+            _dropped_future(ValueError("a bug"))
+    finally:
+        asyncio_log.removeFilter(CONNECTION_LEFTOVERS)
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "never retrieved" in errors[0].getMessage()
+    assert isinstance(errors[0].exc_info[1], ValueError)  # type: ignore[index]
+    assert any("nobody read" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG):  # without the filter asyncio logs it (the test can fail)
+        _dropped_future(error)
+    unread = [r for r in caplog.records if "never retrieved" in r.getMessage()]
+    assert [r.levelno for r in unread] == [logging.ERROR]
 
 
 async def test_an_outage_is_logged_once_then_summarised_then_closed(
