@@ -21,7 +21,8 @@ What it costs: the child imports torch (about 3 s of CPU on the 2-core machine,
 started right after the previous child's last round, so the next round finds it
 ready), each round pickles the model in and its weights out (the small CNN a few
 hundred KB, ResNet-18 45 MB), and the child holds its own copy of the pixels of the
-round's frames (sent once per child, not every round; 150 KB a label at 224 x 224 RGB).
+round's frames (sent once per child, not every round; 150 KB a label at 224 x 224 RGB),
+every label's, which ``WINNOW_TRAINER_SAMPLE_CACHE_MB`` (the trainer's own) does not bound.
 
 The child trains exactly as the trainer's own thread would (:func:`finetune_round`,
 same seed, same thread count: the weights come out equal). A child that dies
