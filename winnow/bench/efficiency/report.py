@@ -18,8 +18,12 @@ Per strategy, over the paired seeds:
   ``max_labels``), with per-class recall and each class's share of the labels learned
   from (``label_share``: what the strategy sent for labeling, by true class).
 - ``vs_peers``: for a Winnow strategy, the paired difference to each
-  scikit-activeml peer in the run at those counts and in AULC, with intervals.
-- ``goals``: the issue's two tests, as booleans.
+  scikit-activeml peer in the run at those counts and in AULC, with intervals, the
+  sign-flip test's p-value (``p``) and Holm's adjustment of it over all of that
+  strategy's comparisons with peers (``p_holm``).
+- ``goals``: the issue's two tests, as booleans: ``at_least_peers`` (no mean difference
+  below zero, however small) and ``not_behind_peers`` (none significantly below zero
+  after Holm's adjustment, at 5 %).
 """
 
 import math
@@ -34,6 +38,8 @@ from winnow.bench.efficiency.run import RunResult
 RATIOS = (0.9, 0.95, 0.98)
 """Targets, as fractions of the full-data measure."""
 HEADLINE = 0.95
+SIGNIFICANCE = 0.05
+"""The level of ``not_behind_peers``: behind a peer where Holm's adjusted p is below it."""
 
 
 def _round(value: float | None, digits: int = 4) -> float | None:
@@ -165,7 +171,17 @@ def _paired(a: list[float | None], b: list[float | None], resamples: int) -> dic
     return {
         "diff": _round(float(np.mean(diffs))) if diffs else None,
         "ci": [_round(low), _round(high)],
+        "p": _round(curves.sign_flip_p(diffs)),
     }
+
+
+def _adjust_for_peers(vs_peers: dict[str, dict[str, dict[str, Any]]]) -> None:
+    """Adds ``p_holm`` to every comparison of one strategy with the peers: Holm's
+    adjustment over all of them (each peer at each count and in AULC)."""
+    cells = [cell for versus in vs_peers.values() for cell in versus.values()]
+    raw = [math.nan if cell["p"] is None else cell["p"] for cell in cells]
+    for cell, adjusted in zip(cells, curves.holm(raw), strict=True):
+        cell["p_holm"] = _round(adjusted)
 
 
 def _vs_peer(
@@ -235,6 +251,7 @@ def summarize(
             entry["vs_peers"] = {
                 p: _vs_peer(seeds, seeds_of[p], counts, resamples) for p in runs if p in peers
             }
+            _adjust_for_peers(entry["vs_peers"])
             entry["goals"] = _goals(entry, headline)
         out[name] = entry
     return out
@@ -242,16 +259,17 @@ def summarize(
 
 def _goals(entry: dict[str, Any], headline: dict[str, Any]) -> dict[str, bool | None]:
     low = headline["ci"][0]
-    diffs = [
-        v["diff"]
-        for versus in entry["vs_peers"].values()
-        for v in versus.values()
-        if v["diff"] is not None
+    cells = [
+        v for versus in entry["vs_peers"].values() for v in versus.values() if v["diff"] is not None
     ]
+    behind = [v for v in cells if v["diff"] < 0 and v.get("p_holm") is not None]
     return {
         "savings_2x": (headline["geometric_mean"] or 0) >= 2.0,
         "savings_ci_above_1_5": low is not None and low > 1.5,
-        "at_least_peers": (all(d >= 0 for d in diffs) if diffs else None),
+        "at_least_peers": (all(v["diff"] >= 0 for v in cells) if cells else None),
+        "not_behind_peers": (
+            not any(v["p_holm"] < SIGNIFICANCE for v in behind) if cells else None
+        ),
     }
 
 
@@ -304,6 +322,18 @@ def table(result: Mapping[str, Any]) -> str:
             at = entry["at_labels"][c]
             cells.append(f"{at['mean']:.3f}±{at['std']:.3f}" if at["mean"] is not None else "-")
         lines.append(f"  {name:<26}" + "".join(f"{cell:>16}" for cell in cells))
+    for name, entry in result["strategies"].items():
+        for peer, versus in entry.get("vs_peers", {}).items():
+            cells = []
+            for key, cell in versus.items():
+                if cell["diff"] is None:
+                    continue
+                holm = cell.get("p_holm")
+                mark = "*" if holm is not None and holm < SIGNIFICANCE else ""
+                cells.append(f"{key} {cell['diff']:+.3f}{mark}")
+            lines.append(f"  {name} minus {peer}: " + ", ".join(cells))
+    if any("vs_peers" in entry for entry in result["strategies"].values()):
+        lines.append(f"  (* Holm-adjusted sign-flip p below {SIGNIFICANCE} over the peers)")
     last = counts[-1]
     if result["measure"] == "balanced_accuracy":
         lines.append(f"per-class recall at {last} labels:")

@@ -112,3 +112,28 @@ def test_a_stream_is_imbalanced_when_a_class_is_under_its_share_limit() -> None:
     assert not curves.is_imbalanced([30, 70])
     assert not curves.is_imbalanced([129, 137, 123, 145, 128, 139, 135, 143, 136, 132])
     assert curves.is_imbalanced([2] + [10] * 9)  # 2% < 6% for ten classes
+
+
+def test_the_sign_flip_test_is_exact_for_few_seeds() -> None:
+    # every seed the same sign: only the two all-same patterns are as extreme
+    assert curves.sign_flip_p([0.01] * 10) == pytest.approx(2 / 1024)
+    assert curves.sign_flip_p([0.02, -0.02, 0.01, -0.01]) == 1.0
+    assert curves.sign_flip_p([0.03, 0.01, 0.02, -0.01]) == pytest.approx(6 / 16)
+    assert np.isnan(curves.sign_flip_p([]))
+
+
+def test_the_sign_flip_test_draws_patterns_for_many_seeds() -> None:
+    p = curves.sign_flip_p([0.01] * 30)
+    assert 0 < p < 0.001  # the observed pattern counts, so never 0
+    middling = curves.sign_flip_p(list(np.random.default_rng(0).normal(0, 1, 30)))
+    assert middling == curves.sign_flip_p(list(np.random.default_rng(0).normal(0, 1, 30)))
+    assert 0.05 < middling < 1
+
+
+def test_holm_adjusts_step_down_and_keeps_order() -> None:
+    adjusted = curves.holm([0.01, 0.04, 0.03, math.nan])
+    assert adjusted[:3] == pytest.approx([0.03, 0.06, 0.06])
+    assert math.isnan(adjusted[3])
+    assert curves.holm([0.02, 0.9]) == pytest.approx([0.04, 0.9])
+    assert curves.holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])
+    assert curves.holm([]) == []

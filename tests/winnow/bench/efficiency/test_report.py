@@ -50,6 +50,7 @@ def test_a_strategy_that_halves_the_labels_of_every_seed() -> None:
         "savings_2x": True,
         "savings_ci_above_1_5": True,
         "at_least_peers": True,
+        "not_behind_peers": True,
     }
     assert "goals" not in out["peer"]
     # equal budgets: 10, 20 and 40 labels
@@ -105,6 +106,9 @@ def test_the_table_names_every_strategy() -> None:
     assert "2.00x [2.00, 2.00]" in text
     for name in ("random", "good", "peer"):
         assert name in text
+    # two seeds cannot make anything significant (p is at least 2 / 2^2)
+    assert "good minus peer: 10 +0.200, 20 +0.150, 40 +0.020, aulc" in text
+    assert "*" not in text.split("good minus peer:")[1].split("\n")[0]
 
 
 def test_the_share_of_each_class_in_the_labels_is_averaged_over_seeds() -> None:
@@ -128,3 +132,33 @@ def test_the_share_of_each_class_in_the_labels_is_averaged_over_seeds() -> None:
     assert out["random"]["at_labels"]["40"]["label_share"] == [0.5, 0.5]
     assert out["good"]["at_labels"]["40"]["label_share"] == [0.75, 0.25]
     assert out["random"]["seeds"][0]["label_counts"][1] == [5, 5]
+
+
+def _noisy(rng: np.random.Generator, base: list[float], shift: float) -> list[float]:
+    return [min(1.0, max(0.5, v + shift + rng.normal(0, 0.01))) for v in base]
+
+
+def test_one_small_lag_among_many_comparisons_is_not_behind_a_peer() -> None:
+    """``at_least_peers`` fails on any mean below the peer's, however small; the failure
+    ``not_behind_peers`` catches: a lag that the seeds' noise explains, one comparison
+    among several, read as being behind. A lag every seed shows still is."""
+    rng = np.random.default_rng(0)
+    seeds = range(10)
+    runs = {
+        "random": [_run("random", s, RANDOM) for s in seeds],
+        "good": [_run("good", s, _noisy(rng, PEER, 0.0)) for s in seeds],
+        "peer": [_run("peer", s, _noisy(rng, PEER, 0.0)) for s in seeds],
+    }
+    out = summarize(runs, {"peer"}, 1.0, "accuracy", 40, resamples=500)
+    cells = out["good"]["vs_peers"]["peer"]
+    assert set(cells) == {"10", "20", "40", "aulc"}
+    assert all(0 < c["p"] <= c["p_holm"] <= 1 for c in cells.values())
+    assert any(c["diff"] < 0 for c in cells.values())  # noise puts some below the peer
+    assert out["good"]["goals"]["at_least_peers"] is False
+    assert out["good"]["goals"]["not_behind_peers"] is True
+
+    runs["good"] = [_run("good", s, _noisy(rng, PEER, -0.05)) for s in seeds]
+    out = summarize(runs, {"peer"}, 1.0, "accuracy", 40, resamples=500)
+    cells = out["good"]["vs_peers"]["peer"]
+    assert cells["20"]["diff"] < 0 and cells["20"]["p_holm"] < 0.05
+    assert out["good"]["goals"]["not_behind_peers"] is False
