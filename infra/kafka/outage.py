@@ -164,10 +164,10 @@ class ConnectionLeftoverFilter(logging.Filter):
     A connection that breaks (the broker cut off, a reset) leaves its error on futures
     nobody waits for any more: the stream's closed-future, a request's. When they are
     collected, asyncio logs each at ERROR with a traceback, often after the role has
-    stopped, so a clean stop during an outage ends in a traceback. The errors aiokafka
-    itself treats as a broken connection (``OSError``, ``EOFError``, its
-    ``KafkaConnectionError``) are logged at DEBUG instead; any other error still reaches
-    the log as asyncio writes it.
+    stopped, so a clean stop during an outage ends in a traceback. A connection's own
+    errors (``ConnectionError``: reset, refused, aborted, a broken pipe; ``EOFError``;
+    aiokafka's ``KafkaConnectionError``) are logged at DEBUG instead. Any other error,
+    another ``OSError`` (a full disk) included, still reaches the log as asyncio writes it.
     """
 
     def __init__(self) -> None:
@@ -175,7 +175,7 @@ class ConnectionLeftoverFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
-        if not isinstance(error, OSError | EOFError | kafka_errors.KafkaConnectionError):
+        if not isinstance(error, ConnectionError | EOFError | kafka_errors.KafkaConnectionError):
             return True
         if "exception was never retrieved" not in str(record.msg):
             return True

@@ -106,18 +106,19 @@ def test_a_broken_connections_unread_error_is_not_an_error_line(
     """The failure it catches: a trainer stopped while the broker was cut off ended its log
     with asyncio's "Future exception was never retrieved" and a ConnectionResetError
     traceback, logged at ERROR when the connection's closed-future was collected after the
-    stop. Other errors stay in the log."""
+    stop. Other errors, a full disk's OSError among them, stay in the log."""
     asyncio_log = logging.getLogger("asyncio")
     asyncio_log.addFilter(CONNECTION_LEFTOVERS)
     try:
         with caplog.at_level(logging.DEBUG):
             _dropped_future(error)
             _dropped_future(ValueError("a bug"))
+            _dropped_future(OSError(28, "No space left on device"))
     finally:
         asyncio_log.removeFilter(CONNECTION_LEFTOVERS)
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
-    assert len(errors) == 1 and "never retrieved" in errors[0].getMessage()
-    assert isinstance(errors[0].exc_info[1], ValueError)  # type: ignore[index]
+    assert [type(r.exc_info[1]) for r in errors] == [ValueError, OSError]  # type: ignore[index]
+    assert all("never retrieved" in r.getMessage() for r in errors)
     assert any("nobody read" in r.getMessage() for r in caplog.records)
     caplog.clear()
     with caplog.at_level(logging.DEBUG):  # without the filter asyncio logs it (the test can fail)
