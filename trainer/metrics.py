@@ -111,8 +111,8 @@ class TrainerMetrics:
     def sample_cache(self, held_bytes: int, decoded_again: int) -> None:
         """The sample cache's bytes now and its frames decoded again in all."""
         self.sample_cache_bytes.set(held_bytes)
-        self.frames_decoded_again.inc(max(0, decoded_again - self._decoded_again))
-        self._decoded_again = max(self._decoded_again, decoded_again)
+        self.frames_decoded_again.inc(decoded_again - self._decoded_again)  # a running total
+        self._decoded_again = decoded_again
 
     def round_done(self, report: "RoundReport", holdout_accuracy: float | None) -> None:
         """Counts a backbone round; ``holdout_accuracy``: the serving model's after it."""

@@ -56,7 +56,7 @@ from torch import nn
 
 from schemas.model_spec import ModelSpec
 from trainer.finetune import FinetuneConfig, RoundStats, finetune_round
-from trainer.samples import Sample, arrays
+from trainer.samples import Sample, arrays, inputs_of
 
 log = logging.getLogger(__name__)
 
@@ -316,7 +316,7 @@ class RoundWorker:
             todo = [s for s in samples if s.frame_id not in self._held]
             sources = dict(zip((s.frame_id for s in todo), arrays(todo), strict=True))
         else:
-            sources = {s.frame_id: s.inputs for s in samples}
+            sources = dict(zip((s.frame_id for s in samples), inputs_of(samples), strict=True))
         if spec is None:
             self._held = set()  # the child's cache holds pixels only under a spec
         buffer = io.BytesIO()
