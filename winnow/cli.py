@@ -242,8 +242,16 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from service.config import PolicySettings
     from winnow.demo import run_demo
 
+    try:  # a bad --policy, --budget or WINNOW_POLICY_* named before anything starts
+        PolicySettings(**({"name": args.policy} if args.policy else {}), budget=args.budget)
+    except ValidationError as error:
+        print(f"winnow demo: {_invalid(error)}", file=sys.stderr)
+        return 2
     return run_demo(args)
 
 
@@ -425,7 +433,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-frames", type=int, default=None, help="stream at most this many frames")
     p.add_argument("--rate", type=float, default=100.0, help="frames per second (0: flat out)")
     p.add_argument("--budget", type=float, default=0.1, help="fraction of frames to label")
-    p.add_argument("--policy", default="variable")
+    p.add_argument(
+        "--policy",
+        default=None,
+        help="the threshold policy (default the scorer's own, WINNOW_POLICY_NAME or quantile)",
+    )
     p.add_argument("--label-delay", type=float, default=0.05, help="seconds per answer")
     p.add_argument("--label-rate", type=float, default=20.0, help="answers per second, at most")
     p.add_argument("--round-labels", type=int, default=20, help="new labels that start a round")

@@ -110,6 +110,26 @@ def test_serve_without_a_model_or_releases_says_how_to_get_one(monkeypatch, caps
     assert "winnow model init" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [(["--policy", "bogus"], "WINNOW_POLICY_NAME"), (["--budget", "2"], "WINNOW_POLICY_BUDGET")],
+)
+def test_the_demo_refuses_a_bad_policy_before_it_starts(
+    monkeypatch: pytest.MonkeyPatch, capsys, argv: list[str], named: str
+) -> None:
+    """Fails if a bad policy reaches the running demo (a pydantic traceback after the
+    broker started) instead of one line and exit 2."""
+    import winnow.demo
+
+    def started(args: argparse.Namespace) -> int:
+        raise AssertionError("the demo started")
+
+    monkeypatch.setattr(winnow.demo, "run_demo", started)
+    assert cli.main(["demo", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("winnow demo: invalid settings: ") and named in err
+
+
 @pytest.mark.usefixtures("frozen_settings")
 def test_serve_refuses_a_dali_decoder_without_dali(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]

@@ -77,3 +77,20 @@ def test_scorer_trainer_and_labelers_share_one_kafka_settings(tmp_path: Path) ->
         exclude={"client_id"}
     ), "SASL and TLS reach the trainer"
     assert trainer.kafka.client_id == "winnow-trainer"
+
+
+def test_the_demo_runs_the_scorers_own_policy_unless_told(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fails if the demo pins a policy of its own: it stood at ``variable`` while the scorer
+    shipped ``quantile``, so the demo showed a policy no deployment ran."""
+    from service.config import PolicySettings
+    from winnow.cli import build_parser
+
+    monkeypatch.delenv("WINNOW_POLICY_NAME", raising=False)
+    kafka = KafkaSettings(bootstrap="kafka.example:9093")
+    args = build_parser().parse_args(["demo", "--budget", "0.2"])
+    with _Broker(kafka) as connected:
+        assert _scorer_settings(connected, args).policy.name == PolicySettings().name
+        monkeypatch.setenv("WINNOW_POLICY_NAME", "split")  # a deployment's choice
+        assert _scorer_settings(connected, args).policy.name == "split"
+        args = build_parser().parse_args(["demo", "--policy", "fixed"])
+        assert _scorer_settings(connected, args).policy.name == "fixed"

@@ -72,7 +72,7 @@ async def _demo(args: argparse.Namespace) -> int:
             print(
                 f"winnow demo: {data.name} ({len(data.train_images)} frames to stream), broker "
                 f"{kafka.bootstrap}, scorer API http://127.0.0.1:{port}/v1/status, policy "
-                f"{args.policy} at budget {args.budget:.0%}",
+                f"{settings.policy.name} at budget {args.budget:.0%}",
                 flush=True,
             )
             try:
@@ -130,9 +130,8 @@ async def _run(
 
 def _scorer_settings(kafka: KafkaSettings, args: argparse.Namespace) -> Settings:
     """The scorer's settings for a short demo stream: quick batches, a short drift warm-up."""
-    base = Settings(
-        kafka=kafka, policy=PolicySettings(name=args.policy, budget=args.budget, seed=0)
-    )
+    chosen = {"name": args.policy} if args.policy else {}  # else the scorer's own
+    base = Settings(kafka=kafka, policy=PolicySettings(**chosen, budget=args.budget, seed=0))
     # The drift monitor runs when a shift is injected: on a stream of a few thousand frames
     # its per-source tracks and small reference make false alarms (and budget boosts) likely.
     drift = {
@@ -320,7 +319,7 @@ def _summary(
         "final_accuracy": points[-1].accuracy if points else None,
         "full_accuracy": full,
         "budget": args.budget,
-        "policy": args.policy,
+        "policy": scorer.settings.policy.name,
         "seconds": round(seconds, 1),
         "inject_shift": getattr(args, "inject_shift", None),
         "drift_alarms": scorer.metrics.drift_alarms_total(),
