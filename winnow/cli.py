@@ -244,11 +244,11 @@ def _train(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from service.config import PolicySettings
     from winnow.demo import run_demo
+    from winnow.demo.runner import policy_settings
 
     try:  # a bad --policy, --budget or WINNOW_POLICY_* named before anything starts
-        PolicySettings(**({"name": args.policy} if args.policy else {}), budget=args.budget)
+        policy_settings(args)
     except ValidationError as error:
         print(f"winnow demo: {_invalid(error)}", file=sys.stderr)
         return 2
@@ -436,7 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--policy",
         default=None,
-        help="the threshold policy (default the scorer's own, WINNOW_POLICY_NAME or quantile)",
+        help="the query strategy (default the scorer's own: WINNOW_POLICY_NAME, or quantile)",
     )
     p.add_argument("--label-delay", type=float, default=0.05, help="seconds per answer")
     p.add_argument("--label-rate", type=float, default=20.0, help="answers per second, at most")

@@ -128,10 +128,16 @@ async def _run(
     return _summary(data, args, progress, labelers, scorer, trainer, full, seconds)
 
 
+def policy_settings(args: argparse.Namespace) -> PolicySettings:
+    """The demo's policy: ``--policy`` if given, else the scorer's own (``WINNOW_POLICY_*``,
+    or its defaults), at ``--budget``. Raises pydantic's ValidationError on a bad value."""
+    chosen = {"name": args.policy} if args.policy else {}
+    return PolicySettings(**chosen, budget=args.budget, seed=0)
+
+
 def _scorer_settings(kafka: KafkaSettings, args: argparse.Namespace) -> Settings:
     """The scorer's settings for a short demo stream: quick batches, a short drift warm-up."""
-    chosen = {"name": args.policy} if args.policy else {}  # else the scorer's own
-    base = Settings(kafka=kafka, policy=PolicySettings(**chosen, budget=args.budget, seed=0))
+    base = Settings(kafka=kafka, policy=policy_settings(args))
     # The drift monitor runs when a shift is injected: on a stream of a few thousand frames
     # its per-source tracks and small reference make false alarms (and budget boosts) likely.
     drift = {
