@@ -157,3 +157,41 @@ def test_the_train_command_tunes_for_training(monkeypatch) -> None:
     monkeypatch.setattr(trainer.main, "run_trainer", lambda settings: calls.append("run") or 0)
     assert winnow.cli.main(["train", "--classes", "a,b"]) == 0
     assert calls == ["training", "run"]
+
+
+PERIODIC_TRIM_PROBE = """
+import asyncio, json
+from infra.allocator import release_free_memory_every, tune_allocator
+tune_allocator()
+def anon():
+    return int(open('/proc/self/status').read().split('RssAnon:')[1].split()[0]) / 1024
+async def run(interval):
+    task = asyncio.create_task(release_free_memory_every(interval))
+    await asyncio.sleep(0.3)
+    done = task.done()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    return done
+before = anon()
+blocks = [bytes(1000) for _ in range(60_000)]  # 60 MB of malloc blocks (over pymalloc's 512 B)
+survivors = blocks[::20]  # one block in 20 lives on, between free ones
+del blocks
+held = anon() - before
+never_returned = asyncio.run(run(0))
+never = anon() - before
+asyncio.run(run(0.05))
+print(json.dumps({"held_mb": held, "never_mb": never, "never_returned": never_returned,
+                  "trimmed_mb": anon() - before}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
+def test_a_role_gives_free_heap_pages_back_on_a_timer() -> None:
+    """The failure it catches: the scorer keeping what it frees between live blocks (its
+    RSS then fills for half an hour in a soak, without a leak), or a timer of 0 trimming
+    anyway."""
+    result = _probe(PERIODIC_TRIM_PROBE)
+    assert result["held_mb"] > 40, result  # freed, but held between the survivors
+    assert result["never_returned"] is True
+    assert result["never_mb"] > 40, result
+    assert result["trimmed_mb"] < 20, result
