@@ -23,7 +23,6 @@ the operator's word wins).
 Other C libraries (musl, macOS) are left as they are.
 """
 
-import asyncio
 import ctypes
 import functools
 import logging
@@ -106,26 +105,6 @@ def release_free_memory() -> bool:
     whether any were. Milliseconds; a no-op outside glibc."""
     libc = _glibc()
     return libc is not None and libc.malloc_trim(0) == 1
-
-
-async def release_free_memory_every(interval_s: float) -> None:
-    """Calls :func:`release_free_memory` every ``interval_s`` seconds until cancelled; returns
-    at once for 0 (never).
-
-    For a role that holds no moment of its own to trim at, as the trainer does after each round:
-    the scorer frees small blocks between live ones all the time (each model swap drops an
-    ONNX Runtime session, each batch its records), and with a trim threshold the heap's top
-    goes back but not its free middle. Measured in a 16-minute soak at 80 fps (``gdb`` calling
-    ``malloc_trim(0)`` in the running scorer at minutes 4, 7, 10 and 13): 2.7, 3.6, 3.6 and
-    4.7 MB given back, of 102 to 108 MB of anonymous memory. A trim of a 55 MB fragmented heap
-    took 1 to 5 ms (it holds the allocator's lock meanwhile): once a minute costs nothing
-    visible.
-    """
-    if interval_s <= 0:
-        return
-    while True:
-        await asyncio.sleep(interval_s)
-        await asyncio.to_thread(release_free_memory)
 
 
 def _set(libc: ctypes.CDLL, variable: str, parameter: int, value: int) -> bool:

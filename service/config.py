@@ -78,13 +78,6 @@ class ScorerSettings(BaseSettings):
     )
     keep_releases: int = Field(default=5, ge=1, description="verified artifacts kept for pinning")
     dead_letter_max_value_bytes: int = Field(default=900 * 1024, ge=0)
-    memory_trim_s: float = Field(
-        default=60.0,
-        ge=0,
-        description="every this many seconds the scorer gives the free pages inside its heaps "
-        "back to the system (glibc's malloc_trim): what it frees between live blocks otherwise "
-        "stays resident; 0: never",
-    )
     stall_timeout_s: float = Field(
         default=120.0,
         ge=0,

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TypedDict
 
-from infra.allocator import release_free_memory_every
 from infra.asyncio_tasks import track_asyncio_tasks
 from infra.errors import WinnowError
 from infra.kafka.admin import ensure_winnow_topics
@@ -163,15 +162,11 @@ async def run_scorer(
             settings, metrics, policy, scorer, feedback, releases, drift, broker=broker
         )
         watcher = asyncio.create_task(_watch(runtime, on_failure), name="scorer-watch")
-        trim = asyncio.create_task(
-            release_free_memory_every(settings.scorer.memory_trim_s), name="scorer-memory-trim"
-        )
         try:
             yield runtime
         finally:
             watcher.cancel()
-            trim.cancel()
-            await asyncio.gather(watcher, trim, return_exceptions=True)
+            await asyncio.gather(watcher, return_exceptions=True)
 
 
 def _load_model(settings: Settings) -> OnnxModel | None:

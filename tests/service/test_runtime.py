@@ -6,7 +6,6 @@ import logging
 import pytest
 from aiokafka.errors import TopicAuthorizationFailedError
 
-from infra import allocator
 from infra.kafka.delivery import Delivery
 from service.model.inference import OnnxModel
 from service.runtime import run_scorer
@@ -45,23 +44,3 @@ async def test_a_fatal_kafka_refusal_fails_the_scorer_with_one_clear_line(
         settings.kafka, winnow_topics.frames, settings.scorer.group_id
     )
     assert set(committed.values()) == {0}, "nothing undelivered is committed"
-
-
-async def test_the_scorer_gives_free_heap_pages_back_while_it_runs(
-    scorer_settings, digits_model_path, winnow_topics, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Catches a scorer that never trims its heaps (what it frees between live blocks stays
-    resident: 2.7 to 4.7 MB at a time in a soak) or keeps trimming after it stopped."""
-    trims: list[float] = []
-    monkeypatch.setattr(allocator, "release_free_memory", lambda: trims.append(1) or True)
-    base = scorer_settings()
-    settings = base.model_copy(
-        update={"scorer": base.scorer.model_copy(update={"memory_trim_s": 0.05})}
-    )
-    model = OnnxModel.load(digits_model_path, device="cpu")
-    async with run_scorer(settings, model):
-        await asyncio.sleep(0.5)
-        assert len(trims) >= 3, trims
-    stopped = len(trims)
-    await asyncio.sleep(0.2)
-    assert len(trims) == stopped
