@@ -182,6 +182,10 @@ class ReleaseCommittee:
     def add(self, model: object) -> None:
         self._members.append(model)
 
+    def clear(self) -> None:
+        """Forgets every member (and so lets their sessions go)."""
+        self._members.clear()
+
     def __len__(self) -> int:
         return len(self._members)
 

@@ -122,7 +122,16 @@ class ScoringEngine:
         )
 
     def on_model(self, model: ScoringModel) -> None:
-        """A model the scorer now serves: it joins the release committee."""
+        """A model the scorer now serves: it joins the release committee.
+
+        The models before it stay in the committee only while it is the committee that
+        scores (``releases``, or a model without a head for MC dropout): each one kept
+        holds its ONNX Runtime session, whose memory arena has grown to the largest batch
+        it ran (the soak's 16 x 16 model: about 1.4 to 2.4 MB after runs of 32 frames, 3 to
+        6 MB after 64). With MC dropout over the serving model's head they served no one.
+        """
+        if self._committee_kind == "mc_dropout" and self._head_of(model) is not None:
+            self.committee.clear()
         self.committee.add(model)
 
     def score(self, model: ScoringModel, inputs: np.ndarray, needs: Collection[str]) -> Scored:

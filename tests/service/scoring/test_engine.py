@@ -1,5 +1,6 @@
 """The scoring engine computes exactly the scores the policy needs; every utility name has one."""
 
+import weakref
 from collections.abc import Mapping
 from pathlib import Path
 from typing import get_args
@@ -96,6 +97,23 @@ def test_without_a_head_the_committee_is_the_releases(model: OnnxModel) -> None:
     engine.on_model(serving)
     engine.score(serving, _inputs(model), {"bald"})
     assert earlier.rows == [5]
+
+
+def test_with_mc_dropout_over_a_head_the_earlier_models_are_let_go(model: OnnxModel) -> None:
+    """Fails if the engine keeps the models before the serving one while MC dropout over the
+    serving model's head makes the committee: each would hold its ONNX Runtime session and
+    that session's arena for nothing (a soak scorer held two of them)."""
+    engine = ScoringEngine()  # committee: mc_dropout
+    earlier = _Counting(model)
+    released = weakref.ref(earlier)
+    engine.on_model(earlier)
+    serving = _Counting(model)
+    engine.on_model(serving)
+    del earlier
+    assert released() is None
+    assert len(engine.committee) == 1
+    engine.score(serving, _inputs(model), {"bald"})
+    assert serving.rows == [5]  # MC dropout over the head: no other model runs
 
 
 def test_exported_models_carry_their_head_for_mc_dropout(model: OnnxModel) -> None:
